@@ -1,0 +1,1 @@
+"""zbroker node: the client front, the ledger, the license file."""

@@ -1,0 +1,99 @@
+"""``zbroker init``: a ready-to-run folder with a vendor key, a signed license and a config.
+
+Ports are asked from the OS (bind to port 0 on loopback, read the port, close), so two
+demos or test triads on one machine do not collide. The demo license's dated line
+expires a year from today so the demo never ships a time bomb.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from pathlib import Path
+
+from broker.signing import load_private_key, sign_license_text, write_keypair
+from broker.storage import write_marker
+
+NODE_NAMES = ("alpha", "beta", "gamma")
+
+
+class DemoError(Exception):
+    """The demo folder cannot be written; the message says why."""
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the OS reports free now; all sockets stay open until all are chosen."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def demo_license_text(endpoints: list[tuple[str, str]], today: datetime.date) -> str:
+    expiry = (today + datetime.timedelta(days=365)).strftime("%d-%b-%Y").lower()
+    servers = "\n".join(f"SERVER {name} ANY {endpoint}" for name, endpoint in endpoints)
+    return f"""# zbroker demo license: one file, the same on every node.
+# SERVER lines are in rank order: the first outranks the others.
+{servers}
+VENDOR demo
+FEATURE cad    demo 2.0 {expiry} 10
+INCREMENT cad  demo 2.0 permanent 5
+FEATURE solver demo 1.5 permanent 2 user_based
+FEATURE viewer demo 3.0 permanent 50
+"""
+
+
+def write_demo(
+    directory: Path,
+    *,
+    servers: int = 3,
+    lease: float = 30.0,
+    today: datetime.date | None = None,
+    force: bool = False,
+) -> Path:
+    """Write the demo into ``directory``; returns the path of zbroker.toml."""
+    if servers not in (1, 3):
+        raise DemoError(f"--servers must be 1 or 3, not {servers}")
+    config_path = directory / "zbroker.toml"
+    if config_path.exists() and not force:
+        raise DemoError(f"{config_path} already exists; use --force to overwrite the demo")
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = directory / "keys"
+    key_path, _ = (
+        (keys / "vendor.key", keys / "vendor.pub")
+        if force and (keys / "vendor.key").exists()
+        else write_keypair(keys)
+    )
+    names = NODE_NAMES[:servers]
+    ports = free_ports(3 * servers)
+    endpoints = [(name, f"tcp://127.0.0.1:{ports[i]}") for i, name in enumerate(names)]
+    text = demo_license_text(endpoints, today or datetime.date.today())
+    (directory / "demo.lic").write_text(sign_license_text(text, load_private_key(key_path)))
+    node_tables = []
+    for i, name in enumerate(names):
+        peer, pub = ports[servers + 2 * i], ports[servers + 2 * i + 1]
+        data = directory / "data" / name
+        # A brand-new triad starts from empty logs; the marker says "not a wiped disk".
+        write_marker(data, name)
+        node_tables.append(
+            f'[nodes.{name}]\npeer = "tcp://127.0.0.1:{peer}"\n'
+            f'pub = "tcp://127.0.0.1:{pub}"\ndata = "data/{name}"\n'
+        )
+    config_path.write_text(
+        "# zbroker configuration; paths are relative to this file.\n"
+        'license = "demo.lic"\n'
+        'vendor_key = "keys/vendor.pub"\n'
+        "heartbeat_interval = 0.1  # seconds between node heartbeats\n"
+        "peer_timeout = 0.5        # a node unheard this long is dead\n"
+        f"lease = {lease}              # a client unheard this long loses its seats\n"
+        "failback = true           # a returning higher-ranked node takes control back\n"
+        "fsync = true              # fsync the delta log once per poll cycle (group commit)\n\n"
+        + "\n".join(node_tables)
+    )
+    return config_path

@@ -1,0 +1,552 @@
+"""The ledger: who holds which seats, as a pure, replicated state machine.
+
+Theory of operation
+-------------------
+State comes in two kinds.
+
+*Replicated* (the same on every node, in every snapshot): the entitlements, the
+sessions (user, host, display, client version, opening time, ``ack`` and the replies
+recorded under their request ids), the grants, and the counter ``next_grant``. Only
+``apply(delta)`` changes it, and ``apply`` decides nothing: a delta carries every
+decision (the grant id, the pool, the wall time), so the same deltas applied in the
+same order to the same snapshot give the same ledger everywhere. ``apply`` checks
+that a delta fits before touching anything and raises ``LedgerError`` otherwise, so
+a bad delta leaves the state as it was.
+
+*Volatile* (the primary's alone, never replicated, empty after a failover): the
+lease deadline of each session and the FIFO wait queue of each feature.
+
+Decisions are made on the primary by ``handle(request, now)`` and ``tick(now)``,
+which read the replicated state, may change the volatile state and return deltas;
+the node applies them at once, in order, and answers clients once they commit
+(``reply_of(delta)`` says what to answer). Rules worth keeping in mind:
+
+- Exactly once: a request whose reply is recorded gets that reply again, with no
+  delta. Every session delta carries the client's ``ack``; replies below it are
+  forgotten, and a request below it is stale.
+- Leases: every request of a known session renews its lease. ``tick`` first gives a
+  fresh lease to each session without one (just opened, or every session after a
+  failover) and only then expires those whose lease has passed.
+- Queue: a checkout with ``wait`` that finds no free seats waits FIFO per feature;
+  a waiter never overtakes an earlier waiter of its feature, a request without
+  ``wait`` is decided at once. ``tick`` grants from the head while seats fit, and
+  denies waiters whose deadline passed. A checkout that could never fit is denied,
+  never queued.
+- Grant ids are consecutive: a call that returns several grants numbers them from
+  ``next_grant`` in order, and tentative seat counts keep them from sharing a seat.
+- ``reload`` replaces the entitlements; grants stay even if a pool is now over its
+  count (as FlexLM does); new checkouts see the new counts.
+
+Invariants checked by ``apply``: a grant id is exactly ``next_grant``; a grant never
+takes a pool past its total on the day of its ``at``; every grant belongs to a live
+session; a request id is answered at most once.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from broker.model import (
+    Entitlement,
+    ErrorCode,
+    Now,
+    Reason,
+    Reply,
+    Request,
+    parse_version,
+    reply_denied,
+    reply_error,
+    reply_ok,
+)
+from broker.seats import (
+    SESSION_NAMES,
+    Catalog,
+    Choice,
+    Denial,
+    Grant,
+    LedgerError,
+    PoolKey,
+    Session,
+    choose,
+    day_of,
+    entitlement_to_map,
+    entitlements_from,
+    field_int,
+    field_str,
+    grant_from,
+    session_from,
+)
+
+Delta = dict[str, Any]
+SNAPSHOT_VERSION = 1
+_OPS = frozenset({"open", "close", "checkout", "checkin", "heartbeat", "status"})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ``handle`` decided: deltas to commit, or a reply to send now, or neither (queued)."""
+
+    deltas: list[Delta]
+    reply: Reply | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiter:
+    request: Request
+    deadline: float  # monotonic
+
+
+class Ledger:
+    """Sessions and grants against a license's entitlements (see the module docstring)."""
+
+    def __init__(
+        self, entitlements: Sequence[Entitlement], *, lease: float, heartbeat: float
+    ) -> None:
+        if not (lease > 0 and heartbeat > 0):
+            raise ValueError(f"lease ({lease}) and heartbeat ({heartbeat}) must be > 0")
+        self.lease = lease
+        self.heartbeat = heartbeat
+        self._catalog = Catalog(entitlements)
+        self._sessions: dict[str, Session] = {}
+        self._grants: dict[int, Grant] = {}  # ascending id: ids only grow
+        self._used: dict[PoolKey, int] = {}  # derived from _grants, kept for speed
+        self._next_grant = 1
+        self._leases: dict[str, float] = {}
+        self._queues: dict[str, deque[_Waiter]] = {}
+        self._queued: set[tuple[str, int]] = set()
+
+    # ------------------------------------------------------------ replicated state
+
+    def apply(self, delta: Delta) -> None:
+        """Apply one delta; LedgerError (and no change at all) when it does not fit."""
+        if not isinstance(delta, dict):
+            raise LedgerError(f"a delta must be a map, got {type(delta).__name__}")
+        kind = delta.get("k")
+        if kind == "open":
+            self._apply_open(delta)
+        elif kind == "grant":
+            self._apply_grant(delta)
+        elif kind == "release":
+            session, req, ack = self._answerable(delta)
+            gid = field_int(delta, "grant", 1)
+            if gid not in session.grants:
+                raise LedgerError(f"release delta: session {session.sid} holds no grant {gid}")
+            self._drop_grant(gid)
+            self._record(session, req, ack, reply_ok())
+        elif kind == "answer":
+            session, req, ack = self._answerable(delta)
+            reply = delta.get("reply")
+            if not isinstance(reply, dict) or reply.get("status") not in ("ok", "denied"):
+                raise LedgerError("answer delta: 'reply' must be an ok or denied reply map")
+            self._record(session, req, ack, reply)
+        elif kind == "close":
+            session, _, _ = self._answerable(delta)
+            self._end(session)
+        elif kind == "expire":
+            self._end(self._known(delta, field_str(delta, "sid")))
+        elif kind == "reload":
+            self._catalog = Catalog(entitlements_from(delta.get("entitlements"), "reload delta"))
+        else:
+            raise LedgerError(f"unknown delta kind {kind!r}")
+
+    def _apply_open(self, d: Delta) -> None:
+        session, req, ack = session_from(d), field_int(d, "req", 0), field_int(d, "ack", 0)
+        if session.sid in self._sessions:
+            raise LedgerError(f"open delta: session {session.sid} is already open")
+        if req < ack:
+            raise LedgerError(f"open delta: req {req} is below its own ack {ack}")
+        self._sessions[session.sid] = session
+        self._record(session, req, ack, self._open_reply())
+
+    def _apply_grant(self, d: Delta) -> None:
+        session, req, ack = self._answerable(d)
+        g = grant_from(d)
+        if g.id != self._next_grant:
+            raise LedgerError(f"grant delta: id {g.id} is not next_grant {self._next_grant}")
+        pool = self._catalog.pool(g.feature, g.pool_key[1])
+        if pool is None:
+            raise LedgerError(f"grant delta: the license has no pool {g.feature} {g.version}")
+        used, total = self._used.get(g.pool_key, 0), pool.total(day_of(g.at))
+        if used + g.count > total:
+            raise LedgerError(
+                f"grant delta {g.id}: {g.count} more seats would over-allocate "
+                f"{g.feature} {g.version} ({used} of {total} in use)"
+            )
+        self._next_grant += 1
+        self._add_grant(g)
+        self._record(session, req, ack, g.reply())
+
+    def _known(self, d: Delta, sid: str) -> Session:
+        session = self._sessions.get(sid)
+        if session is None:
+            raise LedgerError(f"{d.get('k')} delta: session {sid} is not open")
+        return session
+
+    def _answerable(self, d: Delta) -> tuple[Session, int, int]:
+        """The session, req and ack of a session delta that may be answered now."""
+        session = self._known(d, field_str(d, "sid"))
+        req, ack = field_int(d, "req", 0), field_int(d, "ack", 0)
+        if req < max(ack, session.ack):
+            raise LedgerError(f"{d['k']} delta: req {req} is below ack {max(ack, session.ack)}")
+        if req in session.replies:
+            raise LedgerError(f"{d['k']} delta: request {session.sid}/{req} is already answered")
+        return session, req, ack
+
+    def _record(self, session: Session, req: int, ack: int, reply: Reply) -> None:
+        if ack > session.ack:
+            session.ack = ack
+            # The client promised never to retry these: forgetting them bounds memory.
+            for old in [r for r in session.replies if r < ack]:
+                del session.replies[old]
+        session.replies[req] = copy.deepcopy(reply)
+
+    def _add_grant(self, g: Grant) -> None:
+        self._grants[g.id] = g
+        self._sessions[g.sid].grants.add(g.id)
+        self._used[g.pool_key] = self._used.get(g.pool_key, 0) + g.count
+
+    def _drop_grant(self, gid: int) -> None:
+        grant = self._grants.pop(gid)
+        self._sessions[grant.sid].grants.discard(gid)
+        self._used[grant.pool_key] -= grant.count
+
+    def _end(self, session: Session) -> None:
+        for gid in sorted(session.grants):
+            self._drop_grant(gid)
+        del self._sessions[session.sid]
+
+    def snapshot(self) -> dict[str, Any]:
+        """The replicated state as a msgpack-able map, in a deterministic order."""
+        return {
+            "v": SNAPSHOT_VERSION,
+            "next_grant": self._next_grant,
+            "entitlements": [entitlement_to_map(e) for e in self._catalog.entitlements],
+            "sessions": [
+                {
+                    **{k: getattr(s, k) for k in ("sid", *SESSION_NAMES, "at")},
+                    "ack": s.ack,
+                    "replies": [[r, copy.deepcopy(s.replies[r])] for r in sorted(s.replies)],
+                }
+                for s in sorted(self._sessions.values(), key=lambda s: s.sid)
+            ],
+            "grants": [g.to_map() for g in sorted(self._grants.values(), key=lambda g: g.id)],
+        }
+
+    @classmethod
+    def from_snapshot(cls, snap: dict[str, Any], *, lease: float, heartbeat: float) -> Ledger:
+        """A ledger from ``snapshot()``; LedgerError when the snapshot is malformed."""
+        if not isinstance(snap, dict) or snap.get("v") != SNAPSHOT_VERSION:
+            raise LedgerError(f"snapshot must be a map with v={SNAPSHOT_VERSION}")
+        ledger = cls(
+            entitlements_from(snap.get("entitlements"), "snapshot"),
+            lease=lease,
+            heartbeat=heartbeat,
+        )
+        sessions, grants = snap.get("sessions"), snap.get("grants")
+        if not isinstance(sessions, list) or not isinstance(grants, list):
+            raise LedgerError("snapshot: 'sessions' and 'grants' must be lists")
+        for s in sessions:
+            if not isinstance(s, dict) or not isinstance(s.get("replies"), list):
+                raise LedgerError("snapshot: a session must be a map with a 'replies' list")
+            session = session_from(s)
+            session.ack = field_int(s, "ack", 0)
+            if session.sid in ledger._sessions:
+                raise LedgerError(f"snapshot: session {session.sid} appears twice")
+            for pair in s["replies"]:
+                if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], dict)):
+                    raise LedgerError(f"snapshot: session {session.sid} has a malformed reply")
+                session.replies[field_int({"req": pair[0]}, "req", 0)] = copy.deepcopy(pair[1])
+            ledger._sessions[session.sid] = session
+        ledger._next_grant = field_int(snap, "next_grant", 1)
+        for g in grants:
+            if not isinstance(g, dict):
+                raise LedgerError("snapshot: a grant must be a map")
+            grant = grant_from(g)
+            if (
+                grant.sid not in ledger._sessions
+                or grant.id in ledger._grants
+                or grant.id >= ledger._next_grant
+            ):
+                raise LedgerError(f"snapshot: grant {grant.id} is duplicated, orphaned or too new")
+            ledger._add_grant(grant)
+        return ledger
+
+    def reload_delta(self, entitlements: Sequence[Entitlement]) -> Delta:
+        return {"k": "reload", "entitlements": [entitlement_to_map(e) for e in entitlements]}
+
+    # ------------------------------------------------------------ decisions (primary)
+
+    def handle(self, request: Request, now: Now) -> Outcome:
+        """Decide one client request. ``status`` is the node's: it gets ``bad_request``."""
+        sid, req = request.sid, request.req
+        if request.op not in _OPS or request.op == "status":
+            why = "status is answered by the node" if request.op == "status" else "unknown op"
+            return Outcome([], reply_error(ErrorCode.BAD_REQUEST, f"{why}: {request.op!r}"))
+        if not sid or req < 0 or request.ack < 0:
+            return Outcome([], reply_error(ErrorCode.BAD_REQUEST, "sid, req or ack is invalid"))
+        session = self._sessions.get(sid)
+        if session is None:
+            if request.op == "close":
+                return Outcome([], reply_ok())
+            if request.op != "open":
+                return Outcome([], reply_error(ErrorCode.UNKNOWN_SESSION, _unknown(sid)))
+            if req < request.ack:
+                return Outcome([], _stale(req, request.ack))
+            self._leases[sid] = now.mono + self.lease
+            return Outcome(
+                [{"k": "open", **_ids(request, 0), **_names(request), "at": now.wall}], None
+            )
+        self._leases[sid] = now.mono + self.lease
+        recorded = self.recorded(sid, req)
+        if recorded is not None:
+            return Outcome([], recorded)
+        ack = max(session.ack, request.ack)
+        if req < ack:
+            return Outcome([], _stale(req, ack))
+        ids = _ids(request, ack)
+        if request.op == "heartbeat":
+            return Outcome([], reply_ok(lease=self.lease))
+        if request.op == "open":
+            return Outcome([{"k": "answer", **ids, "reply": self._open_reply()}], None)
+        if request.op == "close":
+            return Outcome([{"k": "close", **ids}], None)
+        if request.op == "checkin":
+            if request.grant in session.grants:
+                return Outcome([{"k": "release", **ids, "grant": request.grant}], None)
+            why = f"grant {request.grant} is not held by session {sid}"
+            return Outcome([_answer(ids, reply_denied(Reason.NOT_HELD, why))], None)
+        return self._checkout(request, session, ids, now)
+
+    def _checkout(self, request: Request, session: Session, ids: Delta, now: Now) -> Outcome:
+        if request.count < 1 or (request.wait is not None and not request.wait >= 0):
+            return Outcome([], reply_error(ErrorCode.BAD_REQUEST, "count or wait out of range"))
+        if (request.sid, request.req) in self._queued:
+            return Outcome([], None)  # a duplicate of a waiter: it is already in line
+        try:
+            choice = self._choose(request, session, now.date, {})
+        except ValueError as exc:  # an unparsable version
+            return Outcome([], reply_error(ErrorCode.BAD_REQUEST, str(exc)))
+        wait = request.wait or 0.0
+        waits = wait > 0
+        ahead = bool(self._queues.get(request.feature))
+        if isinstance(choice, Choice) and not (waits and ahead):
+            return Outcome([self._grant_delta(ids, request, choice, self._next_grant, now)], None)
+        if isinstance(choice, Denial) and not (choice.busy and waits):
+            return Outcome([_answer(ids, reply_denied(choice.reason, choice.detail))], None)
+        waiter = _Waiter(request, now.mono + wait)
+        self._queues.setdefault(request.feature, deque()).append(waiter)
+        self._queued.add((request.sid, request.req))
+        return Outcome([], None)
+
+    def _choose(
+        self, request: Request, session: Session, day: datetime.date, extra: dict[PoolKey, int]
+    ) -> Choice | Denial:
+        return choose(
+            self._catalog,
+            request.feature,
+            request.version,
+            request.count,
+            session.user,
+            session.host,
+            day,
+            lambda key: self._used.get(key, 0) + extra.get(key, 0),
+        )
+
+    def _grant_delta(
+        self, ids: Delta, request: Request, choice: Choice, gid: int, now: Now
+    ) -> Delta:
+        pool = choice.pool
+        return {
+            "k": "grant",
+            **ids,
+            "grant": gid,
+            "feature": pool.feature,
+            "version": pool.version,
+            "count": request.count,
+            "at": now.wall,
+        }
+
+    def tick(self, now: Now) -> list[Delta]:
+        """Expire lapsed leases, then serve and time out waiters, as deltas in order."""
+        deltas: list[Delta] = []
+        for sid in self._sessions:
+            self._leases.setdefault(sid, now.mono + self.lease)  # fresh lease first
+        gone: set[str] = set()
+        for sid in sorted(self._leases):
+            if sid not in self._sessions:
+                del self._leases[sid]
+            elif now.mono > self._leases[sid]:
+                gone.add(sid)
+                deltas.append({"k": "expire", "sid": sid})
+        # Seats as they will be once the deltas above and below are applied in order.
+        extra: dict[PoolKey, int] = {}
+        for sid in gone:
+            for gid in self._sessions[sid].grants:
+                g = self._grants[gid]
+                extra[g.pool_key] = extra.get(g.pool_key, 0) - g.count
+        gid = self._next_grant
+        for feature in sorted(self._queues):
+            keep: deque[_Waiter] = deque()
+            blocked = False
+            for w in self._queues[feature]:
+                r = w.request
+                session = self._sessions.get(r.sid)
+                if (
+                    session is None
+                    or r.sid in gone
+                    or r.req < session.ack
+                    or r.req in session.replies
+                ):
+                    self._queued.discard((r.sid, r.req))  # its session ended or it was answered
+                    continue
+                ids = _ids(r, max(session.ack, r.ack))
+                choice = self._choose(r, session, now.date, extra)
+                if isinstance(choice, Choice) and not blocked:
+                    deltas.append(self._grant_delta(ids, r, choice, gid, now))
+                    gid += 1
+                    extra[choice.pool.pool_key] = extra.get(choice.pool.pool_key, 0) + r.count
+                elif isinstance(choice, Denial) and not choice.busy:
+                    deltas.append(_answer(ids, reply_denied(choice.reason, choice.detail)))
+                elif now.mono >= w.deadline:
+                    why = choice.detail if isinstance(choice, Denial) else "earlier requests wait"
+                    detail = f"{why}; gave up after waiting {r.wait:g} s"
+                    deltas.append(_answer(ids, reply_denied(Reason.NO_SEATS, detail)))
+                else:
+                    blocked = True  # strict FIFO: no one behind it may take its seats
+                    keep.append(w)
+                    continue
+                self._queued.discard((r.sid, r.req))
+            if keep:
+                self._queues[feature] = keep
+            else:
+                del self._queues[feature]
+        return deltas
+
+    def forget_volatile(self) -> None:
+        """Drop leases and waiters: call on losing or gaining the primary role."""
+        self._leases.clear()
+        self._queues.clear()
+        self._queued.clear()
+
+    # ------------------------------------------------------------ reading
+
+    def reply_of(self, delta: Delta) -> Reply | None:
+        """The reply a client gets once ``delta`` commits (None: no client waits for it)."""
+        kind = delta.get("k")
+        if kind == "open":
+            return self._open_reply()
+        if kind == "grant":
+            return grant_from(delta).reply()
+        if kind in ("release", "close"):
+            return reply_ok()
+        if kind == "answer":
+            return dict(copy.deepcopy(delta["reply"]))
+        return None
+
+    def recorded(self, sid: str, req: int) -> Reply | None:
+        session = self._sessions.get(sid)
+        reply = session.replies.get(req) if session is not None else None
+        return copy.deepcopy(reply) if reply is not None else None
+
+    @property
+    def next_grant(self) -> int:
+        return self._next_grant
+
+    @property
+    def entitlements(self) -> tuple[Entitlement, ...]:
+        return self._catalog.entitlements
+
+    def sessions(self) -> list[str]:
+        return sorted(self._sessions)
+
+    def session(self, sid: str) -> Session | None:
+        """The session's record; callers must treat it as read-only."""
+        return self._sessions.get(sid)
+
+    def grants(self) -> list[Grant]:
+        return list(self._grants.values())
+
+    def in_use(self, feature: str, version: str | None = None) -> int:
+        """Seats of ``feature`` held, in the pool of ``version`` or in all of them."""
+        key = parse_version(version) if version is not None else None
+        return sum(
+            n for (f, v), n in self._used.items() if f == feature and (key is None or key == v)
+        )
+
+    def queued(self, feature: str) -> int:
+        """Requests waiting for ``feature``."""
+        return len(self._queues.get(feature, ()))
+
+    def lease_of(self, sid: str) -> float | None:
+        return self._leases.get(sid)
+
+    def status(self, now: Now | None = None) -> list[dict[str, Any]]:
+        """The ``features`` of a status reply; ``now`` drops expired lines (None: keep all)."""
+        day = now.date if now is not None else None
+        holders: dict[str, list[dict[str, Any]]] = {}
+        for g in self._grants.values():
+            s = self._sessions[g.sid]
+            holders.setdefault(g.feature, []).append(
+                {
+                    "grant": g.id,
+                    "user": s.user,
+                    "host": s.host,
+                    "display": s.display,
+                    "count": g.count,
+                    "version": g.version,
+                    "since": g.at,
+                }
+            )
+        out = []
+        for name in sorted(set(self._catalog.features()) | set(holders)):
+            versions = [
+                {
+                    "version": p.version,
+                    "total": p.total(day),
+                    "in_use": self._used.get(p.pool_key, 0),
+                    "expires": p.expires(day),
+                }
+                for p in self._catalog.pools(name)
+            ]
+            out.append(
+                {
+                    "name": name,
+                    "total": sum(v["total"] for v in versions),
+                    "in_use": sum(h["count"] for h in holders.get(name, [])),
+                    "queued": self.queued(name),
+                    "versions": versions,
+                    "holders": holders.get(name, []),
+                }
+            )
+        return out
+
+    def _open_reply(self) -> Reply:
+        return reply_ok(lease=self.lease, heartbeat=self.heartbeat)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _ids(request: Request, ack: int) -> Delta:
+    return {"sid": request.sid, "req": request.req, "ack": max(ack, request.ack)}
+
+
+def _names(request: Request) -> Delta:
+    return {k: getattr(request, k) for k in SESSION_NAMES}
+
+
+def _answer(ids: Delta, reply: Reply) -> Delta:
+    return {"k": "answer", **ids, "reply": reply}
+
+
+def _unknown(sid: str) -> str:
+    return f"session {sid} is not open: never opened, closed, or expired"
+
+
+def _stale(req: int, ack: int) -> Reply:
+    return reply_error(ErrorCode.STALE_REQUEST, f"request {req} is below the acknowledged {ack}")

@@ -1,0 +1,497 @@
+"""The license file: parsing it into SERVER lines and entitlements (SPEC section 2).
+
+Format. The file is UTF-8 text read as *logical lines*:
+
+- a physical line whose last non-blank character is ``\\`` continues on the next
+  physical line (the backslash counts as a space); a logical line is its physical
+  lines joined;
+- a physical line whose first non-blank character is ``#`` is a comment, but only at
+  the start of a logical line (there are no trailing comments); blank lines are
+  ignored;
+- words are separated by spaces or tabs; keywords are case-insensitive, and so are
+  attribute keys (``sign=`` is ``SIGN=``); everything else is case-sensitive except
+  the expiry date. Values contain no spaces (there is no quoting).
+
+Statements, one per logical line::
+
+    SERVER name hostid endpoint [KEY=value ...]
+    VENDOR name [KEY=value ...]
+    FEATURE|INCREMENT name vendor version expiry count [KEY=value | flag] ...
+
+SERVER lines are in rank order (the first outranks the others); there must be 1 (a
+single server) or 3 (a triad), or none when a vendor parses the file to sign it. The
+hostid is ``ANY`` or any word; the endpoint is ``tcp://host:port``, ``ipc://path`` or
+``inproc://name``. There is at most one VENDOR line; when there is one, every
+FEATURE/INCREMENT line must name its vendor. A version is dotted decimal
+(``broker.model.parse_version``), an expiry ``permanent`` or ``d-mmm-yyyy``
+(``31-dec-2027``), a count a whole number >= 1. ``USERS=a,b`` and ``HOSTS=a,b`` restrict
+who may check out; ``SIGN=`` is the vendor's signature (``broker.signing``). An
+attribute key or flag may appear once per line.
+
+Errors. Anything malformed raises ``LicenseSyntaxError`` naming the file, the 1-based
+physical line and column of the offending word, what was expected and what was found:
+the file must be fixed. A well-formed FEATURE/INCREMENT line whose signature is
+missing or does not verify is not an error of the file: it becomes a
+``LicenseLineRefused`` in ``License.refused`` and the other lines serve.
+
+The parser is pure (text in, values out); ``load_license`` is the one function that
+reads a file. It keeps expired lines: whether a line grants today is the ledger's call
+(``Entitlement.expired_on``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from broker.model import Entitlement, parse_version
+from broker.signing import (
+    SIGNATURE_HEX_LENGTH,
+    LicenseError,
+    LicenseKeyError,
+    canonical_form,
+    verify_signature,
+)
+
+__all__ = [
+    "FeatureLine",
+    "License",
+    "LicenseError",
+    "LicenseFileError",
+    "LicenseKeyError",
+    "LicenseLineRefused",
+    "LicenseSyntax",
+    "LicenseSyntaxError",
+    "ServerLine",
+    "check_signature",
+    "load_license",
+    "parse_license",
+    "parse_syntax",
+    "read_license_text",
+    "read_servers",
+]
+
+_WORD = re.compile(r"\S+")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_FLAG = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*\Z")
+_COUNT = re.compile(r"[0-9]+\Z")
+_DATE = re.compile(r"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})\Z")
+_HEX = re.compile(r"[0-9A-Fa-f]+\Z")
+_ENDPOINT = re.compile(
+    r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([0-9]{1,5})\Z|(ipc|inproc)://\S+\Z"
+)
+_MONTHS = {
+    m: i + 1
+    for i, m in enumerate(
+        ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
+    )
+}
+_KEYWORDS = "a keyword (SERVER, VENDOR, FEATURE or INCREMENT)"
+_SERVER_COUNT = "1 SERVER line (a single server) or 3 (a triad)"
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+class LicenseSyntaxError(LicenseError):
+    """A malformed license file: ``path:line:column: expected X, found Y``."""
+
+    def __init__(self, path: str, line: int, column: int, expected: str, found: str) -> None:
+        self.path = path
+        self.line = line  # 1-based physical line
+        self.column = column  # 1-based character column within that line
+        self.expected = expected
+        self.found = found  # a quoted word, or a description such as "end of line"
+        super().__init__(f"{path}:{line}:{column}: expected {expected}, found {found}")
+
+
+class LicenseFileError(LicenseError):
+    """A license file that cannot be read at all."""
+
+    def __init__(self, path: str, why: str) -> None:
+        self.path = path
+        self.why = why
+        super().__init__(f"{path}: {why}")
+
+
+@dataclass(frozen=True)
+class LicenseLineRefused:
+    """A FEATURE/INCREMENT line left out because its signature is missing or wrong."""
+
+    path: str
+    line: int
+    feature: str
+    why: str
+    keyword: str = "FEATURE"
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.keyword} {self.feature} refused: {self.why}"
+
+
+# --- values ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerLine:
+    """One node of the triad (or the single server), in rank order in the file."""
+
+    name: str
+    hostid: str  # "ANY" (normalised) or a host identifier as written
+    endpoint: str
+    attrs: dict[str, str]  # keys upper case
+    line: int
+
+
+@dataclass(frozen=True)
+class FeatureLine:
+    """A well-formed FEATURE/INCREMENT line, before its signature is checked."""
+
+    keyword: str  # FEATURE or INCREMENT
+    name: str
+    vendor: str
+    version: str  # as written
+    expiry: str  # as written, lower case: "permanent" or "d-mmm-yyyy"
+    expires: datetime.date | None  # None: permanent
+    count: int
+    attrs: dict[str, str]  # keys upper case, SIGN left out
+    flags: tuple[str, ...]
+    signature: str | None  # the SIGN= value as written
+    line: int  # physical line of the keyword
+    last_line: int  # last physical line of the logical line
+    sign_at: tuple[int, int, int] | None  # (line, column, length) of the SIGN= word
+
+    def canonical(self) -> bytes:
+        return canonical_form(
+            self.keyword,
+            self.name,
+            self.vendor,
+            self.version,
+            self.expiry,
+            self.count,
+            self.attrs,
+            self.flags,
+        )
+
+    def entitlement(self, path: str) -> Entitlement:
+        return Entitlement(
+            feature=self.name,
+            version=self.version,
+            count=self.count,
+            expires=self.expires,
+            users=_name_set(self.attrs.get("USERS")),
+            hosts=_name_set(self.attrs.get("HOSTS")),
+            source=f"{path}:{self.line}",
+        )
+
+
+@dataclass(frozen=True)
+class LicenseSyntax:
+    """A well-formed license file, signatures not yet checked (what a signer needs)."""
+
+    path: str
+    servers: list[ServerLine]
+    vendor: str | None
+    lines: list[FeatureLine]
+
+
+@dataclass(frozen=True)
+class License:
+    """A parsed license file: its triad and the entitlements of lines that verified."""
+
+    path: str
+    servers: list[ServerLine]
+    vendor: str | None
+    entitlements: list[Entitlement]
+    refused: list[LicenseLineRefused] = field(default_factory=list)
+
+
+def _name_set(value: str | None) -> frozenset[str] | None:
+    return None if value is None else frozenset(value.split(","))
+
+
+# --- lexing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Word:
+    text: str
+    line: int
+    column: int
+
+    @property
+    def end(self) -> int:
+        return self.column + len(self.text)
+
+
+def _logical_lines(text: str) -> Iterator[tuple[list[_Word], int]]:
+    """Each logical line as its words (with physical positions) and its last line."""
+    words: list[_Word] = []
+    continuing = False
+    number = 0
+    for number, row in enumerate(text.split("\n"), start=1):
+        body = row.rstrip()
+        if not continuing and body.lstrip().startswith("#"):
+            continue
+        continuing = body.endswith("\\")
+        if continuing:
+            body = body[:-1]
+        words += [_Word(m.group(), number, m.start() + 1) for m in _WORD.finditer(body)]
+        if not continuing:
+            if words:
+                yield words, number
+            words = []
+    if words:  # a backslash on the very last line continues into nothing
+        yield words, number
+
+
+class _Cursor:
+    """Reads the words of one logical line left to right, raising positioned errors."""
+
+    def __init__(self, path: str, words: list[_Word]) -> None:
+        self.path = path
+        self.words = words
+        self.index = 0
+
+    def take(self, expected: str, pattern: re.Pattern[str] | None = None) -> _Word:
+        if self.index >= len(self.words):
+            last = self.words[-1]
+            raise LicenseSyntaxError(self.path, last.line, last.end, expected, "end of line")
+        word = self.words[self.index]
+        self.index += 1
+        if pattern is not None and not pattern.match(word.text):
+            raise self.error(word, expected)
+        return word
+
+    def rest(self) -> list[_Word]:
+        words = self.words[self.index :]
+        self.index = len(self.words)
+        return words
+
+    def error(self, word: _Word, expected: str) -> LicenseSyntaxError:
+        return LicenseSyntaxError(self.path, word.line, word.column, expected, repr(word.text))
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+
+def _extras(
+    cur: _Cursor, *, flags_allowed: bool
+) -> tuple[dict[str, str], dict[str, _Word], list[str]]:
+    """The trailing KEY=value attributes (keys upper-cased) and flags of a line."""
+    attrs: dict[str, str] = {}
+    where: dict[str, _Word] = {}
+    flags: list[str] = []
+    expected = "a KEY=value attribute or a flag" if flags_allowed else "a KEY=value attribute"
+    for word in cur.rest():
+        key, eq, value = word.text.partition("=")
+        if not eq:
+            if not flags_allowed or not _FLAG.match(word.text):
+                raise cur.error(word, expected)
+            if word.text in flags:
+                raise cur.error(word, f"each flag at most once ({word.text} is already set)")
+            flags.append(word.text)
+            continue
+        if not _KEY.match(key):
+            raise cur.error(word, expected)
+        if not value:
+            raise cur.error(word, f"a value after {key}=")
+        key = key.upper()
+        if key in where:
+            first = where[key]
+            raise cur.error(
+                word, f"each attribute at most once ({key}= is on {first.line}:{first.column})"
+            )
+        if key in ("USERS", "HOSTS") and "" in value.split(","):
+            raise cur.error(word, f"a comma-separated list of names after {key}=")
+        attrs[key] = value
+        where[key] = word
+    return attrs, where, flags
+
+
+def _server(cur: _Cursor, keyword: _Word) -> ServerLine:
+    name = cur.take("a server name", _NAME)
+    hostid = cur.take("a host id (ANY or a host identifier)")
+    if "://" in hostid.text or "=" in hostid.text:
+        raise cur.error(hostid, "a host id (ANY or a host identifier) before the endpoint")
+    endpoint = cur.take("an endpoint such as tcp://127.0.0.1:27001", _ENDPOINT)
+    port = endpoint.text.rpartition(":")[2]
+    if endpoint.text.startswith("tcp://") and not 1 <= int(port) <= 65535:
+        raise cur.error(endpoint, "a TCP port from 1 to 65535")
+    attrs, _, _ = _extras(cur, flags_allowed=False)
+    hostid_text = "ANY" if hostid.text.upper() == "ANY" else hostid.text
+    return ServerLine(name.text, hostid_text, endpoint.text, attrs, keyword.line)
+
+
+def _expiry(cur: _Cursor) -> tuple[_Word, datetime.date | None]:
+    expected = "an expiry date (permanent or d-mmm-yyyy such as 31-dec-2027)"
+    word = cur.take(expected)
+    if word.text.lower() == "permanent":
+        return word, None
+    match = _DATE.match(word.text)
+    if match is None or match.group(2).lower() not in _MONTHS:
+        raise cur.error(word, expected)
+    day, month, year = int(match.group(1)), _MONTHS[match.group(2).lower()], int(match.group(3))
+    try:
+        return word, datetime.date(year, month, day)
+    except ValueError:
+        raise cur.error(word, "an expiry date that exists on the calendar") from None
+
+
+def _feature(cur: _Cursor, keyword: _Word, last_line: int) -> tuple[FeatureLine, _Word]:
+    name = cur.take("a feature name", _NAME)
+    vendor = cur.take("a vendor name", _NAME)
+    version = cur.take("a version (dotted decimal such as 2.0)")
+    try:
+        parse_version(version.text)
+    except ValueError:
+        raise cur.error(version, "a version (dotted decimal such as 2.0)") from None
+    expiry, expires = _expiry(cur)
+    count = cur.take("a seat count (a whole number >= 1)", _COUNT)
+    if int(count.text) < 1:
+        raise cur.error(count, "a seat count (a whole number >= 1)")
+    attrs, where, flags = _extras(cur, flags_allowed=True)
+    signature = attrs.pop("SIGN", None)
+    sign_word = where.get("SIGN")
+    line = FeatureLine(
+        keyword=keyword.text.upper(),
+        name=name.text,
+        vendor=vendor.text,
+        version=version.text,
+        expiry=expiry.text.lower(),
+        expires=expires,
+        count=int(count.text),
+        attrs=attrs,
+        flags=tuple(flags),
+        signature=signature,
+        line=keyword.line,
+        last_line=last_line,
+        sign_at=None
+        if sign_word is None
+        else (sign_word.line, sign_word.column, len(sign_word.text)),
+    )
+    return line, vendor
+
+
+def parse_syntax(text: str, *, path: str, servers_required: bool = True) -> LicenseSyntax:
+    """Check the syntax of a license file and read its lines; signatures are not checked.
+
+    ``servers_required=False`` accepts a file without SERVER lines (for signing).
+    Raises ``LicenseSyntaxError``.
+    """
+    servers: list[tuple[ServerLine, _Word]] = []
+    vendor: _Word | None = None
+    features: list[tuple[FeatureLine, _Word]] = []
+    for words, last_line in _logical_lines(text):
+        cur = _Cursor(path, words)
+        keyword = cur.take(_KEYWORDS)
+        kind = keyword.text.upper()
+        if kind == "SERVER":
+            server = _server(cur, keyword)
+            if len(servers) == 3:
+                raise cur.error(keyword, "at most 3 SERVER lines (a triad)")
+            for other, _ in servers:
+                if server.name == other.name or server.endpoint == other.endpoint:
+                    raise cur.error(keyword, f"a SERVER line unlike the one on line {other.line}")
+            servers.append((server, keyword))
+        elif kind == "VENDOR":
+            if vendor is not None:
+                raise cur.error(keyword, f"one VENDOR line (there is one on line {vendor.line})")
+            vendor = cur.take("a vendor name", _NAME)
+            _extras(cur, flags_allowed=False)
+        elif kind in ("FEATURE", "INCREMENT"):
+            features.append(_feature(cur, keyword, last_line))
+        else:
+            raise cur.error(keyword, _KEYWORDS)
+
+    if len(servers) == 2:
+        second = servers[1][1]
+        raise LicenseSyntaxError(path, second.line, second.column, _SERVER_COUNT, "2")
+    if not servers and servers_required:
+        raise LicenseSyntaxError(path, 1, 1, _SERVER_COUNT, "none")
+    if vendor is not None:
+        for line, written in features:
+            if line.vendor != vendor.text:
+                expected = f"vendor {vendor.text!r} as on the VENDOR line {vendor.line}"
+                raise LicenseSyntaxError(
+                    path, written.line, written.column, expected, repr(written.text)
+                )
+    return LicenseSyntax(
+        path=path,
+        servers=[s for s, _ in servers],
+        vendor=None if vendor is None else vendor.text,
+        lines=[f for f, _ in features],
+    )
+
+
+def check_signature(line: FeatureLine, key: Ed25519PublicKey) -> str | None:
+    """Why ``line`` is refused under the vendor's ``key``, or None when it verifies."""
+    if line.signature is None:
+        return "no signature (SIGN= is missing)"
+    if len(line.signature) != SIGNATURE_HEX_LENGTH or not _HEX.match(line.signature):
+        return f"signature is not {SIGNATURE_HEX_LENGTH} hex digits"
+    if not verify_signature(key, line.canonical(), line.signature):
+        return "signature does not verify against the vendor key"
+    return None
+
+
+def parse_license(
+    text: str,
+    *,
+    path: str,
+    public_key: Ed25519PublicKey | None,
+    servers_required: bool = True,
+) -> License:
+    """Parse a license file and check each FEATURE/INCREMENT line against ``public_key``.
+
+    ``public_key=None`` checks no signature: every line serves (for clients that only
+    need the SERVER lines). Raises ``LicenseSyntaxError``; bad signatures do not raise
+    but land in ``License.refused``.
+    """
+    syntax = parse_syntax(text, path=path, servers_required=servers_required)
+    entitlements: list[Entitlement] = []
+    refused: list[LicenseLineRefused] = []
+    for line in syntax.lines:
+        why = None if public_key is None else check_signature(line, public_key)
+        if why is None:
+            entitlements.append(line.entitlement(path))
+        else:
+            refused.append(LicenseLineRefused(path, line.line, line.name, why, line.keyword))
+    return License(path, syntax.servers, syntax.vendor, entitlements, refused)
+
+
+def read_license_text(path: str | Path) -> str:
+    """The text of a license file; ``LicenseFileError`` if it cannot be read."""
+    try:
+        # utf-8-sig: editors on Windows like to start files with a byte order mark.
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise LicenseFileError(str(path), "no such license file") from None
+    except OSError as exc:
+        raise LicenseFileError(str(path), f"cannot read license file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise LicenseFileError(
+            str(path), f"not UTF-8 text (invalid byte at offset {exc.start})"
+        ) from None
+
+
+def load_license(
+    path: str | Path, public_key: Ed25519PublicKey | None, *, servers_required: bool = True
+) -> License:
+    """Read and parse the license file at ``path`` (see ``parse_license``)."""
+    return parse_license(
+        read_license_text(path),
+        path=str(path),
+        public_key=public_key,
+        servers_required=servers_required,
+    )
+
+
+def read_servers(path: str | Path) -> list[ServerLine]:
+    """The SERVER lines of a license file, in rank order, without checking signatures."""
+    return load_license(path, None).servers

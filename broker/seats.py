@@ -1,0 +1,344 @@
+"""The ledger's values: seat pools, the checkout decision, grants and sessions.
+
+``broker.ledger`` is the state machine; this module holds what it is made of, so
+that the machine reads in one sitting: how a license's lines add up into pools,
+which pool serves a checkout, and the grant and session records with their
+msgpack-able forms (shared by deltas and snapshots, validated on the way in).
+
+Pools
+-----
+A *pool* is every FEATURE/INCREMENT line of one feature at one version *as parsed*
+(``2`` and ``2.0`` are the same pool). Its total on a given day is the sum of the
+counts of its lines that have not expired on that day, which is how INCREMENT lines
+add seats. A pool shows the version as written on its first line in license order.
+
+USERS=/HOSTS= restrict a line; a pool admits a session when at least one of its live
+lines admits it. Seats inside a pool are not told apart by line (a grant records the
+pool, not the line), so a pool mixing restricted and open lines shares all its seats
+among everyone it admits: per-line accounting would need the line in every grant and
+is left out on purpose.
+
+``choose`` is the whole checkout decision, a pure function of the catalog, the
+request, the session's user/host, the day and the seats in use. The reasons are
+tried in this order, each one narrower than the last, so the client hears the most
+useful one: no line at all -> no line with a high enough version -> all of those
+expired -> none admits this session -> the request is larger than any pool could
+ever hold -> no pool has enough free seats right now. Only the last is *busy*: it
+may succeed later, so only it may wait in a queue.
+
+Nothing here mutates anything; ``used`` is passed in so that a caller can layer
+tentative grants on top of the ledger's counts.
+
+Records
+-------
+Every reader of a record from outside (a delta, a snapshot) checks each field's type
+and range and raises ``LedgerError`` naming the record and field, before the ledger
+changes anything.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.model import Entitlement, Now, Reason, Reply, parse_version, reply_ok
+
+Version = tuple[int, ...]
+PoolKey = tuple[str, Version]  # (feature, parsed version)
+
+
+class LedgerError(Exception):
+    """A delta or snapshot that does not fit the ledger; the message says what and why."""
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The lines of one feature at one parsed version."""
+
+    feature: str
+    key: Version
+    version: str  # as written on the pool's first line
+    lines: tuple[Entitlement, ...]
+
+    def live(self, day: datetime.date | None) -> list[Entitlement]:
+        """Lines that still grant on ``day`` (None: ignore expiry)."""
+        return [e for e in self.lines if day is None or not e.expired_on(day)]
+
+    def total(self, day: datetime.date | None) -> int:
+        return sum(e.count for e in self.live(day))
+
+    def admits(self, user: str, host: str, day: datetime.date | None) -> bool:
+        return any(_admits(e, user, host) for e in self.live(day))
+
+    def expires(self, day: datetime.date | None) -> str | None:
+        """The next date on which some of its live seats lapse, ISO; None: all permanent."""
+        dates = [e.expires for e in self.live(day) if e.expires is not None]
+        return min(dates).isoformat() if dates else None
+
+    @property
+    def pool_key(self) -> PoolKey:
+        return (self.feature, self.key)
+
+
+def _admits(line: Entitlement, user: str, host: str) -> bool:
+    return (line.users is None or user in line.users) and (line.hosts is None or host in line.hosts)
+
+
+class Catalog:
+    """The license's lines grouped into pools, lowest version first within a feature."""
+
+    def __init__(self, entitlements: Sequence[Entitlement]) -> None:
+        self.entitlements: tuple[Entitlement, ...] = tuple(entitlements)
+        grouped: dict[str, dict[Version, list[Entitlement]]] = {}
+        for line in self.entitlements:
+            grouped.setdefault(line.feature, {}).setdefault(parse_version(line.version), []).append(
+                line
+            )
+        self._pools: dict[str, list[Pool]] = {
+            feature: [
+                Pool(feature, key, lines[0].version, tuple(lines))
+                for key, lines in sorted(by_version.items())
+            ]
+            for feature, by_version in grouped.items()
+        }
+
+    def features(self) -> list[str]:
+        return sorted(self._pools)
+
+    def pools(self, feature: str) -> list[Pool]:
+        return self._pools.get(feature, [])
+
+    def pool(self, feature: str, version: Version) -> Pool | None:
+        for p in self.pools(feature):
+            if p.key == version:
+                return p
+        return None
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The checkout can be served now from ``pool``."""
+
+    pool: Pool
+
+
+@dataclass(frozen=True)
+class Denial:
+    """The checkout cannot be served now; ``busy`` means only for lack of free seats."""
+
+    reason: str
+    detail: str
+    busy: bool = False
+
+
+def choose(
+    catalog: Catalog,
+    feature: str,
+    version: str | None,
+    count: int,
+    user: str,
+    host: str,
+    day: datetime.date,
+    used: Callable[[PoolKey], int],
+) -> Choice | Denial:
+    """Decide one checkout: the lowest version pool >= ``version`` with ``count`` free seats."""
+    pools = catalog.pools(feature)
+    if not pools:
+        return Denial(Reason.NO_SUCH_FEATURE, f"the license has no line for feature {feature!r}")
+    floor = parse_version(version) if version is not None else None
+    what = feature if version is None else f"{feature} >= {version}"
+    high = [p for p in pools if floor is None or p.key >= floor]
+    if not high:
+        return Denial(
+            Reason.VERSION_TOO_HIGH,
+            f"no line of {feature} has a version >= {version} (the highest is {pools[-1].version})",
+        )
+    live = [p for p in high if p.live(day)]
+    if not live:
+        last = max(e.expires for p in high for e in p.lines if e.expires is not None)
+        return Denial(Reason.EXPIRED, f"every line of {what} has expired, the last on {last}")
+    admitted = [p for p in live if p.admits(user, host, day)]
+    if not admitted:
+        return Denial(
+            Reason.NOT_ALLOWED,
+            f"no line of {what} admits user {user!r} on host {host!r} (USERS=/HOSTS=)",
+        )
+    largest = max(admitted, key=lambda p: p.total(day))
+    if count > largest.total(day):
+        return Denial(
+            Reason.NO_SEATS,
+            f"{count} seats of {what} asked for, but the largest pool "
+            f"({feature} {largest.version}) has {largest.total(day)}",
+        )
+    for p in admitted:
+        if used(p.pool_key) + count <= p.total(day):
+            return Choice(p)
+    return Denial(Reason.NO_SEATS, busy_detail(admitted, count, day, used), busy=True)
+
+
+def busy_detail(
+    pools: Sequence[Pool], count: int, day: datetime.date, used: Callable[[PoolKey], int]
+) -> str:
+    """'cad 2.0: 10 of 10 seats in use' for every pool that could have served."""
+    parts = [
+        f"{p.feature} {p.version}: {used(p.pool_key)} of {p.total(day)} seats in use" for p in pools
+    ]
+    wanted = f" ({count} asked for)" if count > 1 else ""
+    return "; ".join(parts) + wanted
+
+
+def entitlement_to_map(line: Entitlement) -> dict[str, Any]:
+    """A line as a msgpack-able map, for ``reload`` deltas and snapshots."""
+    return {
+        "feature": line.feature,
+        "version": line.version,
+        "count": line.count,
+        "expires": line.expires.isoformat() if line.expires is not None else None,
+        "users": sorted(line.users) if line.users is not None else None,
+        "hosts": sorted(line.hosts) if line.hosts is not None else None,
+        "source": line.source,
+    }
+
+
+def entitlement_from_map(m: object) -> Entitlement:
+    """The inverse of ``entitlement_to_map``; LedgerError names the first field that is wrong."""
+    if not isinstance(m, dict):
+        raise LedgerError(f"an entitlement must be a map, got {type(m).__name__}")
+    feature, version, count = m.get("feature"), m.get("version"), m.get("count")
+    if not isinstance(feature, str) or not feature:
+        raise LedgerError("entitlement field 'feature' must be a non-empty str")
+    if not isinstance(version, str):
+        raise LedgerError(f"entitlement {feature}: field 'version' must be a str")
+    _version(version, f"entitlement {feature}")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise LedgerError(f"entitlement {feature}: field 'count' must be an int >= 0")
+    expires = m.get("expires")
+    if expires is not None and not isinstance(expires, str):
+        raise LedgerError(f"entitlement {feature}: field 'expires' must be an ISO date or nil")
+    source = m.get("source", "")
+    if not isinstance(source, str):
+        raise LedgerError(f"entitlement {feature}: field 'source' must be a str")
+    try:
+        expiry = datetime.date.fromisoformat(expires) if expires is not None else None
+    except ValueError:
+        raise LedgerError(f"entitlement {feature}: 'expires' {expires!r} is no ISO date") from None
+    return Entitlement(
+        feature=feature,
+        version=version,
+        count=count,
+        expires=expiry,
+        users=_name_set(m.get("users"), feature, "users"),
+        hosts=_name_set(m.get("hosts"), feature, "hosts"),
+        source=source,
+    )
+
+
+def _name_set(value: object, feature: str, name: str) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise LedgerError(f"entitlement {feature}: field {name!r} must be a list of str or nil")
+    return frozenset(value)
+
+
+def entitlements_from(raw: object, where: str) -> list[Entitlement]:
+    if not isinstance(raw, list):
+        raise LedgerError(f"{where}: 'entitlements' must be a list")
+    return [entitlement_from_map(m) for m in raw]
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    id: int
+    sid: str
+    feature: str
+    version: str  # as written on the pool's first line when granted
+    count: int
+    at: float  # wall time of the grant ("since")
+
+    @property
+    def pool_key(self) -> PoolKey:
+        return (self.feature, parse_version(self.version))
+
+    def to_map(self) -> dict[str, Any]:
+        """The fields a grant delta and a snapshot's grant share."""
+        return {"grant": self.id, "sid": self.sid, "feature": self.feature,
+                "version": self.version, "count": self.count, "at": self.at}  # fmt: skip
+
+    def reply(self) -> Reply:
+        return reply_ok(
+            grant={"id": self.id, "feature": self.feature, "version": self.version,
+                   "count": self.count}
+        )  # fmt: skip
+
+
+def grant_from(d: dict[str, Any]) -> Grant:
+    """A grant from a grant delta or a snapshot entry (they share these fields)."""
+    g = Grant(
+        field_int(d, "grant", 1), field_str(d, "sid"), field_str(d, "feature"),
+        field_str(d, "version"), field_int(d, "count", 1), field_wall(d),
+    )  # fmt: skip
+    _version(g.version, str(d.get("k", "grant")))
+    return g
+
+
+SESSION_NAMES = ("user", "host", "display", "client_version")
+
+
+@dataclass(slots=True)
+class Session:
+    sid: str
+    user: str
+    host: str
+    display: str
+    client_version: str
+    at: float  # wall time it opened
+    ack: int = 0  # the client has every reply below this one
+    replies: dict[int, Reply] = field(default_factory=dict)  # recorded, by req
+    grants: set[int] = field(default_factory=set)
+
+
+def session_from(d: dict[str, Any]) -> Session:
+    """A session from an open delta or a snapshot entry (they share these fields)."""
+    user, host, display, client = (field_str(d, k, empty=True) for k in SESSION_NAMES)
+    return Session(field_str(d, "sid"), user, host, display, client, field_wall(d))
+
+
+def field_str(d: dict[str, Any], name: str, *, empty: bool = False) -> str:
+    value = d.get(name)
+    if not isinstance(value, str) or not (empty or value):
+        raise LedgerError(f"{d.get('k', 'record')}: field {name!r} must be a non-empty str")
+    return value
+
+
+def field_int(d: dict[str, Any], name: str, low: int) -> int:
+    value = d.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise LedgerError(f"{d.get('k', 'record')}: field {name!r} must be an int >= {low}")
+    return value
+
+
+def field_wall(d: dict[str, Any]) -> float:
+    """The ``at`` field: wall seconds that a date can be taken from."""
+    at = d.get("at")
+    if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
+        raise LedgerError(f"{d.get('k', 'record')}: field 'at' must be a finite number")
+    try:
+        day_of(at)
+    except (OverflowError, OSError, ValueError):
+        raise LedgerError(f"{d.get('k', 'record')}: 'at' {at} is not a usable time") from None
+    return float(at)
+
+
+def day_of(at: float) -> datetime.date:
+    return Now(mono=0.0, wall=at).date
+
+
+def _version(text: str, where: str) -> None:
+    try:
+        parse_version(text)
+    except ValueError as exc:
+        raise LedgerError(f"{where}: {exc}") from None

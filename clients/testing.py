@@ -1,0 +1,172 @@
+"""Real triads for tests: applications embedding ``clients`` can test against them too.
+
+``LocalTriad`` writes a demo (``zbroker init``) into a folder, starts every node as a
+real process (``python -m broker run``) on free loopback ports, and offers what tests and
+chaos runs need: wait for a primary, kill, pause, resume, restart, wipe a node's data.
+Nothing here sleeps to synchronise: every wait is a condition polled until a deadline.
+
+    with LocalTriad(tmp_path) as triad:
+        triad.wait_for_primary()
+        with LicenseClient(triad.endpoints) as client:
+            ...
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class TriadTimeout(Exception):
+    """A condition a test waited for did not come true in time."""
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, every: float = 0.02) -> T:
+    """Poll ``condition`` until it returns something truthy; raise TriadTimeout after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TriadTimeout(f"timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(every)  # polling interval of a condition with a deadline
+
+
+class LocalTriad:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        servers: int = 3,
+        lease: float = 30.0,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
+        from broker.config import load_config
+        from broker.demo import write_demo
+
+        self.dir = Path(directory)
+        self.config_path = write_demo(self.dir, servers=servers, lease=lease, force=True)
+        if settings:
+            _override(self.config_path, settings)
+        self.config = load_config(self.config_path)
+        self.names = [n.name for n in self.config.nodes]
+        self.endpoints = [n.client for n in self.config.nodes]
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs = self.dir / "logs"
+        self.logs.mkdir(exist_ok=True)
+
+    # --- processes
+    def start(self, *names: str) -> None:
+        for name in names or self.names:
+            if name in self.procs and self.procs[name].poll() is None:
+                continue
+            logfile = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "broker", "run", "--config", str(self.config_path),
+                 "--node", name],
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            logfile.close()
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        if sig in (signal.SIGSTOP, signal.SIGCONT):
+            os.kill(proc.pid, sig)
+            return
+        proc.send_signal(sig)
+        proc.wait(timeout=10)
+
+    def pause(self, name: str) -> None:
+        self.kill(name, signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        self.kill(name, signal.SIGCONT)
+
+    def restart(self, name: str) -> None:
+        if self.alive(name):
+            self.kill(name)
+        self.start(name)
+
+    def wipe(self, name: str) -> None:
+        """Lose a stopped node's data directory, as a dead disk would."""
+        if self.alive(name):
+            raise RuntimeError(f"stop node {name} before wiping its data")
+        data = self.config.node(name).data
+        shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True)
+
+    def alive(self, name: str) -> bool:
+        proc = self.procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def stop(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)  # a paused node cannot act on SIGTERM
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> LocalTriad:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- observing
+    def status(self, timeout: float = 0.5) -> dict[str, Any]:
+        from broker.status import query_nodes
+
+        return query_nodes([(n.name, n.client) for n in self.config.nodes], timeout=timeout)
+
+    def primary(self) -> str | None:
+        """The node that says it is primary and serving, if any."""
+        report = self.status()
+        for node in report["nodes"]:
+            if node["role"] == "primary" and node.get("serving", True):
+                return str(node["name"])
+        return None
+
+    def wait_for_primary(self, timeout: float = 10.0, not_: str | None = None) -> str:
+        def check() -> str | None:
+            name = self.primary()
+            return name if name is not None and name != not_ else None
+
+        return wait_for(check, timeout, "a serving primary" + (f" other than {not_}" if not_ else ""))
+
+    def log_text(self) -> str:
+        parts = []
+        for path in sorted(self.logs.glob("*.log")):
+            parts.append(f"===== {path.name}\n{path.read_text(errors='replace')[-20000:]}")
+        return "\n".join(parts)
+
+
+def _override(config_path: Path, settings: dict[str, Any]) -> None:
+    """Rewrite top-level settings of a demo config (tests shorten timings and leases)."""
+    lines = config_path.read_text().splitlines()
+    out = []
+    for line in lines:
+        key = line.split("=", 1)[0].strip()
+        if key in settings:
+            value = settings.pop(key)
+            line = f"{key} = {str(value).lower() if isinstance(value, bool) else value}"
+        out.append(line)
+    head = [f"{k} = {str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items()]
+    config_path.write_text("\n".join(head + out) + "\n")

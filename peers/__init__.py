@@ -1,0 +1,1 @@
+"""zbroker peers: heartbeats, the bully election, delta streaming and catch-up between nodes."""

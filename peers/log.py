@@ -1,0 +1,165 @@
+"""The in-memory replicated log of one node: a snapshot, then a contiguous run of entries.
+
+Shape::
+
+    [ snapshot @ snap_index ]
+    base_index < entries[0].index = base_index + 1 ... entries[-1].index = last
+
+``base_index <= snap_index``: after a compaction the log keeps a tail of entries
+that the snapshot already covers, so that a backup lagging by less than the tail
+catches up from entries instead of a whole snapshot. The term of the entry at
+``base_index`` is remembered (``base_term``) so that an append right after it can
+still be checked.
+
+Invariants (checked by explicit raises, a broken one is a bug, not bad input):
+
+- entries are contiguous and their terms never decrease;
+- ``base_index <= snap_index <= last``;
+- nothing at or before ``snap_index`` is ever truncated (the snapshot is committed).
+
+This module knows nothing of roles, terms of office or peers; the replica decides
+what to append and truncate, the log only keeps the shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peers.types import CorruptState, Entry, ReplicaError
+
+
+class Log:
+    """A snapshot plus the entries after ``base_index``."""
+
+    def __init__(
+        self,
+        snap_index: int = 0,
+        snap_term: int = 0,
+        snapshot: dict[str, Any] | None = None,
+        entries: list[Entry] | None = None,
+    ) -> None:
+        self.snap_index = snap_index
+        self.snap_term = snap_term
+        self.snapshot = snapshot
+        self.base_index = snap_index
+        self.base_term = snap_term
+        self.entries: list[Entry] = []
+        # entries the snapshot covers are dropped at load: their terms cannot be checked
+        # against the snapshot, and the snapshot answers any catch-up that needs them
+        tail = [e for e in entries or [] if e.index > snap_index]
+        expected, prev_term = snap_index + 1, snap_term
+        for e in tail:
+            if e.index != expected or e.term < prev_term:
+                raise CorruptState(f"log entry {e.index} (term {e.term}) does not follow")
+            expected, prev_term = expected + 1, e.term
+        self.entries = tail
+
+    # --- reading ----------------------------------------------------------------------
+
+    @property
+    def last(self) -> int:
+        return self.entries[-1].index if self.entries else self.base_index
+
+    @property
+    def last_term(self) -> int:
+        return self.entries[-1].term if self.entries else self.base_term
+
+    def term_at(self, index: int) -> int | None:
+        """The term of the entry at ``index``, or None when this log cannot tell."""
+        if index == 0:
+            return 0
+        if index == self.base_index:
+            return self.base_term
+        if index == self.snap_index:
+            return self.snap_term
+        if self.base_index < index <= self.last:
+            return self.entries[index - self.base_index - 1].term
+        return None
+
+    def entry(self, index: int) -> Entry:
+        if not self.base_index < index <= self.last:
+            raise ReplicaError(f"entry {index} is not in the log ({self.base_index}, {self.last}]")
+        return self.entries[index - self.base_index - 1]
+
+    def slice(self, lo: int, hi: int) -> list[Entry]:
+        """Entries with lo <= index <= hi (clipped to what the log holds)."""
+        lo = max(lo, self.base_index + 1)
+        hi = min(hi, self.last)
+        if lo > hi:
+            return []
+        off = self.base_index + 1
+        return self.entries[lo - off : hi - off + 1]
+
+    # --- changing ---------------------------------------------------------------------
+
+    def append(self, entries: list[Entry]) -> None:
+        for e in entries:
+            if e.index != self.last + 1 or e.term < self.last_term:
+                raise ReplicaError(f"entry {e.index} (term {e.term}) does not follow {self.last}")
+            self.entries.append(e)
+
+    def truncate_from(self, index: int) -> None:
+        """Drop entries with index >= ``index``."""
+        if index <= self.snap_index:
+            raise ReplicaError(f"truncating at {index} would cut the snapshot at {self.snap_index}")
+        if index <= self.last:
+            del self.entries[index - self.base_index - 1 :]
+
+    def merge(self, entries: list[Entry]) -> tuple[int | None, list[Entry]]:
+        """Add entries that the caller checked follow a matching ``prev``.
+
+        Matching entries are kept as they are: a stale, duplicated append must never
+        erase newer entries. The log is cut only at the first entry whose term differs.
+        Returns (index truncated from or None, entries actually appended).
+        """
+        cut: int | None = None
+        fresh: list[Entry] = []
+        for pos, e in enumerate(entries):
+            if e.index <= self.base_index:
+                continue  # covered by the snapshot or compacted: committed, so it matches
+            if e.index <= self.last:
+                if self.term_at(e.index) == e.term:
+                    continue
+                if e.index <= self.snap_index:
+                    raise ReplicaError(f"entry {e.index} conflicts with the snapshot")
+                cut = e.index
+                self.truncate_from(e.index)
+            fresh = entries[pos:]
+            break
+        self.append(fresh)
+        return cut, fresh
+
+    def compact(self, index: int, term: int, snapshot: dict[str, Any], keep_tail: int) -> None:
+        """The shell took a snapshot at ``index``; drop entries older than the tail kept."""
+        if index <= self.snap_index:
+            return
+        known = self.term_at(index)
+        if index > self.last or known != term:
+            raise ReplicaError(f"snapshot at {index} term {term} does not match the log")
+        self.snap_index, self.snap_term, self.snapshot = index, term, snapshot
+        new_base = max(self.base_index, index - keep_tail)
+        if new_base > self.base_index:
+            base_term = self.term_at(new_base)
+            if base_term is None:
+                raise ReplicaError(f"no term known at {new_base}")
+            del self.entries[: new_base - self.base_index]
+            self.base_index, self.base_term = new_base, base_term
+
+    def install(self, index: int, term: int, snapshot: dict[str, Any]) -> bool:
+        """Replace the log's start with a snapshot from a peer.
+
+        Keeps the entries after ``index`` when the log holds the snapshot's last entry
+        (same index and term): they may be newer than the snapshot. Otherwise the log is
+        emptied. Returns True when entries after ``index`` were discarded, which the disk
+        must drop too (entries at or before ``index`` are covered by the snapshot anyway).
+        """
+        keep = index <= self.last and self.term_at(index) == term
+        had_after = self.last > index
+        if keep:
+            del self.entries[: max(0, index - self.base_index)]
+        self.snap_index, self.snap_term, self.snapshot = index, term, snapshot
+        self.base_index, self.base_term = index, term
+        if not keep:
+            self.entries = []
+            return had_after
+        return False

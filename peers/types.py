@@ -1,0 +1,196 @@
+"""Values the replica shares with its shell: roles, timing, durable state, log entries, effects.
+
+Nothing here has behaviour beyond validation of its own fields. The replica
+(``peers/replica.py``) consumes ``Timing`` and ``Durable`` and returns lists of
+the effect dataclasses below; the shell executes them in order, except that all
+persistence effects of one poll cycle (``PersistEntries``, ``TruncateLog``,
+``PersistHardState``, ``PersistSnapshot``) are made durable before any ``Send``
+or ``Publish`` of that cycle and before any client answer released by
+``Committed`` (group commit: one fsync per cycle, and nothing leaves the node
+that claims state the disk does not hold yet).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class ReplicaError(Exception):
+    """Root of the replica's errors: a caller broke the replica's contract."""
+
+
+class NotServing(ReplicaError):
+    """``propose`` was called on a node that is not a serving primary."""
+
+
+class CorruptState(ReplicaError):
+    """The durable state handed to the replica is inconsistent (gap in the log, bad terms)."""
+
+
+class Role(Enum):
+    """What a node is doing in the triad. Transitions are listed in ``replica.TRANSITIONS``."""
+
+    BACKUP = "backup"
+    CANDIDATE = "candidate"
+    PRIMARY = "primary"
+    RECOVERING = "recovering"
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Protocol timing and batching. ``peer_timeout`` should be several heartbeats."""
+
+    heartbeat_interval: float = 0.1
+    peer_timeout: float = 0.5
+    failback: bool = True
+    max_batch: int = 256
+    # entries kept before a snapshot so that a lagging backup can catch up from the log
+    keep_tail: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_interval < self.peer_timeout:
+            raise ValueError("timing needs 0 < heartbeat_interval < peer_timeout")
+        if self.max_batch < 1 or self.keep_tail < 0:
+            raise ValueError("timing needs max_batch >= 1 and keep_tail >= 0")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One slot of the replicated log. ``delta`` None is the no-op a new primary appends."""
+
+    term: int
+    index: int
+    delta: dict[str, Any] | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"term": self.term, "index": self.index, "delta": self.delta}
+
+
+@dataclass
+class Durable:
+    """What the shell loaded from its data directory at start.
+
+    ``entries`` must be contiguous; entries at or before ``snapshot_index`` are
+    ignored (they are covered by the snapshot). ``commit`` is the highest index the
+    shell knows to be committed and has applied to its ledger (at least
+    ``snapshot_index``; the shell may simply pass ``snapshot_index``).
+    ``fresh`` means the data directory was wiped or never initialised: the node
+    starts RECOVERING.
+    """
+
+    term: int = 0
+    voted_for: str | None = None
+    snapshot_index: int = 0
+    snapshot_term: int = 0
+    snapshot: dict[str, Any] | None = None
+    entries: list[Entry] = field(default_factory=list)
+    commit: int = 0
+    fresh: bool = False
+
+
+# --- effects -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``msg`` to peer ``to`` over the peer ROUTER (acknowledged traffic, may be lost)."""
+
+    to: str
+    msg: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish ``msg`` (a heartbeat) on the PUB socket to both peers; may be lost."""
+
+    msg: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PersistEntries:
+    """Append these entries to the durable log (they follow the current durable last)."""
+
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True)
+class TruncateLog:
+    """Drop durable log entries with index >= ``from_index`` (never committed ones)."""
+
+    from_index: int
+
+
+@dataclass(frozen=True)
+class PersistHardState:
+    """Durably record the current term and the vote cast in it."""
+
+    term: int
+    voted_for: str | None
+
+
+@dataclass(frozen=True)
+class PersistSnapshot:
+    """Durably store a snapshot received from a peer; log entries <= index become moot."""
+
+    index: int
+    term: int
+    snapshot: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Entries up to ``upto`` are committed; ``entries`` are the newly committed ones, in order.
+
+    A backup applies them to its ledger. The primary releases the client answers
+    waiting on these indexes (and applies any it has not applied yet: entries
+    adopted from the previous term). No-op entries have ``delta`` None.
+    """
+
+    upto: int
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True)
+class InstallSnapshot:
+    """Replace the ledger with ``snapshot``, taken at committed ``index`` (of ``term``)."""
+
+    index: int
+    term: int
+    snapshot: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RoleChanged:
+    """The node's role, term or known primary changed (for the shell's routing and logs).
+
+    A primary that becomes anything else must rebuild its ledger from committed
+    state: it may have applied deltas that will never commit.
+    """
+
+    role: Role
+    term: int
+    primary: str | None
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A peer message was refused as malformed or hostile (for a counter and a log line)."""
+
+    sender: str
+    reason: str
+
+
+Effect = (
+    Send
+    | Publish
+    | PersistEntries
+    | TruncateLog
+    | PersistHardState
+    | PersistSnapshot
+    | Committed
+    | InstallSnapshot
+    | RoleChanged
+    | Dropped
+)
