@@ -54,10 +54,20 @@ config_option = click.option(
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--servers", type=click.Choice(["1", "3"]), default="3", show_default=True,
-              help="3 for a triad, 1 for a single unreplicated server")
-@click.option("--lease", type=float, default=30.0, show_default=True,
-              help="seconds a client may stay unheard before its seats return")
+@click.option(
+    "--servers",
+    type=click.Choice(["1", "3"]),
+    default="3",
+    show_default=True,
+    help="3 for a triad, 1 for a single unreplicated server",
+)
+@click.option(
+    "--lease",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="seconds a client may stay unheard before its seats return",
+)
 @click.option("--force", is_flag=True, help="overwrite an existing demo in DIRECTORY")
 def init(directory: Path, servers: str, lease: float, force: bool) -> None:
     """Write a ready-to-run demo: vendor keys, a signed license, zbroker.toml, data dirs."""
@@ -106,8 +116,16 @@ def up(config_path: str) -> None:
     signal.signal(signal.SIGINT, _stop)
     children = {
         node.name: subprocess.Popen(
-            [sys.executable, "-m", "broker", "run", "--config", str(config.path),
-             "--node", node.name],
+            [
+                sys.executable,
+                "-m",
+                "broker",
+                "run",
+                "--config",
+                str(config.path),
+                "--node",
+                node.name,
+            ],
         )
         for node in config.nodes
     }
@@ -116,8 +134,9 @@ def up(config_path: str) -> None:
     while not stopping:
         for name, proc in children.items():
             if name not in reported and proc.poll() is not None:
-                click.echo(f"node {name} exited with code {proc.returncode}; not restarted",
-                           err=True)
+                click.echo(
+                    f"node {name} exited with code {proc.returncode}; not restarted", err=True
+                )
                 reported.add(name)
         if len(reported) == len(children):
             break
@@ -157,8 +176,13 @@ def status(config_path: str, as_json: bool, timeout: float) -> None:
 @click.option("--count", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--version", "min_version", default=None, help="minimum version, such as 2.0")
 @click.option("--wait", type=float, default=None, help="queue up to this many seconds")
-@click.option("--hold", type=float, default=0.0, show_default=True,
-              help="seconds to hold the grant before checking it in")
+@click.option(
+    "--hold",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="seconds to hold the grant before checking it in",
+)
 def checkout(
     feature: str,
     config_path: str,
@@ -168,7 +192,8 @@ def checkout(
     hold: float,
 ) -> None:
     """Check out seats of FEATURE by hand, hold them, and check them in."""
-    from clients import LicenseClient, LicenseError as ClientError
+    from clients import LicenseClient
+    from clients import LicenseError as ClientError
 
     if "ZBROKER_LICENSE" in os.environ:
         servers: str | list[str] = os.environ["ZBROKER_LICENSE"]
@@ -181,8 +206,10 @@ def checkout(
     try:
         with LicenseClient(servers) as client:
             grant = client.checkout(feature, count=count, version=min_version, wait=wait)
-            click.echo(f"granted {grant.count} seat(s) of {grant.feature} {grant.version} "
-                       f"(grant {grant.id})")
+            click.echo(
+                f"granted {grant.count} seat(s) of {grant.feature} {grant.version} "
+                f"(grant {grant.id})"
+            )
             if hold > 0:
                 time.sleep(hold)  # holding a seat for the user is the point of --hold
             client.checkin(grant)

@@ -136,16 +136,13 @@ def _required_str(path: Path, raw: dict[str, Any], key: str) -> str:
     return value
 
 
-def _nodes(
-    path: Path, base: Path, table: Any, servers: list[ServerLine]
-) -> tuple[NodeConfig, ...]:
+def _nodes(path: Path, base: Path, table: Any, servers: list[ServerLine]) -> tuple[NodeConfig, ...]:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [nodes.NAME] tables are missing")
     names = [s.name for s in servers]
     if set(table) != set(names):
         raise ConfigError(
-            f"{path}: [nodes] names {sorted(table)} must match the license's SERVER lines "
-            f"{names}"
+            f"{path}: [nodes] names {sorted(table)} must match the license's SERVER lines {names}"
         )
     nodes = []
     for rank, server in enumerate(servers):
@@ -156,7 +153,7 @@ def _nodes(
         for key in ("peer", "pub", "data"):
             value = entry.get(key)
             if not isinstance(value, str) or not value:
-                raise ConfigError(f"{path}: [nodes.{server.name}] needs {key} = \"...\"")
+                raise ConfigError(f'{path}: [nodes.{server.name}] needs {key} = "..."')
             fields[key] = value
         nodes.append(
             NodeConfig(

@@ -14,7 +14,9 @@ that a delta fits before touching anything and raises ``LedgerError`` otherwise,
 a bad delta leaves the state as it was.
 
 *Volatile* (the primary's alone, never replicated, empty after a failover): the
-lease deadline of each session and the FIFO wait queue of each feature.
+lease deadline of each session and the FIFO wait queue of each feature. A node
+whose role changes calls ``forget_volatile()`` so that it never acts on leases or
+waiters from an earlier term (a queued client re-sends to the new primary).
 
 Decisions are made on the primary by ``handle(request, now)`` and ``tick(now)``,
 which read the replicated state, may change the volatile state and return deltas;
@@ -80,6 +82,7 @@ from broker.seats import (
     field_str,
     grant_from,
     session_from,
+    session_from_snapshot,
 )
 
 Delta = dict[str, Any]
@@ -226,14 +229,7 @@ class Ledger:
             "v": SNAPSHOT_VERSION,
             "next_grant": self._next_grant,
             "entitlements": [entitlement_to_map(e) for e in self._catalog.entitlements],
-            "sessions": [
-                {
-                    **{k: getattr(s, k) for k in ("sid", *SESSION_NAMES, "at")},
-                    "ack": s.ack,
-                    "replies": [[r, copy.deepcopy(s.replies[r])] for r in sorted(s.replies)],
-                }
-                for s in sorted(self._sessions.values(), key=lambda s: s.sid)
-            ],
+            "sessions": [self._sessions[sid].to_map() for sid in sorted(self._sessions)],
             "grants": [g.to_map() for g in sorted(self._grants.values(), key=lambda g: g.id)],
         }
 
@@ -251,16 +247,9 @@ class Ledger:
         if not isinstance(sessions, list) or not isinstance(grants, list):
             raise LedgerError("snapshot: 'sessions' and 'grants' must be lists")
         for s in sessions:
-            if not isinstance(s, dict) or not isinstance(s.get("replies"), list):
-                raise LedgerError("snapshot: a session must be a map with a 'replies' list")
-            session = session_from(s)
-            session.ack = field_int(s, "ack", 0)
+            session = session_from_snapshot(s)
             if session.sid in ledger._sessions:
                 raise LedgerError(f"snapshot: session {session.sid} appears twice")
-            for pair in s["replies"]:
-                if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], dict)):
-                    raise LedgerError(f"snapshot: session {session.sid} has a malformed reply")
-                session.replies[field_int({"req": pair[0]}, "req", 0)] = copy.deepcopy(pair[1])
             ledger._sessions[session.sid] = session
         ledger._next_grant = field_int(snap, "next_grant", 1)
         for g in grants:
@@ -376,13 +365,10 @@ class Ledger:
         deltas: list[Delta] = []
         for sid in self._sessions:
             self._leases.setdefault(sid, now.mono + self.lease)  # fresh lease first
-        gone: set[str] = set()
-        for sid in sorted(self._leases):
-            if sid not in self._sessions:
-                del self._leases[sid]
-            elif now.mono > self._leases[sid]:
-                gone.add(sid)
-                deltas.append({"k": "expire", "sid": sid})
+        for sid in [sid for sid in self._leases if sid not in self._sessions]:
+            del self._leases[sid]  # closed or expired since: its lease is moot
+        gone = {sid for sid, deadline in self._leases.items() if now.mono > deadline}
+        deltas.extend({"k": "expire", "sid": sid} for sid in sorted(gone))
         # Seats as they will be once the deltas above and below are applied in order.
         extra: dict[PoolKey, int] = {}
         for sid in gone:
@@ -395,13 +381,8 @@ class Ledger:
             blocked = False
             for w in self._queues[feature]:
                 r = w.request
-                session = self._sessions.get(r.sid)
-                if (
-                    session is None
-                    or r.sid in gone
-                    or r.req < session.ack
-                    or r.req in session.replies
-                ):
+                session = None if r.sid in gone else self._sessions.get(r.sid)
+                if session is None or r.req < session.ack or r.req in session.replies:
                     self._queued.discard((r.sid, r.req))  # its session ended or it was answered
                     continue
                 ids = _ids(r, max(session.ack, r.ack))
@@ -413,7 +394,11 @@ class Ledger:
                 elif isinstance(choice, Denial) and not choice.busy:
                     deltas.append(_answer(ids, reply_denied(choice.reason, choice.detail)))
                 elif now.mono >= w.deadline:
-                    why = choice.detail if isinstance(choice, Denial) else "earlier requests wait"
+                    why = (
+                        choice.detail
+                        if isinstance(choice, Denial)
+                        else f"{feature}: held for earlier waiters"
+                    )
                     detail = f"{why}; gave up after waiting {r.wait:g} s"
                     deltas.append(_answer(ids, reply_denied(Reason.NO_SEATS, detail)))
                 else:
@@ -490,33 +475,15 @@ class Ledger:
         day = now.date if now is not None else None
         holders: dict[str, list[dict[str, Any]]] = {}
         for g in self._grants.values():
-            s = self._sessions[g.sid]
-            holders.setdefault(g.feature, []).append(
-                {
-                    "grant": g.id,
-                    "user": s.user,
-                    "host": s.host,
-                    "display": s.display,
-                    "count": g.count,
-                    "version": g.version,
-                    "since": g.at,
-                }
-            )
+            holders.setdefault(g.feature, []).append(g.holder(self._sessions[g.sid]))
         out = []
         for name in sorted(set(self._catalog.features()) | set(holders)):
-            versions = [
-                {
-                    "version": p.version,
-                    "total": p.total(day),
-                    "in_use": self._used.get(p.pool_key, 0),
-                    "expires": p.expires(day),
-                }
-                for p in self._catalog.pools(name)
-            ]
+            pools = self._catalog.pools(name)
+            versions = [p.status(day, self._used.get(p.pool_key, 0)) for p in pools]
             out.append(
                 {
                     "name": name,
-                    "total": sum(v["total"] for v in versions),
+                    "total": sum(p.total(day) for p in pools),
                     "in_use": sum(h["count"] for h in holders.get(name, [])),
                     "queued": self.queued(name),
                     "versions": versions,

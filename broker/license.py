@@ -86,12 +86,8 @@ _HEX = re.compile(r"[0-9A-Fa-f]+\Z")
 _ENDPOINT = re.compile(
     r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([0-9]{1,5})\Z|(ipc|inproc)://\S+\Z"
 )
-_MONTHS = {
-    m: i + 1
-    for i, m in enumerate(
-        ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"]
-    )
-}
+_MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_MONTHS = {name: number for number, name in enumerate(_MONTH_NAMES, start=1)}
 _KEYWORDS = "a keyword (SERVER, VENDOR, FEATURE or INCREMENT)"
 _SERVER_COUNT = "1 SERVER line (a single server) or 3 (a triad)"
 
@@ -314,7 +310,7 @@ def _extras(
     return attrs, where, flags
 
 
-def _server(cur: _Cursor, keyword: _Word) -> ServerLine:
+def _server(cur: _Cursor, keyword: _Word) -> tuple[ServerLine, _Word, _Word]:
     name = cur.take("a server name", _NAME)
     hostid = cur.take("a host id (ANY or a host identifier)")
     if "://" in hostid.text or "=" in hostid.text:
@@ -325,7 +321,7 @@ def _server(cur: _Cursor, keyword: _Word) -> ServerLine:
         raise cur.error(endpoint, "a TCP port from 1 to 65535")
     attrs, _, _ = _extras(cur, flags_allowed=False)
     hostid_text = "ANY" if hostid.text.upper() == "ANY" else hostid.text
-    return ServerLine(name.text, hostid_text, endpoint.text, attrs, keyword.line)
+    return ServerLine(name.text, hostid_text, endpoint.text, attrs, keyword.line), name, endpoint
 
 
 def _expiry(cur: _Cursor) -> tuple[_Word, datetime.date | None]:
@@ -392,12 +388,14 @@ def parse_syntax(text: str, *, path: str, servers_required: bool = True) -> Lice
         keyword = cur.take(_KEYWORDS)
         kind = keyword.text.upper()
         if kind == "SERVER":
-            server = _server(cur, keyword)
+            server, name, endpoint = _server(cur, keyword)
             if len(servers) == 3:
                 raise cur.error(keyword, "at most 3 SERVER lines (a triad)")
             for other, _ in servers:
-                if server.name == other.name or server.endpoint == other.endpoint:
-                    raise cur.error(keyword, f"a SERVER line unlike the one on line {other.line}")
+                if server.name == other.name:
+                    raise cur.error(name, f"a server name not already used (line {other.line})")
+                if server.endpoint == other.endpoint:
+                    raise cur.error(endpoint, f"an endpoint not already used (line {other.line})")
             servers.append((server, keyword))
         elif kind == "VENDOR":
             if vendor is not None:

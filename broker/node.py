@@ -3,14 +3,16 @@
 It owns everything the pure cores must not touch: the sockets, the poller, the clock,
 the data directory and the signals. One thread, one poll loop; each cycle:
 
-1. read the clock once; drain the client ROUTER, the peer ROUTER and the heartbeat SUB;
-2. hand client requests to the ledger (primary only; backups redirect), applying the
-   deltas it returns at once so the next request sees the seats taken, and collecting
-   them into one batch;
-3. tick the replica and (on the primary) the ledger; propose the batch to the replica;
-4. execute the effects: every persistence effect of the cycle first, one ``sync`` (group
-   commit), then every send: peer messages, heartbeats, and the answers of committed
-   deltas. No answer or acknowledgement ever leaves before what it vouches for is on disk.
+1. read the clock once; drain the peer ROUTER and the heartbeat SUB into the replica,
+   and tick it;
+2. hand client requests to the ledger (only while this node is a serving primary;
+   others redirect), applying the deltas it returns at once so the next request sees
+   the seats taken, and collecting them into one batch; tick the ledger;
+3. propose the batch to the replica (one append message per backup: group commit);
+4. one ``sync`` of the data directory, then every send: peer messages, heartbeats, and
+   the answers of committed deltas. The replica's other effects (persist, commit, role
+   changes) are executed as they come, so the ledger is current before the next
+   decision; nothing that vouches for state leaves before that state is on disk.
 
 The ledger on a backup holds exactly the committed deltas; on the primary it also holds
 the uncommitted ones it proposed. When a primary loses control, it rebuilds its ledger
@@ -19,9 +21,11 @@ from its last snapshot and its committed log, and sends every waiting client a r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -30,11 +34,12 @@ from broker.config import Config
 from broker.front import Front, Key
 from broker.ledger import Ledger
 from broker.license import load_license
-from broker.model import Now, Reply, Request, reply_ok
+from broker.model import Now, Reply, reply_ok
 from broker.signing import load_public_key
 from broker.storage import Storage
 from broker.wire import RemoteProtocolError, decode_request, encode_reply, pack, unpack
-from peers import replica as rp
+from peers import types as rp
+from peers.replica import Replica
 
 log = logging.getLogger("zbroker.node")
 
@@ -42,6 +47,7 @@ TICK = 0.01  # seconds between replica ticks: well under heartbeat_interval
 LEDGER_TICK = 0.05  # lease expiry and queue deadlines need no finer grain
 MAX_DRAIN = 512  # messages read from one socket per cycle, so no socket starves the others
 PEER_MAX_MESSAGE = 256 * 1024 * 1024  # a snapshot of 100,000 grants is about 9 MB
+_UNAVAILABLE: Reply = {"status": "unavailable", "detail": "this node just lost control"}
 
 
 class Node:
@@ -52,18 +58,12 @@ class Node:
         license_file = load_license(config.license_path, load_public_key(config.vendor_key))
         for refused in license_file.refused:
             log.warning("%s", refused)
-        self.entitlements = license_file.entitlements
+        self.entitlements = tuple(license_file.entitlements)
         self.storage = Storage(self.me.data, name, fsync=config.fsync)
         loaded = self.storage.load()
-        self.snapshot: tuple[int, int, dict[str, Any] | None] = (
-            loaded.snapshot_index,
-            loaded.snapshot_term,
-            loaded.snapshot,
-        )
         self.ledger = self._ledger_from(loaded.snapshot)
         self.applied = loaded.snapshot_index  # the ledger holds every delta up to here
-        now = time.monotonic()
-        self.replica = rp.Replica(
+        self.replica = Replica(
             name,
             config.ranks,
             rp.Timing(
@@ -81,14 +81,18 @@ class Node:
                 commit=loaded.snapshot_index,
                 fresh=loaded.fresh,
             ),
-            now,
+            time.monotonic(),
         )
         self.front = Front()
         self.batch: list[tuple[dict[str, Any], Key | None, Reply | None]] = []
-        self.effects: list[Any] = []
+        self.peer_out: list[tuple[str | None, dict[str, Any]]] = []
         self.client_out: list[tuple[bytes, bytes]] = []
+        self.heard: dict[str, tuple[float, dict[str, Any]]] = {}  # peer heartbeats, for status
         self.stopping = False
+        self.serving = False
         self.seats_freed = False
+        self.recovered = False
+        self.was_recovering = self.replica.role is rp.Role.RECOVERING
 
     def _ledger_from(self, snap: dict[str, Any] | None) -> Ledger:
         lease = self.config.lease
@@ -111,7 +115,10 @@ class Node:
             self._open_sockets(ctx)
             log.info(
                 "node %s serving clients at %s (rank %d of %d)",
-                self.me.name, self.me.client, self.me.rank + 1, len(self.config.nodes),
+                self.me.name,
+                self.me.client,
+                self.me.rank + 1,
+                len(self.config.nodes),
             )
             self._loop()
         finally:
@@ -141,7 +148,7 @@ class Node:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.peer_out: dict[str, zmq.Socket[bytes]] = {}
+        self.peer_sockets: dict[str, zmq.Socket[bytes]] = {}
         for other in self.config.nodes:
             if other.name == self.me.name:
                 continue
@@ -154,7 +161,7 @@ class Node:
             out.setsockopt(zmq.IMMEDIATE, 1)
             out.setsockopt(zmq.SNDHWM, 100_000)
             out.connect(other.peer)
-            self.peer_out[other.name] = out
+            self.peer_sockets[other.name] = out
         self.poller = zmq.Poller()
         for sock in (self.clients, self.peer_in, self.sub):
             self.poller.register(sock, zmq.POLLIN)
@@ -164,18 +171,21 @@ class Node:
         next_tick = next_ledger_tick = 0.0
         while not self.stopping:
             timeout = max(0.0, next_tick - time.monotonic())
-            ready = dict(self.poller.poll(timeout * 1000))
+            ready = dict(self.poller.poll(int(timeout * 1000)))
             now = Now(time.monotonic(), time.time())
             if self.peer_in in ready:
-                self._drain(self.peer_in, self._on_peer_frames)
+                self._drain(self.peer_in, self._on_peer_frames, now)
             if self.sub in ready:
-                self._drain(self.sub, self._on_heartbeat_frames)
-            if self.clients in ready:
-                self._drain(self.clients, lambda frames: self._on_client(frames, now))
+                self._drain(self.sub, self._on_heartbeat_frames, now)
             if now.mono >= next_tick:
                 next_tick = now.mono + TICK
-                self.effects += self.replica.on_tick(now.mono)
-            if self.replica.serving and (self.seats_freed or now.mono >= next_ledger_tick):
+                self._take(self.replica.on_tick(now.mono))
+            # No replica event below until the batch is proposed: the serving check made
+            # for each client request then still holds when the batch goes out.
+            self.serving = self.replica.is_serving(now.mono)
+            if self.clients in ready:
+                self._drain(self.clients, self._on_client, now)
+            if self.serving and (self.seats_freed or now.mono >= next_ledger_tick):
                 next_ledger_tick = now.mono + LEDGER_TICK
                 self.seats_freed = False
                 self._maybe_reload()
@@ -183,16 +193,18 @@ class Node:
                     self._propose_one(delta)
             self._flush(now)
 
-    def _drain(self, sock: zmq.Socket[bytes], handle: Any) -> None:
+    def _drain(
+        self, sock: zmq.Socket[bytes], handle: Callable[[list[bytes], Now], None], now: Now
+    ) -> None:
         for _ in range(MAX_DRAIN):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            handle(frames)
+            handle(frames, now)
 
     # --- peers
-    def _on_peer_frames(self, frames: list[bytes]) -> None:
+    def _on_peer_frames(self, frames: list[bytes], now: Now) -> None:
         if len(frames) != 2:
             return
         try:
@@ -200,14 +212,15 @@ class Node:
         except UnicodeDecodeError:
             return
         msg = self._decode_peer(frames[1])
-        if msg is not None and sender in self.peer_out:
-            self.effects += self.replica.on_message(sender, msg, time.monotonic())
+        if msg is not None and sender in self.peer_sockets:
+            self._take(self.replica.on_message(sender, msg, now.mono))
 
-    def _on_heartbeat_frames(self, frames: list[bytes]) -> None:
+    def _on_heartbeat_frames(self, frames: list[bytes], now: Now) -> None:
         msg = self._decode_peer(frames[-1]) if len(frames) == 1 else None
         sender = msg.get("node") if msg is not None else None
-        if msg is not None and isinstance(sender, str) and sender in self.peer_out:
-            self.effects += self.replica.on_message(sender, msg, time.monotonic())
+        if msg is not None and isinstance(sender, str) and sender in self.peer_sockets:
+            self.heard[sender] = (now.mono, msg)
+            self._take(self.replica.on_message(sender, msg, now.mono))
 
     @staticmethod
     def _decode_peer(data: bytes) -> dict[str, Any] | None:
@@ -228,7 +241,8 @@ class Node:
             self._reply(identity, exc.sid, exc.req, exc.reply)
             return
         if request.op == "status":
-            self._reply(identity, request.sid or None, None, reply_ok(report=self.report(now)))
+            report = reply_ok(report=self.report(now))
+            self._reply(identity, request.sid or None, request.req, report)
             return
         refusal = self._not_serving()
         if refusal is not None:
@@ -247,7 +261,7 @@ class Node:
             self._propose_one(delta)
 
     def _not_serving(self) -> Reply | None:
-        if self.replica.serving:
+        if self.serving:
             return None
         primary = self.replica.primary
         if self.replica.role is rp.Role.PRIMARY or primary is None:
@@ -262,18 +276,14 @@ class Node:
         self.ledger.apply(delta)
         if delta["k"] in ("release", "close", "expire"):
             self.seats_freed = True
-        key: Key | None = None
-        reply: Reply | None = None
-        if "sid" in delta and "req" in delta:
-            key = (delta["sid"], delta["req"])
-            reply = self.ledger.recorded(*key) or reply_ok()
+        reply = self.ledger.reply_of(delta)
+        key: Key | None = (delta["sid"], delta["req"]) if reply is not None else None
         self.batch.append((delta, key, reply))
 
     def _maybe_reload(self) -> None:
-        delta = self.ledger.reload_delta(self.entitlements)
-        if delta["entitlements"] != self.ledger.snapshot()["entitlements"]:
-            log.info("license entitlements changed: replicating a reload")
-            self._propose_one(delta)
+        if tuple(self.entitlements) != tuple(self.ledger.entitlements):
+            log.info("license entitlements differ from the ledger's: replicating a reload")
+            self._propose_one(self.ledger.reload_delta(self.entitlements))
 
     def _reply(self, identity: bytes, sid: str | None, req: int | None, reply: Reply) -> None:
         self.client_out.append((identity, encode_reply(reply, sid, req)))
@@ -281,37 +291,54 @@ class Node:
     # --- effects
     def _flush(self, now: Now) -> None:
         if self.batch:
-            indexes, effects = self.replica.propose([d for d, _, _ in self.batch], now.mono)
-            for index, (_, key, reply) in zip(indexes, self.batch, strict=True):
-                if key is not None and reply is not None:
-                    self.front.proposed(index, key, reply)
-            self.applied = indexes[-1]
-            self.effects += effects
-            self.batch.clear()
-        effects, self.effects = self.effects, []
-        peer_out: list[tuple[str | None, dict[str, Any]]] = []
-        for effect in effects:
-            if isinstance(effect, rp.Send):
-                peer_out.append((effect.to, effect.msg))
-            elif isinstance(effect, rp.Publish):
-                peer_out.append((None, effect.msg))
-            else:
-                self._execute(effect)
+            self._propose(now)
         self.storage.sync()  # group commit: nothing below may leave before this
-        for to, msg in peer_out:
-            sock = self.pub if to is None else self.peer_out.get(to)
+        if self.recovered:
+            self.recovered = False
+            self.storage.mark_recovered()
+        for to, msg in self.peer_out:
+            sock = self.pub if to is None else self.peer_sockets.get(to)
             if sock is None:
                 continue
-            try:
+            # A peer gone or far behind drops it; the replica re-sends what it needs.
+            with contextlib.suppress(zmq.Again):
                 sock.send(pack(msg), zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # the peer is gone or far behind; the replica re-sends what it needs
         for identity, data in self.client_out:
-            try:
+            # A client whose pipe is full drops it; it will retry the request.
+            with contextlib.suppress(zmq.Again):
                 self.clients.send_multipart([identity, data], zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # the client's pipe is full: it will retry the request
         self.client_out.clear()
+        self.peer_out.clear()
+
+    def _take(self, effects: list[Any]) -> None:
+        """Execute the replica's effects now, except sends, which wait for the sync."""
+        for effect in effects:
+            if isinstance(effect, rp.Send):
+                self.peer_out.append((effect.to, effect.msg))
+            elif isinstance(effect, rp.Publish):
+                self.peer_out.append((None, effect.msg))
+            else:
+                self._execute(effect)
+
+    def _propose(self, now: Now) -> None:
+        batch, self.batch = self.batch, []
+        try:
+            indexes, effects = self.replica.propose([d for d, _, _ in batch], now.mono)
+        except rp.NotServing:
+            # Cannot happen while the loop checks serving with the same clock reading, but
+            # if it did, the ledger holds deltas no one will replicate: undo, and tell the
+            # clients truthfully that nothing happened.
+            log.error("lost control between decision and proposal; %d deltas dropped", len(batch))
+            self._rebuild_ledger(self.replica.last)
+            for _, key, _ in batch:
+                if key is not None and (identity := self.front.answer(key)) is not None:
+                    self._reply(identity, *key, self._not_serving() or _UNAVAILABLE)
+            return
+        for index, (_, key, reply) in zip(indexes, batch, strict=True):
+            if key is not None and reply is not None:
+                self.front.proposed(index, key, reply)
+        self.applied = indexes[-1]
+        self._take(effects)
 
     def _execute(self, effect: Any) -> None:
         if isinstance(effect, rp.PersistEntries):
@@ -320,76 +347,114 @@ class Node:
             self.storage.truncate(effect.from_index)
         elif isinstance(effect, rp.PersistHardState):
             self.storage.save_hard_state(effect.term, effect.voted_for)
+        elif isinstance(effect, rp.PersistSnapshot):
+            keep = self.replica.entries(effect.index + 1, self.storage.last)
+            self.storage.save_snapshot(
+                effect.index,
+                effect.term,
+                effect.snapshot,
+                keep=[(e.index, e.term, e.delta) for e in keep],
+            )
         elif isinstance(effect, rp.InstallSnapshot):
             self.ledger = self._ledger_from(effect.snapshot)
             self.applied = effect.index
-            self.snapshot = (effect.index, effect.term, effect.snapshot)
-            self.storage.save_snapshot(effect.index, effect.term, effect.snapshot, keep=[])
         elif isinstance(effect, rp.Committed):
-            self._on_committed(effect.upto)
+            self._on_committed(effect)
         elif isinstance(effect, rp.RoleChanged):
             self._on_role_changed(effect)
-        elif isinstance(effect, rp.Recovered):
-            self.storage.mark_recovered()
+        elif isinstance(effect, rp.Dropped):
+            log.debug("dropped a message from %s: %s", effect.sender, effect.reason)
 
-    def _on_committed(self, upto: int) -> None:
-        if self.replica.role is rp.Role.PRIMARY:
-            for identity, (sid, req), reply in self.front.committed(upto):
-                self._reply(identity, sid, req, reply)
-        else:
-            self._apply_log(upto)
+    def _on_committed(self, effect: Any) -> None:
+        for entry in effect.entries:
+            # A backup applies what commits; a new primary applies what it adopted from
+            # the previous term; its own proposals it applied when it made them.
+            if entry.index > self.applied:
+                if entry.delta is not None:
+                    self.ledger.apply(entry.delta)
+                self.applied = entry.index
+        for identity, (sid, req), reply in self.front.committed(effect.upto):
+            self._reply(identity, sid, req, reply)
         self._maybe_compact()
 
-    def _apply_log(self, upto: int) -> None:
-        for entry in self.replica.entries(self.applied + 1, upto):
+    def _on_role_changed(self, effect: Any) -> None:
+        log.info(
+            "now %s in term %d (primary: %s)",
+            effect.role.value,
+            effect.term,
+            effect.primary,
+        )
+        if self.was_recovering and effect.role is not rp.Role.RECOVERING:
+            self.recovered = True  # write the marker once this cycle's state is on disk
+        self.was_recovering = effect.role is rp.Role.RECOVERING
+        # Leases and waiters are the primary's alone; a new reign starts them afresh.
+        self.ledger.forget_volatile()
+        if effect.role is rp.Role.PRIMARY:
+            return
+        if self.applied > self.replica.commit:
+            # As primary we applied deltas that may never commit: rebuild from what is
+            # certain, the snapshot and the committed log.
+            self._rebuild_ledger(self.replica.commit)
+        # Their requests may or may not commit under the next primary: say so, and let
+        # the clients ask it (it answers a retry from the replicated request table).
+        abandoned: Reply = {
+            "status": "redirect",
+            "primary": self.endpoints.get(effect.primary or ""),
+            "outcome": "unknown",
+        }
+        for identity, (sid, req) in self.front.abandon():
+            self._reply(identity, sid, req, abandoned)
+
+    def _rebuild_ledger(self, upto: int) -> None:
+        log_ = self.replica.log
+        self.ledger = self._ledger_from(log_.snapshot)
+        self.applied = log_.snap_index
+        for entry in self.replica.entries(log_.snap_index + 1, upto):
             if entry.delta is not None:
                 self.ledger.apply(entry.delta)
             self.applied = entry.index
 
-    def _on_role_changed(self, effect: Any) -> None:
-        log.info("now %s in term %d (primary: %s)", effect.role.name.lower(), effect.term,
-                 effect.primary)
-        if effect.role is rp.Role.PRIMARY:
-            # Everything in our log is ours to commit now: the ledger must see it all.
-            self._apply_log(self.replica.last)
-            return
-        if self.applied > self.replica.commit:
-            # We held uncommitted deltas as primary; they may be overwritten. Rebuild from
-            # what is certain: the last snapshot and the committed log.
-            index, _, snap = self.snapshot
-            self.ledger = self._ledger_from(snap)
-            self.applied = index
-            self._apply_log(self.replica.commit)
-        for identity, (sid, req) in self.front.abandon():
-            primary = self.replica.primary
-            self._reply(identity, sid, req,
-                        {"status": "redirect", "primary": self.endpoints.get(primary or "")})
-
     def _maybe_compact(self) -> None:
-        index, _, _ = self.snapshot
         commit = self.replica.commit
-        if commit - index < self.config.snapshot_every or self.applied != commit:
+        if commit - self.replica.log.snap_index < self.config.snapshot_every:
+            return
+        if self.applied != commit:
             return  # a primary's ledger holding uncommitted deltas cannot be snapshotted
-        term = self.replica.term_at(commit)
+        term = self.replica.log.term_at(commit)
+        if term is None:
+            return
         snap = self.ledger.snapshot()
-        keep = [(e.index, e.term, e.delta) for e in self.replica.entries(commit + 1, self.replica.last)]
-        self.storage.save_snapshot(commit, term, snap, keep=keep)
-        self.snapshot = (commit, term, snap)
+        keep = self.replica.entries(commit + 1, self.storage.last)
+        self.storage.save_snapshot(
+            commit, term, snap, keep=[(e.index, e.term, e.delta) for e in keep]
+        )
         self.replica.compacted(commit, term, snap)
 
     # --- status
     def report(self, now: Now) -> dict[str, Any]:
         own = {
             "name": self.me.name,
-            "role": self.replica.role.name.lower(),
+            "role": self.replica.role.value,
             "term": self.replica.term,
             "last": self.replica.last,
             "commit": self.replica.commit,
             "peers": sorted(self.replica.peers_alive(now.mono)),
+            "serving": self.replica.is_serving(now.mono),
         }
+        others = []
+        for other in self.config.nodes:
+            if other.name == self.me.name:
+                continue
+            at, hb = self.heard.get(other.name, (float("-inf"), {}))
+            if now.mono - at > self.config.peer_timeout:
+                others.append({"name": other.name, "role": "down", "term": None})
+                continue
+            others.append(
+                {k: hb.get(k) for k in ("role", "term", "last", "commit")} | {"name": other.name}
+            )
         return {
             "node": self.me.name,
             "mode": "plain",
-            "nodes": [own, *self.replica.peer_view(now.mono)],
-            "features": self.ledger.status(),
+            "nodes": [own, *others],
+            "features": self.ledger.status(now),
         }

@@ -38,6 +38,7 @@ changes anything.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import math
 from collections.abc import Callable, Sequence
@@ -82,6 +83,11 @@ class Pool:
     def pool_key(self) -> PoolKey:
         return (self.feature, self.key)
 
+    def status(self, day: datetime.date | None, in_use: int) -> dict[str, Any]:
+        """One entry of a status reply's ``versions``."""
+        return {"version": self.version, "total": self.total(day), "in_use": in_use,
+                "expires": self.expires(day)}  # fmt: skip
+
 
 def _admits(line: Entitlement, user: str, host: str) -> bool:
     return (line.users is None or user in line.users) and (line.hosts is None or host in line.hosts)
@@ -94,9 +100,8 @@ class Catalog:
         self.entitlements: tuple[Entitlement, ...] = tuple(entitlements)
         grouped: dict[str, dict[Version, list[Entitlement]]] = {}
         for line in self.entitlements:
-            grouped.setdefault(line.feature, {}).setdefault(parse_version(line.version), []).append(
-                line
-            )
+            by_version = grouped.setdefault(line.feature, {})
+            by_version.setdefault(parse_version(line.version), []).append(line)
         self._pools: dict[str, list[Pool]] = {
             feature: [
                 Pool(feature, key, lines[0].version, tuple(lines))
@@ -268,6 +273,11 @@ class Grant:
         return {"grant": self.id, "sid": self.sid, "feature": self.feature,
                 "version": self.version, "count": self.count, "at": self.at}  # fmt: skip
 
+    def holder(self, s: Session) -> dict[str, Any]:
+        """One entry of a status reply's ``holders``."""
+        return {"grant": self.id, "user": s.user, "host": s.host, "display": s.display,
+                "count": self.count, "version": self.version, "since": self.at}  # fmt: skip
+
     def reply(self) -> Reply:
         return reply_ok(
             grant={"id": self.id, "feature": self.feature, "version": self.version,
@@ -300,6 +310,12 @@ class Session:
     replies: dict[int, Reply] = field(default_factory=dict)  # recorded, by req
     grants: set[int] = field(default_factory=set)
 
+    def to_map(self) -> dict[str, Any]:
+        """The session as a snapshot holds it (its grants are listed apart)."""
+        fields = {k: getattr(self, k) for k in ("sid", *SESSION_NAMES, "at", "ack")}
+        replies = [[r, copy.deepcopy(self.replies[r])] for r in sorted(self.replies)]
+        return {**fields, "replies": replies}
+
 
 def session_from(d: dict[str, Any]) -> Session:
     """A session from an open delta or a snapshot entry (they share these fields)."""
@@ -307,10 +323,26 @@ def session_from(d: dict[str, Any]) -> Session:
     return Session(field_str(d, "sid"), user, host, display, client, field_wall(d))
 
 
+def session_from_snapshot(s: object) -> Session:
+    if not isinstance(s, dict) or not isinstance(s.get("replies"), list):
+        raise LedgerError("snapshot: a session must be a map with a 'replies' list")
+    session = session_from(s)
+    session.ack = field_int(s, "ack", 0)
+    for pair in s["replies"]:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], dict)):
+            raise LedgerError(f"snapshot: session {session.sid} has a malformed reply")
+        req = pair[0]
+        if not isinstance(req, int) or isinstance(req, bool) or req < session.ack:
+            raise LedgerError(f"snapshot: session {session.sid} records a bad req {req!r}")
+        session.replies[req] = copy.deepcopy(pair[1])
+    return session
+
+
 def field_str(d: dict[str, Any], name: str, *, empty: bool = False) -> str:
     value = d.get(name)
     if not isinstance(value, str) or not (empty or value):
-        raise LedgerError(f"{d.get('k', 'record')}: field {name!r} must be a non-empty str")
+        what = "a str" if empty else "a non-empty str"
+        raise LedgerError(f"{d.get('k', 'record')}: field {name!r} must be {what}")
     return value
 
 

@@ -19,7 +19,7 @@ from broker.wire import decode_reply, encode_request
 
 def query_nodes(endpoints: list[tuple[str, str]], timeout: float = 1.0) -> dict[str, Any]:
     """Status of a triad: ``{"nodes": [...], "features": [...], "primary": name|None}``."""
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     answers: dict[str, dict[str, Any]] = {}
     sockets: dict[zmq.Socket[bytes], str] = {}
     poller = zmq.Poller()
@@ -36,7 +36,7 @@ def query_nodes(endpoints: list[tuple[str, str]], timeout: float = 1.0) -> dict[
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            for sock, _ in poller.poll(left * 1000):
+            for sock, _ in poller.poll(int(left * 1000) + 1):
                 reply = decode_reply(sock.recv())
                 if reply.get("status") == "ok" and isinstance(reply.get("report"), dict):
                     answers[sockets[sock]] = reply["report"]
@@ -47,7 +47,7 @@ def query_nodes(endpoints: list[tuple[str, str]], timeout: float = 1.0) -> dict[
 
 
 def merge(endpoints: list[tuple[str, str]], answers: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    nodes = []
+    nodes: list[dict[str, Any]] = []
     for name, endpoint in endpoints:
         own = answers.get(name)
         if own is None:
@@ -60,7 +60,9 @@ def merge(endpoints: list[tuple[str, str]], answers: dict[str, dict[str, Any]]) 
     if primary is not None:
         source = answers[primary]
     elif answers:
-        source = max(answers.values(), key=lambda a: (_own_entry(a)["term"], _own_entry(a)["commit"]))
+        source = max(
+            answers.values(), key=lambda a: (_own_entry(a)["term"], _own_entry(a)["commit"])
+        )
     if primary is not None:
         head = _own_entry(answers[primary])["commit"]
         for node in nodes:

@@ -67,6 +67,7 @@ class Storage:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._log: BinaryIO = open(self.dir / "log", "ab")  # noqa: SIM115 - held open for appends
         self._dirty = False
+        self.last = 0  # index of the last entry written (durable after the next sync)
 
     # --- start-up
     def load(self) -> Loaded:
@@ -91,6 +92,7 @@ class Storage:
             loaded.snapshot_term = int(snap["term"])
             loaded.snapshot = snap["ledger"]
         loaded.entries = self._read_log(loaded.snapshot_index)
+        self.last = loaded.entries[-1][0] if loaded.entries else loaded.snapshot_index
         return loaded
 
     def _read_log(self, after: int) -> list[tuple[int, int, Any]]:
@@ -121,16 +123,20 @@ class Storage:
         # Entries must be contiguous after the snapshot; anything else is a damaged log.
         for offset, (index, _, _) in enumerate(entries):
             if index != after + 1 + offset:
-                raise StorageError(f"{path}: entry {index} out of order (expected {after + 1 + offset})")
+                raise StorageError(
+                    f"{path}: entry {index} out of order (expected {after + 1 + offset})"
+                )
         return entries
 
     # --- persistence effects
     def append(self, entries: list[tuple[int, int, Any]]) -> None:
         for index, term, delta in entries:
             self._write({"i": index, "t": term, "d": delta})
+            self.last = index
 
     def truncate(self, from_index: int) -> None:
         self._write({"x": from_index})
+        self.last = min(self.last, from_index - 1)
 
     def save_hard_state(self, term: int, voted_for: str | None) -> None:
         self._replace_record("hardstate", {"term": term, "voted_for": voted_for})
@@ -149,6 +155,7 @@ class Storage:
         self._log.close()
         os.replace(tmp, self.dir / "log")
         self._log = open(self.dir / "log", "ab")  # noqa: SIM115
+        self.last = keep[-1][0] if keep else index
         self._sync_dir()
 
     def mark_recovered(self) -> None:

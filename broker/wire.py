@@ -97,7 +97,11 @@ def decode_request(data: bytes) -> Request:
     if op not in OPS:
         raise RemoteProtocolError(ErrorCode.BAD_REQUEST, f"unknown op {op!r}", sid, req)
     if op == "status":
-        return Request(op=op, sid=fields.text("sid", max_len=MAX_SID, default=""))
+        return Request(
+            op=op,
+            sid=fields.text("sid", max_len=MAX_SID, default=""),
+            req=fields.integer("req", 0, MAX_REQ, default=0),
+        )
     common: dict[str, Any] = {
         "op": op,
         "sid": fields.text("sid", max_len=MAX_SID, min_len=1),

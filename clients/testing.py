@@ -30,8 +30,10 @@ class TriadTimeout(Exception):
     """A condition a test waited for did not come true in time."""
 
 
-def wait_for(condition: Callable[[], T], timeout: float, what: str, every: float = 0.02) -> T:
-    """Poll ``condition`` until it returns something truthy; raise TriadTimeout after ``timeout``."""
+def wait_for(
+    condition: Callable[[], T | None], timeout: float, what: str, every: float = 0.02
+) -> T:
+    """Poll ``condition`` until it returns something truthy; TriadTimeout after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -72,8 +74,16 @@ class LocalTriad:
                 continue
             logfile = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "broker", "run", "--config", str(self.config_path),
-                 "--node", name],
+                [
+                    sys.executable,
+                    "-m",
+                    "broker",
+                    "run",
+                    "--config",
+                    str(self.config_path),
+                    "--node",
+                    name,
+                ],
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -112,7 +122,7 @@ class LocalTriad:
         return proc is not None and proc.poll() is None
 
     def stop(self) -> None:
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGCONT)  # a paused node cannot act on SIGTERM
                 proc.terminate()
@@ -149,7 +159,9 @@ class LocalTriad:
             name = self.primary()
             return name if name is not None and name != not_ else None
 
-        return wait_for(check, timeout, "a serving primary" + (f" other than {not_}" if not_ else ""))
+        return wait_for(
+            check, timeout, "a serving primary" + (f" other than {not_}" if not_ else "")
+        )
 
     def log_text(self) -> str:
         parts = []

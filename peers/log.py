@@ -105,11 +105,13 @@ class Log:
         if index <= self.last:
             del self.entries[index - self.base_index - 1 :]
 
-    def merge(self, entries: list[Entry]) -> tuple[int | None, list[Entry]]:
+    def merge(self, entries: list[Entry], floor: int) -> tuple[int | None, list[Entry]]:
         """Add entries that the caller checked follow a matching ``prev``.
 
         Matching entries are kept as they are: a stale, duplicated append must never
-        erase newer entries. The log is cut only at the first entry whose term differs.
+        erase newer entries. The log is cut only at the first entry whose term differs,
+        and never at or before ``floor`` (the commit index): such a batch raises
+        ``ReplicaError`` before anything changes.
         Returns (index truncated from or None, entries actually appended).
         """
         cut: int | None = None
@@ -120,8 +122,8 @@ class Log:
             if e.index <= self.last:
                 if self.term_at(e.index) == e.term:
                     continue
-                if e.index <= self.snap_index:
-                    raise ReplicaError(f"entry {e.index} conflicts with the snapshot")
+                if e.index <= max(self.snap_index, floor):
+                    raise ReplicaError(f"entry {e.index} conflicts with a committed entry")
                 cut = e.index
                 self.truncate_from(e.index)
             fresh = entries[pos:]

@@ -79,8 +79,9 @@ class RawClient:
                 return reply
 
     def open(self) -> dict[str, Any]:
-        return self.call(op="open", user="tester", host="testhost", display=":0",
-                         client_version="raw")
+        return self.call(
+            op="open", user="tester", host="testhost", display=":0", client_version="raw"
+        )
 
     def close(self) -> None:
         self.sock.close(linger=0)

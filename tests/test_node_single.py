@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import zmq
 
-from clients import LicenseClient, LicenseDenied
 from broker.wire import decode_reply, pack
+from clients import LicenseClient, LicenseDenied
 from clients.testing import LocalTriad, wait_for
 
 
@@ -62,7 +62,9 @@ def test_queued_checkout_granted_when_a_seat_frees(single: LocalTriad) -> None:
 
         thread = threading.Thread(target=wait_for_seat)
         thread.start()
-        wait_for(lambda: _feature(single.status(), "solver")["queued"] == 1, 5.0, "a queued request")
+        wait_for(
+            lambda: _feature(single.status(), "solver")["queued"] == 1, 5.0, "a queued request"
+        )
         holder.checkin(held)
         thread.join(timeout=10)
         assert "error" not in result, result
@@ -103,13 +105,19 @@ def test_malformed_burst_changes_nothing(single: LocalTriad, raw: Any) -> None:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(single.endpoints[0])
     junk = [
-        [b""], [b"\xc1"], [b"\x92\x01"], [b"\xde\xff\xff"], [b"not msgpack at all"],
-        [b"\x81\xa2op\xa8checkout"], [b"a", b"b", b"c"],
+        [b""],
+        [b"\xc1"],
+        [b"\x92\x01"],
+        [b"\xde\xff\xff"],
+        [b"not msgpack at all"],
+        [b"\x81\xa2op\xa8checkout"],
+        [b"a", b"b", b"c"],
     ]
     for frames in junk:
         sock.send_multipart(frames)
     for fields in (
-        {"v": 2, "op": "open"}, {"v": 1, "op": "explode", "sid": "x", "req": 1},
+        {"v": 2, "op": "open"},
+        {"v": 1, "op": "explode", "sid": "x", "req": 1},
         {"v": 1, "op": "checkout", "sid": client.sid, "req": 50, "feature": 7},
         {"v": 1, "op": "checkout", "sid": client.sid, "req": -1, "feature": "cad"},
         {"v": 1, "op": "checkout", "sid": client.sid, "req": 51, "feature": "cad", "count": 10**9},

@@ -1,0 +1,304 @@
+"""``LicenseClient``: the public face of the library, safe to share between threads.
+
+It resolves the servers (an endpoint list, a license path, or ``ZBROKER_LICENSE``),
+starts the I/O thread (engine.py) and turns each call into jobs for it, waiting on a
+future with a deadline. It also walks the license path: entries are independent
+servers or triads tried in order, and a checkout denied or unavailable on one is
+tried on the next, as FlexLM clients do. Sessions are opened lazily, per entry, by
+the first call that needs one.
+
+Timing. ``timeout`` bounds the time spent waiting for answers. With several entries,
+each gets an equal share of what is left of it; a checkout with ``wait`` may also
+queue up to ``wait`` seconds on each entry it tries.
+
+Loss reporting. Grants that stop being safe (the lease lapsed; the triad expired the
+session and the grant could not be checked out again) are reported once: to the
+``on_lost`` callback, called on a thread of its own so it may call back into the
+client, or, without a callback, by a ``LeaseLost`` raised from the next ``checkout``
+or ``status`` (before that call does anything). A grant can be reported twice: when
+the lease lapses (``grant.state`` UNSAFE: it may come back, and does if the triad
+still knows the session) and again if it could not be checked out again (LOST).
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any
+
+from clients.engine import Engine
+from clients.errors import (
+    ClientClosed,
+    LeaseLost,
+    LicenseDenied,
+    LicenseError,
+    LicenseUnavailable,
+    OutcomeUnknown,
+)
+from clients.grant import Grant
+from clients.licpath import resolve
+from clients.link import Link
+from clients.wire import FIELD_MAX
+
+log = logging.getLogger("zbroker.client")
+
+CLIENT_VERSION = "zbroker-python/0.1.0"
+TRY_TIMEOUT = 0.3  # per try: a live primary answers in milliseconds, a failover takes ~0.5 s
+GRACE = 2.0  # beyond a deadline, how long to wait for the I/O thread before calling it dead
+CLOSE_TIMEOUT = 2.0  # close() returns within this (or the client's timeout, if shorter)
+MAX_COUNT = 1_000_000
+# Denials closest to success first: the one reported when every entry refused.
+_REASON_RANK = ["no_seats", "not_allowed", "expired", "version_too_high", "no_such_feature"]
+
+OnLost = Callable[[list[Grant]], None]
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, no LOGNAME/USER: e.g. some containers
+        return "unknown"
+
+
+class LicenseClient:
+    """A client of one license path: several independent servers or triads, tried in order.
+
+    ``servers``: endpoints of one triad (``["tcp://127.0.0.1:27001", ...]``), or a license
+    path (``"27001@h1,27001@h2,27001@h3:/opt/acme/license.lic"``); default from the
+    ``ZBROKER_LICENSE`` environment variable. ``timeout`` is the default deadline of
+    every call, in seconds. ``on_lost(grants)`` is called when held grants stop being
+    safe to use; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str] | None = None,
+        *,
+        user: str | None = None,
+        host: str | None = None,
+        display: str | None = None,
+        timeout: float = 10.0,
+        on_lost: OnLost | None = None,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
+        self._entries = resolve(servers)
+        self._timeout = float(timeout)
+        self._on_lost = on_lost
+        self._lock = threading.Lock()  # guards _closed and _unreported
+        self._closed = False
+        self._unreported: list[Grant] = []
+        self._notices: queue.SimpleQueue[list[Grant] | None] = queue.SimpleQueue()
+        self._notifier: threading.Thread | None = None
+        if on_lost is not None:
+            self._notifier = threading.Thread(
+                target=self._notify, name="zbroker-client-on-lost", daemon=True
+            )
+            self._notifier.start()
+        hello = {
+            "user": user if user is not None else _default_user(),
+            "host": host if host is not None else socket.gethostname(),
+            "display": display if display is not None else os.environ.get("DISPLAY", ""),
+            "client_version": CLIENT_VERSION,
+        }
+        self._engine = Engine(
+            self._entries,
+            hello={k: v[:FIELD_MAX] for k, v in hello.items()},
+            owner=self,
+            report=self._report_lost,
+            try_timeout=TRY_TIMEOUT,
+            recover_timeout=self._timeout,
+        )
+        self._engine.start()
+
+    @property
+    def entries(self) -> list[tuple[str, ...]]:
+        """The license path as endpoints: one tuple per server or triad, in order."""
+        return list(self._entries)
+
+    # --- the calls
+    def checkout(
+        self,
+        feature: str,
+        count: int = 1,
+        version: str | None = None,
+        wait: float | None = None,
+        timeout: float | None = None,
+    ) -> Grant:
+        """Check out ``count`` seats of ``feature`` at ``version`` or newer.
+
+        ``wait``: queue up to that many seconds for seats to free up (per entry).
+        Raises LicenseDenied, LicenseUnavailable, OutcomeUnknown, LeaseLost, ClientClosed.
+        """
+        if not isinstance(feature, str) or not feature:
+            raise ValueError(f"feature must be a non-empty string, not {feature!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
+            raise ValueError(f"count must be an int from 1 to {MAX_COUNT}, not {count!r}")
+        if version is not None and not isinstance(version, str):
+            raise ValueError(f"version must be a string such as '2.0' or None, not {version!r}")
+        if wait is not None and not wait >= 0:
+            raise ValueError(f"wait must be >= 0 seconds or None, not {wait!r}")
+        self._check_usable()
+        budget = self._timeout if timeout is None else timeout
+        queue_time = float(wait) if wait is not None else 0.0
+        failures: list[LicenseError] = []
+        for i, link in enumerate(self._engine.links):
+            start = time.monotonic()
+            deadline = start + queue_time + max(0.0, budget) / (len(self._entries) - i)
+
+            def job(
+                now: float,
+                fut: Future[Any],
+                link: Link = link,
+                deadline: float = deadline,
+            ) -> None:
+                link.checkout(
+                    fut,
+                    now,
+                    feature=feature,
+                    count=count,
+                    version=version,
+                    wait=wait,
+                    deadline=deadline,
+                )
+
+            try:
+                grant: Grant = self._call(job, deadline)
+                return grant
+            except (LicenseDenied, LicenseUnavailable, OutcomeUnknown) as exc:
+                failures.append(exc)  # FlexLM semantics: try the next entry
+            budget -= max(0.0, time.monotonic() - start - queue_time)
+        raise _summary(failures)
+
+    def checkin(self, grant: Grant, timeout: float | None = None) -> None:
+        """Return a grant's seats. Checking in a released or lost grant does nothing.
+
+        Raises LicenseUnavailable (still held; try again), OutcomeUnknown (the library
+        keeps re-sending the checkin), LicenseDenied(``not_held``), ClientClosed.
+        """
+        if not isinstance(grant, Grant) or grant._owner is not self:
+            raise ValueError(f"{grant!r} was not checked out through this client")
+        if grant.released or grant.lost:
+            return
+        self._check_open()
+        link = self._engine.links[grant._entry]
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+
+        def job(now: float, fut: Future[Any]) -> None:
+            link.checkin(fut, now, grant, deadline)
+
+        self._call(job, deadline)
+
+    def status(self, timeout: float | None = None) -> dict[str, Any]:
+        """The status map (docs/protocol.md) of the first entry of the path that answers."""
+        self._check_usable()
+        budget = self._timeout if timeout is None else timeout
+        failures: list[LicenseError] = []
+        for i, link in enumerate(self._engine.links):
+            start = time.monotonic()
+            deadline = start + max(0.0, budget) / (len(self._entries) - i)
+
+            def job(
+                now: float,
+                fut: Future[Any],
+                link: Link = link,
+                deadline: float = deadline,
+            ) -> None:
+                link.status(fut, now, deadline)
+
+            try:
+                report: dict[str, Any] = self._call(job, deadline)
+                return report
+            except LicenseUnavailable as exc:
+                failures.append(exc)
+            budget -= time.monotonic() - start
+        raise _summary(failures)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Close every session (releasing its grants) and stop the threads. Idempotent.
+
+        Returns within ``timeout`` (default: the shorter of 2 s and the client's
+        timeout) even when no server answers; the triad then expires the sessions.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        budget = min(self._timeout, CLOSE_TIMEOUT) if timeout is None else timeout
+        self._engine.shutdown(budget)
+        if self._notifier is not None:
+            self._notices.put(None)
+            if self._notifier is not threading.current_thread():
+                self._notifier.join(budget)
+
+    def __enter__(self) -> LicenseClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- plumbing
+    def _call(self, job: Callable[[float, Future[Any]], None], deadline: float) -> Any:
+        """Hand ``job`` to the I/O thread and wait for its answer until the deadline."""
+        fut: Future[Any] = Future()
+        self._engine.post(lambda now: job(now, fut), fut)
+        try:
+            return fut.result(timeout=max(0.0, deadline - time.monotonic()) + GRACE)
+        except TimeoutError:
+            # The I/O thread always answers by the deadline; this means it is stuck.
+            raise OutcomeUnknown("the client's I/O thread did not answer in time") from None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosed("the client is closed")
+
+    def _check_usable(self) -> None:
+        self._check_open()
+        with self._lock:
+            lost, self._unreported = self._unreported, []
+        if lost:
+            raise LeaseLost(lost)
+
+    def _report_lost(self, grants: list[Grant]) -> None:
+        """Called on the I/O thread: hand the news on without blocking it."""
+        if self._on_lost is not None:
+            self._notices.put(list(grants))
+            return
+        with self._lock:
+            self._unreported.extend(g for g in grants if g not in self._unreported)
+
+    def _notify(self) -> None:
+        while (grants := self._notices.get()) is not None:
+            if self._on_lost is None:
+                continue
+            try:
+                self._on_lost(grants)
+            except Exception:  # the application's bug must not stop later reports
+                log.exception("on_lost callback failed")
+
+
+def _summary(failures: list[LicenseError]) -> LicenseError:
+    """The one error to raise when every entry of the path failed."""
+    if not failures:
+        return LicenseUnavailable("no server to ask")
+    for exc in failures:
+        if isinstance(exc, OutcomeUnknown):
+            return exc  # a seat may be held somewhere (until the library settles it)
+    denials = [e for e in failures if isinstance(e, LicenseDenied)]
+    if denials:
+        rank = {reason: i for i, reason in enumerate(_REASON_RANK)}
+        return min(denials, key=lambda e: rank.get(e.reason, len(rank)))
+    return failures[-1]

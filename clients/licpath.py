@@ -1,0 +1,90 @@
+"""Turning what the application gives (or ``ZBROKER_LICENSE``) into server entries.
+
+A license path is written like FlexLM's ``LM_LICENSE_FILE``: entries separated by
+``:``, each independent and tried in order. An entry is either
+
+- ``port@host``: one server, ``tcp://host:port``;
+- ``port@h1,port@h2,port@h3``: one triad, in rank order;
+- anything else: the path of a license file, whose SERVER lines name the triad.
+
+A list of endpoints (``["tcp://127.0.0.1:27001", ...]``) is one triad, used as is.
+Hosts containing ``:`` (IPv6 literals) cannot be written in a path; give endpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+
+from clients.errors import LicensePathError
+
+ENV_VAR = "ZBROKER_LICENSE"
+_PORT_AT_HOST = re.compile(r"(\d+)@([^@,:\s]+)\Z")
+_ENDPOINT = re.compile(r"(tcp|ipc|inproc)://\S+\Z")
+
+Entry = tuple[str, ...]  # the endpoints of one server or triad, in rank order
+FileReader = Callable[[str], Entry]
+
+
+def servers_from_file(path: str) -> Entry:
+    """The endpoints of a license file's SERVER lines, via ``broker.license``."""
+    # Imported late: only file entries need the node's license parser.
+    from broker.license import LicenseError, read_servers
+
+    try:
+        servers = read_servers(path)
+    except (LicenseError, OSError) as exc:  # its messages already name file:line:column
+        raise LicensePathError(str(exc)) from exc
+    if not servers:
+        raise LicensePathError(f"license file {path} has no SERVER line")
+    return tuple(s.endpoint for s in servers)
+
+
+def parse_server_list(text: str) -> Entry:
+    """``port@h1,port@h2,port@h3`` (or one ``port@host``) as endpoints."""
+    endpoints = []
+    for part in text.split(","):
+        match = _PORT_AT_HOST.match(part.strip())
+        if match is None:
+            raise LicensePathError(f"{part!r} in {text!r} is not port@host")
+        port = int(match.group(1))
+        if not 1 <= port <= 65535:
+            raise LicensePathError(f"port {port} in {text!r} is not 1..65535")
+        endpoints.append(f"tcp://{match.group(2)}:{port}")
+    if len(endpoints) > 3:
+        raise LicensePathError(f"{text!r} names {len(endpoints)} servers; a triad has 3")
+    return tuple(endpoints)
+
+
+def parse_license_path(text: str, read_file: FileReader = servers_from_file) -> list[Entry]:
+    """Every entry of a ``:``-separated license path, in order; empty entries are skipped."""
+    entries = []
+    for raw in text.split(":"):
+        item = raw.strip()
+        if not item:
+            continue
+        entries.append(parse_server_list(item) if "@" in item else read_file(item))
+    if not entries:
+        raise LicensePathError(f"license path {text!r} names no server")
+    return entries
+
+
+def resolve(
+    servers: str | Sequence[str] | None, read_file: FileReader = servers_from_file
+) -> list[Entry]:
+    """The entries a LicenseClient uses: from a path string, an endpoint list, or the env."""
+    if servers is None:
+        text = os.environ.get(ENV_VAR)
+        if not text:
+            raise LicensePathError(f"no servers given and {ENV_VAR} is not set")
+        return parse_license_path(text, read_file)
+    if isinstance(servers, str):
+        return parse_license_path(servers, read_file)
+    endpoints = tuple(servers)
+    if not 1 <= len(endpoints) <= 3:
+        raise LicensePathError(f"{len(endpoints)} endpoints given; one triad has 1 to 3")
+    for endpoint in endpoints:
+        if not isinstance(endpoint, str) or not _ENDPOINT.match(endpoint):
+            raise LicensePathError(f"{endpoint!r} is not an endpoint such as tcp://host:27001")
+    return [endpoints]

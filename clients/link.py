@@ -1,0 +1,583 @@
+"""One server or triad of the license path, as the client's I/O thread drives it.
+
+Theory of operation. A ``Link`` holds everything the client knows about one triad:
+its endpoints and the last known primary, the session (sid, lease, heartbeats), the
+requests in flight (``Exchange``s, matched to replies by ``(sid, req)``) and the grants
+the application holds from it. It is called only from the I/O thread; it never reads
+a clock (``now`` comes in) and never touches a socket (``send`` is handed in).
+
+Session states:
+
+    CLOSED ──first call needing a session──> OPENING ──open ok──> OPEN
+    OPEN ──our lease copy ran out──> LAPSED ──any ok/denied renews──> OPEN
+    OPEN/LAPSED ──error unknown_session──> OPENING (new sid) ──open ok──> OPEN + re-checkout
+
+Rules:
+
+- Requests needing a session wait in ``_waiting`` until it is open; the open itself is
+  a background exchange, re-sent until some node answers.
+- The lease copy counts from the *first* send of a request that was answered ``ok`` or
+  ``denied`` (whichever copy the primary acted on, it was sent no earlier), so it
+  lapses no later than the triad's. When it lapses, held grants become UNSAFE and are
+  reported; heartbeats go on, and a renewal makes them HELD again.
+- ``unknown_session`` for the current sid means the triad expired the session: a new
+  sid is opened and every grant still held is checked out again; those that cannot be
+  got back become LOST and are reported. An application call that got
+  ``unknown_session`` had no effect and is re-submitted on the new session.
+- A checkout or checkin whose deadline passes while a node may have acted on it is
+  answered ``OutcomeUnknown`` and goes on in the background with the same req; a
+  grant it turns out to have got is checked back in. ``ack`` stays below it until
+  then, so the triad keeps the recorded answer.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import itertools
+import logging
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from clients.errors import (
+    LicenseError,
+    LicenseUnavailable,
+    OutcomeUnknown,
+    ProtocolError,
+)
+from clients.exchange import Exchange
+from clients.grant import Grant, GrantState, _Releaser
+from clients.wire import UNKNOWN_SESSION, Reply, decode_reply, encode_request, failure_of, grant_of
+
+log = logging.getLogger("zbroker.client")
+
+MAX_NODES = 6  # the triad's three, plus endpoints learned from redirects (other spellings)
+ACTIVE = (GrantState.HELD, GrantState.UNSAFE)
+
+Send = Callable[["Link", int, bytes], bool]  # (link, node index, frame) -> handed to zmq?
+Report = Callable[[list[Grant]], None]
+
+
+class SessionState(enum.Enum):
+    CLOSED = "closed"
+    OPENING = "opening"
+    OPEN = "open"
+    LAPSED = "lapsed"
+
+
+@dataclass
+class _Recovery:
+    """One round of checking grants out again on a new session."""
+
+    waiting: set[Grant] = field(default_factory=set)
+    lost: list[Grant] = field(default_factory=list)
+
+
+def _resolve(fut: Future[Any], value: object) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _fail(fut: Future[Any], error: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(error)
+
+
+def _is_unknown_session(reply: Reply | None) -> bool:
+    return (
+        reply is not None and reply.status == "error" and reply.body.get("code") == UNKNOWN_SESSION
+    )
+
+
+class Link:
+    def __init__(
+        self,
+        entry: int,
+        endpoints: tuple[str, ...],
+        *,
+        hello: Mapping[str, str],
+        send: Send,
+        report: Report,
+        owner: _Releaser,
+        new_sid: Callable[[], str],
+        try_timeout: float,
+        recover_timeout: float,
+    ) -> None:
+        self.entry = entry
+        self.triad = endpoints
+        self.endpoints = list(endpoints)
+        self.primary = 0  # index of the node believed to be primary
+        self.state = SessionState.CLOSED
+        self.sid: str | None = None
+        self.lease = 0.0
+        self.heartbeat = 0.0
+        self.lease_deadline = 0.0
+        self.next_heartbeat = 0.0
+        self.held: list[Grant] = []  # grants of this link not yet released or lost
+        self._hello = dict(hello)
+        self._send = send
+        self._report = report
+        self._owner = owner
+        self._new_sid = new_sid
+        self._try_timeout = try_timeout
+        self._recover_timeout = recover_timeout
+        self._reqs = itertools.count(1)  # one counter for all sessions: unique in each
+        self._next_req = next(self._reqs)
+        self._table: dict[tuple[str | None, int], Exchange] = {}
+        self._waiting: list[Exchange] = []
+        self._hb: Exchange | None = None
+        self._opening: Exchange | None = None  # the open in flight, while OPENING
+        self._now = 0.0
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.triad)
+
+    # --- operations from application threads (run on the I/O thread)
+    def checkout(
+        self,
+        fut: Future[Any],
+        now: float,
+        *,
+        feature: str,
+        count: int,
+        version: str | None,
+        wait: float | None,
+        deadline: float,
+    ) -> None:
+        self._now = now
+        fields = {
+            "op": "checkout",
+            "feature": feature,
+            "count": count,
+            "version": version,
+            "wait": wait,
+        }
+        ex = Exchange("checkout", fields, deadline, extra_try=wait or 0.0)
+        ex.done = lambda ex, reply: self._checkout_done(fut, ex, reply)
+        ex.unknown = lambda ex: _fail(
+            fut,
+            OutcomeUnknown(
+                f"checkout of {feature} on {self.name}: no answer before the deadline; the library "
+                "will learn the outcome and check back in any grant it got"
+            ),
+        )
+        self._submit(ex)
+
+    def checkin(self, fut: Future[Any], now: float, grant: Grant, deadline: float) -> None:
+        self._now = now
+        if grant.state is GrantState.RECOVERING:  # re-checkout in flight: it checks in when done
+            self._forget(grant, GrantState.RELEASED)
+        if grant.state not in ACTIVE:
+            _resolve(fut, None)
+            return
+        ex = Exchange("checkin", {"op": "checkin", "grant": grant.id}, deadline, sid=grant._session)
+        ex.done = lambda ex, reply: self._checkin_done(fut, grant, reply)
+
+        def unknown(ex: Exchange) -> None:
+            self._forget(grant, GrantState.RELEASED)  # settled in the background
+            _fail(
+                fut,
+                OutcomeUnknown(
+                    f"checkin of grant {grant.id} on {self.name}: no answer "
+                    "before the deadline; the library keeps re-sending it"
+                ),
+            )
+
+        ex.unknown = unknown
+        self._start(ex)
+
+    def status(self, fut: Future[Any], now: float, deadline: float) -> None:
+        self._now = now
+
+        def done(ex: Exchange, reply: Reply | None) -> None:
+            if reply is None:
+                _fail(fut, LicenseUnavailable(f"no server of {self.name} answered status"))
+            elif reply.status == "ok":
+                # protocol.md calls the payload ``status`` (clashing with the reply's own
+                # status field); broker/node.py sends ``report``: accept either.
+                key = "report" if "report" in reply.body else "status"
+                try:
+                    _resolve(fut, reply.mapping(key))
+                except ProtocolError as exc:
+                    _fail(fut, exc)
+            else:
+                _fail(fut, failure_of(reply))
+
+        self._start(Exchange("status", {"op": "status"}, deadline, done=done))
+
+    def close(self, fut: Future[Any], now: float, deadline: float) -> None:
+        """Close the session (releasing everything on the triad); best effort by the deadline."""
+        self._now = now
+        waiting, self._waiting = self._waiting, []
+        for ex in waiting:
+            ex.done(ex, None)
+        opening = self._opening
+        if self.sid is None or (opening is not None and not opening.maybe_applied):
+            self._closed()  # no node can have opened it: nothing to close
+            _resolve(fut, None)
+            return
+
+        def done(ex: Exchange, reply: Reply | None) -> None:
+            if reply is None or reply.status != "ok":
+                log.info("close of session on %s not confirmed: the triad expires it", self.name)
+            self._closed()
+            _resolve(fut, None)
+
+        self._start(
+            Exchange("close", {"op": "close"}, deadline, done=done, sid=self.sid, quick_fail=True)
+        )
+
+    def abort(self, now: float) -> None:
+        """The client is stopping: end every exchange as its deadline would."""
+        self._now = now
+        for ex in self._waiting:
+            ex.done(ex, None)
+        self._waiting = []
+        for ex in list(self._table.values()):
+            if ex.deadline is not None:  # background ones have nobody to tell
+                self._expire(ex)
+        self._table.clear()
+
+    # --- events
+    def on_frame(self, node: int, frame: bytes, now: float) -> None:
+        self._now = now
+        try:
+            reply = decode_reply(frame)
+        except ProtocolError as exc:
+            log.warning("dropped a reply from %s: %s", self.endpoints[node], exc)
+            return
+        if reply.req is None:
+            ex = self._status_without_req(reply)
+        else:
+            ex = self._table.get((reply.sid, reply.req))
+        if ex is None:
+            return  # a late duplicate, or the answer to a request given up
+        if reply.body.get("outcome") != "unknown":
+            # A redirect from a node that had proposed the request while primary says
+            # nothing about its fate: that copy still counts as unanswered.
+            ex.record_reply(node)
+        if reply.status in ("redirect", "unavailable"):
+            if ex.in_flight and node != ex.node:
+                return  # an older try's answer: the current try may still succeed
+            to = None
+            target = reply.body.get("primary")
+            if reply.status == "redirect" and isinstance(target, str):
+                to = self._node_for(target)
+                if to is not None:
+                    self.primary = to
+            self._missed(ex, to)
+            return
+        if ex.op != "status" and reply.status in ("ok", "denied"):
+            self.primary = node  # only the primary gives those
+            if ex.sid == self.sid:
+                self._renewed(ex)
+        self._table.pop(ex.key, None)
+        if ex is self._hb:
+            self._hb = None
+        if _is_unknown_session(reply) and ex.sid is not None and ex.sid == self.sid:
+            self._session_gone()
+        ex.done(ex, reply)
+
+    def _status_without_req(self, reply: Reply) -> Exchange | None:
+        """The node in broker/node.py answers status with ``req`` nil: match the oldest."""
+        if reply.status != "ok":
+            return None
+        return next((ex for ex in self._table.values() if ex.op == "status"), None)
+
+    def tick(self, now: float) -> None:
+        self._now = now
+        for ex in [w for w in self._waiting if w.deadline is not None and now >= w.deadline]:
+            self._waiting.remove(ex)
+            ex.done(ex, None)  # never sent: definitely nothing happened
+        for ex in list(self._table.values()):
+            if ex.key not in self._table:
+                continue  # finished by an earlier step of this loop
+            if ex.deadline is not None and now >= ex.deadline:
+                self._expire(ex)
+            elif ex.in_flight and now >= ex.try_deadline:
+                self._missed(ex, None)
+            elif not ex.in_flight and now >= ex.resend_at:
+                self._try(ex)
+        self._lease_tick(now)
+
+    def next_timer(self) -> float:
+        """The earliest time ``tick`` has something to do."""
+        times = [ex.next_timer() for ex in self._table.values()]
+        times += [ex.deadline for ex in self._waiting if ex.deadline is not None]
+        if self.state is SessionState.OPEN:
+            times.append(self.lease_deadline)
+        if self.state in (SessionState.OPEN, SessionState.LAPSED) and self._hb is None:
+            times.append(self.next_heartbeat)
+        return min(times, default=float("inf"))
+
+    # --- sending
+    def _submit(self, ex: Exchange) -> None:
+        """Send now if the session is open, else wait for it (opening it if needed)."""
+        if self.state in (SessionState.OPEN, SessionState.LAPSED):
+            ex.sid = self.sid
+            self._start(ex)
+            return
+        self._waiting.append(ex)
+        if self.state is SessionState.CLOSED:
+            self._open()
+
+    def _start(self, ex: Exchange) -> None:
+        ex.req = self._next_req
+        self._next_req = next(self._reqs)
+        ex.node = self.primary
+        self._table[ex.key] = ex
+        self._try(ex)
+
+    def _ack(self, sid: str | None) -> int:
+        if sid is None:
+            return 0
+        return min((req for (s, req) in self._table if s == sid), default=self._next_req)
+
+    def _try(self, ex: Exchange) -> None:
+        """Send one copy; on a local refusal move on at once, at most one round."""
+        for _ in range(len(self.endpoints)):
+            fields = {**ex.fields, "req": ex.req, "ack": self._ack(ex.sid)}
+            if ex.sid is not None:
+                fields["sid"] = ex.sid
+            ok = self._send(self, ex.node, encode_request(fields))
+            ex.record_send(ex.node, ok, self._now, self._try_timeout)
+            if ok:
+                return
+            if not ex.miss(self._now, len(self.endpoints), None):
+                self._finish(ex, None)
+                return
+            if ex.resend_at > self._now:
+                return  # backing off: tick sends it
+
+    def _missed(self, ex: Exchange, to: int | None) -> None:
+        if not ex.miss(self._now, len(self.endpoints), to):
+            self._finish(ex, None)
+        elif ex.resend_at <= self._now:
+            self._try(ex)
+
+    def _expire(self, ex: Exchange) -> None:
+        if ex.unknown is not None and ex.maybe_applied:
+            tell, ex.unknown, ex.deadline = ex.unknown, None, None
+            tell(ex)  # the exchange stays in the table to learn the outcome
+        else:
+            self._finish(ex, None)
+
+    def _finish(self, ex: Exchange, reply: Reply | None) -> None:
+        self._table.pop(ex.key, None)
+        if ex is self._hb:
+            self._hb = None
+        ex.done(ex, reply)
+
+    def _node_for(self, endpoint: str) -> int | None:
+        if endpoint in self.endpoints:
+            return self.endpoints.index(endpoint)
+        if len(self.endpoints) >= MAX_NODES:
+            return None
+        self.endpoints.append(endpoint)  # the engine connects it on first send
+        return len(self.endpoints) - 1
+
+    # --- the session
+    def _open(self) -> None:
+        self.sid = self._new_sid()
+        self.state = SessionState.OPENING
+        self._opening = Exchange(
+            "open", {"op": "open", **self._hello}, None, done=self._open_done, sid=self.sid
+        )
+        self._start(self._opening)
+
+    def _open_done(self, ex: Exchange, reply: Reply | None) -> None:
+        if ex.sid != self.sid:
+            return
+        self._opening = None
+        error: LicenseError = LicenseUnavailable(f"could not open a session on {self.name}")
+        if reply is not None and reply.status == "ok" and ex.first_sent is not None:
+            try:
+                lease, heartbeat = reply.seconds("lease"), reply.seconds("heartbeat")
+            except ProtocolError as exc:
+                error = exc
+            else:
+                self.state = SessionState.OPEN
+                self.lease, self.heartbeat = lease, heartbeat
+                self.lease_deadline = ex.first_sent + lease
+                self.next_heartbeat = self._now + heartbeat
+                self._recover()  # before the waiting calls: held seats come back first
+                waiting, self._waiting = self._waiting, []
+                for w in waiting:
+                    self._submit(w)
+                return
+        elif reply is not None:
+            error = failure_of(reply)
+        log.warning("session on %s not opened: %s", self.name, error)
+        self.state, self.sid = SessionState.CLOSED, None
+        waiting, self._waiting = self._waiting, []
+        for w in waiting:
+            w.done(w, reply)
+        lost = [g for g in self.held if g.state is GrantState.RECOVERING]
+        for grant in lost:
+            self._forget(grant, GrantState.LOST)
+        if lost:
+            self._report(lost)
+
+    def _renewed(self, ex: Exchange) -> None:
+        if ex.first_sent is None or self.state not in (SessionState.OPEN, SessionState.LAPSED):
+            return
+        self.lease_deadline = max(self.lease_deadline, ex.first_sent + self.lease)
+        if self.state is SessionState.LAPSED and self._now < self.lease_deadline:
+            log.info("lease on %s renewed: grants safe again", self.name)
+            self.state = SessionState.OPEN
+            for grant in self.held:
+                if grant.state is GrantState.UNSAFE:
+                    grant._set_state(GrantState.HELD)
+
+    def _lease_tick(self, now: float) -> None:
+        if self.state is SessionState.OPEN and now >= self.lease_deadline:
+            log.warning("lease on %s lapsed: grants no longer safe", self.name)
+            self.state = SessionState.LAPSED
+            unsafe = [g for g in self.held if g.state is GrantState.HELD]
+            for grant in unsafe:
+                grant._set_state(GrantState.UNSAFE)
+            if unsafe:
+                self._report(unsafe)
+        if (
+            self.state in (SessionState.OPEN, SessionState.LAPSED)
+            and self._hb is None
+            and now >= self.next_heartbeat
+        ):
+            self.next_heartbeat = now + self.heartbeat
+            deadline = now + max(self.heartbeat, 3 * self._try_timeout)
+            self._hb = Exchange(
+                "heartbeat", {"op": "heartbeat"}, deadline, done=self._heartbeat_done, sid=self.sid
+            )
+            self._start(self._hb)
+
+    def _heartbeat_done(self, ex: Exchange, reply: Reply | None) -> None:
+        if reply is not None and reply.status == "ok" and "lease" in reply.body:
+            try:
+                self.lease = reply.seconds("lease")
+            except ProtocolError as exc:
+                log.warning("heartbeat reply from %s: %s", self.name, exc)
+
+    def _session_gone(self) -> None:
+        log.warning("%s no longer knows session %s: opening a new one", self.name, self.sid)
+        self.state, self.sid, self._hb = SessionState.CLOSED, None, None
+        recovering = [g for g in self.held if g.state in ACTIVE]
+        for grant in recovering:
+            grant._set_state(GrantState.RECOVERING)
+        if recovering:
+            self._open()
+
+    def _closed(self) -> None:
+        self.state, self.sid, self._hb, self._opening = SessionState.CLOSED, None, None, None
+        for grant in list(self.held):
+            self._forget(grant, GrantState.RELEASED)
+
+    # --- grants
+    def _forget(self, grant: Grant, state: GrantState) -> None:
+        grant._set_state(state)
+        if grant in self.held:
+            self.held.remove(grant)
+
+    def _checkout_done(self, fut: Future[Any], ex: Exchange, reply: Reply | None) -> None:
+        if reply is None:  # never reached a node that could act on it
+            _fail(fut, LicenseUnavailable(f"no server of {self.name} could serve the checkout"))
+            return
+        if reply.status == "ok":
+            try:
+                info = grant_of(reply)
+            except ProtocolError as exc:
+                _fail(fut, exc)
+                return
+            if fut.done() or ex.sid is None:  # settled after OutcomeUnknown: give it back
+                self._release_quietly(ex.sid, info.id)
+                return
+            grant = Grant(
+                self._owner,
+                id=info.id,
+                feature=info.feature,
+                version=info.version,
+                count=info.count,
+                triad=self.triad,
+                entry=self.entry,
+                session=ex.sid,
+            )
+            self.held.append(grant)
+            _resolve(fut, grant)
+        elif _is_unknown_session(reply):
+            if not fut.done():  # no effect: ask again on the new session
+                again = Exchange(
+                    "checkout",
+                    ex.fields,
+                    ex.deadline,
+                    done=ex.done,
+                    unknown=ex.unknown,
+                    extra_try=ex.extra_try,
+                )
+                self._submit(again)
+        else:
+            _fail(fut, failure_of(reply))
+
+    def _checkin_done(self, fut: Future[Any], grant: Grant, reply: Reply | None) -> None:
+        if reply is None:
+            _fail(fut, LicenseUnavailable(f"no server of {self.name} took the checkin"))
+        elif reply.status == "ok" or _is_unknown_session(reply):
+            self._forget(grant, GrantState.RELEASED)  # unknown session: it holds nothing
+            _resolve(fut, None)
+        else:
+            if reply.status == "denied":  # not_held: this session holds nothing of it
+                self._forget(grant, GrantState.RELEASED)
+            _fail(fut, failure_of(reply))
+
+    def _release_quietly(self, sid: str | None, grant_id: int) -> None:
+        """Check in a grant nobody holds (settled checkout, late re-checkout)."""
+        if sid is None:
+            return
+        log.info("checking in grant %d on %s: no one holds it", grant_id, self.name)
+        self._start(Exchange("checkin", {"op": "checkin", "grant": grant_id}, None, sid=sid))
+
+    def _recover(self) -> None:
+        """Check out again, on the new session, every grant the triad forgot."""
+        grants = [g for g in self.held if g.state is GrantState.RECOVERING]
+        if not grants:
+            return
+        round_ = _Recovery(waiting=set(grants))
+        deadline = self._now + self._recover_timeout
+        for grant in grants:
+            fields = {
+                "op": "checkout",
+                "feature": grant.feature,
+                "count": grant.count,
+                "version": grant.version,
+                "wait": None,
+            }
+            ex = Exchange("checkout", fields, deadline, sid=self.sid)
+            ex.done = functools.partial(self._recovered, round_, grant)
+            ex.unknown = functools.partial(self._recovered, round_, grant, reply=None)
+            self._start(ex)
+
+    def _recovered(
+        self, round_: _Recovery, grant: Grant, ex: Exchange, reply: Reply | None
+    ) -> None:
+        counted = grant not in round_.waiting  # already given up at the deadline
+        round_.waiting.discard(grant)
+        info = None
+        if reply is not None and reply.status == "ok":
+            try:
+                info = grant_of(reply)
+            except ProtocolError as exc:
+                log.warning("re-checkout reply from %s: %s", self.name, exc)
+        if info is not None and ex.sid is not None:
+            if grant.state is GrantState.RECOVERING and not counted:
+                grant._rebind(info.id, info.version, ex.sid)
+            else:  # released meanwhile, or already reported lost: nobody wants it
+                self._release_quietly(ex.sid, info.id)
+        elif _is_unknown_session(reply):
+            pass  # the new session vanished too: the next round takes the grant over
+        elif not counted and grant.state is GrantState.RECOVERING:
+            self._forget(grant, GrantState.LOST)
+            round_.lost.append(grant)
+        if not round_.waiting and round_.lost:
+            lost, round_.lost = round_.lost, []
+            self._report(lost)

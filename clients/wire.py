@@ -1,0 +1,129 @@
+"""The client side of docs/protocol.md: the only module of ``clients`` that calls msgpack.
+
+Requests are built as plain maps and packed here; replies are unpacked, checked for
+the fields every reply has, and handed on as a frozen ``Reply``. The payload of an
+``ok`` is read through the typed accessors below, which raise ``ProtocolError``
+instead of letting a wrongly typed field travel into the library. Nothing here
+touches a socket or a clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from clients.errors import LicenseDenied, LicenseError, LicenseUnavailable, ProtocolError
+
+PROTOCOL_VERSION = 1
+STATUSES = frozenset({"ok", "denied", "redirect", "unavailable", "error"})
+UNKNOWN_SESSION = "unknown_session"
+LIMIT = "limit"
+FIELD_MAX = 256  # user, host, display, client_version: longest the node accepts
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One decoded reply: the fields every reply has, and the rest in ``body``."""
+
+    sid: str | None
+    req: int | None
+    status: str
+    body: Mapping[str, Any]
+
+    def text(self, key: str) -> str:
+        value = self.body.get(key)
+        if not isinstance(value, str):
+            raise ProtocolError(f"{self.status} reply: {key!r} is not a string: {value!r}")
+        return value
+
+    def optional_text(self, key: str) -> str | None:
+        return None if self.body.get(key) is None else self.text(key)
+
+    def integer(self, key: str) -> int:
+        value = self.body.get(key)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ProtocolError(f"{self.status} reply: {key!r} is not an integer: {value!r}")
+        return value
+
+    def seconds(self, key: str) -> float:
+        value = self.body.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ProtocolError(f"{self.status} reply: {key!r} is not seconds > 0: {value!r}")
+        return float(value)
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        value = self.body.get(key)
+        if not isinstance(value, dict):
+            raise ProtocolError(f"{self.status} reply: {key!r} is not a map: {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class GrantInfo:
+    """The ``grant`` map of a checkout's ``ok`` reply."""
+
+    id: int
+    feature: str
+    version: str
+    count: int
+
+
+def encode_request(fields: Mapping[str, Any]) -> bytes:
+    """One request frame: ``fields`` plus the protocol version."""
+    packed: bytes = msgpack.packb({"v": PROTOCOL_VERSION, **fields}, use_bin_type=True)
+    return packed
+
+
+def decode_reply(frame: bytes) -> Reply:
+    """Unpack and check one reply frame; raises ProtocolError on anything malformed."""
+    try:
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError(f"reply is not msgpack: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"reply is not a map: {type(obj).__name__}")
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(f"reply has protocol version {obj.get('v')!r}, expected 1")
+    sid, req, status = obj.get("sid"), obj.get("req"), obj.get("status")
+    if sid is not None and not isinstance(sid, str):
+        raise ProtocolError(f"reply sid is not a string: {sid!r}")
+    if req is not None and (not isinstance(req, int) or isinstance(req, bool)):
+        raise ProtocolError(f"reply req is not an integer: {req!r}")
+    if status not in STATUSES:
+        raise ProtocolError(f"reply status {status!r} is not one of {sorted(STATUSES)}")
+    return Reply(sid=sid, req=req, status=status, body=obj)
+
+
+def grant_of(reply: Reply) -> GrantInfo:
+    """The grant of a checkout's ``ok`` reply."""
+    grant = reply.mapping("grant")
+    gid, feature, version, count = (grant.get(k) for k in ("id", "feature", "version", "count"))
+    if not isinstance(gid, int) or isinstance(gid, bool):
+        raise ProtocolError(f"checkout reply: grant id is not an integer: {gid!r}")
+    if not isinstance(feature, str) or not isinstance(version, str):
+        raise ProtocolError(f"checkout reply: grant feature/version are not strings: {grant!r}")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ProtocolError(f"checkout reply: grant count is not a positive integer: {count!r}")
+    return GrantInfo(id=gid, feature=feature, version=version, count=count)
+
+
+def failure_of(reply: Reply) -> LicenseError:
+    """The error a final non-``ok`` reply means for the caller (all are definite)."""
+    detail = reply.body.get("detail")
+    text = detail if isinstance(detail, str) else f"{reply.status} without detail"
+    if reply.status == "denied":
+        reason = reply.body.get("reason")
+        return LicenseDenied(reason if isinstance(reason, str) else "unknown", text)
+    if reply.status == "unavailable":
+        return LicenseUnavailable(text)
+    if reply.status == "error":
+        code = reply.body.get("code")
+        if code == LIMIT:
+            return LicenseUnavailable(text, code=LIMIT)
+        return ProtocolError(
+            f"node says {code}: {text}", code=code if isinstance(code, str) else None
+        )
+    return ProtocolError(f"unexpected {reply.status} reply: {text}")

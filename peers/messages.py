@@ -1,0 +1,387 @@
+"""Peer message kinds: typed, frozen, built by the replica and validated on the way in.
+
+On the wire (msgpack, done by ``broker/wire.py``) every peer message is a map with a
+kind ``t`` and the sender's ``term``. This module turns such maps into the frozen
+dataclasses below and back (``to_wire``). ``validate`` is the only way in: it returns
+None for anything malformed (missing fields, wrong types, bools posing as ints,
+negative or absurd indexes, entries that are not contiguous or whose terms run
+backwards), so that the replica's ``on_message`` never sees a shape it did not expect.
+Semantic checks (is the sender the primary of my term? do I hold ``prev``?) belong
+to the replica.
+
+| t | fields | sent by |
+| --- | --- | --- |
+| hb | term, node, role, last, last_term, commit, primary | everyone, on PUB, every heartbeat |
+| vote_req | term, candidate, last, last_term, transfer, pre | candidate (pre: a pre-vote) |
+| vote | term, req_term, granted, pre, last, last_term, commit | voter, answering vote_req |
+| append | term, prev_index, prev_term, entries, commit | primary, to each backup |
+| append_ack | term, ok, match, prev_index, last, commit | backup, answering append or snapshot |
+| snapshot | term, index, term_at, data | primary, to a backup behind its log |
+| timeout_now | term | primary handing over to a higher-ranked backup |
+| fetch | term, from_index | new primary-elect, to a voter with a better log |
+| fetch_reply | term, prev_index, prev_term, entries, last, snapshot | that voter |
+
+An entry is ``{term, index, delta}`` with ``delta`` a map (opaque here) or None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from peers.types import Entry, Role
+
+MAX_INDEX = 2**62  # far beyond any real log; rejects overflow games
+MAX_NAME = 256
+MAX_ENTRIES = 65_536  # per message; the primary batches far below this
+
+
+class Invalid(Exception):
+    """A peer message failed validation (internal: ``validate`` turns it into None)."""
+
+
+def _int(m: Mapping[str, Any], key: str) -> int:
+    v = m.get(key)
+    if type(v) is not int or not 0 <= v <= MAX_INDEX:
+        raise Invalid(f"{key} must be a non-negative int")
+    return v
+
+
+def _bool(m: Mapping[str, Any], key: str) -> bool:
+    v = m.get(key)
+    if type(v) is not bool:
+        raise Invalid(f"{key} must be a bool")
+    return v
+
+
+def _name(m: Mapping[str, Any], key: str, *, optional: bool = False) -> str | None:
+    v = m.get(key)
+    if v is None and optional:
+        return None
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_NAME:
+        raise Invalid(f"{key} must be a node name")
+    return v
+
+
+def _map(v: object, what: str) -> dict[str, Any]:
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise Invalid(f"{what} must be a map with string keys")
+    return v
+
+
+def _entries(m: Mapping[str, Any], term: int, prev_index: int, prev_term: int) -> tuple[Entry, ...]:
+    raw = m.get("entries")
+    if not isinstance(raw, list) or len(raw) > MAX_ENTRIES:
+        raise Invalid("entries must be a list")
+    out: list[Entry] = []
+    last_term = prev_term
+    for pos, item in enumerate(raw):
+        e = _map(item, "entry")
+        e_term, e_index = _int(e, "term"), _int(e, "index")
+        delta = e.get("delta")
+        if e_index != prev_index + 1 + pos:
+            raise Invalid("entries must follow prev_index contiguously")
+        if not last_term <= e_term <= term:
+            raise Invalid("entry terms must not decrease nor exceed the message term")
+        out.append(Entry(e_term, e_index, None if delta is None else _map(delta, "delta")))
+        last_term = e_term
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    term: int
+    node: str
+    role: Role
+    last: int
+    last_term: int
+    commit: int
+    primary: str | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "hb",
+            "term": self.term,
+            "node": self.node,
+            "role": self.role.value,
+            "last": self.last,
+            "last_term": self.last_term,
+            "commit": self.commit,
+            "primary": self.primary,
+        }
+
+
+@dataclass(frozen=True)
+class VoteRequest:
+    term: int
+    candidate: str
+    last: int
+    last_term: int
+    transfer: bool
+    pre: bool
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "vote_req",
+            "term": self.term,
+            "candidate": self.candidate,
+            "last": self.last,
+            "last_term": self.last_term,
+            "transfer": self.transfer,
+            "pre": self.pre,
+        }
+
+
+@dataclass(frozen=True)
+class Vote:
+    term: int  # the voter's term after handling the request
+    req_term: int  # the term that was asked for
+    granted: bool
+    pre: bool
+    last: int
+    last_term: int
+    commit: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "vote",
+            "term": self.term,
+            "req_term": self.req_term,
+            "granted": self.granted,
+            "pre": self.pre,
+            "last": self.last,
+            "last_term": self.last_term,
+            "commit": self.commit,
+        }
+
+
+@dataclass(frozen=True)
+class Append:
+    term: int
+    prev_index: int
+    prev_term: int
+    entries: tuple[Entry, ...]
+    commit: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "append",
+            "term": self.term,
+            "prev_index": self.prev_index,
+            "prev_term": self.prev_term,
+            "entries": [e.to_wire() for e in self.entries],
+            "commit": self.commit,
+        }
+
+
+@dataclass(frozen=True)
+class AppendAck:
+    term: int
+    ok: bool
+    match: int  # ok: the backup's log matches the primary's through here
+    prev_index: int  # the prev_index (or snapshot index) this answers
+    last: int
+    commit: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "append_ack",
+            "term": self.term,
+            "ok": self.ok,
+            "match": self.match,
+            "prev_index": self.prev_index,
+            "last": self.last,
+            "commit": self.commit,
+        }
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    term: int
+    index: int
+    term_at: int
+    data: dict[str, Any]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "snapshot",
+            "term": self.term,
+            "index": self.index,
+            "term_at": self.term_at,
+            "data": self.data,
+        }
+
+
+@dataclass(frozen=True)
+class TimeoutNow:
+    term: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "timeout_now", "term": self.term}
+
+
+@dataclass(frozen=True)
+class Fetch:
+    term: int
+    from_index: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "fetch", "term": self.term, "from_index": self.from_index}
+
+
+@dataclass(frozen=True)
+class FetchReply:
+    term: int
+    prev_index: int  # with a snapshot: the snapshot's index
+    prev_term: int
+    entries: tuple[Entry, ...]
+    last: int  # the voter's last index: fetch again until reached
+    snapshot: dict[str, Any] | None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": "fetch_reply",
+            "term": self.term,
+            "prev_index": self.prev_index,
+            "prev_term": self.prev_term,
+            "entries": [e.to_wire() for e in self.entries],
+            "last": self.last,
+            "snapshot": self.snapshot,
+        }
+
+
+Message = (
+    Heartbeat | VoteRequest | Vote | Append | AppendAck | Snapshot | TimeoutNow | Fetch | FetchReply
+)
+
+_ROLES = {r.value: r for r in Role}
+
+
+def _hb(m: Mapping[str, Any]) -> Message:
+    raw = m.get("role")
+    role = _ROLES.get(raw) if isinstance(raw, str) else None
+    if role is None:
+        raise Invalid("role must be a role name")
+    node = _name(m, "node")
+    if node is None:
+        raise Invalid("node missing")
+    return Heartbeat(
+        _int(m, "term"),
+        node,
+        role,
+        _int(m, "last"),
+        _int(m, "last_term"),
+        _int(m, "commit"),
+        _name(m, "primary", optional=True),
+    )
+
+
+def _vote_req(m: Mapping[str, Any]) -> Message:
+    candidate = _name(m, "candidate")
+    if candidate is None:
+        raise Invalid("candidate missing")
+    return VoteRequest(
+        _int(m, "term"),
+        candidate,
+        _int(m, "last"),
+        _int(m, "last_term"),
+        _bool(m, "transfer"),
+        _bool(m, "pre"),
+    )
+
+
+def _vote(m: Mapping[str, Any]) -> Message:
+    return Vote(
+        _int(m, "term"),
+        _int(m, "req_term"),
+        _bool(m, "granted"),
+        _bool(m, "pre"),
+        _int(m, "last"),
+        _int(m, "last_term"),
+        _int(m, "commit"),
+    )
+
+
+def _append(m: Mapping[str, Any]) -> Message:
+    term, prev_index, prev_term = _int(m, "term"), _int(m, "prev_index"), _int(m, "prev_term")
+    if prev_term > term:
+        raise Invalid("prev_term beyond the message term")
+    return Append(
+        term, prev_index, prev_term, _entries(m, term, prev_index, prev_term), _int(m, "commit")
+    )
+
+
+def _append_ack(m: Mapping[str, Any]) -> Message:
+    return AppendAck(
+        _int(m, "term"),
+        _bool(m, "ok"),
+        _int(m, "match"),
+        _int(m, "prev_index"),
+        _int(m, "last"),
+        _int(m, "commit"),
+    )
+
+
+def _snapshot(m: Mapping[str, Any]) -> Message:
+    term, term_at = _int(m, "term"), _int(m, "term_at")
+    if term_at > term:
+        raise Invalid("term_at beyond the message term")
+    return Snapshot(term, _int(m, "index"), term_at, _map(m.get("data"), "data"))
+
+
+def _timeout_now(m: Mapping[str, Any]) -> Message:
+    return TimeoutNow(_int(m, "term"))
+
+
+def _fetch(m: Mapping[str, Any]) -> Message:
+    from_index = _int(m, "from_index")
+    if from_index < 1:
+        raise Invalid("from_index starts at 1")
+    return Fetch(_int(m, "term"), from_index)
+
+
+def _fetch_reply(m: Mapping[str, Any]) -> Message:
+    term, prev_index, prev_term = _int(m, "term"), _int(m, "prev_index"), _int(m, "prev_term")
+    if prev_term > term:
+        raise Invalid("prev_term beyond the message term")
+    snap = m.get("snapshot")
+    entries = _entries(m, term, prev_index, prev_term)
+    last = _int(m, "last")
+    if last < prev_index + len(entries):
+        raise Invalid("last before the entries sent")
+    return FetchReply(
+        term, prev_index, prev_term, entries, last, None if snap is None else _map(snap, "snapshot")
+    )
+
+
+_PARSERS: dict[str, Callable[[Mapping[str, Any]], Message]] = {
+    "hb": _hb,
+    "vote_req": _vote_req,
+    "vote": _vote,
+    "append": _append,
+    "append_ack": _append_ack,
+    "snapshot": _snapshot,
+    "timeout_now": _timeout_now,
+    "fetch": _fetch,
+    "fetch_reply": _fetch_reply,
+}
+
+
+def parse(msg: object) -> Message:
+    """The typed message for ``msg``; raises ``Invalid`` with the reason."""
+    if not isinstance(msg, dict):
+        raise Invalid("a peer message is a map")
+    kind = msg.get("t")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        raise Invalid(f"unknown message kind {kind!r:.40}")
+    return parser(msg)
+
+
+def validate(msg: object) -> Message | None:
+    """The typed message for ``msg``, or None when it is malformed in any way."""
+    try:
+        return parse(msg)
+    except Invalid:
+        return None

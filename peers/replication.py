@@ -1,0 +1,265 @@
+"""Log replication, both ends: the primary streaming appends, the backup taking them.
+
+This is the half of ``Replica`` that moves log entries; ``peers/replica.py`` holds the
+roles, terms and election, and documents the rules for both halves. It is a base
+class only to keep each file readable in one sitting: the state it uses is created
+by ``Replica.__init__`` and declared here.
+
+Primary side: per backup a ``Progress`` (probing, then pipelined streaming). Every
+heartbeat each backup gets an append from its ``next_index`` (empty when it has
+everything: that carries the commit index and keeps the quorum check fed). A backup
+whose ``next_index`` falls at or before the log's base gets the snapshot instead,
+at most once per ``peer_timeout`` since snapshots are large. The commit index moves
+to the highest index held by a majority, only if that entry is of the current term.
+
+Backup side: an append is taken only if the backup holds ``prev``; entries before
+its base count as held, since they are committed and committed prefixes agree.
+Matching entries are never rewritten; the log is cut at the first entry whose term
+differs, and never at or before the commit index (that would be a hostile or broken
+primary: the append is refused and nothing changes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peers import messages as m
+from peers.log import Log
+from peers.progress import Progress
+from peers.types import (
+    Committed,
+    Effect,
+    Entry,
+    InstallSnapshot,
+    PersistEntries,
+    PersistSnapshot,
+    ReplicaError,
+    Role,
+    Send,
+    Timing,
+    TruncateLog,
+)
+
+WINDOW_BATCHES = 8  # appends in flight per backup before waiting for acks
+
+
+class Replication:
+    """Replication half of ``Replica`` (see the module docstring)."""
+
+    me: str
+    ranks: list[str]
+    rank: int
+    peers: list[str]
+    majority: int
+    timing: Timing
+    term: int
+    role: Role
+    primary: str | None
+    log: Log
+    commit: int
+    _now: float
+    _verified: int
+    _recover_target: int | None
+    _progress: dict[str, Progress]
+    _peer_role: dict[str, Role]
+    _leaderless_since: float
+    _transfer_to: str | None
+    _transfer_deadline: float
+    _failback_after: float
+
+    # provided by Replica
+    def _follow(self, sender: str, now: float, out: list[Effect]) -> None:
+        raise NotImplementedError
+
+    def _check_recovered(self, out: list[Effect]) -> None:
+        raise NotImplementedError
+
+    def _set_role(self, role: Role) -> None:
+        raise NotImplementedError
+
+    def _announce(self, out: list[Effect]) -> None:
+        raise NotImplementedError
+
+    def _quorum_heard(self, now: float) -> bool:
+        raise NotImplementedError
+
+    def is_serving(self, now: float) -> bool:
+        raise NotImplementedError
+
+    def peers_alive(self, now: float) -> list[str]:
+        raise NotImplementedError
+
+    # --- shared -----------------------------------------------------------------------
+
+    def _commit_to(self, index: int, out: list[Effect]) -> None:
+        index = min(index, self.log.last)
+        if index <= self.commit:
+            return
+        newly = tuple(self.log.slice(self.commit + 1, index))
+        self.commit = index
+        out.append(Committed(index, newly))
+
+    def _holds(self, prev_index: int, prev_term: int) -> bool:
+        if prev_index <= self.log.base_index:
+            return True  # committed (base <= snapshot <= commit): committed prefixes agree
+        return self.log.term_at(prev_index) == prev_term
+
+    def _merge(self, entries: list[Entry], out: list[Effect]) -> None:
+        cut, fresh = self.log.merge(entries, floor=self.commit)
+        if cut is not None:
+            out.append(TruncateLog(cut))
+        if fresh:
+            out.append(PersistEntries(tuple(fresh)))
+
+    def _install(self, index: int, term: int, data: dict[str, Any], out: list[Effect]) -> None:
+        if index <= self.commit:
+            raise ReplicaError(f"snapshot at {index} is not past my commit {self.commit}")
+        dropped_tail = self.log.install(index, term, data)
+        out.append(PersistSnapshot(index, term, data))
+        if dropped_tail:
+            out.append(TruncateLog(index + 1))
+        out.append(InstallSnapshot(index, term, data))
+        self.commit = index
+
+    # --- backup side ------------------------------------------------------------------
+
+    def _on_append(
+        self, sender: str, msg: m.Append | m.Snapshot, now: float, out: list[Effect]
+    ) -> None:
+        prev = msg.prev_index if isinstance(msg, m.Append) else msg.index
+        if msg.term < self.term:
+            refuse = m.AppendAck(self.term, False, 0, prev, self.log.last, self.commit)
+            out.append(Send(sender, refuse.to_wire()))
+            return
+        self._follow(sender, now, out)
+        if self.role is Role.RECOVERING and self._recover_target is None:
+            self._recover_target = msg.commit if isinstance(msg, m.Append) else msg.index
+        if isinstance(msg, m.Snapshot):
+            if msg.index > self.commit:
+                self._install(msg.index, msg.term_at, msg.data, out)
+            match = msg.index
+        elif not self._holds(msg.prev_index, msg.prev_term):
+            refuse = m.AppendAck(self.term, False, 0, prev, self.log.last, self.commit)
+            out.append(Send(sender, refuse.to_wire()))
+            return
+        else:
+            self._merge(list(msg.entries), out)
+            match = msg.prev_index + len(msg.entries)
+        self._verified = max(self._verified, match)
+        if isinstance(msg, m.Append):
+            self._commit_as_backup(msg.commit, out)
+        ack = m.AppendAck(self.term, True, match, prev, self.log.last, self.commit)
+        out.append(Send(sender, ack.to_wire()))
+        self._check_recovered(out)
+
+    def _commit_as_backup(self, primary_commit: int, out: list[Effect]) -> None:
+        # only what was verified against this term's primary may be committed: entries
+        # beyond it may be a deposed primary's leftovers that this primary will cut
+        self._commit_to(min(primary_commit, self._verified), out)
+
+    # --- primary side -----------------------------------------------------------------
+
+    def _on_append_ack(self, sender: str, ack: m.AppendAck, now: float, out: list[Effect]) -> None:
+        if self.role is not Role.PRIMARY or ack.term != self.term:
+            return
+        pr = self._progress[sender]
+        if ack.ok:
+            if ack.match > self.log.last:
+                raise ReplicaError(f"ack for {ack.match}, beyond my last {self.log.last}")
+            pr.acked(ack.match)
+            self._primary_commit(out)
+            if sender == self._transfer_to:
+                self._send_timeout_now(out)
+            self._pump(sender, out)
+        elif pr.rejected(ack.prev_index, ack.last, ack.commit):
+            pr.next_index = min(pr.next_index, self.log.last + 1)
+            self._send_append(sender, out)
+
+    def _primary_commit(self, out: list[Effect]) -> None:
+        held = sorted([self.log.last, *(p.match for p in self._progress.values())], reverse=True)
+        index = held[self.majority - 1]
+        # Raft's rule: count replicas only for entries of my own term
+        if index > self.commit and self.log.term_at(index) == self.term:
+            self._commit_to(index, out)
+
+    def _pump(self, peer: str, out: list[Effect]) -> None:
+        """Stream what ``peer`` lacks, pipelined, within the in-flight window."""
+        pr = self._progress[peer]
+        window = WINDOW_BATCHES * self.timing.max_batch
+        while not pr.probing and pr.next_index <= self.log.last and pr.in_flight() < window:
+            self._send_append(peer, out)
+
+    def _send_append(self, peer: str, out: list[Effect], *, heartbeat: bool = False) -> None:
+        """Send ``peer`` its probe, its next batch, or (``heartbeat``) an empty append.
+
+        A streaming heartbeat is anchored at ``match``, which the backup surely holds,
+        so it carries the commit index without ever being rejected while appends are in
+        flight; lost appends are caught by ``Progress.beat`` instead.
+        """
+        pr = self._progress[peer]
+        streaming_beat = heartbeat and not pr.probing
+        prev = pr.match if streaming_beat else pr.next_index - 1
+        prev_term = self.log.term_at(prev) if prev >= self.log.base_index else None
+        if prev_term is None:
+            self._send_snapshot(peer, pr, out)
+            return
+        batch: tuple[Entry, ...] = ()
+        if not streaming_beat:
+            batch = tuple(self.log.slice(prev + 1, prev + self.timing.max_batch))
+        out.append(Send(peer, m.Append(self.term, prev, prev_term, batch, self.commit).to_wire()))
+        if pr.probing:
+            pr.probe_prev = prev
+        else:
+            pr.next_index += len(batch)
+
+    def _send_snapshot(self, peer: str, pr: Progress, out: list[Effect]) -> None:
+        if self.log.snapshot is None:
+            raise ReplicaError(f"{peer} needs entries before {self.log.base_index} and no snapshot")
+        pr.probing = True
+        pr.probe_prev = self.log.snap_index
+        if self._now - pr.snapshot_sent_at < self.timing.peer_timeout:
+            return
+        pr.snapshot_sent_at = self._now
+        snap = m.Snapshot(self.term, self.log.snap_index, self.log.snap_term, self.log.snapshot)
+        out.append(Send(peer, snap.to_wire()))
+
+    def _primary_tick(self, now: float, beat: bool, out: list[Effect]) -> None:
+        if not self._quorum_heard(now):
+            # cut off: stop granting at once; the others elect among themselves
+            self._set_role(Role.BACKUP)
+            self.primary = None
+            self._leaderless_since = now
+            self._announce(out)
+            return
+        if beat:
+            for peer, pr in self._progress.items():
+                pr.beat()  # probing again if the stream stalled
+                self._send_append(peer, out, heartbeat=True)  # probing: the probe again
+                self._pump(peer, out)
+        self._failback(now, out)
+
+    # --- failback ---------------------------------------------------------------------
+
+    def _failback(self, now: float, out: list[Effect]) -> None:
+        if self._transfer_to is not None:
+            if now >= self._transfer_deadline:
+                self._transfer_to = None  # hand-over failed: serve again, retry later
+                self._failback_after = now + 4 * self.timing.peer_timeout
+            else:
+                self._send_timeout_now(out)
+            return
+        if not self.timing.failback or now < self._failback_after or not self.is_serving(now):
+            return
+        alive = self.peers_alive(now)
+        for peer in self.ranks[: self.rank]:
+            caught_up = self._progress[peer].match >= self.log.last - self.timing.max_batch
+            if peer in alive and self._peer_role.get(peer) is Role.BACKUP and caught_up:
+                self._transfer_to = peer
+                self._transfer_deadline = now + self.timing.peer_timeout
+                self._send_timeout_now(out)
+                return
+
+    def _send_timeout_now(self, out: list[Effect]) -> None:
+        target = self._transfer_to
+        if target is not None and self._progress[target].match >= self.log.last:
+            out.append(Send(target, m.TimeoutNow(self.term).to_wire()))

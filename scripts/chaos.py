@@ -1,0 +1,20 @@
+"""Break a zbroker triad under client load and check SPEC section 5 from the clients' record.
+
+    python scripts/chaos.py --duration 300           # every fault, as many as fit
+    python scripts/chaos.py --help                   # the options
+
+The work is in ``clients.chaos`` (``clients/chaos/cli.py`` parses the options); this
+file only makes the repository importable when it is not installed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from clients.chaos.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,476 @@
+"""The client library against scripted ROUTER servers speaking docs/protocol.md.
+
+Each ``FakeNode`` is a real ROUTER socket on loopback, served by a thread, in front of
+a ``FakeLedger`` that a whole fake triad shares (replication is not the point here).
+A node's ``mode`` scripts its role: ``primary`` answers from the ledger, ``redirect``
+names another node (or none), ``unavailable`` refuses, ``silent`` drops everything.
+``swallow`` drops chosen replies after the ledger acted: an unknown outcome.
+No test sleeps to synchronise: every wait polls a condition until a deadline.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from clients import (
+    Grant,
+    GrantState,
+    LeaseLost,
+    LicenseClient,
+    LicenseDenied,
+    LicenseUnavailable,
+    OutcomeUnknown,
+)
+from clients.errors import ClientClosed
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 5.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or condition}")
+        time.sleep(0.005)  # polling interval of a condition with a deadline
+
+
+class FakeLedger:
+    """Just enough of the ledger: sessions, seats, grants, replies recorded by (sid, req)."""
+
+    def __init__(self, features: dict[str, int], lease: float = 5.0, heartbeat: float = 0.5):
+        self.lock = threading.Lock()
+        self.total = dict(features)
+        self.sessions: dict[str, dict[int, tuple[str, int]]] = {}  # sid -> grant -> (f, n)
+        self.recorded: dict[tuple[str, int], dict[str, Any]] = {}
+        self.taken: dict[str, int] = {}  # seats held outside any of our sessions
+        self.next_grant = 1
+        self.lease, self.heartbeat = lease, heartbeat
+        self.checkins: list[int] = []
+
+    def in_use(self, feature: str) -> int:
+        with self.lock:
+            return self._in_use(feature)
+
+    def _in_use(self, feature: str) -> int:
+        held = sum(
+            n for grants in self.sessions.values() for f, n in grants.values() if f == feature
+        )
+        return held + self.taken.get(feature, 0)
+
+    def expire(self, sid: str) -> None:
+        with self.lock:
+            self.sessions.pop(sid, None)
+
+    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            op, sid, req = msg.get("op"), str(msg.get("sid")), int(msg.get("req") or 0)
+            key = (sid, req)
+            if key in self.recorded:
+                return self.recorded[key]
+            if op == "open":
+                self.sessions[sid] = {}
+                reply = {"status": "ok", "lease": self.lease, "heartbeat": self.heartbeat}
+            elif sid not in self.sessions:
+                return {"status": "error", "code": "unknown_session", "detail": "no such session"}
+            elif op == "heartbeat":
+                return {"status": "ok", "lease": self.lease}
+            elif op == "checkout":
+                feature, count = msg["feature"], msg["count"]
+                if feature not in self.total:
+                    reply = {"status": "denied", "reason": "no_such_feature", "detail": "none"}
+                elif self._in_use(feature) + count > self.total[feature]:
+                    reply = {"status": "denied", "reason": "no_seats", "detail": "all in use"}
+                else:
+                    gid, self.next_grant = self.next_grant, self.next_grant + 1
+                    self.sessions[sid][gid] = (feature, count)
+                    grant = {"id": gid, "feature": feature, "version": "2.0", "count": count}
+                    reply = {"status": "ok", "grant": grant}
+            elif op == "checkin":
+                if self.sessions[sid].pop(msg["grant"], None) is None:
+                    reply = {"status": "denied", "reason": "not_held", "detail": "not held"}
+                else:
+                    self.checkins.append(msg["grant"])
+                    reply = {"status": "ok"}
+            elif op == "close":
+                self.sessions.pop(sid, None)
+                return {"status": "ok"}
+            else:
+                return {"status": "error", "code": "bad_request", "detail": f"op {op!r}"}
+            self.recorded[key] = reply
+            return reply
+
+
+class FakeNode:
+    def __init__(self, ledger: FakeLedger, mode: str = "primary") -> None:
+        self.ledger = ledger
+        self.mode = mode
+        self.redirect_to: str | None = None
+        self.swallow: Callable[[dict[str, Any]], bool] = lambda msg: False
+        self.received: list[dict[str, Any]] = []
+        self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        port: int = self._sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def ops(self, op: str) -> list[dict[str, Any]]:
+        return [m for m in list(self.received) if m.get("op") == op]
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if not self._sock.poll(10):
+                continue
+            ident, frame = self._sock.recv_multipart()
+            msg = msgpack.unpackb(frame, raw=False)
+            self.received.append(msg)
+            reply = self._answer(msg)
+            if reply is None:
+                continue
+            reply.update(v=1, sid=msg.get("sid"), req=msg.get("req"))
+            if msg.get("op") == "status":
+                reply["req"] = None  # as broker/node.py does
+            self._sock.send_multipart([ident, msgpack.packb(reply, use_bin_type=True)])
+        self._sock.close(linger=0)
+
+    def _answer(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        if self.mode == "silent":
+            return None
+        if self.mode == "unavailable":
+            return {"status": "unavailable", "detail": "no quorum"}
+        if self.mode == "redirect":
+            return {"status": "redirect", "primary": self.redirect_to}
+        if msg.get("op") == "status":
+            with self.ledger.lock:
+                features = [
+                    {"name": f, "total": t, "in_use": self.ledger._in_use(f)}
+                    for f, t in self.ledger.total.items()
+                ]
+            return {"status": "ok", "report": {"node": "fake", "features": features}}
+        reply = dict(self.ledger.handle(msg))
+        return None if self.swallow(msg) else reply
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def make_node() -> Iterator[Callable[..., FakeNode]]:
+    nodes: list[FakeNode] = []
+
+    def make(ledger: FakeLedger, mode: str = "primary") -> FakeNode:
+        node = FakeNode(ledger, mode)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()
+
+
+def free_endpoint() -> str:
+    """A loopback endpoint nobody listens on."""
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    sock.close(linger=0)
+    return f"tcp://127.0.0.1:{port}"
+
+
+def reqs(node: FakeNode, op: str) -> list[tuple[str, int]]:
+    return [(m["sid"], m["req"]) for m in node.ops(op)]
+
+
+# --- the basics
+
+
+def test_checkout_checkin_and_context_managers(make_node: Callable[..., FakeNode]) -> None:
+    ledger = FakeLedger({"cad": 3})
+    node = make_node(ledger)
+    with LicenseClient([node.endpoint], user="ann", host="ws1", display=":0") as client:
+        grant = client.checkout("cad", count=2, version="1.0")
+        assert (grant.feature, grant.count, grant.version, grant.triad) == (
+            "cad",
+            2,
+            "2.0",
+            (node.endpoint,),
+        )
+        assert grant.safe and ledger.in_use("cad") == 2
+        with client.checkout("cad") as other:
+            assert ledger.in_use("cad") == 3
+        assert other.released and ledger.in_use("cad") == 2
+        client.checkin(grant)
+        client.checkin(grant)  # a second checkin does nothing
+        assert ledger.in_use("cad") == 0
+        opened = node.ops("open")[0]
+        assert (opened["user"], opened["host"], opened["display"]) == ("ann", "ws1", ":0")
+    assert node.ops("close"), "close() closes the session"
+
+
+def test_denials_are_definite_with_reasons(make_node: Callable[..., FakeNode]) -> None:
+    node = make_node(FakeLedger({"solver": 1}))
+    with LicenseClient([node.endpoint]) as client:
+        held = client.checkout("solver")
+        with pytest.raises(LicenseDenied) as denied:
+            client.checkout("solver")
+        assert denied.value.reason == "no_seats" and denied.value.definite
+        with pytest.raises(LicenseDenied) as denied:
+            client.checkout("nonesuch")
+        assert denied.value.reason == "no_such_feature"
+        client.checkin(held)
+
+
+def test_status_needs_no_session(make_node: Callable[..., FakeNode]) -> None:
+    node = make_node(FakeLedger({"cad": 4}))
+    with LicenseClient([node.endpoint]) as client:
+        report = client.status()
+        assert report["features"] == [{"name": "cad", "total": 4, "in_use": 0}]
+        assert not node.ops("open")
+
+
+# --- finding the primary
+
+
+def test_follows_redirect_and_remembers_the_primary(make_node: Callable[..., FakeNode]) -> None:
+    ledger = FakeLedger({"cad": 5})
+    a, b, c = make_node(ledger, "redirect"), make_node(ledger, "redirect"), make_node(ledger)
+    a.redirect_to = c.endpoint
+    b.redirect_to = None
+    with LicenseClient([a.endpoint, b.endpoint, c.endpoint]) as client:
+        first = client.checkout("cad")
+        seen_by_a = len(a.received)
+        second = client.checkout("cad")
+        assert len(a.received) == seen_by_a, "later requests go straight to the primary"
+        assert {first.id, second.id} == set(ledger.sessions[next(iter(ledger.sessions))])
+        assert reqs(a, "open") == reqs(c, "open")[:1], "the same request went on to c"
+
+
+def test_no_reply_retries_same_request_on_next_node(make_node: Callable[..., FakeNode]) -> None:
+    ledger = FakeLedger({"cad": 5})
+    a, b = make_node(ledger, "silent"), make_node(ledger)
+    with LicenseClient([a.endpoint, b.endpoint]) as client:
+        client.checkout("cad")
+        assert reqs(a, "open") and reqs(a, "open")[0] == reqs(b, "open")[0]
+
+
+def test_unavailable_moves_on_to_next_node(make_node: Callable[..., FakeNode]) -> None:
+    ledger = FakeLedger({"cad": 5})
+    a, b = make_node(ledger, "unavailable"), make_node(ledger)
+    with LicenseClient([a.endpoint, b.endpoint]) as client:
+        grant = client.checkout("cad")
+        assert ledger.in_use("cad") == 1
+        client.checkin(grant)
+
+
+def test_only_unavailable_replies_is_definite(make_node: Callable[..., FakeNode]) -> None:
+    ledger = FakeLedger({"cad": 5})
+    a, b = make_node(ledger, "unavailable"), make_node(ledger, "redirect")
+    with LicenseClient([a.endpoint, b.endpoint], timeout=0.6) as client:
+        start = time.monotonic()
+        with pytest.raises(LicenseUnavailable):
+            client.checkout("cad")
+        assert time.monotonic() - start < 0.6 + 0.3
+
+
+def test_no_server_at_all_fails_within_the_deadline() -> None:
+    client = LicenseClient([free_endpoint(), free_endpoint(), free_endpoint()], timeout=0.5)
+    start = time.monotonic()
+    with pytest.raises(LicenseUnavailable):
+        client.checkout("cad")
+    assert time.monotonic() - start < 0.5 + 0.3
+    start = time.monotonic()
+    client.close()
+    assert time.monotonic() - start < 0.5
+    client.close()  # idempotent
+    with pytest.raises(ClientClosed):
+        client.checkout("cad")
+
+
+def test_checkout_waiting_for_an_unanswered_open_is_definite(
+    make_node: Callable[..., FakeNode],
+) -> None:
+    node = make_node(FakeLedger({"cad": 5}), "silent")
+    with LicenseClient([node.endpoint], timeout=0.5) as client, pytest.raises(LicenseUnavailable):
+        client.checkout("cad")  # the open never got an answer: the checkout was never sent
+    assert node.ops("open") and not node.ops("checkout")
+
+
+# --- unknown outcomes are settled
+
+
+def test_unknown_checkout_is_settled_and_checked_back_in(
+    make_node: Callable[..., FakeNode],
+) -> None:
+    ledger = FakeLedger({"cad": 5})
+    node = make_node(ledger)
+    with LicenseClient([node.endpoint], timeout=0.6) as client:
+        client.status()  # connect first, so the checkout's send is accepted at once
+        mute = threading.Event()
+        mute.set()
+        node.swallow = lambda msg: mute.is_set() and msg.get("op") == "checkout"
+        with pytest.raises(OutcomeUnknown) as unknown:
+            client.checkout("cad", count=2)
+        assert not unknown.value.definite
+        assert ledger.in_use("cad") == 2, "the node did grant it"
+        mute.clear()
+        wait_until(lambda: ledger.in_use("cad") == 0, what="the settled grant to be checked in")
+        sent = reqs(node, "checkout")
+        assert len(set(sent)) == 1 and len(sent) >= 2, "settled by re-sending the same request"
+        assert len(ledger.checkins) == 1
+
+
+# --- the triad forgot the session
+
+
+def test_unknown_session_reopens_and_checks_out_again(make_node: Callable[..., FakeNode]) -> None:
+    ledger = FakeLedger({"cad": 2, "solver": 1}, heartbeat=0.05)
+    node = make_node(ledger)
+    lost: list[list[Grant]] = []
+    with LicenseClient([node.endpoint], on_lost=lost.append) as client:
+        cad = client.checkout("cad")
+        solver = client.checkout("solver")
+        old_sid, old_cad_id = next(iter(ledger.sessions)), cad.id
+        ledger.expire(old_sid)
+        ledger.taken["solver"] = 1  # someone else takes the freed solver seat
+        wait_until(lambda: lost, what="on_lost")
+        assert lost == [[solver]]
+        assert solver.lost and solver.state is GrantState.LOST
+        assert cad.safe and cad.id != old_cad_id, "cad was checked out again under a new id"
+        new_sid = next(iter(ledger.sessions))
+        assert new_sid != old_sid and ledger.sessions[new_sid] == {cad.id: ("cad", 1)}
+        client.checkin(cad)
+        assert ledger.checkins == [cad.id]
+        client.checkin(solver)  # a lost grant holds nothing: nothing to do
+
+
+def test_call_that_meets_unknown_session_is_resent(make_node: Callable[..., FakeNode]) -> None:
+    ledger = FakeLedger({"cad": 2}, heartbeat=60)
+    node = make_node(ledger)
+    with LicenseClient([node.endpoint]) as client:
+        client.checkin(client.checkout("cad"))
+        ledger.expire(next(iter(ledger.sessions)))
+        grant = client.checkout("cad")
+        assert len(node.ops("open")) == 2 and grant.safe
+
+
+# --- the lease
+
+
+def test_lease_lapse_reports_grants_unsafe_then_safe_again(
+    make_node: Callable[..., FakeNode],
+) -> None:
+    ledger = FakeLedger({"cad": 2}, lease=0.5, heartbeat=0.1)
+    node = make_node(ledger)
+    lost: list[list[Grant]] = []
+    with LicenseClient([node.endpoint], on_lost=lost.append) as client:
+        grant = client.checkout("cad")
+        node.mode = "silent"
+        start = time.monotonic()
+        wait_until(lambda: lost, timeout=3, what="on_lost after the lease")
+        assert time.monotonic() - start <= 0.5 + 0.2, "lapses no later than the triad's lease"
+        assert lost == [[grant]] and grant.state is GrantState.UNSAFE
+        node.mode = "primary"  # the triad still knows the session: heartbeats renew it
+        wait_until(lambda: grant.safe, what="grant safe again")
+        client.checkin(grant)
+
+
+def test_lease_lapse_without_callback_raises_lease_lost(make_node: Callable[..., FakeNode]) -> None:
+    ledger = FakeLedger({"cad": 2}, lease=0.4, heartbeat=0.1)
+    node = make_node(ledger)
+    with LicenseClient([node.endpoint], timeout=1.0) as client:
+        grant = client.checkout("cad")
+        node.mode = "silent"
+        wait_until(lambda: not grant.safe, what="the lease to lapse")
+        with pytest.raises(LeaseLost) as lost:
+            client.checkout("cad")
+        assert lost.value.lost == (grant,)
+        node.mode = "primary"
+        wait_until(lambda: grant.safe, what="grant safe again")
+        client.checkout("cad")  # reported once: the next call goes through
+
+
+def test_cut_off_longer_than_the_lease_then_checked_out_again(
+    make_node: Callable[..., FakeNode],
+) -> None:
+    ledger = FakeLedger({"cad": 2, "solver": 1}, lease=0.4, heartbeat=0.1)
+    node = make_node(ledger)
+    lost: list[list[Grant]] = []
+    with LicenseClient([node.endpoint], on_lost=lost.append) as client:
+        cad, solver = client.checkout("cad"), client.checkout("solver")
+        node.mode = "silent"
+        wait_until(lambda: lost, what="the lease to lapse")
+        assert lost == [[cad, solver]] and not cad.safe and not solver.safe
+        ledger.expire(next(iter(ledger.sessions)))  # the triad expired the session too
+        ledger.taken["solver"] = 1
+        node.mode = "primary"
+        wait_until(lambda: len(lost) == 2, what="the re-checkout's report")
+        assert lost[1] == [solver] and solver.lost
+        assert cad.safe and ledger.sessions[next(iter(ledger.sessions))] == {cad.id: ("cad", 1)}
+
+
+# --- threads and license paths
+
+
+def test_several_threads_check_out_concurrently(make_node: Callable[..., FakeNode]) -> None:
+    ledger = FakeLedger({"cad": 100})
+    node = make_node(ledger)
+    errors: list[BaseException] = []
+    with LicenseClient([node.endpoint]) as client:
+
+        def work() -> None:
+            try:
+                for _ in range(20):
+                    grant = client.checkout("cad")
+                    client.checkin(grant)
+            except BaseException as exc:  # reported by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert not errors, errors
+        sent = reqs(node, "checkout")
+        assert len(sent) == len(set(sent)) == 160
+        assert ledger.in_use("cad") == 0
+
+
+def test_license_path_tries_entries_in_order(make_node: Callable[..., FakeNode]) -> None:
+    empty, full = make_node(FakeLedger({})), make_node(FakeLedger({"cad": 1}))
+    path = ":".join(e.rsplit(":", 1)[1] + "@127.0.0.1" for e in (empty.endpoint, full.endpoint))
+    with LicenseClient(path) as client:
+        grant = client.checkout("cad")
+        assert grant.triad == (full.endpoint,)
+        with pytest.raises(LicenseDenied) as denied:
+            client.checkout("cad")
+        assert denied.value.reason == "no_seats", "the denial closest to success is reported"
+        client.checkin(grant)
+    assert empty.ops("open") and full.ops("close")
+
+
+def test_license_path_from_environment(
+    make_node: Callable[..., FakeNode], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = make_node(FakeLedger({"cad": 1}))
+    monkeypatch.setenv("ZBROKER_LICENSE", node.endpoint.rsplit(":", 1)[1] + "@127.0.0.1")
+    with LicenseClient() as client:
+        assert client.entries == [(node.endpoint,)]
+        client.checkin(client.checkout("cad"))
+
+
+def test_close_returns_promptly_with_the_triad_gone(make_node: Callable[..., FakeNode]) -> None:
+    node = make_node(FakeLedger({"cad": 1}))
+    client = LicenseClient([node.endpoint])
+    grant = client.checkout("cad")
+    node.stop()
+    start = time.monotonic()
+    client.close()
+    assert time.monotonic() - start < 2.5
+    assert grant.released

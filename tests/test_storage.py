@@ -1,0 +1,81 @@
+"""The data directory survives restarts, torn writes and compaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.storage import Storage, StorageError, write_marker
+
+
+def _storage(tmp_path: Path, node: str = "alpha") -> Storage:
+    return Storage(tmp_path / "data", node, fsync=False)
+
+
+def test_a_directory_without_marker_is_fresh(tmp_path: Path) -> None:
+    assert _storage(tmp_path).load().fresh
+    write_marker(tmp_path / "data", "alpha")
+    assert not _storage(tmp_path).load().fresh
+
+
+def test_marker_of_another_node_is_refused(tmp_path: Path) -> None:
+    write_marker(tmp_path / "data", "beta")
+    with pytest.raises(StorageError, match="belongs to node 'beta'"):
+        _storage(tmp_path).load()
+
+
+def test_log_hard_state_and_truncation_round_trip(tmp_path: Path) -> None:
+    write_marker(tmp_path / "data", "alpha")
+    store = _storage(tmp_path)
+    store.append([(1, 1, {"k": "a"}), (2, 1, {"k": "b"}), (3, 1, None)])
+    store.truncate(3)
+    store.append([(3, 2, {"k": "c"})])
+    store.save_hard_state(2, "beta")
+    store.close()
+    loaded = _storage(tmp_path).load()
+    assert loaded.entries == [(1, 1, {"k": "a"}), (2, 1, {"k": "b"}), (3, 2, {"k": "c"})]
+    assert (loaded.term, loaded.voted_for) == (2, "beta")
+
+
+def test_torn_tail_is_cut_and_appends_continue(tmp_path: Path) -> None:
+    write_marker(tmp_path / "data", "alpha")
+    store = _storage(tmp_path)
+    store.append([(1, 1, {"k": "a"}), (2, 1, {"k": "b"})])
+    store.close()
+    log = tmp_path / "data" / "log"
+    log.write_bytes(log.read_bytes()[:-3])  # a crash in the middle of the last record
+    store = _storage(tmp_path)
+    assert store.load().entries == [(1, 1, {"k": "a"})]
+    store.append([(2, 2, {"k": "z"})])
+    store.close()
+    assert _storage(tmp_path).load().entries == [(1, 1, {"k": "a"}), (2, 2, {"k": "z"})]
+
+
+def test_snapshot_compacts_the_log(tmp_path: Path) -> None:
+    write_marker(tmp_path / "data", "alpha")
+    store = _storage(tmp_path)
+    store.append([(i, 1, {"n": i}) for i in range(1, 11)])
+    store.save_snapshot(8, 1, {"ledger": "state"}, keep=[(9, 1, {"n": 9}), (10, 1, {"n": 10})])
+    store.append([(11, 1, {"n": 11})])
+    store.close()
+    loaded = _storage(tmp_path).load()
+    assert (loaded.snapshot_index, loaded.snapshot_term, loaded.snapshot) == (
+        8,
+        1,
+        {"ledger": "state"},
+    )
+    assert [e[0] for e in loaded.entries] == [9, 10, 11]
+
+
+def test_damaged_snapshot_is_an_error_naming_the_file(tmp_path: Path) -> None:
+    write_marker(tmp_path / "data", "alpha")
+    store = _storage(tmp_path)
+    store.save_snapshot(1, 1, {"x": 1}, keep=[])
+    store.close()
+    snap = tmp_path / "data" / "snapshot"
+    data = bytearray(snap.read_bytes())
+    data[-1] ^= 0xFF
+    snap.write_bytes(bytes(data))
+    with pytest.raises(StorageError, match="snapshot"):
+        _storage(tmp_path).load()
