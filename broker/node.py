@@ -149,6 +149,7 @@ class Node:
         self.sub.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.peer_sockets: dict[str, zmq.Socket[bytes]] = {}
+        self.monitors: dict[zmq.Socket[bytes], str] = {}
         for other in self.config.nodes:
             if other.name == self.me.name:
                 continue
@@ -162,8 +163,12 @@ class Node:
             out.setsockopt(zmq.SNDHWM, 100_000)
             out.connect(other.peer)
             self.peer_sockets[other.name] = out
+            # A killed peer's kernel closes its connections at once: seeing that drop
+            # starts the election long before peer_timeout would.
+            monitor = out.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self.monitors[monitor] = other.name
         self.poller = zmq.Poller()
-        for sock in (self.clients, self.peer_in, self.sub):
+        for sock in (self.clients, self.peer_in, self.sub, *self.monitors):
             self.poller.register(sock, zmq.POLLIN)
 
     # --- the loop
@@ -177,6 +182,9 @@ class Node:
                 self._drain(self.peer_in, self._on_peer_frames, now)
             if self.sub in ready:
                 self._drain(self.sub, self._on_heartbeat_frames, now)
+            for monitor, peer in self.monitors.items():
+                if monitor in ready:
+                    self._on_peer_lost(monitor, peer, now)
             if now.mono >= next_tick:
                 next_tick = now.mono + TICK
                 self._take(self.replica.on_tick(now.mono))
@@ -221,6 +229,15 @@ class Node:
         if msg is not None and isinstance(sender, str) and sender in self.peer_sockets:
             self.heard[sender] = (now.mono, msg)
             self._take(self.replica.on_message(sender, msg, now.mono))
+
+    def _on_peer_lost(self, monitor: zmq.Socket[bytes], peer: str, now: Now) -> None:
+        while True:
+            try:
+                monitor.recv_multipart(zmq.NOBLOCK)  # only DISCONNECTED events are asked for
+            except zmq.Again:
+                break
+            log.info("connection to %s dropped", peer)
+            self._take(self.replica.on_peer_lost(peer, now.mono))
 
     @staticmethod
     def _decode_peer(data: bytes) -> dict[str, Any] | None:

@@ -76,6 +76,7 @@ class Engine:
         self._ctx = zmq.Context()
         self._sockets: dict[tuple[int, int], zmq.Socket[bytes]] = {}
         self._owners: dict[zmq.Socket[bytes], tuple[Link, int]] = {}
+        self._monitors: dict[zmq.Socket[bytes], tuple[Link, int]] = {}
         self._poller = zmq.Poller()
         self._poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self._stop_at: float | None = None
@@ -119,6 +120,8 @@ class Engine:
                 for item, _ in self._poller.poll(math.ceil(wait * 1000)):
                     if item == self._wake_r.fileno():
                         self._drain_wake()
+                    elif item in self._monitors:
+                        self._disconnected(item)
                     else:
                         self._receive(item)
                 now = time.monotonic()
@@ -173,6 +176,15 @@ class Engine:
                 continue
             link.on_frame(node, frames[0], time.monotonic())
 
+    def _disconnected(self, monitor: Any) -> None:
+        link, node = self._monitors[monitor]
+        while True:
+            try:
+                monitor.recv_multipart(zmq.NOBLOCK)  # only DISCONNECTED events are asked for
+            except zmq.Again:
+                return
+            link.on_disconnected(node, time.monotonic())
+
     def _send(self, link: Link, node: int, frame: bytes) -> bool:
         sock = self._sockets.get((link.entry, node))
         if sock is None:
@@ -200,6 +212,11 @@ class Engine:
         self._sockets[(link.entry, node)] = sock
         self._owners[sock] = (link, node)
         self._poller.register(sock, zmq.POLLIN)
+        # A node killed mid-request closes its connection at once; seeing the drop lets
+        # the request move to the next node without waiting out the per-try timeout.
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitors[monitor] = (link, node)
+        self._poller.register(monitor, zmq.POLLIN)
         return sock
 
     def _stop(self) -> None:
@@ -217,6 +234,8 @@ class Engine:
                 link.abort(time.monotonic())
         except Exception:
             log.exception("client shutdown failed")
+        for monitor in self._monitors:
+            monitor.close(linger=0)
         for sock in self._sockets.values():
             sock.close(linger=0)
         self._ctx.term()

@@ -287,6 +287,16 @@ class Link:
             return None
         return next((ex for ex in self._table.values() if ex.op == "status"), None)
 
+    def on_disconnected(self, node: int, now: float) -> None:
+        """The connection to ``node`` dropped (its process died): stop waiting on it.
+
+        The copies it had stay unanswered, so their outcome stays unknown until another
+        node answers the same request; the next ``tick`` re-sends them elsewhere.
+        """
+        for ex in self._table.values():
+            if ex.in_flight and ex.node == node:
+                ex.try_deadline = min(ex.try_deadline, now)
+
     def tick(self, now: float) -> None:
         self._now = now
         for ex in [w for w in self._waiting if w.deadline is not None and now >= w.deadline]:

@@ -6,6 +6,7 @@ entry point returns the effects to carry out, in order (``peers/types.py``)::
     Replica(me, ranks, timing, durable, now)
     on_tick(now) -> list[Effect]                       # call every few ms (<= heartbeat/4)
     on_message(sender, msg, now) -> list[Effect]       # a decoded peer map; never raises
+    on_peer_lost(peer, now) -> list[Effect]            # the connection to a peer dropped
     propose(deltas, now) -> (indexes, list[Effect])    # serving primary only
     compacted(index, term, snapshot) -> None           # the shell snapshotted a committed index
     role, term, primary, commit, last, serving, transferring, is_serving(now), peers_alive(now)
@@ -248,6 +249,27 @@ class Replica(Replication):
             # peer; refusing it keeps our state as it was before the message
             out.append(Dropped(sender, f"refused: {exc}"))
         self._announce(out)
+        return out
+
+    def on_peer_lost(self, peer: str, now: float) -> list[Effect]:
+        """The shell saw its connection to ``peer`` drop: that process is gone.
+
+        A killed process's sockets are closed by its kernel at once, so this comes long
+        before ``peer_timeout``; a paused one keeps its connections and is found by the
+        timeout as before. Only timing changes: the peer counts as unheard, and if it
+        was the primary the election may start at the next tick (still in rank order:
+        a lower-ranked node waits for live higher-ranked ones). Terms and votes decide
+        who wins, so a spurious call costs an election at most, never safety.
+        """
+        self._now = now
+        out = self._take_pending()
+        if peer not in self._heard:
+            return out
+        self._heard[peer] = NEVER
+        self._acked[peer] = NEVER
+        if peer == self.primary and self.role is not Role.PRIMARY:
+            self._primary_seen = NEVER
+            self._leaderless_since = min(self._leaderless_since, now - self.timing.peer_timeout)
         return out
 
     def propose(self, deltas: list[dict[str, Any]], now: float) -> tuple[list[int], list[Effect]]:

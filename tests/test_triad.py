@@ -73,7 +73,7 @@ def test_primary_killed_while_holding_and_checking_out(triad: LocalTriad) -> Non
         assert granted_after, "no checkout was granted after the primary was killed"
         failover = granted_after[0] - kill_time[0]
         print(f"failover seen by a client: {failover:.3f} s")
-        assert failover < 2.0  # SPEC target is 1 s; the benchmark measures it properly
+        assert failover < 1.0  # SPEC invariant 4; the benchmark measures the distribution
         second = triad.wait_for_primary(not_=first)
         assert second != first
         assert _holders(triad, "cad") == [("holder", 2)]

@@ -176,12 +176,14 @@ class Nemesis:
         *,
         failback: bool,
         heal_timeout: float = 15.0,
+        deadline: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.triad = triad
         self.record = record
         self.failback = failback
         self.heal_timeout = heal_timeout
+        self.deadline = deadline  # time.monotonic() past which no wait goes on
         self.sleep = sleep  # the runner passes one that wakes early when asked to stop
         self.paused: set[str] = set()
         self._fault = 0
@@ -342,7 +344,7 @@ class Nemesis:
             roles = self.roles()
             return next((n for n, r in roles.items() if r == "primary"), None)
 
-        return wait_for(serving, self.heal_timeout, "a serving primary", every=0.05)
+        return wait_for(serving, self._budget(), "a serving primary", every=0.05)
 
     def heal(self) -> Healed:
         """Resume and start every node, then wait until the triad is whole and caught up."""
@@ -358,16 +360,22 @@ class Nemesis:
             last[:] = problems
             return not problems
 
+        budget = self._budget()
         try:
-            wait_for(whole, self.heal_timeout, "the triad to heal", every=0.05)
+            wait_for(whole, budget, "the triad to heal", every=0.05)
         except TriadTimeout:
             hard = [p for p in last if not p.startswith("failback")]
+            text = "; ".join(last)
             if hard:
-                return Healed(
-                    False, f"not healed after {self.heal_timeout:.0f} s: " + "; ".join(last)
-                )
-            return Healed(True, "; ".join(last))
+                return Healed(False, f"not healed after {budget:.1f} s: {text}")
+            return Healed(True, text)
         return Healed(True, "")
+
+    def _budget(self) -> float:
+        """How long a wait may take: the heal timeout, cut short by the run's deadline."""
+        if self.deadline is None:
+            return self.heal_timeout
+        return max(0.5, min(self.heal_timeout, self.deadline - time.monotonic()))
 
     def _problems(self, report: dict[str, Any]) -> list[str]:
         nodes = report["nodes"]

@@ -111,20 +111,21 @@ def _nodes(ax: Any, history: History, report: Report, t0: float) -> None:
         for role, colour in ROLE_COLOURS.items():
             bars = [(a, b - a) for r, a, b in spans if r == role]
             if bars:
-                ax.broken_barh(bars, (lane - 0.3, 0.6), color=colour)
+                ax.broken_barh(bars, (lane - 0.3, 0.6), color=colour, zorder=2)
     for fault in history.faults:
         a = fault.start - t0
         b = (fault.end if fault.end is not None else history.last_t or fault.start) - t0
-        ax.axvspan(a, b, color="gold", alpha=0.25)
-        ax.text(a, len(names) - 0.4, fault.kind, fontsize=6, rotation=90, va="top")
+        ax.axvspan(a, b, color="gold", alpha=0.35, zorder=0)
+        ax.text(a, len(names) - 0.45, fault.kind, fontsize=6, rotation=90, va="top")
         for action in fault.actions:
             if action.node in names:
-                ax.plot(action.t - t0, names.index(action.node), marker="x", color="black")
+                lane = names.index(action.node)
+                ax.plot(action.t - t0, lane, marker="x", color="black", zorder=3)
     for w in report.windows:
-        ax.axvspan(w.start - t0, w.end - t0, ymin=0, ymax=0.06, color="red")
+        ax.axvspan(w.start - t0, w.end - t0, ymin=0, ymax=0.06, color="red", zorder=3)
     ax.set_yticks(range(len(names)), names)
     ax.set_ylim(-0.6, len(names) + 0.4)
-    ax.set_ylabel("nodes (blue: primary)")
+    ax.set_ylabel("nodes: primary (blue),\nbackup, down (grey);\nfaults (yellow), no service (red)")
 
 
 def _role_spans(history: History, name: str, t0: float) -> list[tuple[str, float, float]]:
@@ -148,12 +149,14 @@ def _outcomes(ax: Any, history: History, t0: float) -> None:
         if op.complete_t is None or op.status is None:
             continue
         per_second[op.status][int(op.complete_t - t0)] += 1
+    last = int((history.last_t or t0) - t0)
     for status, colour in OUTCOME_COLOURS.items():
         counts = per_second.get(status)
         if not counts:
             continue
-        xs = sorted(counts)
-        ax.plot(xs, [counts[x] for x in xs], color=colour, label=status, linewidth=0.9)
+        xs = list(range(last + 1))
+        ys = [counts.get(x, 0) for x in xs]
+        ax.step(xs, ys, where="post", color=colour, label=status, linewidth=0.9)
     ax.set_yscale("symlog")
     ax.set_ylabel("operations / s")
     ax.legend(loc="upper right", fontsize="small", ncol=5)

@@ -38,11 +38,14 @@ from clients.chaos.nemesis import ALL_KINDS, ESTIMATE, FaultKind, Nemesis, sched
 from clients.chaos.workload import WorkloadSpec
 from clients.testing import LocalTriad, TriadTimeout
 
-FINAL_RESERVE = 10.0  # seconds kept at the end: hold, settle, final check-ins, shutdown
+# The end of a run, counted back from its deadline (seconds before it):
+FINAL_RESERVE = 10.0  # the load ends: hold, settle, final check-ins, shutdown follow
+HEAL_BY = 7.0  # every wait for the triad to heal is over
+HOLD_BY = 5.0  # the clients have stopped (in-flight calls end within their deadline)
+SETTLE_BY = 3.0  # the final status is recorded
+WORKERS_BY = 1.5  # the client processes' own deadline: then they close and exit
 SETTLE_MIN = 1.5  # let the library settle unknown outcomes in the background first
-SETTLE_TIMEOUT = 6.0  # then wait this long at most for the nodes to agree
 TAIL = 1.0  # seconds of plain load after the last fault of a counted schedule
-WORKER_GRACE = 5.0  # beyond its deadline, how long a client process gets before SIGKILL
 
 Log = Callable[[str], None]
 
@@ -264,7 +267,7 @@ class Runner:
                 raise RunError(f"{exc}; node logs in {triad.logs}") from None
             self._meta(triad, rec, began)
             rec.write("phase", phase="load")
-            workers = self._start_workers(triad, deadline)
+            workers = self._start_workers(triad, deadline - WORKERS_BY)
             sampler = _Sampler(triad, rec, o.sample_every)
             sampler.start()
             nemesis = Nemesis(
@@ -272,6 +275,7 @@ class Runner:
                 rec.write,
                 failback=triad.config.failback,
                 heal_timeout=o.heal_timeout,
+                deadline=deadline - HEAL_BY,
                 sleep=self._sleep,
             )
             result.faults, result.stopped_early = self._faults(nemesis, triad, load_end)
@@ -281,7 +285,7 @@ class Runner:
                 sampler.halt.set()
                 sampler.join(2.0)
             for w in workers:
-                w.stop(timeout=WORKER_GRACE)
+                w.stop(timeout=max(0.5, deadline - time.monotonic()))
             triad.stop()
             rec.write("phase", phase="end")
             rec.close()
@@ -352,7 +356,9 @@ class Runner:
                 break
             if healed.detail:
                 self.log(f"  healed, but: {healed.detail}")
-        if self.o.count is not None and not why:
+        if why:
+            return done, why  # a broken triad or a stop request: straight to the end
+        if self.o.count is not None:
             self._sleep(min(TAIL, max(0.0, load_end - time.monotonic())))
         else:
             self._sleep(max(0.0, load_end - time.monotonic()))
@@ -373,12 +379,12 @@ class Runner:
         for w in workers:
             w.say("stop")
         # In-flight calls finish within their deadline (plus a queueing wait).
-        silent = _wait_all(workers, "ready", self.o.op_timeout + 4.0)
+        silent = _wait_all(workers, "ready", max(0.0, deadline - HOLD_BY - time.monotonic()))
         if silent:
             self.log(f"client processes {silent} did not stop in time")
-        self._sleep(SETTLE_MIN)
+        settle_by = deadline - SETTLE_BY
+        self._sleep(min(SETTLE_MIN, max(0.0, settle_by - time.monotonic())))
         views: dict[str, Any] = {}
-        settle_by = min(time.monotonic() + SETTLE_TIMEOUT, deadline - 3.0)
         previous: dict[str, Any] | None = None
         while True:
             views = node_views(triad)
@@ -394,4 +400,4 @@ class Runner:
         rec.write("phase", phase="final")
         for w in workers:
             w.say("release")
-        _wait_all(workers, "done", max(1.0, deadline - time.monotonic()))
+        _wait_all(workers, "done", max(0.5, deadline - time.monotonic()))

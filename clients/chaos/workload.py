@@ -39,7 +39,7 @@ from clients import (
 from clients.chaos.history import Recorder
 
 FINAL_TRIES = 5  # check-ins at the end re-tried this often when "unavailable"
-CLOSE_TIMEOUT = 2.0
+CLOSE_TIMEOUT = 1.0  # closing the clients at the end: the triad expires what is left
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class WorkloadSpec:
     endpoints: list[str]
     history: str  # path of this process's history file
     seed: int
-    deadline: float  # time.monotonic() after which the process ends by itself
+    deadline: float  # time.monotonic() by which the process is done (then it closes, exits)
     op_timeout: float = 2.0  # the deadline of every call
     # feature -> (weight, largest count asked for). solver (2 seats) and cad (15) are
     # contended; viewer (50) rarely is, so its checkouts show when the triad serves
@@ -154,9 +154,9 @@ class Session:
             held = list(self.held)
         for h in held:
             for _ in range(FINAL_TRIES):
+                if self.spec.deadline - time.monotonic() < 0.1:
+                    return  # no time left: the runner is about to stop everything
                 if self._checkin(client, h, "final") != "unavailable":
-                    break
-                if time.monotonic() >= self.spec.deadline + CLOSE_TIMEOUT:
                     break
 
     # --- operations
@@ -230,8 +230,9 @@ class Session:
             after_lost=h.lost,
         )
         status = "ok"
+        left = self.spec.deadline - time.monotonic()
         try:
-            client.checkin(h.grant)
+            client.checkin(h.grant, timeout=max(0.1, min(self.spec.op_timeout, left)))
         except Exception as exc:  # LicenseError, or a library bug: recorded either way
             status = self._complete(op_id, exc)
         else:
@@ -312,10 +313,10 @@ def main(argv: list[str]) -> int:
         for t in threads:
             t.start()
         for s in sessions:
-            s.holding.wait(max(0.0, spec.deadline - time.monotonic()) + 1.0)
+            s.holding.wait(max(0.0, spec.deadline - time.monotonic()))
         print("ready", flush=True)
         for t in threads:
-            t.join(max(0.0, spec.deadline - time.monotonic()) + 2 * CLOSE_TIMEOUT)
+            t.join(max(0.0, spec.deadline - time.monotonic()) + CLOSE_TIMEOUT)
     print("done", flush=True)
     return 0
 
