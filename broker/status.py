@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from broker.wire import decode_reply, encode_request
+from clients.wire import decode_reply, encode_request
 
 
 def query_nodes(endpoints: list[tuple[str, str]], timeout: float = 1.0) -> dict[str, Any]:
@@ -38,8 +38,8 @@ def query_nodes(endpoints: list[tuple[str, str]], timeout: float = 1.0) -> dict[
                 break
             for sock, _ in poller.poll(int(left * 1000) + 1):
                 reply = decode_reply(sock.recv())
-                if reply.get("status") == "ok" and isinstance(reply.get("report"), dict):
-                    answers[sockets[sock]] = reply["report"]
+                if reply.status == "ok" and isinstance(reply.body.get("report"), dict):
+                    answers[sockets[sock]] = dict(reply.body["report"])
     finally:
         for sock in sockets:
             sock.close(linger=0)

@@ -60,25 +60,15 @@ def encode_reply(reply: Reply, sid: str | None, req: int | None) -> bytes:
     return pack({"v": PROTOCOL_VERSION, "sid": sid, "req": req, **reply})
 
 
-def decode_reply(data: bytes) -> dict[str, Any]:
-    """For clients: a reply map, or RemoteProtocolError if the node sent garbage."""
-    try:
-        obj = msgpack.unpackb(data, raw=False, **_REQUEST_LIMITS)
-    except Exception as exc:  # msgpack raises a zoo of types on bad input
-        raise RemoteProtocolError(ErrorCode.BAD_REQUEST, f"reply is not msgpack: {exc}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("status"), str):
-        raise RemoteProtocolError(ErrorCode.BAD_REQUEST, "reply is not a map with a status")
-    return obj
-
-
-def encode_request(request: dict[str, Any]) -> bytes:
-    return pack({"v": PROTOCOL_VERSION, **request})
+def unpack_bounded(data: bytes) -> Any:
+    """Bytes from outside (a client request, a node's reply): bounded sizes, no ext types."""
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, **_REQUEST_LIMITS)
 
 
 def decode_request(data: bytes) -> Request:
     """Validate one client frame into a Request, or raise RemoteProtocolError."""
     try:
-        obj = msgpack.unpackb(data, raw=False, **_REQUEST_LIMITS)
+        obj = unpack_bounded(data)
     except Exception as exc:  # ExtraData, FormatError, ValueError, StackError, ...
         raise RemoteProtocolError(ErrorCode.BAD_REQUEST, f"not a msgpack message: {exc}") from None
     if not isinstance(obj, dict):

@@ -1,4 +1,4 @@
-"""The client side of docs/protocol.md: the only module of ``clients`` that calls msgpack.
+"""The client side of docs/protocol.md (the msgpack calls themselves are broker.wire's).
 
 Requests are built as plain maps and packed here; replies are unpacked, checked for
 the fields every reply has, and handed on as a frozen ``Reply``. The payload of an
@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
+from broker.wire import pack, unpack_bounded
 from clients.errors import LicenseDenied, LicenseError, LicenseUnavailable, ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -73,15 +72,14 @@ class GrantInfo:
 
 def encode_request(fields: Mapping[str, Any]) -> bytes:
     """One request frame: ``fields`` plus the protocol version."""
-    packed: bytes = msgpack.packb({"v": PROTOCOL_VERSION, **fields}, use_bin_type=True)
-    return packed
+    return pack({"v": PROTOCOL_VERSION, **fields})
 
 
 def decode_reply(frame: bytes) -> Reply:
     """Unpack and check one reply frame; raises ProtocolError on anything malformed."""
     try:
-        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True, use_list=True)
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        obj = unpack_bounded(frame)
+    except Exception as exc:  # msgpack raises a zoo of types on bad input
         raise ProtocolError(f"reply is not msgpack: {exc}") from exc
     if not isinstance(obj, dict):
         raise ProtocolError(f"reply is not a map: {type(obj).__name__}")

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import zmq
 
-from broker.wire import decode_reply, encode_request
 from clients.testing import LocalTriad
+from clients.wire import decode_reply, encode_request
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
@@ -68,7 +68,7 @@ class RawClient:
     def recv(self, timeout: float = 5.0) -> dict[str, Any]:
         if not self.sock.poll(timeout * 1000):
             raise TimeoutError(f"no reply within {timeout} s")
-        return decode_reply(self.sock.recv())
+        return dict(decode_reply(self.sock.recv()).body)
 
     def call(self, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
         req = self.send(**fields)

@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 import zmq
 
-from broker.wire import decode_reply, pack
+from broker.wire import pack
 from clients import LicenseClient, LicenseDenied
 from clients.testing import LocalTriad, wait_for
+from clients.wire import decode_reply
 
 
 def _feature(report: dict[str, Any], name: str) -> dict[str, Any]:
@@ -128,7 +129,7 @@ def test_malformed_burst_changes_nothing(single: LocalTriad, raw: Any) -> None:
     errors = 0
     while sock.poll(1000):
         decoded = decode_reply(sock.recv())
-        assert decoded["status"] == "error", decoded
+        assert decoded.status == "error", decoded
         errors += 1
     assert errors >= 12  # every map-shaped or msgpack-broken request got an error answer
     big = zmq.Context.instance().socket(zmq.DEALER)

@@ -79,6 +79,7 @@ def _seats(ax: Any, history: History, t0: float) -> None:
         if hold.end is not None:
             deltas[hold.grant.feature].append((hold.end - t0, -hold.grant.count))
     colours = {}
+    top = 1
     for i, (feature, total) in enumerate(sorted(history.features.items())):
         events = sorted(deltas.get(feature, []))
         if not events:
@@ -91,7 +92,10 @@ def _seats(ax: Any, history: History, t0: float) -> None:
         colour = f"C{i}"
         colours[feature] = colour
         ax.step(xs, ys, where="post", color=colour, label=f"{feature} held by clients")
-        ax.axhline(total, color=colour, linestyle="--", linewidth=0.8)
+        top = max(top, *ys)
+        if max(ys) * 2 >= total:  # a total far above the use would flatten the others
+            ax.axhline(total, color=colour, linestyle="--", linewidth=0.8)
+            top = max(top, total)
     for feature, colour in colours.items():
         points = [
             (float(s["t"]) - t0, int(s["in_use"][feature]))
@@ -100,6 +104,7 @@ def _seats(ax: Any, history: History, t0: float) -> None:
         ]
         if points:
             ax.scatter(*zip(*points, strict=True), s=4, color=colour, alpha=0.5)
+    ax.set_ylim(0, top * 1.1)
     ax.set_ylabel("seats (dashed: total)")
     ax.legend(loc="upper right", fontsize="small")
 
@@ -116,7 +121,7 @@ def _nodes(ax: Any, history: History, report: Report, t0: float) -> None:
         a = fault.start - t0
         b = (fault.end if fault.end is not None else history.last_t or fault.start) - t0
         ax.axvspan(a, b, color="gold", alpha=0.35, zorder=0)
-        ax.text(a, len(names) - 0.45, fault.kind, fontsize=6, rotation=90, va="top")
+        ax.text(a, len(names) - 0.6, fault.kind, fontsize=6, rotation=90, va="bottom")
         for action in fault.actions:
             if action.node in names:
                 lane = names.index(action.node)
@@ -124,7 +129,7 @@ def _nodes(ax: Any, history: History, report: Report, t0: float) -> None:
     for w in report.windows:
         ax.axvspan(w.start - t0, w.end - t0, ymin=0, ymax=0.06, color="red", zorder=3)
     ax.set_yticks(range(len(names)), names)
-    ax.set_ylim(-0.6, len(names) + 0.4)
+    ax.set_ylim(-0.6, len(names) + 0.6)
     ax.set_ylabel("nodes: primary (blue),\nbackup, down (grey);\nfaults (yellow), no service (red)")
 
 
