@@ -425,16 +425,27 @@ class Simulation:
 
     def fault(self) -> None:
         rng, nodes = self.rng, list(self.nodes.values())
-        kind = rng.choice(["crash", "crash", "pause", "partition", "oneway", "heal", "wipe"])
+        kind = rng.choice(
+            ["crash", "crash", "pause", "partition", "oneway", "heal", "wipe", "lost"]
+        )
         victim = rng.choice(nodes)
         self.stats.faults += 1
         self.trace(f"fault {kind} {victim.name} {'(up)' if victim.up else '(down)'}")
         if kind == "crash" and victim.up:
             victim.crash(wipe=False)
+            self.connection_dropped(victim.name)
         elif kind == "wipe" and victim.up and self.may_wipe():
             self.trace(f"wiped {victim.name}")
             victim.crash(wipe=True)
             self.net.forget_from(victim.name)  # a dead disk's node sends nothing more
+            self.connection_dropped(victim.name)
+        elif kind == "lost":
+            # a spurious "connection dropped" about a peer that is alive: costs an
+            # election at most, and must never cost safety
+            observer = rng.choice([n for n in nodes if n is not victim])
+            if observer.replica is not None and self.now >= observer.paused_until:
+                self.trace(f"{observer.name} told {victim.name} dropped (spurious)")
+                observer.run(observer.replica.on_peer_lost(victim.name, self.now), self.now)
         elif kind == "pause" and victim.up:
             victim.paused_until = self.now + rng.uniform(0.2, 2.0)
         elif kind == "partition":
@@ -450,6 +461,14 @@ class Simulation:
             if not node.up and rng.random() < 0.3:
                 self.trace(f"restart {node.name} fresh={not node.disk.initialised}")
                 node.boot(self.now)
+
+    def connection_dropped(self, victim: str) -> None:
+        """A killed process's kernel closes its sockets: most peers see it at once."""
+        for node in self.nodes.values():
+            if node.name == victim or node.replica is None or self.now < node.paused_until:
+                continue
+            if self.rng.random() < 0.8:
+                node.run(node.replica.on_peer_lost(victim, self.now), self.now)
 
     def may_wipe(self) -> bool:
         # a second disk loss before the first is repaired can lose committed entries:

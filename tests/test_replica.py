@@ -150,6 +150,30 @@ def test_failover_elects_next_rank_within_a_second() -> None:
     assert triad.now - t0 < 1.0
 
 
+def test_a_dropped_connection_starts_the_election_at_once_in_rank_order() -> None:
+    triad = Triad()
+    triad.run(1.5)
+    triad.down.add("alpha")
+    t0 = triad.now
+    for name in ("beta", "gamma"):
+        triad.do(name, triad.reps[name].on_peer_lost("alpha", triad.now))
+    while not triad.serving():
+        triad.step()
+    assert triad.serving() == ["beta"]  # gamma still waits for the live, higher beta
+    assert triad.now - t0 < 0.1  # not peer_timeout (0.5 s)
+
+
+def test_a_spurious_dropped_connection_does_not_depose_a_live_primary() -> None:
+    triad = Triad()
+    triad.run(1.5)
+    term = triad.reps["alpha"].term
+    triad.do("gamma", triad.reps["gamma"].on_peer_lost("alpha", triad.now))
+    triad.run(2.0)
+    # gamma may ask for a pre-vote, but beta still hears alpha and refuses it
+    assert triad.serving() == ["alpha"]
+    assert triad.reps["alpha"].term == term
+
+
 def test_liveness_does_not_depend_on_the_higher_ranked_node() -> None:
     # beta hears alpha's heartbeats but alpha never stands (it cannot reach anyone)
     triad = Triad()
