@@ -17,15 +17,18 @@ from pathlib import Path
 
 import click
 
-from broker.config import ConfigError, load_config
+from broker.config import Config, ConfigError, load_config
 from broker.demo import DemoError, write_demo
 from broker.license import LicenseError
+from broker.security import ClientCurve, SecurityError, load_keypair, process_keypair
+from broker.security import write_keypair as write_curve_keypair
 from broker.signing import LicenseKeyError
 from broker.vendor_cli import vendor
 
 EXIT_REFUSED = 1
 EXIT_CONFIG = 2
-_CONFIG_ERRORS = (ConfigError, LicenseError, LicenseKeyError, DemoError)
+_CONFIG_ERRORS = (ConfigError, LicenseError, LicenseKeyError, DemoError, SecurityError)
+ADMIN_KEY_ENV = "ZBROKER_ADMIN_KEY"
 
 
 @click.group()
@@ -69,13 +72,20 @@ config_option = click.option(
     help="seconds a client may stay unheard before its seats return",
 )
 @click.option("--force", is_flag=True, help="overwrite an existing demo in DIRECTORY")
-def init(directory: Path, servers: str, lease: float, force: bool) -> None:
-    """Write a ready-to-run demo: vendor keys, a signed license, zbroker.toml, data dirs."""
+@click.option("--plain", is_flag=True, help="no CURVE keys: plain TCP, for trials (secure = false)")
+def init(directory: Path, servers: str, lease: float, force: bool, plain: bool) -> None:
+    """Write a ready-to-run demo: vendor keys, a signed license, zbroker.toml, data dirs.
+
+    Secure by default: a CURVE key pair per node and one for the administrator in
+    DIRECTORY/curve, each node's public key on its SERVER line.
+    """
     try:
-        config_path = write_demo(directory, servers=int(servers), lease=lease, force=force)
+        config_path = write_demo(
+            directory, servers=int(servers), lease=lease, force=force, secure=not plain
+        )
     except _CONFIG_ERRORS as exc:
         _fail(exc)
-    click.echo(f"wrote {config_path}")
+    click.echo(f"wrote {config_path} ({'plain TCP' if plain else 'secure: CURVE'})")
     click.echo(f"start it with:  zbroker up --config {config_path}")
 
 
@@ -131,12 +141,17 @@ def up(config_path: str) -> None:
     }
     click.echo(f"started {', '.join(f'{n} (pid {p.pid})' for n, p in children.items())}")
     reported: set[str] = set()
+    failed = False
     while not stopping:
         for name, proc in children.items():
             if name not in reported and proc.poll() is not None:
-                click.echo(
-                    f"node {name} exited with code {proc.returncode}; not restarted", err=True
-                )
+                if proc.returncode == 0:  # asked to stop (zbroker down): no failure
+                    click.echo(f"node {name} stopped")
+                else:
+                    failed = True
+                    click.echo(
+                        f"node {name} exited with code {proc.returncode}; not restarted", err=True
+                    )
                 reported.add(name)
         if len(reported) == len(children):
             break
@@ -149,7 +164,7 @@ def up(config_path: str) -> None:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
-    sys.exit(EXIT_REFUSED if reported else 0)
+    sys.exit(EXIT_REFUSED if failed else 0)
 
 
 @main.command()
@@ -162,9 +177,10 @@ def status(config_path: str, as_json: bool, timeout: float) -> None:
 
     try:
         config = load_config(config_path)
+        curve = config_curve(config, admin=False)
     except _CONFIG_ERRORS as exc:
         _fail(exc)
-    report = query_nodes([(n.name, n.client) for n in config.nodes], timeout=timeout)
+    report = query_nodes([(n.name, n.client) for n in config.nodes], timeout=timeout, curve=curve)
     click.echo(json.dumps(report, indent=2) if as_json else render(report))
     if report["primary"] is None:
         sys.exit(EXIT_REFUSED)
@@ -183,6 +199,13 @@ def status(config_path: str, as_json: bool, timeout: float) -> None:
     show_default=True,
     help="seconds to hold the grant before checking it in",
 )
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="this client's CURVE secret key (default $ZBROKER_CLIENT_KEY, else a fresh one)",
+)
 def checkout(
     feature: str,
     config_path: str,
@@ -190,21 +213,22 @@ def checkout(
     min_version: str | None,
     wait: float | None,
     hold: float,
+    key_path: str | None,
 ) -> None:
     """Check out seats of FEATURE by hand, hold them, and check them in."""
     from clients import LicenseClient
     from clients import LicenseError as ClientError
 
     if "ZBROKER_LICENSE" in os.environ:
-        servers: str | list[str] = os.environ["ZBROKER_LICENSE"]
+        servers = os.environ["ZBROKER_LICENSE"]
     else:
         try:
             config = load_config(config_path)
         except _CONFIG_ERRORS as exc:
             _fail(exc)
-        servers = [n.client for n in config.nodes]
+        servers = str(config.license_path)  # its SERVER lines carry the nodes' keys
     try:
-        with LicenseClient(servers) as client:
+        with LicenseClient(servers, client_key=key_path) as client:
             grant = client.checkout(feature, count=count, version=min_version, wait=wait)
             click.echo(
                 f"granted {grant.count} seat(s) of {grant.feature} {grant.version} "
@@ -216,3 +240,114 @@ def checkout(
             click.echo("checked in")
     except ClientError as exc:
         _fail(exc, EXIT_REFUSED)
+
+
+@main.command()
+@config_option
+@click.option("--node", "only", multiple=True, help="stop only this node (repeatable)")
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=f"the administrator's secret key (default ${ADMIN_KEY_ENV}, else admin_key of the config)",
+)
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+def down(config_path: str, only: tuple[str, ...], key_path: str | None, timeout: float) -> None:
+    """Stop the triad's nodes cleanly, as FlexLM's lmdown does.
+
+    Each node gets an ``admin`` request (action ``down``), answers it and exits; the
+    command then waits until none answers any more. Secure mode needs the
+    administrator's key (one listed in admin_keys); plain mode, a shell on a node's host.
+    Exit status: 0 when every node asked is down, 1 when one refused or still answers.
+    """
+    from broker.status import ask, query_nodes
+
+    try:
+        config = load_config(config_path)
+        nodes = [config.node(name) for name in only] if only else list(config.nodes)
+        curve = config_curve(config, admin=True, key_path=key_path)
+    except _CONFIG_ERRORS as exc:
+        _fail(exc)
+    endpoints = [(n.name, n.client) for n in nodes]
+    replies = ask(endpoints, {"op": "admin", "action": "down"}, timeout=timeout, curve=curve)
+    refused = False
+    for name, _ in endpoints:
+        reply = replies.get(name)
+        if reply is None:
+            click.echo(f"{name}: no answer (down already, or it refused our key)")
+        elif reply["status"] == "ok":
+            click.echo(f"{name}: stopping")
+        else:
+            refused = True
+            click.echo(f"{name}: refused: {reply.get('code')}: {reply.get('detail')}", err=True)
+
+    def all_down() -> bool:
+        report = query_nodes(endpoints, timeout=0.3, curve=curve)
+        return all(n["role"] == "down" for n in report["nodes"])
+
+    deadline = time.monotonic() + timeout
+    while not (stopped := all_down()) and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling a condition until a deadline
+    if stopped and not refused:
+        click.echo("all stopped" if not only else f"stopped {', '.join(only)}")
+        return
+    click.echo("some nodes still answer", err=True)
+    sys.exit(EXIT_REFUSED)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name")
+def keygen(directory: Path, name: str) -> None:
+    """Make a CURVE key pair DIRECTORY/NAME.key (public) and NAME.key_secret (mode 0600).
+
+    For a client of a triad with client_allow (add the public key printed to that
+    list; give the client the secret: ZBROKER_CLIENT_KEY) or another administrator
+    (add it to admin_keys). Node keys come from zbroker init.
+    """
+    try:
+        public_path, secret_path = write_curve_keypair(directory, name)
+        public = load_keypair(secret_path).public
+    except SecurityError as exc:
+        _fail(exc)
+    click.echo(f"public key: {public}")
+    click.echo(f"public certificate: {public_path}")
+    click.echo(f"secret certificate: {secret_path}")
+
+
+def config_curve(config: Config, *, admin: bool, key_path: str | None = None) -> ClientCurve | None:
+    """CURVE for the commands: the nodes' keys from the config, and our key pair.
+
+    Our key: ``key_path``, else ``$ZBROKER_ADMIN_KEY``, else the config's ``admin_key``.
+    ``admin=False`` (status) falls back to a fresh key when that one cannot be read.
+    """
+    if not config.secure:
+        return None
+    servers = {n.client: n.public_key for n in config.nodes if n.public_key}
+    path = key_path or os.environ.get(ADMIN_KEY_ENV) or config.admin_key
+    if path is None:
+        if admin:
+            raise SecurityError(
+                f"{config.path}: no administrator key: set admin_key, ${ADMIN_KEY_ENV} or --key"
+            )
+        return ClientCurve(process_keypair(), servers)
+    try:
+        keys = load_keypair(Path(path))
+    except SecurityError:
+        if admin:
+            raise
+        keys = process_keypair()
+    return ClientCurve(keys, servers)
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def chaos(args: tuple[str, ...]) -> None:
+    """Break a triad under client load and check SPEC 5's invariants (--help for options)."""
+    from clients.chaos.cli import main as chaos_main
+
+    sys.exit(chaos_main(list(args), prog="zbroker chaos"))

@@ -14,21 +14,36 @@ Layout::
     lease = 30.0                 # a client session expires after this long unheard
     failback = true
     fsync = true
+    secure = true                # CURVE on every socket (false: plain TCP, for trials)
+    admin_keys = "curve/admins"  # public keys that may administer (zbroker down)
+    admin_key = "curve/admin.key_secret"  # the key `zbroker down` and status use here
+    client_allow = "curve/clients"        # optional: serve only these client keys
+    max_sessions = 100000        # limits: see docs/security.md
+    max_sessions_per_host = 10000
+    max_queue = 10000
+    max_unacked = 10000
 
     [nodes.alpha]
     peer = "tcp://127.0.0.1:27101"   # ROUTER: votes, deltas, acks, catch-up
     pub = "tcp://127.0.0.1:27201"    # PUB: heartbeats
     data = "data/alpha"
+    secret_key = "curve/alpha.key_secret"  # secure mode: this node's CURVE key pair
+
+In secure mode every SERVER line of the license must carry the node's public key
+(``KEY=<z85>``), and each node needs ``secret_key``; the file itself is read only by the
+node that uses it (``broker/security.py``), so one config can serve every host.
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from broker.license import ServerLine, load_license
+from broker.limits import Limits
+from broker.security import SecurityError, check_key
 from broker.signing import load_public_key
 
 
@@ -44,6 +59,8 @@ class NodeConfig:
     peer: str
     pub: str
     data: Path
+    public_key: str | None = None  # KEY= of the SERVER line (Z85); required when secure
+    secret_key: Path | None = None  # the node's secret certificate; required when secure
 
 
 @dataclass(frozen=True)
@@ -59,6 +76,15 @@ class Config:
     max_message: int
     snapshot_every: int
     nodes: tuple[NodeConfig, ...]
+    secure: bool = True
+    client_allow: Path | None = None  # client allow-list (secure mode); None: any key
+    admin_keys: Path | None = None  # admin allow-list (secure mode); None: no admin
+    admin_key: Path | None = None  # the admin's secret certificate, for the CLI
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def mode(self) -> str:
+        return "curve" if self.secure else "plain"
 
     def node(self, name: str) -> NodeConfig:
         for node in self.nodes:
@@ -80,7 +106,10 @@ _DEFAULTS: dict[str, Any] = {
     "fsync": True,
     "max_message": 65536,
     "snapshot_every": 10_000,
+    "secure": True,
 }
+_PATHS = ("client_allow", "admin_keys", "admin_key")  # optional, relative to the config
+_LIMITS = {name: getattr(Limits(), name) for name in Limits.__dataclass_fields__}
 
 
 def load_config(path: str | Path) -> Config:
@@ -91,7 +120,9 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    unknown = set(raw) - set(_DEFAULTS) - {"license", "vendor_key", "nodes"}
+    unknown = (
+        set(raw) - set(_DEFAULTS) - set(_PATHS) - set(_LIMITS) - {"license", "vendor_key", "nodes"}
+    )
     if unknown:
         raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     base = path.parent
@@ -105,12 +136,26 @@ def load_config(path: str | Path) -> Config:
     license_path = base / _required_str(path, raw, "license")
     vendor_key = base / _required_str(path, raw, "vendor_key")
     servers = load_license(license_path, load_public_key(vendor_key)).servers
-    nodes = _nodes(path, base, raw.get("nodes", {}), servers)
+    nodes = _nodes(path, base, raw.get("nodes", {}), servers, secure=values["secure"])
+    paths: dict[str, Any] = {}
+    for key in _PATHS:
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{path}: {key} must be a path")
+        paths[key] = None if value is None else base / value
+    limits = {}
+    for key, default in _LIMITS.items():
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{path}: {key} must be a whole number >= 1")
+        limits[key] = value
     return Config(
         path=path,
         license_path=license_path,
         vendor_key=vendor_key,
         nodes=nodes,
+        limits=Limits(**limits),
+        **paths,
         **values,
     )
 
@@ -121,7 +166,7 @@ def _check_types(path: Path, values: dict[str, Any]) -> None:
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise ConfigError(f"{path}: {key} must be a positive number of seconds")
         values[key] = float(value)
-    for key in ("failback", "fsync"):
+    for key in ("failback", "fsync", "secure"):
         if not isinstance(values[key], bool):
             raise ConfigError(f"{path}: {key} must be true or false")
     for key in ("max_message", "snapshot_every"):
@@ -136,7 +181,9 @@ def _required_str(path: Path, raw: dict[str, Any], key: str) -> str:
     return value
 
 
-def _nodes(path: Path, base: Path, table: Any, servers: list[ServerLine]) -> tuple[NodeConfig, ...]:
+def _nodes(
+    path: Path, base: Path, table: Any, servers: list[ServerLine], *, secure: bool
+) -> tuple[NodeConfig, ...]:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [nodes.NAME] tables are missing")
     names = [s.name for s in servers]
@@ -155,6 +202,7 @@ def _nodes(path: Path, base: Path, table: Any, servers: list[ServerLine]) -> tup
             if not isinstance(value, str) or not value:
                 raise ConfigError(f'{path}: [nodes.{server.name}] needs {key} = "..."')
             fields[key] = value
+        public_key, secret_key = _node_keys(path, base, server, entry, secure=secure)
         nodes.append(
             NodeConfig(
                 name=server.name,
@@ -163,6 +211,40 @@ def _nodes(path: Path, base: Path, table: Any, servers: list[ServerLine]) -> tup
                 peer=fields["peer"],
                 pub=fields["pub"],
                 data=base / fields["data"],
+                public_key=public_key,
+                secret_key=secret_key,
             )
         )
+    keys = [n.public_key for n in nodes if n.public_key is not None]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"{path}: two SERVER lines carry the same KEY=; each node needs its own")
     return tuple(nodes)
+
+
+def _node_keys(
+    path: Path, base: Path, server: ServerLine, entry: dict[str, Any], *, secure: bool
+) -> tuple[str | None, Path | None]:
+    """The SERVER line's public key and the node's secret key file (checked when secure)."""
+    where = f"SERVER {server.name} (license line {server.line}) KEY="
+    public = server.attrs.get("KEY")
+    secret = entry.get("secret_key")
+    if secret is not None and (not isinstance(secret, str) or not secret):
+        raise ConfigError(f"{path}: [nodes.{server.name}] secret_key must be a path")
+    if not secure:
+        return public, None if secret is None else base / secret
+    if public is None:
+        raise ConfigError(
+            f"{path}: secure mode needs the node's public key on its SERVER line: "
+            f"{server.name} (license line {server.line}) has no KEY=; add it, or set "
+            "secure = false"
+        )
+    try:
+        check_key(public, where)
+    except SecurityError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if secret is None:
+        raise ConfigError(
+            f'{path}: secure mode needs [nodes.{server.name}] secret_key = "..." '
+            "(the node's CURVE secret certificate)"
+        )
+    return public, base / secret

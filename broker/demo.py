@@ -3,6 +3,11 @@
 Ports are asked from the OS (bind to port 0 on loopback, read the port, close), so two
 demos or test triads on one machine do not collide. The demo license's dated line
 expires a year from today so the demo never ships a time bomb.
+
+Secure mode is the default: ``curve/`` gets a CURVE key pair per node and one for the
+administrator, each SERVER line carries its node's public key (``KEY=``), the admin's
+public key goes on the admin allow-list ``curve/admins``, and the config names them
+all. ``secure=False`` writes a plain-TCP demo (no keys, no ``KEY=``) for trials.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ import datetime
 import socket
 from pathlib import Path
 
+from broker.security import KeyPair, load_keypair
+from broker.security import write_keypair as write_curve_keypair
 from broker.signing import load_private_key, sign_license_text, write_keypair
 from broker.storage import write_marker
 
@@ -35,9 +42,18 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def demo_license_text(endpoints: list[tuple[str, str]], today: datetime.date) -> str:
+def demo_license_text(
+    endpoints: list[tuple[str, str]],
+    today: datetime.date,
+    keys: dict[str, str] | None = None,
+) -> str:
+    """The demo license; ``keys`` (node name -> Z85 public key) adds ``KEY=`` to SERVER lines."""
     expiry = (today + datetime.timedelta(days=365)).strftime("%d-%b-%Y").lower()
-    servers = "\n".join(f"SERVER {name} ANY {endpoint}" for name, endpoint in endpoints)
+    keys = keys or {}
+    servers = "\n".join(
+        f"SERVER {name} ANY {endpoint}" + (f" KEY={keys[name]}" if name in keys else "")
+        for name, endpoint in endpoints
+    )
     return f"""# zbroker demo license: one file, the same on every node.
 # SERVER lines are in rank order: the first outranks the others.
 {servers}
@@ -56,6 +72,7 @@ def write_demo(
     lease: float = 30.0,
     today: datetime.date | None = None,
     force: bool = False,
+    secure: bool = True,
 ) -> Path:
     """Write the demo into ``directory``; returns the path of zbroker.toml."""
     if servers not in (1, 3):
@@ -73,7 +90,11 @@ def write_demo(
     names = NODE_NAMES[:servers]
     ports = free_ports(3 * servers)
     endpoints = [(name, f"tcp://127.0.0.1:{ports[i]}") for i, name in enumerate(names)]
-    text = demo_license_text(endpoints, today or datetime.date.today())
+    curve = directory / "curve"
+    node_keys = {name: _curve_keys(curve, name) for name in names} if secure else {}
+    text = demo_license_text(
+        endpoints, today or datetime.date.today(), {n: k.public for n, k in node_keys.items()}
+    )
     (directory / "demo.lic").write_text(sign_license_text(text, load_private_key(key_path)))
     node_tables = []
     for i, name in enumerate(names):
@@ -84,6 +105,19 @@ def write_demo(
         node_tables.append(
             f'[nodes.{name}]\npeer = "tcp://127.0.0.1:{peer}"\n'
             f'pub = "tcp://127.0.0.1:{pub}"\ndata = "data/{name}"\n'
+            + (f'secret_key = "curve/{name}.key_secret"\n' if secure else "")
+        )
+    security = "secure = false           # plain TCP: anyone who reaches a port is trusted\n"
+    if secure:
+        admin = _curve_keys(curve, "admin")
+        (curve / "admins").write_text(
+            f"# public keys that may administer the triad\n{admin.public} admin\n"
+        )
+        security = (
+            "secure = true            # CURVE on every socket; see docs/security.md\n"
+            'admin_keys = "curve/admins"           # keys that may stop the triad (zbroker down)\n'
+            'admin_key = "curve/admin.key_secret"  # the key zbroker down and status use here\n'
+            '# client_allow = "curve/clients"      # serve only the client keys listed there\n'
         )
     config_path.write_text(
         "# zbroker configuration; paths are relative to this file.\n"
@@ -93,7 +127,17 @@ def write_demo(
         "peer_timeout = 0.5        # a node unheard this long is dead\n"
         f"lease = {lease}              # a client unheard this long loses its seats\n"
         "failback = true           # a returning higher-ranked node takes control back\n"
-        "fsync = true              # fsync the delta log once per poll cycle (group commit)\n\n"
+        "fsync = true              # fsync the delta log once per poll cycle (group commit)\n"
+        + security
+        + "\n"
         + "\n".join(node_tables)
     )
     return config_path
+
+
+def _curve_keys(directory: Path, name: str) -> KeyPair:
+    """The CURVE key pair ``name`` in ``directory``, made if missing (kept on --force)."""
+    secret = directory / f"{name}.key_secret"
+    if not secret.exists():
+        write_curve_keypair(directory, name)
+    return load_keypair(secret)

@@ -15,6 +15,7 @@ requests arrive. This module remembers, with no sockets and no clock:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 from broker.model import Reply
@@ -37,6 +38,9 @@ class Front:
         self._pending.add(key)
 
     def proposed(self, index: int, key: Key, reply: Reply) -> None:
+        if self.inflight and index < next(reversed(self.inflight)):
+            # ``committed`` relies on ascending order; the log never goes back in a term
+            raise ValueError(f"index {index} proposed after {next(reversed(self.inflight))}")
         self.inflight.setdefault(index, []).append((key, reply))
         self._pending.add(key)
 
@@ -48,7 +52,9 @@ class Front:
     def committed(self, upto: int) -> list[tuple[bytes, Key, Reply]]:
         """Answers released by the commit of every index <= upto."""
         out = []
-        for index in sorted(i for i in self.inflight if i <= upto):
+        # Indexes are proposed in ascending order, so the dict holds them in that order:
+        # stop at the first one still uncommitted instead of scanning (and sorting) all.
+        for index in list(itertools.takewhile(lambda i: i <= upto, self.inflight)):
             for key, reply in self.inflight.pop(index):
                 identity = self.answer(key)
                 if identity is not None:

@@ -38,6 +38,11 @@ the node applies them at once, in order, and answers clients once they commit
   ``next_grant`` in order, and tentative seat counts keep them from sharing a seat.
 - ``reload`` replaces the entitlements; grants stay even if a pool is now over its
   count (as FlexLM does); new checkouts see the new counts.
+- Limits (``broker/limits.py``): opening a session beyond ``max_sessions`` or
+  ``max_sessions_per_host``, queueing beyond ``max_queue``, or a request that records a
+  reply in a session already holding ``max_unacked`` unacknowledged ones gets an
+  ``error`` with code ``limit``; nothing is recorded. They are decisions, so ``apply``
+  never checks them: a backup with other limits still applies what the primary decided.
 
 Invariants checked by ``apply``: a grant id is exactly ``next_grant``; a grant never
 takes a pool past its total on the day of its ``at``; every grant belongs to a live
@@ -53,6 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from broker.limits import Limits
 from broker.model import (
     Entitlement,
     ErrorCode,
@@ -88,6 +94,7 @@ from broker.seats import (
 Delta = dict[str, Any]
 SNAPSHOT_VERSION = 1
 _OPS = frozenset({"open", "close", "checkout", "checkin", "heartbeat", "status"})
+_RECORDING = frozenset({"open", "checkout", "checkin"})  # ops whose reply the ledger records
 
 
 @dataclass(frozen=True)
@@ -108,12 +115,19 @@ class Ledger:
     """Sessions and grants against a license's entitlements (see the module docstring)."""
 
     def __init__(
-        self, entitlements: Sequence[Entitlement], *, lease: float, heartbeat: float
+        self,
+        entitlements: Sequence[Entitlement],
+        *,
+        lease: float,
+        heartbeat: float,
+        limits: Limits | None = None,
     ) -> None:
         if not (lease > 0 and heartbeat > 0):
             raise ValueError(f"lease ({lease}) and heartbeat ({heartbeat}) must be > 0")
         self.lease = lease
         self.heartbeat = heartbeat
+        self.limits = limits if limits is not None else Limits()
+        self._per_host: dict[str, int] = {}  # open sessions by host, derived from _sessions
         self._catalog = Catalog(entitlements)
         self._sessions: dict[str, Session] = {}
         self._grants: dict[int, Grant] = {}  # ascending id: ids only grow
@@ -146,7 +160,7 @@ class Ledger:
             reply = delta.get("reply")
             if not isinstance(reply, dict) or reply.get("status") not in ("ok", "denied"):
                 raise LedgerError("answer delta: 'reply' must be an ok or denied reply map")
-            self._record(session, req, ack, reply)
+            self._record(session, req, ack, copy.deepcopy(reply))  # the log keeps the delta
         elif kind == "close":
             session, _, _ = self._answerable(delta)
             self._end(session)
@@ -163,7 +177,7 @@ class Ledger:
             raise LedgerError(f"open delta: session {session.sid} is already open")
         if req < ack:
             raise LedgerError(f"open delta: req {req} is below its own ack {ack}")
-        self._sessions[session.sid] = session
+        self._add_session(session)
         self._record(session, req, ack, self._open_reply())
 
     def _apply_grant(self, d: Delta) -> None:
@@ -201,12 +215,13 @@ class Ledger:
         return session, req, ack
 
     def _record(self, session: Session, req: int, ack: int, reply: Reply) -> None:
+        """Record ``reply``, a map of the ledger's own that nothing else holds (no copy)."""
         if ack > session.ack:
             session.ack = ack
             # The client promised never to retry these: forgetting them bounds memory.
             for old in [r for r in session.replies if r < ack]:
                 del session.replies[old]
-        session.replies[req] = copy.deepcopy(reply)
+        session.replies[req] = reply
 
     def _add_grant(self, g: Grant) -> None:
         self._grants[g.id] = g
@@ -218,10 +233,19 @@ class Ledger:
         self._sessions[grant.sid].grants.discard(gid)
         self._used[grant.pool_key] -= grant.count
 
+    def _add_session(self, session: Session) -> None:
+        self._sessions[session.sid] = session
+        self._per_host[session.host] = self._per_host.get(session.host, 0) + 1
+
     def _end(self, session: Session) -> None:
         for gid in sorted(session.grants):
             self._drop_grant(gid)
         del self._sessions[session.sid]
+        left = self._per_host[session.host] - 1
+        if left:
+            self._per_host[session.host] = left
+        else:
+            del self._per_host[session.host]
 
     def snapshot(self) -> dict[str, Any]:
         """The replicated state as a msgpack-able map, in a deterministic order."""
@@ -234,7 +258,14 @@ class Ledger:
         }
 
     @classmethod
-    def from_snapshot(cls, snap: dict[str, Any], *, lease: float, heartbeat: float) -> Ledger:
+    def from_snapshot(
+        cls,
+        snap: dict[str, Any],
+        *,
+        lease: float,
+        heartbeat: float,
+        limits: Limits | None = None,
+    ) -> Ledger:
         """A ledger from ``snapshot()``; LedgerError when the snapshot is malformed."""
         if not isinstance(snap, dict) or snap.get("v") != SNAPSHOT_VERSION:
             raise LedgerError(f"snapshot must be a map with v={SNAPSHOT_VERSION}")
@@ -242,6 +273,7 @@ class Ledger:
             entitlements_from(snap.get("entitlements"), "snapshot"),
             lease=lease,
             heartbeat=heartbeat,
+            limits=limits,
         )
         sessions, grants = snap.get("sessions"), snap.get("grants")
         if not isinstance(sessions, list) or not isinstance(grants, list):
@@ -250,7 +282,7 @@ class Ledger:
             session = session_from_snapshot(s)
             if session.sid in ledger._sessions:
                 raise LedgerError(f"snapshot: session {session.sid} appears twice")
-            ledger._sessions[session.sid] = session
+            ledger._add_session(session)
         ledger._next_grant = field_int(snap, "next_grant", 1)
         for g in grants:
             if not isinstance(g, dict):
@@ -286,6 +318,11 @@ class Ledger:
                 return Outcome([], reply_error(ErrorCode.UNKNOWN_SESSION, _unknown(sid)))
             if req < request.ack:
                 return Outcome([], _stale(req, request.ack))
+            refusal = self.limits.refuse_open(
+                len(self._sessions), self._per_host.get(request.host, 0), request.host
+            )
+            if refusal is not None:
+                return Outcome([], refusal)
             self._leases[sid] = now.mono + self.lease
             return Outcome(
                 [{"k": "open", **_ids(request, 0), **_names(request), "at": now.wall}], None
@@ -297,6 +334,12 @@ class Ledger:
         ack = max(session.ack, request.ack)
         if req < ack:
             return Outcome([], _stale(req, ack))
+        if request.op in _RECORDING and len(session.replies) >= self.limits.max_unacked:
+            # Only counted when the table is this big: replies below ``ack`` go now.
+            kept = sum(1 for r in session.replies if r >= ack)
+            refusal = self.limits.refuse_unacked(sid, kept)
+            if refusal is not None:
+                return Outcome([], refusal)
         ids = _ids(request, ack)
         if request.op == "heartbeat":
             return Outcome([], reply_ok(lease=self.lease))
@@ -317,7 +360,7 @@ class Ledger:
         if (request.sid, request.req) in self._queued:
             return Outcome([], None)  # a duplicate of a waiter: it is already in line
         try:
-            choice = self._choose(request, session, now.date, {})
+            choice = self._choose(request, session, day_of(now.wall), {})
         except ValueError as exc:  # an unparsable version
             return Outcome([], reply_error(ErrorCode.BAD_REQUEST, str(exc)))
         wait = request.wait or 0.0
@@ -327,6 +370,11 @@ class Ledger:
             return Outcome([self._grant_delta(ids, request, choice, self._next_grant, now)], None)
         if isinstance(choice, Denial) and not (choice.busy and waits):
             return Outcome([_answer(ids, reply_denied(choice.reason, choice.detail))], None)
+        refusal = self.limits.refuse_queue(
+            request.feature, len(self._queues.get(request.feature, ()))
+        )
+        if refusal is not None:
+            return Outcome([], refusal)
         waiter = _Waiter(request, now.mono + wait)
         self._queues.setdefault(request.feature, deque()).append(waiter)
         self._queued.add((request.sid, request.req))
@@ -386,7 +434,7 @@ class Ledger:
                     self._queued.discard((r.sid, r.req))  # its session ended or it was answered
                     continue
                 ids = _ids(r, max(session.ack, r.ack))
-                choice = self._choose(r, session, now.date, extra)
+                choice = self._choose(r, session, day_of(now.wall), extra)
                 if isinstance(choice, Choice) and not blocked:
                     deltas.append(self._grant_delta(ids, r, choice, gid, now))
                     gid += 1
@@ -426,7 +474,10 @@ class Ledger:
         if kind == "open":
             return self._open_reply()
         if kind == "grant":
-            return grant_from(delta).reply()
+            # the delta was applied, so checked: no need to build and check a Grant again
+            fields = ("id", "feature", "version", "count")
+            grant = {f: delta["grant" if f == "id" else f] for f in fields}
+            return reply_ok(grant=grant)
         if kind in ("release", "close"):
             return reply_ok()
         if kind == "answer":

@@ -40,15 +40,21 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.model import Entitlement, Now, Reason, Reply, parse_version, reply_ok
+from broker.model import Entitlement, Now, Reason, Reply, reply_ok
+from broker.model import parse_version as _parse_version
 
 Version = tuple[int, ...]
 PoolKey = tuple[str, Version]  # (feature, parsed version)
+
+# A license has a handful of versions and every grant names one: parse each once.
+# Bounded, so that versions from hostile requests cannot grow it (errors are not kept).
+parse_version = functools.lru_cache(maxsize=1024)(_parse_version)
 
 
 class LedgerError(Exception):
@@ -63,16 +69,31 @@ class Pool:
     key: Version
     version: str  # as written on the pool's first line
     lines: tuple[Entitlement, ...]
+    # (live lines, their total) by day: every checkout and grant asks, the answer
+    # changes once a day at most
+    _by_day: dict[datetime.date | None, tuple[tuple[Entitlement, ...], int]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def _on(self, day: datetime.date | None) -> tuple[tuple[Entitlement, ...], int]:
+        got = self._by_day.get(day)
+        if got is None:
+            live = tuple(e for e in self.lines if day is None or not e.expired_on(day))
+            got = (live, sum(e.count for e in live))
+            if len(self._by_day) >= 8:
+                self._by_day.clear()  # days go by: keep the cache small
+            self._by_day[day] = got
+        return got
 
     def live(self, day: datetime.date | None) -> list[Entitlement]:
         """Lines that still grant on ``day`` (None: ignore expiry)."""
-        return [e for e in self.lines if day is None or not e.expired_on(day)]
+        return list(self._on(day)[0])
 
     def total(self, day: datetime.date | None) -> int:
-        return sum(e.count for e in self.live(day))
+        return self._on(day)[1]
 
     def admits(self, user: str, host: str, day: datetime.date | None) -> bool:
-        return any(_admits(e, user, host) for e in self.live(day))
+        return any(_admits(e, user, host) for e in self._on(day)[0])
 
     def expires(self, day: datetime.date | None) -> str | None:
         """The next date on which some of its live seats lapse, ISO; None: all permanent."""
@@ -161,7 +182,7 @@ def choose(
             Reason.VERSION_TOO_HIGH,
             f"no line of {feature} has a version >= {version} (the highest is {pools[-1].version})",
         )
-    live = [p for p in high if p.live(day)]
+    live = [p for p in high if p._on(day)[0]]
     if not live:
         last = max(e.expires for p in high for e in p.lines if e.expires is not None)
         return Denial(Reason.EXPIRED, f"every line of {what} has expired, the last on {last}")
@@ -365,8 +386,25 @@ def field_wall(d: dict[str, Any]) -> float:
     return float(at)
 
 
+_DAY = 86_400.0
+# (lo, hi, date): every wall time strictly between lo and hi falls on date (UTC)
+_day_cache: tuple[float, float, datetime.date | None] = (math.inf, -math.inf, None)
+
+
 def day_of(at: float) -> datetime.date:
-    return Now(mono=0.0, wall=at).date
+    """The UTC date of wall time ``at``, as ``Now.date`` gives it; raises as it does.
+
+    Every grant delta asks (on every node), so the date of the current day is kept:
+    away from midnight by a second, floor division and ``fromtimestamp`` agree.
+    """
+    global _day_cache
+    lo, hi, date = _day_cache
+    if date is not None and lo < at < hi:
+        return date
+    exact = Now(mono=0.0, wall=at).date
+    start = math.floor(at / _DAY) * _DAY
+    _day_cache = (start + 1.0, start + _DAY - 1.0, Now(mono=0.0, wall=start + _DAY / 2).date)
+    return exact
 
 
 def _version(text: str, where: str) -> None:

@@ -7,7 +7,10 @@ render the result. What they print is stable, for scripts:
 - ``sign FILE`` prints ``signed N lines: PATH``;
 - ``verify FILE`` prints one line per FEATURE/INCREMENT line, either
   ``FILE:LINE: KEYWORD NAME ok`` or ``FILE:LINE: KEYWORD NAME refused: WHY``, then
-  ``N verified, M refused``.
+  ``N verified, M refused``. Refused: no signature, a malformed one, one that does not
+  verify against the vendor key (a changed field, a signature copied from another
+  line, another vendor's key), or a verified line that repeats an earlier one (a copy
+  of a signed INCREMENT would otherwise add its seats again).
 
 Exit status: 0 on success (for ``verify``: every line verifies), 1 when ``verify``
 refused a line, 2 on a syntax, file or key error, with ``error: MESSAGE`` on stderr.
@@ -116,8 +119,13 @@ def verify(file: Path, pub_path: Path) -> None:
     except LicenseError as exc:
         _fail(exc)
     refused = 0
+    first_of: dict[bytes, int] = {}  # canonical form -> line it first verified on
     for line in syntax.lines:
         why = check_signature(line, key)
+        if why is None:
+            first = first_of.setdefault(line.canonical(), line.line)
+            if first != line.line:
+                why = f"a copy of line {first}: a signed line counts once"
         if why is None:
             click.echo(f"{syntax.path}:{line.line}: {line.keyword} {line.name} ok")
         else:

@@ -29,28 +29,32 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from broker.security import ClientCurve, SecurityError, load_keypair, process_keypair
 from clients.engine import Engine
 from clients.errors import (
     ClientClosed,
     LeaseLost,
     LicenseDenied,
     LicenseError,
+    LicensePathError,
     LicenseUnavailable,
     OutcomeUnknown,
 )
 from clients.grant import Grant
-from clients.licpath import resolve
+from clients.licpath import resolve, server_keys
 from clients.link import Link
 from clients.wire import FIELD_MAX
 
 log = logging.getLogger("zbroker.client")
 
 CLIENT_VERSION = "zbroker-python/0.1.0"
+CLIENT_KEY_ENV = "ZBROKER_CLIENT_KEY"  # the client's secret certificate (allow-listed triads)
 TRY_TIMEOUT = 0.3  # per try: a live primary answers in milliseconds, a failover takes ~0.5 s
 GRACE = 2.0  # beyond a deadline, how long to wait for the I/O thread before calling it dead
 CLOSE_TIMEOUT = 2.0  # close() returns within this (or the client's timeout, if shorter)
@@ -76,6 +80,13 @@ class LicenseClient:
     ``ZBROKER_LICENSE`` environment variable. ``timeout`` is the default deadline of
     every call, in seconds. ``on_lost(grants)`` is called when held grants stop being
     safe to use; see the module docstring.
+
+    Security: a server whose key is known (``KEY=`` on its SERVER line in a license file
+    of the path or of ``ZBROKER_SERVER_KEYS``, or ``server_keys={endpoint: z85}``) is
+    dialled with CURVE, others in plain TCP; ``secure=True`` refuses plain servers,
+    ``secure=False`` never uses CURVE. The client's own key pair is the secret
+    certificate ``client_key`` (default ``ZBROKER_CLIENT_KEY``; needed when the triad
+    keeps a client allow-list), or else one made for this process.
     """
 
     def __init__(
@@ -87,10 +98,17 @@ class LicenseClient:
         display: str | None = None,
         timeout: float = 10.0,
         on_lost: OnLost | None = None,
+        server_keys: Mapping[str, str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
+        secure: bool | None = None,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
         self._entries = resolve(servers)
+        curve = None if secure is False else _curve(servers, self._entries, server_keys, client_key)
+        if secure and (curve is None or any(e not in curve.servers for e in _flat(self._entries))):
+            plain = [e for e in _flat(self._entries) if curve is None or e not in curve.servers]
+            raise LicensePathError(f"secure=True, but no server key is known for {plain}")
         self._timeout = float(timeout)
         self._on_lost = on_lost
         self._lock = threading.Lock()  # guards _closed and _unreported
@@ -116,6 +134,7 @@ class LicenseClient:
             report=self._report_lost,
             try_timeout=TRY_TIMEOUT,
             recover_timeout=self._timeout,
+            curve=curve,
         )
         self._engine.start()
 
@@ -288,6 +307,28 @@ class LicenseClient:
                 self._on_lost(grants)
             except Exception:  # the application's bug must not stop later reports
                 log.exception("on_lost callback failed")
+
+
+def _flat(entries: list[tuple[str, ...]]) -> list[str]:
+    return [endpoint for entry in entries for endpoint in entry]
+
+
+def _curve(
+    servers: str | Sequence[str] | None,
+    entries: list[tuple[str, ...]],
+    given: Mapping[str, str] | None,
+    client_key: str | os.PathLike[str] | None,
+) -> ClientCurve | None:
+    """The CURVE settings of a client: None when no server of its path has a key."""
+    keys = server_keys(servers, given)
+    if not any(e in keys for e in _flat(entries)):
+        return None
+    path = client_key if client_key is not None else os.environ.get(CLIENT_KEY_ENV)
+    try:
+        pair = load_keypair(Path(path)) if path else process_keypair()
+    except SecurityError as exc:
+        raise LicensePathError(str(exc)) from exc
+    return ClientCurve(pair, keys)
 
 
 def _summary(failures: list[LicenseError]) -> LicenseError:

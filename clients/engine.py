@@ -29,6 +29,7 @@ from typing import Any
 
 import zmq
 
+from broker.security import ClientCurve
 from clients.errors import ClientClosed
 from clients.grant import _Releaser
 from clients.link import Link, Report
@@ -52,7 +53,9 @@ class Engine:
         report: Report,
         try_timeout: float,
         recover_timeout: float,
+        curve: ClientCurve | None = None,
     ) -> None:
+        self._curve = curve  # CURVE keys per endpoint; None: plain TCP everywhere
         self.links = [
             Link(
                 i,
@@ -203,6 +206,8 @@ class Engine:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY)
+        if self._curve is not None:
+            self._curve.apply(sock, endpoint)  # the server's key from its SERVER line
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:

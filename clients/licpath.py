@@ -9,17 +9,28 @@ A license path is written like FlexLM's ``LM_LICENSE_FILE``: entries separated b
 
 A list of endpoints (``["tcp://127.0.0.1:27001", ...]``) is one triad, used as is.
 Hosts containing ``:`` (IPv6 literals) cannot be written in a path; give endpoints.
+
+Server keys (secure mode). A SERVER line's ``KEY=`` is its node's CURVE public key;
+``server_keys`` gathers them for every endpoint the client may dial, from (lowest
+precedence first) the license files named by ``ZBROKER_SERVER_KEYS`` (``:``-separated:
+how endpoints given bare, or as ``port@host``, find their keys), the license files on
+the path itself, and keys the application passes. An endpoint without a key is dialled
+in plain TCP; ``LicenseClient(secure=True)`` refuses that instead.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from clients.errors import LicensePathError
 
+log = logging.getLogger("zbroker.client")
+
 ENV_VAR = "ZBROKER_LICENSE"
+KEYS_ENV = "ZBROKER_SERVER_KEYS"
 _PORT_AT_HOST = re.compile(r"(\d+)@([^@,:\s]+)\Z")
 _ENDPOINT = re.compile(r"(tcp|ipc|inproc)://\S+\Z")
 
@@ -88,3 +99,45 @@ def resolve(
         if not isinstance(endpoint, str) or not _ENDPOINT.match(endpoint):
             raise LicensePathError(f"{endpoint!r} is not an endpoint such as tcp://host:27001")
     return [endpoints]
+
+
+def keys_from_file(path: str) -> dict[str, str]:
+    """``{endpoint: key}`` of the SERVER lines of a license file that carry ``KEY=``."""
+    from broker.license import LicenseError, read_servers
+    from broker.security import SecurityError, check_key
+
+    try:
+        servers = read_servers(path)
+        return {
+            s.endpoint: check_key(s.attrs["KEY"], f"{path}:{s.line}: SERVER {s.name} KEY=")
+            for s in servers
+            if "KEY" in s.attrs
+        }
+    except (LicenseError, SecurityError, OSError) as exc:
+        raise LicensePathError(str(exc)) from exc
+
+
+def server_keys(
+    servers: str | Sequence[str] | None, given: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The CURVE public key of each server endpoint known for ``servers`` (see above)."""
+    keys: dict[str, str] = {}
+    for path in os.environ.get(KEYS_ENV, "").split(":"):
+        if path.strip():
+            try:
+                keys.update(keys_from_file(path.strip()))
+            except LicensePathError as exc:
+                log.warning("%s names a file that gives no keys: %s", KEYS_ENV, exc)
+    text = os.environ.get(ENV_VAR) if servers is None else servers
+    if isinstance(text, str):
+        for item in text.split(":"):
+            if item.strip() and "@" not in item:
+                keys.update(keys_from_file(item.strip()))
+    if given:
+        from broker.security import SecurityError, check_key
+
+        try:
+            keys.update({e: check_key(k, f"server_keys[{e!r}]") for e, k in given.items()})
+        except SecurityError as exc:
+            raise LicensePathError(str(exc)) from exc
+    return keys

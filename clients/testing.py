@@ -7,8 +7,14 @@ Nothing here sleeps to synchronise: every wait is a condition polled until a dea
 
     with LocalTriad(tmp_path) as triad:
         triad.wait_for_primary()
-        with LicenseClient(triad.endpoints) as client:
+        with LicenseClient(triad.license) as client:
             ...
+
+Secure by default, like ``zbroker init``: CURVE on every socket, node keys on the
+SERVER lines of ``triad.license``. So that code handed the bare ``triad.endpoints``
+(in this process, or in processes it starts) still finds the nodes' keys, a running
+secure triad puts its license file on ``ZBROKER_SERVER_KEYS`` (``clients.licpath``) and
+takes it off again in ``stop``. ``LocalTriad(..., secure=False)`` runs plain TCP.
 """
 
 from __future__ import annotations
@@ -52,23 +58,29 @@ class LocalTriad:
         servers: int = 3,
         lease: float = 30.0,
         settings: dict[str, Any] | None = None,
+        secure: bool = True,
     ) -> None:
         from broker.config import load_config
         from broker.demo import write_demo
 
         self.dir = Path(directory)
-        self.config_path = write_demo(self.dir, servers=servers, lease=lease, force=True)
+        self.config_path = write_demo(
+            self.dir, servers=servers, lease=lease, force=True, secure=secure
+        )
         if settings:
             _override(self.config_path, settings)
         self.config = load_config(self.config_path)
         self.names = [n.name for n in self.config.nodes]
         self.endpoints = [n.client for n in self.config.nodes]
+        self.license = str(self.config.license_path)  # what a client needs, keys and all
+        self._share_keys()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs = self.dir / "logs"
         self.logs.mkdir(exist_ok=True)
 
     # --- processes
     def start(self, *names: str) -> None:
+        self._share_keys()
         for name in names or self.names:
             if name in self.procs and self.procs[name].poll() is None:
                 continue
@@ -86,6 +98,7 @@ class LocalTriad:
                 ],
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # a terminal Ctrl-C is for the test, not the nodes
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
             logfile.close()
@@ -122,6 +135,7 @@ class LocalTriad:
         return proc is not None and proc.poll() is None
 
     def stop(self) -> None:
+        self._share_keys(False)
         for proc in self.procs.values():
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGCONT)  # a paused node cannot act on SIGTERM
@@ -140,11 +154,35 @@ class LocalTriad:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _share_keys(self, on: bool = True) -> None:
+        """Put this triad's license on ZBROKER_SERVER_KEYS (or take it off)."""
+        from clients.licpath import KEYS_ENV
+
+        if not self.config.secure:
+            return
+        mine = str(self.config.license_path)  # not self.license: subclasses skip __init__
+        paths = [p for p in os.environ.get(KEYS_ENV, "").split(":") if p and p != mine]
+        paths += [mine] if on else []
+        if paths:
+            os.environ[KEYS_ENV] = ":".join(paths)
+        else:
+            os.environ.pop(KEYS_ENV, None)
+
+    @property
+    def admin_key(self) -> Path | None:
+        """The administrator's secret certificate (secure mode), for ``zbroker down``."""
+        return self.config.admin_key
+
     # --- observing
     def status(self, timeout: float = 0.5) -> dict[str, Any]:
+        from broker.cli import config_curve
         from broker.status import query_nodes
 
-        return query_nodes([(n.name, n.client) for n in self.config.nodes], timeout=timeout)
+        return query_nodes(
+            [(n.name, n.client) for n in self.config.nodes],
+            timeout=timeout,
+            curve=config_curve(self.config, admin=False),
+        )
 
     def primary(self) -> str | None:
         """The node that says it is primary and serving, if any."""

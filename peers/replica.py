@@ -173,6 +173,7 @@ class Replica(Replication):
         self._fetch_last = 0
         # primary
         self._progress: dict[str, Progress] = {}
+        self._last_append: tuple[tuple[int, ...], dict[str, Any]] | None = None
         self._noop_index = 0
         self._transfer_to: str | None = None
         self._transfer_deadline = NEVER

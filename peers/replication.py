@@ -61,6 +61,7 @@ class Replication:
     _verified: int
     _recover_target: int | None
     _progress: dict[str, Progress]
+    _last_append: tuple[tuple[int, ...], dict[str, Any]] | None
     _peer_role: dict[str, Role]
     _leaderless_since: float
     _transfer_to: str | None
@@ -206,11 +207,27 @@ class Replication:
         batch: tuple[Entry, ...] = ()
         if not streaming_beat:
             batch = tuple(self.log.slice(prev + 1, prev + self.timing.max_batch))
-        out.append(Send(peer, m.Append(self.term, prev, prev_term, batch, self.commit).to_wire()))
+        out.append(Send(peer, self._append_wire(prev, prev_term, batch)))
         if pr.probing:
             pr.probe_prev = prev
         else:
             pr.next_index += len(batch)
+
+    def _append_wire(self, prev: int, prev_term: int, batch: tuple[Entry, ...]) -> dict[str, Any]:
+        """The append's wire map, the same object for both backups when they are in step.
+
+        Backups that are level get the same append; building (and, in the shell, packing)
+        it once per batch instead of once per backup. Reuse is safe because within one
+        term the primary's log never changes at an index it holds, and every field that
+        tells two appends apart is in the key; wire maps are never mutated.
+        """
+        last = batch[-1].index if batch else prev
+        key = (self.term, prev, prev_term, last, self.commit)
+        if self._last_append is not None and self._last_append[0] == key:
+            return self._last_append[1]
+        wire = m.Append(self.term, prev, prev_term, batch, self.commit).to_wire()
+        self._last_append = (key, wire)
+        return wire
 
     def _send_snapshot(self, peer: str, pr: Progress, out: list[Effect]) -> None:
         if self.log.snapshot is None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import zmq
 
+from broker.status import default_curve
 from clients.testing import LocalTriad
 from clients.wire import decode_reply, encode_request
 
@@ -38,9 +39,28 @@ def _triad(request: pytest.FixtureRequest, tmp_path: Any, **kwargs: Any) -> Iter
 
 
 @pytest.fixture
+def make_triad(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
+    """Start a LocalTriad with other settings; stopped (logs shown on failure) at teardown."""
+    made: list[LocalTriad] = []
+
+    def make(**kwargs: Any) -> LocalTriad:
+        triad = LocalTriad(tmp_path / f"triad{len(made)}", **kwargs)
+        made.append(triad)
+        triad.start()
+        return triad
+
+    yield make
+    for triad in made:
+        triad.stop()
+        if request.node.stash.get(_FAILED, False):
+            print(triad.log_text())
+
+
+@pytest.fixture
 def single(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[LocalTriad]:
-    """One unreplicated node with a short lease."""
-    yield from _triad(request, tmp_path, servers=1, lease=1.5)
+    """One unreplicated node with a short lease, in plain TCP (its tests poke it with raw
+    sockets; tests/test_security.py and tests/test_hostile.py cover secure mode)."""
+    yield from _triad(request, tmp_path, servers=1, lease=1.5, secure=False)
 
 
 @pytest.fixture
@@ -55,6 +75,9 @@ class RawClient:
     def __init__(self, endpoint: str) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        curve = default_curve([endpoint])  # a secure LocalTriad shares its nodes' keys
+        if curve is not None:
+            curve.apply(self.sock, endpoint)
         self.sock.connect(endpoint)
         self.sid = uuid.uuid4().hex
         self.reqs = itertools.count(1)

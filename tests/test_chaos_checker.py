@@ -556,3 +556,37 @@ def test_the_timeline_is_drawn(tmp_path: Path) -> None:
     history = h.history()
     path = plot_timeline(history, check(history), tmp_path / "t.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_workload_spec_survives_its_trip_to_the_client_process() -> None:
+    from clients.chaos.workload import WorkloadSpec
+
+    spec = WorkloadSpec(
+        process=1, sessions=3, endpoints=["tcp://127.0.0.1:1"], history="h", seed=5, deadline=9.5
+    )
+    assert WorkloadSpec.from_json(spec.to_json()) == spec
+
+
+def test_the_load_contends_on_the_smallest_features_and_probes_the_largest() -> None:
+    from clients.chaos.workload import default_mix
+
+    mix, probe = default_mix({"cad": 15, "solver": 2, "viewer": 50})
+    assert mix == {"solver": (0.35, 1), "cad": (0.45, 4), "viewer": (0.2, 1)}
+    assert probe == "viewer"
+    assert default_mix({"only": 3}) == ({"only": (0.35, 1)}, "only")
+    with pytest.raises(ValueError, match="no seats"):
+        default_mix({"gone": 0})
+
+
+def test_an_interrupted_run_is_judged_only_as_far_as_it_went() -> None:
+    h = _two_sessions().checkout("p0s0#1", 0.9, 1.0, feature="cad", grant=1)
+    h.add("fault", 1.05, fault=1, kind="pause-primary", phase="start")
+    h.add("action", 1.05, fault=1, action="pause", node="alpha", role="primary")
+    h.add("phase", 1.2, phase="interrupted")  # Ctrl-C: the nodes got it too
+    h.add("fault", 1.3, fault=1, phase="end", healed=False, detail="interrupted", nodes=["alpha"])
+    report = h.check()
+    assert report.ok, render(report, h.history())
+    assert any("interrupted" in w.message for w in report.warnings)
+    # What happened before the interruption is still judged.
+    h.checkout("p0s1#1", 1.01, 1.02, feature="cad", count=15, grant=2)
+    assert "no-over-allocation" in _broken(h.check())

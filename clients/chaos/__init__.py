@@ -4,13 +4,15 @@ The pieces, each usable alone:
 
 - ``history``: the record of a run, JSON lines: every client operation as an invocation
   and a completion, lease-lost notices, faults, status samples and the final status;
-- ``nemesis``: the faults of SPEC section 6 and a seeded schedule of them;
-- ``workload``: one client process (several sessions) doing checkouts and checkins;
+- ``nemesis``: the faults of SPEC section 6, a seeded schedule of them, their execution;
+- ``workload``: one client process (several sessions and a probe) checking seats out
+  and in, recording as it goes;
 - ``runner``: starts a triad and the client processes, applies the schedule, writes the
   history, always cleans up;
-- ``checker``: reads a history and decides whether an invariant broke, pointing at the
-  operations that break it;
-- ``plot``: a timeline PNG (needs matplotlib, imported only there).
-
-``scripts/chaos.py`` is the command line over them.
+- ``checker`` (safety: over-allocation, lost grants, exactly once, convergence) and
+  ``availability`` (liveness, unavailable windows, failover times): read a history and
+  decide, pointing at the operations that break an invariant;
+- ``verdict``: the findings and figures, rendered for a person or as numbers;
+- ``plot``: a timeline PNG (needs matplotlib, imported only there);
+- ``cli``: the command line, ``scripts/chaos.py``.
 """

@@ -9,7 +9,8 @@ left two nodes up, to the completion of the first ok checkout *invoked after it*
 reply the old primary sent just before dying does not count). A *recovery* is measured
 the same way from the action that brought a second node back (two or three nodes had
 been down). SPEC 5.4 (liveness) asks failovers to stay within ``liveness_limit``; every
-fault must also end with the triad healed, as the nemesis recorded.
+fault must also end with the triad healed, as the nemesis recorded. When the run was
+interrupted, the fault in progress then is left out: its end is the interruption's.
 """
 
 from __future__ import annotations
@@ -38,9 +39,12 @@ def check_availability(history: History, report: Report, opts: CheckOptions) -> 
         for op in history.ops.values()
         if op.op == "checkout" and op.status == "ok" and op.complete_t is not None
     )
-    for fault in history.faults:
+    cut = history.phase_time("interrupted")
+    # The fault in progress when a run was interrupted is not judged: its end is ours.
+    faults = [f for f in history.faults if cut is None or (f.end is not None and f.end < cut)]
+    for fault in faults:
         _timings(fault, oks, report)
-    for fault in history.faults:
+    for fault in faults:
         if fault.end is None:
             report.violations.append(
                 Finding(
@@ -48,6 +52,15 @@ def check_availability(history: History, report: Report, opts: CheckOptions) -> 
                     f"fault {fault.id} ({fault.kind}) never ended: the run stopped inside it",
                     (f"line {fault.line}",),
                     fault.start,
+                )
+            )
+        elif fault.healed and fault.detail:
+            report.warnings.append(
+                Finding(
+                    "liveness",
+                    f"fault {fault.id} ({fault.kind}) healed, but: {fault.detail}",
+                    (f"line {fault.line}",),
+                    fault.end,
                 )
             )
         elif fault.healed is False:

@@ -70,6 +70,17 @@ def check(history: History, options: CheckOptions | None = None) -> Report:
     report.t0 = _t0(history)
     report.span = (history.last_t or report.t0) - report.t0
     _check_history(history, report)
+    cut = history.phase_time("interrupted")
+    if cut is not None:
+        report.warnings.append(
+            Finding(
+                "history",
+                f"the run was interrupted at +{cut - report.t0:.1f} s: no final status, so "
+                "the grants held at the end, convergence and the fault in progress are not "
+                "judged",
+                t=cut,
+            )
+        )
     holds = hold_intervals(history)
     _count(history, report)
     _over_allocation(history, holds, report)
@@ -224,18 +235,22 @@ def _over_allocation(history: History, holds: list[Hold], report: Report) -> Non
             elif held <= total:
                 breached = False
         report.peaks[feature] = (peak, total)
+    over: dict[str, list[tuple[float, int]]] = defaultdict(list)
     for sample in history.samples:
         for feature, in_use in (sample.get("in_use") or {}).items():
             limit = totals.get(feature)
             if limit is not None and int(in_use) > limit:
-                report.violations.append(
-                    Finding(
-                        "no-over-allocation",
-                        f"{feature}: the triad itself reported {in_use} seats in use of "
-                        f"{limit} at +{float(sample['t']) - report.t0:.3f} s",
-                        t=float(sample["t"]),
-                    )
-                )
+                over[feature].append((float(sample["t"]), int(in_use)))
+    for feature, seen in over.items():
+        t, in_use = seen[0]
+        report.violations.append(
+            Finding(
+                "no-over-allocation",
+                f"{feature}: the triad itself reported {in_use} seats in use of "
+                f"{totals[feature]} at +{t - report.t0:.3f} s ({len(seen)} sample(s) over)",
+                t=t,
+            )
+        )
 
 
 def _lost_grants(history: History, holds: list[Hold], report: Report) -> None:
@@ -260,7 +275,7 @@ def _lost_grants(history: History, holds: list[Hold], report: Report) -> None:
     final = history.final
     held = held_at_final(history, holds)
     if final is None:
-        if held:
+        if held and history.phase_time("interrupted") is None:
             report.violations.append(
                 Finding(
                     "no-lost-grant",
@@ -319,7 +334,8 @@ def _lost_grants(history: History, holds: list[Hold], report: Report) -> None:
                 )
             )
             continue
-        first = finals[0]
+        # "unavailable" changed nothing and was tried again: judge the first real answer.
+        first = next((c for c in finals if c.status != "unavailable"), finals[-1])
         if first.status == "denied":
             report.violations.append(
                 Finding(
@@ -491,9 +507,10 @@ def _orphans(history: History, holds: list[Hold], report: Report) -> None:
 def _convergence(history: History, report: Report) -> None:
     final = history.final
     if final is None:
-        report.violations.append(
-            Finding("convergence", "no final status recorded: the run did not reach its end")
-        )
+        if history.phase_time("interrupted") is None:
+            report.violations.append(
+                Finding("convergence", "no final status recorded: the run did not reach its end")
+            )
         return
     nodes: dict[str, Any] = final.get("nodes") or {}
     t = float(final["t"])

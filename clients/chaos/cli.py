@@ -6,9 +6,10 @@
     python scripts/chaos.py --check RUN/history.jsonl       # check a recorded history again
 
 Exit status: 0 clean verdict; 1 an invariant broke; 2 bad usage or the run could not
-start. The run's folder (``--out``, default a new temporary folder) keeps
-``history.jsonl``, ``report.txt``, ``figures.json``, ``timeline.png``, the client
-processes' logs and the triad with its node logs.
+start; 130 interrupted (Ctrl-C, SIGTERM), clean as far as it went. The run's folder
+(``--out``, default a new temporary folder) keeps ``history.jsonl``, ``report.txt``,
+``figures.json``, ``timeline.png``, the client processes' logs and the triad with its
+node logs.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from clients.chaos.nemesis import ALL_KINDS, FaultKind, parse_kinds, schedule
 from clients.chaos.runner import RunError, Runner, RunOptions
 from clients.chaos.verdict import CheckOptions, figures, render
 
-EXIT_CLEAN, EXIT_VIOLATED, EXIT_USAGE = 0, 1, 2
+EXIT_CLEAN, EXIT_VIOLATED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _kinds(text: str) -> tuple[FaultKind, ...]:
@@ -37,9 +38,9 @@ def _kinds(text: str) -> tuple[FaultKind, ...]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "chaos") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="chaos",
+        prog=prog,
         description="Break a zbroker triad under client load (SPEC section 6) and check, "
         "from the clients' history, that SPEC section 5's invariants held.",
     )
@@ -48,9 +49,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--faults",
         type=_kinds,
-        default=ALL_KINDS,
+        default=None,
         help="comma-separated: kill-primary, pause-primary, kill-backup, kill-two, "
-        "restart-all, wipe, kill-all; or all (default)",
+        "restart-all, wipe, kill-all; or all (default; without wipe under --config)",
     )
     run.add_argument("--count", type=int, help="stop after this many faults (default: fill)")
     run.add_argument("--processes", type=int, default=2, help="client processes")
@@ -61,7 +62,8 @@ def parser() -> argparse.ArgumentParser:
         "--config",
         type=Path,
         help="run the nodes of this zbroker.toml (not running yet) instead of a fresh demo; "
-        "its data directories are used as they are, and wiped by the wipe fault",
+        "its data directories are used as they are (and deleted by the wipe fault, which "
+        "therefore runs only when --faults names it)",
     )
     run.add_argument("--lease", type=float, default=10.0, help="the demo's client lease, s")
     run.add_argument("--op-timeout", type=float, default=2.0, help="each client call's deadline")
@@ -85,9 +87,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    kinds: tuple[FaultKind, ...] = args.faults
+def main(argv: list[str] | None = None, prog: str = "chaos") -> int:
+    """Run the command with ``argv`` (default: sys.argv); returns the exit status."""
+    args = parser(prog).parse_args(argv)
+    kinds: tuple[FaultKind, ...] = args.faults or ALL_KINDS
+    if args.faults is None and args.config is not None:
+        kinds = tuple(k for k in ALL_KINDS if k is not FaultKind.WIPE)  # someone's real data
     check_options = CheckOptions(liveness_limit=args.liveness_limit, min_window=args.min_window)
     if args.dry_run:
         steps = schedule(args.seed, kinds, count=args.count)
@@ -112,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chaos run for {options.duration:.0f} s, seed {options.seed}, results in {runner.out}")
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        # First signal: end the load and go through the final phase. A second Ctrl-C
-        # interrupts that too (the runner's cleanup still stops every process).
-        print("stopping: final phase, then cleanup", flush=True)
+        # First signal: no more faults, clean up, check what was recorded. A second
+        # Ctrl-C interrupts that too (the runner's cleanup still stops every process).
+        print("interrupted: cleaning up, then checking the history so far", flush=True)
         runner.request_stop()
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -125,11 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"chaos: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(
-        f"{result.faults} fault(s) applied"
-        + (f"; {result.stopped_early}" if result.stopped_early else "")
-    )
-    return _check(result.history, result.out, check_options, plot=not args.no_plot)
+    stopped = f"; {result.stopped_early}" if result.stopped_early else ""
+    print(f"{result.faults} fault(s) applied{stopped}")
+    status = _check(result.history, result.out, check_options, plot=not args.no_plot)
+    if result.interrupted and status == EXIT_CLEAN:
+        return EXIT_INTERRUPTED  # clean as far as it went, but not a full run
+    return status
 
 
 def _check(path: Path, out: Path, options: CheckOptions, *, plot: bool) -> int:

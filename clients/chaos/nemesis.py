@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import itertools
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,10 +44,10 @@ ALL_KINDS = tuple(FaultKind)
 # How often each kind is drawn after the first round; the primary's failure is the one
 # the triad exists for, so most faults are that.
 WEIGHTS = {
-    FaultKind.KILL_PRIMARY: 6.0,
+    FaultKind.KILL_PRIMARY: 8.0,
     FaultKind.PAUSE_PRIMARY: 2.5,
     FaultKind.KILL_BACKUP: 1.0,
-    FaultKind.KILL_TWO: 0.6,
+    FaultKind.KILL_TWO: 0.5,
     FaultKind.RESTART_ALL: 0.3,
     FaultKind.WIPE: 0.6,
     FaultKind.KILL_ALL: 0.4,
@@ -178,6 +179,7 @@ class Nemesis:
         heal_timeout: float = 15.0,
         deadline: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        abort: threading.Event | None = None,
     ) -> None:
         self.triad = triad
         self.record = record
@@ -185,6 +187,7 @@ class Nemesis:
         self.heal_timeout = heal_timeout
         self.deadline = deadline  # time.monotonic() past which no wait goes on
         self.sleep = sleep  # the runner passes one that wakes early when asked to stop
+        self.abort = abort or threading.Event()  # set: stop waiting, the run is cut short
         self.paused: set[str] = set()
         self._fault = 0
 
@@ -341,6 +344,8 @@ class Nemesis:
 
     def _wait_primary(self) -> str:
         def serving() -> str | None:
+            if self.abort.is_set():
+                raise NemesisError("interrupted")
             roles = self.roles()
             return next((n for n, r in roles.items() if r == "primary"), None)
 
@@ -356,6 +361,9 @@ class Nemesis:
         last: list[str] = ["no status yet"]
 
         def whole() -> bool:
+            if self.abort.is_set():
+                last[:] = ["interrupted"]
+                return True
             problems = self._problems(self.triad.status(timeout=STATUS_TIMEOUT))
             last[:] = problems
             return not problems
@@ -369,6 +377,8 @@ class Nemesis:
             if hard:
                 return Healed(False, f"not healed after {budget:.1f} s: {text}")
             return Healed(True, text)
+        if self.abort.is_set():
+            return Healed(False, "interrupted")
         return Healed(True, "")
 
     def _budget(self) -> float:

@@ -33,6 +33,8 @@ OUTCOME_COLOURS = {
     "error": "black",
 }
 ROLE_COLOURS = {"primary": "tab:blue", "backup": "lightsteelblue", "down": "lightgrey"}
+FAULT_COLOURS = ["gold", "orchid", "lightgreen", "sandybrown", "paleturquoise", "pink", "khaki"]
+LABELLED_FAULTS = 20  # beyond this many, names would overlap: a legend by colour instead
 
 
 class PlotUnavailable(Exception):
@@ -117,11 +119,15 @@ def _nodes(ax: Any, history: History, report: Report, t0: float) -> None:
             bars = [(a, b - a) for r, a, b in spans if r == role]
             if bars:
                 ax.broken_barh(bars, (lane - 0.3, 0.6), color=colour, zorder=2)
+    labelled = len(history.faults) <= LABELLED_FAULTS
+    kinds: dict[str, str] = {}
     for fault in history.faults:
         a = fault.start - t0
         b = (fault.end if fault.end is not None else history.last_t or fault.start) - t0
-        ax.axvspan(a, b, color="gold", alpha=0.35, zorder=0)
-        ax.text(a, len(names) - 0.6, fault.kind, fontsize=6, rotation=90, va="bottom")
+        colour = kinds.setdefault(fault.kind, FAULT_COLOURS[len(kinds) % len(FAULT_COLOURS)])
+        ax.axvspan(a, b, color=colour, alpha=0.35, zorder=0, linewidth=0)
+        if labelled:
+            ax.text(a, len(names) - 0.6, fault.kind, fontsize=6, rotation=90, va="bottom")
         for action in fault.actions:
             if action.node in names:
                 lane = names.index(action.node)
@@ -130,7 +136,11 @@ def _nodes(ax: Any, history: History, report: Report, t0: float) -> None:
         ax.axvspan(w.start - t0, w.end - t0, ymin=0, ymax=0.06, color="red", zorder=3)
     ax.set_yticks(range(len(names)), names)
     ax.set_ylim(-0.6, len(names) + 0.6)
-    ax.set_ylabel("nodes: primary (blue),\nbackup, down (grey);\nfaults (yellow), no service (red)")
+    if not labelled:  # too many faults to name each: a colour per kind instead
+        patches = importlib.import_module("matplotlib.patches")
+        handles = [patches.Patch(color=c, alpha=0.35, label=k) for k, c in kinds.items()]
+        ax.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize="x-small")
+    ax.set_ylabel("nodes: primary (blue),\nbackup, down (grey);\nfaults (bands), no service (red)")
 
 
 def _role_spans(history: History, name: str, t0: float) -> list[tuple[str, float, float]]:

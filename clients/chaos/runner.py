@@ -13,9 +13,15 @@ The run, in order (each phase is a ``phase`` record in the history):
 5. ``final``: the clients check in everything and close; ``end``.
 
 It stops by itself: no fault starts unless its estimated time fits before the load
-ends, and the load ends ``FINAL_RESERVE`` seconds before the duration is up. Whatever
-happens (an exception, Ctrl-C), the ``finally`` blocks stop the client processes and
-every node, and merge the per-process histories into ``out/history.jsonl``.
+ends, the load ends ``FINAL_RESERVE`` seconds before the duration is up, and every
+later wait is cut at its own point before the deadline. ``request_stop`` (Ctrl-C,
+SIGTERM) cuts a run short: no more faults, no final phase, an ``interrupted`` record.
+Whatever happens, the ``finally`` block stops the client processes and every node,
+and merges the per-process histories into ``out/history.jsonl``.
+
+Security: a secure triad's client keys reach the client processes the way
+``LocalTriad`` shares them, through ``ZBROKER_SERVER_KEYS`` in the environment they
+inherit; the status queries find them there too.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from broker.config import load_config
 from broker.status import query_nodes
 from clients.chaos.history import Recorder, merge_files
 from clients.chaos.nemesis import ALL_KINDS, ESTIMATE, FaultKind, Nemesis, schedule
-from clients.chaos.workload import WorkloadSpec
+from clients.chaos.workload import WorkloadSpec, default_mix
 from clients.testing import LocalTriad, TriadTimeout
 
 # The end of a run, counted back from its deadline (seconds before it):
@@ -46,6 +52,7 @@ SETTLE_BY = 3.0  # the final status is recorded
 WORKERS_BY = 1.5  # the client processes' own deadline: then they close and exit
 SETTLE_MIN = 1.5  # let the library settle unknown outcomes in the background first
 TAIL = 1.0  # seconds of plain load after the last fault of a counted schedule
+WORKER_QUIT = 6.0  # a client process told to quit: a call in hand (queueing), then close
 
 Log = Callable[[str], None]
 
@@ -77,6 +84,7 @@ class RunResult:
     history: Path
     faults: int
     stopped_early: str = ""  # why faults stopped before the time was up, if they did
+    interrupted: bool = False  # a signal cut the run short: no final phase
 
 
 class ConfigTriad(LocalTriad):
@@ -93,6 +101,7 @@ class ConfigTriad(LocalTriad):
         self.config = load_config(self.config_path)
         self.names = [n.name for n in self.config.nodes]
         self.endpoints = [n.client for n in self.config.nodes]
+        self.license = str(self.config.license_path)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs = logs
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -182,6 +191,9 @@ class _Worker:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 text=True,
+                # Not in the terminal's process group: a Ctrl-C meant for the runner must
+                # not kill it mid-record; it ends through its pipe instead.
+                start_new_session=True,
             )
         self.said = {"ready": threading.Event(), "done": threading.Event()}
         self._reader = threading.Thread(target=self._read, name="chaos-worker-out", daemon=True)
@@ -230,6 +242,7 @@ class Runner:
         self.o = options
         self.log = log
         self.halt = threading.Event()  # set by request_stop (a signal handler, say)
+        self.interrupted_at: float | None = None
         self.out = options.out or Path(tempfile.mkdtemp(prefix="zbroker-chaos-"))
         self.out.mkdir(parents=True, exist_ok=True)
         self.parts = self.out / "parts"
@@ -238,7 +251,14 @@ class Runner:
             stale.unlink()  # a rerun into the same folder must not mix histories
 
     def request_stop(self) -> None:
-        """End the load early (faults stop, the final phase still runs)."""
+        """Cut the run short (from a signal handler): no more faults, no final phase.
+
+        A Ctrl-C in a terminal reaches the nodes too, so the triad cannot be trusted to
+        answer a final status; the history records ``interrupted`` and the checker
+        judges only what happened before.
+        """
+        if not self.halt.is_set():
+            self.interrupted_at = time.monotonic()
         self.halt.set()
 
     def _sleep(self, seconds: float) -> None:
@@ -265,9 +285,9 @@ class Runner:
                 triad.wait_for_primary(timeout=min(20.0, o.duration / 2))
             except TriadTimeout as exc:
                 raise RunError(f"{exc}; node logs in {triad.logs}") from None
-            self._meta(triad, rec, began)
+            mix, probe = self._meta(triad, rec, began)
             rec.write("phase", phase="load")
-            workers = self._start_workers(triad, deadline - WORKERS_BY)
+            workers = self._start_workers(triad, deadline - WORKERS_BY, mix, probe)
             sampler = _Sampler(triad, rec, o.sample_every)
             sampler.start()
             nemesis = Nemesis(
@@ -277,15 +297,20 @@ class Runner:
                 heal_timeout=o.heal_timeout,
                 deadline=deadline - HEAL_BY,
                 sleep=self._sleep,
+                abort=self.halt,
             )
             result.faults, result.stopped_early = self._faults(nemesis, triad, load_end)
-            self._finish(nemesis, triad, rec, workers, deadline)
+            if self.interrupted_at is None:
+                self._finish(nemesis, triad, rec, workers, deadline)
         finally:
+            if self.interrupted_at is not None:
+                result.interrupted = True
+                rec.write("phase", t=self.interrupted_at, phase="interrupted")
             if sampler is not None:
                 sampler.halt.set()
                 sampler.join(2.0)
-            for w in workers:
-                w.stop(timeout=max(0.5, deadline - time.monotonic()))
+            for w in workers:  # end of input: they quit (calls in hand end by their deadline)
+                w.stop(timeout=min(WORKER_QUIT, max(0.5, deadline - time.monotonic())))
             triad.stop()
             rec.write("phase", phase="end")
             rec.close()
@@ -293,14 +318,21 @@ class Runner:
         return result
 
     # --- phases
-    def _meta(self, triad: LocalTriad, rec: Recorder, began: float) -> None:
+    def _meta(
+        self, triad: LocalTriad, rec: Recorder, began: float
+    ) -> tuple[dict[str, tuple[float, int]], str | None]:
         report = triad.status()
+        features = {f["name"]: f["total"] for f in report["features"]}
+        try:
+            mix, probe = default_mix(features)
+        except ValueError as exc:
+            raise RunError(f"{triad.config.license_path}: {exc}") from None
         rec.write(
             "meta",
             t=began,
             version=1,
             seed=self.o.seed,
-            features={f["name"]: f["total"] for f in report["features"]},
+            features=features,
             nodes=list(triad.names),
             peer_timeout=triad.config.peer_timeout,
             lease=triad.config.lease,
@@ -313,10 +345,19 @@ class Runner:
                 "sessions": self.o.sessions,
                 "op_timeout": self.o.op_timeout,
                 "config": str(triad.config_path),
+                "mix": mix,
+                "probe": probe,
             },
         )
+        return mix, probe
 
-    def _start_workers(self, triad: LocalTriad, deadline: float) -> list[_Worker]:
+    def _start_workers(
+        self,
+        triad: LocalTriad,
+        deadline: float,
+        mix: dict[str, tuple[float, int]],
+        probe: str | None,
+    ) -> list[_Worker]:
         workers = []
         for p in range(self.o.processes):
             spec = WorkloadSpec(
@@ -327,6 +368,8 @@ class Runner:
                 seed=self.o.seed,
                 deadline=deadline,
                 op_timeout=self.o.op_timeout,
+                mix=mix,
+                probe=probe,
             )
             workers.append(
                 _Worker(spec, self.out / f"worker-{p}.json", self.out / f"worker-{p}.log")
@@ -342,7 +385,7 @@ class Runner:
         for step in steps:
             left = load_end - time.monotonic()
             if self.halt.is_set():
-                why = "stop requested"
+                why = "interrupted"
                 break
             if left < step.quiet + ESTIMATE[step.kind]:
                 break  # the next one would not fit: the run ends on time
@@ -350,6 +393,9 @@ class Runner:
             self.log(f"fault {step.describe()}")
             healed = nemesis.run(step)
             done += 1
+            if self.halt.is_set():
+                why = "interrupted"
+                break
             if not healed.ok:
                 why = f"fault #{step.number} ({step.kind.value}) did not heal: {healed.detail}"
                 self.log(f"  {why}; no more faults")

@@ -106,9 +106,12 @@ def render(report: Report, history: History, name: str = "history") -> str:
         + ", ".join(f"{f} {p}/{t}" for f, (p, t) in sorted(report.peaks.items()))
     )
     lines.append(f"  lease-lost notices: {report.lost_notices}")
+    kills = [f for f in report.failovers if f.action == "kill"]
+    pauses = [f for f in report.failovers if f.action == "pause"]
     lines += [
-        "  " + _distribution("failover (primary down -> next ok checkout)", report.failovers, t0),
-        "  " + _distribution("recovery (quorum back -> next ok checkout)", report.recoveries, t0),
+        "  " + _distribution("failover, primary killed -> next ok checkout", kills, t0),
+        "  " + _distribution("failover, primary paused -> next ok checkout", pauses, t0),
+        "  " + _distribution("recovery, quorum back -> next ok checkout", report.recoveries, t0),
     ]
     total = sum(w.seconds for w in report.windows)
     lines.append(
@@ -164,19 +167,27 @@ def _quantile(values: list[float], q: float) -> float:
 
 def figures(report: Report) -> dict[str, Any]:
     """The headline numbers, for a test or a JSON summary."""
-    fo = [t.seconds for t in report.failovers if t.seconds is not None]
-    rec = [t.seconds for t in report.recoveries if t.seconds is not None]
     return {
         "ok": report.ok,
         "violations": len(report.violations),
         "warnings": len(report.warnings),
         "faults": dict(report.faults),
-        "failovers": len(report.failovers),
-        "failover_median": statistics.median(fo) if fo else None,
-        "failover_worst": max(fo) if fo else None,
-        "recovery_median": statistics.median(rec) if rec else None,
-        "recovery_worst": max(rec) if rec else None,
+        "failover": _summary(report.failovers),
+        "failover_after_kill": _summary([f for f in report.failovers if f.action == "kill"]),
+        "failover_after_pause": _summary([f for f in report.failovers if f.action == "pause"]),
+        "recovery": _summary(report.recoveries),
         "windows": len(report.windows),
         "peaks": {f: list(p) for f, p in report.peaks.items()},
         "operations": {op: dict(c) for op, c in report.counts.items()},
+    }
+
+
+def _summary(timed: list[Timed]) -> dict[str, Any]:
+    values = [t.seconds for t in timed if t.seconds is not None]
+    return {
+        "n": len(timed),
+        "never_served": len(timed) - len(values),
+        "median": statistics.median(values) if values else None,
+        "p90": _quantile(values, 0.9) if values else None,
+        "worst": max(values) if values else None,
     }

@@ -10,10 +10,14 @@ is recorded as it is called.
 The runner steers the phases through standard input, one word a line:
 
     stop     finish the operation in hand, then hold what is held; print "ready"
-    release  check in everything still held (phase "final"), close, exit
+    release  check in everything still held (phase "final"), close, print "done", exit
+    quit     finish the operation in hand, close (the triad releases the rest), exit
 
-End of input (the runner died) counts as both; so does the spec's ``deadline``, a
-``time.monotonic()`` reading after which the process stops by itself whatever happens.
+Besides the ``sessions``, a *probe* session (numbered last) checks one seat of the
+largest feature out and in without pause, so some checkout is always in flight.
+
+End of input (the runner died, or is cleaning up) counts as ``quit``; the spec's
+``deadline``, a ``time.monotonic()`` reading, ends the process whatever happens.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import random
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +56,14 @@ class WorkloadSpec:
     seed: int
     deadline: float  # time.monotonic() by which the process is done (then it closes, exits)
     op_timeout: float = 2.0  # the deadline of every call
-    # feature -> (weight, largest count asked for). solver (2 seats) and cad (15) are
-    # contended; viewer (50) rarely is, so its checkouts show when the triad serves
-    # again after a fault rather than when seats free up.
+    # feature -> (weight, largest count asked for); default_mix makes it from the license.
     mix: dict[str, tuple[float, int]] = field(
         default_factory=lambda: {"solver": (0.35, 1), "cad": (0.45, 4), "viewer": (0.2, 1)}
     )
+    # One more session checking this feature out and in without pause, so that some
+    # checkout is always being asked for: failover times then measure the triad, not
+    # the moments when every other session is holding or queueing. None: no probe.
+    probe: str | None = "viewer"
     wait_share: float = 0.3  # share of checkouts that queue
     wait_max: float = 1.5  # the longest queueing asked for
     hold_min: float = 0.05
@@ -67,11 +74,45 @@ class WorkloadSpec:
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
+    def probe_spec(self) -> WorkloadSpec:
+        """The probe session's behaviour: one seat, no queueing, held for moments."""
+        if self.probe is None:
+            raise ValueError("this workload has no probe")
+        return replace(
+            self,
+            mix={self.probe: (1.0, 1)},
+            wait_share=0.0,
+            hold_min=0.0,
+            hold_max=0.02,
+            max_held=1,
+            think_max=0.02,
+        )
+
     @classmethod
     def from_json(cls, text: str) -> WorkloadSpec:
         raw = json.loads(text)
         raw["mix"] = {k: (float(w), int(c)) for k, (w, c) in raw["mix"].items()}
         return cls(**raw)
+
+
+def default_mix(
+    features: Mapping[str, int],
+) -> tuple[dict[str, tuple[float, int]], str | None]:
+    """A load for a license: contend on its two smallest features, sprinkle the largest.
+
+    Returns the mix and the probe feature (the largest). For the demo license: solver
+    (2 seats) and cad (15) contended, viewer (50) rarely, and the probe on viewer.
+    """
+    usable = sorted(((t, n) for n, t in features.items() if t > 0))
+    if not usable:
+        raise ValueError("the license grants no seats of any feature")
+    mix: dict[str, tuple[float, int]] = {}
+    for weight, (total, name) in zip((0.35, 0.45), usable[:2], strict=False):
+        mix[name] = (weight, min(4, max(1, total // 3)))
+    largest = usable[-1][1]
+    if len(usable) > 2:
+        mix[largest] = (0.2, 1)
+    return mix, largest
 
 
 @dataclass
@@ -91,12 +132,14 @@ class Session:
         recorder: Recorder,
         stop: threading.Event,
         release: threading.Event,
+        quit: threading.Event,
     ) -> None:
         self.spec = spec
         self.index = index
         self.rec = recorder
         self.stop = stop
         self.release = release
+        self.quit = quit  # set with release: skip the final check-ins
         self.rng = random.Random(f"{spec.seed}/{spec.process}/{index}")
         self.user = f"chaos-p{spec.process}s{index}"
         self.held: list[_Held] = []
@@ -150,11 +193,13 @@ class Session:
             self.stop.wait(self.rng.uniform(0.0, spec.think_max))
 
     def _final(self, client: LicenseClient) -> None:
+        if self.quit.is_set():
+            return
         with self.lock:
             held = list(self.held)
         for h in held:
             for _ in range(FINAL_TRIES):
-                if self.spec.deadline - time.monotonic() < 0.1:
+                if self.quit.is_set() or self.spec.deadline - time.monotonic() < 0.1:
                     return  # no time left: the runner is about to stop everything
                 if self._checkin(client, h, "final") != "unavailable":
                     break
@@ -237,8 +282,9 @@ class Session:
             status = self._complete(op_id, exc)
         else:
             self.rec.write("complete", id=op_id, status="ok")
-        # "unavailable": nothing happened, the seats are still held: try again later.
-        if status == "unavailable" and not h.lost:
+        # "unavailable": nothing happened, the seats are still held: try again later,
+        # even if on_lost came meanwhile (the session may live on and keep them).
+        if status == "unavailable":
             h.release_at = time.monotonic() + 0.05
         else:
             with self.lock:
@@ -283,8 +329,8 @@ class Session:
         self.rec.write("lost", process=self.spec.process, session=self.index, grants=entries)
 
 
-def _control(stop: threading.Event, release: threading.Event) -> None:
-    """Read the runner's words from standard input; end of input means both."""
+def _control(stop: threading.Event, release: threading.Event, quit: threading.Event) -> None:
+    """Read the runner's words from standard input; end of input means ``quit``."""
     for line in sys.stdin:
         word = line.strip()
         if word == "stop":
@@ -292,6 +338,9 @@ def _control(stop: threading.Event, release: threading.Event) -> None:
         elif word == "release":
             stop.set()
             release.set()
+        elif word == "quit":
+            break
+    quit.set()  # before release: a session woken by release must see it
     stop.set()
     release.set()
 
@@ -302,10 +351,13 @@ def main(argv: list[str]) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     spec = WorkloadSpec.from_json(Path(argv[0]).read_text())
-    stop, release = threading.Event(), threading.Event()
-    threading.Thread(target=_control, args=(stop, release), daemon=True).start()
+    stop, release, quit = threading.Event(), threading.Event(), threading.Event()
+    threading.Thread(target=_control, args=(stop, release, quit), daemon=True).start()
     with Recorder(Path(spec.history)) as recorder:
-        sessions = [Session(spec, i, recorder, stop, release) for i in range(spec.sessions)]
+        sessions = [Session(spec, i, recorder, stop, release, quit) for i in range(spec.sessions)]
+        if spec.probe is not None:
+            probe = Session(spec.probe_spec(), spec.sessions, recorder, stop, release, quit)
+            sessions.append(probe)
         threads = [
             threading.Thread(target=s.run, name=f"session-{i}", daemon=True)
             for i, s in enumerate(sessions)

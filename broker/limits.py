@@ -1,0 +1,76 @@
+"""Limits that keep one client, or one host, from filling a node's memory.
+
+Pure decisions: each check takes the counts that matter and returns the ``error``
+reply to send (code ``limit``, a sentence saying which limit and how to get under
+it), or None to go on. The ledger asks them on the primary before it decides a
+request; nothing is recorded for a refusal, so a retry later is decided afresh.
+
+- ``max_message`` (in Config, 65,536 bytes): a larger client message makes the node
+  drop the connection (``ZMQ_MAXMSGSIZE``);
+- ``max_sessions`` (100,000): opening a session while this many are open;
+- ``max_sessions_per_host`` (10,000): opening a session from a ``host`` that has this
+  many open;
+- ``max_queue`` (10,000): a checkout that would wait behind this many waiters of its
+  feature;
+- ``max_unacked`` (10,000): a request that records a reply, in a session holding this
+  many replies it has not acknowledged.
+
+The host is what the client says in ``open``: the per-host limit keeps an honest but
+runaway host (a build farm spawning jobs) from taking every session; ``max_sessions``
+is the bound that holds whatever a hostile client claims. ``max_unacked`` bounds the
+per-session table of recorded replies, which a client that never advances ``ack``
+would otherwise grow without end (the Python library acks as it goes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from broker.model import ErrorCode, Reply, reply_error
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = 100_000
+    max_sessions_per_host: int = 10_000
+    max_queue: int = 10_000
+    max_unacked: int = 10_000
+
+    def __post_init__(self) -> None:
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
+
+    def refuse_open(self, sessions: int, of_host: int, host: str) -> Reply | None:
+        """Opening one more session, with ``sessions`` open, ``of_host`` of them from ``host``."""
+        if sessions >= self.max_sessions:
+            return _limit(f"{sessions} sessions are open, the most this triad keeps (max_sessions)")
+        if of_host >= self.max_sessions_per_host:
+            return _limit(
+                f"host {host!r:.80} has {of_host} sessions open, the most one host may "
+                "have (max_sessions_per_host); close some first"
+            )
+        return None
+
+    def refuse_queue(self, feature: str, waiting: int) -> Reply | None:
+        """Queueing one more checkout of ``feature`` behind ``waiting`` waiters."""
+        if waiting >= self.max_queue:
+            return _limit(
+                f"{waiting} checkouts already wait for {feature!r:.80} (max_queue); "
+                "try again later or without wait"
+            )
+        return None
+
+    def refuse_unacked(self, sid: str, unacked: int) -> Reply | None:
+        """A request that records a reply, in a session with ``unacked`` replies kept."""
+        if unacked >= self.max_unacked:
+            return _limit(
+                f"session {sid} holds {unacked} replies it has not acknowledged "
+                "(max_unacked); send ack with the lowest request you may still retry"
+            )
+        return None
+
+
+def _limit(detail: str) -> Reply:
+    return reply_error(ErrorCode.LIMIT, detail)

@@ -1,0 +1,61 @@
+"""The ``bench`` click command, shared by ``scripts/bench.py`` and ``zbroker bench``.
+
+It only parses options, picks a plan and calls ``runner.run``; the heavy imports
+happen inside, so that importing this module (as ``broker/cli.py`` does) stays cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.option("--quick", is_flag=True, help="a reduced run that finishes within a minute")
+@click.option(
+    "--tiny", is_flag=True, hidden=True, help="a few seconds, for the smoke test; no figures"
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("bench.json"),
+    show_default=True,
+    help="where to write every figure as JSON",
+)
+@click.option("--kills", type=click.IntRange(min=1), default=None, help="failover trials")
+@click.option("--duration", type=float, default=None, help="seconds of each measured window")
+@click.option("--sessions", type=click.IntRange(min=1), default=None, help="heartbeating sessions")
+@click.option(
+    "--grants-per-session", type=click.IntRange(min=1), default=None, help="live grants each"
+)
+@click.option("--procs", type=click.IntRange(min=1), default=None, help="load processes")
+@click.option("--no-fsync-off", is_flag=True, help="skip the fsync = false triad")
+def bench(
+    quick: bool,
+    tiny: bool,
+    json_path: Path,
+    kills: int | None,
+    duration: float | None,
+    sessions: int | None,
+    grants_per_session: int | None,
+    procs: int | None,
+    no_fsync_off: bool,
+) -> None:
+    """Measure the triad against a bare ZeroMQ echo, in one run (SPEC section 7)."""
+    from clients.bench.report import render
+    from clients.bench.runner import plan_named, run
+
+    plan = plan_named(
+        "tiny" if tiny else "quick" if quick else "full",
+        kills=kills,
+        duration=duration,
+        sessions=sessions,
+        grants_per_session=grants_per_session,
+        procs=procs,
+        fsync_off=False if no_fsync_off else None,
+    )
+    result = run(plan, json_path, say=lambda line: click.echo(line, err=True))
+    click.echo(render(result))
+    click.echo(f"\nwrote {json_path}")

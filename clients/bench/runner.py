@@ -1,0 +1,376 @@
+"""One bench run: every figure of SPEC section 7 beside its baseline, in one JSON.
+
+Phases, in order (each says what it measures in the JSON it writes):
+
+1. ``throughput``: an echo server and one triad per fsync setting run side by side;
+   for each concurrency level the same load processes drive the echo, then each
+   triad (level by level, so a baseline is never more than seconds older than its
+   triad figure). Figures: checkout+checkin pairs a second, checkout latency.
+2. ``failover``: on the fsync triad, ``kills`` times: SIGKILL the primary, time the
+   first grant by the new primary as a prober sees it, restart the killed node and
+   wait until the triad is whole and the failback done.
+3. ``sessions``: a fresh triad; its idle CPU; then ``sessions`` sessions heartbeating
+   at the default interval: CPU and RSS of each node over a window.
+4. ``grants``: the same sessions check out ``grants_per_session`` grants each: RSS of
+   each node, time of a status query on the primary, time for a killed backup to
+   catch up after a restart (with its disk, and with its disk wiped: a snapshot).
+
+Ratios are computed only between figures of the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import signal
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from broker.demo import free_ports
+from clients.bench import echo
+from clients.bench.common import cpu_percent, ratio
+from clients.bench.failover import Prober
+from clients.bench.fleet import Fleet
+from clients.bench.load import LevelResult, LoadPool
+from clients.bench.triad import BenchTriad
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    levels: tuple[int, ...] = (1, 16, 64)
+    warmup: float = 1.0  # seconds of load before each measured window
+    duration: float = 5.0  # seconds of each measured window
+    procs: int = 2  # load processes
+    fsync_off: bool = True  # also measure a triad with fsync = false
+    tuned_echo: bool = True  # also measure the tuned echo (echo.py), a stricter baseline
+    kills: int = 20
+    sessions: int = 10_000
+    grants_per_session: int = 10
+    idle_window: float = 5.0
+    beat_window: float = 10.0  # one whole heartbeat interval (lease 30 s / 3)
+    wipe: bool = True  # also time the catch-up of a backup whose disk was wiped
+    window: int = 64  # requests in flight while opening sessions and checking out grants
+
+
+PLANS: dict[str, Plan] = {
+    "full": Plan("full"),
+    "quick": Plan(
+        "quick",
+        warmup=0.4,
+        duration=1.5,
+        kills=3,
+        sessions=2_000,
+        grants_per_session=5,
+        idle_window=1.0,
+        beat_window=2.0,
+    ),
+    "tiny": Plan(
+        "tiny",
+        levels=(1, 4),
+        warmup=0.1,
+        duration=0.3,
+        fsync_off=False,
+        tuned_echo=False,
+        kills=1,
+        sessions=50,
+        grants_per_session=2,
+        idle_window=0.2,
+        beat_window=0.3,
+        wipe=False,
+    ),
+}
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "pyzmq": zmq.__version__,
+        "libzmq": zmq.zmq_version(),
+        "msgpack": ".".join(str(p) for p in msgpack.version),
+        "platform": platform.platform(),
+    }
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# --- phase 1
+
+
+def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, Any]:
+    settings = [("triad", True)] + ([("triad_nofsync", False)] if plan.fsync_off else [])
+    echoes = ["echo"] + (["echo_tuned"] if plan.tuned_echo else [])
+    endpoints = {name: f"tcp://127.0.0.1:{port}" for name, port in zip(echoes, free_ports(2))}
+    procs = [echo.start(endpoints[name], tuned=name == "echo_tuned") for name in echoes]
+    triads = {name: BenchTriad(base / name, fsync=fsync) for name, fsync in settings}
+    levels: dict[str, dict[str, LevelResult]] = {t: {} for t in [*echoes, *triads]}
+    try:
+        for triad in triads.values():
+            triad.local.start()
+        for triad in triads.values():
+            triad.wait_serving(30)
+        for c in plan.levels:
+            for target in levels:
+                if target in triads:
+                    triad = triads[target]
+                    endpoint = triad.endpoint[triad.wait_serving(30)]
+                else:
+                    endpoint = endpoints[target]
+                got = pool.run(endpoint, c, plan.warmup, plan.duration)
+                levels[target][str(c)] = got
+                say(
+                    f"  {target:<14} {c:>3} outstanding: {got.pairs_per_s:>9.0f} pairs/s, "
+                    f"checkout p50 {got.latency['p50_ms']} ms"
+                )
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.join(5)
+        for triad in triads.values():
+            triad.close()
+    out: dict[str, Any] = {
+        "levels": {t: {c: r.to_json() for c, r in by.items()} for t, by in levels.items()},
+        "ratios": {},
+        "latency": {},
+    }
+    for target in triads:
+        out["ratios"][target] = {
+            f"vs_{e}": {
+                c: ratio(levels[target][c].pairs_per_s, levels[e][c].pairs_per_s) for c in levels[e]
+            }
+            for e in echoes
+        }
+    low, high = str(plan.levels[0]), str(plan.levels[-1])
+    keys = ("p50_ms", "p99_ms", "max_ms")
+    for target in triads:
+        out["latency"][target] = {}
+        for load, level in (("low", low), ("high", high)):
+            mine, base_ = levels[target][level].latency, levels["echo"][level].latency
+            out["latency"][target][load] = {
+                "concurrency": int(level),
+                "triad_ms": {k: mine[k] for k in keys},
+                "echo_ms": {k: base_[k] for k in keys},
+                "ratio": {k: ratio(mine[k], base_[k]) for k in keys},
+            }
+    return out
+
+
+# --- phase 2
+
+
+def failover(plan: Plan, base: Path, say: Say) -> dict[str, Any]:
+    trials: list[dict[str, Any]] = []
+    with BenchTriad(base / "failover", fsync=True) as triad:
+        triad.wait_serving(30)
+        prober = Prober([triad.endpoint[n] for n in triad.names])
+        try:
+            for trial in range(plan.kills):
+                primary = triad.wait_serving(30)
+                pid = triad.pid(primary)
+                t_kill = time.monotonic()
+                os.kill(pid, signal.SIGKILL)
+                triad.local.procs[primary].wait(10)
+                took, node = prober.first_grant_after(
+                    t_kill, triad.names.index(primary), timeout=20
+                )
+                trials.append(
+                    {"killed": primary, "new_primary": triad.names[node], "seconds": round(took, 4)}
+                )
+                say(f"  kill {trial + 1}: {primary} -> {triad.names[node]} in {took * 1000:.0f} ms")
+                triad.local.start(primary)
+                _wait_whole(triad, 30)
+        finally:
+            prober.close()
+    times = [t["seconds"] for t in trials]
+    return {
+        "kills": len(trials),
+        "p50_s": round(statistics.median(times), 4) if times else None,
+        "max_s": round(max(times), 4) if times else None,
+        "min_s": round(min(times), 4) if times else None,
+        "trials": trials,
+    }
+
+
+def _wait_whole(triad: BenchTriad, timeout: float) -> None:
+    """Every node up and caught up, and the top-ranked node primary again (failback)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the triad did not become whole again")
+        if triad.wait_serving(left) == triad.names[0]:
+            return
+        time.sleep(0.05)  # failback still in progress: poll again
+
+
+# --- phases 3 and 4
+
+
+def fleet(plan: Plan, base: Path, say: Say) -> dict[str, Any]:
+    sessions: dict[str, Any] = {"sessions": plan.sessions}
+    grants: dict[str, Any] = {"sessions": plan.sessions}
+    with BenchTriad(base / "fleet", fsync=True) as triad:
+        primary = triad.wait_serving(30)
+        roles = {n: ("primary" if n == primary else "backup") for n in triad.names}
+        before = triad.samples()
+        time.sleep(plan.idle_window)  # measuring the idle triad's CPU over this window
+        after = triad.samples()
+        sessions["idle"] = _usage(roles, before, after)
+        crowd = Fleet(triad.endpoint[primary])
+        try:
+            sessions["open_s"] = round(crowd.open(plan.sessions, plan.window, 600), 3)
+            crowd.beat()
+            time.sleep(min(1.0, plan.beat_window))  # let the heartbeats reach their rate
+            before = triad.samples()
+            counts0 = crowd.report()
+            time.sleep(plan.beat_window)  # the measured window
+            after = triad.samples()
+            counts1 = crowd.report()
+            beats = counts1.get("heartbeat_ok", 0) - counts0.get("heartbeat_ok", 0)
+            sessions["heartbeats_per_s"] = round(beats / (after[primary].at - before[primary].at))
+            sessions["heartbeat_interval_s"] = counts1.get("heartbeat_interval_ms", 0) / 1000
+            sessions["beating"] = _usage(roles, before, after)
+            say(
+                f"  {plan.sessions} sessions heartbeating: primary CPU "
+                f"{sessions['beating'][primary]['cpu_percent']} %, "
+                f"RSS {sessions['beating'][primary]['rss_mb']} MB"
+            )
+            got, secs = crowd.grants(plan.grants_per_session, plan.window, 1800)
+            grants["grants"] = got
+            grants["checkout_s"] = round(secs, 3)
+            grants["checkouts_per_s"] = round(got / secs, 1) if secs else None
+            now = triad.samples()
+            grants["rss_mb"] = {n: round(s.rss / 2**20, 1) for n, s in now.items()}
+            grants["rss_mb_roles"] = roles
+            took = []
+            for _ in range(3):
+                seconds, size, report = triad.status(primary)
+                took.append(seconds)
+            holders = sum(len(f["holders"]) for f in report["features"])
+            grants["status"] = {
+                "seconds_median": round(statistics.median(took), 4),
+                "seconds": [round(t, 4) for t in took],
+                "reply_bytes": size,
+                "holders": holders,
+            }
+            say(
+                f"  {got} grants: primary RSS {grants['rss_mb'][primary]} MB, status "
+                f"{grants['status']['seconds_median'] * 1000:.0f} ms ({size / 1e6:.1f} MB)"
+            )
+            backup = next(n for n in triad.names if n != primary)
+            grants["catch_up"] = _catch_up(triad, crowd, primary, backup, plan, wipe=False)
+            say(f"  {backup} restarted: caught up in {grants['catch_up']['seconds']} s")
+            if plan.wipe:
+                grants["catch_up_wiped"] = _catch_up(triad, crowd, primary, backup, plan, True)
+                say(
+                    f"  {backup} wiped and restarted: caught up in "
+                    f"{grants['catch_up_wiped']['seconds']} s"
+                )
+            grants["fleet_counts"] = crowd.report()
+        finally:
+            crowd.close()
+    return {"sessions": sessions, "grants": grants}
+
+
+def _usage(roles: dict[str, str], before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: {
+            "role": roles[name],
+            "cpu_percent": cpu_percent(before[name], after[name]),
+            "rss_mb": round(after[name].rss / 2**20, 1),
+        }
+        for name in after
+        if name in before
+    }
+
+
+def _catch_up(
+    triad: BenchTriad, crowd: Fleet, primary: str, backup: str, plan: Plan, wipe: bool
+) -> dict[str, Any]:
+    """Kill ``backup``, add deltas while it is down, restart it: time until it holds them."""
+    triad.local.kill(backup)
+    if wipe:
+        triad.local.wipe(backup)
+    # while it is down, work goes on: one more grant per session (a delta each)
+    missed, _ = crowd.grants(1, plan.window, 600) if not wipe else (0, 0.0)
+    watch = triad.watch
+    watch.wait(lambda w: w.fresh(primary) is not None, 5, "a heartbeat of the primary")
+    target = int(watch.latest[primary][1]["commit"])
+    started = time.monotonic()
+    triad.local.start(backup)
+
+    def caught_up(w: Any) -> bool:
+        at, hb = w.latest.get(backup, (0.0, {}))
+        # a heartbeat of the new process (the killed one's may still be in flight)
+        fresh = at > started and hb.get("role") == "backup"
+        return fresh and int(hb.get("commit", 0)) >= target
+
+    done = watch.wait(caught_up, 600, f"{backup} to catch up")
+    return {
+        "seconds": round(done - started, 3),
+        "deltas_missed": missed,
+        "commit": target,
+        "wiped": wipe,
+        "resolution_s": 0.1,  # heartbeats show the backup's commit every heartbeat_interval
+    }
+
+
+# --- the run
+
+
+def run(plan: Plan, out: Path | None, say: Say = print) -> dict[str, Any]:
+    """Run every phase of ``plan``; writes the JSON to ``out`` (when given) and returns it."""
+    started = time.monotonic()
+    result: dict[str, Any] = {
+        "plan": asdict(plan),
+        "machine": machine(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "loadavg_start": _loadavg(),
+    }
+    with tempfile.TemporaryDirectory(prefix="zbroker-bench-") as tmp:
+        base = Path(tmp)
+        say(f"bench ({plan.name}): throughput and latency, triad against echo")
+        pool = LoadPool(plan.procs)
+        try:
+            result["throughput"] = throughput(plan, base, pool, say)
+        finally:
+            pool.close()
+        say(f"bench ({plan.name}): failover, {plan.kills} kills of the primary")
+        result["failover"] = failover(plan, base, say)
+        say(f"bench ({plan.name}): {plan.sessions} sessions, then their grants")
+        result.update(fleet(plan, base, say))
+    result["loadavg_end"] = _loadavg()
+    result["seconds"] = round(time.monotonic() - started, 1)
+    if out is not None:
+        import json
+
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def plan_named(name: str, **overrides: Any) -> Plan:
+    return replace(PLANS[name], **{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,113 @@
+"""A triad for the bench: ``LocalTriad`` with a bench feature, and what the bench reads of it.
+
+The demo license's features are small (15 seats of cad), which would measure
+contention; the bench re-signs the demo license with one more line,
+``FEATURE bench demo 1.0 permanent 1000000``, before the nodes start. Everything else
+is the demo's defaults (heartbeat 100 ms, peer_timeout 500 ms, lease 30 s, failback
+on), with ``fsync`` as asked, and plain TCP (``secure = false``) like the echo.
+
+Status is asked with a raw DEALER and decoded without the client library's size
+bounds: a status of 100,000 grants is a reply of several megabytes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from broker.signing import load_private_key, sign_license_text
+from clients.bench.common import (
+    BENCH_FEATURE,
+    BENCH_SEATS,
+    HeartbeatWatcher,
+    ProcSample,
+    frame,
+    reply_of,
+    sample,
+)
+from clients.testing import LocalTriad
+
+
+class BenchTriad:
+    def __init__(self, directory: Path, *, fsync: bool, lease: float = 30.0) -> None:
+        # plain TCP: the echo baseline has no CURVE either (ZMQ-NOTES: CURVE costs < 5 %)
+        self.local = LocalTriad(directory, lease=lease, settings={"fsync": fsync}, secure=False)
+        self.fsync = fsync
+        config = self.local.config
+        text = config.license_path.read_text()
+        text = text.rstrip("\n") + f"\nFEATURE {BENCH_FEATURE} demo 1.0 permanent {BENCH_SEATS}\n"
+        key = load_private_key(self.local.dir / "keys" / "vendor.key")
+        config.license_path.write_text(sign_license_text(text, key))
+        self.names = self.local.names
+        self.endpoint = {n.name: n.client for n in config.nodes}
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.watch = HeartbeatWatcher(self.ctx, {n.name: n.pub for n in config.nodes})
+
+    def __enter__(self) -> BenchTriad:
+        self.local.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.local.stop()
+        self.watch.close()
+        self.ctx.destroy(linger=0)
+
+    # --- observing
+    def pid(self, name: str) -> int:
+        return self.local.procs[name].pid
+
+    def samples(self) -> dict[str, ProcSample]:
+        return {name: sample(self.pid(name)) for name in self.names if self.local.alive(name)}
+
+    def primary(self) -> str | None:
+        """The node whose latest heartbeat says primary (fresh heartbeats only)."""
+        self.watch.pump()
+        for name in self.names:
+            hb = self.watch.fresh(name)
+            if hb is not None and hb.get("role") == "primary":
+                return name
+        return None
+
+    def wait_serving(self, timeout: float = 20.0) -> str:
+        """A primary that answers a status as serving, with every live node caught up."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            name = self.local.primary()
+            if name is not None:
+                report = self.local.status()
+                nodes = {n["name"]: n for n in report["nodes"]}
+                head = nodes[name].get("commit")
+                alive = [n for n in self.names if self.local.alive(n)]
+                if all(nodes[n].get("commit") == head for n in alive):
+                    return name
+            time.sleep(0.05)  # polling a condition with a deadline
+        raise TimeoutError(f"no serving, caught-up primary within {timeout:.0f} s")
+
+    def status(self, name: str, timeout: float = 30.0) -> tuple[float, int, dict[str, Any]]:
+        """Ask ``name`` for status: (seconds to the decoded reply, reply bytes, report)."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # writable once connected: time the query alone
+        sock.connect(self.endpoint[name])
+        try:
+            if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
+                raise TimeoutError(f"cannot reach {name}")
+            started = time.monotonic()
+            sock.send(frame("status", "", 0, 0))
+            if not sock.poll(int(timeout * 1000)):
+                raise TimeoutError(f"{name} did not answer status within {timeout:.0f} s")
+            data = sock.recv()
+            reply = reply_of(data)
+            took = time.monotonic() - started
+        finally:
+            sock.close(linger=0)
+        report = reply.get("report")
+        if reply.get("status") != "ok" or not isinstance(report, dict):
+            raise RuntimeError(f"status of {name} failed: {reply.get('status')}")
+        return took, len(data), report
