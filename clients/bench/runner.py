@@ -124,7 +124,9 @@ def _loadavg() -> list[float]:
 def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, Any]:
     settings = [("triad", True)] + ([("triad_nofsync", False)] if plan.fsync_off else [])
     echoes = ["echo"] + (["echo_tuned"] if plan.tuned_echo else [])
-    endpoints = {name: f"tcp://127.0.0.1:{port}" for name, port in zip(echoes, free_ports(2))}
+    endpoints = {
+        name: f"tcp://127.0.0.1:{port}" for name, port in zip(echoes, free_ports(2), strict=False)
+    }
     procs = [echo.start(endpoints[name], tuned=name == "echo_tuned") for name in echoes]
     triads = {name: BenchTriad(base / name, fsync=fsync) for name, fsync in settings}
     levels: dict[str, dict[str, LevelResult]] = {t: {} for t in [*echoes, *triads]}
@@ -281,7 +283,8 @@ def fleet(plan: Plan, base: Path, say: Say) -> dict[str, Any]:
                 f"  {got} grants: primary RSS {grants['rss_mb'][primary]} MB, status "
                 f"{grants['status']['seconds_median'] * 1000:.0f} ms ({size / 1e6:.1f} MB)"
             )
-            backup = next(n for n in triad.names if n != primary)
+            # the lowest-ranked backup: a higher one would take control back (failback)
+            backup = next(n for n in reversed(triad.names) if n != primary)
             grants["catch_up"] = _catch_up(triad, crowd, primary, backup, plan, wipe=False)
             say(f"  {backup} restarted: caught up in {grants['catch_up']['seconds']} s")
             if plan.wipe:
@@ -326,10 +329,10 @@ def _catch_up(
     def caught_up(w: Any) -> bool:
         at, hb = w.latest.get(backup, (0.0, {}))
         # a heartbeat of the new process (the killed one's may still be in flight)
-        fresh = at > started and hb.get("role") == "backup"
+        fresh = at > started and hb.get("role") in ("backup", "primary")
         return fresh and int(hb.get("commit", 0)) >= target
 
-    done = watch.wait(caught_up, 600, f"{backup} to catch up")
+    done = watch.wait(caught_up, 120, f"{backup} to catch up")
     return {
         "seconds": round(done - started, 3),
         "deltas_missed": missed,
