@@ -454,8 +454,14 @@ def parse_license(
     syntax = parse_syntax(text, path=path, servers_required=servers_required)
     entitlements: list[Entitlement] = []
     refused: list[LicenseLineRefused] = []
+    first_of: dict[bytes, int] = {}  # canonical form -> the line it first verified on
     for line in syntax.lines:
         why = None if public_key is None else check_signature(line, public_key)
+        if why is None and public_key is not None:
+            # A copy of a signed line verifies too: counted twice it would add seats.
+            first = first_of.setdefault(line.canonical(), line.line)
+            if first != line.line:
+                why = f"a copy of line {first}: a signed line counts once"
         if why is None:
             entitlements.append(line.entitlement(path))
         else:

@@ -82,7 +82,7 @@ class ErrorCode:
 class Request:
     """One validated client request (``broker.wire`` builds it from the bytes)."""
 
-    op: str  # open, close, checkout, checkin, heartbeat, status
+    op: str  # open, close, checkout, checkin, heartbeat, status, admin
     sid: str = ""
     req: int = 0
     ack: int = 0
@@ -95,6 +95,7 @@ class Request:
     version: str | None = None
     wait: float | None = None
     grant: int = 0
+    action: str = ""  # admin: what to do ("down")
 
 
 Reply = dict[str, object]

@@ -35,11 +35,20 @@ from broker.front import Front, Key
 from broker.ledger import Ledger
 from broker.license import load_license
 from broker.model import Now, Reply, reply_ok
-from broker.security import CLIENT_DOMAIN, PEER_DOMAIN, NodeSecurity
+from broker.security import (
+    CLIENT_DOMAIN,
+    PEER_DOMAIN,
+    NodeSecurity,
+    handle_admin,
+    is_admin,
+    is_peer,
+)
 from broker.signing import load_public_key
 from broker.storage import Storage
 from broker.wire import RemoteProtocolError, decode_request, encode_reply, pack, unpack
 from peers import types as rp
+from peers.messages import Heartbeat
+from peers.messages import validate as validate_peer
 from peers.replica import Replica
 
 log = logging.getLogger("zbroker.node")
@@ -61,6 +70,7 @@ class Node:
         self.config = config
         self.me = config.node(name)
         self.security = NodeSecurity.from_config(config, name)  # keys checked before any I/O
+        self.last_frame: zmq.Frame | None = None  # set by _drain for each message
         self.endpoints = {n.name: n.client for n in config.nodes}
         license_file = load_license(config.license_path, load_public_key(config.vendor_key))
         for refused in license_file.refused:
@@ -106,8 +116,10 @@ class Node:
         if snap is None:
             # Entitlements arrive as a replicated `reload` delta from the primary, so every
             # node's ledger is built from the log alone.
-            return Ledger((), lease=lease, heartbeat=lease / 3)
-        return Ledger.from_snapshot(snap, lease=lease, heartbeat=lease / 3)
+            return Ledger((), lease=lease, heartbeat=lease / 3, limits=self.config.limits)
+        return Ledger.from_snapshot(
+            snap, lease=lease, heartbeat=lease / 3, limits=self.config.limits
+        )
 
     # --- life cycle
     def run(self) -> None:
@@ -229,6 +241,7 @@ class Node:
             while frame.more:
                 frame = recv(_NOBLOCK, copy=False)
                 frames.append(frame.bytes)
+            self.last_frame = frame  # metadata: the connection's User-Id, Peer-Address
             handle(frames, now)
 
     # --- peers
@@ -239,6 +252,8 @@ class Node:
             sender = frames[0].decode()
         except UnicodeDecodeError:
             return
+        if not is_peer(self.last_frame, sender, secure=self.security.secure):
+            return  # a triad key posing as another node than its own
         msg = self._decode_peer(frames[1])
         if msg is not None and sender in self.peer_sockets:
             self._take(self.replica.on_message(sender, msg, now.mono))
@@ -247,7 +262,8 @@ class Node:
         msg = self._decode_peer(frames[-1]) if len(frames) == 1 else None
         sender = msg.get("node") if msg is not None else None
         if msg is not None and isinstance(sender, str) and sender in self.peer_sockets:
-            self.heard[sender] = (now.mono, msg)
+            if isinstance(validate_peer(msg), Heartbeat):  # status shows only well-formed ones
+                self.heard[sender] = (now.mono, msg)
             self._take(self.replica.on_message(sender, msg, now.mono))
 
     def _on_peer_lost(self, monitor: zmq.Socket[bytes], peer: str, now: Now) -> None:
@@ -280,6 +296,13 @@ class Node:
         if request.op == "status":
             report = reply_ok(report=self.report(now))
             self._reply(identity, request.sid or None, request.req, report)
+            return
+        if request.op == "admin":
+            secure = self.security.secure
+            admin = is_admin(self.last_frame, secure=secure)
+            decision = handle_admin(request.action, admin=admin, node=self.me.name, secure=secure)
+            self._reply(identity, request.sid or None, request.req, decision.reply)
+            self.stopping = self.stopping or decision.stop  # the reply leaves in this cycle
             return
         refusal = self._not_serving()
         if refusal is not None:
@@ -499,7 +522,7 @@ class Node:
             )
         return {
             "node": self.me.name,
-            "mode": "plain",
+            "mode": self.security.mode,
             "nodes": [own, *others],
             "features": self.ledger.status(now),
         }

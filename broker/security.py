@@ -479,6 +479,23 @@ def process_keypair() -> KeyPair:
 # --- administrators ----------------------------------------------------------------------
 
 
+def is_peer(frame: zmq.Frame | None, name: str, *, secure: bool) -> bool:
+    """Whether a peer message claiming to come from node ``name`` came in on its key.
+
+    Secure mode: the ZAP handler named the connection ``node:NAME`` from the key it
+    presented, so a stolen key lets its holder pose as that one node only. Plain mode
+    authenticates nothing: every claim is taken (docs/security.md).
+    """
+    if not secure:
+        return True
+    if frame is None:
+        return False
+    try:
+        return bool(frame.get("User-Id") == NODE_USER_PREFIX + name)
+    except zmq.ZMQError:  # no such metadata: no ZAP handler saw this connection
+        return False
+
+
 def is_admin(frame: zmq.Frame | None, *, secure: bool) -> bool:
     """Whether the connection ``frame`` (a part of the request) came in on may administer.
 

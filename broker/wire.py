@@ -23,7 +23,7 @@ MAX_TEXT = 256
 MAX_SID = 64
 MAX_COUNT = 1_000_000
 MAX_REQ = 2**63 - 1
-OPS = frozenset({"open", "close", "checkout", "checkin", "heartbeat", "status"})
+OPS = frozenset({"open", "close", "checkout", "checkin", "heartbeat", "status", "admin"})
 
 # A request map has a dozen short fields; these bounds are far above any honest message
 # and far below what would hurt, whatever MAXMSGSIZE lets through.
@@ -65,6 +65,16 @@ def unpack_bounded(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=True, **_REQUEST_LIMITS)
 
 
+def unpack_reply(data: bytes) -> Any:
+    """A node's reply, for clients: no ext or bin types, sizes bounded by the frame itself.
+
+    ``unpack_bounded``'s caps fit one request; a status reply lists every holder (100,000
+    grants make a 7 MB reply), so replies keep msgpack's own bound instead: no container
+    may claim more items than the frame has bytes.
+    """
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+
+
 def decode_request(data: bytes) -> Request:
     """Validate one client frame into a Request, or raise RemoteProtocolError."""
     try:
@@ -86,11 +96,12 @@ def decode_request(data: bytes) -> Request:
     op = fields.text("op", max_len=16)
     if op not in OPS:
         raise RemoteProtocolError(ErrorCode.BAD_REQUEST, f"unknown op {op!r}", sid, req)
-    if op == "status":
+    if op in ("status", "admin"):
         return Request(
             op=op,
             sid=fields.text("sid", max_len=MAX_SID, default=""),
             req=fields.integer("req", 0, MAX_REQ, default=0),
+            action=fields.text("action", max_len=32, min_len=1) if op == "admin" else "",
         )
     common: dict[str, Any] = {
         "op": op,

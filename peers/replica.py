@@ -373,6 +373,11 @@ class Replica(Replication):
         """``sender`` acts as primary of my term: accept it as such."""
         if self.role is Role.PRIMARY:
             raise ReplicaError(f"{sender} claims to be primary of my term {self.term}")
+        if self.primary is not None and sender != self.primary:
+            # One primary per term: a second one in the same term is forged or broken.
+            raise ReplicaError(
+                f"{sender} acts as primary of term {self.term}, which is {self.primary}'s"
+            )
         if self.role is Role.CANDIDATE:
             self._set_role(Role.BACKUP)
         self.primary = sender

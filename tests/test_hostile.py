@@ -454,11 +454,6 @@ def test_after_the_storm_the_triad_still_serves(plain_triad: dict[str, Any]) -> 
         client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: in plain mode a backup takes an append of the current term from a "
-    "peer that is not that term's primary (docs/security.md, Findings)",
-)
 def test_impostor_append_in_the_current_term_is_not_applied(tmp_path: Path) -> None:
     with LocalTriad(tmp_path / "t", lease=120.0, secure=False) as triad:
         primary = triad.wait_for_primary()
