@@ -351,3 +351,15 @@ def chaos(args: tuple[str, ...]) -> None:
     from clients.chaos.cli import main as chaos_main
 
     sys.exit(chaos_main(list(args), prog="zbroker chaos"))
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.pass_context
+def bench(ctx: click.Context) -> None:
+    """Measure the triad against a bare ZeroMQ echo, in one run (BENCHMARKS.md)."""
+    from clients.bench.cli import bench as command  # heavy imports only when benchmarking
+
+    command.main(args=ctx.args, prog_name="zbroker bench")

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.wire import pack, unpack_bounded
+from broker.wire import pack, unpack_reply
 from clients.errors import LicenseDenied, LicenseError, LicenseUnavailable, ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -78,7 +78,7 @@ def encode_request(fields: Mapping[str, Any]) -> bytes:
 def decode_reply(frame: bytes) -> Reply:
     """Unpack and check one reply frame; raises ProtocolError on anything malformed."""
     try:
-        obj = unpack_bounded(frame)
+        obj = unpack_reply(frame)
     except Exception as exc:  # msgpack raises a zoo of types on bad input
         raise ProtocolError(f"reply is not msgpack: {exc}") from exc
     if not isinstance(obj, dict):

@@ -474,3 +474,16 @@ def test_close_returns_promptly_with_the_triad_gone(make_node: Callable[..., Fak
     client.close()
     assert time.monotonic() - start < 2.5
     assert grant.released
+
+
+def test_a_status_reply_with_many_holders_decodes() -> None:
+    # Replies are bounded by their frame, not by a request's caps: 100,000 grants make a
+    # status reply of several megabytes with one long list of holders.
+    from broker.wire import encode_reply
+    from clients.wire import decode_reply
+
+    holders = [{"grant": i, "user": f"u{i}", "count": 1} for i in range(5000)]
+    report = {"features": [{"name": "cad", "holders": holders}]}
+    reply = decode_reply(encode_reply({"status": "ok", "report": report}, None, 7))
+    assert reply.status == "ok" and reply.req == 7
+    assert len(reply.body["report"]["features"][0]["holders"]) == 5000

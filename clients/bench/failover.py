@@ -78,19 +78,20 @@ def main(endpoints: list[str], conn: Connection) -> None:
                         reply = reply_of(sock.recv(zmq.NOBLOCK))
                     except zmq.Again:
                         break
-                    if (
-                        reply.get("status") != "ok"
-                        or probes.pop(reply.get("req", -1), None) is None
-                    ):
-                        continue  # a redirect, or the answer to a check-in
+                    if reply.get("status") != "ok":
+                        continue  # a redirect, or unavailable
                     t = time.monotonic()
+                    probe = probes.pop(reply.get("req", -1), None) is not None
+                    if "grant" in reply:  # any grant, even of a probe given up on: give it back
+                        req += 1
+                        with contextlib.suppress(zmq.Again):
+                            sock.send(checkin_frame(sid, req, grant_id(reply)), zmq.NOBLOCK)
+                    if not probe:
+                        continue  # the answer to a check-in, or to a probe given up on
                     if not opened:
                         opened = True
                         conn.send(("opened",))
                         continue
-                    req += 1
-                    with contextlib.suppress(zmq.Again):
-                        sock.send(checkin_frame(sid, req, grant_id(reply)), zmq.NOBLOCK)
                     if mark is not None and node != mark[1] and t > mark[0]:
                         conn.send(("granted", t, node))
                         mark = None

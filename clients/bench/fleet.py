@@ -11,9 +11,9 @@ The sessions share one DEALER (a real fleet would have one connection per
 application; the node's cost per request does not depend on that, its memory per
 connection aside). The runner steers the fleet through a pipe:
 
-    ("open", n, window)          -> ("opened", sessions opened, seconds)
-    ("beat",)                    heartbeat from now on, at the interval of the open replies
-    ("grants", k, window)        -> ("granted", grants got, seconds)
+    ("open", n, window)          -> ("opened", sessions opened, seconds, latencies)
+    ("beat", interval)           heartbeat from now on (interval None: the open replies')
+    ("grants", k, window)        -> ("granted", grants got, seconds, latencies)
     ("report",)                  -> ("report", counters)
     ("stop",)
 """
@@ -32,7 +32,7 @@ from typing import Any
 
 import zmq
 
-from clients.bench.common import BENCH_FEATURE, frame, open_frame, reply_of
+from clients.bench.common import BENCH_FEATURE, frame, open_frame, percentiles, reply_of
 
 RESEND_AFTER = 5.0
 
@@ -45,7 +45,7 @@ class _Fleet:
         self.index: dict[str, int] = {}
         self.next_req: list[int] = []
         self.pending: list[set[int]] = []  # reqs in flight, per session (for ack)
-        self.inflight: dict[tuple[int, int], tuple[str, bytes]] = {}
+        self.inflight: dict[tuple[int, int], tuple[str, bytes, float]] = {}  # op, frame, sent
         self.deadlines: list[tuple[float, int, int]] = []  # resend heap: (when, session, req)
         self.counts: Counter[str] = Counter()
         self.interval = 0.0  # heartbeat interval, from the open replies
@@ -55,6 +55,7 @@ class _Fleet:
         self.task: str | None = None
         self.t0 = 0.0
         self.total = self.window = self.sent = self.answered = self.ok = 0
+        self.latencies: list[float] = []  # of the task's requests (a resend keeps its first time)
 
     def _send(self, i: int, op: str) -> None:
         sid, req = self.sids[i], self.next_req[i]
@@ -68,7 +69,7 @@ class _Fleet:
         else:
             data = frame(op, sid, req, ack)
         pending.add(req)
-        self.inflight[(i, req)] = (op, data)
+        self.inflight[(i, req)] = (op, data, time.monotonic())
         heapq.heappush(self.deadlines, (time.monotonic() + RESEND_AFTER, i, req))
         self.sock.send(data)
 
@@ -88,13 +89,14 @@ class _Fleet:
         if got is None or not isinstance(req, int):
             return  # a late copy of a resent request
         self.pending[i].discard(req)
-        op, status = got[0], reply.get("status")
+        op, status, sent = got[0], reply.get("status"), got[2]
         self.counts[f"{op}_{status}"] += 1
         if op == "open" and status == "ok":
             self.interval = float(reply.get("heartbeat", 10.0))
         if op == self.task:
             self.answered += 1
             self.ok += status == "ok"
+            self.latencies.append(time.monotonic() - sent)
 
     def _feed(self) -> None:
         if self.task is None:
@@ -113,7 +115,7 @@ class _Fleet:
             self.sent += 1
         if self.answered >= self.total:
             done = "opened" if self.task == "open" else "granted"
-            self.conn.send((done, self.ok, time.monotonic() - self.t0))
+            self.conn.send((done, self.ok, time.monotonic() - self.t0, percentiles(self.latencies)))
             self.task = None
 
     def _beat(self, now: float) -> None:
@@ -132,11 +134,14 @@ class _Fleet:
             self.conn.send(("report", dict(self.counts) | interval))
         elif msg[0] == "beat":
             self.beat_from = time.monotonic()
+            if msg[1] is not None:
+                self.interval = msg[1]  # the echo's "open" reply names none
         elif msg[0] in ("open", "grants"):
             self.task = "open" if msg[0] == "open" else "checkout"
             self.total = msg[1] if msg[0] == "open" else msg[1] * len(self.sids)
             self.window, self.t0 = msg[2], time.monotonic()
             self.sent = self.answered = self.ok = 0
+            self.latencies = []
         return True
 
     def loop(self) -> None:
@@ -198,12 +203,16 @@ class Fleet:
     def open(self, n: int, window: int, timeout: float) -> float:
         return float(self._call(("open", n, window), "opened", timeout)[2])
 
-    def beat(self) -> None:
-        self.conn.send(("beat",))
+    def beat(self, interval: float | None = None) -> None:
+        """Heartbeat from now on, every ``interval`` s (None: as the open replies said)."""
+        self.conn.send(("beat", interval))
 
-    def grants(self, per_session: int, window: int, timeout: float) -> tuple[int, float]:
+    def grants(
+        self, per_session: int, window: int, timeout: float
+    ) -> tuple[int, float, dict[str, Any]]:
+        """Grants got, seconds taken, and the checkouts' latency percentiles."""
         got = self._call(("grants", per_session, window), "granted", timeout)
-        return int(got[1]), float(got[2])
+        return int(got[1]), float(got[2]), dict(got[3])
 
     def report(self) -> dict[str, int]:
         return dict(self._call(("report",), "report", 10)[1])

@@ -64,7 +64,9 @@ def render(r: dict[str, Any]) -> str:
     lines += [
         "",
         f"{s['sessions']} sessions heartbeating every {s['heartbeat_interval_s']} s "
-        f"({s['heartbeats_per_s']} heartbeats/s; opened in {s['open_s']} s)",
+        f"({s['heartbeats_per_s']} heartbeats/s; opened in {s['open_s']} s); the echo "
+        f"answering the same heartbeats: {s['echo_cpu_percent']} % CPU "
+        f"(primary / echo: {_f(s['primary_vs_echo_cpu'], '{:.1f}')})",
         f"  {'node':<8} {'role':<8} {'idle CPU %':>10} {'CPU %':>7} {'RSS MB':>8}",
     ]
     for name, u in s["beating"].items():
@@ -79,6 +81,8 @@ def render(r: dict[str, Any]) -> str:
         "",
         f"{g['grants']} live grants across {g['sessions']} sessions "
         f"(checked out at {g['checkouts_per_s']}/s)",
+        "  checkout latency meanwhile (each node snapshots every 10,000 deltas): "
+        f"{_lat(g['checkout_latency'])} ms p50/p99/max",
         "  RSS MB: "
         + ", ".join(f"{n} ({g['rss_mb_roles'][n]}) {v}" for n, v in g["rss_mb"].items()),
         f"  status query on the primary: {st['seconds_median'] * 1000:.0f} ms median "

@@ -37,7 +37,7 @@ import zmq
 
 from broker.demo import free_ports
 from clients.bench import echo
-from clients.bench.common import cpu_percent, ratio
+from clients.bench.common import cpu_percent, ratio, sample
 from clients.bench.failover import Prober
 from clients.bench.fleet import Fleet
 from clients.bench.load import LevelResult, LoadPool
@@ -256,15 +256,23 @@ def fleet(plan: Plan, base: Path, say: Say) -> dict[str, Any]:
             sessions["heartbeats_per_s"] = round(beats / (after[primary].at - before[primary].at))
             sessions["heartbeat_interval_s"] = counts1.get("heartbeat_interval_ms", 0) / 1000
             sessions["beating"] = _usage(roles, before, after)
-            say(
-                f"  {plan.sessions} sessions heartbeating: primary CPU "
-                f"{sessions['beating'][primary]['cpu_percent']} %, "
-                f"RSS {sessions['beating'][primary]['rss_mb']} MB"
+            interval = sessions["heartbeat_interval_s"] or 10.0
+            sessions["echo_cpu_percent"] = _echo_beating(plan, interval)
+            sessions["primary_vs_echo_cpu"] = ratio(
+                sessions["beating"][primary]["cpu_percent"], sessions["echo_cpu_percent"]
             )
-            got, secs = crowd.grants(plan.grants_per_session, plan.window, 1800)
+            mine = sessions["beating"][primary]
+            say(
+                f"  {plan.sessions} sessions heartbeating: primary CPU {mine['cpu_percent']} % "
+                f"(echo at the same rate {sessions['echo_cpu_percent']} %), "
+                f"RSS {mine['rss_mb']} MB"
+            )
+            got, secs, latency = crowd.grants(plan.grants_per_session, plan.window, 1800)
             grants["grants"] = got
             grants["checkout_s"] = round(secs, 3)
             grants["checkouts_per_s"] = round(got / secs, 1) if secs else None
+            # every node snapshots its ledger every snapshot_every (10,000) deltas, in its loop
+            grants["checkout_latency"] = latency
             now = triad.samples()
             grants["rss_mb"] = {n: round(s.rss / 2**20, 1) for n, s in now.items()}
             grants["rss_mb_roles"] = roles
@@ -299,6 +307,26 @@ def fleet(plan: Plan, base: Path, say: Say) -> dict[str, Any]:
     return {"sessions": sessions, "grants": grants}
 
 
+def _echo_beating(plan: Plan, interval: float) -> float:
+    """CPU % of the echo answering the same heartbeats (same sessions, same interval)."""
+    endpoint = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    proc = echo.start(endpoint)
+    crowd = Fleet(endpoint)
+    try:
+        crowd.open(plan.sessions, plan.window, 600)
+        crowd.beat(interval)
+        time.sleep(min(1.0, plan.beat_window))  # let the heartbeats reach their rate
+        if proc.pid is None:
+            raise RuntimeError("the echo process has no pid")
+        before = sample(proc.pid)
+        time.sleep(plan.beat_window)  # the measured window
+        return cpu_percent(before, sample(proc.pid))
+    finally:
+        crowd.close()
+        proc.terminate()
+        proc.join(5)
+
+
 def _usage(roles: dict[str, str], before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     return {
         name: {
@@ -319,7 +347,7 @@ def _catch_up(
     if wipe:
         triad.local.wipe(backup)
     # while it is down, work goes on: one more grant per session (a delta each)
-    missed, _ = crowd.grants(1, plan.window, 600) if not wipe else (0, 0.0)
+    missed = crowd.grants(1, plan.window, 600)[0] if not wipe else 0
     watch = triad.watch
     watch.wait(lambda w: w.fresh(primary) is not None, 5, "a heartbeat of the primary")
     target = int(watch.latest[primary][1]["commit"])

@@ -12,12 +12,15 @@ bounds: a status of 100,000 grants is a reply of several megabytes.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import zmq
 
+import broker
 from broker.signing import load_private_key, sign_license_text
 from clients.bench.common import (
     BENCH_FEATURE,
@@ -31,8 +34,20 @@ from clients.bench.common import (
 from clients.testing import LocalTriad
 
 
+def _same_code() -> None:
+    """Make node processes (``python -m broker``) import the code this process imported.
+
+    Without it they import whatever ``python -m`` finds first from their working
+    directory: another checkout's editable install, say, which measures other code.
+    """
+    root = str(Path(broker.__file__).resolve().parent.parent)
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
+
+
 class BenchTriad:
     def __init__(self, directory: Path, *, fsync: bool, lease: float = 30.0) -> None:
+        _same_code()
         # plain TCP: the echo baseline has no CURVE either (ZMQ-NOTES: CURVE costs < 5 %)
         self.local = LocalTriad(directory, lease=lease, settings={"fsync": fsync}, secure=False)
         self.fsync = fsync
@@ -75,17 +90,24 @@ class BenchTriad:
         return None
 
     def wait_serving(self, timeout: float = 20.0) -> str:
-        """A primary that answers a status as serving, with every live node caught up."""
+        """A primary that says it serves, with every live node at its commit index.
+
+        Asked with the bench's own status query: the bench's ledgers are larger than
+        ``zbroker status`` decodes (its client decoder takes at most 64 holders).
+        """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            name = self.local.primary()
-            if name is not None:
-                report = self.local.status()
-                nodes = {n["name"]: n for n in report["nodes"]}
-                head = nodes[name].get("commit")
-                alive = [n for n in self.names if self.local.alive(n)]
-                if all(nodes[n].get("commit") == head for n in alive):
-                    return name
+            own = {}
+            for name in self.names:
+                if self.local.alive(name):
+                    with contextlib.suppress(TimeoutError, RuntimeError):
+                        own[name] = self.status(name, timeout=0.5)[2]["nodes"][0]
+            serving = [n for n, o in own.items() if o.get("role") == "primary" and o.get("serving")]
+            alive = [n for n in self.names if self.local.alive(n)]
+            if len(serving) == 1 and len(own) == len(alive):
+                head = own[serving[0]].get("commit")
+                if all(o.get("commit") == head for o in own.values()):
+                    return serving[0]
             time.sleep(0.05)  # polling a condition with a deadline
         raise TimeoutError(f"no serving, caught-up primary within {timeout:.0f} s")
 

@@ -1,0 +1,54 @@
+"""The benchmark runs end to end in its tiny mode and writes its JSON. No speed is asserted:
+the figures belong in BENCHMARKS.md, measured on a quiet machine, not in a test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_tiny_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Throughput" in done.stdout and "Failover" in done.stdout
+    result = json.loads(out.read_text())
+
+    assert {"plan", "machine", "throughput", "failover", "sessions", "grants"} <= set(result)
+    assert result["machine"]["nproc"] >= 1 and result["machine"]["libzmq"]
+    levels = [str(c) for c in result["plan"]["levels"]]
+    tp = result["throughput"]
+    for target in ("echo", "triad"):
+        for c in levels:
+            figures = tp["levels"][target][c]
+            assert figures["pairs_per_s"] > 0
+            assert set(figures["checkout_latency"]) == {"n", "p50_ms", "p99_ms", "max_ms"}
+    assert set(tp["ratios"]["triad"]["vs_echo"]) == set(levels)
+    assert set(tp["latency"]["triad"]) == {"low", "high"}
+    assert set(tp["latency"]["triad"]["low"]["ratio"]) == {"p50_ms", "p99_ms", "max_ms"}
+
+    failover = result["failover"]
+    assert failover["kills"] == result["plan"]["kills"] == len(failover["trials"])
+    assert failover["p50_s"] is not None and failover["max_s"] >= failover["p50_s"]
+
+    sessions = result["sessions"]
+    assert sessions["sessions"] == result["plan"]["sessions"]
+    assert {"idle", "beating", "heartbeats_per_s", "open_s"} <= set(sessions)
+    assert all({"role", "cpu_percent", "rss_mb"} <= set(u) for u in sessions["beating"].values())
+
+    grants = result["grants"]
+    expected = result["plan"]["sessions"] * result["plan"]["grants_per_session"]
+    assert grants["grants"] == expected
+    assert grants["status"]["holders"] == expected
+    assert len(grants["rss_mb"]) == 3
+    assert grants["catch_up"]["seconds"] > 0
