@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from broker.security import KeyPair, secure_client
 from broker.wire import pack, unpack
 
 PROTOCOL_VERSION = 1
@@ -122,11 +123,21 @@ class HeartbeatWatcher:
     status request, which on a large ledger would itself load the node being watched.
     """
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], pubs: dict[str, str]) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        pubs: dict[str, str],
+        curve: dict[str, KeyPair] | None = None,
+    ) -> None:
+        """``curve``: each node's key pair, for a triad in secure mode. A node's heartbeat
+        PUB serves only its peers' keys, so each PUB is joined with another node's key."""
         self.sock = ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
-        for endpoint in pubs.values():
+        for name, endpoint in pubs.items():
+            if curve is not None:
+                peer = next(keys for other, keys in curve.items() if other != name)
+                secure_client(self.sock, curve[name].public, peer)
             self.sock.connect(endpoint)
         self.latest: dict[str, tuple[float, dict[str, Any]]] = {}
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import zmq
 
+from broker.security import generate_keypair, secure_client
 from clients.bench.common import (
     checkin_frame,
     checkout_frame,
@@ -48,6 +49,7 @@ class Job:
     sessions: int
     warmup: float
     duration: float
+    server_key: str | None = None  # Z85: talk CURVE to a node in secure mode
 
 
 @dataclass
@@ -186,6 +188,8 @@ def worker(conn: Connection) -> None:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.setsockopt(zmq.RCVHWM, 100_000)
+            if job.server_key is not None:
+                secure_client(sock, job.server_key, generate_keypair())
             sock.connect(job.endpoint)
             try:
                 sids = [uuid.uuid4().hex for _ in range(job.sessions)]
@@ -220,12 +224,19 @@ class LoadPool:
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs if p.pid is not None]
 
-    def run(self, endpoint: str, concurrency: int, warmup: float, duration: float) -> LevelResult:
+    def run(
+        self,
+        endpoint: str,
+        concurrency: int,
+        warmup: float,
+        duration: float,
+        server_key: str | None = None,
+    ) -> LevelResult:
         workers = min(len(self.conns), concurrency)
         shares = [concurrency // workers + (i < concurrency % workers) for i in range(workers)]
         conns = self.conns[:workers]
         for conn, share in zip(conns, shares, strict=True):
-            conn.send(("job", Job(endpoint, share, warmup, duration)))
+            conn.send(("job", Job(endpoint, share, warmup, duration, server_key)))
         for conn in conns:
             self._expect(conn, "ready", READY_TIMEOUT)
         start = time.monotonic() + 0.05

@@ -55,6 +55,7 @@ class Plan:
     procs: int = 2  # load processes
     fsync_off: bool = True  # also measure a triad with fsync = false
     tuned_echo: bool = True  # also measure the tuned echo (echo.py), a stricter baseline
+    curve: bool = True  # also measure a triad in secure mode (CURVE + ZAP), fsync on
     kills: int = 20
     sessions: int = 10_000
     grants_per_session: int = 10
@@ -122,13 +123,18 @@ def _loadavg() -> list[float]:
 
 
 def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, Any]:
-    settings = [("triad", True)] + ([("triad_nofsync", False)] if plan.fsync_off else [])
+    settings = [("triad", True, False)]
+    settings += [("triad_nofsync", False, False)] if plan.fsync_off else []
+    settings += [("triad_curve", True, True)] if plan.curve else []
     echoes = ["echo"] + (["echo_tuned"] if plan.tuned_echo else [])
     endpoints = {
         name: f"tcp://127.0.0.1:{port}" for name, port in zip(echoes, free_ports(2), strict=False)
     }
     procs = [echo.start(endpoints[name], tuned=name == "echo_tuned") for name in echoes]
-    triads = {name: BenchTriad(base / name, fsync=fsync) for name, fsync in settings}
+    triads = {
+        name: BenchTriad(base / name, fsync=fsync, secure=secure)
+        for name, fsync, secure in settings
+    }
     levels: dict[str, dict[str, LevelResult]] = {t: {} for t in [*echoes, *triads]}
     try:
         for triad in triads.values():
@@ -137,12 +143,14 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
             triad.wait_serving(30)
         for c in plan.levels:
             for target in levels:
+                key = None
                 if target in triads:
                     triad = triads[target]
-                    endpoint = triad.endpoint[triad.wait_serving(30)]
+                    primary = triad.wait_serving(30)
+                    endpoint, key = triad.endpoint[primary], triad.server_key.get(primary)
                 else:
                     endpoint = endpoints[target]
-                got = pool.run(endpoint, c, plan.warmup, plan.duration)
+                got = pool.run(endpoint, c, plan.warmup, plan.duration, server_key=key)
                 levels[target][str(c)] = got
                 say(
                     f"  {target:<14} {c:>3} outstanding: {got.pairs_per_s:>9.0f} pairs/s, "

@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 
 import broker
+from broker.security import generate_keypair, load_keypair, secure_client
 from broker.signing import load_private_key, sign_license_text
 from clients.bench.common import (
     BENCH_FEATURE,
@@ -46,10 +47,13 @@ def _same_code() -> None:
 
 
 class BenchTriad:
-    def __init__(self, directory: Path, *, fsync: bool, lease: float = 30.0) -> None:
+    def __init__(
+        self, directory: Path, *, fsync: bool, lease: float = 30.0, secure: bool = False
+    ) -> None:
         _same_code()
-        # plain TCP: the echo baseline has no CURVE either (ZMQ-NOTES: CURVE costs < 5 %)
-        self.local = LocalTriad(directory, lease=lease, settings={"fsync": fsync}, secure=False)
+        # plain TCP by default: the echo baseline has no CURVE either; ``secure`` gives the
+        # CURVE triad that the throughput phase measures beside the plain one
+        self.local = LocalTriad(directory, lease=lease, settings={"fsync": fsync}, secure=secure)
         self.fsync = fsync
         config = self.local.config
         text = config.license_path.read_text()
@@ -59,7 +63,14 @@ class BenchTriad:
         self.names = self.local.names
         self.endpoint = {n.name: n.client for n in config.nodes}
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.watch = HeartbeatWatcher(self.ctx, {n.name: n.pub for n in config.nodes})
+        # Z85 public key of each node's client socket (None in plain mode), for load DEALERs
+        self.server_key = {n.name: n.public_key for n in config.nodes} if secure else {}
+        curve = None
+        if secure:
+            if any(n.secret_key is None for n in config.nodes):
+                raise RuntimeError("a secure triad's config names no secret key")
+            curve = {n.name: load_keypair(n.secret_key) for n in config.nodes if n.secret_key}
+        self.watch = HeartbeatWatcher(self.ctx, {n.name: n.pub for n in config.nodes}, curve)
 
     def __enter__(self) -> BenchTriad:
         self.local.start()
@@ -116,6 +127,8 @@ class BenchTriad:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # writable once connected: time the query alone
+        if self.server_key.get(name):
+            secure_client(sock, str(self.server_key[name]), generate_keypair())
         sock.connect(self.endpoint[name])
         try:
             if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
