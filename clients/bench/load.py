@@ -221,9 +221,6 @@ class LoadPool:
             self.conns.append(parent)
             self.procs.append(proc)
 
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs if p.pid is not None]
-
     def run(
         self,
         endpoint: str,
