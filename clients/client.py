@@ -166,36 +166,18 @@ class LicenseClient:
         if wait is not None and not wait >= 0:
             raise ValueError(f"wait must be >= 0 seconds or None, not {wait!r}")
         self._check_usable()
-        budget = self._timeout if timeout is None else timeout
         queue_time = float(wait) if wait is not None else 0.0
-        failures: list[LicenseError] = []
-        for i, link in enumerate(self._engine.links):
-            start = time.monotonic()
-            deadline = start + queue_time + max(0.0, budget) / (len(self._entries) - i)
 
-            def job(
-                now: float,
-                fut: Future[Any],
-                link: Link = link,
-                deadline: float = deadline,
-            ) -> None:
-                link.checkout(
-                    fut,
-                    now,
-                    feature=feature,
-                    count=count,
-                    version=version,
-                    wait=wait,
-                    deadline=deadline,
-                )
+        def start(link: Link, fut: Future[Any], now: float, deadline: float) -> None:
+            link.checkout(
+                fut, now, feature=feature, count=count, version=version, wait=wait,
+                deadline=deadline,
+            )  # fmt: skip
 
-            try:
-                grant: Grant = self._call(job, deadline)
-                return grant
-            except (LicenseDenied, LicenseUnavailable, OutcomeUnknown) as exc:
-                failures.append(exc)  # FlexLM semantics: try the next entry
-            budget -= max(0.0, time.monotonic() - start - queue_time)
-        raise _summary(failures)
+        grant: Grant = self._over_path(
+            timeout, queue_time, start, (LicenseDenied, LicenseUnavailable, OutcomeUnknown)
+        )
+        return grant
 
     def checkin(self, grant: Grant, timeout: float | None = None) -> None:
         """Return a grant's seats. Checking in a released or lost grant does nothing.
@@ -219,26 +201,42 @@ class LicenseClient:
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The status map (docs/protocol.md) of the first entry of the path that answers."""
         self._check_usable()
+
+        def start(link: Link, fut: Future[Any], now: float, deadline: float) -> None:
+            link.status(fut, now, deadline)
+
+        report: dict[str, Any] = self._over_path(timeout, 0.0, start, (LicenseUnavailable,))
+        return report
+
+    def _over_path(
+        self,
+        timeout: float | None,
+        extra: float,
+        start: Callable[[Link, Future[Any], float, float], None],
+        next_on: tuple[type[LicenseError], ...],
+    ) -> Any:
+        """Run one call on each entry of the license path in turn until one succeeds.
+
+        Each entry gets an equal share of what is left of ``timeout``, plus ``extra``
+        (a checkout's queueing time); a failure of a kind in ``next_on`` moves on to the
+        next entry, as FlexLM clients do.
+        """
         budget = self._timeout if timeout is None else timeout
         failures: list[LicenseError] = []
         for i, link in enumerate(self._engine.links):
-            start = time.monotonic()
-            deadline = start + max(0.0, budget) / (len(self._entries) - i)
+            began = time.monotonic()
+            deadline = began + extra + max(0.0, budget) / (len(self._entries) - i)
 
             def job(
-                now: float,
-                fut: Future[Any],
-                link: Link = link,
-                deadline: float = deadline,
+                now: float, fut: Future[Any], link: Link = link, deadline: float = deadline
             ) -> None:
-                link.status(fut, now, deadline)
+                start(link, fut, now, deadline)
 
             try:
-                report: dict[str, Any] = self._call(job, deadline)
-                return report
-            except LicenseUnavailable as exc:
+                return self._call(job, deadline)
+            except next_on as exc:
                 failures.append(exc)
-            budget -= time.monotonic() - start
+            budget -= max(0.0, time.monotonic() - began - extra)
         raise _summary(failures)
 
     def close(self, timeout: float | None = None) -> None:

@@ -184,6 +184,16 @@ class LocalTriad:
             curve=config_curve(self.config, admin=False),
         )
 
+    def feature(self, name: str, report: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One feature of a status report: total, in use, queued, holders."""
+        report = self.status() if report is None else report
+        found: dict[str, Any] = next(f for f in report["features"] if f["name"] == name)
+        return found
+
+    def holders(self, feature: str, report: dict[str, Any] | None = None) -> list[tuple[str, int]]:
+        """(user, seats) of each holder of ``feature``, sorted."""
+        return sorted((h["user"], h["count"]) for h in self.feature(feature, report)["holders"])
+
     def primary(self) -> str | None:
         """The node that says it is primary and serving, if any."""
         report = self.status()

@@ -27,17 +27,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 _FAILED = pytest.StashKey[bool]()
 
 
-def _triad(request: pytest.FixtureRequest, tmp_path: Any, **kwargs: Any) -> Iterator[LocalTriad]:
-    triad = LocalTriad(tmp_path / "triad", **kwargs)
-    triad.start()
-    try:
-        yield triad
-    finally:
-        triad.stop()
-        if request.node.stash.get(_FAILED, False):
-            print(triad.log_text())  # shown by pytest under "Captured stdout teardown"
-
-
 @pytest.fixture
 def make_triad(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
     """Start a LocalTriad with other settings; stopped (logs shown on failure) at teardown."""
@@ -53,20 +42,22 @@ def make_triad(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
     for triad in made:
         triad.stop()
         if request.node.stash.get(_FAILED, False):
-            print(triad.log_text())
+            print(triad.log_text())  # shown by pytest under "Captured stdout teardown"
 
 
 @pytest.fixture
-def single(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[LocalTriad]:
+def single(make_triad: Any) -> LocalTriad:
     """One unreplicated node with a short lease, in plain TCP (its tests poke it with raw
     sockets; tests/test_security.py and tests/test_hostile.py cover secure mode)."""
-    yield from _triad(request, tmp_path, servers=1, lease=1.5, secure=False)
+    triad: LocalTriad = make_triad(servers=1, lease=1.5, secure=False)
+    return triad
 
 
 @pytest.fixture
-def triad(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[LocalTriad]:
+def triad(make_triad: Any) -> LocalTriad:
     """Three nodes with the default timings."""
-    yield from _triad(request, tmp_path, servers=3, lease=5.0)
+    made: LocalTriad = make_triad(servers=3, lease=5.0)
+    return made
 
 
 class RawClient:

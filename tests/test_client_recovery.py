@@ -37,12 +37,6 @@ CLIENT = textwrap.dedent(
 )
 
 
-def _holders(triad: LocalTriad, feature: str) -> list[tuple[str, int]]:
-    report = triad.status()
-    feat = next(f for f in report["features"] if f["name"] == feature)
-    return sorted((h["user"], h["count"]) for h in feat["holders"])
-
-
 def test_expired_client_checks_out_again_and_reports_what_it_lost(triad: LocalTriad) -> None:
     triad.wait_for_primary()
     proc = subprocess.Popen(
@@ -62,13 +56,13 @@ def test_expired_client_checks_out_again_and_reports_what_it_lost(triad: LocalTr
         wait_for(lambda: "held" in lines, 15, "the client to hold its grants")
         os.kill(proc.pid, signal.SIGSTOP)
         # The triad's lease is 5 s: wait until it has given the seats back.
-        wait_for(lambda: _holders(triad, "solver") == [], 15, "the frozen session to expire")
+        wait_for(lambda: triad.holders("solver") == [], 15, "the frozen session to expire")
         with LicenseClient(triad.endpoints, user="rival") as rival:
             taken: Any = rival.checkout("solver", count=2)
             os.kill(proc.pid, signal.SIGCONT)
             wait_for(lambda: "lost solver LOST" in lines, 15, "the client to report solver lost")
-            wait_for(lambda: _holders(triad, "cad") == [("frozen", 2)], 10, "cad back")
-            assert _holders(triad, "solver") == [("rival", 2)]
+            wait_for(lambda: triad.holders("cad") == [("frozen", 2)], 10, "cad back")
+            assert triad.holders("solver") == [("rival", 2)]
             rival.checkin(taken)
         proc.stdin.write("done\n")
         proc.stdin.flush()
@@ -98,5 +92,5 @@ def test_unknown_checkout_is_settled_and_leaks_no_seat(triad: LocalTriad) -> Non
             triad.resume(first)
         # The library re-sends the same request to the new primary, learns that it got
         # the seats, and checks them back in: nothing stays held by "hasty" for cad.
-        wait_for(lambda: _holders(triad, "cad") == [], 10, "the settled grant to be returned")
-        assert _holders(triad, "viewer") == [("hasty", 1)]
+        wait_for(lambda: triad.holders("cad") == [], 10, "the settled grant to be returned")
+        assert triad.holders("viewer") == [("hasty", 1)]

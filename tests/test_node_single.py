@@ -14,23 +14,16 @@ from clients.testing import LocalTriad, wait_for
 from clients.wire import decode_reply
 
 
-def _feature(report: dict[str, Any], name: str) -> dict[str, Any]:
-    for feature in report["features"]:
-        if feature["name"] == name:
-            return dict(feature)
-    raise KeyError(name)
-
-
 def test_checkout_checkin_and_status(single: LocalTriad) -> None:
     single.wait_for_primary()
     with LicenseClient(single.endpoints, user="ann", host="ws1") as client:
         grant = client.checkout("cad", count=3, version="2.0")
         assert (grant.feature, grant.count, grant.version) == ("cad", 3, "2.0")
-        cad = _feature(single.status(), "cad")
+        cad = single.feature("cad")
         assert (cad["total"], cad["in_use"]) == (15, 3)
         assert [(h["user"], h["host"], h["count"]) for h in cad["holders"]] == [("ann", "ws1", 3)]
         client.checkin(grant)
-        assert _feature(single.status(), "cad")["in_use"] == 0
+        assert single.feature("cad")["in_use"] == 0
 
 
 def test_denials_carry_reasons(single: LocalTriad) -> None:
@@ -63,9 +56,7 @@ def test_queued_checkout_granted_when_a_seat_frees(single: LocalTriad) -> None:
 
         thread = threading.Thread(target=wait_for_seat)
         thread.start()
-        wait_for(
-            lambda: _feature(single.status(), "solver")["queued"] == 1, 5.0, "a queued request"
-        )
+        wait_for(lambda: single.feature("solver")["queued"] == 1, 5.0, "a queued request")
         holder.checkin(held)
         thread.join(timeout=10)
         assert "error" not in result, result
@@ -78,9 +69,9 @@ def test_silent_session_expires_and_seats_return(single: LocalTriad, raw: Any) -
     assert client.open()["status"] == "ok"
     reply = client.call(op="checkout", feature="solver", count=2)
     assert reply["status"] == "ok", reply
-    assert _feature(single.status(), "solver")["in_use"] == 2
+    assert single.feature("solver")["in_use"] == 2
     # No heartbeats: the 1.5 s lease runs out and the seats come back.
-    wait_for(lambda: _feature(single.status(), "solver")["in_use"] == 0, 10.0, "lease expiry")
+    wait_for(lambda: single.feature("solver")["in_use"] == 0, 10.0, "lease expiry")
     after = client.call(op="heartbeat")
     assert (after["status"], after["code"]) == ("error", "unknown_session")
 
@@ -93,7 +84,7 @@ def test_retried_request_has_one_effect(single: LocalTriad, raw: Any) -> None:
     again = client.call(op="checkout", feature="cad", count=4, req=100)
     assert first["status"] == "ok"
     assert again == first
-    assert _feature(single.status(), "cad")["in_use"] == 4
+    assert single.feature("cad")["in_use"] == 4
 
 
 def test_malformed_burst_changes_nothing(single: LocalTriad, raw: Any) -> None:

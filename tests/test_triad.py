@@ -12,15 +12,9 @@ from clients import LicenseClient, LicenseUnavailable, OutcomeUnknown
 from clients.testing import LocalTriad, wait_for
 
 
-def _feature(report: dict[str, Any], name: str) -> dict[str, Any]:
-    return next(f for f in report["features"] if f["name"] == name)
-
-
 def _holders(triad: LocalTriad, feature: str) -> list[tuple[str, int]]:
     report = triad.status()
-    if report["primary"] is None:
-        return []
-    return sorted((h["user"], h["count"]) for h in _feature(report, feature)["holders"])
+    return [] if report["primary"] is None else triad.holders(feature, report)
 
 
 def _caught_up(triad: LocalTriad, name: str) -> bool:
@@ -97,7 +91,7 @@ def test_paused_primary_grants_nothing_in_its_old_term(triad: LocalTriad, raw: A
             assert reply["req"] == req
             assert reply["status"] in ("redirect", "unavailable"), reply
             wait_for(lambda: _caught_up(triad, first), 5, f"{first} to rejoin as a backup")
-            assert _feature(triad.status(), "solver")["in_use"] == 2
+            assert triad.feature("solver")["in_use"] == 2
             client.checkin(taken)
         del second
     finally:

@@ -9,26 +9,29 @@ prober can be subtracted.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import multiprocessing
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import zmq
 
 from broker.security import KeyPair, secure_client
-from broker.wire import pack, unpack
+from broker.wire import unpack
+from clients.wire import encode_request
 
-PROTOCOL_VERSION = 1
 BENCH_FEATURE = "bench"
 BENCH_SEATS = 1_000_000  # never the limit: the bench measures the server, not contention
 
 
 def frame(op: str, sid: str, req: int, ack: int, **fields: Any) -> bytes:
     """One request frame (docs/protocol.md)."""
-    return pack({"v": PROTOCOL_VERSION, "op": op, "sid": sid, "req": req, "ack": ack, **fields})
+    return encode_request({"op": op, "sid": sid, "req": req, "ack": ack, **fields})
 
 
 def checkout_frame(sid: str, req: int, feature: str = BENCH_FEATURE) -> bytes:
@@ -172,3 +175,48 @@ class HeartbeatWatcher:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+class Child:
+    """A bench helper process (spawned: a zmq context must not cross a fork) and its pipe.
+
+    The child answers commands with tuples whose first item names the answer; an
+    ``("error", text)`` answer is raised here.
+    """
+
+    def __init__(self, target: Callable[..., None], args: tuple[Any, ...], name: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc: BaseProcess = ctx.Process(
+            target=target, args=(*args, child), daemon=True, name=name
+        )
+        self.proc.start()
+
+    def expect(self, kind: str, timeout: float) -> tuple[Any, ...]:
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"{self.name} sent no {kind!r} within {timeout:.0f} s")
+        msg: tuple[Any, ...] = self.conn.recv()
+        if msg[0] == "error":
+            raise RuntimeError(f"{self.name} failed: {msg[1]}")
+        if msg[0] != kind:
+            raise RuntimeError(f"{self.name} sent {msg[0]!r}, expected {kind!r}")
+        return msg
+
+    def call(self, msg: tuple[Any, ...], expect: str, timeout: float) -> tuple[Any, ...]:
+        self.conn.send(msg)
+        return self.expect(expect, timeout)
+
+    def send_stop(self) -> None:
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.conn.send(("stop",))
+
+    def join(self) -> None:
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=5)
+
+    def close(self) -> None:
+        self.send_stop()
+        self.join()

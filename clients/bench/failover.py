@@ -19,16 +19,20 @@ catches up and takes control back) before the next trial.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import time
 import uuid
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
-from typing import Any
 
 import zmq
 
-from clients.bench.common import checkin_frame, checkout_frame, grant_id, open_frame, reply_of
+from clients.bench.common import (
+    Child,
+    checkin_frame,
+    checkout_frame,
+    grant_id,
+    open_frame,
+    reply_of,
+)
 
 PACE = 0.002  # seconds between probes while none is granted
 OPEN_TIMEOUT = 20.0
@@ -107,34 +111,13 @@ def main(endpoints: list[str], conn: Connection) -> None:
         ctx.destroy(linger=0)
 
 
-class Prober:
+class Prober(Child):
     def __init__(self, endpoints: list[str]) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc: BaseProcess = ctx.Process(
-            target=main, args=(endpoints, child), daemon=True, name="bench-prober"
-        )
-        self.proc.start()
-        self._expect("opened", OPEN_TIMEOUT + 10)
-
-    def _expect(self, kind: str, timeout: float) -> tuple[Any, ...]:
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"the prober sent no {kind!r} within {timeout:.0f} s")
-        msg: tuple[Any, ...] = self.conn.recv()
-        if msg[0] != kind:
-            raise RuntimeError(f"the prober sent {msg!r}, expected {kind!r}")
-        return msg
+        super().__init__(main, (endpoints,), "the prober")
+        self.expect("opened", OPEN_TIMEOUT + 10)
 
     def first_grant_after(self, t_kill: float, killed: int, timeout: float) -> tuple[float, int]:
         """Seconds from ``t_kill`` to the first grant by another node, and that node."""
         self.conn.send(("mark", t_kill, killed))
-        msg = self._expect("granted", timeout)
+        msg = self.expect("granted", timeout)
         return msg[1] - t_kill, int(msg[2])
-
-    def close(self) -> None:
-        with contextlib.suppress(BrokenPipeError, OSError):
-            self.conn.send(("stop",))
-        self.proc.join(timeout=5)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(timeout=5)

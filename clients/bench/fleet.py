@@ -20,19 +20,16 @@ connection aside). The runner steers the fleet through a pipe:
 
 from __future__ import annotations
 
-import contextlib
 import heapq
-import multiprocessing
 import time
 import uuid
 from collections import Counter
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 import zmq
 
-from clients.bench.common import BENCH_FEATURE, frame, open_frame, percentiles, reply_of
+from clients.bench.common import BENCH_FEATURE, Child, frame, open_frame, percentiles, reply_of
 
 RESEND_AFTER = 5.0
 
@@ -180,28 +177,14 @@ def main(endpoint: str, conn: Connection) -> None:
         ctx.destroy(linger=0)
 
 
-class Fleet:
+class Fleet(Child):
     """The runner's handle on a fleet process."""
 
     def __init__(self, endpoint: str) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc: BaseProcess = ctx.Process(
-            target=main, args=(endpoint, child), daemon=True, name="bench-fleet"
-        )
-        self.proc.start()
-
-    def _call(self, msg: tuple[Any, ...], expect: str, timeout: float) -> tuple[Any, ...]:
-        self.conn.send(msg)
-        if not self.conn.poll(timeout):
-            raise TimeoutError(f"the fleet did not finish {msg[0]!r} within {timeout:.0f} s")
-        got: tuple[Any, ...] = self.conn.recv()
-        if got[0] != expect:
-            raise RuntimeError(f"the fleet answered {got[0]!r} to {msg[0]!r}")
-        return got
+        super().__init__(main, (endpoint,), "the fleet")
 
     def open(self, n: int, window: int, timeout: float) -> float:
-        return float(self._call(("open", n, window), "opened", timeout)[2])
+        return float(self.call(("open", n, window), "opened", timeout)[2])
 
     def beat(self, interval: float | None = None) -> None:
         """Heartbeat from now on, every ``interval`` s (None: as the open replies said)."""
@@ -211,16 +194,8 @@ class Fleet:
         self, per_session: int, window: int, timeout: float
     ) -> tuple[int, float, dict[str, Any]]:
         """Grants got, seconds taken, and the checkouts' latency percentiles."""
-        got = self._call(("grants", per_session, window), "granted", timeout)
+        got = self.call(("grants", per_session, window), "granted", timeout)
         return int(got[1]), float(got[2]), dict(got[3])
 
     def report(self) -> dict[str, int]:
-        return dict(self._call(("report",), "report", 10)[1])
-
-    def close(self) -> None:
-        with contextlib.suppress(BrokenPipeError, OSError):
-            self.conn.send(("stop",))
-        self.proc.join(timeout=5)
-        if self.proc.is_alive():
-            self.proc.terminate()
-            self.proc.join(timeout=5)
+        return dict(self.call(("report",), "report", 10)[1])

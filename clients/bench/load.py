@@ -16,19 +16,17 @@ anything still held.
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import time
 import uuid
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import Any
 
 import zmq
 
 from broker.security import generate_keypair, secure_client
 from clients.bench.common import (
+    Child,
     checkin_frame,
     checkout_frame,
     frame,
@@ -211,15 +209,7 @@ class LoadPool:
     """``procs`` load processes, started once and reused for every measurement."""
 
     def __init__(self, procs: int) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self.conns: list[Connection] = []
-        self.procs: list[BaseProcess] = []
-        for i in range(procs):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker, args=(child,), daemon=True, name=f"bench-load-{i}")
-            proc.start()
-            self.conns.append(parent)
-            self.procs.append(proc)
+        self.children = [Child(worker, (), f"load process {i}") for i in range(procs)]
 
     def run(
         self,
@@ -229,18 +219,18 @@ class LoadPool:
         duration: float,
         server_key: str | None = None,
     ) -> LevelResult:
-        workers = min(len(self.conns), concurrency)
+        workers = min(len(self.children), concurrency)
         shares = [concurrency // workers + (i < concurrency % workers) for i in range(workers)]
-        conns = self.conns[:workers]
-        for conn, share in zip(conns, shares, strict=True):
-            conn.send(("job", Job(endpoint, share, warmup, duration, server_key)))
-        for conn in conns:
-            self._expect(conn, "ready", READY_TIMEOUT)
+        children = self.children[:workers]
+        for child, share in zip(children, shares, strict=True):
+            child.call(
+                ("job", Job(endpoint, share, warmup, duration, server_key)), "ready", READY_TIMEOUT
+            )
         start = time.monotonic() + 0.05
-        for conn in conns:
-            conn.send(("go", start))
+        for child in children:
+            child.conn.send(("go", start))
         results: list[JobResult] = [
-            self._expect(conn, "result", warmup + duration + READY_TIMEOUT)[1] for conn in conns
+            child.expect("result", warmup + duration + READY_TIMEOUT)[1] for child in children
         ]
         latencies = [x for r in results for x in r.latencies]
         return LevelResult(
@@ -252,23 +242,8 @@ class LoadPool:
             latency=percentiles(latencies),
         )
 
-    @staticmethod
-    def _expect(conn: Connection, kind: str, timeout: float) -> Any:
-        if not conn.poll(timeout):
-            raise TimeoutError(f"a load process sent no {kind!r} within {timeout:.0f} s")
-        msg = conn.recv()
-        if msg[0] == "error":
-            raise RuntimeError(f"a load process failed: {msg[1]}")
-        if msg[0] != kind:
-            raise RuntimeError(f"a load process sent {msg[0]!r}, expected {kind!r}")
-        return msg
-
     def close(self) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send(("stop",))
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(timeout=5)
+        for child in self.children:
+            child.send_stop()
+        for child in self.children:
+            child.join()
