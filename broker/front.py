@@ -49,6 +49,10 @@ class Front:
         self._pending.discard(key)
         return self.route.pop(key, None)
 
+    def forget(self, key: Key) -> None:
+        """A queued request whose session ended: no answer will ever leave for it."""
+        self.answer(key)
+
     def committed(self, upto: int) -> list[tuple[bytes, Key, Reply]]:
         """Answers released by the commit of every index <= upto."""
         out = []

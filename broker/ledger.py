@@ -143,6 +143,9 @@ class Ledger:
         self._unleased: set[str] = set()  # sessions that get a fresh lease at the next tick
         self._queues: dict[str, deque[_Waiter]] = {}
         self._queued: set[tuple[str, int]] = set()
+        # Waiters ``tick`` dropped because their session ended: no answer will come, and
+        # whoever routes answers (broker/front.py) can forget them. Read with take_ended.
+        self._ended_waiters: list[tuple[str, int]] = []
 
     # ------------------------------------------------------------ replicated state
 
@@ -455,6 +458,8 @@ class Ledger:
                 session = None if r.sid in gone else self._sessions.get(r.sid)
                 if session is None or r.req < session.ack or r.req in session.replies:
                     self._queued.discard((r.sid, r.req))  # its session ended or it was answered
+                    if session is None:
+                        self._ended_waiters.append((r.sid, r.req))
                     continue
                 ids = _ids(r, max(session.ack, r.ack))
                 choice = self._choose(r, session, day_of(now.wall), extra)
@@ -490,6 +495,11 @@ class Ledger:
             self._leases_ordered = False
         self._lease_max = max(self._lease_max, deadline)
 
+    def take_ended_waiters(self) -> list[tuple[str, int]]:
+        """The (sid, req) of waiters dropped since the last call because their session ended."""
+        ended, self._ended_waiters = self._ended_waiters, []
+        return ended
+
     def forget_volatile(self) -> None:
         """Drop leases and waiters: call on losing or gaining the primary role."""
         self._leases.clear()
@@ -497,6 +507,7 @@ class Ledger:
         self._unleased = set(self._sessions)
         self._queues.clear()
         self._queued.clear()
+        self._ended_waiters.clear()
 
     # ------------------------------------------------------------ reading
 

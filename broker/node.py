@@ -63,6 +63,8 @@ MAX_DRAIN = 512  # messages read from one socket per cycle, so no socket starves
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 PEER_MAX_MESSAGE = 256 * 1024 * 1024  # a snapshot of 100,000 grants is about 9 MB
+# Effects that change what this node's disk vouches for beyond its own log entries.
+_DISK_STATE = (rp.PersistHardState, rp.TruncateLog, rp.PersistSnapshot, rp.InstallSnapshot)
 _UNAVAILABLE: Reply = {"status": "unavailable", "detail": "this node just lost control"}
 
 
@@ -104,6 +106,7 @@ class Node:
         self.front = Front()
         self.batch: list[tuple[dict[str, Any], Key | None, Reply | None]] = []
         self.peer_out: list[tuple[str | None, dict[str, Any]]] = []
+        self.entries_only = True  # this cycle changed no _DISK_STATE
         self.client_out: list[tuple[bytes, bytes]] = []
         self.heard: dict[str, tuple[float, dict[str, Any]]] = {}  # peer heartbeats, for status
         self.stopping = False
@@ -228,6 +231,8 @@ class Node:
                 self._maybe_reload()
                 for delta in self.ledger.tick(now):
                     self._propose_one(delta)
+                for key in self.ledger.take_ended_waiters():
+                    self.front.forget(key)
             self._flush(now)
 
     def _drain(
@@ -354,10 +359,30 @@ class Node:
     def _flush(self, now: Now) -> None:
         if self.batch:
             self._propose(now)
+        # A primary's appends go out before its own sync, so that its fsync and the
+        # backups' overlap (Raft thesis 10.2.1). They vouch for nothing on this disk: an
+        # entry counts toward a quorum only through a backup's ack, which this loop reads
+        # in a later cycle, after the sync below; an entry commits only with such an
+        # ack. Other state written this cycle (a term, a vote, a truncation, a snapshot)
+        # must be durable before any message leaves.
+        if self.entries_only and self.replica.role is rp.Role.PRIMARY:
+            self._send_peer_out()
         self.storage.sync()  # group commit: nothing below may leave before this
+        self.entries_only = True
         if self.recovered:
             self.recovered = False
             self.storage.mark_recovered()
+        self._send_peer_out()
+        send = self.clients.send
+        for identity, data in self.client_out:
+            try:  # two sends: send_multipart costs 4 us more in Python
+                send(identity, _SNDMORE_NOBLOCK)
+                send(data, _NOBLOCK)
+            except zmq.Again:
+                pass  # a client whose pipe is full drops it; it will retry the request
+        self.client_out.clear()
+
+    def _send_peer_out(self) -> None:
         packed: dict[int, bytes] = {}  # by id: the backups often get the same append map
         for to, msg in self.peer_out:
             sock = self.pub if to is None else self.peer_sockets.get(to)
@@ -370,14 +395,6 @@ class Node:
                 sock.send(data, _NOBLOCK)
             except zmq.Again:
                 pass  # a peer gone or far behind drops it; the replica re-sends what it needs
-        send = self.clients.send
-        for identity, data in self.client_out:
-            try:  # two sends: send_multipart costs 4 us more in Python
-                send(identity, _SNDMORE_NOBLOCK)
-                send(data, _NOBLOCK)
-            except zmq.Again:
-                pass  # a client whose pipe is full drops it; it will retry the request
-        self.client_out.clear()
         self.peer_out.clear()
 
     def _take(self, effects: list[Any]) -> None:
@@ -413,7 +430,10 @@ class Node:
     def _execute(self, effect: Any) -> None:
         if isinstance(effect, rp.PersistEntries):
             self.storage.append([(e.index, e.term, e.delta) for e in effect.entries])
-        elif isinstance(effect, rp.TruncateLog):
+            return
+        if isinstance(effect, _DISK_STATE):
+            self.entries_only = False
+        if isinstance(effect, rp.TruncateLog):
             self.storage.truncate(effect.from_index)
         elif isinstance(effect, rp.PersistHardState):
             self.storage.save_hard_state(effect.term, effect.voted_for)

@@ -8,6 +8,12 @@ persistence effects of one poll cycle (``PersistEntries``, ``TruncateLog``,
 or ``Publish`` of that cycle and before any client answer released by
 ``Committed`` (group commit: one fsync per cycle, and nothing leaves the node
 that claims state the disk does not hold yet).
+
+One exception: in a cycle whose only persistence effects are ``PersistEntries``, a
+primary's sends may leave before the sync, so that its fsync and the backups' overlap
+(Raft thesis 10.2.1). An append claims nothing about the primary's disk, and an entry
+commits only once a backup acknowledges it, which the replica can hear only after
+that cycle's sync: the shell syncs before it hands the replica any further event.
 """
 
 from __future__ import annotations

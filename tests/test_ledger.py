@@ -458,6 +458,9 @@ def test_waiter_whose_session_ended_is_dropped() -> None:
     deltas = w.tick()
     assert [(d["k"], d["sid"]) for d in deltas] == [("grant", "c")]
     assert w.ledger.queued("cad") == 0
+    # the node's front forgets where b's request came from: no answer will leave for it
+    assert [sid for sid, _ in w.ledger.take_ended_waiters()] == ["b"]
+    assert w.ledger.take_ended_waiters() == []
 
 
 def test_last_seat_goes_to_one_waiter_only() -> None:
