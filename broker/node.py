@@ -26,7 +26,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
@@ -107,6 +107,7 @@ class Node:
         self.batch: list[tuple[dict[str, Any], Key | None, Reply | None]] = []
         self.peer_out: list[tuple[str | None, dict[str, Any]]] = []
         self.entries_only = True  # this cycle changed no _DISK_STATE
+        self.unapplied: list[rp.Entry] = []  # committed on a backup, applied after the sends
         self.client_out: list[tuple[bytes, bytes]] = []
         self.heard: dict[str, tuple[float, dict[str, Any]]] = {}  # peer heartbeats, for status
         self.stopping = False
@@ -381,6 +382,7 @@ class Node:
             except zmq.Again:
                 pass  # a client whose pipe is full drops it; it will retry the request
         self.client_out.clear()
+        self._apply_unapplied()
 
     def _send_peer_out(self) -> None:
         packed: dict[int, bytes] = {}  # by id: the backups often get the same append map
@@ -456,16 +458,30 @@ class Node:
             log.debug("dropped a message from %s: %s", effect.sender, effect.reason)
 
     def _on_committed(self, effect: Any) -> None:
-        for entry in effect.entries:
+        if self.replica.role is rp.Role.PRIMARY:
+            self._apply(effect.entries)
+        else:
+            # A backup's acknowledgement of this cycle's appends need not wait for its
+            # ledger: apply after the sends (_flush). Anything that reads the ledger
+            # sooner (a role change, a status) applies them first.
+            self.unapplied.extend(effect.entries)
+        for identity, (sid, req), reply in self.front.committed(effect.upto):
+            self._reply(identity, sid, req, reply)
+
+    def _apply(self, entries: Sequence[rp.Entry]) -> None:
+        for entry in entries:
             # A backup applies what commits; a new primary applies what it adopted from
             # the previous term; its own proposals it applied when it made them.
             if entry.index > self.applied:
                 if entry.delta is not None:
                     self.ledger.apply(entry.delta)
                 self.applied = entry.index
-        for identity, (sid, req), reply in self.front.committed(effect.upto):
-            self._reply(identity, sid, req, reply)
         self._maybe_compact()
+
+    def _apply_unapplied(self) -> None:
+        if self.unapplied:
+            entries, self.unapplied = self.unapplied, []
+            self._apply(entries)
 
     def _on_role_changed(self, effect: Any) -> None:
         log.info(
@@ -477,6 +493,7 @@ class Node:
         if self.was_recovering and effect.role is not rp.Role.RECOVERING:
             self.recovered = True  # write the marker once this cycle's state is on disk
         self.was_recovering = effect.role is rp.Role.RECOVERING
+        self._apply_unapplied()  # before any decision of the new role reads the ledger
         # Leases and waiters are the primary's alone; a new reign starts them afresh.
         self.ledger.forget_volatile()
         if effect.role is rp.Role.PRIMARY:
@@ -526,6 +543,7 @@ class Node:
 
     # --- status
     def report(self, now: Now) -> dict[str, Any]:
+        self._apply_unapplied()
         own = {
             "name": self.me.name,
             "role": self.replica.role.value,
