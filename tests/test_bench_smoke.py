@@ -22,9 +22,12 @@ def test_bench_tiny_writes_every_figure(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Throughput" in done.stdout and "Failover" in done.stdout
+    assert "Reconnect storm" in done.stdout
     result = json.loads(out.read_text())
 
-    assert {"plan", "machine", "throughput", "failover", "sessions", "grants"} <= set(result)
+    assert {"plan", "machine", "throughput", "failover", "sessions", "grants", "storm"} <= set(
+        result
+    )
     assert result["machine"]["nproc"] >= 1 and result["machine"]["libzmq"]
     levels = [str(c) for c in result["plan"]["levels"]]
     tp = result["throughput"]
@@ -52,3 +55,20 @@ def test_bench_tiny_writes_every_figure(tmp_path: Path) -> None:
     assert grants["status"]["holders"] == expected
     assert len(grants["rss_mb"]) == 3
     assert grants["catch_up"]["seconds"] > 0
+
+    storm = result["storm"]
+    clients = result["plan"]["storm_clients"]
+    assert storm["clients"] == clients
+    assert storm["killed"] != storm["new_primary"]
+    for wave in ("storm", "baseline_warm", "baseline_cold"):
+        figures = storm[wave]
+        assert figures["served"] == clients, figures["failed"]
+        assert figures["time_to_served"]["n"] == clients
+        assert set(figures["time_to_served"]) == {"n", "p50_ms", "p99_ms", "max_ms"}
+    assert set(storm["ratio_vs_warm"]) == {"p50_ms", "p99_ms", "max_ms"}
+    # the failover kept every session and every grant taken before the kill
+    assert storm["sessions_kept"] == clients
+    assert storm["pre_kill_grants"] == 2 * clients
+    assert storm["pre_kill_grants_held"] == storm["pre_kill_grants_listed"] == 2 * clients
+    assert storm["holders_after"] == 3 * clients
+    assert storm["grants_reported_unsafe_or_lost"] == {}

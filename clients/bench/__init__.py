@@ -13,6 +13,7 @@ Modules:
 - ``load``: the throughput and latency workers (checkout + checkin pairs);
 - ``fleet``: many sessions heartbeating at the default interval, and mass checkouts;
 - ``failover``: the prober that times SIGKILL -> first grant by the new primary;
+- ``storm``: many clients, each failing over with the client library's own policy;
 - ``triad``: a ``LocalTriad`` with a large bench feature, and node process stats;
 - ``runner``: the plans (full, quick, tiny) and the run itself;
 - ``report``: the printed table;
@@ -21,3 +22,6 @@ Modules:
 Nothing is imported here, so that ``zbroker --help`` stays light; use
 ``clients.bench.runner.run``.
 """
+
+# the phases of ``runner.run``, in run order (``fleet``: sessions, then their grants)
+PHASES = ("throughput", "failover", "fleet", "storm")

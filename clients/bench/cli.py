@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from clients.bench import PHASES
+
 
 @click.command()
 @click.option("--quick", is_flag=True, help="a reduced run that finishes within a minute")
@@ -32,6 +34,19 @@ import click
 )
 @click.option("--procs", type=click.IntRange(min=1), default=None, help="load processes")
 @click.option("--no-fsync-off", is_flag=True, help="skip the fsync = false triad")
+@click.option(
+    "--storm-clients",
+    type=click.IntRange(min=1),
+    default=None,
+    help="clients failing over at once in the reconnect storm",
+)
+@click.option(
+    "--only",
+    "only",
+    multiple=True,
+    type=click.Choice(PHASES),
+    help="run only this phase (repeatable); fleet is the sessions and grants phases",
+)
 def bench(
     quick: bool,
     tiny: bool,
@@ -42,6 +57,8 @@ def bench(
     grants_per_session: int | None,
     procs: int | None,
     no_fsync_off: bool,
+    storm_clients: int | None,
+    only: tuple[str, ...],
 ) -> None:
     """Measure the triad against a bare ZeroMQ echo, in one run (SPEC section 7)."""
     from clients.bench.report import render
@@ -55,6 +72,8 @@ def bench(
         grants_per_session=grants_per_session,
         procs=procs,
         fsync_off=False if no_fsync_off else None,
+        storm_clients=storm_clients,
+        phases=tuple(p for p in PHASES if p in only) or None,
     )
     result = run(plan, json_path, say=lambda line: click.echo(line, err=True))
     click.echo(render(result))

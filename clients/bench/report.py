@@ -18,15 +18,28 @@ def _lat(d: dict[str, Any]) -> str:
 
 
 def render(r: dict[str, Any]) -> str:
+    """The table of every phase the run has (``Plan.phases`` may have skipped some)."""
     m = r["machine"]
     lines = [
         f"zbroker bench ({r['plan']['name']}) in {r['seconds']} s: {m['nproc']} x {m['cpu']}, "
         f"Python {m['python']}, pyzmq {m['pyzmq']}, libzmq {m['libzmq']}; load average "
         f"{r['loadavg_start'][0]} -> {r['loadavg_end'][0]}",
         "Every ratio is between figures of this run.",
-        "",
     ]
-    tp = r["throughput"]
+    for key, section in (
+        ("throughput", _throughput),
+        ("failover", _failover),
+        ("sessions", _sessions),
+        ("grants", _grants),
+        ("storm", _storm),
+    ):
+        if key in r:
+            lines += ["", *section(r[key])]
+    return "\n".join(lines)
+
+
+def _throughput(tp: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     echoes = [t for t in tp["levels"] if t.startswith("echo")]
     triads = [t for t in tp["levels"] if t not in echoes]
     head = "".join(f"{e:>11}" for e in echoes)
@@ -52,17 +65,20 @@ def render(r: dict[str, Any]) -> str:
                 f"  {t:<14} {load:<4} ({d['concurrency']:>2} out): triad {_lat(d['triad_ms']):<20}"
                 f" echo {_lat(d['echo_ms']):<18} ratio {ratios}"
             )
-    fo = r["failover"]
-    lines += [
-        "",
+    return lines
+
+
+def _failover(fo: dict[str, Any]) -> list[str]:
+    return [
         f"Failover, SIGKILL of the primary -> first grant by the new primary seen by a client "
         f"({fo['kills']} kills)",
         f"  p50 {_ms(fo['p50_s'])} ms, max {_ms(fo['max_s'])} ms, min {_ms(fo['min_s'])} ms"
         "  (targets: p50 < 500 ms, max < 1000 ms)",
     ]
-    s = r["sessions"]
-    lines += [
-        "",
+
+
+def _sessions(s: dict[str, Any]) -> list[str]:
+    lines = [
         f"{s['sessions']} sessions heartbeating every {s['heartbeat_interval_s']} s "
         f"({s['heartbeats_per_s']} heartbeats/s; opened in {s['open_s']} s); the echo "
         f"answering the same heartbeats: {s['echo_cpu_percent']} % CPU "
@@ -75,10 +91,12 @@ def render(r: dict[str, Any]) -> str:
             f"  {name:<8} {u['role']:<8} {_f(idle, '{:.1f}'):>10} {u['cpu_percent']:>7.1f} "
             f"{u['rss_mb']:>8.1f}"
         )
-    g = r["grants"]
+    return lines
+
+
+def _grants(g: dict[str, Any]) -> list[str]:
     st = g["status"]
-    lines += [
-        "",
+    lines = [
         f"{g['grants']} live grants across {g['sessions']} sessions "
         f"(checked out at {g['checkouts_per_s']}/s)",
         "  checkout latency meanwhile (each node snapshots every 10,000 deltas): "
@@ -94,4 +112,44 @@ def render(r: dict[str, Any]) -> str:
         lines.append(
             f"  wiped backup caught up in {g['catch_up_wiped']['seconds']} s (from a snapshot)"
         )
-    return "\n".join(lines)
+    return lines
+
+
+def _storm(st: dict[str, Any]) -> list[str]:
+    s, warm, cold = st["storm"], st["baseline_warm"], st["baseline_cold"]
+    n = st["clients"]
+
+    def wave(w: dict[str, Any]) -> str:
+        return (
+            f"{_lat(w['time_to_served']):<22} (first {_f(w['first_served_ms'])}; "
+            f"all clients had tried by {_f(w['issued_ms'])})"
+        )
+
+    ratios = "/".join(_f(st["ratio_vs_warm"][k], "{:.1f}") for k in ("p50_ms", "p99_ms", "max_ms"))
+    return [
+        f"Reconnect storm: {n} clients, each with its own connections, session and grants; "
+        f"SIGKILL of {st['killed']}",
+        f"(reaped after {st['reaped_ms']} ms), and every client checks out once more, failing "
+        f"over as the client library does; {st['new_primary']} serves",
+        f"  served within 1 s of the kill: {s['served_within_1s']}/{n} (target: all)"
+        + ("" if s["served"] == n else f"; not served: {s['failed']}"),
+        "  time to served, ms p50/p99/max:",
+        f"    storm, from the kill              {wave(s)}",
+        f"    the same burst, healthy triad     {wave(warm)}",
+        f"    the clients starting from nothing {wave(cold)}",
+        f"  storm / healthy burst: {ratios}; starting from nothing is connect, open and checkout",
+        f"  storm: first copy to a live node after {_lat(s['time_to_first_live_send'])} ms; "
+        f"{s['clients_redirected']} clients redirected, {s['clients_unavailable']} told "
+        f"unavailable, {s['resends']} resends, {s['sends_refused']} sends refused (not connected), "
+        f"{s['copies_to_dead_node']} copies into the dead node's dropped connection",
+        f"  sessions kept {st['sessions_kept']}/{n}; grants held before the kill: "
+        f"{st['pre_kill_grants_held']}/{st['pre_kill_grants']} still held, "
+        f"{st['pre_kill_grants_listed']}/{st['pre_kill_grants']} listed by {st['new_primary']}",
+        f"  CPU ms, storm: {_cpu(st['cpu_ms']['storm'])}",
+        f"          healthy burst: {_cpu(st['cpu_ms']['warm'])}",
+    ]
+
+
+def _cpu(cpu: dict[str, int]) -> str:
+    nodes = ", ".join(f"{k} {v}" for k, v in cpu.items() if k not in ("clients", "wall"))
+    return f"{nodes}, client processes {cpu['clients']} (over {cpu['wall']} ms)"

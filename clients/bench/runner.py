@@ -14,8 +14,14 @@ Phases, in order (each says what it measures in the JSON it writes):
 4. ``grants``: the same sessions check out ``grants_per_session`` grants each: RSS of
    each node, time of a status query on the primary, time for a killed backup to
    catch up after a restart (with its disk, and with its disk wiped: a snapshot).
+5. ``storm``: a fresh triad and ``storm_clients`` clients (``storm.py``), each with its
+   own connections and session, holding grants. SIGKILL of the primary, and every
+   client checks out once more at once, failing over with the client library's
+   policy: time from the kill until each is served. Baselines: the same burst on the
+   healthy triad, and the same clients starting from nothing (connect, open, checkout).
 
-Ratios are computed only between figures of the same run.
+``Plan.phases`` picks phases (3 and 4 are one phase, ``fleet``). Ratios are computed only
+between figures of the same run.
 """
 
 from __future__ import annotations
@@ -36,11 +42,12 @@ import msgpack
 import zmq
 
 from broker.demo import free_ports
-from clients.bench import echo
-from clients.bench.common import cpu_percent, ratio, sample
+from clients.bench import PHASES, echo
+from clients.bench.common import BENCH_FEATURE, ProcSample, cpu_percent, ratio, sample
 from clients.bench.failover import Prober
 from clients.bench.fleet import Fleet
 from clients.bench.load import LevelResult, LoadPool
+from clients.bench.storm import Storm, raise_fd_limit
 from clients.bench.triad import BenchTriad
 
 Say = Callable[[str], None]
@@ -63,6 +70,9 @@ class Plan:
     beat_window: float = 10.0  # one whole heartbeat interval (lease 30 s / 3)
     wipe: bool = True  # also time the catch-up of a backup whose disk was wiped
     window: int = 64  # requests in flight while opening sessions and checking out grants
+    storm_clients: int = 1_000  # SPEC 7: 1,000 clients failing over at once
+    storm_procs: int = 4  # processes the storm's clients are spread over
+    phases: tuple[str, ...] = PHASES
 
 
 PLANS: dict[str, Plan] = {
@@ -76,6 +86,7 @@ PLANS: dict[str, Plan] = {
         grants_per_session=5,
         idle_window=1.0,
         beat_window=2.0,
+        storm_clients=200,
     ),
     "tiny": Plan(
         "tiny",
@@ -90,6 +101,8 @@ PLANS: dict[str, Plan] = {
         idle_window=0.2,
         beat_window=0.3,
         wipe=False,
+        storm_clients=20,
+        storm_procs=2,
     ),
 }
 
@@ -378,6 +391,99 @@ def _catch_up(
     }
 
 
+# --- phase 5
+
+
+def storm(plan: Plan, base: Path, say: Say) -> dict[str, Any]:
+    # before the nodes and the client processes start: they inherit the limit
+    fds = raise_fd_limit(plan.storm_clients, plan.storm_procs)
+    with BenchTriad(base / "storm", fsync=True) as triad:
+        primary = triad.wait_serving(30)
+        crowd = Storm(
+            tuple(triad.endpoint[n] for n in triad.names), plan.storm_clients, plan.storm_procs
+        )
+        try:
+            # what each wave costs the survivors and the clients, in CPU
+            pids = {n: triad.pid(n) for n in triad.names}
+            pids |= {f"clients{k}": pid for k, pid in enumerate(crowd.pids())}
+            survivors = {n: pid for n, pid in pids.items() if n != primary}
+            cold = crowd.wave(time.monotonic())
+            say(f"  {plan.storm_clients} clients started: {_served_line(cold)}")
+            triad.wait_serving(30)
+            before = _samples(pids)
+            warm = crowd.wave(time.monotonic())
+            warm_cpu = _cpu_ms(before, _samples(pids))
+            say(f"  the same burst, healthy triad: {_served_line(warm)}")
+            triad.wait_serving(30)
+            pre = crowd.check()
+            before = _samples(pids)
+            t_kill = time.monotonic()
+            os.kill(triad.pid(primary), signal.SIGKILL)
+            # the burst starts once the primary is gone: no client can reach it any more
+            triad.local.procs[primary].wait(10)
+            reaped = time.monotonic() - t_kill
+            stormed = crowd.wave(t_kill, dead=triad.endpoint[primary])
+            storm_cpu = _cpu_ms(before, _samples(survivors))
+            new = triad.wait_serving(30)
+            say(f"  SIGKILL of {primary}, {new} primary: {_served_line(stormed)}")
+            post = crowd.check()
+        finally:
+            crowd.close()
+        report = triad.status(new)[2]
+    listed = {
+        h["grant"] for f in report["features"] if f["name"] == BENCH_FEATURE for h in f["holders"]
+    }
+    before_kill = set(pre["grant_ids"])
+    keys = ("p50_ms", "p99_ms", "max_ms")
+    return {
+        "clients": plan.storm_clients,
+        "procs": len(crowd.children),
+        "killed": primary,
+        "new_primary": new,
+        "reaped_ms": round(reaped * 1000, 1),
+        "fd_limit": fds,
+        "storm": stormed,
+        "baseline_warm": warm,
+        "baseline_cold": cold,
+        "ratio_vs_warm": {
+            k: ratio(stormed["time_to_served"][k], warm["time_to_served"][k]) for k in keys
+        },
+        "ratio_vs_cold": {
+            k: ratio(stormed["time_to_served"][k], cold["time_to_served"][k]) for k in keys
+        },
+        "cpu_ms": {"storm": storm_cpu, "warm": warm_cpu},
+        "sessions_kept": post["sessions_kept"],
+        "pre_kill_grants": len(before_kill),
+        "pre_kill_grants_held": len(before_kill & set(post["grant_ids"])),
+        "pre_kill_grants_listed": len(before_kill & listed),
+        "holders_after": len(listed),
+        "grants_reported_unsafe_or_lost": dict(post["reported"]),
+        "all_served_within_1s": stormed["served_within_1s"] == plan.storm_clients,
+    }
+
+
+def _served_line(wave: dict[str, Any]) -> str:
+    t = wave["time_to_served"]
+    return (
+        f"{wave['served_within_1s']}/{wave['clients']} served within 1 s, "
+        f"p50 {t['p50_ms']} ms, max {t['max_ms']} ms"
+    )
+
+
+def _samples(pids: dict[str, int]) -> dict[str, ProcSample]:
+    return {name: sample(pid) for name, pid in pids.items()}
+
+
+def _cpu_ms(before: dict[str, ProcSample], after: dict[str, ProcSample]) -> dict[str, int]:
+    """CPU ms each process used between the samples (clock ticks: 10 ms), and the wall ms."""
+    out = {n: round((after[n].cpu - before[n].cpu) * 1000) for n in before if n in after}
+    clients = [n for n in out if n.startswith("clients")]
+    out["clients"] = sum(out.pop(n) for n in clients)
+    wall = [after[n].at - before[n].at for n in before if n in after]
+    out["wall"] = round(max(wall) * 1000) if wall else 0
+    return out
+
+
 # --- the run
 
 
@@ -392,16 +498,22 @@ def run(plan: Plan, out: Path | None, say: Say = print) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="zbroker-bench-") as tmp:
         base = Path(tmp)
-        say(f"bench ({plan.name}): throughput and latency, triad against echo")
-        pool = LoadPool(plan.procs)
-        try:
-            result["throughput"] = throughput(plan, base, pool, say)
-        finally:
-            pool.close()
-        say(f"bench ({plan.name}): failover, {plan.kills} kills of the primary")
-        result["failover"] = failover(plan, base, say)
-        say(f"bench ({plan.name}): {plan.sessions} sessions, then their grants")
-        result.update(fleet(plan, base, say))
+        if "throughput" in plan.phases:
+            say(f"bench ({plan.name}): throughput and latency, triad against echo")
+            pool = LoadPool(plan.procs)
+            try:
+                result["throughput"] = throughput(plan, base, pool, say)
+            finally:
+                pool.close()
+        if "failover" in plan.phases:
+            say(f"bench ({plan.name}): failover, {plan.kills} kills of the primary")
+            result["failover"] = failover(plan, base, say)
+        if "fleet" in plan.phases:
+            say(f"bench ({plan.name}): {plan.sessions} sessions, then their grants")
+            result.update(fleet(plan, base, say))
+        if "storm" in plan.phases:
+            say(f"bench ({plan.name}): reconnect storm, {plan.storm_clients} clients")
+            result["storm"] = storm(plan, base, say)
     result["loadavg_end"] = _loadavg()
     result["seconds"] = round(time.monotonic() - started, 1)
     if out is not None:
