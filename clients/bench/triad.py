@@ -6,8 +6,8 @@ contention; the bench re-signs the demo license with one more line,
 is the demo's defaults (heartbeat 100 ms, peer_timeout 500 ms, lease 30 s, failback
 on), with ``fsync`` as asked, and plain TCP (``secure = false``) like the echo.
 
-Status is asked with a raw DEALER and decoded without the client library's size
-bounds: a status of 100,000 grants is a reply of several megabytes.
+Status is asked with a raw DEALER, so that its time is the query's alone (no session
+to open, no library thread): a status of 100,000 grants is a reply of several megabytes.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ class BenchTriad:
     def wait_serving(self, timeout: float = 20.0) -> str:
         """A primary that says it serves, with every live node at its commit index.
 
-        Asked with the bench's own status query: the bench's ledgers are larger than
-        ``zbroker status`` decodes (its client decoder takes at most 64 holders).
+        Asked with the bench's own status query (``status`` below), which needs no
+        session.
         """
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
