@@ -144,7 +144,7 @@ class Ledger:
         self._queues: dict[str, deque[_Waiter]] = {}
         self._queued: set[tuple[str, int]] = set()
         # Waiters ``tick`` dropped because their session ended: no answer will come, and
-        # whoever routes answers (broker/front.py) can forget them. Read with take_ended.
+        # whoever routes answers (broker/front.py) can forget them: take_ended_waiters.
         self._ended_waiters: list[tuple[str, int]] = []
 
     # ------------------------------------------------------------ replicated state

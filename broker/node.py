@@ -362,10 +362,9 @@ class Node:
             self._propose(now)
         # A primary's appends go out before its own sync, so that its fsync and the
         # backups' overlap (Raft thesis 10.2.1). They vouch for nothing on this disk: an
-        # entry counts toward a quorum only through a backup's ack, which this loop reads
-        # in a later cycle, after the sync below; an entry commits only with such an
-        # ack. Other state written this cycle (a term, a vote, a truncation, a snapshot)
-        # must be durable before any message leaves.
+        # entry commits only with a backup's ack, which this loop reads in a later cycle,
+        # after the sync below. Other state written this cycle (a term, a vote, a
+        # truncation, a snapshot) must be durable before any message leaves.
         if self.entries_only and self.replica.role is rp.Role.PRIMARY:
             self._send_peer_out()
         self.storage.sync()  # group commit: nothing below may leave before this
