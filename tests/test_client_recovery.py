@@ -75,10 +75,19 @@ def test_expired_client_checks_out_again_and_reports_what_it_lost(triad: LocalTr
     assert "lost cad UNSAFE" in lines and "lost cad LOST" not in lines, lines
 
 
-def test_unknown_checkout_is_settled_and_leaks_no_seat(triad: LocalTriad) -> None:
+def _commit(triad: LocalTriad, name: str) -> int:
+    node = next(n for n in triad.status()["nodes"] if n["name"] == name)
+    return int(node.get("commit") or 0)
+
+
+def test_unknown_checkout_is_settled_and_leaks_no_seat(make_triad: Any) -> None:
+    # No failback: the new primary's term then holds only its no-op and what the library
+    # does, so the grant ids below count the library's checkouts exactly.
+    triad: LocalTriad = make_triad(servers=3, lease=5.0, settings={"failback": False})
     first = triad.wait_for_primary()
     with LicenseClient(triad.endpoints, user="hasty") as client:
-        client.checkout("viewer")  # the session is open and the primary known
+        viewer = client.checkout("viewer")  # the session is open and the primary known
+        committed = _commit(triad, first)
         triad.pause(first)
         try:
             try:
@@ -87,10 +96,19 @@ def test_unknown_checkout_is_settled_and_leaks_no_seat(triad: LocalTriad) -> Non
                 pass  # the expected case: the frozen primary never answered
             else:
                 raise AssertionError("a frozen primary cannot have granted within 0.2 s")
-            triad.wait_for_primary(not_=first, timeout=10)
+            second = triad.wait_for_primary(not_=first, timeout=10)
         finally:
             triad.resume(first)
         # The library re-sends the same request to the new primary, learns that it got
-        # the seats, and checks them back in: nothing stays held by "hasty" for cad.
-        wait_for(lambda: triad.holders("cad") == [], 10, "the settled grant to be returned")
+        # the seats, and checks them back in: the new term's no-op, that grant and its
+        # release. Nothing stays held by "hasty" for cad.
+        wait_for(
+            lambda: _commit(triad, second) >= committed + 3 and triad.holders("cad") == [],
+            10,
+            "the settled grant to be returned",
+        )
         assert triad.holders("viewer") == [("hasty", 1)]
+        # The settled checkout took the grant id after viewer's: it did take effect once
+        # (a library that gave up on it would leave the next id to this probe).
+        probe = client.checkout("viewer")
+        assert probe.id == viewer.id + 2, (viewer.id, probe.id)
