@@ -466,6 +466,53 @@ def test_a_fake_peer_without_its_key_is_not_heard_and_hears_nothing(tmp_path: Pa
             attacker.close()
 
 
+def test_a_stolen_node_key_poses_as_that_node_only(tmp_path: Path) -> None:
+    """A thief holding one backup's secret key talks to the primary's peer ROUTER under
+    the other backup's name (that backup killed, so the ROUTER takes the name): not
+    heard. Control: the very same bytes under the dead backup's own key move the term."""
+    with LocalTriad(tmp_path / "t", lease=5.0) as triad:
+        primary = triad.wait_for_primary()
+        target = next(n for n in triad.config.nodes if n.name == primary)
+        robbed, dead = (n for n in triad.config.nodes if n.name != primary)
+        triad.kill(dead.name)
+        wait_for(lambda: dict(_views(triad)["nodes"])[dead.name][0] == "down", 5, "a backup down")
+        own = dict(_views(triad)["nodes"])[primary]
+        term, last = own[1], own[2]
+        # An empty append of a far higher term: believed, it makes the primary step down.
+        forged = pack(
+            {"t": "append", "term": term + 100, "prev_index": last, "prev_term": term,
+             "entries": [], "commit": last}
+        )  # fmt: skip
+        attacker = Attacker()
+        try:
+            posing = attacker.socket(
+                zmq.DEALER, load_keypair(robbed.secret_key or Path("missing")), target.public_key
+            )
+            posing.setsockopt(zmq.ROUTING_ID, dead.name.encode())
+            posing.connect(target.peer)
+            deadline = time.monotonic() + 1.0  # > peer_timeout: time for any effect to show
+            while time.monotonic() < deadline:
+                posing.send(forged, zmq.NOBLOCK)
+                time.sleep(0.05)  # a stream of forgeries, not a synchronisation
+            assert attacker.handshakes() == 1  # the stolen key got it in: only the name failed
+            assert dict(_views(triad)["nodes"])[primary][:2] == own[:2]  # role and term
+            posing.close(linger=0)  # frees the name on the ROUTER for the control
+
+            honest = attacker.socket(
+                zmq.DEALER, load_keypair(dead.secret_key or Path("missing")), target.public_key
+            )
+            honest.setsockopt(zmq.ROUTING_ID, dead.name.encode())
+            honest.connect(target.peer)
+
+            def moved() -> bool:
+                honest.send(forged, zmq.NOBLOCK)
+                return bool(dict(_views(triad)["nodes"])[primary][1] > term)
+
+            wait_for(moved, 10, "the primary to adopt the forged term", every=0.05)
+        finally:
+            attacker.close()
+
+
 def _bind(sock: zmq.Socket[bytes], endpoint: str) -> None:
     """Bind, retrying while a just-closed listener on that port is still going away."""
     deadline = time.monotonic() + 5
