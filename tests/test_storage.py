@@ -108,3 +108,15 @@ def test_a_write_before_load_is_refused(tmp_path: Path) -> None:
     write_marker(tmp_path / "data", "alpha")
     with pytest.raises(StorageError, match="not loaded"):
         _storage(tmp_path).append([(1, 1, None)])
+
+
+def test_records_across_and_beyond_the_zeroed_chunks_read_back(tmp_path: Path) -> None:
+    write_marker(tmp_path / "data", "alpha")
+    store = _loaded(tmp_path)
+    big = "x" * 700_000  # two of these cross the first 1 MiB of zeros; the last is 2.5 MiB
+    store.append([(1, 1, {"k": big})])
+    store.append([(2, 1, {"k": big})])
+    store.append([(3, 1, {"k": "y" * (5 << 19)})])
+    store.close()
+    entries = _storage(tmp_path).load().entries
+    assert [(i, len(d["k"])) for i, _, d in entries] == [(1, 700_000), (2, 700_000), (3, 5 << 19)]
