@@ -71,8 +71,7 @@ class Storage:
         self.fsync = fsync
         self.dir.mkdir(parents=True, exist_ok=True)
         self._log: BinaryIO | None = None  # opened by load(), at the end of the good records
-        self._end = 0  # where the next record goes
-        self._zeroed = 0  # the file's size: zeros from _end up to here
+        self._zeroed = 0  # the file's size: zeros from the write position up to here
         self._dirty = False
         self.last = 0  # index of the last entry written (durable after the next sync)
 
@@ -174,10 +173,11 @@ class Storage:
         self._log = open(path, "r+b")  # noqa: SIM115 - held open for writes
         self._log.truncate(end)
         self._log.seek(end)
-        self._end = self._zeroed = end
+        self._zeroed = end
 
     def _extend(self, size: int) -> None:
-        """Make the file long enough, with zeros, for ``size`` more bytes at ``_end``.
+        """Make the file long enough, with zeros, for ``size`` more bytes where the next
+        record goes.
 
         Records are then written over zeros inside the file instead of growing it, so the
         per-cycle ``fdatasync`` has no file size or block map to commit: it took about
@@ -185,7 +185,7 @@ class Storage:
         an extension pays for the new blocks.
         """
         assert self._log is not None
-        if self._end + size <= self._zeroed:
+        if self._log.tell() + size <= self._zeroed:
             return
         grow = max(_ZERO_CHUNK, size)
         os.pwrite(self._log.fileno(), bytes(grow), self._zeroed)  # leaves the file position
@@ -215,7 +215,6 @@ class Storage:
         data = _frame(record)
         self._extend(len(data))
         self._log.write(data)
-        self._end += len(data)
         self._dirty = True
 
     def _replace_record(self, name: str, record: dict[str, Any]) -> None:

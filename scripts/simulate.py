@@ -20,18 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # tests/ is not a package: pytest imports it so
 
-from sim import Simulation, Violation, run_seed  # noqa: E402  (after the path set-up)
-
-
-def _chunk(args: tuple[int, int, int]) -> list[str]:
-    start, stop, steps = args
-    failures = []
-    for seed in range(start, stop):
-        try:
-            run_seed(seed, steps)
-        except Violation as v:
-            failures.append(str(v))
-    return failures
+from sim import Simulation, Violation, seed_failures  # noqa: E402  (after the path set-up)
 
 
 def main() -> int:
@@ -62,7 +51,7 @@ def main() -> int:
     ]
     failed = 0
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for failures in pool.map(_chunk, chunks):
+        for failures in pool.map(seed_failures, chunks):
             for text in failures:
                 failed += 1
                 print(text, flush=True)

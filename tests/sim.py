@@ -599,3 +599,18 @@ def run_seed(seed: int, steps: int = 300) -> Stats:
         return Simulation(seed, steps).run()
     except Violation as v:
         raise Violation(f"{v}\nreplay with: python scripts/simulate.py --seed {seed}") from None
+
+
+def seed_failures(chunk: tuple[int, int, int]) -> list[str]:
+    """Run seeds ``start`` to ``stop - 1`` for ``steps`` each; the text of each violation.
+
+    One ``(start, stop, steps)`` argument, so that a process pool can map it over chunks.
+    """
+    start, stop, steps = chunk
+    failures = []
+    for seed in range(start, stop):
+        try:
+            run_seed(seed, steps)
+        except Violation as v:
+            failures.append(str(v))
+    return failures

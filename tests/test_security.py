@@ -21,7 +21,6 @@ import pytest
 import zmq
 from click.testing import CliRunner
 
-import broker.wire
 from broker.cli import main
 from broker.config import ConfigError, load_config
 from broker.demo import write_demo
@@ -49,14 +48,6 @@ from clients.errors import LicensePathError
 from clients.licpath import KEYS_ENV, server_keys
 from clients.testing import LocalTriad, wait_for
 from clients.wire import decode_reply, encode_request
-
-# The node.py / wire.py / model.py edits of docs/security.md ("Edits in the node"):
-# admin requests, the limits from the config, and the mode in the status report.
-NODE_WIRED = "admin" in broker.wire.OPS
-needs_node_edits = pytest.mark.skipif(
-    not NODE_WIRED, reason="needs the node edits listed in docs/security.md"
-)
-
 
 # --- keys and allow-lists ---------------------------------------------------------------
 
@@ -601,7 +592,6 @@ def _zbroker(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@needs_node_edits
 def test_down_needs_the_admin_key_and_stops_the_triad_cleanly(tmp_path: Path) -> None:
     with LocalTriad(tmp_path / "t", lease=5.0) as triad:
         triad.wait_for_primary()
@@ -622,7 +612,6 @@ def test_down_needs_the_admin_key_and_stops_the_triad_cleanly(tmp_path: Path) ->
             assert triad.procs[name].wait(timeout=10) == 0  # a clean exit, not a kill
 
 
-@needs_node_edits
 def test_down_in_plain_mode_works_from_this_host(tmp_path: Path) -> None:
     with LocalTriad(tmp_path / "t", servers=1, secure=False) as triad:
         triad.wait_for_primary()
@@ -637,8 +626,7 @@ def test_status_cli_names_the_mode(tmp_path: Path) -> None:
         triad.wait_for_primary()
         result = _zbroker("status", "--config", str(triad.config_path))
         assert result.returncode == 0, result.stderr
-        expected = "curve (CURVE" if NODE_WIRED else "security:"
-        assert expected in result.stdout.splitlines()[0]
+        assert "curve (CURVE" in result.stdout.splitlines()[0]
 
 
 def test_keygen_cli_prints_the_public_key(tmp_path: Path) -> None:
@@ -751,25 +739,6 @@ def test_vendor_verify_refuses_a_copied_signed_line(tmp_path: Path) -> None:
     ) in out
 
 
-def _node_refuses_duplicates() -> bool:
-    from broker.license import parse_license
-    from broker.signing import sign_license_text
-
-    key = generate_vendor_key()
-    text = sign_license_text("SERVER a ANY tcp://h:1\nINCREMENT f v 1 permanent 1\n", key)
-    twice = text + text.split("\n", 1)[1]
-    return bool(parse_license(twice, path="t", public_key=key.public_key()).refused)
-
-
-def generate_vendor_key() -> Any:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    return Ed25519PrivateKey.generate()
-
-
-@pytest.mark.skipif(
-    not _node_refuses_duplicates(), reason="needs the license.py edit in docs/security.md"
-)
 def test_the_node_counts_a_copied_increment_once(tmp_path: Path) -> None:
     lic, pub, rows = _signed_demo(tmp_path)
     first = _duplicate_increment(lic, rows)

@@ -12,7 +12,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-from sim import Simulation, Violation, run_seed
+from sim import Simulation, run_seed, seed_failures
 
 SEEDS = int(os.environ.get("ZB_SIM_SEEDS", "2000"))
 STEPS = 200
@@ -22,20 +22,10 @@ CHUNK = 50
 REGRESSIONS = [65, 250, 1302, 1379, 3874]
 
 
-def _chunk(bounds: tuple[int, int]) -> list[str]:
-    failures = []
-    for seed in range(*bounds):
-        try:
-            run_seed(seed, STEPS)
-        except Violation as v:
-            failures.append(str(v))
-    return failures
-
-
 def test_many_seeds_keep_every_invariant_and_converge() -> None:
-    chunks = [(s, min(s + CHUNK, SEEDS)) for s in range(0, SEEDS, CHUNK)]
+    chunks = [(s, min(s + CHUNK, SEEDS), STEPS) for s in range(0, SEEDS, CHUNK)]
     with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        failures = [text for found in pool.map(_chunk, chunks) for text in found]
+        failures = [text for found in pool.map(seed_failures, chunks) for text in found]
     assert not failures, "\n\n".join(failures[:5])
 
 
