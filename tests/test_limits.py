@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 from test_ledger import HEARTBEAT, LEASE, World, ent, grant_of
-from test_security import needs_node_edits
 
 from broker.ledger import Ledger
 from broker.limits import Limits
@@ -102,7 +101,6 @@ def test_unacknowledged_replies_per_session() -> None:
     grant_of(reply)
 
 
-@needs_node_edits
 def test_a_node_answers_limit_errors_from_its_config(tmp_path: Path, raw: Any) -> None:
     settings = {"max_sessions_per_host": 2, "max_queue": 1}
     with LocalTriad(tmp_path / "t", servers=1, settings=settings) as triad:
