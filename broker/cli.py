@@ -1,37 +1,116 @@
 """The ``zbroker`` command: each subcommand parses, builds a Config, and calls one thing.
 
-Exit codes a script can rely on: 0 success; 1 the request was refused (denied,
-unavailable, a node down for ``up``); 2 bad usage, config or license (click's own usage
-errors are 2 as well).
+Exit codes a script can rely on, each with one line on stderr that names the cause
+(never a traceback):
+
+- 0 success;
+- 1 the request was refused (denied, unavailable, a node down for ``up``);
+- 2 bad usage, config or license (click's own usage errors are 2 as well), or a port
+  that cannot be bound;
+- 3 (``EXIT_DATA``) the data directory: locked by another process, not usable (not a
+  directory, not creatable, not writable), or a disk or I/O error stopped the node.
+
+Every number an option takes has a range (``Seconds``, ``click.IntRange``); outside it,
+click refuses the option by name with exit 2.
 """
 
 from __future__ import annotations
 
+import errno
+import importlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
-from broker.config import Config, ConfigError, load_config
+from broker.config import RANGES, Config, ConfigError, Range, load_config
 from broker.demo import DemoError, write_demo
 from broker.license import LicenseError
 from broker.security import ClientCurve, SecurityError, load_keypair, process_keypair
 from broker.security import write_keypair as write_curve_keypair
 from broker.signing import LicenseKeyError
+from broker.storage import StorageError
 from broker.vendor_cli import vendor
+from broker.wire import MAX_COUNT, MAX_TEXT, MAX_WAIT, check_version
 
 EXIT_REFUSED = 1
 EXIT_CONFIG = 2
+EXIT_DATA = 3
 _CONFIG_ERRORS = (ConfigError, LicenseError, LicenseKeyError, DemoError, SecurityError)
 ADMIN_KEY_ENV = "ZBROKER_ADMIN_KEY"
+MAX_HOLD = 7 * 86_400.0  # --hold: a week, the longest lease
+MAX_ASK = 3600.0  # --timeout of status and down: an hour is already far past any answer
+_KEY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}\Z")
 
 
-@click.group()
+class Seconds(click.ParamType):
+    """A finite number of seconds within a ``Range``: click's FloatRange lets nan through
+    (every comparison with it is false) and inf where there is no upper bound."""
+
+    name = "seconds"
+
+    def __init__(self, allowed: Range) -> None:
+        self.allowed = allowed
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, float):
+            number = value
+        else:
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        try:
+            return float(self.allowed.check(number))
+        except ValueError as exc:
+            self.fail(f"{value!r} is not {exc}", param, ctx)
+
+
+def _version(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            check_version(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
+class _Commands(click.Group):
+    """``zbroker``'s commands, of which ``chaos`` and ``bench`` (the test tools, click
+    commands of their own modules) are imported only when named or listed: they pull in
+    the client library and their runners, which no node and no administrator's command
+    needs, and they import this module for its ``Seconds``."""
+
+    TOOLS = {"chaos": "clients.chaos.cli", "bench": "clients.bench.cli"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.TOOLS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = self.TOOLS.get(cmd_name)
+        if module is None:
+            return super().get_command(ctx, cmd_name)
+        command = getattr(importlib.import_module(module), cmd_name)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{module}.{cmd_name} is not a click command")
+        return command
+
+
+@click.group(
+    cls=_Commands,
+    epilog="Exit codes: 0 success; 1 refused (denied, unavailable, no primary); 2 bad "
+    "usage, config or license; 3 the data directory is locked, unusable, or a disk "
+    "error stopped the node.",
+)
 @click.version_option(package_name="zbroker")
 def main() -> None:
     """zbroker: a highly available floating-license server (three-server redundancy)."""
@@ -40,7 +119,7 @@ def main() -> None:
 main.add_command(vendor)
 
 
-def _fail(exc: Exception, code: int = EXIT_CONFIG) -> None:
+def _fail(exc: Exception, code: int = EXIT_CONFIG) -> NoReturn:
     click.echo(f"zbroker: {exc}", err=True)
     sys.exit(code)
 
@@ -66,7 +145,7 @@ config_option = click.option(
 )
 @click.option(
     "--lease",
-    type=float,
+    type=Seconds(RANGES["lease"]),
     default=30.0,
     show_default=True,
     help="seconds a client may stay unheard before its seats return",
@@ -83,7 +162,7 @@ def init(directory: Path, servers: str, lease: float, force: bool, plain: bool) 
         config_path = write_demo(
             directory, servers=int(servers), lease=lease, force=force, secure=not plain
         )
-    except _CONFIG_ERRORS as exc:
+    except (*_CONFIG_ERRORS, StorageError) as exc:
         _fail(exc)
     click.echo(f"wrote {config_path} ({'plain TCP' if plain else 'secure: CURVE'})")
     click.echo(f"start it with:  zbroker up --config {config_path}")
@@ -93,15 +172,36 @@ def init(directory: Path, servers: str, lease: float, force: bool, plain: bool) 
 @config_option
 @click.option("--node", "node_name", required=True, help="this node's name, as on its SERVER line")
 def run(config_path: str, node_name: str) -> None:
-    """Run one node in the foreground, logging to stderr, until SIGTERM or Ctrl-C."""
-    from broker.node import Node  # the node pulls in zmq and the peers; keep other commands light
+    """Run one node in the foreground, logging to stderr, until SIGTERM or Ctrl-C.
+
+    SIGHUP is logged and ignored (a reread is not there yet). Exit 3 when the data
+    directory is locked by another process or cannot be used, or a disk error stops it.
+    """
+    import zmq  # the node pulls in zmq and the peers; keep other commands light
+
+    from broker.node import Node
 
     try:
         config = load_config(config_path)
         node = Node(config, node_name)
+        node.run()
     except _CONFIG_ERRORS as exc:
         _fail(exc)
-    node.run()
+    except StorageError as exc:
+        _fail(exc, EXIT_DATA)
+    except zmq.ZMQError as exc:
+        if exc.errno not in _BIND_ERRORS:
+            raise  # not a mistake of the config: a bug, and its traceback is the report
+        _fail(
+            ConfigError(
+                f"node {node_name} cannot open its sockets: {exc}; is another program "
+                "using the port, or is the host not this machine's?"
+            )
+        )
+
+
+# What bind() says when the port is taken or the host is not this machine's.
+_BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.ENODEV)
 
 
 @main.command()
@@ -124,6 +224,8 @@ def up(config_path: str) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    # The nodes ignore SIGHUP; a closed terminal must still stop the triad it started.
+    signal.signal(signal.SIGHUP, _stop)
     children = {
         node.name: subprocess.Popen(
             [
@@ -170,31 +272,79 @@ def up(config_path: str) -> None:
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--timeout", type=float, default=1.0, show_default=True)
-def status(config_path: str, as_json: bool, timeout: float) -> None:
+@click.option(
+    "--timeout",
+    type=Seconds(Range(0.0, MAX_ASK, low_open=True)),
+    default=1.0,
+    show_default=True,
+    help="seconds to wait for the nodes' answers",
+)
+@click.option(
+    "--holders/--summary",
+    default=True,
+    show_default=True,
+    help="list every holder (read a page at a time), or only each feature's totals",
+)
+@click.option(
+    "--feature",
+    type=click.STRING,
+    callback=lambda ctx, param, value: _feature_name(value),
+    default=None,
+    help="list the holders of this feature only",
+)
+def status(
+    config_path: str, as_json: bool, timeout: float, holders: bool, feature: str | None
+) -> None:
     """Show every node (role, term, deltas, lag, peers) and every feature's holders."""
     from broker.status import query_nodes, render
+    from clients import LicenseError as ClientError
 
     try:
         config = load_config(config_path)
         curve = config_curve(config, admin=False)
     except _CONFIG_ERRORS as exc:
         _fail(exc)
-    report = query_nodes([(n.name, n.client) for n in config.nodes], timeout=timeout, curve=curve)
+    try:
+        report = query_nodes(
+            [(n.name, n.client) for n in config.nodes],
+            timeout=timeout,
+            curve=curve,
+            holders=holders or feature is not None,
+            feature=feature,
+        )
+    except ClientError as exc:  # a node's reply we cannot read
+        _fail(exc, EXIT_REFUSED)
     click.echo(json.dumps(report, indent=2) if as_json else render(report))
     if report["primary"] is None:
         sys.exit(EXIT_REFUSED)
 
 
+def _feature_name(value: str | None) -> str | None:
+    if value is not None and not 0 < len(value) <= MAX_TEXT:
+        raise click.BadParameter(f"a feature name has 1 to {MAX_TEXT} characters")
+    return value
+
+
 @main.command()
 @click.argument("feature")
 @config_option
-@click.option("--count", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--version", "min_version", default=None, help="minimum version, such as 2.0")
-@click.option("--wait", type=float, default=None, help="queue up to this many seconds")
+@click.option("--count", type=click.IntRange(1, MAX_COUNT), default=1, show_default=True)
+@click.option(
+    "--version",
+    "min_version",
+    default=None,
+    callback=_version,
+    help="minimum version, such as 2.0",
+)
+@click.option(
+    "--wait",
+    type=Seconds(Range(0.0, MAX_WAIT)),
+    default=None,
+    help="queue up to this many seconds",
+)
 @click.option(
     "--hold",
-    type=float,
+    type=Seconds(Range(0.0, MAX_HOLD)),
     default=0.0,
     show_default=True,
     help="seconds to hold the grant before checking it in",
@@ -252,7 +402,13 @@ def checkout(
     default=None,
     help=f"the administrator's secret key (default ${ADMIN_KEY_ENV}, else admin_key of the config)",
 )
-@click.option("--timeout", type=float, default=5.0, show_default=True)
+@click.option(
+    "--timeout",
+    type=Seconds(Range(0.0, MAX_ASK, low_open=True)),
+    default=5.0,
+    show_default=True,
+    help="seconds to wait until every node asked has stopped",
+)
 def down(config_path: str, only: tuple[str, ...], key_path: str | None, timeout: float) -> None:
     """Stop the triad's nodes cleanly, as FlexLM's lmdown does.
 
@@ -262,6 +418,7 @@ def down(config_path: str, only: tuple[str, ...], key_path: str | None, timeout:
     Exit status: 0 when every node asked is down, 1 when one refused or still answers.
     """
     from broker.status import ask, query_nodes
+    from clients import LicenseError as ClientError
 
     try:
         config = load_config(config_path)
@@ -270,7 +427,10 @@ def down(config_path: str, only: tuple[str, ...], key_path: str | None, timeout:
     except _CONFIG_ERRORS as exc:
         _fail(exc)
     endpoints = [(n.name, n.client) for n in nodes]
-    replies = ask(endpoints, {"op": "admin", "action": "down"}, timeout=timeout, curve=curve)
+    try:
+        replies = ask(endpoints, {"op": "admin", "action": "down"}, timeout=timeout, curve=curve)
+    except ClientError as exc:  # a node's reply we cannot read
+        _fail(exc, EXIT_REFUSED)
     refused = False
     for name, _ in endpoints:
         reply = replies.get(name)
@@ -283,7 +443,7 @@ def down(config_path: str, only: tuple[str, ...], key_path: str | None, timeout:
             click.echo(f"{name}: refused: {reply.get('code')}: {reply.get('detail')}", err=True)
 
     def all_down() -> bool:
-        report = query_nodes(endpoints, timeout=0.3, curve=curve)
+        report = query_nodes(endpoints, timeout=0.3, curve=curve, holders=False)
         return all(n["role"] == "down" for n in report["nodes"])
 
     deadline = time.monotonic() + timeout
@@ -306,11 +466,20 @@ def keygen(directory: Path, name: str) -> None:
     list; give the client the secret: ZBROKER_CLIENT_KEY) or another administrator
     (add it to admin_keys). Node keys come from zbroker init.
     """
+    if not _KEY_NAME.match(name):
+        _fail(
+            ValueError(
+                f"key name {name[:40]!r}: expected 1 to 64 letters, digits, '_', '.' or '-', "
+                "not starting with '.' or '-'"
+            )
+        )
     try:
         public_path, secret_path = write_curve_keypair(directory, name)
         public = load_keypair(secret_path).public
     except SecurityError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(ValueError(f"{directory}: cannot create the key directory: {exc.strerror}"))
     click.echo(f"public key: {public}")
     click.echo(f"public certificate: {public_path}")
     click.echo(f"secret certificate: {secret_path}")
@@ -339,27 +508,3 @@ def config_curve(config: Config, *, admin: bool, key_path: str | None = None) ->
             raise
         keys = process_keypair()
     return ClientCurve(keys, servers)
-
-
-@main.command(
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    add_help_option=False,
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def chaos(args: tuple[str, ...]) -> None:
-    """Break a triad under client load and check SPEC 5's invariants (--help for options)."""
-    from clients.chaos.cli import main as chaos_main
-
-    sys.exit(chaos_main(list(args), prog="zbroker chaos"))
-
-
-@main.command(
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-    add_help_option=False,
-)
-@click.pass_context
-def bench(ctx: click.Context) -> None:
-    """Measure the triad against a bare ZeroMQ echo, in one run (BENCHMARKS.md)."""
-    from clients.bench.cli import bench as command  # heavy imports only when benchmarking
-
-    command.main(args=ctx.args, prog_name="zbroker bench")

@@ -32,23 +32,83 @@ Layout::
 In secure mode every SERVER line of the license must carry the node's public key
 (``KEY=<z85>``), and each node needs ``secret_key``; the file itself is read only by the
 node that uses it (``broker/security.py``), so one config can serve every host.
+
+Ranges (``RANGES``): a value of the wrong type, ``nan``, ``inf`` or outside its range is
+refused naming the setting and the range:
+
+- ``heartbeat_interval`` 0.01 to 10 s: the node ticks every 10 ms, nothing goes faster;
+- ``peer_timeout`` above 0 up to 60 s, and more than two ``heartbeat_interval``;
+- ``lease`` 0.5 s to a week (``broker.wire.MAX_LEASE``): clients heartbeat every lease / 3;
+- ``max_message`` 8,192 to 1,048,576 bytes: the largest honest request is about 5 KB;
+- ``snapshot_every`` 1 to 10,000,000 deltas;
+- the limits 1 to 1,000,000 (``broker.limits.MAXIMA``).
+
+Endpoints (``peer``, ``pub``) are ``tcp://host:port`` with a port from 1 to 65535. No
+two endpoints of one config, the SERVER lines' included, may share a host:port, and
+no two nodes a data directory: on one host, the second node to start would fail to
+bind or share the first one's files.
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.license import ServerLine, load_license
-from broker.limits import Limits
+from broker.license import ServerLine, load_license, tcp_host_port
+from broker.limits import MAXIMA, Limits
 from broker.security import SecurityError, check_key
 from broker.signing import load_public_key
+from broker.wire import MAX_LEASE
 
 
 class ConfigError(Exception):
     """The config file is missing, unreadable or inconsistent; the message says where."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: a setting of the config, an option of the CLI."""
+
+    low: float
+    high: float
+    whole: bool = False  # a whole number (a count, bytes) rather than seconds
+    low_open: bool = False  # ``low`` itself is refused (no timing may be 0 s)
+
+    def describe(self) -> str:
+        low = f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
+        if self.whole:
+            return f"a whole number {low} and <= {self.high:.0f}"
+        return f"a number of seconds {low} and <= {self.high:g}"
+
+    def check(self, value: object) -> float:
+        """``value`` as a number in range; ValueError (``describe``) otherwise.
+
+        Refuses bools (TOML's ``true`` is no count), floats for whole numbers, and
+        ``nan`` and ``inf``, which every comparison would let through or never reach.
+        """
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(self.describe())
+        if self.whole and not isinstance(value, int):
+            raise ValueError(self.describe())
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(self.describe())
+        too_low = value <= self.low if self.low_open else value < self.low
+        if too_low or value > self.high:
+            raise ValueError(self.describe())
+        return value
+
+
+RANGES: dict[str, Range] = {
+    "heartbeat_interval": Range(0.01, 10.0),
+    "peer_timeout": Range(0.0, 60.0, low_open=True),
+    "lease": Range(0.5, MAX_LEASE),
+    "max_message": Range(8192, 1 << 20, whole=True),
+    "snapshot_every": Range(1, 10_000_000, whole=True),
+    **{name: Range(1, high, whole=True) for name, high in MAXIMA.items()},
+}
 
 
 @dataclass(frozen=True)
@@ -110,6 +170,9 @@ _DEFAULTS: dict[str, Any] = {
 }
 _PATHS = ("client_allow", "admin_keys", "admin_key")  # optional, relative to the config
 _LIMITS = {name: getattr(Limits(), name) for name in Limits.__dataclass_fields__}
+# Every setting there is: top level, and in each [nodes.NAME] table.
+SETTINGS = ("license", "vendor_key", *_DEFAULTS, *_PATHS, *_LIMITS)
+NODE_SETTINGS = ("peer", "pub", "data", "secret_key")
 
 
 def load_config(path: str | Path) -> Config:
@@ -118,16 +181,16 @@ def load_config(path: str | Path) -> Config:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at offset {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    unknown = (
-        set(raw) - set(_DEFAULTS) - set(_PATHS) - set(_LIMITS) - {"license", "vendor_key", "nodes"}
-    )
+    unknown = set(raw) - set(SETTINGS) - {"nodes"}
     if unknown:
         raise ConfigError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     base = path.parent
     values = {**_DEFAULTS, **{k: v for k, v in raw.items() if k in _DEFAULTS}}
-    _check_types(path, values)
+    _check_values(path, values)
     if values["peer_timeout"] <= 2 * values["heartbeat_interval"]:
         raise ConfigError(
             f"{path}: peer_timeout ({values['peer_timeout']}) must exceed two "
@@ -137,18 +200,16 @@ def load_config(path: str | Path) -> Config:
     vendor_key = base / _required_str(path, raw, "vendor_key")
     servers = load_license(license_path, load_public_key(vendor_key)).servers
     nodes = _nodes(path, base, raw.get("nodes", {}), servers, secure=values["secure"])
+    _check_distinct(path, nodes)
     paths: dict[str, Any] = {}
     for key in _PATHS:
         value = raw.get(key)
         if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(f"{path}: {key} must be a path")
+            raise ConfigError(f"{path}: {key} must be a path, not {_shown(value)}")
         paths[key] = None if value is None else base / value
     limits = {}
     for key, default in _LIMITS.items():
-        value = raw.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{path}: {key} must be a whole number >= 1")
-        limits[key] = value
+        limits[key] = int(_in_range(path, key, raw.get(key, default)))
     return Config(
         path=path,
         license_path=license_path,
@@ -160,24 +221,64 @@ def load_config(path: str | Path) -> Config:
     )
 
 
-def _check_types(path: Path, values: dict[str, Any]) -> None:
+def _in_range(path: Path, key: str, value: object) -> float:
+    try:
+        return RANGES[key].check(value)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {key} must be {exc}, not {_shown(value)}") from None
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:50]}..."
+
+
+def _check_values(path: Path, values: dict[str, Any]) -> None:
     for key in ("heartbeat_interval", "peer_timeout", "lease"):
-        value = values[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ConfigError(f"{path}: {key} must be a positive number of seconds")
-        values[key] = float(value)
+        values[key] = float(_in_range(path, key, values[key]))
     for key in ("failback", "fsync", "secure"):
         if not isinstance(values[key], bool):
-            raise ConfigError(f"{path}: {key} must be true or false")
+            raise ConfigError(f"{path}: {key} must be true or false, not {_shown(values[key])}")
     for key in ("max_message", "snapshot_every"):
-        if isinstance(values[key], bool) or not isinstance(values[key], int) or values[key] < 1:
-            raise ConfigError(f"{path}: {key} must be a whole number >= 1")
+        values[key] = int(_in_range(path, key, values[key]))
+
+
+def _check_distinct(path: Path, nodes: tuple[NodeConfig, ...]) -> None:
+    """No two endpoints share a host:port, no two nodes a data directory."""
+    used: dict[object, str] = {}
+    for node in nodes:
+        for setting, endpoint in (
+            ("client endpoint (SERVER line)", node.client),
+            ("peer", node.peer),
+            ("pub", node.pub),
+        ):
+            try:
+                where: object = tcp_host_port(endpoint)
+            except ValueError:
+                where = endpoint  # an ipc:// or inproc:// SERVER line: the name is the place
+            this = f"{setting} of {node.name} ({endpoint})"
+            if where in used:
+                raise ConfigError(
+                    f"{path}: the {this} is the {used[where]}: each endpoint needs its own port"
+                )
+            used[where] = this
+    data: dict[Path, str] = {}
+    for node in nodes:
+        directory = node.data.resolve()
+        if directory in data:
+            raise ConfigError(
+                f"{path}: [nodes.{node.name}] data is the data directory of node "
+                f"{data[directory]} ({node.data}): each node needs its own"
+            )
+        data[directory] = node.name
 
 
 def _required_str(path: Path, raw: dict[str, Any], key: str) -> str:
     value = raw.get(key)
-    if not isinstance(value, str) or not value:
+    if value is None:
         raise ConfigError(f"{path}: setting {key!r} (a path) is missing")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: {key} must be a path, not {_shown(value)}")
     return value
 
 
@@ -196,12 +297,25 @@ def _nodes(
         entry = table[server.name]
         if not isinstance(entry, dict):
             raise ConfigError(f"{path}: [nodes.{server.name}] must be a table")
+        unknown = set(entry) - set(NODE_SETTINGS)
+        if unknown:
+            raise ConfigError(
+                f"{path}: [nodes.{server.name}] unknown settings {', '.join(sorted(unknown))}"
+            )
         fields = {}
         for key in ("peer", "pub", "data"):
             value = entry.get(key)
             if not isinstance(value, str) or not value:
                 raise ConfigError(f'{path}: [nodes.{server.name}] needs {key} = "..."')
             fields[key] = value
+        for key in ("peer", "pub"):
+            try:
+                tcp_host_port(fields[key])
+            except ValueError:
+                raise ConfigError(
+                    f"{path}: [nodes.{server.name}] {key} must be an endpoint tcp://host:port "
+                    f"with a port from 1 to 65535, not {_shown(fields[key])}"
+                ) from None
         public_key, secret_key = _node_keys(path, base, server, entry, secure=secure)
         nodes.append(
             NodeConfig(

@@ -74,12 +74,32 @@ def write_demo(
     force: bool = False,
     secure: bool = True,
 ) -> Path:
-    """Write the demo into ``directory``; returns the path of zbroker.toml."""
+    """Write the demo into ``directory``; returns the path of zbroker.toml.
+
+    Raises DemoError (a folder that cannot be written names the path), or the
+    ``LicenseKeyError``/``SecurityError`` of a key that cannot be made.
+    """
     if servers not in (1, 3):
         raise DemoError(f"--servers must be 1 or 3, not {servers}")
     config_path = directory / "zbroker.toml"
     if config_path.exists() and not force:
         raise DemoError(f"{config_path} already exists; use --force to overwrite the demo")
+    try:
+        return _write_demo(directory, servers, lease, today, force, secure)
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else directory
+        raise DemoError(f"{where}: cannot write the demo: {exc.strerror}") from None
+
+
+def _write_demo(
+    directory: Path,
+    servers: int,
+    lease: float,
+    today: datetime.date | None,
+    force: bool,
+    secure: bool,
+) -> Path:
+    config_path = directory / "zbroker.toml"
     directory.mkdir(parents=True, exist_ok=True)
     keys = directory / "keys"
     key_path, _ = (

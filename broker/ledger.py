@@ -51,8 +51,10 @@ session; a request id is answered at most once.
 
 from __future__ import annotations
 
+import bisect
 import copy
 import datetime
+import heapq
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -96,6 +98,7 @@ Delta = dict[str, Any]
 SNAPSHOT_VERSION = 1
 _OPS = frozenset({"open", "close", "checkout", "checkin", "heartbeat", "status"})
 _RECORDING = frozenset({"open", "checkout", "checkin"})  # ops whose reply the ledger records
+HOLDERS_SCAN = 20_000  # grants one page of ``holders`` may look at: about 3 ms at most
 
 
 @dataclass(frozen=True)
@@ -106,10 +109,15 @@ class Outcome:
     reply: Reply | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Waiter:
     request: Request
     deadline: float  # monotonic
+    # The catalog and day under which ``tick`` last found it waiting for seats alone:
+    # until either changes no line can deny it, so a waiter behind a blocked head need
+    # not be asked again (10,000 waiters cost each tick ~57 ms when they all were).
+    catalog: Catalog | None = None
+    day: datetime.date | None = None
 
 
 class Ledger:
@@ -131,12 +139,16 @@ class Ledger:
         self._per_host: dict[str, int] = {}  # open sessions by host, derived from _sessions
         self._catalog = Catalog(entitlements)
         self._sessions: dict[str, Session] = {}
+        # Each session's recorded reqs as a min-heap: forgetting the replies below a new
+        # ``ack`` pops the oldest instead of scanning all (up to max_unacked of them).
+        self._unacked: dict[str, list[int]] = {}
         self._grants: dict[int, Grant] = {}  # ascending id: ids only grow
         # Each grant's snapshot map, built at the first snapshot that lists it and shared
         # by the later ones (a grant never changes): at 100,000 grants, building them all
         # held the loop for about 50 ms of every compaction.
         self._grant_maps: dict[int, dict[str, Any]] = {}
         self._used: dict[PoolKey, int] = {}  # derived from _grants, kept for speed
+        self._ids: list[int] | None = []  # sorted ids of _grants for ``holders``; None: stale
         self._next_grant = 1
         # Lease deadlines in deadline order (renewing moves a session to the end; the
         # clock only goes forward), so ``tick`` reads only the lapsed ones at the front
@@ -231,27 +243,46 @@ class Ledger:
 
     def _record(self, session: Session, req: int, ack: int, reply: Reply) -> None:
         """Record ``reply``, a map of the ledger's own that nothing else holds (no copy)."""
+        unacked = self._unacked[session.sid]
         if ack > session.ack:
             session.ack = ack
             # The client promised never to retry these: forgetting them bounds memory.
-            for old in [r for r in session.replies if r < ack]:
-                del session.replies[old]
+            while unacked and unacked[0] < ack:
+                del session.replies[heapq.heappop(unacked)]
         session.replies[req] = reply
+        heapq.heappush(unacked, req)
+
+    def _kept(self, session: Session, ack: int) -> int:
+        """How many replies of a full table stay once ``ack`` applies, without a scan.
+
+        A hostile session can keep its table full and send request after request: a count
+        of its replies for each (up to max_unacked of them) held the loop 0.3 ms a request
+        at the default 10,000, and seconds per cycle at the allowed 1,000,000.
+        """
+        unacked = self._unacked[session.sid]
+        if not unacked or unacked[0] >= ack:
+            return len(unacked)  # ack forgets none: every recorded req is >= session.ack
+        if len(unacked) <= self.limits.max_unacked:
+            return len(unacked) - 1  # at least the oldest goes, which is under the limit
+        return sum(1 for r in unacked if r >= ack)  # only after max_unacked was lowered
 
     def _add_grant(self, g: Grant) -> None:
         self._grants[g.id] = g
+        self._ids = None
         self._sessions[g.sid].grants.add(g.id)
         key = g.pool_key
         self._used[key] = self._used.get(key, 0) + g.count
 
     def _drop_grant(self, gid: int) -> None:
         grant = self._grants.pop(gid)
+        self._ids = None
         self._grant_maps.pop(gid, None)
         self._sessions[grant.sid].grants.discard(gid)
         self._used[grant.pool_key] -= grant.count
 
     def _add_session(self, session: Session) -> None:
         self._sessions[session.sid] = session
+        self._unacked[session.sid] = sorted(session.replies)  # a sorted list is a heap
         if session.sid not in self._leases:
             self._unleased.add(session.sid)  # a backup's, or one adopted by a new primary
         self._per_host[session.host] = self._per_host.get(session.host, 0) + 1
@@ -260,6 +291,7 @@ class Ledger:
         for gid in sorted(session.grants):
             self._drop_grant(gid)
         del self._sessions[session.sid]
+        del self._unacked[session.sid]
         self._leases.pop(session.sid, None)  # volatile, but moot once the session is gone
         self._unleased.discard(session.sid)
         left = self._per_host[session.host] - 1
@@ -362,9 +394,7 @@ class Ledger:
         if req < ack:
             return Outcome([], _stale(req, ack))
         if request.op in _RECORDING and len(session.replies) >= self.limits.max_unacked:
-            # Only counted when the table is this big: replies below ``ack`` go now.
-            kept = sum(1 for r in session.replies if r >= ack)
-            refusal = self.limits.refuse_unacked(sid, kept)
+            refusal = self.limits.refuse_unacked(sid, self._kept(session, ack))
             if refusal is not None:
                 return Outcome([], refusal)
         ids = _ids(request, ack)
@@ -402,7 +432,8 @@ class Ledger:
         )
         if refusal is not None:
             return Outcome([], refusal)
-        waiter = _Waiter(request, now.mono + wait)
+        # Judged just now: only seats (its own, or earlier waiters') keep it waiting.
+        waiter = _Waiter(request, now.mono + wait, self._catalog, day_of(now.wall))
         self._queues.setdefault(request.feature, deque()).append(waiter)
         self._queued.add((request.sid, request.req))
         return Outcome([], None)
@@ -461,6 +492,7 @@ class Ledger:
                 g = self._grants[gid]
                 extra[g.pool_key] = extra.get(g.pool_key, 0) - g.count
         gid = self._next_grant
+        day = day_of(now.wall)
         for feature in sorted(self._queues):
             keep: deque[_Waiter] = deque()
             blocked = False
@@ -472,8 +504,12 @@ class Ledger:
                     if session is None:
                         self._ended_waiters.append((r.sid, r.req))
                     continue
+                judged = w.catalog is self._catalog and w.day == day
+                if blocked and judged and now.mono < w.deadline:
+                    keep.append(w)  # still waits for seats only, behind an earlier waiter
+                    continue
                 ids = _ids(r, max(session.ack, r.ack))
-                choice = self._choose(r, session, day_of(now.wall), extra)
+                choice = self._choose(r, session, day, extra)
                 if isinstance(choice, Choice) and not blocked:
                     deltas.append(self._grant_delta(ids, r, choice, gid, now))
                     gid += 1
@@ -490,6 +526,7 @@ class Ledger:
                     deltas.append(_answer(ids, reply_denied(Reason.NO_SEATS, detail)))
                 else:
                     blocked = True  # strict FIFO: no one behind it may take its seats
+                    w.catalog, w.day = self._catalog, day
                     keep.append(w)
                     continue
                 self._queued.discard((r.sid, r.req))
@@ -576,26 +613,56 @@ class Ledger:
         return self._leases.get(sid)
 
     def status(self, now: Now | None = None) -> list[dict[str, Any]]:
-        """The ``features`` of a status reply; ``now`` drops expired lines (None: keep all)."""
+        """The ``features`` of a status reply; ``now`` drops expired lines (None: keep all).
+
+        A summary: its cost grows with the license's lines, never with grants or sessions
+        (the holders are ``holders``' pages).
+        """
         day = now.date if now is not None else None
-        holders: dict[str, list[dict[str, Any]]] = {}
-        for g in self._grants.values():
-            holders.setdefault(g.feature, []).append(g.holder(self._sessions[g.sid]))
+        in_use: dict[str, int] = {}
+        for (feature, _), n in self._used.items():
+            if n:
+                in_use[feature] = in_use.get(feature, 0) + n
         out = []
-        for name in sorted(set(self._catalog.features()) | set(holders)):
+        for name in sorted(set(self._catalog.features()) | set(in_use)):
             pools = self._catalog.pools(name)
-            versions = [p.status(day, self._used.get(p.pool_key, 0)) for p in pools]
             out.append(
                 {
                     "name": name,
                     "total": sum(p.total(day) for p in pools),
-                    "in_use": sum(h["count"] for h in holders.get(name, [])),
+                    "in_use": in_use.get(name, 0),
                     "queued": self.queued(name),
-                    "versions": versions,
-                    "holders": holders.get(name, []),
+                    "versions": [p.status(day, self._used.get(p.pool_key, 0)) for p in pools],
                 }
             )
         return out
+
+    def holders(
+        self, feature: str | None, after: int, limit: int, scan: int = HOLDERS_SCAN
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """A page of holders: grants with id > ``after``, ascending, of ``feature`` if given.
+
+        At most ``limit`` holders, and at most ``scan`` grants looked at (a rare feature
+        in a large ledger must not cost a scan of every grant). Returns the holders and
+        the cursor of the next page (the last grant looked at), None when none are left.
+        """
+        if limit < 1 or scan < 1:
+            raise ValueError(f"a page needs limit ({limit}) and scan ({scan}) of at least 1")
+        ids = self._ids
+        if ids is None:
+            # Built once after the grants change, then each page is a bisect and a slice.
+            ids = self._ids = sorted(self._grants)
+        at = bisect.bisect_right(ids, after)
+        end = min(len(ids), at + scan)
+        out: list[dict[str, Any]] = []
+        while at < end and len(out) < limit:
+            g = self._grants[ids[at]]
+            at += 1
+            if feature is None or g.feature == feature:
+                holder = g.holder(self._sessions[g.sid])
+                holder["feature"] = g.feature
+                out.append(holder)
+        return out, (ids[at - 1] if at < len(ids) else None)
 
     def _open_reply(self) -> Reply:
         return reply_ok(lease=self.lease, heartbeat=self.heartbeat)

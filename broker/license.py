@@ -28,6 +28,14 @@ FEATURE/INCREMENT line must name its vendor. A version is dotted decimal
 who may check out; ``SIGN=`` is the vendor's signature (``broker.signing``). An
 attribute key or flag may appear once per line.
 
+Ranges. Every number has the range the wire has (``broker.wire``), so that whatever
+parses can be replicated and asked for: a TCP port 1 to 65535; a count 1 to
+``MAX_COUNT`` (1,000,000); a version at most ``MAX_VERSION`` (32) characters, each part
+0 to ``MAX_VERSION_PART`` (2^31-1); a date from 1-jan-0001 to 31-dec-9999; a feature
+name at most ``MAX_TEXT`` (256) characters, the longest a checkout may name; at most
+``MAX_LINES`` (100,000) FEATURE/INCREMENT lines in a file of at most 16 MiB. A value
+outside is a syntax error naming the range, so ``zbroker vendor sign`` refuses to sign it.
+
 Errors. Anything malformed raises ``LicenseSyntaxError`` naming the file, the 1-based
 physical line and column of the offending word, what was expected and what was found:
 the file must be fixed. A well-formed FEATURE/INCREMENT line whose signature is
@@ -49,7 +57,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from broker.model import Entitlement, parse_version
+from broker.model import Entitlement
 from broker.signing import (
     SIGNATURE_HEX_LENGTH,
     LicenseError,
@@ -57,6 +65,7 @@ from broker.signing import (
     canonical_form,
     verify_signature,
 )
+from broker.wire import MAX_COUNT, MAX_TEXT, MAX_VERSION, MAX_VERSION_PART, check_version
 
 __all__ = [
     "FeatureLine",
@@ -74,6 +83,7 @@ __all__ = [
     "parse_syntax",
     "read_license_text",
     "read_servers",
+    "tcp_host_port",
 ]
 
 _WORD = re.compile(r"\S+")
@@ -89,6 +99,17 @@ _ENDPOINT = re.compile(
 _MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 _MONTHS = {name: number for number, name in enumerate(_MONTH_NAMES, start=1)}
 _KEYWORDS = "a keyword (SERVER, VENDOR, FEATURE or INCREMENT)"
+# Bounds on the whole file, so that its reload delta is one peer message of a few MB
+# (the peer socket takes 256 MiB) that packs in milliseconds.
+MAX_LICENSE_BYTES = 16 * 1024 * 1024
+MAX_LINES = 100_000  # FEATURE/INCREMENT lines
+_PORTS = "a TCP port from 1 to 65535"
+_VERSION_EXPECTED = (
+    f"a version (dotted decimal such as 2.0, at most {MAX_VERSION} characters, "
+    f"each part from 0 to {MAX_VERSION_PART})"
+)
+_COUNT_EXPECTED = f"a seat count (a whole number from 1 to {MAX_COUNT})"
+_FEATURE_NAME = f"a feature name (at most {MAX_TEXT} characters)"
 _SERVER_COUNT = "1 SERVER line (a single server) or 3 (a triad)"
 
 
@@ -270,7 +291,9 @@ class _Cursor:
         return words
 
     def error(self, word: _Word, expected: str) -> LicenseSyntaxError:
-        return LicenseSyntaxError(self.path, word.line, word.column, expected, repr(word.text))
+        # A line-long word (a count of 5,000 digits) would bury the message: show its start.
+        found = repr(word.text) if len(word.text) <= 60 else f"{word.text[:40]!r}..."
+        return LicenseSyntaxError(self.path, word.line, word.column, expected, found)
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -316,12 +339,28 @@ def _server(cur: _Cursor, keyword: _Word) -> tuple[ServerLine, _Word, _Word]:
     if "://" in hostid.text or "=" in hostid.text:
         raise cur.error(hostid, "a host id (ANY or a host identifier) before the endpoint")
     endpoint = cur.take("an endpoint such as tcp://127.0.0.1:27001", _ENDPOINT)
-    port = endpoint.text.rpartition(":")[2]
-    if endpoint.text.startswith("tcp://") and not 1 <= int(port) <= 65535:
-        raise cur.error(endpoint, "a TCP port from 1 to 65535")
+    if endpoint.text.startswith("tcp://"):
+        try:
+            tcp_host_port(endpoint.text)
+        except ValueError:
+            raise cur.error(endpoint, _PORTS) from None
     attrs, _, _ = _extras(cur, flags_allowed=False)
     hostid_text = "ANY" if hostid.text.upper() == "ANY" else hostid.text
     return ServerLine(name.text, hostid_text, endpoint.text, attrs, keyword.line), name, endpoint
+
+
+def tcp_host_port(endpoint: str) -> tuple[str, int]:
+    """``(host, port)`` of ``tcp://host:port``; ValueError saying what is wrong.
+
+    The one reading of a TCP endpoint, for SERVER lines and the config's endpoints alike.
+    """
+    match = _ENDPOINT.match(endpoint)
+    if match is None or match.group(1) is None:
+        raise ValueError(f"{endpoint!r} is not an endpoint tcp://host:port")
+    port = int(match.group(2))  # at most 5 digits: the pattern says so
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{endpoint!r} has port {port}; expected {_PORTS}")
+    return match.group(1), port
 
 
 def _expiry(cur: _Cursor) -> tuple[_Word, datetime.date | None]:
@@ -336,21 +375,28 @@ def _expiry(cur: _Cursor) -> tuple[_Word, datetime.date | None]:
     try:
         return word, datetime.date(year, month, day)
     except ValueError:
-        raise cur.error(word, "an expiry date that exists on the calendar") from None
+        # year 0 is the only one the pattern lets through that datetime cannot hold
+        raise cur.error(
+            word, "an expiry date that exists on the calendar, year 1 to 9999"
+        ) from None
 
 
 def _feature(cur: _Cursor, keyword: _Word, last_line: int) -> tuple[FeatureLine, _Word]:
-    name = cur.take("a feature name", _NAME)
+    name = cur.take(_FEATURE_NAME, _NAME)
+    if len(name.text) > MAX_TEXT:
+        raise cur.error(name, _FEATURE_NAME)
     vendor = cur.take("a vendor name", _NAME)
-    version = cur.take("a version (dotted decimal such as 2.0)")
+    version = cur.take(_VERSION_EXPECTED)
     try:
-        parse_version(version.text)
+        check_version(version.text)
     except ValueError:
-        raise cur.error(version, "a version (dotted decimal such as 2.0)") from None
+        raise cur.error(version, _VERSION_EXPECTED) from None
     expiry, expires = _expiry(cur)
-    count = cur.take("a seat count (a whole number >= 1)", _COUNT)
-    if int(count.text) < 1:
-        raise cur.error(count, "a seat count (a whole number >= 1)")
+    count = cur.take(_COUNT_EXPECTED, _COUNT)
+    # Digits past the range are refused before int(): Python refuses to convert 4,300.
+    digits = count.text.lstrip("0")
+    if len(digits) > len(str(MAX_COUNT)) or not 1 <= int(digits or "0") <= MAX_COUNT:
+        raise cur.error(count, _COUNT_EXPECTED)
     attrs, where, flags = _extras(cur, flags_allowed=True)
     signature = attrs.pop("SIGN", None)
     sign_word = where.get("SIGN")
@@ -361,7 +407,7 @@ def _feature(cur: _Cursor, keyword: _Word, last_line: int) -> tuple[FeatureLine,
         version=version.text,
         expiry=expiry.text.lower(),
         expires=expires,
-        count=int(count.text),
+        count=int(digits),
         attrs=attrs,
         flags=tuple(flags),
         signature=signature,
@@ -403,6 +449,8 @@ def parse_syntax(text: str, *, path: str, servers_required: bool = True) -> Lice
             vendor = cur.take("a vendor name", _NAME)
             _extras(cur, flags_allowed=False)
         elif kind in ("FEATURE", "INCREMENT"):
+            if len(features) == MAX_LINES:
+                raise cur.error(keyword, f"at most {MAX_LINES} FEATURE/INCREMENT lines")
             features.append(_feature(cur, keyword, last_line))
         else:
             raise cur.error(keyword, _KEYWORDS)
@@ -472,8 +520,14 @@ def parse_license(
 def read_license_text(path: str | Path) -> str:
     """The text of a license file; ``LicenseFileError`` if it cannot be read."""
     try:
+        with Path(path).open("rb") as file:
+            data = file.read(MAX_LICENSE_BYTES + 1)
+        if len(data) > MAX_LICENSE_BYTES:
+            raise LicenseFileError(
+                str(path), f"larger than {MAX_LICENSE_BYTES} bytes: not a license file"
+            )
         # utf-8-sig: editors on Windows like to start files with a byte order mark.
-        return Path(path).read_bytes().decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except FileNotFoundError:
         raise LicenseFileError(str(path), "no such license file") from None
     except OSError as exc:

@@ -15,6 +15,8 @@ request; nothing is recorded for a refusal, so a retry later is decided afresh.
 - ``max_unacked`` (10,000): a request that records a reply, in a session holding this
   many replies it has not acknowledged.
 
+Each may be set from 1 to ``MAXIMA`` (1,000,000).
+
 The host is what the client says in ``open``: the per-host limit keeps an honest but
 runaway host (a build farm spawning jobs) from taking every session; ``max_sessions``
 is the bound that holds whatever a hostile client claims. ``max_unacked`` bounds the
@@ -28,6 +30,15 @@ from dataclasses import dataclass
 
 from broker.model import ErrorCode, Reply, reply_error
 
+# The most each limit may be set to: far above any site's need, and low enough that a
+# typo of a few extra zeros cannot quietly take the protection away.
+MAXIMA = {
+    "max_sessions": 1_000_000,
+    "max_sessions_per_host": 1_000_000,
+    "max_queue": 1_000_000,
+    "max_unacked": 1_000_000,
+}
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -39,8 +50,14 @@ class Limits:
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, not {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 1 <= value <= MAXIMA[name]
+            ):
+                raise ValueError(
+                    f"{name} must be a whole number from 1 to {MAXIMA[name]}, not {value!r}"
+                )
 
     def refuse_open(self, sessions: int, of_host: int, host: str) -> Reply | None:
         """Opening one more session, with ``sessions`` open, ``of_host`` of them from ``host``."""

@@ -96,6 +96,10 @@ class Request:
     wait: float | None = None
     grant: int = 0
     action: str = ""  # admin: what to do ("down")
+    # status: a page of holders (of ``feature`` only, when given) with grant ids > after
+    holders: bool = False
+    after: int = 0
+    limit: int = 0  # 0: as many as a page holds (broker.wire.HOLDERS_PAGE)
 
 
 Reply = dict[str, object]

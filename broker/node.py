@@ -17,10 +17,19 @@ the data directory and the signals. One thread, one poll loop; each cycle:
 The ledger on a backup holds exactly the committed deltas; on the primary it also holds
 the uncommitted ones it proposed. When a primary loses control, it rebuilds its ledger
 from its last snapshot and its committed log, and sends every waiting client a redirect.
+The shell knows the index and term of the last delta its ledger applied; a log that no
+longer holds that term there has replaced what the ledger holds (``_log_has_applied``).
+A committed delta or snapshot that the ledger refuses ends the cycle (``Unappliable``):
+the node sets its data aside and starts over as a wiped one (``_start_over``).
+
+The data directory is locked and read in ``run`` (``_start``), never in the constructor:
+a second process for it stops there (``DataDirLocked``), damage found in it makes the
+node start as a wiped one, and a disk error while running stops the node (``DiskError``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -35,7 +44,8 @@ from broker.config import Config
 from broker.front import Front, Key
 from broker.ledger import Ledger
 from broker.license import load_license
-from broker.model import Now, Reply, reply_ok
+from broker.model import Now, Reply
+from broker.seats import LedgerError
 from broker.security import (
     CLIENT_DOMAIN,
     PEER_DOMAIN,
@@ -45,8 +55,16 @@ from broker.security import (
     is_peer,
 )
 from broker.signing import load_public_key
-from broker.storage import Storage
-from broker.wire import RemoteProtocolError, decode_request, encode_reply, pack, unpack
+from broker.status_reply import StatusReplies
+from broker.storage import LOG, SNAPSHOT, Loaded, Storage, StorageError
+from broker.wire import (
+    RemoteProtocolError,
+    decode_request,
+    encode_reply,
+    pack,
+    refuse_frames,
+    unpack,
+)
 from peers import types as rp
 from peers.messages import Heartbeat
 from peers.messages import validate as validate_peer
@@ -57,6 +75,14 @@ log = logging.getLogger("zbroker.node")
 TICK = 0.01  # seconds between replica ticks: well under heartbeat_interval
 LEDGER_TICK = 0.05  # lease expiry and queue deadlines need no finer grain
 MAX_DRAIN = 512  # messages read from one socket per cycle, so no socket starves the others
+# Per client connection, in messages (docs/security.md has the bounds): a client that
+# never reads has its replies dropped past CLIENT_SNDHWM, never buffered without limit
+# (the largest reply is a status page of 64 KiB: 16 MiB at most); one that sends faster
+# than the node reads is held back by TCP past CLIENT_RCVHWM (messages of up to
+# max_message). An honest client has a few requests in flight (the bench: 64) and its
+# library reads every reply at once.
+CLIENT_SNDHWM = 256
+CLIENT_RCVHWM = 256
 # Flags as plain ints: ``zmq.SNDMORE | zmq.NOBLOCK`` goes through enum.Flag (a microsecond
 # a reply). recv_multipart and send_multipart cost 3-5 us a message in Python, against
 # 1-2 us for the plain calls below (BENCHMARKS.md).
@@ -66,6 +92,29 @@ PEER_MAX_MESSAGE = 256 * 1024 * 1024  # a snapshot of 100,000 grants is about 9 
 # Effects that change what this node's disk vouches for beyond its own log entries.
 _DISK_STATE = (rp.PersistHardState, rp.TruncateLog, rp.PersistSnapshot, rp.InstallSnapshot)
 _UNAVAILABLE: Reply = {"status": "unavailable", "detail": "this node just lost control"}
+# Signals whose default action would end the node without its "stopped" line and with
+# nothing it asks for: each is logged (with why) and the node serves on. SIGTERM, SIGINT
+# and SIGQUIT stop it cleanly. (Python itself ignores SIGPIPE and SIGXFSZ: a write past
+# the file size limit fails with EFBIG, a disk error like any other.)
+_IGNORED_SIGNALS = {
+    signal.SIGHUP: ": a reread of the license and options is not there yet; still serving",
+    signal.SIGUSR1: "; still serving",
+    signal.SIGUSR2: "; still serving",
+    signal.SIGALRM: "; still serving",
+}
+
+
+class Unappliable(Exception):
+    """The ledger refused a committed delta or snapshot: this node's state is not to be trusted.
+
+    Raised out of the loop's cycle, so that nothing more of that cycle is done or sent;
+    ``_serve`` then starts the node over as a wiped one (``_start_over``).
+    """
+
+    def __init__(self, index: int, term: int, what: str) -> None:
+        super().__init__(f"index {index} (term {term}): {what}")
+        self.index = index
+        self.term = term
 
 
 class Node:
@@ -79,17 +128,75 @@ class Node:
         for refused in license_file.refused:
             log.warning("%s", refused)
         self.entitlements = tuple(license_file.entitlements)
-        self.storage = Storage(self.me.data, name, fsync=config.fsync)
-        loaded = self.storage.load()
+        # Nothing of the data directory is read before run() holds its lock (_start).
+        self.storage = Storage(
+            self.me.data, name, fsync=config.fsync, nodes=[n.name for n in config.nodes]
+        )
+        self.front = Front()
+        self.batch: list[tuple[dict[str, Any], Key | None, Reply | None]] = []
+        self.peer_out: list[tuple[str | None, dict[str, Any]]] = []
+        self.entries_only = True  # this cycle changed no _DISK_STATE
+        self.unapplied: list[rp.Entry] = []  # committed on a backup, applied after the sends
+        self.client_out: list[tuple[bytes, bytes]] = []
+        self.status_asks = StatusReplies()  # this cycle's status requests (broker/status_reply.py)
+        self.heard: dict[str, tuple[float, dict[str, Any]]] = {}  # peer heartbeats, for status
+        self.stopping = False
+        self.serving = False
+        self.seats_freed = False
+        self.recovered = False
+        self.why_fresh = ""  # why the data directory held no state to vote with
+
+    def _ledger_from(self, snap: dict[str, Any] | None) -> Ledger:
+        lease = self.config.lease
+        if snap is None:
+            # Entitlements arrive as a replicated `reload` delta from the primary, so every
+            # node's ledger is built from the log alone.
+            return Ledger((), lease=lease, heartbeat=lease / 3, limits=self.config.limits)
+        return Ledger.from_snapshot(
+            snap, lease=lease, heartbeat=lease / 3, limits=self.config.limits
+        )
+
+    def _start(self) -> None:
+        """Own the data directory, read it, and build the ledger and the replica from it.
+
+        StorageError when the directory is locked by another process or unusable; damage
+        comes back as a fresh state, and the node recovers as a wiped one does.
+        """
+        try:
+            loaded = self.storage.load()
+            try:
+                self._build(loaded)
+            except (LedgerError, rp.CorruptState) as exc:
+                # Records whole and well-shaped that still make no ledger or log: damage.
+                name = SNAPSHOT if isinstance(exc, LedgerError) else LOG
+                loaded = self.storage.set_aside(f"{self.storage.dir / name}: {exc}")
+                self._build(loaded)
+            if loaded.fresh and self.replica.role is not rp.Role.RECOVERING:
+                self.storage.mark_recovered()  # a single server has no one to catch up from
+        except BaseException:
+            self.storage.close()  # the lock goes with it
+            raise
+        if loaded.fresh:
+            (log.warning if loaded.damaged else log.info)(
+                "%s; node %s starts %s",
+                loaded.why,
+                self.me.name,
+                "as a wiped node: no vote until it has caught up from a primary"
+                if self.was_recovering
+                else "empty: a single server has no one to catch up from",
+            )
+
+    def _build(self, loaded: Loaded) -> None:
         self.ledger = self._ledger_from(loaded.snapshot)
         self.applied = loaded.snapshot_index  # the ledger holds every delta up to here
+        self.applied_term = loaded.snapshot_term  # and the log's term there (_log_has_applied)
         self.replica = Replica(
-            name,
-            config.ranks,
+            self.me.name,
+            self.config.ranks,
             rp.Timing(
-                heartbeat_interval=config.heartbeat_interval,
-                peer_timeout=config.peer_timeout,
-                failback=config.failback,
+                heartbeat_interval=self.config.heartbeat_interval,
+                peer_timeout=self.config.peer_timeout,
+                failback=self.config.failback,
             ),
             rp.Durable(
                 term=loaded.term,
@@ -103,28 +210,8 @@ class Node:
             ),
             time.monotonic(),
         )
-        self.front = Front()
-        self.batch: list[tuple[dict[str, Any], Key | None, Reply | None]] = []
-        self.peer_out: list[tuple[str | None, dict[str, Any]]] = []
-        self.entries_only = True  # this cycle changed no _DISK_STATE
-        self.unapplied: list[rp.Entry] = []  # committed on a backup, applied after the sends
-        self.client_out: list[tuple[bytes, bytes]] = []
-        self.heard: dict[str, tuple[float, dict[str, Any]]] = {}  # peer heartbeats, for status
-        self.stopping = False
-        self.serving = False
-        self.seats_freed = False
-        self.recovered = False
         self.was_recovering = self.replica.role is rp.Role.RECOVERING
-
-    def _ledger_from(self, snap: dict[str, Any] | None) -> Ledger:
-        lease = self.config.lease
-        if snap is None:
-            # Entitlements arrive as a replicated `reload` delta from the primary, so every
-            # node's ledger is built from the log alone.
-            return Ledger((), lease=lease, heartbeat=lease / 3, limits=self.config.limits)
-        return Ledger.from_snapshot(
-            snap, lease=lease, heartbeat=lease / 3, limits=self.config.limits
-        )
+        self.why_fresh = loaded.why
 
     # --- life cycle
     def run(self) -> None:
@@ -132,8 +219,14 @@ class Node:
             level=logging.INFO,
             format=f"%(asctime)s {self.me.name} %(levelname)s %(message)s",
         )
+        # Locked or unusable: StorageError before anything is served (the CLI exits 3).
+        self._start()
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGQUIT, self._on_signal)
+        self.ignored_signals: list[int] = []  # noted by the handler, logged by the loop
+        for signum in _IGNORED_SIGNALS:
+            signal.signal(signum, self._on_ignored_signal)
         ctx = zmq.Context()
         try:
             self._open_sockets(ctx)
@@ -145,14 +238,78 @@ class Node:
                 len(self.config.nodes),
             )
             gc.freeze()  # see _maybe_compact: the loaded ledger is long-lived
-            self._loop()
+            self._serve()
+        except StorageError as exc:  # a disk error: stop; the others fail over
+            log.error("node %s stopping: %s", self.me.name, exc)
+            raise
         finally:
+            try:
+                self._close_storage()
+            finally:
+                ctx.destroy(linger=0)
+                log.info("node %s stopped", self.me.name)
+
+    def _serve(self) -> None:
+        """The loop, started over after a committed delta that the ledger refuses."""
+        while True:
+            try:
+                self._loop()
+                return
+            except Unappliable as exc:
+                self._start_over(exc)
+
+    def _start_over(self, exc: Unappliable) -> None:
+        """Stop serving and voting at once, and come back as a wiped node.
+
+        A ledger that refuses what a quorum committed holds a history no other node has,
+        or its snapshot does: nothing this node holds can be vouched for, so it keeps
+        none of it (its files go aside for an administrator, its term and vote with them)
+        and catches up from the primary before it votes again (RECOVERING), as a node whose
+        disk was lost does. A primary steps down by the same move: its replica is gone, so
+        the others stop hearing it as primary and elect another. What this cycle had not
+        sent yet is dropped (the peers re-send what they need); clients still waiting here
+        are told to ask the next primary, which answers from the replicated request table.
+        """
+        abandoned: Reply = {"status": "redirect", "primary": None, "outcome": "unknown"}
+        for identity, (sid, req) in self.front.abandon():
+            self._reply(identity, sid, req, abandoned)
+        self.batch.clear()
+        self.peer_out.clear()
+        self.unapplied.clear()
+        self.status_asks = StatusReplies()  # their askers retry; the report would be stale
+        self.serving = self.seats_freed = self.recovered = False
+        self.entries_only = True
+        loaded = self.storage.set_aside(f"its ledger cannot follow the committed log at {exc}")
+        self._build(loaded)
+        if self.replica.role is not rp.Role.RECOVERING:
+            self.storage.mark_recovered()  # a single server has no one to catch up from
+        log.error(
+            "node %s stops serving and voting (%s) and starts over %s",
+            self.me.name,
+            loaded.why,
+            "as a wiped node: no vote until it has caught up from a primary"
+            if self.was_recovering
+            else "empty: a single server has no one to catch up from",
+        )
+
+    def _close_storage(self) -> None:
+        try:
             self.storage.close()
-            ctx.destroy(linger=0)
-            log.info("node %s stopped", self.me.name)
+        except StorageError as exc:  # the last sync failed
+            log.error("node %s stopping: %s", self.me.name, exc)
+            raise
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True  # the loop sees it within one poll timeout
+
+    def _on_ignored_signal(self, signum: int, frame: object) -> None:
+        self.ignored_signals.append(signum)  # logging inside a handler could deadlock
+
+    def _log_ignored_signals(self) -> None:
+        signums, self.ignored_signals = self.ignored_signals, []
+        for signum in map(signal.Signals, signums):
+            why = _IGNORED_SIGNALS.get(signum, "")
+            log.warning("node %s ignores %s%s", self.me.name, signum.name, why)
 
     def _open_sockets(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
         # The ZAP handler first: a CURVE server socket refuses everyone until it is bound.
@@ -162,8 +319,8 @@ class Node:
         self.clients.setsockopt(zmq.LINGER, 0)
         self.clients.setsockopt(zmq.MAXMSGSIZE, self.config.max_message)
         self.clients.setsockopt(zmq.BACKLOG, 1024)  # a failover is a reconnect storm
-        self.clients.setsockopt(zmq.SNDHWM, 100_000)
-        self.clients.setsockopt(zmq.RCVHWM, 100_000)
+        self.clients.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
+        self.clients.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
         self.clients.bind(self.me.client)
         self.peer_in = ctx.socket(zmq.ROUTER)
         self.peer_in.setsockopt(zmq.LINGER, 0)
@@ -211,6 +368,8 @@ class Node:
             # Round up: poll(0) for the last millisecond before a tick would spin the CPU.
             ready = dict(self.poller.poll(math.ceil(timeout * 1000)))
             now = Now(time.monotonic(), time.time())
+            if self.ignored_signals:
+                self._log_ignored_signals()
             if self.peer_in in ready:
                 self._drain(self.peer_in, self._on_peer_frames, now)
             if self.sub in ready:
@@ -226,6 +385,8 @@ class Node:
             self.serving = self.replica.is_serving(now.mono)
             if self.clients in ready:
                 self._drain(self.clients, self._on_client, now)
+                if self.status_asks:
+                    self.client_out += self.status_asks.answer(self.report(now), self.ledger)
             if self.serving and (self.seats_freed or now.mono >= next_ledger_tick):
                 next_ledger_tick = now.mono + LEDGER_TICK
                 self.seats_freed = False
@@ -294,7 +455,11 @@ class Node:
     # --- clients
     def _on_client(self, frames: list[bytes], now: Now) -> None:
         if len(frames) != 2:
-            return  # not a DEALER talking our protocol: nothing sane to answer
+            # Several frames: a REQ socket, say. The error vouches for no state, so it
+            # need not wait for the cycle's sync; a full pipe drops it like any reply.
+            with contextlib.suppress(zmq.Again):
+                self.clients.send_multipart(refuse_frames(frames), _NOBLOCK)
+            return
         identity, data = frames
         try:
             request = decode_request(data)
@@ -302,8 +467,7 @@ class Node:
             self._reply(identity, exc.sid, exc.req, exc.reply)
             return
         if request.op == "status":
-            report = reply_ok(report=self.report(now))
-            self._reply(identity, request.sid or None, request.req, report)
+            self.status_asks.add(identity, request)  # answered together after the drain
             return
         if request.op == "admin":
             secure = self.security.secure
@@ -426,6 +590,7 @@ class Node:
             if key is not None and reply is not None:
                 self.front.proposed(index, key, reply)
         self.applied = indexes[-1]
+        self.applied_term = self.replica.term
         self._take(effects)
 
     def _execute(self, effect: Any) -> None:
@@ -447,8 +612,11 @@ class Node:
                 keep=[(e.index, e.term, e.delta) for e in keep],
             )
         elif isinstance(effect, rp.InstallSnapshot):
-            self.ledger = self._ledger_from(effect.snapshot)
-            self.applied = effect.index
+            try:
+                self.ledger = self._ledger_from(effect.snapshot)
+            except LedgerError as exc:
+                raise Unappliable(effect.index, effect.term, f"snapshot: {exc}") from None
+            self.applied, self.applied_term = effect.index, effect.term
         elif isinstance(effect, rp.Committed):
             self._on_committed(effect)
         elif isinstance(effect, rp.RoleChanged):
@@ -468,14 +636,31 @@ class Node:
             self._reply(identity, sid, req, reply)
 
     def _apply(self, entries: Sequence[rp.Entry]) -> None:
+        self._apply_entries(entries)
+        self._maybe_compact()
+
+    def _apply_entries(self, entries: Sequence[rp.Entry]) -> None:
+        if entries and entries[-1].index > self.applied and not self._log_has_applied():
+            raise Unappliable(self.applied, self.applied_term, "the log lost this delta")
         for entry in entries:
             # A backup applies what commits; a new primary applies what it adopted from
             # the previous term; its own proposals it applied when it made them.
             if entry.index > self.applied:
+                if entry.index != self.applied + 1:
+                    raise Unappliable(entry.index, entry.term, f"only {self.applied} applied")
                 if entry.delta is not None:
-                    self.ledger.apply(entry.delta)
-                self.applied = entry.index
-        self._maybe_compact()
+                    try:
+                        self.ledger.apply(entry.delta)
+                    except LedgerError as exc:
+                        raise Unappliable(entry.index, entry.term, str(exc)) from None
+                self.applied, self.applied_term = entry.index, entry.term
+
+    def _log_has_applied(self) -> bool:
+        """Whether the log still holds, where the ledger's history ends, the entry applied
+        there. Entries are identical up to an index where two logs have the same term, so
+        then the ledger holds exactly the log's deltas up to ``applied``."""
+        term = self.replica.log.term_at(self.applied)
+        return term is None or term == self.applied_term  # None: compacted past it
 
     def _apply_unapplied(self) -> None:
         if self.unapplied:
@@ -496,10 +681,15 @@ class Node:
         # Leases and waiters are the primary's alone; a new reign starts them afresh.
         self.ledger.forget_volatile()
         if effect.role is rp.Role.PRIMARY:
+            if not self._log_has_applied():  # it would decide from deltas nobody else has
+                raise Unappliable(self.applied, self.applied_term, "the log lost this delta")
             return
-        if self.applied > self.replica.commit:
-            # As primary we applied deltas that may never commit: rebuild from what is
-            # certain, the snapshot and the committed log.
+        if self.applied > self.replica.commit or not self._log_has_applied():
+            # As primary we applied deltas that may never commit, or that the event which
+            # deposed us has already replaced (an append of the next primary, read after a
+            # pause or a loss, can cut them and commit past them at once; the issue 11
+            # next_grant crash): rebuild from what is certain, the snapshot and the
+            # committed log.
             self._rebuild_ledger(self.replica.commit)
         # Their requests may or may not commit under the next primary: say so, and let
         # the clients ask it (it answers a retry from the replicated request table).
@@ -513,12 +703,14 @@ class Node:
 
     def _rebuild_ledger(self, upto: int) -> None:
         log_ = self.replica.log
-        self.ledger = self._ledger_from(log_.snapshot)
-        self.applied = log_.snap_index
-        for entry in self.replica.entries(log_.snap_index + 1, upto):
-            if entry.delta is not None:
-                self.ledger.apply(entry.delta)
-            self.applied = entry.index
+        try:
+            self.ledger = self._ledger_from(log_.snapshot)
+        except LedgerError as exc:
+            raise Unappliable(log_.snap_index, log_.snap_term, f"snapshot: {exc}") from None
+        self.applied, self.applied_term = log_.snap_index, log_.snap_term
+        # No compaction here: a role change rebuilds before the same event's truncation
+        # and appends reach the disk, which a log rewritten under them would contradict.
+        self._apply_entries(self.replica.entries(log_.snap_index + 1, upto))
 
     def _maybe_compact(self) -> None:
         commit = self.replica.commit
@@ -541,10 +733,23 @@ class Node:
         gc.freeze()
 
     # --- status
+    def _recovering(self) -> str:
+        """Why this node does not vote yet, and what it waits for."""
+        primary = self.replica.primary
+        if primary is not None:
+            return f"{self.why_fresh}; catching up from primary {primary}"
+        return (
+            f"{self.why_fresh}; waiting for a primary to catch up from (the two other"
+            " nodes must be up and hold their data to elect one)"
+        )
+
     def report(self, now: Now) -> dict[str, Any]:
         self._apply_unapplied()
+        # Every entry has name, endpoint, role, term, last and commit (nil while a node is
+        # not heard); the own entry also what only this node knows (docs/protocol.md).
         own = {
             "name": self.me.name,
+            "endpoint": self.me.client,
             "role": self.replica.role.value,
             "term": self.replica.term,
             "last": self.replica.last,
@@ -552,16 +757,18 @@ class Node:
             "peers": sorted(self.replica.peers_alive(now.mono)),
             "serving": self.replica.is_serving(now.mono),
         }
+        if self.replica.role is rp.Role.RECOVERING:
+            own["recovering"] = self._recovering()
         others = []
         for other in self.config.nodes:
             if other.name == self.me.name:
                 continue
             at, hb = self.heard.get(other.name, (float("-inf"), {}))
             if now.mono - at > self.config.peer_timeout:
-                others.append({"name": other.name, "role": "down", "term": None})
-                continue
+                hb = {"role": "down"}  # term, last and commit: nil
             others.append(
-                {k: hb.get(k) for k in ("role", "term", "last", "commit")} | {"name": other.name}
+                {"name": other.name, "endpoint": other.client}
+                | {k: hb.get(k) for k in ("role", "term", "last", "commit")}
             )
         return {
             "node": self.me.name,

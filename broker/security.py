@@ -467,6 +467,16 @@ _process_keys: KeyPair | None = None
 _process_lock = threading.Lock()
 
 
+def _forget_process_keys() -> None:
+    # A forked child is another client process: its own key pair, and a lock that no
+    # thread of the parent may be holding at the moment of the fork.
+    global _process_keys, _process_lock
+    _process_keys, _process_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_process_keys)
+
+
 def process_keypair() -> KeyPair:
     """A client key pair made once per process: CURVE without a key of one's own."""
     global _process_keys

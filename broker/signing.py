@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from broker.wire import MAX_COUNT
+
 __all__ = [
     "PRIVATE_KEY_NAME",
     "PUBLIC_KEY_NAME",
@@ -176,7 +178,7 @@ def canonical_form(
     3. the vendor name, as written;
     4. the version, as written (``2.0`` stays ``2.0``; it is not shortened to ``2``);
     5. the expiry, as written but in lower case: ``permanent`` or ``d-mmm-yyyy``;
-    6. the count in decimal, without leading zeros;
+    6. the count in decimal, without leading zeros (1 to ``broker.wire.MAX_COUNT``);
     7. every attribute except ``SIGN`` as ``KEY=value``, the key in upper case, the
        value as written, sorted by key (code point order);
     8. every flag as written, in the order of the line.
@@ -193,8 +195,8 @@ def canonical_form(
     keyword = keyword.upper()
     if keyword not in SIGNED_KEYWORDS:
         raise ValueError(f"only FEATURE and INCREMENT lines are signed, not {keyword!r}")
-    if count < 1:
-        raise ValueError(f"count must be >= 1, not {count}")
+    if not 1 <= count <= MAX_COUNT:
+        raise ValueError(f"count must be from 1 to {MAX_COUNT}, not {count}")
     attr_words = []
     seen: set[str] = set()
     for key, value in sorted((k.upper(), v) for k, v in attrs.items()):

@@ -4,7 +4,8 @@ Each node answers ``status`` for itself (role, term, last and committed delta, p
 hears); the features and holders come from the primary's answer, or from the most
 up-to-date node when there is no primary. A node that does not answer within the
 timeout is shown as ``down``. Each node also says its security ``mode`` (``curve`` or
-``plain``).
+``plain``). Holders come a page at a time (docs/protocol.md): ``HolderPages`` reads
+them all from that one node.
 
 ``ask`` is the one way the commands talk to nodes: one request to each, over CURVE
 when a node's key is known (``ClientCurve``), answers collected until a deadline.
@@ -21,7 +22,7 @@ import zmq
 
 from broker.security import ClientCurve, process_keypair
 from clients.licpath import server_keys
-from clients.wire import decode_reply, encode_request
+from clients.wire import Reply, decode_reply, encode_request
 
 
 def default_curve(endpoints: list[str]) -> ClientCurve | None:
@@ -67,11 +68,20 @@ def ask(
 
 
 def query_nodes(
-    endpoints: list[tuple[str, str]], timeout: float = 1.0, curve: ClientCurve | None = None
+    endpoints: list[tuple[str, str]],
+    timeout: float = 1.0,
+    curve: ClientCurve | None = None,
+    *,
+    holders: bool = True,
+    feature: str | None = None,
 ) -> dict[str, Any]:
     """Status of a triad: ``{"nodes": [...], "features": [...], "primary": name|None}``.
 
-    Without ``curve``, the keys come from ``ZBROKER_SERVER_KEYS`` (plain TCP if none).
+    With ``holders`` (of ``feature`` only, if given), each feature listed also has its
+    ``holders``, read page by page from the node whose features are shown; if they
+    could not all be read, or the ledger kept changing while they were, ``holders_partial``
+    says why. Without ``curve``, the keys come from ``ZBROKER_SERVER_KEYS`` (plain TCP if
+    none).
     """
     if curve is None:
         curve = default_curve([e for _, e in endpoints])
@@ -81,7 +91,124 @@ def query_nodes(
         for name, reply in replies.items()
         if reply["status"] == "ok" and isinstance(reply.get("report"), dict)
     }
-    return merge(endpoints, answers)
+    status = merge(endpoints, answers)
+    source = _source(answers)
+    if holders and source is not None:
+        # From the node whose features are shown, over a connection of its own: a node
+        # answers only a few page requests a cycle, and says "ask again" past that.
+        request = {"op": "status", "holders": True} | ({"feature": feature} if feature else {})
+        pages = HolderPages(dict(endpoints)[source], request, timeout=timeout, curve=curve)
+        try:
+            found, last, partial = pages.read()
+        finally:
+            pages.close()
+        status["features"] = _with_holders((last or answers[source])["features"], found, feature)
+        if partial:
+            status["holders_partial"] = partial
+    return status
+
+
+PAGE_TRIES = 3  # reads of every page before the holders are shown as partial
+PAGE_RETRY = 0.02  # seconds before asking again for a page the node was too busy to build
+
+
+class HolderPages:
+    """Reads every page of holders from one node over one connection (docs/protocol.md).
+
+    A page is read as the node was in one loop cycle; pages read in several cycles agree
+    with each other only if the node's log did not move in between, so the read starts
+    again (``PAGE_TRIES`` times in all) when it did.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        request: dict[str, Any],
+        *,
+        timeout: float,
+        curve: ClientCurve | None,
+    ) -> None:
+        self.request = request
+        self.timeout = timeout
+        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.apply(self.sock, endpoint)
+        self.sock.connect(endpoint)
+        self.req = 1
+
+    def read(self) -> tuple[list[dict[str, Any]], dict[str, Any] | None, str | None]:
+        """(holders, the report of the last page read, why they are partial or None)."""
+        found: list[dict[str, Any]] = []
+        last: dict[str, Any] | None = None
+        for _ in range(PAGE_TRIES):
+            report = self._page(0)
+            if report is None:
+                return found, last, self._late
+            first = report
+            found = list(report.get("holders", []))
+            while report.get("next") is not None:
+                page = self._page(report["next"])
+                if page is None:
+                    return found, report, self._late
+                report = page
+                found += report.get("holders", [])
+            last = report
+            if _position(report) == _position(first):
+                return found, report, None
+        why = f"the ledger changed while its holders were read, {PAGE_TRIES} times"
+        return found, last, why
+
+    @property
+    def _late(self) -> str:
+        return f"a page of holders did not come within {self.timeout:g} s"
+
+    def _page(self, after: int) -> dict[str, Any] | None:
+        """The report with the page after ``after``; None if none came within the timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self.req += 1
+            self.sock.send(encode_request({**self.request, "req": self.req, "after": after}))
+            reply = self._reply(deadline)
+            if reply is None:
+                return None
+            report = reply.body.get("report")
+            if reply.status == "ok" and isinstance(report, dict):
+                return dict(report)
+            if reply.body.get("code") != "limit" or time.monotonic() + PAGE_RETRY >= deadline:
+                return None
+            time.sleep(PAGE_RETRY)  # the node builds a few pages a cycle and said: ask again
+
+    def _reply(self, deadline: float) -> Reply | None:
+        while (left := deadline - time.monotonic()) > 0:
+            if not self.sock.poll(int(left * 1000) + 1):
+                return None
+            reply = decode_reply(self.sock.recv())
+            if reply.req == self.req:
+                return reply  # not the answer to an earlier try
+        return None
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+def _position(report: dict[str, Any]) -> tuple[Any, Any]:
+    own = _own_entry(report)
+    return own.get("last"), own.get("commit")
+
+
+def _with_holders(
+    features: list[dict[str, Any]], found: list[dict[str, Any]], only: str | None
+) -> list[dict[str, Any]]:
+    if not found and any("holders" in f for f in features):
+        return features  # a node of an earlier version lists every holder in its features
+    by_feature: dict[str, list[dict[str, Any]]] = {}
+    for h in found:
+        by_feature.setdefault(str(h.get("feature")), []).append(h)
+    return [
+        f | {"holders": by_feature.get(f["name"], [])} if only in (None, f["name"]) else dict(f)
+        for f in features
+    ]
 
 
 def merge(endpoints: list[tuple[str, str]], answers: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -92,15 +219,9 @@ def merge(endpoints: list[tuple[str, str]], answers: dict[str, dict[str, Any]]) 
             nodes.append({"name": name, "endpoint": endpoint, "role": "down", "term": None})
             continue
         nodes.append(_own_entry(own) | {"endpoint": endpoint, "mode": own.get("mode")})
-    primaries = [n for n in nodes if n["role"] == "primary"]
-    primary = max(primaries, key=lambda n: n["term"])["name"] if primaries else None
-    source = None
-    if primary is not None:
-        source = answers[primary]
-    elif answers:
-        source = max(
-            answers.values(), key=lambda a: (_own_entry(a)["term"], _own_entry(a)["commit"])
-        )
+    primary = _primary(nodes)
+    chosen = _source(answers)
+    source = answers[chosen] if chosen is not None else None
     if primary is not None:
         head = _own_entry(answers[primary])["commit"]
         for node in nodes:
@@ -112,6 +233,21 @@ def merge(endpoints: list[tuple[str, str]], answers: dict[str, dict[str, Any]]) 
         "nodes": nodes,
         "features": source["features"] if source else [],
     }
+
+
+def _primary(nodes: list[dict[str, Any]]) -> str | None:
+    primaries = [n for n in nodes if n["role"] == "primary"]
+    return str(max(primaries, key=lambda n: n["term"])["name"]) if primaries else None
+
+
+def _source(answers: dict[str, dict[str, Any]]) -> str | None:
+    """The node whose features status shows: the primary, else the most up-to-date one."""
+    if not answers:
+        return None
+    primary = _primary([_own_entry(a) | {"name": name} for name, a in answers.items()])
+    if primary is not None:
+        return primary
+    return max(answers, key=lambda n: (_own_entry(answers[n])["term"], _position(answers[n])[1]))
 
 
 def _own_entry(report: dict[str, Any]) -> dict[str, Any]:
@@ -138,6 +274,8 @@ def render(status: dict[str, Any]) -> str:
             f"commit {n['commit']:<7} lag {n.get('lag', '?'):<5} "
             f"peers {','.join(n['peers']) or '-'}  {n['endpoint']}{odd}"
         )
+        if n.get("recovering"):  # why it does not vote yet (a new, wiped or damaged disk)
+            lines.append(f"           recovering: {n['recovering']}")
     if status["primary"] is None:
         lines.append("  no primary: checkouts are unavailable")
     lines.append("")
@@ -146,10 +284,12 @@ def render(status: dict[str, Any]) -> str:
         lines.append(
             f"  {f['name']}: {f['in_use']} of {f['total']} seats in use, {f['queued']} queued"
         )
-        for h in f["holders"]:
+        for h in f.get("holders", ()):
             since = datetime.datetime.fromtimestamp(h["since"]).strftime("%Y-%m-%d %H:%M:%S")
             lines.append(
                 f"    {h['user']} {h['host']} {h['display']} v{h['version']}, "
                 f"{h['count']} seat(s), grant {h['grant']}, since {since}"
             )
+    if status.get("holders_partial"):
+        lines.append(f"  (holders partial: {status['holders_partial']})")
     return "\n".join(lines)

@@ -2,22 +2,65 @@
 
 Files, all in the node's data directory:
 
-- ``node.json``: the marker. Written by ``zbroker init`` (a brand-new triad) or when a
-  node that lost its data has caught up again. A directory without it is *fresh*: the
-  node may have voted or acknowledged deltas before its disk was lost, so it must not
-  vote until it has caught up from a primary (peers/replica.py, RECOVERING).
-- ``hardstate``: the current term and the vote given in it, replaced atomically
-  (write, fsync, rename) before any vote or term change is announced.
-- ``log``: append-only records ``<u32 length><u32 crc32><msgpack>``; an entries record
-  is ``{"e": [[index, term, delta], ...]}``, one per persistence effect (a batch: one
-  pack, one checksum and one write for all its entries), a truncation is
-  ``{"x": from_index}`` (cheaper than rewriting the file). A torn or corrupt tail, as a
-  crash mid-write leaves, ends the log at the last good record: a batch is kept whole
-  or not at all, which is safe because nothing vouches for it before the sync. The file
-  is grown ahead with zeros and records overwrite them (see ``_extend``); a zero header
-  marks the end.
-- ``snapshot``: ``{"index", "term", "ledger"}`` of a committed index, replaced
-  atomically; after it, the log is rewritten to keep only a tail.
+- ``node.lock``: locked with ``flock`` for the life of the node's process and holding its
+  pid. It is taken before anything else is read, so a second process for the same
+  directory leaves at once without touching a file (``DataDirLocked``, naming the
+  holder). The kernel drops the lock when the holder dies, even by SIGKILL: it is never
+  stale.
+- ``node.json``: the marker ``{"node": name}``. Written by ``zbroker init`` (a brand-new
+  triad) or when a node that lost its data has caught up again. A directory without it is
+  *fresh*: the node may have voted or acknowledged deltas before its disk was lost, so it
+  must not vote until it has caught up from a primary (peers/replica.py, RECOVERING).
+  Whatever else a fresh directory holds (an earlier recovery cut short) is discarded.
+- ``hardstate``: one record ``{"term", "voted_for"}``, replaced atomically (write, fsync,
+  rename) before any vote or term change is announced. Written when the directory is
+  first used, so that once a log exists a missing hardstate is damage.
+- ``log``: records ``<u32 length><u32 crc32 of body><u32 crc32 of those 8 bytes><body:
+  msgpack><end byte 0xA5>``. The first record is ``{"base": [index, term]}``: the
+  snapshot the log follows (``[0, 0]`` before any). Then an entries record ``{"e":
+  [[index, term, delta], ...]}`` per persistence effect (a batch: one pack, one checksum
+  and one write for all its entries), or a truncation ``{"x": from_index}`` (cheaper than
+  rewriting the file). The file is grown ahead with zeros and records overwrite them
+  (see ``_extend``); at least one zero header always follows the last record.
+- ``snapshot``: one record ``{"index", "term", "ledger"}`` of a committed index, replaced
+  atomically; after it, the log is rewritten to start at that index.
+
+Torn tails and damage
+---------------------
+An append writes over zeros after the last good record, and a crash keeps a prefix of
+what was written since the last sync (a process crash always; a power loss when the
+disk writes back in order). So a *torn tail* is exactly this, after the good records:
+
+- zeros only, at least one header's worth (the normal end);
+- or a header that fails its own checksum with only zeros after its 12 bytes;
+- or a record whose header is sound but whose body fails its checksum, and whose end
+  byte and everything after it are zeros: a write that never finished.
+
+It is cut (overwritten with zeros), which loses nothing anyone was told: nothing
+vouches for a record before the sync that completes it. A record whose checksums match
+is whole and kept, even if a crash lost its end byte.
+
+Everything else is *damage*: the disk can no longer vouch for what this node
+acknowledged or voted. That is: a record written to its end (or with data after it)
+that fails a checksum; a record reaching past the end of the file, or fewer than twelve
+zero bytes after the last record (the file was cut short); a record whose checksums
+match but whose content has the wrong shape (not a map, missing keys, wrong types,
+entries that do not follow each other, terms that go down, a truncation outside the
+log); a log that does not start with its base or follows a snapshot the directory does
+not hold; a hardstate below the terms of the log; a missing, cut or garbled hardstate,
+snapshot or marker. (A marker naming another node of the triad is a mistake of
+configuration, not damage: ``StorageError``.) The header's own checksum is what keeps a
+damaged length from passing for a torn record that swallowed the records after it.
+
+``load`` then moves the directory's files into ``damaged-<UTC time>/`` beside them, for
+an administrator to inspect, and returns a fresh state (``Loaded.damaged``; the file,
+offset and what was wrong in ``Loaded.why``): the node comes up as a wiped node does. A
+power loss that wrote back a later page of the last write but not an earlier one also
+reads as damage: safe, at the cost of a catch-up.
+
+Disk errors: any OS error while writing, syncing, renaming or reading (a full disk,
+EIO, a file size limit) raises ``DiskError`` naming the file and the error; the node
+stops. Nothing it acknowledged is lost: nothing is acknowledged before its sync.
 
 fsync policy: the shell writes every persistence effect of one poll cycle and then
 calls ``sync()`` once, before it sends any acknowledgement or answer of that cycle
@@ -27,23 +70,52 @@ a power loss may then lose acknowledged deltas, a process crash does not.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import struct
+import time
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from broker.wire import pack, unpack
 
-_HEADER = struct.Struct("<II")
+_HEADER = struct.Struct("<III")  # length, crc32 of the body, crc32 of those 8 bytes
+_LENGTH_CRC, _CRC = struct.Struct("<II"), struct.Struct("<I")  # _HEADER's two parts
+_END = 0xA5  # the last byte of every record: a record that lacks it was never finished
+_END_BYTE = bytes((_END,))
 _ZERO_CHUNK = 1 << 20  # the log grows by this many zeros at a time
 MARKER = "node.json"
+LOCK = "node.lock"
+HARDSTATE = "hardstate"
+SNAPSHOT = "snapshot"
+LOG = "log"
+_STATE = (MARKER, HARDSTATE, SNAPSHOT, LOG)  # what a load reads; the lock is not state
+DAMAGED = "damaged-"  # prefix of the folders that damaged files are moved into
 
 
 class StorageError(Exception):
-    """The data directory cannot be used; the message names the file."""
+    """The data directory cannot be used; the message names the path."""
+
+
+class DataDirLocked(StorageError):
+    """Another process holds the data directory; the message names it and the holder."""
+
+
+class DiskError(StorageError):
+    """An I/O error (a full disk, EIO) on a file of the data directory; names the file."""
+
+
+class _Damage(Exception):
+    """Files that cannot vouch for this node's state; handled inside ``load``."""
+
+    def __init__(self, path: Path, offset: int | None, what: str) -> None:
+        at = "" if offset is None else f" at offset {offset}"
+        super().__init__(f"{path}{at}: {what}")
 
 
 @dataclass
@@ -57,79 +129,192 @@ class Loaded:
     snapshot_term: int = 0
     snapshot: dict[str, Any] | None = None
     entries: list[tuple[int, int, Any]] = field(default_factory=list)  # (index, term, delta)
+    damaged: bool = False
+    why: str = ""  # why the state is fresh: a new or wiped directory, or the damage found
 
 
 def write_marker(data_dir: Path, node: str) -> None:
+    """Mark ``data_dir`` as holding ``node``'s state; a new directory gets an empty state
+    first (term 0, an empty log), so that a marked directory always has both files.
+    OSError when it cannot be written."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    if not (data_dir / HARDSTATE).exists() and not (data_dir / LOG).exists():
+        _replace(data_dir / HARDSTATE, _frame({"term": 0, "voted_for": None}))
+        _write_log(data_dir, 0, 0, [], fsync=True)
     _replace(data_dir / MARKER, json.dumps({"node": node}).encode())
 
 
 class Storage:
-    def __init__(self, data_dir: Path, node: str, *, fsync: bool = True) -> None:
+    """One node's data directory. ``load`` first (it locks); then the persistence effects."""
+
+    def __init__(
+        self, data_dir: Path, node: str, *, fsync: bool = True, nodes: Collection[str] = ()
+    ) -> None:
         self.dir = data_dir
         self.node = node
+        self.nodes = frozenset(nodes)  # the triad's names: a marker naming one is no damage
         self.fsync = fsync
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: int | None = None
         self._log: BinaryIO | None = None  # opened by load(), at the end of the good records
         self._zeroed = 0  # the file's size: zeros from the write position up to here
         self._dirty = False
+        self._failed = False  # a write or sync failed: the node stops, close() skips the sync
         self.last = 0  # index of the last entry written (durable after the next sync)
 
     # --- start-up
-    def load(self) -> Loaded:
-        """Read the data directory; call once, before any write."""
-        marker = self.dir / MARKER
-        if not marker.exists():
-            self._open_log(0)  # a log without its marker vouches for nothing
-            return Loaded(fresh=True)
+    def lock(self) -> None:
+        """Own the directory (created if missing) for the life of this process."""
+        if self._lock_fd is not None:
+            return
         try:
-            owner = json.loads(marker.read_text()).get("node")
-        except (OSError, ValueError) as exc:
-            raise StorageError(f"{marker}: unreadable marker: {exc}") from None
-        if owner != self.node:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise StorageError(f"{self.dir}: not a directory; give the node its own") from None
+        except OSError as exc:
             raise StorageError(
-                f"{marker}: this data directory belongs to node {owner!r}, not {self.node!r}"
-            )
-        loaded = Loaded(fresh=False)
-        hard = self._read_record_file("hardstate")
-        if hard is not None:
-            loaded.term, loaded.voted_for = int(hard["term"]), hard["voted_for"]
-        snap = self._read_record_file("snapshot")
-        if snap is not None:
-            loaded.snapshot_index = int(snap["index"])
-            loaded.snapshot_term = int(snap["term"])
-            loaded.snapshot = snap["ledger"]
-        loaded.entries = self._read_log(loaded.snapshot_index)
-        self.last = loaded.entries[-1][0] if loaded.entries else loaded.snapshot_index
-        return loaded
+                f"{self.dir}: cannot create the data directory: {_os(exc)}"
+            ) from None
+        if not os.access(self.dir, os.W_OK | os.X_OK):
+            raise StorageError(f"{self.dir}: the data directory is not writable by this user")
+        path = self.dir / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise StorageError(f"{path}: cannot open the lock file: {_os(exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise DataDirLocked(
+                f"{self.dir}: the data directory is in use by another process (pid {holder});"
+                f" is node {self.node} already running? One process per data directory"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StorageError(f"{path}: cannot lock the data directory: {_os(exc)}") from None
+        try:
+            os.ftruncate(fd, 0)
+            _pwrite_all(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise DiskError(f"{path}: cannot write: {_os(exc)}") from None
+        self._lock_fd = fd
 
-    def _read_log(self, after: int) -> list[tuple[int, int, Any]]:
-        entries: list[tuple[int, int, Any]] = []
-        good_end = 0
-        path = self.dir / "log"
-        data = path.read_bytes() if path.exists() else b""
-        pos = 0
-        while pos + _HEADER.size <= len(data):
-            length, crc = _HEADER.unpack_from(data, pos)
-            body = data[pos + _HEADER.size : pos + _HEADER.size + length]
-            if length == 0 or len(body) < length or zlib.crc32(body) != crc:
-                break  # zeros: the unused rest of the file; anything else: a torn write
-            record = unpack(body)
-            pos += _HEADER.size + length
-            good_end = pos
-            if "x" in record:
-                cut = int(record["x"])
-                entries = [e for e in entries if e[0] < cut]
-            else:
-                entries.extend((int(i), int(t), d) for i, t, d in record["e"] if i > after)
-        self._open_log(good_end)
-        # Entries must be contiguous after the snapshot; anything else is a damaged log.
-        for offset, (index, _, _) in enumerate(entries):
-            if index != after + 1 + offset:
-                raise StorageError(
-                    f"{path}: entry {index} out of order (expected {after + 1 + offset})"
-                )
-        return entries
+    def load(self) -> Loaded:
+        """Lock, then read the data directory; call once, before any write.
+
+        Damage is set aside (see the module docstring) and the state returned is fresh.
+        """
+        self.lock()
+        try:
+            return self._read()
+        except _Damage as damage:
+            return self.set_aside(str(damage))
+        except OSError as exc:
+            where = exc.filename or self.dir
+            raise DiskError(f"{where}: cannot use the data directory: {_os(exc)}") from None
+
+    def set_aside(self, why: str) -> Loaded:
+        """Move the directory's state into ``damaged-<UTC time>/``; start it afresh.
+
+        Also for damage the caller finds (a snapshot whose ledger does not load).
+        """
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())  # for the administrator
+        try:
+            target = self.dir / f"{DAMAGED}{stamp}"
+            n = 1
+            while target.exists():
+                n += 1
+                target = self.dir / f"{DAMAGED}{stamp}-{n}"
+            target.mkdir()
+            for name in sorted(os.listdir(self.dir)):
+                if name in _STATE or name.endswith(".tmp"):
+                    os.rename(self.dir / name, target / name)
+            if self.fsync:
+                _fsync_dir(self.dir)
+            self._empty_state()
+        except OSError as exc:
+            raise DiskError(f"{self.dir}: cannot set damaged files aside: {_os(exc)}") from None
+        return Loaded(
+            fresh=True,
+            damaged=True,
+            why=f"data directory damaged: {why}; its files were moved to {target}",
+        )
+
+    def _read(self) -> Loaded:
+        for name in os.listdir(self.dir):
+            if name.endswith(".tmp"):
+                os.unlink(self.dir / name)  # a replace cut short: the old file still holds
+        if not (self.dir / MARKER).exists():
+            return self._start_fresh()
+        self._check_marker()
+        hard = self._read_record_file(HARDSTATE, _hard_state)
+        if hard is None:
+            raise _Damage(self.dir / HARDSTATE, None, "missing (a marked directory has one)")
+        snap = self._read_record_file(SNAPSHOT, _snapshot)
+        path = self.dir / LOG
+        if not path.exists():
+            raise _Damage(path, None, "missing (a marked directory has one)")
+        term, voted_for = hard
+        data = path.read_bytes()
+        records, good_end, torn_end = _scan(path, data)
+        base, entries = _replay(path, records)
+        snap_index, snap_term, ledger = snap if snap is not None else (0, 0, None)
+        _check_snapshot(path, base, entries, snap_index, snap_term, snap is not None)
+        top = max(snap_term, entries[-1][1] if entries else base[1])
+        if term < top:
+            raise _Damage(
+                self.dir / HARDSTATE, None, f"term {term} is below the log's last term {top}"
+            )
+        kept = [e for e in entries if e[0] > snap_index]
+        if snap_index != base[0]:
+            # A compaction stored its snapshot, then stopped before it rewrote the log:
+            # finish it, so that the entries appended next follow the snapshot on disk too.
+            self._rewrite_log(snap_index, snap_term, kept)
+        else:
+            self._open_log(good_end, len(data), torn_end)
+            self.last = kept[-1][0] if kept else snap_index
+        return Loaded(
+            fresh=False,
+            term=term,
+            voted_for=voted_for,
+            snapshot_index=snap_index,
+            snapshot_term=snap_term,
+            snapshot=ledger,
+            entries=kept,
+        )
+
+    def _start_fresh(self) -> Loaded:
+        left = [n for n in (HARDSTATE, SNAPSHOT, LOG) if (self.dir / n).exists()]
+        for name in left:
+            os.unlink(self.dir / name)  # they vouch for nothing without the marker
+        self._empty_state()
+        why = f"{self.dir} has no {MARKER}: a new or wiped data directory"
+        if left:
+            why += f" (discarded {', '.join(left)}: from an earlier start that never caught up)"
+        return Loaded(fresh=True, why=why)
+
+    def _check_marker(self) -> None:
+        path = self.dir / MARKER
+        try:
+            marker = json.loads(path.read_bytes().decode())
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
+            raise _Damage(path, None, f"not a marker: {exc}") from None
+        owner = marker.get("node") if isinstance(marker, dict) else None
+        if not isinstance(owner, str) or len(marker) != 1:
+            raise _Damage(path, None, 'not a marker: expected {"node": name}')
+        if owner == self.node:
+            return
+        if owner in self.nodes or not self.nodes:
+            raise StorageError(
+                f"{path}: this data directory belongs to node {owner!r}, not {self.node!r};"
+                " check the data setting of each node in the config"
+            )
+        raise _Damage(path, None, f"names node {owner!r}, which is not in this triad")
 
     # --- persistence effects
     def append(self, entries: list[tuple[int, int, Any]]) -> None:
@@ -142,110 +327,309 @@ class Storage:
         self.last = min(self.last, from_index - 1)
 
     def save_hard_state(self, term: int, voted_for: str | None) -> None:
-        self._replace_record("hardstate", {"term": term, "voted_for": voted_for})
+        self._replace_record(HARDSTATE, {"term": term, "voted_for": voted_for})
 
     def save_snapshot(
         self, index: int, term: int, ledger: dict[str, Any], keep: list[tuple[int, int, Any]]
     ) -> None:
         """Store a snapshot, then rewrite the log to hold only ``keep`` (entries after it)."""
-        self._replace_record("snapshot", {"index": index, "term": term, "ledger": ledger})
-        tmp = self.dir / "log.tmp"
-        with open(tmp, "wb") as f:
-            if keep:
-                f.write(_frame({"e": keep}))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / "log")
-        self._open_log((self.dir / "log").stat().st_size)
-        self.last = keep[-1][0] if keep else index
-        self._sync_dir()
-
-    def _open_log(self, end: int) -> None:
-        """Hold the log open for writing at ``end``, cutting whatever follows it.
-
-        A torn tail from a crash mid-append goes, so new records follow good ones, and so
-        does any zero-filled rest: ``_extend`` lays zeros afresh.
-        """
-        path = self.dir / "log"
-        if self._log is not None:
-            self._log.close()
-        path.touch()
-        self._log = open(path, "r+b")  # noqa: SIM115 - held open for writes
-        self._log.truncate(end)
-        self._log.seek(end)
-        self._zeroed = end
-
-    def _extend(self, size: int) -> None:
-        """Make the file long enough, with zeros, for ``size`` more bytes where the next
-        record goes.
-
-        Records are then written over zeros inside the file instead of growing it, so the
-        per-cycle ``fdatasync`` has no file size or block map to commit: it took about
-        90 us here against 190 us for an append (BENCHMARKS.md). Only the first sync after
-        an extension pays for the new blocks.
-        """
-        assert self._log is not None
-        if self._log.tell() + size <= self._zeroed:
-            return
-        grow = max(_ZERO_CHUNK, size)
-        os.pwrite(self._log.fileno(), bytes(grow), self._zeroed)  # leaves the file position
-        self._zeroed += grow
+        self._replace_record(SNAPSHOT, {"index": index, "term": term, "ledger": ledger})
+        try:
+            self._rewrite_log(index, term, keep)
+        except OSError as exc:
+            raise self._disk_error(LOG, exc) from None
 
     def mark_recovered(self) -> None:
-        write_marker(self.dir, self.node)
+        try:
+            write_marker(self.dir, self.node)
+        except OSError as exc:
+            raise self._disk_error(MARKER, exc) from None
 
     def sync(self) -> None:
         """Group commit: make everything written since the last sync durable."""
         if not self._dirty or self._log is None:
             return
-        self._log.flush()
-        if self.fsync:
-            os.fdatasync(self._log.fileno())  # the data and the size: all a reader needs
+        try:
+            self._log.flush()
+            if self.fsync:
+                os.fdatasync(self._log.fileno())  # the data and the size: all a reader needs
+        except OSError as exc:
+            raise self._disk_error(LOG, exc) from None
         self._dirty = False
 
     def close(self) -> None:
-        self.sync()
-        if self._log is not None:
-            self._log.close()
+        """Sync and release the files and the lock; DiskError if that last sync fails."""
+        try:
+            if not self._failed:
+                self.sync()
+        finally:
+            if self._log is not None:
+                # A write that failed already stopped the node and said why.
+                with contextlib.suppress(OSError):
+                    self._log.close()
+                self._log = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
 
     # --- internals
+    def _empty_state(self) -> None:
+        """Term 0, no vote, an empty log: where a fresh node starts, unmarked."""
+        _replace(self.dir / HARDSTATE, _frame({"term": 0, "voted_for": None}), fsync=self.fsync)
+        self._rewrite_log(0, 0, [])
+
+    def _rewrite_log(self, base: int, term: int, keep: list[tuple[int, int, Any]]) -> None:
+        """Replace the log with its base record, ``keep``, and zeros to write over."""
+        end = _write_log(self.dir, base, term, keep, fsync=self.fsync)
+        self._open_log(end, end + _ZERO_CHUNK, end)
+        self.last = keep[-1][0] if keep else base
+
+    def _open_log(self, end: int, size: int, torn_end: int) -> None:
+        """Hold the log open for writing at ``end``; zero a torn tail up to ``torn_end``."""
+        if self._log is not None:
+            self._log.close()
+        self._log = open(self.dir / LOG, "r+b")  # noqa: SIM115 - held open for writes
+        if torn_end > end:
+            _pwrite_all(self._log.fileno(), bytes(torn_end - end), end)
+            if self.fsync:
+                os.fdatasync(self._log.fileno())
+        self._log.seek(end)
+        self._zeroed = size
+
+    def _extend(self, log: BinaryIO, size: int) -> None:
+        """Make the file long enough, with zeros, for ``size`` more bytes where the next
+        record goes, and a zero header after them.
+
+        Records are then written over zeros inside the file instead of growing it, so the
+        per-cycle ``fdatasync`` has no file size or block map to commit: it took about
+        90 us here against 190 us for an append (BENCHMARKS.md). Only the first sync after
+        an extension pays for the new blocks. The zero header after the last record is
+        what tells a log cut short from one that ends there.
+        """
+        if log.tell() + size + _HEADER.size <= self._zeroed:
+            return
+        grow = max(_ZERO_CHUNK, size + _HEADER.size)
+        _pwrite_all(log.fileno(), bytes(grow), self._zeroed)  # leaves the file position
+        self._zeroed += grow
+
     def _write(self, record: dict[str, Any]) -> None:
         if self._log is None:
             raise StorageError(f"{self.dir}: the data directory was not loaded before a write")
         data = _frame(record)
-        self._extend(len(data))
-        self._log.write(data)
+        try:
+            self._extend(self._log, len(data))
+            self._log.write(data)
+        except OSError as exc:
+            raise self._disk_error(LOG, exc) from None
         self._dirty = True
 
     def _replace_record(self, name: str, record: dict[str, Any]) -> None:
-        _replace(self.dir / name, _frame(record), fsync=self.fsync)
+        try:
+            _replace(self.dir / name, _frame(record), fsync=self.fsync)
+        except OSError as exc:
+            raise self._disk_error(name, exc) from None
 
-    def _read_record_file(self, name: str) -> dict[str, Any] | None:
+    def _disk_error(self, name: str, exc: OSError) -> DiskError:
+        self._failed = True
+        return DiskError(f"{self.dir / name}: cannot write: {_os(exc)}")
+
+    def _read_record_file(self, name: str, shape: Any) -> Any:
+        """The one record of ``name`` checked by ``shape``, or None if there is no file."""
         path = self.dir / name
         if not path.exists():
             return None
         data = path.read_bytes()
         if len(data) < _HEADER.size:
-            raise StorageError(f"{path}: truncated")
-        length, crc = _HEADER.unpack_from(data)
-        body = data[_HEADER.size : _HEADER.size + length]
-        if len(body) != length or zlib.crc32(body) != crc:
-            raise StorageError(f"{path}: checksum mismatch; the file is damaged")
-        record: dict[str, Any] = unpack(body)
-        return record
-
-    def _sync_dir(self) -> None:
-        if self.fsync:
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            raise _Damage(path, 0, f"cut short: {len(data)} bytes, not even a record header")
+        length, crc, header_crc = _HEADER.unpack_from(data)
+        if zlib.crc32(data[:8]) != header_crc:
+            raise _Damage(path, 0, "the record header fails its checksum")
+        if len(data) != _HEADER.size + length + 1:
+            raise _Damage(path, 0, f"the record says {length} bytes, the file has {len(data)}")
+        body = data[_HEADER.size : -1]
+        if zlib.crc32(body) != crc:
+            raise _Damage(path, 0, "checksum mismatch")
+        if data[-1] not in (_END, 0):
+            raise _Damage(path, len(data) - 1, f"end byte {data[-1]:#x}, not {_END:#x}")
+        return shape(path, _decode(path, 0, body))
 
 
-def _frame(record: dict[str, Any]) -> bytes:
+# --- reading the log: framing, then shape
+
+
+def _scan(path: Path, data: bytes) -> tuple[list[tuple[int, Any]], int, int]:
+    """The (offset, record) of each good record, where they end, and where a torn tail
+    ends (the good end when there is none). ``_Damage`` for anything else."""
+    records: list[tuple[int, Any]] = []
+    pos, size = 0, len(data)
+    while True:
+        if size - pos < _HEADER.size:
+            raise _Damage(path, pos, f"cut short: {size - pos} bytes after the last record")
+        length, crc, header_crc = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + length + 1
+        header_ok = zlib.crc32(data[pos : pos + 8]) == header_crc
+        if header_ok and end <= size:
+            body = data[pos + _HEADER.size : end - 1]
+            if zlib.crc32(body) == crc:
+                if data[end - 1] not in (_END, 0):
+                    raise _Damage(path, end - 1, f"end byte {data[end - 1]:#x}, not {_END:#x}")
+                records.append((pos, _decode(path, pos, body)))
+                pos = end
+                continue
+        # Not a good record: the end of the log, a torn tail, or damage.
+        tail = max(pos, len(data.rstrip(b"\0")))  # one past the last non-zero byte
+        if tail == pos:
+            return records, pos, pos  # zeros to the end: the normal end of the log
+        if not header_ok:
+            if tail <= pos + _HEADER.size:
+                return records, pos, tail  # a header never finished: a torn tail
+            raise _Damage(path, pos, "a record header that fails its checksum, data after it")
+        if end > size:
+            raise _Damage(path, pos, f"a record of {length} bytes reaches past the end of the file")
+        if tail < end:
+            return records, pos, tail  # an append that never finished: a torn tail
+        raise _Damage(path, pos, "checksum mismatch in a record written to its end")
+
+
+def _replay(path: Path, records: list[tuple[int, Any]]) -> tuple[tuple[int, int], list[Any]]:
+    """The log's base (index, term) and its entries, once every record is checked."""
+    if not records:
+        raise _Damage(path, 0, "no base record: every log starts with one")
+    first_off, first = records[0]
+    base = first.get("base") if isinstance(first, dict) and len(first) == 1 else None
+    if not (isinstance(base, list) and len(base) == 2 and all(_count(v) for v in base)):
+        raise _Damage(path, first_off, 'the first record is not {"base": [index, term]}')
+    entries: list[tuple[int, int, Any]] = []
+    last, last_term = base
+    for offset, record in records[1:]:
+        if not isinstance(record, dict) or len(record) != 1:
+            raise _Damage(path, offset, "a record must be a map of one kind")
+        if "e" in record:
+            batch = record["e"]
+            if not isinstance(batch, list) or not batch:
+                raise _Damage(path, offset, "an entries record needs a list of entries")
+            for item in batch:
+                index, term = _entry(path, offset, item, last, last_term)
+                entries.append((index, term, item[2]))
+                last, last_term = index, term
+        elif "x" in record:
+            cut = record["x"]
+            if not (_count(cut) and base[0] < cut <= last + 1):
+                raise _Damage(path, offset, f"truncation at {cut!r} outside ({base[0]}, {last}]")
+            del entries[cut - base[0] - 1 :]
+            last = cut - 1
+            last_term = entries[-1][1] if entries else base[1]
+        else:
+            raise _Damage(path, offset, f"unknown record kind {next(iter(record))!r}")
+    return (base[0], base[1]), entries
+
+
+def _entry(path: Path, offset: int, item: Any, last: int, last_term: int) -> tuple[int, int]:
+    if not (isinstance(item, list) and len(item) == 3 and _count(item[0]) and _count(item[1])):
+        raise _Damage(path, offset, "an entry must be [index, term, delta]")
+    index, term, delta = item
+    if index != last + 1:
+        raise _Damage(path, offset, f"entry {index} does not follow entry {last}")
+    if term < max(1, last_term):
+        raise _Damage(path, offset, f"entry {index} has term {term}, below {last_term} before it")
+    if delta is not None and not (isinstance(delta, dict) and isinstance(delta.get("k"), str)):
+        raise _Damage(path, offset, f"entry {index}: its delta is not a map with a kind")
+    return index, term
+
+
+def _check_snapshot(
+    path: Path,
+    base: tuple[int, int],
+    entries: list[tuple[int, int, Any]],
+    snap_index: int,
+    snap_term: int,
+    have: bool,
+) -> None:
+    """The log follows the snapshot the directory holds (or an older one: a compaction
+    stores its snapshot before it rewrites the log)."""
+    snapshot = path.with_name(SNAPSHOT)
+    if not have and base[0] > 0:
+        raise _Damage(snapshot, None, f"missing, though the log follows one at index {base[0]}")
+    if snap_index < base[0]:
+        raise _Damage(snapshot, 0, f"at index {snap_index}, older than the log's base {base[0]}")
+    if have and snap_index == base[0] and snap_term != base[1]:
+        raise _Damage(snapshot, 0, f"of term {snap_term}, the log's base of term {base[1]}")
+    if base[0] < snap_index <= base[0] + len(entries):
+        term = entries[snap_index - base[0] - 1][1]
+        if term != snap_term:
+            raise _Damage(
+                snapshot, 0, f"at index {snap_index} of term {snap_term}, the log's of {term}"
+            )
+
+
+# --- shapes of the small files
+
+
+def _hard_state(path: Path, record: Any) -> tuple[int, str | None]:
+    if isinstance(record, dict) and set(record) == {"term", "voted_for"}:
+        term, vote = record["term"], record["voted_for"]
+        if _count(term) and (vote is None or isinstance(vote, str)):
+            return term, vote
+    raise _Damage(path, 0, 'not {"term": int >= 0, "voted_for": name or nil}')
+
+
+def _snapshot(path: Path, record: Any) -> tuple[int, int, dict[str, Any]]:
+    if isinstance(record, dict) and set(record) == {"index", "term", "ledger"}:
+        index, term, ledger = record["index"], record["term"], record["ledger"]
+        if _count(index) and index > 0 and _count(term) and isinstance(ledger, dict):
+            return index, term, ledger
+    raise _Damage(path, 0, 'not {"index": int > 0, "term": int >= 0, "ledger": map}')
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0  # not bool, which msgpack also decodes
+
+
+def _decode(path: Path, offset: int, body: bytes) -> Any:
+    try:
+        return unpack(body)
+    except Exception as exc:  # any msgpack error: the checksum matched bytes that are not ours
+        raise _Damage(path, offset, f"undecodable record ({type(exc).__name__})") from None
+
+
+# --- bytes on disk
+
+
+def _frame(record: Any) -> bytes:
     body = pack(record)
-    return _HEADER.pack(len(body), zlib.crc32(body)) + body
+    head = _LENGTH_CRC.pack(len(body), zlib.crc32(body))
+    return b"".join((head, _CRC.pack(zlib.crc32(head)), body, _END_BYTE))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """``os.pwrite`` until all of ``data`` is written: it may write less than asked."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if written <= 0:
+            raise OSError(f"pwrite wrote nothing at offset {offset}")
+        view, offset = view[written:], offset + written
+
+
+def _write_log(
+    data_dir: Path, base: int, term: int, keep: list[tuple[int, int, Any]], *, fsync: bool
+) -> int:
+    """Replace the log atomically with its base record, ``keep`` and a chunk of zeros;
+    returns where the next record goes."""
+    records = _frame({"base": [base, term]}) + (_frame({"e": keep}) if keep else b"")
+    _replace(data_dir / LOG, records + bytes(_ZERO_CHUNK), fsync=fsync)
+    if fsync:
+        _fsync_dir(data_dir)
+    return len(records)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _replace(path: Path, data: bytes, *, fsync: bool = True) -> None:
@@ -256,3 +640,15 @@ def _replace(path: Path, data: bytes, *, fsync: bool = True) -> None:
         if fsync:
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _holder(fd: int) -> str:
+    try:
+        pid = os.pread(fd, 32, 0).decode().strip()
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+    return pid if pid.isdigit() else "unknown"
+
+
+def _os(exc: OSError) -> str:
+    return exc.strerror or str(exc)

@@ -13,7 +13,10 @@ render the result. What they print is stable, for scripts:
   of a signed INCREMENT would otherwise add its seats again).
 
 Exit status: 0 on success (for ``verify``: every line verifies), 1 when ``verify``
-refused a line, 2 on a syntax, file or key error, with ``error: MESSAGE`` on stderr.
+refused a line, 2 on a syntax, file or key error, with ``error: MESSAGE`` on stderr. A
+number out of its range (a count past 1,000,000, a version part past 2^31-1, a port past
+65535: see ``broker.license``) is a syntax error naming file:line:column and the range,
+so ``sign`` never signs a line the nodes could not serve.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def sign(file: Path, key_path: Path, output: Path | None) -> None:
     try:
         _write_atomically(target, signed)
     except OSError as exc:
-        _fail(exc)
+        _fail(LicenseError(f"{target}: cannot write the signed file: {exc.strerror}"))
     click.echo(f"signed {count} lines: {target}")
 
 

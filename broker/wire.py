@@ -21,19 +21,69 @@ from broker.model import ErrorCode, Reply, Request, parse_version, reply_error
 PROTOCOL_VERSION = 1
 MAX_TEXT = 256
 MAX_SID = 64
-MAX_COUNT = 1_000_000
+# Numbers at the edge: the same bounds hold for the license file, the config and the CLI
+# (they import these), so that anything a node accepts also packs (msgpack ints stop at
+# 2**64 - 1) and fits any client's 32- or 64-bit integers.
+MAX_COUNT = 1_000_000  # seats of one checkout, and of one FEATURE/INCREMENT line
 MAX_REQ = 2**63 - 1
+MAX_VERSION = 32  # characters of a version such as "2.0"
+MAX_VERSION_PART = 2**31 - 1  # each dotted part of a version
+MAX_WAIT = 86_400.0  # seconds a checkout may queue
+MAX_LEASE = 7 * 86_400.0  # seconds: the longest lease a config may set or a reply announce
+MAX_OP = 16  # characters of an op
+MAX_ACTION = 32  # characters of an admin action
+# A float stands for a whole number only up to here: above it, neighbouring floats are
+# more than 1 apart, so a client's number may already have been rounded (JavaScript's
+# Number.MAX_SAFE_INTEGER is 2**53 - 1).
+MAX_FLOAT_WHOLE = 2**53
+# A message of several frames is answered in the envelope it came in (a REQ socket's
+# empty delimiter, and any proxies' routing ids before it) when that is at most this many
+# frames of at most ROUTING_ID bytes (ZeroMQ's longest routing id) each: REQ envelopes
+# are one frame per hop, and a reply to a connection that never reads stays small.
+MAX_ENVELOPE = 8
+ROUTING_ID = 255
 OPS = frozenset({"open", "close", "checkout", "checkin", "heartbeat", "status", "admin"})
+# A status reply lists holders only when asked, a page at a time, so that no reply grows
+# with the ledger: at most HOLDERS_PAGE holders and HOLDERS_PAGE_BYTES of them per page.
+HOLDERS_PAGE = 1_000
+HOLDERS_PAGE_BYTES = 64 * 1024
 
 # A request map has a dozen short fields; these bounds are far above any honest message
 # and far below what would hurt, whatever MAXMSGSIZE lets through.
+_MAX_STR, _MAX_ARRAY, _MAX_MAP = 4096, 64, 32
 _REQUEST_LIMITS = {
-    "max_str_len": 4096,
+    "max_str_len": _MAX_STR,
     "max_bin_len": 0,
-    "max_array_len": 64,
-    "max_map_len": 32,
+    "max_array_len": _MAX_ARRAY,
+    "max_map_len": _MAX_MAP,
     "max_ext_len": 0,
 }
+
+
+def whole_number(value: object) -> int | None:
+    """``value`` as an int if it is one, else None.
+
+    An int (not a bool), or a float that is a whole number of at most ``MAX_FLOAT_WHOLE``
+    in size: JavaScript has one number type, and its encoders send a float for a number
+    they do not see as a safe integer (some for every number), so ``3.0`` means 3.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_FLOAT_WHOLE:
+        return int(value)
+    return None
+
+
+def check_version(text: str) -> tuple[int, ...]:
+    """``text`` parsed as a version within the bounds above; ValueError saying which."""
+    if len(text) > MAX_VERSION:
+        raise ValueError(f"version {text[:40]!r} is longer than {MAX_VERSION} characters")
+    parts = parse_version(text)
+    if max(parts) > MAX_VERSION_PART:
+        raise ValueError(f"version {text!r} has a part above {MAX_VERSION_PART}")
+    return parts
 
 
 class RemoteProtocolError(Exception):
@@ -43,7 +93,7 @@ class RemoteProtocolError(Exception):
         super().__init__(detail)
         self.reply: Reply = reply_error(code, detail)
         self.sid = sid if isinstance(sid, str) else None
-        self.req = req if isinstance(req, int) and not isinstance(req, bool) else None
+        self.req = whole_number(req)
 
 
 def pack(obj: Any) -> bytes:
@@ -60,6 +110,35 @@ def encode_reply(reply: Reply, sid: str | None, req: int | None) -> bytes:
     return pack({"v": PROTOCOL_VERSION, "sid": sid, "req": req, **reply})
 
 
+# Status replies are packed from pieces packed once: a loop cycle may answer hundreds of
+# status requests with one report, and a page of holders is measured while it is built.
+_STATUS_HEAD = (
+    msgpack.Packer().pack_map_header(5) + pack("v") + pack(PROTOCOL_VERSION) + pack("sid")
+)
+_STATUS_MID = pack("req")
+_STATUS_TAIL = pack("status") + pack("ok") + pack("report")
+
+
+def encode_status_reply(report: bytes, sid: str | None, req: int | None) -> bytes:
+    """``encode_reply(reply_ok(report=...), sid, req)`` for a ``report`` already packed."""
+    return b"".join((_STATUS_HEAD, pack(sid), _STATUS_MID, pack(req), _STATUS_TAIL, report))
+
+
+def pack_map_raw(fields: dict[str, Any], packed: dict[str, bytes]) -> bytes:
+    """A map of ``fields`` and of ``packed``, whose values are packed already."""
+    parts = [msgpack.Packer().pack_map_header(len(fields) + len(packed))]
+    for key, value in fields.items():
+        parts += (pack(key), pack(value))
+    for key, data in packed.items():
+        parts += (pack(key), data)
+    return b"".join(parts)
+
+
+def pack_array_raw(items: list[bytes]) -> bytes:
+    """An array of items packed already (``pack``)."""
+    return msgpack.Packer().pack_array_header(len(items)) + b"".join(items)
+
+
 def unpack_bounded(data: bytes) -> Any:
     """Bytes from outside (a client request, a node's reply): bounded sizes, no ext types."""
     return msgpack.unpackb(data, raw=False, strict_map_key=True, **_REQUEST_LIMITS)
@@ -68,11 +147,32 @@ def unpack_bounded(data: bytes) -> Any:
 def unpack_reply(data: bytes) -> Any:
     """A node's reply, for clients: no ext or bin types, sizes bounded by the frame itself.
 
-    ``unpack_bounded``'s caps fit one request; a status reply lists every holder (100,000
-    grants make a 7 MB reply), so replies keep msgpack's own bound instead: no container
-    may claim more items than the frame has bytes.
+    ``unpack_bounded``'s caps fit one request; a status reply may list a page of up to
+    HOLDERS_PAGE holders (and a node of an older version sent them all), so replies keep
+    msgpack's own bound instead: no container may claim more items than the frame has
+    bytes.
     """
     return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
+
+
+def _ids_of(data: bytes) -> tuple[object, object]:
+    """The ``sid`` and ``req`` of a frame ``unpack_bounded`` refused, as far as they can be
+    read, so that the error reaches a client that matches replies by them (a map of too
+    many fields, a field too long, trailing bytes). Every other value is skipped unbuilt,
+    and what is built is bounded by the frame, which MAXMSGSIZE bounds."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(data) + 1)
+    unpacker.feed(data)
+    found: dict[str, object] = {}
+    try:
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key in ("sid", "req") and key not in found:
+                found[key] = unpacker.unpack()
+            else:
+                unpacker.skip()
+    except Exception:  # not a map, or broken further on: what was read is all there is
+        pass
+    return found.get("sid"), found.get("req")
 
 
 def decode_request(data: bytes) -> Request:
@@ -80,11 +180,17 @@ def decode_request(data: bytes) -> Request:
     try:
         obj = unpack_bounded(data)
     except Exception as exc:  # ExtraData, FormatError, ValueError, StackError, ...
-        raise RemoteProtocolError(ErrorCode.BAD_REQUEST, f"not a msgpack message: {exc}") from None
+        raise RemoteProtocolError(
+            ErrorCode.BAD_REQUEST,
+            f"not one msgpack map within the request bounds (maps of {_MAX_MAP} fields, "
+            f"strings of {_MAX_STR} characters, arrays of {_MAX_ARRAY} items, no bin or "
+            f"ext): {exc}",
+            *_ids_of(data),
+        ) from None
     if not isinstance(obj, dict):
         raise RemoteProtocolError(ErrorCode.BAD_REQUEST, "a request must be a msgpack map")
     sid, req = obj.get("sid"), obj.get("req")
-    if obj.get("v") != PROTOCOL_VERSION:
+    if whole_number(obj.get("v")) != PROTOCOL_VERSION:
         raise RemoteProtocolError(
             ErrorCode.UNSUPPORTED_VERSION,
             f"protocol version {obj.get('v')!r} is not supported; this node speaks "
@@ -93,15 +199,25 @@ def decode_request(data: bytes) -> Request:
             req,
         )
     fields = _Fields(obj)
-    op = fields.text("op", max_len=16)
+    op = fields.text("op", max_len=MAX_OP, min_len=1)
     if op not in OPS:
         raise RemoteProtocolError(ErrorCode.BAD_REQUEST, f"unknown op {op!r}", sid, req)
-    if op in ("status", "admin"):
+    if op == "status":
         return Request(
             op=op,
             sid=fields.text("sid", max_len=MAX_SID, default=""),
             req=fields.integer("req", 0, MAX_REQ, default=0),
-            action=fields.text("action", max_len=32, min_len=1) if op == "admin" else "",
+            holders=fields.boolean("holders", default=False),
+            feature=fields.optional_text("feature", max_len=MAX_TEXT) or "",
+            after=fields.integer("after", 0, MAX_REQ, default=0),
+            limit=fields.integer("limit", 1, HOLDERS_PAGE, default=HOLDERS_PAGE),
+        )
+    if op == "admin":
+        return Request(
+            op=op,
+            sid=fields.text("sid", max_len=MAX_SID, default=""),
+            req=fields.integer("req", 0, MAX_REQ, default=0),
+            action=fields.text("action", max_len=MAX_ACTION, min_len=1),
         )
     common: dict[str, Any] = {
         "op": op,
@@ -115,10 +231,10 @@ def decode_request(data: bytes) -> Request:
     elif op == "checkout":
         common["feature"] = fields.text("feature", max_len=MAX_TEXT, min_len=1)
         common["count"] = fields.integer("count", 1, MAX_COUNT, default=1)
-        version = fields.optional_text("version", max_len=32)
+        version = fields.optional_text("version", max_len=MAX_VERSION)
         if version is not None:
             try:
-                parse_version(version)
+                check_version(version)
             except ValueError as exc:
                 raise RemoteProtocolError(ErrorCode.BAD_REQUEST, str(exc), sid, req) from None
         common["version"] = version
@@ -126,6 +242,28 @@ def decode_request(data: bytes) -> Request:
     elif op == "checkin":
         common["grant"] = fields.integer("grant", 1, MAX_REQ)
     return Request(**common)
+
+
+def refuse_frames(frames: list[bytes]) -> list[bytes]:
+    """The answer to a client message of more than one frame (``frames`` as the ROUTER
+    read them, identity first): ``error`` ``bad_request``, with the ``sid`` and ``req`` of
+    its last frame when they can be read.
+
+    It goes back in the envelope the message came in when it has one (routing ids, then
+    an empty delimiter, then the body: what a REQ socket sends, through any proxies), as
+    a REQ socket drops a reply without its delimiter and would wait forever; otherwise as
+    the protocol's one frame.
+    """
+    head, body = frames[:-1], frames[-1]
+    routed = all(len(frame) <= ROUTING_ID for frame in head)
+    envelope = head if 2 <= len(head) <= MAX_ENVELOPE and head[-1] == b"" and routed else head[:1]
+    error = RemoteProtocolError(
+        ErrorCode.BAD_REQUEST,
+        f"a request is one frame holding a msgpack map; this message has {len(frames) - 1}"
+        " (a REQ socket's empty delimiter?): send the map alone from a DEALER socket",
+        *_ids_of(body),
+    )
+    return [*envelope, encode_reply(error.reply, error.sid, error.req)]
 
 
 class _Fields:
@@ -157,10 +295,18 @@ class _Fields:
             return None
         return self.text(name, max_len=max_len, min_len=1)
 
-    def integer(self, name: str, low: int, high: int, default: int | None = None) -> int:
+    def boolean(self, name: str, *, default: bool) -> bool:
         value = self.obj.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise self._fail(name, f"a whole number from {low} to {high}")
+        if not isinstance(value, bool):
+            raise self._fail(name, "true or false")
+        return value
+
+    def integer(self, name: str, low: int, high: int, default: int | None = None) -> int:
+        found = self.obj.get(name, default)
+        value = found if type(found) is int else whole_number(found)  # the common case first
+        if value is None or not low <= value <= high:
+            floats = " (a float only if whole and at most 2^53)" if isinstance(found, float) else ""
+            raise self._fail(name, f"a whole number from {low} to {high}{floats}")
         return value
 
     def optional_seconds(self, name: str) -> float | None:
@@ -170,6 +316,6 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self._fail(name, "seconds as a number, or nil")
         seconds = float(value)
-        if not math.isfinite(seconds) or not 0 <= seconds <= 86_400:
-            raise self._fail(name, "seconds from 0 to 86400")
+        if not math.isfinite(seconds) or not 0 <= seconds <= MAX_WAIT:
+            raise self._fail(name, f"seconds from 0 to {MAX_WAIT:.0f}")
         return seconds

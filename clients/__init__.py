@@ -13,6 +13,7 @@ The wire protocol is docs/protocol.md; errors are in ``clients.errors``.
 from clients.client import LicenseClient
 from clients.errors import (
     ClientClosed,
+    ClientForked,
     LeaseLost,
     LicenseDenied,
     LicenseError,
@@ -25,6 +26,7 @@ from clients.grant import Grant, GrantState
 
 __all__ = [
     "ClientClosed",
+    "ClientForked",
     "Grant",
     "GrantState",
     "LeaseLost",

@@ -1,11 +1,17 @@
 """``LicenseClient``: the public face of the library, safe to share between threads.
 
-It resolves the servers (an endpoint list, a license path, or ``ZBROKER_LICENSE``),
-starts the I/O thread (engine.py) and turns each call into jobs for it, waiting on a
-future with a deadline. It also walks the license path: entries are independent
-servers or triads tried in order, and a checkout denied or unavailable on one is
-tried on the next, as FlexLM clients do. Sessions are opened lazily, per entry, by
-the first call that needs one.
+It resolves the servers (an endpoint list, a license path, or ``ZBROKER_LICENSE``) and
+turns each call into jobs for the process's I/O thread (engine.py, shared by every
+client of the process and joined by the first call), waiting on a future with a
+deadline. It also walks the license path: entries are independent servers or triads
+tried in order, and a checkout denied or unavailable on one is tried on the next, as
+FlexLM clients do. Sessions are opened lazily, per entry, by the first call that needs
+one.
+
+A guest in its host process: a client has no thread, socket or descriptor of its own
+(docs/protocol.md, "What a client costs"); a call that would need a descriptor the
+process has not got fails with ``LicenseUnavailable`` naming the cause; a client used in
+a forked child of the process that made it raises ``ClientForked`` at once.
 
 Timing. ``timeout`` bounds the time spent waiting for answers. With several entries,
 each gets an equal share of what is left of it; a checkout with ``wait`` may also
@@ -13,11 +19,12 @@ queue up to ``wait`` seconds on each entry it tries.
 
 Loss reporting. Grants that stop being safe (the lease lapsed; the triad expired the
 session and the grant could not be checked out again) are reported once: to the
-``on_lost`` callback, called on a thread of its own so it may call back into the
-client, or, without a callback, by a ``LeaseLost`` raised from the next ``checkout``
-or ``status`` (before that call does anything). A grant can be reported twice: when
-the lease lapses (``grant.state`` UNSAFE: it may come back, and does if the triad
-still knows the session) and again if it could not be checked out again (LOST).
+``on_lost`` callback, called on a thread of its own (one for every client of the
+process, not the I/O thread) so it may call back into the client, or, without a
+callback, by a ``LeaseLost`` raised from the next ``checkout`` or ``status`` (before
+that call does anything). A grant can be reported twice: when the lease lapses
+(``grant.state`` UNSAFE: it may come back, and does if the triad still knows the
+session) and again if it could not be checked out again (LOST).
 """
 
 from __future__ import annotations
@@ -25,20 +32,23 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-import queue
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from broker.security import ClientCurve, SecurityError, load_keypair, process_keypair
+from clients import engine as shared
 from clients.engine import Engine
 from clients.errors import (
     ClientClosed,
+    ClientForked,
     LeaseLost,
     LicenseDenied,
     LicenseError,
@@ -47,7 +57,7 @@ from clients.errors import (
     OutcomeUnknown,
 )
 from clients.grant import Grant
-from clients.licpath import resolve, server_keys
+from clients.licpath import raise_if_out_of_descriptors, resolve, server_keys
 from clients.link import Link
 from clients.wire import FIELD_MAX
 
@@ -87,6 +97,11 @@ class LicenseClient:
     ``secure=False`` never uses CURVE. The client's own key pair is the secret
     certificate ``client_key`` (default ``ZBROKER_CLIENT_KEY``; needed when the triad
     keeps a client allow-list), or else one made for this process.
+
+    Raises LicensePathError (the servers, a license or key file cannot be used), or
+    LicenseUnavailable when the process has no descriptor left to read those files.
+    Every call on a client made by another process (this one is its fork) raises
+    ClientForked.
     """
 
     def __init__(
@@ -111,32 +126,21 @@ class LicenseClient:
             raise LicensePathError(f"secure=True, but no server key is known for {plain}")
         self._timeout = float(timeout)
         self._on_lost = on_lost
-        self._lock = threading.Lock()  # guards _closed and _unreported
+        self._curve = curve
+        self._pid = os.getpid()  # the process whose engine it joins: see ClientForked
+        self._lock = threading.Lock()  # guards _closed, _unreported and joining the engine
         self._closed = False
         self._unreported: list[Grant] = []
-        self._notices: queue.SimpleQueue[list[Grant] | None] = queue.SimpleQueue()
-        self._notifier: threading.Thread | None = None
-        if on_lost is not None:
-            self._notifier = threading.Thread(
-                target=self._notify, name="zbroker-client-on-lost", daemon=True
-            )
-            self._notifier.start()
         hello = {
             "user": user if user is not None else _default_user(),
             "host": host if host is not None else socket.gethostname(),
             "display": display if display is not None else os.environ.get("DISPLAY", ""),
             "client_version": CLIENT_VERSION,
         }
-        self._engine = Engine(
-            self._entries,
-            hello={k: v[:FIELD_MAX] for k, v in hello.items()},
-            owner=self,
-            report=self._report_lost,
-            try_timeout=TRY_TIMEOUT,
-            recover_timeout=self._timeout,
-            curve=curve,
-        )
-        self._engine.start()
+        self._hello = {k: v[:FIELD_MAX] for k, v in hello.items()}
+        # Joined by the first call, so that a client that is never used costs nothing.
+        self._engine: Engine | None = None
+        self._links: list[Link] = []
 
     @property
     def entries(self) -> list[tuple[str, ...]]:
@@ -190,13 +194,14 @@ class LicenseClient:
         if grant.released or grant.lost:
             return
         self._check_open()
-        link = self._engine.links[grant._entry]
+        engine, links = self._joined()
+        link = links[grant._entry]
         deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
 
         def job(now: float, fut: Future[Any]) -> None:
             link.checkin(fut, now, grant, deadline)
 
-        self._call(job, deadline)
+        self._call(engine, link, job, deadline)
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The status map (docs/protocol.md) of the first entry of the path that answers."""
@@ -222,8 +227,9 @@ class LicenseClient:
         next entry, as FlexLM clients do.
         """
         budget = self._timeout if timeout is None else timeout
+        engine, links = self._joined()
         failures: list[LicenseError] = []
-        for i, link in enumerate(self._engine.links):
+        for i, link in enumerate(links):
             began = time.monotonic()
             deadline = began + extra + max(0.0, budget) / (len(self._entries) - i)
 
@@ -233,28 +239,44 @@ class LicenseClient:
                 start(link, fut, now, deadline)
 
             try:
-                return self._call(job, deadline)
+                return self._call(engine, link, job, deadline)
             except next_on as exc:
                 failures.append(exc)
             budget -= max(0.0, time.monotonic() - began - extra)
         raise _summary(failures)
 
     def close(self, timeout: float | None = None) -> None:
-        """Close every session (releasing its grants) and stop the threads. Idempotent.
+        """Close every session (releasing its grants) and leave the I/O thread. Idempotent.
 
-        Returns within ``timeout`` (default: the shorter of 2 s and the client's
+        Returns within about ``timeout`` (default: the shorter of 2 s and the client's
         timeout) even when no server answers; the triad then expires the sessions.
+        In a forked child it only marks this copy closed: the sessions are the parent's.
         """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            engine, links = self._engine, self._links
+        if engine is None or os.getpid() != self._pid:
+            return
         budget = min(self._timeout, CLOSE_TIMEOUT) if timeout is None else timeout
-        self._engine.shutdown(budget)
-        if self._notifier is not None:
-            self._notices.put(None)
-            if self._notifier is not threading.current_thread():
-                self._notifier.join(budget)
+        deadline = time.monotonic() + budget
+        closing: list[Future[Any]] = [Future() for _ in links]
+
+        def job(now: float) -> None:
+            for link, fut in zip(links, closing, strict=True):
+                link.close(fut, now, deadline)
+
+        detached: Future[Any] = Future()
+        try:
+            engine.post(job, Future(), links)
+            wait_futures(closing, timeout=max(0.0, deadline - time.monotonic()))
+            engine.detach(links, detached)
+            detached.result(timeout=max(0.0, deadline - time.monotonic()) + GRACE)
+        except (ClientClosed, TimeoutError):
+            pass  # the I/O thread stopped or is stuck: nothing more to wait for
+        engine.flush_notices(max(0.0, deadline - time.monotonic()))
+        shared.release(engine, GRACE)
 
     def __enter__(self) -> LicenseClient:
         return self
@@ -268,10 +290,45 @@ class LicenseClient:
         self.close()
 
     # --- plumbing
-    def _call(self, job: Callable[[float, Future[Any]], None], deadline: float) -> Any:
+    def _joined(self) -> tuple[Engine, list[Link]]:
+        """The process's engine and this client's links on it, joining it on first use."""
+        with self._lock:
+            if self._closed:
+                raise ClientClosed("the client is closed")
+            if self._engine is None:
+                engine = shared.acquire()  # LicenseUnavailable: no descriptor, no thread
+                links = [
+                    Link(
+                        i,
+                        entry,
+                        hello=self._hello,
+                        send=engine.send,
+                        report=self._report_lost,
+                        owner=self,
+                        new_sid=lambda: uuid.uuid4().hex,
+                        try_timeout=TRY_TIMEOUT,
+                        recover_timeout=self._timeout,
+                    )
+                    for i, entry in enumerate(self._entries)
+                ]
+                try:
+                    engine.attach(links, self._curve)
+                except ClientClosed:
+                    shared.release(engine, GRACE)
+                    raise
+                self._engine, self._links = engine, links
+            return self._engine, self._links
+
+    def _call(
+        self,
+        engine: Engine,
+        link: Link,
+        job: Callable[[float, Future[Any]], None],
+        deadline: float,
+    ) -> Any:
         """Hand ``job`` to the I/O thread and wait for its answer until the deadline."""
         fut: Future[Any] = Future()
-        self._engine.post(lambda now: job(now, fut), fut)
+        engine.post(lambda now: job(now, fut), fut, (link,))
         try:
             return fut.result(timeout=max(0.0, deadline - time.monotonic()) + GRACE)
         except TimeoutError:
@@ -279,6 +336,8 @@ class LicenseClient:
             raise OutcomeUnknown("the client's I/O thread did not answer in time") from None
 
     def _check_open(self) -> None:
+        if os.getpid() != self._pid:  # before anything: the parent's engine is not here
+            raise ClientForked(self._pid, os.getpid())
         if self._closed:
             raise ClientClosed("the client is closed")
 
@@ -291,20 +350,12 @@ class LicenseClient:
 
     def _report_lost(self, grants: list[Grant]) -> None:
         """Called on the I/O thread: hand the news on without blocking it."""
-        if self._on_lost is not None:
-            self._notices.put(list(grants))
+        engine = self._engine
+        if self._on_lost is not None and engine is not None:
+            engine.notify(self._on_lost, list(grants))
             return
         with self._lock:
             self._unreported.extend(g for g in grants if g not in self._unreported)
-
-    def _notify(self) -> None:
-        while (grants := self._notices.get()) is not None:
-            if self._on_lost is None:
-                continue
-            try:
-                self._on_lost(grants)
-            except Exception:  # the application's bug must not stop later reports
-                log.exception("on_lost callback failed")
 
 
 def _flat(entries: list[tuple[str, ...]]) -> list[str]:
@@ -325,6 +376,7 @@ def _curve(
     try:
         pair = load_keypair(Path(path)) if path else process_keypair()
     except SecurityError as exc:
+        raise_if_out_of_descriptors(str(path), exc)
         raise LicensePathError(str(exc)) from exc
     return ClientCurve(pair, keys)
 

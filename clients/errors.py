@@ -5,6 +5,7 @@
     ├── LicenseUnavailable           definite: no server could act on the request; nothing changed
     ├── ProtocolError                definite: a reply or request broke docs/protocol.md (.code)
     ├── ClientClosed                 definite: the client was closed; nothing was sent
+    ├── ClientForked                 definite: used in a forked child of its process; nothing sent
     ├── LicensePathError             the servers / license path given could not be used
     ├── LeaseLost                    grants are no longer safe to use (.lost)
     └── OutcomeUnknown               the deadline passed; the request may or may not have acted
@@ -83,6 +84,22 @@ class ProtocolError(LicenseError):
 
 class ClientClosed(LicenseError):
     """The LicenseClient was closed; the call sent nothing."""
+
+
+class ClientForked(LicenseError):
+    """The LicenseClient was made in another process (this one is a fork of it); nothing sent.
+
+    A forked child shares none of its parent's connections or I/O thread, and its
+    sessions are the parent's: the child makes a LicenseClient of its own instead.
+    """
+
+    def __init__(self, created_in: int, used_in: int) -> None:
+        super().__init__(
+            f"this LicenseClient was created in process {created_in} and cannot be used in "
+            f"its forked child {used_in}: create a new LicenseClient in the child"
+        )
+        self.created_in = created_in
+        self.used_in = used_in
 
 
 class LicensePathError(LicenseError, ValueError):

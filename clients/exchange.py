@@ -7,7 +7,10 @@ A try *misses* when it times out, when the node answers ``unavailable`` or
 DEALER sockets use ZMQ_IMMEDIATE, so a message never queues for a node that is not
 there). After a miss the next try goes to the redirect target if one was named, else
 to the next node round robin; after every full round of misses it waits a backoff
-that doubles up to a cap, so a triad in an election is not hammered.
+that doubles up to a cap, so a triad in an election is not hammered. A send to the
+node a redirect named that is refused locally (its connection is still being made)
+is tried again once after ``BACKOFF_FIRST`` instead of going back round the nodes
+that just redirected it.
 
 Definite versus unknown (see errors.py) is decided by counting, per node, copies sent
 and replies received: a node with more copies than replies may have acted on one, so
@@ -54,6 +57,9 @@ class Exchange:
     first_sent: float | None = None  # when the first copy left: leases count from here
     misses: int = 0
     round_connected: bool = False  # some send of the current round reached a connection
+    cause: str | None = None  # why a send was refused locally, for the error it may end in
+    starved: int = 0  # sends refused because the process had no descriptor for a connection
+    redirected: int | None = None  # the node a redirect named, until a try went to it
     sent: dict[int, int] = field(default_factory=dict)  # node -> copies sent
     answered: dict[int, int] = field(default_factory=dict)  # node -> replies received
 
@@ -83,6 +89,7 @@ class Exchange:
         """Plan the next try after a miss; False when a quick-fail exchange should give up."""
         self.in_flight = False
         self.misses += 1
+        self.redirected = to
         self.node = to if to is not None else (self.node + 1) % nodes
         self.resend_at = now
         if self.misses % nodes == 0:  # a full round without an answer: back off
@@ -92,6 +99,15 @@ class Exchange:
             cap = BACKOFF_CAP if self.deadline is not None else BACKOFF_CAP_BACKGROUND
             self.resend_at = now + min(cap, BACKOFF_FIRST * 2 ** (rounds - 1))
             self.round_connected = False
+        return True
+
+    def await_redirect(self, now: float) -> bool:
+        """A send to the redirect's node was refused locally: wait for it, once; True if so."""
+        if self.redirected is None or self.redirected != self.node:
+            return False
+        self.redirected = None  # a node that stays unreachable is passed over next time
+        self.in_flight = False
+        self.resend_at = now + BACKOFF_FIRST
         return True
 
     def next_timer(self) -> float:

@@ -20,12 +20,13 @@ in plain TCP; ``LicenseClient(secure=True)`` refuses that instead.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from clients.errors import LicensePathError
+from clients.errors import LicensePathError, LicenseUnavailable
 
 log = logging.getLogger("zbroker.client")
 
@@ -38,14 +39,37 @@ Entry = tuple[str, ...]  # the endpoints of one server or triad, in rank order
 FileReader = Callable[[str], Entry]
 
 
+def raise_if_out_of_descriptors(path: str, exc: BaseException) -> None:
+    """Raise LicenseUnavailable if ``exc`` means the process had no descriptor to read with.
+
+    Then the file is not at fault, and a client must not go on without it (without
+    its keys, say, dialling a secure triad in plain TCP). The license module's own
+    errors keep the OSError as their context.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            raise LicenseUnavailable(
+                f"too many open files ({errno.errorcode[seen.errno]}) while reading {path}: "
+                "raise ulimit -n (RLIMIT_NOFILE) or close descriptors"
+            ) from exc
+        seen = seen.__cause__ or seen.__context__
+
+
 def servers_from_file(path: str) -> Entry:
     """The endpoints of a license file's SERVER lines, via ``broker.license``."""
-    # Imported late: only file entries need the node's license parser.
-    from broker.license import LicenseError, read_servers
-
+    try:  # imported late: only file entries need the node's license parser
+        from broker.license import LicenseError, read_servers
+    except OSError as exc:  # an import opens files too
+        raise_if_out_of_descriptors(path, exc)
+        raise
     try:
         servers = read_servers(path)
-    except (LicenseError, OSError) as exc:  # its messages already name file:line:column
+    except OSError as exc:
+        raise_if_out_of_descriptors(path, exc)
+        raise LicensePathError(str(exc)) from exc
+    except LicenseError as exc:  # its messages already name file:line:column
+        raise_if_out_of_descriptors(path, exc)
         raise LicensePathError(str(exc)) from exc
     if not servers:
         raise LicensePathError(f"license file {path} has no SERVER line")
@@ -103,9 +127,12 @@ def resolve(
 
 def keys_from_file(path: str) -> dict[str, str]:
     """``{endpoint: key}`` of the SERVER lines of a license file that carry ``KEY=``."""
-    from broker.license import LicenseError, read_servers
-    from broker.security import SecurityError, check_key
-
+    try:
+        from broker.license import LicenseError, read_servers
+        from broker.security import SecurityError, check_key
+    except OSError as exc:  # an import opens files too
+        raise_if_out_of_descriptors(path, exc)
+        raise
     try:
         servers = read_servers(path)
         return {
@@ -113,7 +140,11 @@ def keys_from_file(path: str) -> dict[str, str]:
             for s in servers
             if "KEY" in s.attrs
         }
-    except (LicenseError, SecurityError, OSError) as exc:
+    except OSError as exc:
+        raise_if_out_of_descriptors(path, exc)
+        raise LicensePathError(str(exc)) from exc
+    except (LicenseError, SecurityError) as exc:
+        raise_if_out_of_descriptors(path, exc)
         raise LicensePathError(str(exc)) from exc
 
 

@@ -5,6 +5,9 @@ its endpoints and the last known primary, the session (sid, lease, heartbeats), 
 requests in flight (``Exchange``s, matched to replies by ``(sid, req)``) and the grants
 the application holds from it. It is called only from the I/O thread; it never reads
 a clock (``now`` comes in) and never touches a socket (``send`` is handed in).
+Links of many clients may share one connection to a node (engine.py): every request
+carries a sid, so every reply names the link it belongs to; ``status`` needs no session
+and carries the link's own ``tag`` as its sid for that reason alone.
 
 Session states:
 
@@ -28,6 +31,10 @@ Rules:
   answered ``OutcomeUnknown`` and goes on in the background with the same req; a
   grant it turns out to have got is checked back in. ``ack`` stays below it until
   then, so the triad keeps the recorded answer.
+- A send the process cannot afford (``send`` raises ``LicenseUnavailable``: no
+  descriptors left for a connection) is a miss that records the cause; once a request
+  has met as many such refusals as the triad has nodes and no node can have acted on
+  it, it ends at once, definite, with that cause, instead of waiting out its deadline.
 """
 
 from __future__ import annotations
@@ -56,7 +63,9 @@ log = logging.getLogger("zbroker.client")
 MAX_NODES = 6  # the triad's three, plus endpoints learned from redirects (other spellings)
 ACTIVE = (GrantState.HELD, GrantState.UNSAFE)
 
-Send = Callable[["Link", int, bytes], bool]  # (link, node index, frame) -> handed to zmq?
+# (link, node index, frame) -> handed to zmq? Raises LicenseUnavailable (with the cause)
+# when this process cannot afford a connection to that node: no descriptors left.
+Send = Callable[["Link", int, bytes], bool]
 Report = Callable[[list[Grant]], None]
 
 
@@ -106,6 +115,7 @@ class Link:
         recover_timeout: float,
     ) -> None:
         self.entry = entry
+        self.tag = new_sid()  # the sid of this link's status requests: routes their replies
         self.triad = endpoints
         self.endpoints = list(endpoints)
         self.primary = 0  # index of the node believed to be primary
@@ -174,7 +184,7 @@ class Link:
             _resolve(fut, None)
             return
         ex = Exchange("checkin", {"op": "checkin", "grant": grant.id}, deadline, sid=grant._session)
-        ex.done = lambda ex, reply: self._checkin_done(fut, grant, reply)
+        ex.done = lambda ex, reply: self._checkin_done(fut, grant, ex, reply)
 
         def unknown(ex: Exchange) -> None:
             self._forget(grant, GrantState.RELEASED)  # settled in the background
@@ -194,7 +204,7 @@ class Link:
 
         def done(ex: Exchange, reply: Reply | None) -> None:
             if reply is None:
-                _fail(fut, LicenseUnavailable(f"no server of {self.name} answered status"))
+                _fail(fut, self._unavailable("answered status", ex))
             elif reply.status == "ok":
                 # protocol.md calls the payload ``status`` (clashing with the reply's own
                 # status field); broker/node.py sends ``report``: accept either.
@@ -206,7 +216,7 @@ class Link:
             else:
                 _fail(fut, failure_of(reply))
 
-        self._start(Exchange("status", {"op": "status"}, deadline, done=done))
+        self._start(Exchange("status", {"op": "status"}, deadline, done=done, sid=self.tag))
 
     def close(self, fut: Future[Any], now: float, deadline: float) -> None:
         """Close the session (releasing everything on the triad); best effort by the deadline."""
@@ -243,25 +253,29 @@ class Link:
 
     # --- events
     def on_frame(self, node: int, frame: bytes, now: float) -> None:
-        self._now = now
         try:
             reply = decode_reply(frame)
         except ProtocolError as exc:
             log.warning("dropped a reply from %s: %s", self.endpoints[node], exc)
             return
+        self.on_reply(node, reply, now)
+
+    def on_reply(self, node: int, reply: Reply, now: float) -> bool:
+        """A decoded reply from ``node``; False when it answers no request of this link."""
+        self._now = now
         if reply.req is None:
             ex = self._status_without_req(reply)
         else:
             ex = self._table.get((reply.sid, reply.req))
         if ex is None:
-            return  # a late duplicate, or the answer to a request given up
+            return False  # a late duplicate, the answer to a request given up, not ours
         if reply.body.get("outcome") != "unknown":
             # A redirect from a node that had proposed the request while primary says
             # nothing about its fate: that copy still counts as unanswered.
             ex.record_reply(node)
         if reply.status in ("redirect", "unavailable"):
             if ex.in_flight and node != ex.node:
-                return  # an older try's answer: the current try may still succeed
+                return True  # an older try's answer: the current try may still succeed
             to = None
             target = reply.body.get("primary")
             if reply.status == "redirect" and isinstance(target, str):
@@ -269,7 +283,7 @@ class Link:
                 if to is not None:
                     self.primary = to
             self._missed(ex, to)
-            return
+            return True
         if ex.op != "status" and reply.status in ("ok", "denied"):
             self.primary = node  # only the primary gives those
             if ex.sid == self.sid:
@@ -280,10 +294,11 @@ class Link:
         if _is_unknown_session(reply) and ex.sid is not None and ex.sid == self.sid:
             self._session_gone()
         ex.done(ex, reply)
+        return True
 
     def _status_without_req(self, reply: Reply) -> Exchange | None:
-        """The node in broker/node.py answers status with ``req`` nil: match the oldest."""
-        if reply.status != "ok":
+        """A status answer with ``req`` nil (an older node): match this link's oldest."""
+        if reply.status != "ok" or reply.sid not in (None, self.tag):
             return None
         return next((ex for ex in self._table.values() if ex.op == "status"), None)
 
@@ -301,6 +316,8 @@ class Link:
         self._now = now
         for ex in [w for w in self._waiting if w.deadline is not None and now >= w.deadline]:
             self._waiting.remove(ex)
+            if self._opening is not None:  # why the session it waited for did not open
+                ex.cause = ex.cause or self._opening.cause
             ex.done(ex, None)  # never sent: definitely nothing happened
         for ex in list(self._table.values()):
             if ex.key not in self._table:
@@ -352,10 +369,19 @@ class Link:
             fields = {**ex.fields, "req": ex.req, "ack": self._ack(ex.sid)}
             if ex.sid is not None:
                 fields["sid"] = ex.sid
-            ok = self._send(self, ex.node, encode_request(fields))
+            connecting = True
+            try:
+                ok = self._send(self, ex.node, encode_request(fields))
+            except LicenseUnavailable as exc:  # no connection affordable: see Send
+                ex.cause, ex.starved, ok, connecting = exc.detail, ex.starved + 1, False, False
+                if ex.starved >= len(self.endpoints) and not ex.maybe_applied:
+                    self._finish(ex, None)
+                    return
             ex.record_send(ex.node, ok, self._now, self._try_timeout)
             if ok:
                 return
+            if connecting and ex.await_redirect(self._now):
+                return  # tick sends it
             if not ex.miss(self._now, len(self.endpoints), None):
                 self._finish(ex, None)
                 return
@@ -381,6 +407,11 @@ class Link:
             self._hb = None
         ex.done(ex, reply)
 
+    def _unavailable(self, what: str, ex: Exchange) -> LicenseUnavailable:
+        """The error of a request that no node acted on, with the local cause if any."""
+        cause = f": {ex.cause}" if ex.cause else ""
+        return LicenseUnavailable(f"no server of {self.name} {what}{cause}")
+
     def _node_for(self, endpoint: str) -> int | None:
         if endpoint in self.endpoints:
             return self.endpoints.index(endpoint)
@@ -402,7 +433,9 @@ class Link:
         if ex.sid != self.sid:
             return
         self._opening = None
-        error: LicenseError = LicenseUnavailable(f"could not open a session on {self.name}")
+        error: LicenseError = LicenseUnavailable(
+            f"could not open a session on {self.name}" + (f": {ex.cause}" if ex.cause else "")
+        )
         if reply is not None and reply.status == "ok" and ex.first_sent is not None:
             try:
                 lease, heartbeat = reply.seconds("lease"), reply.seconds("heartbeat")
@@ -424,6 +457,7 @@ class Link:
         self.state, self.sid = SessionState.CLOSED, None
         waiting, self._waiting = self._waiting, []
         for w in waiting:
+            w.cause = w.cause or ex.cause
             w.done(w, reply)
         lost = [g for g in self.held if g.state is GrantState.RECOVERING]
         for grant in lost:
@@ -492,7 +526,7 @@ class Link:
 
     def _checkout_done(self, fut: Future[Any], ex: Exchange, reply: Reply | None) -> None:
         if reply is None:  # never reached a node that could act on it
-            _fail(fut, LicenseUnavailable(f"no server of {self.name} could serve the checkout"))
+            _fail(fut, self._unavailable("could serve the checkout", ex))
             return
         if reply.status == "ok":
             try:
@@ -529,9 +563,11 @@ class Link:
         else:
             _fail(fut, failure_of(reply))
 
-    def _checkin_done(self, fut: Future[Any], grant: Grant, reply: Reply | None) -> None:
+    def _checkin_done(
+        self, fut: Future[Any], grant: Grant, ex: Exchange, reply: Reply | None
+    ) -> None:
         if reply is None:
-            _fail(fut, LicenseUnavailable(f"no server of {self.name} took the checkin"))
+            _fail(fut, self._unavailable("took the checkin", ex))
         elif reply.status == "ok" or _is_unknown_session(reply):
             self._forget(grant, GrantState.RELEASED)  # unknown session: it holds nothing
             _resolve(fut, None)

@@ -174,7 +174,8 @@ class LocalTriad:
         return self.config.admin_key
 
     # --- observing
-    def status(self, timeout: float = 0.5) -> dict[str, Any]:
+    def status(self, timeout: float = 0.5, holders: bool = True) -> dict[str, Any]:
+        """``broker.status.query_nodes``: holders too unless ``holders`` is False."""
         from broker.cli import config_curve
         from broker.status import query_nodes
 
@@ -182,6 +183,7 @@ class LocalTriad:
             [(n.name, n.client) for n in self.config.nodes],
             timeout=timeout,
             curve=config_curve(self.config, admin=False),
+            holders=holders,
         )
 
     def feature(self, name: str, report: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -196,7 +198,7 @@ class LocalTriad:
 
     def primary(self) -> str | None:
         """The node that says it is primary and serving, if any."""
-        report = self.status()
+        report = self.status(holders=False)
         for node in report["nodes"]:
             if node["role"] == "primary" and node.get("serving", True):
                 return str(node["name"])

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.wire import pack, unpack_reply
+from broker.wire import MAX_COUNT, MAX_LEASE, MAX_REQ, pack, unpack_reply
 from clients.errors import LicenseDenied, LicenseError, LicenseUnavailable, ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -49,9 +49,13 @@ class Reply:
 
     def seconds(self, key: str) -> float:
         value = self.body.get(key)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise ProtocolError(f"{self.status} reply: {key!r} is not seconds > 0: {value!r}")
-        return float(value)
+        number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+        # nan or inf would make every deadline computed from it never come (or come at once)
+        if number is None or not 0 < number <= MAX_LEASE:
+            raise ProtocolError(
+                f"{self.status} reply: {key!r} is not seconds from 0 to {MAX_LEASE:.0f}: {value!r}"
+            )
+        return float(number)
 
     def mapping(self, key: str) -> dict[str, Any]:
         value = self.body.get(key)
@@ -99,12 +103,14 @@ def grant_of(reply: Reply) -> GrantInfo:
     """The grant of a checkout's ``ok`` reply."""
     grant = reply.mapping("grant")
     gid, feature, version, count = (grant.get(k) for k in ("id", "feature", "version", "count"))
-    if not isinstance(gid, int) or isinstance(gid, bool):
-        raise ProtocolError(f"checkout reply: grant id is not an integer: {gid!r}")
+    if not isinstance(gid, int) or isinstance(gid, bool) or not 1 <= gid <= MAX_REQ:
+        raise ProtocolError(f"checkout reply: grant id is not from 1 to {MAX_REQ}: {gid!r}")
     if not isinstance(feature, str) or not isinstance(version, str):
         raise ProtocolError(f"checkout reply: grant feature/version are not strings: {grant!r}")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ProtocolError(f"checkout reply: grant count is not a positive integer: {count!r}")
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_COUNT:
+        raise ProtocolError(
+            f"checkout reply: grant count is not an integer from 1 to {MAX_COUNT}: {count!r}"
+        )
     return GrantInfo(id=gid, feature=feature, version=version, count=count)
 
 

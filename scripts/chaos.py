@@ -3,8 +3,9 @@
     python scripts/chaos.py --duration 300           # every fault, as many as fit
     python scripts/chaos.py --help                   # the options
 
-The work is in ``clients.chaos`` (``clients/chaos/cli.py`` parses the options); this
-file only makes the repository importable when it is not installed.
+The same as ``zbroker chaos``; the work is in ``clients.chaos`` (``clients/chaos/cli.py``
+is the click command); this file only makes the repository importable when it is not
+installed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clients.chaos.cli import main
+from clients.chaos.cli import chaos
 
 if __name__ == "__main__":
-    sys.exit(main())
+    chaos()

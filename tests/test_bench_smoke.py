@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -22,12 +26,11 @@ def test_bench_tiny_writes_every_figure(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Throughput" in done.stdout and "Failover" in done.stdout
-    assert "Reconnect storm" in done.stdout
+    assert "Reconnect storm" in done.stdout and "Flood:" in done.stdout
     result = json.loads(out.read_text())
 
-    assert {"plan", "machine", "throughput", "failover", "sessions", "grants", "storm"} <= set(
-        result
-    )
+    phases = {"throughput", "failover", "sessions", "grants", "storm", "flood"}
+    assert {"plan", "machine", *phases} <= set(result)
     assert result["machine"]["nproc"] >= 1 and result["machine"]["libzmq"]
     levels = [str(c) for c in result["plan"]["levels"]]
     tp = result["throughput"]
@@ -72,3 +75,11 @@ def test_bench_tiny_writes_every_figure(tmp_path: Path) -> None:
     assert storm["pre_kill_grants_held"] == storm["pre_kill_grants_listed"] == 2 * clients
     assert storm["holders_after"] == 3 * clients
     assert storm["grants_reported_unsafe_or_lost"] == {}
+
+    flood = result["flood"]
+    assert flood["grants"] >= expected and flood["requests"] == result["plan"]["flood_requests"]
+    for window in ("baseline", "summary", "pages", "paced_pages"):
+        figures = flood[window]
+        assert figures["honest"]["checkout_latency"]["n"] > 0
+        assert figures["rss_extra_mb"] is not None and figures["killed_past_mb"] is None
+        assert window == "baseline" or figures["drained_s"] is not None  # the flood was read

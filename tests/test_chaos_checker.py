@@ -18,6 +18,8 @@ from clients.chaos.history import History, Recorder, merge_files, read_history
 from clients.chaos.nemesis import ALL_KINDS, FaultKind, parse_kinds, schedule
 from clients.chaos.verdict import CheckOptions, Report, figures, render
 
+pytestmark = pytest.mark.unit
+
 FEATURES = {"solver": 2, "cad": 15}
 NODES = ["alpha", "beta", "gamma"]
 

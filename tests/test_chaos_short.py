@@ -24,6 +24,8 @@ from clients.chaos.nemesis import FaultKind
 from clients.chaos.runner import Runner, RunOptions
 from clients.chaos.verdict import CheckOptions, render
 
+pytestmark = pytest.mark.chaos
+
 COUNTS = {FaultKind.KILL_PRIMARY: 2}
 LIVENESS_LIMIT = 2.0
 

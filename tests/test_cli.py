@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from broker.cli import main
 from clients.testing import wait_for
+
+pytestmark = pytest.mark.integration
 
 
 def _zbroker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -20,6 +23,7 @@ def _zbroker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str
     )
 
 
+@pytest.mark.unit
 def test_init_writes_a_triad_demo_and_refuses_to_overwrite(tmp_path: Path) -> None:
     runner = CliRunner()
     result = runner.invoke(main, ["init", str(tmp_path / "demo")])

@@ -16,8 +16,12 @@ import textwrap
 import threading
 from typing import Any
 
+import pytest
+
 from clients import LicenseClient, OutcomeUnknown
 from clients.testing import LocalTriad, wait_for
+
+pytestmark = pytest.mark.integration
 
 CLIENT = textwrap.dedent(
     """

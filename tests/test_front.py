@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from broker.front import Front
+
+pytestmark = pytest.mark.unit
 
 
 def test_answers_leave_in_commit_order_to_the_latest_route() -> None:

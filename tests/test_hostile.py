@@ -40,6 +40,8 @@ from broker.wire import pack
 from clients.testing import LocalTriad, wait_for
 from clients.wire import decode_reply, encode_request
 
+pytestmark = pytest.mark.integration
+
 EXAMPLES = 60
 FAST = settings(
     max_examples=EXAMPLES,
@@ -157,7 +159,9 @@ class Dealer:
     def replies(self, settle: float = 0.05) -> list[dict[str, Any]]:
         out = []
         while self.sock.poll(int(settle * 1000)):
-            reply = decode_reply(self.sock.recv())
+            # A message of several frames is answered in the envelope it came in (a REQ
+            # socket's empty delimiter: docs/protocol.md), the reply in its last frame.
+            reply = decode_reply(self.sock.recv_multipart()[-1])
             out.append({"status": reply.status, **reply.body})
         return out
 

@@ -624,7 +624,10 @@ def test_status_lists_features_pools_and_holders() -> None:
         "in_use": 3,
         "queued": 0,
         "versions": [{"version": "2.0", "total": 15, "in_use": 3, "expires": "2027-12-31"}],
-        "holders": [{"grant": 1, "user": "ann", "host": "ws1", "display": ":0", "count": 3,
-                     "version": "2.0", "since": DAY0}],
-    }  # fmt: skip
+    }
+    assert w.ledger.holders("cad", 0, 10) == (
+        [{"grant": 1, "feature": "cad", "user": "ann", "host": "ws1", "display": ":0",
+          "count": 3, "version": "2.0", "since": DAY0}],
+        None,
+    )  # fmt: skip
     assert solver["name"] == "solver" and solver["versions"][0]["expires"] is None

@@ -12,6 +12,7 @@ import datetime
 from typing import Any
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import settings
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -23,6 +24,8 @@ from hypothesis.stateful import (
 
 from broker.ledger import Ledger
 from broker.model import Entitlement, Now, Request, parse_version
+
+pytestmark = pytest.mark.unit
 
 LEASE, HEARTBEAT = 10.0, 2.0
 DAY0 = datetime.datetime(2026, 6, 1, 12, tzinfo=datetime.UTC).timestamp()

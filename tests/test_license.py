@@ -20,6 +20,8 @@ from broker.license import (
 )
 from broker.signing import sign_license_text
 
+pytestmark = pytest.mark.unit
+
 KEY = Ed25519PrivateKey.generate()
 PUB = KEY.public_key()
 
@@ -185,10 +187,57 @@ def test_unreadable_license_file_is_typed(tmp_path: Path) -> None:
             "FEATURE cad acme 2.0 31-dec-2027 ten",
             1,
             34,
-            "a seat count (a whole number >= 1)",
+            "a seat count (a whole number from 1 to 1000000)",
             "'ten'",
         ),
         ("FEATURE cad acme 2.0 31-dec-2027 0", 1, 34, "a seat count", "'0'"),
+        # Numbers past the wire's range: a count msgpack cannot pack, one past MAX_COUNT,
+        # digits Python refuses to convert, a version part past 2^31-1, year 0.
+        (
+            "FEATURE cad acme 2.0 permanent 18446744073709551616",
+            1,
+            32,
+            "from 1 to 1000000",
+            "'18446744073709551616'",
+        ),
+        ("FEATURE cad acme 2.0 permanent 1000001", 1, 32, "from 1 to 1000000", "'1000001'"),
+        ("FEATURE cad acme 2.0 permanent " + "9" * 5000, 1, 32, "a seat count", f"{'9' * 40!r}..."),
+        (
+            "FEATURE cad acme 2.2147483648 permanent 1",
+            1,
+            18,
+            "each part from 0 to 2147483647",
+            "'2.2147483648'",
+        ),
+        (
+            "FEATURE cad acme " + "1." * 16 + "1 permanent 1",
+            1,
+            18,
+            "at most 32 characters",
+            repr("1." * 16 + "1"),
+        ),
+        ("FEATURE cad acme 2.0 1-jan-0000 1", 1, 22, "year 1 to 9999", "'1-jan-0000'"),
+        (
+            "FEATURE " + "c" * 257 + " acme 2.0 permanent 1",
+            1,
+            9,
+            "at most 256 characters",
+            f"{'c' * 40!r}...",
+        ),
+        (
+            "SERVER a ANY tcp://127.0.0.1:65536",
+            1,
+            14,
+            "a TCP port from 1 to 65535",
+            "'tcp://127.0.0.1:65536'",
+        ),
+        (
+            "SERVER a ANY tcp://127.0.0.1:0",
+            1,
+            14,
+            "a TCP port from 1 to 65535",
+            "'tcp://127.0.0.1:0'",
+        ),
         ("FEATURE cad acme 2.0 31-dec-2027", 1, 33, "a seat count", "end of line"),
         ("FEATURE cad acme 2.x permanent 1", 1, 18, "a version (dotted decimal", "'2.x'"),
         ("FEATURE cad acme 2.0 31/12/2027 1", 1, 22, "an expiry date", "'31/12/2027'"),
@@ -235,7 +284,9 @@ def test_syntax_errors_are_positioned(
 
 def test_message_format_matches_the_spec() -> None:
     err = syntax_error("\n\n\n\nFEATURE cad acme 2.0 31-dec-2027 ten", servers_required=False)
-    assert str(err) == ("demo.lic:5:34: expected a seat count (a whole number >= 1), found 'ten'")
+    assert str(err) == (
+        "demo.lic:5:34: expected a seat count (a whole number from 1 to 1000000), found 'ten'"
+    )
 
 
 def test_error_positions_are_physical_across_continuation_lines() -> None:
@@ -291,3 +342,18 @@ def test_without_a_public_key_every_line_serves() -> None:
         TRIAD + "FEATURE cad acme 2.0 permanent 1 SIGN=xyz\n", path="d", public_key=None
     )
     assert len(lic.entitlements) == 1 and lic.refused == []
+
+
+def test_a_file_past_its_bounds_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reload delta of any file that parses must fit one peer message (small bounds
+    here for speed: the module's are 100,000 lines and 16 MiB)."""
+    import broker.license
+
+    monkeypatch.setattr(broker.license, "MAX_LINES", 2)
+    err = syntax_error(DEMO)  # its third FEATURE/INCREMENT line
+    assert (err.line, err.expected) == (8, "at most 2 FEATURE/INCREMENT lines")
+    monkeypatch.setattr(broker.license, "MAX_LICENSE_BYTES", 100)
+    path = tmp_path / "big.lic"
+    path.write_text(DEMO)
+    with pytest.raises(LicenseFileError, match="larger than 100 bytes"):
+        load_license(path, None)

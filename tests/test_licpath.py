@@ -9,6 +9,8 @@ import pytest
 from clients.errors import LicensePathError
 from clients.licpath import ENV_VAR, parse_license_path, resolve, servers_from_file
 
+pytestmark = pytest.mark.unit
+
 TRIAD_FILE = """\
 SERVER alpha ANY tcp://10.0.0.1:27001
 SERVER beta  ANY tcp://10.0.0.2:27001

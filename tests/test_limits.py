@@ -18,6 +18,8 @@ from broker.model import Request
 from clients import LicenseClient, LicenseUnavailable
 from clients.testing import LocalTriad
 
+pytestmark = pytest.mark.unit
+
 
 def limited(**limits: int) -> World:
     ledger = Ledger([ent(count=2)], lease=LEASE, heartbeat=HEARTBEAT, limits=Limits(**limits))
@@ -101,6 +103,7 @@ def test_unacknowledged_replies_per_session() -> None:
     grant_of(reply)
 
 
+@pytest.mark.integration
 def test_a_node_answers_limit_errors_from_its_config(tmp_path: Path, raw: Any) -> None:
     settings = {"max_sessions_per_host": 2, "max_queue": 1}
     with LocalTriad(tmp_path / "t", servers=1, settings=settings) as triad:

@@ -13,6 +13,8 @@ from clients import LicenseClient, LicenseDenied
 from clients.testing import LocalTriad, wait_for
 from clients.wire import decode_reply
 
+pytestmark = pytest.mark.integration
+
 
 def test_checkout_checkin_and_status(single: LocalTriad) -> None:
     single.wait_for_primary()

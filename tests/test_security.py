@@ -49,6 +49,8 @@ from clients.licpath import KEYS_ENV, server_keys
 from clients.testing import LocalTriad, wait_for
 from clients.wire import decode_reply, encode_request
 
+pytestmark = pytest.mark.unit
+
 # --- keys and allow-lists ---------------------------------------------------------------
 
 
@@ -371,6 +373,7 @@ def _settled(triad: LocalTriad) -> Any:
     return check
 
 
+@pytest.mark.integration
 def test_wrong_keys_get_no_vote_ack_delta_or_heartbeat_accepted(tmp_path: Path) -> None:
     with LocalTriad(tmp_path / "t", lease=5.0) as triad:
         primary = triad.wait_for_primary()
@@ -408,6 +411,7 @@ def test_wrong_keys_get_no_vote_ack_delta_or_heartbeat_accepted(tmp_path: Path) 
             assert client.checkout("cad", count=1).count == 1  # still serving
 
 
+@pytest.mark.integration
 def test_a_fake_peer_without_its_key_is_not_heard_and_hears_nothing(tmp_path: Path) -> None:
     """A backup dies; an impostor binds its endpoints. Without its key it changes nothing;
     with the stolen key (the control) the very same heartbeats move the primary's term."""
@@ -457,6 +461,7 @@ def test_a_fake_peer_without_its_key_is_not_heard_and_hears_nothing(tmp_path: Pa
             attacker.close()
 
 
+@pytest.mark.integration
 def test_a_stolen_node_key_poses_as_that_node_only(tmp_path: Path) -> None:
     """A thief holding one backup's secret key talks to the primary's peer ROUTER under
     the other backup's name (that backup killed, so the ROUTER takes the name): not
@@ -523,6 +528,7 @@ def _allow_triad(tmp_path: Path, allowed: KeyPair) -> LocalTriad:
     return triad
 
 
+@pytest.mark.integration
 def test_allow_list_serves_only_the_listed_clients(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     write_keypair(keys, "good")
@@ -552,6 +558,7 @@ def test_allow_list_serves_only_the_listed_clients(tmp_path: Path) -> None:
             assert client.checkout("cad", count=1).count == 1
 
 
+@pytest.mark.integration
 def test_a_plain_client_cannot_talk_to_a_secure_node(tmp_path: Path) -> None:
     with LocalTriad(tmp_path / "t", servers=1) as triad:
         triad.wait_for_primary()
@@ -592,6 +599,7 @@ def _zbroker(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.integration
 def test_down_needs_the_admin_key_and_stops_the_triad_cleanly(tmp_path: Path) -> None:
     with LocalTriad(tmp_path / "t", lease=5.0) as triad:
         triad.wait_for_primary()
@@ -612,6 +620,7 @@ def test_down_needs_the_admin_key_and_stops_the_triad_cleanly(tmp_path: Path) ->
             assert triad.procs[name].wait(timeout=10) == 0  # a clean exit, not a kill
 
 
+@pytest.mark.integration
 def test_down_in_plain_mode_works_from_this_host(tmp_path: Path) -> None:
     with LocalTriad(tmp_path / "t", servers=1, secure=False) as triad:
         triad.wait_for_primary()
@@ -621,6 +630,7 @@ def test_down_in_plain_mode_works_from_this_host(tmp_path: Path) -> None:
         assert triad.procs["alpha"].wait(timeout=10) == 0
 
 
+@pytest.mark.integration
 def test_status_cli_names_the_mode(tmp_path: Path) -> None:
     with LocalTriad(tmp_path / "t", servers=1) as triad:
         triad.wait_for_primary()

@@ -30,6 +30,8 @@ from broker.signing import (
 )
 from broker.vendor_cli import vendor
 
+pytestmark = pytest.mark.unit
+
 KEY = Ed25519PrivateKey.generate()
 PUB = KEY.public_key()
 OTHER_KEY = Ed25519PrivateKey.generate()
@@ -373,7 +375,8 @@ def test_cli_errors_exit_2_with_the_message_on_stderr(tmp_path: Path) -> None:
         assert result.exit_code == 2
         assert (
             result.stderr
-            == f"error: {bad}:1:25: expected a seat count (a whole number >= 1), found 'ten'\n"
+            == f"error: {bad}:1:25: expected a seat count (a whole number from 1 to 1000000), "
+            "found 'ten'\n"
         )
         assert result.stdout == ""
     assert bad.read_text() == "FEATURE a v 1 permanent ten\n"  # not rewritten

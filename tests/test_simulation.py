@@ -14,6 +14,8 @@ from concurrent.futures import ProcessPoolExecutor
 import pytest
 from sim import Simulation, run_seed, seed_failures
 
+pytestmark = pytest.mark.sim
+
 SEEDS = int(os.environ.get("ZB_SIM_SEEDS", "2000"))
 STEPS = 200
 CHUNK = 50

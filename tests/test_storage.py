@@ -1,74 +1,159 @@
-"""The data directory survives restarts, torn writes and compaction."""
+"""The data directory: restarts, torn writes, compaction, the lock, damage and disk errors."""
 
 from __future__ import annotations
 
+import errno
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from broker.storage import Storage, StorageError, write_marker
+from broker import storage as storage_module
+from broker.storage import (
+    DataDirLocked,
+    DiskError,
+    Loaded,
+    Storage,
+    StorageError,
+    write_marker,
+)
+
+pytestmark = pytest.mark.unit
+
+TRIAD = ("alpha", "beta", "gamma")
 
 
-def _storage(tmp_path: Path, node: str = "alpha") -> Storage:
-    return Storage(tmp_path / "data", node, fsync=False)
+@pytest.fixture
+def opened() -> Iterator[Callable[[Path], Storage]]:
+    """Storages for a data directory, each closed (and unlocked) at the end of the test."""
+    made: list[Storage] = []
+
+    def make(data: Path) -> Storage:
+        store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        store.close()
 
 
-def _loaded(tmp_path: Path) -> Storage:
-    store = _storage(tmp_path)
+def _reload(data: Path) -> Loaded:
+    store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
+    try:
+        return store.load()
+    finally:
+        store.close()
+
+
+def _populated(data: Path) -> Loaded:
+    """A directory as a node leaves it: marker, term and vote, a few batches, a truncation."""
+    write_marker(data, "alpha")
+    store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
     store.load()
-    return store
-
-
-def test_a_directory_without_marker_is_fresh(tmp_path: Path) -> None:
-    assert _storage(tmp_path).load().fresh
-    write_marker(tmp_path / "data", "alpha")
-    assert not _storage(tmp_path).load().fresh
-
-
-def test_marker_of_another_node_is_refused(tmp_path: Path) -> None:
-    write_marker(tmp_path / "data", "beta")
-    with pytest.raises(StorageError, match="belongs to node 'beta'"):
-        _storage(tmp_path).load()
-
-
-def test_log_hard_state_and_truncation_round_trip(tmp_path: Path) -> None:
-    write_marker(tmp_path / "data", "alpha")
-    store = _loaded(tmp_path)
+    store.save_hard_state(2, "beta")
     store.append([(1, 1, {"k": "a"}), (2, 1, {"k": "b"}), (3, 1, None)])
     store.truncate(3)
     store.append([(3, 2, {"k": "c"})])
-    store.save_hard_state(2, "beta")
+    store.append([(4, 2, {"k": "d", "at": 0})])
     store.close()
-    loaded = _storage(tmp_path).load()
-    assert loaded.entries == [(1, 1, {"k": "a"}), (2, 1, {"k": "b"}), (3, 2, {"k": "c"})]
-    assert (loaded.term, loaded.voted_for) == (2, "beta")
+    return _reload(data)
 
 
-def test_torn_tail_is_cut_and_appends_continue(tmp_path: Path) -> None:
-    write_marker(tmp_path / "data", "alpha")
-    store = _loaded(tmp_path)
-    store.append([(1, 1, {"k": "a"})])
-    store.append([(2, 1, {"k": "b"}), (3, 1, {"k": "c"})])  # one batch: one record
-    store.close()
-    log = tmp_path / "data" / "log"
-    written = log.read_bytes().rstrip(b"\0")  # the file is grown ahead with zeros
-    log.write_bytes(written[:-3])  # a crash in the middle of the last record
-    store = _storage(tmp_path)  # not loaded yet: load() is what this test checks
-    assert store.load().entries == [(1, 1, {"k": "a"})]  # the torn batch goes whole
-    assert store.last == 1
-    store.append([(2, 2, {"k": "z"})])
-    store.close()
-    assert _storage(tmp_path).load().entries == [(1, 1, {"k": "a"}), (2, 2, {"k": "z"})]
+def record_spans(data: Path) -> list[tuple[int, int]]:
+    """(offset, end) of each record of the log: a 12-byte header, the body, an end byte."""
+    raw = (data / "log").read_bytes()
+    out, pos = [], 0
+    while True:
+        (length,) = struct.unpack_from("<I", raw, pos)
+        if length == 0:
+            return out
+        out.append((pos, pos + 12 + length + 1))
+        pos += 12 + length + 1
 
 
-def test_snapshot_compacts_the_log(tmp_path: Path) -> None:
-    write_marker(tmp_path / "data", "alpha")
-    store = _loaded(tmp_path)
-    store.append([(i, 1, {"n": i}) for i in range(1, 11)])
-    store.save_snapshot(8, 1, {"ledger": "state"}, keep=[(9, 1, {"n": 9}), (10, 1, {"n": 10})])
-    store.append([(11, 1, {"n": 11})])
+def _state(loaded: Loaded) -> tuple[Any, ...]:
+    return (
+        loaded.fresh,
+        loaded.term,
+        loaded.voted_for,
+        loaded.snapshot_index,
+        loaded.snapshot_term,
+        loaded.snapshot,
+        loaded.entries,
+    )
+
+
+def _damaged(data: Path, loaded: Loaded, *names: str) -> None:
+    """The load came back as a wiped node's, with the files set aside and named."""
+    assert loaded.fresh and loaded.damaged, loaded
+    assert (loaded.term, loaded.voted_for, loaded.entries, loaded.snapshot) == (0, None, [], None)
+    aside = sorted(data.glob("damaged-*"))
+    assert len(aside) == 1, aside
+    assert str(aside[0]) in loaded.why
+    for name in names:
+        assert f"{data / name}" in loaded.why, loaded.why
+    assert (aside[0] / "node.json").exists()
+    assert not (data / "node.json").exists()  # unmarked now: fresh until it catches up
+    again = _reload(data)
+    assert again.fresh and not again.damaged  # and the next start is a plain fresh one
+
+
+def _write_raw_log(data: Path, records: list[Any], zeros: int = 64) -> None:
+    """A log of hand-made records, each with a valid checksum."""
+    out = b"".join(storage_module._frame(record) for record in records)
+    (data / "log").write_bytes(out + bytes(zeros))
+
+
+# --- the basics
+
+
+def test_a_directory_without_marker_is_fresh(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert _reload(data).fresh
+    write_marker(data, "alpha")
+    assert not _reload(data).fresh
+
+
+def test_marker_of_another_node_of_the_triad_is_refused_and_nothing_moves(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_marker(data, "beta")
+    with pytest.raises(StorageError, match="belongs to node 'beta'"):
+        _reload(data)
+    assert (data / "node.json").exists() and not list(data.glob("damaged-*"))
+
+
+def test_log_hard_state_and_truncation_round_trip(tmp_path: Path) -> None:
+    loaded = _populated(tmp_path / "data")
+    assert loaded.entries == [
+        (1, 1, {"k": "a"}),
+        (2, 1, {"k": "b"}),
+        (3, 2, {"k": "c"}),
+        (4, 2, {"k": "d", "at": 0}),
+    ]
+    assert (loaded.term, loaded.voted_for, loaded.damaged) == (2, "beta", False)
+
+
+def test_snapshot_compacts_the_log(tmp_path: Path, opened: Callable[[Path], Storage]) -> None:
+    data = tmp_path / "data"
+    write_marker(data, "alpha")
+    store = opened(data)
+    store.load()
+    store.save_hard_state(1, None)
+    store.append([(i, 1, {"k": i}) for i in range(1, 11)])
+    store.save_snapshot(
+        8, 1, {"ledger": "state"}, keep=[(9, 1, {"k": "d9"}), (10, 1, {"k": "d10"})]
+    )
+    store.append([(11, 1, {"k": "d11"})])
     store.close()
-    loaded = _storage(tmp_path).load()
+    loaded = _reload(data)
     assert (loaded.snapshot_index, loaded.snapshot_term, loaded.snapshot) == (
         8,
         1,
@@ -77,46 +162,463 @@ def test_snapshot_compacts_the_log(tmp_path: Path) -> None:
     assert [e[0] for e in loaded.entries] == [9, 10, 11]
 
 
-def test_damaged_snapshot_is_an_error_naming_the_file(tmp_path: Path) -> None:
-    write_marker(tmp_path / "data", "alpha")
-    store = _loaded(tmp_path)
-    store.save_snapshot(1, 1, {"x": 1}, keep=[])
+def test_a_compaction_cut_between_snapshot_and_log_is_finished_at_load(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    old_log = (data / "log").read_bytes()
+    store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
+    store.load()
+    store.append([(5, 2, {"k": "e"}), (6, 2, {"k": "f"})])
+    store.save_snapshot(6, 2, {"ledger": 6}, keep=[])
     store.close()
-    snap = tmp_path / "data" / "snapshot"
-    data = bytearray(snap.read_bytes())
-    data[-1] ^= 0xFF
-    snap.write_bytes(bytes(data))
-    with pytest.raises(StorageError, match="snapshot"):
-        _storage(tmp_path).load()
+    (data / "log").write_bytes(old_log)  # as if the process died before the log's rewrite
+    store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
+    loaded = store.load()
+    assert (loaded.snapshot_index, loaded.entries, loaded.damaged) == (6, [], False)
+    store.append([(7, 2, {"k": "g"})])  # follows the snapshot, not the old log's entry 4
+    store.close()
+    assert _reload(data).entries == [(7, 2, {"k": "g"})]
 
 
 def test_the_log_is_grown_with_zeros_and_reopened_at_its_last_record(tmp_path: Path) -> None:
-    write_marker(tmp_path / "data", "alpha")
-    store = _loaded(tmp_path)
-    store.append([(1, 1, {"k": "a"})])
-    store.close()
-    log = tmp_path / "data" / "log"
-    assert log.stat().st_size >= 1 << 20  # records overwrite zeros: syncs need no size change
-    for index in (2, 3):  # each reopen must write after the good records, not after the zeros
-        store = _loaded(tmp_path)
-        store.append([(index, 1, {"k": index})])
+    data = tmp_path / "data"
+    _populated(data)
+    assert (data / "log").stat().st_size >= 1 << 20  # records overwrite zeros
+    for index in (5, 6):  # each reopen must write after the good records, not after the zeros
+        store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
+        store.load()
+        store.append([(index, 2, {"k": f"d{index}"})])
         store.close()
-    assert [e[0] for e in _storage(tmp_path).load().entries] == [1, 2, 3]
+    assert [e[0] for e in _reload(data).entries] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_write_before_load_is_refused(tmp_path: Path) -> None:
     write_marker(tmp_path / "data", "alpha")
     with pytest.raises(StorageError, match="not loaded"):
-        _storage(tmp_path).append([(1, 1, None)])
+        Storage(tmp_path / "data", "alpha").append([(1, 1, None)])
 
 
-def test_records_across_and_beyond_the_zeroed_chunks_read_back(tmp_path: Path) -> None:
-    write_marker(tmp_path / "data", "alpha")
-    store = _loaded(tmp_path)
+def test_records_across_and_beyond_the_zeroed_chunks_read_back(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    data = tmp_path / "data"
+    write_marker(data, "alpha")
+    store = opened(data)
+    store.load()
+    store.save_hard_state(1, None)
     big = "x" * 700_000  # two of these cross the first 1 MiB of zeros; the last is 2.5 MiB
     store.append([(1, 1, {"k": big})])
     store.append([(2, 1, {"k": big})])
     store.append([(3, 1, {"k": "y" * (5 << 19)})])
     store.close()
-    entries = _storage(tmp_path).load().entries
+    entries = _reload(data).entries
     assert [(i, len(d["k"])) for i, _, d in entries] == [(1, 700_000), (2, 700_000), (3, 5 << 19)]
+
+
+# --- torn tails: what an interrupted append leaves is cut, and is not damage
+
+
+@pytest.mark.parametrize(
+    ("cut_in", "kept"),
+    [
+        ("last", [(1, 1), (2, 1), (3, 2)]),  # inside the one record written since the sync
+        # several records since the sync (group commit), the crash in the first of them
+        ("third_last", [(1, 1), (2, 1), (3, 1)]),
+    ],
+)
+def test_a_torn_tail_is_cut_and_appends_continue(
+    tmp_path: Path, cut_in: str, kept: list[tuple[int, int]]
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    log = data / "log"
+    raw = bytearray(log.read_bytes())
+    records = record_spans(data)
+    start, end = records[-1] if cut_in == "last" else records[-3]
+    for keep_bytes in (3, 14, (end - start) // 2):  # in the header, in the body
+        torn = bytearray(raw)
+        torn[start + keep_bytes :] = bytes(len(torn) - start - keep_bytes)  # unwritten: zeros
+        log.write_bytes(bytes(torn))
+        store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
+        loaded = store.load()
+        assert not loaded.damaged, loaded.why
+        assert [e[:2] for e in loaded.entries] == kept
+        store.append([(4, 2, {"k": "z"})])
+        store.close()
+        assert [e[:2] for e in _reload(data).entries] == [*kept, (4, 2)]
+        log.write_bytes(bytes(raw))
+
+
+def test_a_whole_record_that_lost_only_its_end_byte_is_kept(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    before = _populated(data)
+    raw = bytearray((data / "log").read_bytes())
+    raw[record_spans(data)[-1][1] - 1] = 0
+    (data / "log").write_bytes(bytes(raw))
+    assert _state(_reload(data)) == _state(before)
+
+
+# --- damage: everything else
+
+
+def _flip(data: Path, name: str, offset: int) -> None:
+    raw = bytearray((data / name).read_bytes())
+    raw[offset] ^= 0x10
+    (data / name).write_bytes(bytes(raw))
+
+
+def _cut(data: Path, name: str, size: int) -> None:
+    raw = (data / name).read_bytes()
+    (data / name).write_bytes(raw[:size])
+
+
+DAMAGE: dict[str, Callable[[Path], str]] = {
+    # a bad record with good ones after it
+    "flip_in_a_middle_record": lambda d: (_flip(d, "log", record_spans(d)[1][0] + 10), "log")[1],
+    # the last record, written to its end, reads wrong
+    "flip_in_the_last_record": lambda d: (_flip(d, "log", record_spans(d)[-1][1] - 3), "log")[1],
+    # a length that grows past the records after it
+    "flip_in_a_length": lambda d: (_flip(d, "log", record_spans(d)[2][0] + 1), "log")[1],
+    "flip_in_a_header_checksum": lambda d: (_flip(d, "log", record_spans(d)[1][0] + 9), "log")[1],
+    "cut_at_a_record_boundary": lambda d: (_cut(d, "log", record_spans(d)[-1][0]), "log")[1],
+    "cut_inside_a_record": lambda d: (_cut(d, "log", record_spans(d)[-1][0] + 12), "log")[1],
+    "cut_in_the_zero_header": lambda d: (_cut(d, "log", record_spans(d)[-1][1] + 11), "log")[1],
+    "data_after_the_end": lambda d: (_flip(d, "log", record_spans(d)[-1][1] + 100), "log")[1],
+    "log_deleted": lambda d: ((d / "log").unlink(), "log")[1],
+    "hardstate_flipped": lambda d: (_flip(d, "hardstate", 12), "hardstate")[1],
+    "hardstate_cut": lambda d: (_cut(d, "hardstate", 5), "hardstate")[1],
+    "hardstate_deleted": lambda d: ((d / "hardstate").unlink(), "hardstate")[1],
+    "marker_garbled": lambda d: ((d / "node.json").write_bytes(b'{"node": "al'), "node.json")[1],
+    "marker_not_a_map": lambda d: ((d / "node.json").write_bytes(b'["alpha"]'), "node.json")[1],
+    "marker_of_a_stranger": lambda d: (
+        (d / "node.json").write_bytes(b'{"node": "alpHa"}'),
+        "node.json",
+    )[1],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_damage_sets_the_files_aside_and_starts_fresh(tmp_path: Path, kind: str) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    name = DAMAGE[kind](data)
+    _damaged(data, _reload(data), name)
+
+
+SHAPES: dict[str, list[Any]] = {
+    "not_a_map": [{"base": [0, 0]}, [1, 2, 3]],
+    "no_base": [{"e": [[1, 1, None]]}],
+    "base_not_a_pair": [{"base": [0]}],
+    "two_kinds": [{"base": [0, 0]}, {"e": [[1, 1, None]], "x": 1}],
+    "unknown_kind": [{"base": [0, 0]}, {"q": 1}],
+    "entry_not_a_triple": [{"base": [0, 0]}, {"e": [[1, 1]]}],
+    "index_a_string": [{"base": [0, 0]}, {"e": [["1", 1, None]]}],
+    "term_a_bool": [{"base": [0, 0]}, {"e": [[1, True, None]]}],
+    "empty_batch": [{"base": [0, 0]}, {"e": []}],
+    "gap": [{"base": [0, 0]}, {"e": [[1, 1, None]]}, {"e": [[3, 1, None]]}],
+    "term_goes_down": [{"base": [0, 0]}, {"e": [[1, 2, None], [2, 1, None]]}],
+    "term_zero": [{"base": [0, 0]}, {"e": [[1, 0, None]]}],
+    "delta_not_a_map": [{"base": [0, 0]}, {"e": [[1, 1, "grant"]]}],
+    "delta_without_kind": [{"base": [0, 0]}, {"e": [[1, 1, {"sid": "x"}]]}],
+    "truncation_past_the_end": [{"base": [0, 0]}, {"e": [[1, 1, None]]}, {"x": 5}],
+    "truncation_of_the_base": [{"base": [0, 0]}, {"e": [[1, 1, None]]}, {"x": 0}],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SHAPES))
+def test_a_well_framed_log_record_of_the_wrong_shape_is_damage(tmp_path: Path, kind: str) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    _write_raw_log(data, SHAPES[kind])
+    _damaged(data, _reload(data), "log")
+
+
+def test_a_log_of_a_term_beyond_the_hardstate_is_damage(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _populated(data)  # term 2 in the hardstate
+    _write_raw_log(data, [{"base": [0, 0]}, {"e": [[1, 3, None]]}])
+    _damaged(data, _reload(data), "hardstate")
+
+
+@pytest.mark.parametrize(
+    ("name", "record"),
+    [
+        ("hardstate", {"term": -1, "voted_for": None}),
+        ("hardstate", {"term": 2}),
+        ("hardstate", {"term": 2, "voted_for": 7}),
+        ("hardstate", [2, "beta"]),
+        ("snapshot", {"index": 0, "term": 1, "ledger": {}}),
+        ("snapshot", {"index": 4, "term": 2, "ledger": []}),
+        ("snapshot", {"index": 4, "term": 1, "ledger": {}}),  # the log's entry 4 is of term 2
+        ("snapshot", "ledger"),
+    ],
+)
+def test_a_small_file_of_the_wrong_shape_is_damage(tmp_path: Path, name: str, record: Any) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    (data / name).write_bytes(storage_module._frame(record))
+    _damaged(data, _reload(data), name)
+
+
+def test_a_snapshot_deleted_after_a_compaction_is_damage(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
+    store.load()
+    store.save_snapshot(4, 2, {"ledger": 4}, keep=[])  # the log is now empty after it
+    store.close()
+    (data / "snapshot").unlink()
+    _damaged(data, _reload(data), "snapshot")
+
+
+def test_a_new_directory_holds_an_empty_state(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_marker(data, "alpha")  # what zbroker init leaves: marker, hardstate, empty log
+    assert _state(_reload(data)) == (False, 0, None, 0, 0, None, [])
+    assert sorted(p.name for p in data.iterdir()) == ["hardstate", "log", "node.json", "node.lock"]
+
+
+def test_an_unmarked_directory_discards_what_an_unfinished_recovery_left(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    (data / "node.json").unlink()
+    loaded = _reload(data)
+    assert loaded.fresh and not loaded.damaged and "discarded hardstate, log" in loaded.why
+    assert not list(data.glob("damaged-*"))
+    write_marker(data, "alpha")  # as a recovery does once it has caught up
+    assert _state(_reload(data)) == (False, 0, None, 0, 0, None, [])
+
+
+# --- any corruption: the state loaded is the one written, or the load says damage
+
+
+@st.composite
+def corruptions(draw: st.DrawFn) -> list[tuple[str, str, int, int]]:
+    names = ["node.json", "hardstate", "snapshot", "log"]
+    ops = st.tuples(
+        st.sampled_from(["flip", "cut", "delete"]),
+        st.sampled_from(names),
+        st.integers(0, 1 << 30),  # where, taken modulo the interesting part of the file
+        st.integers(1, 255),  # the bits flipped
+    )
+    result: list[tuple[str, str, int, int]] = draw(st.lists(ops, min_size=1, max_size=3))
+    return result
+
+
+def corrupt(data: Path, ops: list[tuple[str, str, int, int]]) -> None:
+    """Flip bytes, cut or delete files of a stopped node's directory (tests/test_data_dir.py
+    uses it too). Offsets fall mostly where the records are, sometimes in the zeros."""
+    for op, name, where, bits in ops:
+        path = data / name
+        if not path.exists():
+            continue
+        raw = bytearray(path.read_bytes())
+        used = len(raw.rstrip(b"\0")) + 16
+        offset = where % used if where % 4 else where % max(1, len(raw))
+        if op == "delete":
+            path.unlink()
+        elif op == "cut":
+            path.write_bytes(bytes(raw[: min(offset, len(raw))]))
+        elif raw:
+            raw[min(offset, len(raw) - 1)] ^= bits
+            path.write_bytes(bytes(raw))
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(ops=corruptions(), snapshot=st.booleans())
+def test_any_corruption_loads_the_same_state_or_is_damage(
+    tmp_path: Path, ops: list[tuple[str, str, int, int]], snapshot: bool
+) -> None:
+    data = tmp_path / f"data-{os.urandom(6).hex()}"
+    before = _populated(data)
+    if snapshot:
+        store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
+        store.load()
+        store.save_snapshot(3, 2, {"ledger": 3}, keep=[(4, 2, {"k": "d", "at": 0})])
+        store.close()
+        before = _reload(data)
+    corrupt(data, ops)
+    after = _reload(data)
+    if after.damaged:
+        assert after.fresh and after.entries == [] and after.term == 0
+    elif after.fresh:
+        assert not (data / "node.json").exists()  # only a deleted marker makes it fresh
+    else:
+        assert _state(after) == _state(before)
+
+
+# --- the lock
+
+
+def test_a_second_process_for_the_directory_is_refused_and_touches_nothing(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    first = opened(data)
+    first.load()
+    first.append([(5, 2, {"k": "e"})])
+    first.sync()
+    files = {p.name: p.read_bytes() for p in data.iterdir()}
+    with pytest.raises(DataDirLocked) as refused:
+        opened(data).load()
+    assert str(data) in str(refused.value) and f"pid {os.getpid()}" in str(refused.value)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == files
+    first.close()  # released with the process (or at close): the next one may start
+    assert [e[0] for e in _reload(data).entries] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.integration
+def test_the_lock_is_another_process_s_and_dies_with_it(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_marker(data, "alpha")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from broker.storage import Storage;"
+            f"s = Storage(Path({str(data)!r}), 'alpha'); s.load(); print('locked', flush=True);"
+            "sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        with pytest.raises(DataDirLocked, match=f"pid {holder.pid}"):
+            _reload(data)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not _reload(data).fresh  # a killed holder leaves no stale lock
+
+
+def test_a_data_directory_that_is_a_file_or_cannot_be_made_is_named(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(StorageError, match=f"{tmp_path / 'file'}: not a directory"):
+        _reload(tmp_path / "file")
+    with pytest.raises(StorageError, match="cannot create the data directory"):
+        _reload(tmp_path / "file" / "data")
+
+
+def test_a_data_directory_this_user_cannot_write_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # os.access stands in for permissions, which the root user of CI would pass anyway.
+    data = tmp_path / "data"
+    write_marker(data, "alpha")
+    monkeypatch.setattr(storage_module.os, "access", lambda path, mode: False)
+    with pytest.raises(StorageError, match=f"{data}: the data directory is not writable"):
+        _reload(data)
+
+
+# --- disk errors while running
+
+
+def test_a_failed_sync_is_a_disk_error_naming_the_file(
+    tmp_path: Path, opened: Callable[[Path], Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    store = Storage(data, "alpha", fsync=True, nodes=TRIAD)
+    store.load()
+    store.append([(5, 2, {"k": "e"})])
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage_module.os, "fdatasync", full)
+    with pytest.raises(DiskError, match=f"{data / 'log'}: cannot write: No space left"):
+        store.sync()
+    store.close()  # no second sync, no second error: the node already said why it stops
+
+
+def test_a_failed_write_or_replace_is_a_disk_error(
+    tmp_path: Path, opened: Callable[[Path], Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    store = opened(data)
+    store.load()
+
+    class FullFile:
+        """A log file on a full disk."""
+
+        def __init__(self, real: Any) -> None:
+            self.real = real
+
+        def tell(self) -> int:
+            return int(self.real.tell())
+
+        def fileno(self) -> int:
+            return int(self.real.fileno())
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self) -> None:
+            self.real.close()
+
+    store._log = FullFile(store._log)  # type: ignore[assignment]
+    with pytest.raises(DiskError, match=f"{data / 'log'}: cannot write: No space left"):
+        store.append([(5, 2, {"k": "e"})])
+
+    def no_rename(src: Any, dst: Any) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(storage_module.os, "replace", no_rename)
+    with pytest.raises(DiskError, match=f"{data / 'hardstate'}: cannot write: Input/output"):
+        store.save_hard_state(3, None)
+
+
+def test_short_writes_are_finished(
+    tmp_path: Path, opened: Callable[[Path], Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    real = os.pwrite
+    calls = [0]
+
+    def short(fd: int, data: Any, offset: int) -> int:
+        calls[0] += 1
+        return real(fd, bytes(data[:1000]), offset)
+
+    monkeypatch.setattr(storage_module.os, "pwrite", short)
+    store = opened(data)
+    store.load()
+    store.append([(5, 2, {"k": "x" * (3 << 20)})])  # grows the file by 3 MiB of zeros
+    store.close()
+    assert calls[0] > 3000
+    assert [e[0] for e in _reload(data).entries] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.integration
+def test_a_file_size_limit_stops_writes_with_a_disk_error(tmp_path: Path) -> None:
+    # A real EFBIG from the kernel, and the short write before it, in a process of its own.
+    data = tmp_path / "data"
+    write_marker(data, "alpha")
+    script = f"""
+import resource, sys
+from pathlib import Path
+from broker.storage import DiskError, Storage
+store = Storage(Path({str(data)!r}), "alpha")
+store.load()
+store.save_hard_state(1, None)
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    for i in range(1, 10_000):
+        store.append([(i, 1, {{"k": "x" * 1000}})])
+        store.sync()
+except DiskError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 3, done.stderr
+    assert done.stdout.startswith(f"{data / 'log'}: cannot write: File too large"), done.stdout
+    entries = _reload(data).entries  # everything synced before the error is there, whole
+    assert entries and [e[0] for e in entries] == list(range(1, len(entries) + 1))

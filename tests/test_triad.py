@@ -11,6 +11,8 @@ import pytest
 from clients import LicenseClient, LicenseUnavailable, OutcomeUnknown
 from clients.testing import LocalTriad, wait_for
 
+pytestmark = pytest.mark.integration
+
 
 def _holders(triad: LocalTriad, feature: str) -> list[tuple[str, int]]:
     report = triad.status()

@@ -14,6 +14,7 @@ Modules:
 - ``fleet``: many sessions heartbeating at the default interval, and mass checkouts;
 - ``failover``: the prober that times SIGKILL -> first grant by the new primary;
 - ``storm``: many clients, each failing over with the client library's own policy;
+- ``flood``: status requests from one connection that never reads, beside honest load;
 - ``triad``: a ``LocalTriad`` with a large bench feature, and node process stats;
 - ``runner``: the plans (full, quick, tiny) and the run itself;
 - ``report``: the printed table;
@@ -24,4 +25,4 @@ Nothing is imported here, so that ``zbroker --help`` stays light; use
 """
 
 # the phases of ``runner.run``, in run order (``fleet``: sessions, then their grants)
-PHASES = ("throughput", "failover", "fleet", "storm")
+PHASES = ("throughput", "failover", "fleet", "storm", "flood")

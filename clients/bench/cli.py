@@ -1,7 +1,8 @@
 """The ``bench`` click command, shared by ``scripts/bench.py`` and ``zbroker bench``.
 
 It only parses options, picks a plan and calls ``runner.run``; the heavy imports
-happen inside, so that importing this module (as ``broker/cli.py`` does) stays cheap.
+happen inside, so that ``zbroker --help`` (which imports this module for its one line of
+help) stays quick.
 """
 
 from __future__ import annotations
@@ -10,7 +11,19 @@ from pathlib import Path
 
 import click
 
+from broker.cli import Seconds
+from broker.config import Range
+from broker.limits import MAXIMA
 from clients.bench import PHASES
+
+# Every number has a range (the checks of ``zbroker``'s other options): far above any
+# run this machine could make, far below what would overflow or never end.
+MAX_KILLS = 1_000  # failover trials
+MAX_WINDOW = 3600.0  # seconds of one measured window
+MAX_GRANTS_PER_SESSION = 10_000
+MAX_PROCS = 256  # load processes
+MAX_CLIENTS = 100_000  # reconnect storm
+MAX_FLOOD = 1_000_000  # status requests never read
 
 
 @click.command()
@@ -26,19 +39,38 @@ from clients.bench import PHASES
     show_default=True,
     help="where to write every figure as JSON",
 )
-@click.option("--kills", type=click.IntRange(min=1), default=None, help="failover trials")
-@click.option("--duration", type=float, default=None, help="seconds of each measured window")
-@click.option("--sessions", type=click.IntRange(min=1), default=None, help="heartbeating sessions")
+@click.option("--kills", type=click.IntRange(1, MAX_KILLS), default=None, help="failover trials")
 @click.option(
-    "--grants-per-session", type=click.IntRange(min=1), default=None, help="live grants each"
+    "--duration",
+    type=Seconds(Range(0.0, MAX_WINDOW, low_open=True)),
+    default=None,
+    help="seconds of each measured window",
 )
-@click.option("--procs", type=click.IntRange(min=1), default=None, help="load processes")
+@click.option(
+    "--sessions",
+    type=click.IntRange(1, MAXIMA["max_sessions"]),
+    default=None,
+    help="heartbeating sessions",
+)
+@click.option(
+    "--grants-per-session",
+    type=click.IntRange(1, MAX_GRANTS_PER_SESSION),
+    default=None,
+    help="live grants each",
+)
+@click.option("--procs", type=click.IntRange(1, MAX_PROCS), default=None, help="load processes")
 @click.option("--no-fsync-off", is_flag=True, help="skip the fsync = false triad")
 @click.option(
     "--storm-clients",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_CLIENTS),
     default=None,
     help="clients failing over at once in the reconnect storm",
+)
+@click.option(
+    "--flood-requests",
+    type=click.IntRange(1, MAX_FLOOD),
+    default=None,
+    help="status requests of the flood phase (never read)",
 )
 @click.option(
     "--only",
@@ -58,6 +90,7 @@ def bench(
     procs: int | None,
     no_fsync_off: bool,
     storm_clients: int | None,
+    flood_requests: int | None,
     only: tuple[str, ...],
 ) -> None:
     """Measure the triad against a bare ZeroMQ echo, in one run (SPEC section 7)."""
@@ -73,6 +106,7 @@ def bench(
         procs=procs,
         fsync_off=False if no_fsync_off else None,
         storm_clients=storm_clients,
+        flood_requests=flood_requests,
         phases=tuple(p for p in PHASES if p in only) or None,
     )
     result = run(plan, json_path, say=lambda line: click.echo(line, err=True))

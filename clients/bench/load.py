@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -218,7 +219,9 @@ class LoadPool:
         warmup: float,
         duration: float,
         server_key: str | None = None,
+        at_start: Callable[[float], None] | None = None,
     ) -> LevelResult:
+        """Drive ``endpoint``; ``at_start`` is called with the monotonic start of the warm-up."""
         workers = min(len(self.children), concurrency)
         shares = [concurrency // workers + (i < concurrency % workers) for i in range(workers)]
         children = self.children[:workers]
@@ -229,6 +232,8 @@ class LoadPool:
         start = time.monotonic() + 0.05
         for child in children:
             child.conn.send(("go", start))
+        if at_start is not None:
+            at_start(start)
         results: list[JobResult] = [
             child.expect("result", warmup + duration + READY_TIMEOUT)[1] for child in children
         ]

@@ -32,6 +32,7 @@ def render(r: dict[str, Any]) -> str:
         ("sessions", _sessions),
         ("grants", _grants),
         ("storm", _storm),
+        ("flood", _flood),
     ):
         if key in r:
             lines += ["", *section(r[key])]
@@ -103,8 +104,10 @@ def _grants(g: dict[str, Any]) -> list[str]:
         f"{_lat(g['checkout_latency'])} ms p50/p99/max",
         "  RSS MB: "
         + ", ".join(f"{n} ({g['rss_mb_roles'][n]}) {v}" for n, v in g["rss_mb"].items()),
-        f"  status query on the primary: {st['seconds_median'] * 1000:.0f} ms median "
-        f"({st['reply_bytes'] / 1e6:.1f} MB, {st['holders']} holders)",
+        f"  status query on the primary: {st['seconds_median'] * 1000:.1f} ms median "
+        f"({st['reply_bytes']} bytes: a summary); every holder ({st['holders']}) in "
+        f"{st['holders_pages']} pages: {st['holders_seconds']} s, "
+        f"{st['holders_bytes'] / 1e6:.1f} MB",
         f"  restarted backup caught up in {g['catch_up']['seconds']} s "
         f"({g['catch_up']['deltas_missed']} deltas missed while down; heartbeat resolution 0.1 s)",
     ]
@@ -153,3 +156,28 @@ def _storm(st: dict[str, Any]) -> list[str]:
 def _cpu(cpu: dict[str, int]) -> str:
     nodes = ", ".join(f"{k} {v}" for k, v in cpu.items() if k not in ("clients", "wall"))
     return f"{nodes}, client processes {cpu['clients']} (over {cpu['wall']} ms)"
+
+
+def _flood(fl: dict[str, Any]) -> list[str]:
+    lines = [
+        f"Flood: {fl['requests']} status requests from one connection that never reads, "
+        f"against a primary holding {fl['grants']} grants; {fl['honest_outstanding']} honest "
+        "sessions check out and in meanwhile",
+        f"  a status reply is {fl['reply_bytes']['summary']} bytes, a page of holders "
+        f"{fl['reply_bytes']['page']} bytes",
+        f"  {'window':<11} {'RSS extra MB':>12} {'peak MB':>8} {'elections':>9} "
+        f"{'read in s':>9}  honest checkout ms p50/p99/max",
+    ]
+    for kind in ("baseline", "summary", "pages", "paced_pages"):
+        if kind not in fl:
+            continue
+        w = fl[kind]
+        killed = f"  KILLED past {w['killed_past_mb']} MB" if w.get("killed_past_mb") else ""
+        lines.append(
+            f"  {kind:<11} {_f(w.get('rss_extra_mb'), '{:.1f}'):>12} "
+            f"{_f(w.get('rss_peak_mb'), '{:.1f}'):>8} {_f(w['elections']):>9} "
+            f"{_f(w.get('drained_s'), '{:.3f}'):>9}  {_lat(w['honest']['checkout_latency'])}"
+            f"{killed}"
+        )
+    lines.append("  (targets: under 100 MB extra, no election, honest p99 under 50 ms)")
+    return lines

@@ -19,6 +19,10 @@ Phases, in order (each says what it measures in the JSON it writes):
    client checks out once more at once, failing over with the client library's
    policy: time from the kill until each is served. Baselines: the same burst on the
    healthy triad, and the same clients starting from nothing (connect, open, checkout).
+6. ``flood``: a fresh triad whose primary holds the grants of phase 4; honest load on
+   it, alone and then beside ``flood_requests`` status requests from one connection
+   that never reads (``flood.py``): the primary's extra RSS, the honest checkouts'
+   latency, and the terms before and after (an election raises them).
 
 ``Plan.phases`` picks phases (3 and 4 are one phase, ``fleet``). Ratios are computed only
 between figures of the same run.
@@ -46,6 +50,7 @@ from clients.bench import PHASES, echo
 from clients.bench.common import BENCH_FEATURE, ProcSample, cpu_percent, ratio, sample
 from clients.bench.failover import Prober
 from clients.bench.fleet import Fleet
+from clients.bench.flood import run_flood
 from clients.bench.load import LevelResult, LoadPool
 from clients.bench.storm import Storm, raise_fd_limit
 from clients.bench.triad import BenchTriad
@@ -72,6 +77,9 @@ class Plan:
     window: int = 64  # requests in flight while opening sessions and checking out grants
     storm_clients: int = 1_000  # SPEC 7: 1,000 clients failing over at once
     storm_procs: int = 4  # processes the storm's clients are spread over
+    flood_requests: int = 1_000  # SPEC 7: 1,000 status requests that are never read
+    flood_outstanding: int = 16  # honest checkout/checkin sessions beside the flood
+    flood_abort_mb: int = 4_096  # a primary past this RSS is killed (and the run says so)
     phases: tuple[str, ...] = PHASES
 
 
@@ -103,6 +111,8 @@ PLANS: dict[str, Plan] = {
         wipe=False,
         storm_clients=20,
         storm_procs=2,
+        flood_requests=50,
+        flood_outstanding=4,
     ),
 }
 
@@ -299,18 +309,22 @@ def fleet(plan: Plan, base: Path, say: Say) -> dict[str, Any]:
             grants["rss_mb_roles"] = roles
             took = []
             for _ in range(3):
-                seconds, size, report = triad.status(primary)
+                seconds, size, _ = triad.status(primary)
                 took.append(seconds)
-            holders = sum(len(f["holders"]) for f in report["features"])
+            paged, paged_bytes, pages, holders = triad.holders(primary)
             grants["status"] = {
                 "seconds_median": round(statistics.median(took), 4),
                 "seconds": [round(t, 4) for t in took],
                 "reply_bytes": size,
-                "holders": holders,
+                "holders": len(holders),
+                "holders_seconds": round(paged, 3),
+                "holders_pages": pages,
+                "holders_bytes": paged_bytes,
             }
             say(
                 f"  {got} grants: primary RSS {grants['rss_mb'][primary]} MB, status "
-                f"{grants['status']['seconds_median'] * 1000:.0f} ms ({size / 1e6:.1f} MB)"
+                f"{grants['status']['seconds_median'] * 1000:.1f} ms ({size} bytes); every "
+                f"holder in {pages} pages, {paged:.2f} s ({paged_bytes / 1e6:.1f} MB)"
             )
             # the lowest-ranked backup: a higher one would take control back (failback)
             backup = next(n for n in reversed(triad.names) if n != primary)
@@ -429,10 +443,7 @@ def storm(plan: Plan, base: Path, say: Say) -> dict[str, Any]:
             post = crowd.check()
         finally:
             crowd.close()
-        report = triad.status(new)[2]
-    listed = {
-        h["grant"] for f in report["features"] if f["name"] == BENCH_FEATURE for h in f["holders"]
-    }
+        listed = {h["grant"] for h in triad.holders(new, BENCH_FEATURE)[3]}
     before_kill = set(pre["grant_ids"])
     keys = ("p50_ms", "p99_ms", "max_ms")
     return {
@@ -514,6 +525,12 @@ def run(plan: Plan, out: Path | None, say: Say = print) -> dict[str, Any]:
         if "storm" in plan.phases:
             say(f"bench ({plan.name}): reconnect storm, {plan.storm_clients} clients")
             result["storm"] = storm(plan, base, say)
+        if "flood" in plan.phases:
+            say(
+                f"bench ({plan.name}): {plan.flood_requests} status requests never read, "
+                f"{plan.sessions * plan.grants_per_session} grants"
+            )
+            result["flood"] = run_flood(plan, base, say)
     result["loadavg_end"] = _loadavg()
     result["seconds"] = round(time.monotonic() - started, 1)
     if out is not None:

@@ -7,7 +7,7 @@ is the demo's defaults (heartbeat 100 ms, peer_timeout 500 ms, lease 30 s, failb
 on), with ``fsync`` as asked, and plain TCP (``secure = false``) like the echo.
 
 Status is asked with a raw DEALER, so that its time is the query's alone (no session
-to open, no library thread): a status of 100,000 grants is a reply of several megabytes.
+to open, no library thread): a summary, or every holder a page at a time (``holders``).
 """
 
 from __future__ import annotations
@@ -124,25 +124,65 @@ class BenchTriad:
 
     def status(self, name: str, timeout: float = 30.0) -> tuple[float, int, dict[str, Any]]:
         """Ask ``name`` for status: (seconds to the decoded reply, reply bytes, report)."""
+        sock = self._dealer(name, timeout)
+        try:
+            started = time.monotonic()
+            took, data, report = self._ask(sock, name, frame("status", "", 0, 0), timeout)
+            return took - started, len(data), report
+        finally:
+            sock.close(linger=0)
+
+    def holders(
+        self, name: str, feature: str | None = None, timeout: float = 30.0
+    ) -> tuple[float, int, int, list[dict[str, Any]]]:
+        """Every holder ``name`` lists (of ``feature``), a page at a time over one connection:
+        (seconds, reply bytes, pages, holders)."""
+        sock = self._dealer(name, timeout)
+        found: list[dict[str, Any]] = []
+        size = pages = 0
+        after: int | None = 0
+        extra = {"feature": feature} if feature is not None else {}
+        try:
+            started = time.monotonic()
+            while after is not None:
+                ask = frame("status", "", pages + 1, 0, holders=True, after=after, **extra)
+                _, data, report = self._ask(sock, name, ask, timeout)
+                found += report.get("holders", [])
+                size += len(data)
+                pages += 1
+                after = report.get("next")
+            return time.monotonic() - started, size, pages, found
+        finally:
+            sock.close(linger=0)
+
+    def _dealer(self, name: str, timeout: float) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # writable once connected: time the query alone
         if self.server_key.get(name):
             secure_client(sock, str(self.server_key[name]), generate_keypair())
         sock.connect(self.endpoint[name])
-        try:
-            if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
-                raise TimeoutError(f"cannot reach {name}")
-            started = time.monotonic()
-            sock.send(frame("status", "", 0, 0))
-            if not sock.poll(int(timeout * 1000)):
+        if not sock.poll(int(timeout * 1000), zmq.POLLOUT):
+            sock.close(linger=0)
+            raise TimeoutError(f"cannot reach {name}")
+        return sock
+
+    def _ask(
+        self, sock: zmq.Socket[bytes], name: str, request: bytes, timeout: float
+    ) -> tuple[float, bytes, dict[str, Any]]:
+        """(monotonic time of the decoded reply, its bytes, the report), asking again while
+        the node says it builds other pages (code ``limit``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            sock.send(request)
+            if not sock.poll(int(max(0.0, deadline - time.monotonic()) * 1000)):
                 raise TimeoutError(f"{name} did not answer status within {timeout:.0f} s")
             data = sock.recv()
             reply = reply_of(data)
-            took = time.monotonic() - started
-        finally:
-            sock.close(linger=0)
-        report = reply.get("report")
-        if reply.get("status") != "ok" or not isinstance(report, dict):
-            raise RuntimeError(f"status of {name} failed: {reply.get('status')}")
-        return took, len(data), report
+            done = time.monotonic()
+            report = reply.get("report")
+            if reply.get("status") == "ok" and isinstance(report, dict):
+                return done, data, report
+            if reply.get("code") != "limit" or done >= deadline:
+                raise RuntimeError(f"status of {name} failed: {reply.get('status')}")
+            time.sleep(0.02)  # the node answers a few pages a cycle: ask again shortly
