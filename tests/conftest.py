@@ -22,7 +22,6 @@ import inspect
 import itertools
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from types import CodeType
 from typing import Any
@@ -56,14 +55,6 @@ NODE_STARTERS = frozenset({"LocalTriad", "BenchTriad", "subprocess", "Popen"})
 FORBIDDEN = {
     "unit": NODE_STARTERS | {"fork", "multiprocessing", "Pool", "ProcessPoolExecutor"},
     "sim": NODE_STARTERS,
-}
-# Modules another engineer was editing while the layers were introduced: each gets this
-# layer until it has its own ``pytestmark`` line. The lead adds those lines and deletes
-# this table; a module listed here that already has a layer draws a warning saying so.
-AWAITING_A_LAYER = {
-    "test_ledger.py": "unit",
-    "test_replica.py": "unit",
-    "test_unappliable.py": "integration",
 }
 
 
@@ -151,9 +142,6 @@ def _layer(item: pytest.Item) -> tuple[str | None, str]:
             return None, f"has {' and '.join(sorted(found))} on one level ({node.nodeid})"
         if found:
             return found.pop(), "marker"
-    default = AWAITING_A_LAYER.get(item.path.name)
-    if default is not None:
-        return default, "table"
     return None, (
         f"has no layer: give its module `pytestmark = pytest.mark.LAYER` (or the test "
         f"`@pytest.mark.LAYER`), LAYER one of {', '.join(LAYERS)}"
@@ -164,14 +152,11 @@ def _layer(item: pytest.Item) -> tuple[str | None, str]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     problems: list[str] = []
     chosen: list[tuple[pytest.Item, str]] = []
-    awaited_but_labelled: set[str] = set()
     for item in items:
         layer, source = _layer(item)
         if layer is None:
             problems.append(f"{item.nodeid} {source}")
             continue
-        if source == "marker" and item.path.name in AWAITING_A_LAYER:
-            awaited_but_labelled.add(item.path.name)
         if layer in FORBIDDEN and (how := _how_it_starts(item, FORBIDDEN[layer])):
             problems.append(
                 f"{item.nodeid} is labelled {layer} but starts a process ({how}): "
@@ -188,12 +173,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item, _ in chosen:
         for node in item.listchain()[:-1]:
             node.own_markers[:] = [m for m in node.own_markers if m.name not in LAYERS]
-    for name in sorted(awaited_but_labelled):
-        warnings.warn(
-            f"{name} has its own layer now: delete it from AWAITING_A_LAYER in tests/conftest.py",
-            pytest.PytestWarning,
-            stacklevel=1,
-        )
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ import pytest
 from broker.ledger import Ledger, LedgerError, Outcome
 from broker.model import Entitlement, ErrorCode, Now, Reason, Reply, Request
 
+pytestmark = pytest.mark.unit
+
 LEASE, HEARTBEAT = 10.0, 2.0
 DAY0 = datetime.datetime(2026, 6, 1, 12, tzinfo=datetime.UTC).timestamp()
 

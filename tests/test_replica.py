@@ -29,6 +29,8 @@ from peers.types import (
     TruncateLog,
 )
 
+pytestmark = pytest.mark.unit
+
 NAMES = ("alpha", "beta", "gamma")
 T = Timing(heartbeat_interval=0.1, peer_timeout=0.5)
 

@@ -52,6 +52,9 @@ from clients import LicenseClient
 from clients.testing import LocalTriad, wait_for
 from peers import types as rp
 
+# Three node shells on a simulated network and clock; the last test starts processes.
+pytestmark = pytest.mark.sim
+
 STEP = 0.01  # simulated seconds per loop cycle
 START_OVER = "stops serving and voting"  # the log line of Node._start_over
 
@@ -517,6 +520,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.integration
 def test_a_node_process_that_refuses_a_committed_delta_recovers_while_the_triad_serves(
     tmp_path: Path,
 ) -> None:
