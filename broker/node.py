@@ -171,20 +171,21 @@ class Node:
                 name = SNAPSHOT if isinstance(exc, LedgerError) else LOG
                 loaded = self.storage.set_aside(f"{self.storage.dir / name}: {exc}")
                 self._build(loaded)
-            if loaded.fresh and self.replica.role is not rp.Role.RECOVERING:
-                self.storage.mark_recovered()  # a single server has no one to catch up from
+            how = self._begin_fresh() if loaded.fresh else ""
         except BaseException:
             self.storage.close()  # the lock goes with it
             raise
         if loaded.fresh:
             (log.warning if loaded.damaged else log.info)(
-                "%s; node %s starts %s",
-                loaded.why,
-                self.me.name,
-                "as a wiped node: no vote until it has caught up from a primary"
-                if self.was_recovering
-                else "empty: a single server has no one to catch up from",
+                "%s; node %s starts %s", loaded.why, self.me.name, how
             )
+
+    def _begin_fresh(self) -> str:
+        """After a fresh state was built: how the node starts, in words for its log."""
+        if self.replica.role is rp.Role.RECOVERING:
+            return "as a wiped node: no vote until it has caught up from a primary"
+        self.storage.mark_recovered()  # a single server has no one to catch up from
+        return "empty: a single server has no one to catch up from"
 
     def _build(self, loaded: Loaded) -> None:
         self.ledger = self._ledger_from(loaded.snapshot)
@@ -281,15 +282,12 @@ class Node:
         self.entries_only = True
         loaded = self.storage.set_aside(f"its ledger cannot follow the committed log at {exc}")
         self._build(loaded)
-        if self.replica.role is not rp.Role.RECOVERING:
-            self.storage.mark_recovered()  # a single server has no one to catch up from
+        how = self._begin_fresh()
         log.error(
             "node %s stops serving and voting (%s) and starts over %s",
             self.me.name,
             loaded.why,
-            "as a wiped node: no vote until it has caught up from a primary"
-            if self.was_recovering
-            else "empty: a single server has no one to catch up from",
+            how,
         )
 
     def _close_storage(self) -> None:
