@@ -59,7 +59,7 @@ from clients.errors import (
 from clients.grant import Grant
 from clients.licpath import raise_if_out_of_descriptors, resolve, server_keys
 from clients.link import Link
-from clients.wire import FIELD_MAX
+from clients.wire import FIELD_MAX, MAX_COUNT
 
 log = logging.getLogger("zbroker.client")
 
@@ -68,7 +68,6 @@ CLIENT_KEY_ENV = "ZBROKER_CLIENT_KEY"  # the client's secret certificate (allow-
 TRY_TIMEOUT = 0.3  # per try: a live primary answers in milliseconds, a failover takes ~0.5 s
 GRACE = 2.0  # beyond a deadline, how long to wait for the I/O thread before calling it dead
 CLOSE_TIMEOUT = 2.0  # close() returns within this (or the client's timeout, if shorter)
-MAX_COUNT = 1_000_000
 # Denials closest to success first: the one reported when every entry refused.
 _REASON_RANK = ["no_seats", "not_allowed", "expired", "version_too_high", "no_such_feature"]
 

@@ -12,10 +12,10 @@ one process: per link and node, a DEALER created on first use (``LINGER`` 0,
 short a try sent to a node that died. The library's first send is always refused by
 ``IMMEDIATE`` (no connection yet), so its first round connects to every node: each
 client holds three connections of its own before any kill. ``Engine`` itself is not
-reused: its loop ticks every link and polls every socket on each wake-up, which for
-hundreds of links per process would measure the load generator, and its context keeps
-libzmq's default of 1,023 sockets. Here the sockets' file descriptors go into an
-epoll and the links' timers into a heap, so a wake-up costs what is ready.
+reused: in one process it shares a connection between up to 32 clients, and the storm
+stands for 1,000 applications on as many hosts, each with connections of its own, which
+is what a failover makes the nodes accept again. Here the sockets' file descriptors go
+into an epoll and the links' timers into a heap, so a wake-up costs what is ready.
 
 A worker process holds ``n`` clients. The runner steers every worker through a pipe:
 
@@ -117,8 +117,8 @@ class _Crowd:
     def __init__(self, first: int, n: int, endpoints: tuple[str, ...], conn: Connection) -> None:
         self.conn = conn
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        # libzmq refuses socket 1,024 of a context by default; the library needs one
-        # context per application, this process holds n applications
+        # libzmq refuses socket 1,024 of a context by default; this process stands for n
+        # applications, each with sockets of its own
         self.ctx.set(zmq.MAX_SOCKETS, n * MAX_NODES * SOCKETS_PER_NODE + 64)
         self.epoll = select.epoll()
         self.epoll.register(conn.fileno(), select.EPOLLIN)
