@@ -494,13 +494,24 @@ def test_a_stolen_node_key_poses_as_that_node_only(tmp_path: Path) -> None:
             assert dict(_views(triad)["nodes"])[primary][:2] == own[:2]  # role and term
             posing.close(linger=0)  # frees the name on the ROUTER for the control
 
-            honest = attacker.socket(
-                zmq.DEALER, load_keypair(dead.secret_key or Path("missing")), target.public_key
-            )
-            honest.setsockopt(zmq.ROUTING_ID, dead.name.encode())
-            honest.connect(target.peer)
+            def honest_connection() -> zmq.Socket[bytes]:
+                sock = attacker.socket(
+                    zmq.DEALER, load_keypair(dead.secret_key or Path("missing")), target.public_key
+                )
+                sock.setsockopt(zmq.ROUTING_ID, dead.name.encode())
+                sock.connect(target.peer)
+                return sock
+
+            # A connection that arrives while the ROUTER still holds the name for the closed
+            # one is parked by libzmq and, if its messages came before the name was freed,
+            # never named afterwards: connect again, as a restarted node does.
+            honest, since = honest_connection(), time.monotonic()
 
             def moved() -> bool:
+                nonlocal honest, since
+                if time.monotonic() - since > 1.5:
+                    honest.close(linger=0)
+                    honest, since = honest_connection(), time.monotonic()
                 honest.send(forged, zmq.NOBLOCK)
                 return bool(dict(_views(triad)["nodes"])[primary][1] > term)
 
