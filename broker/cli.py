@@ -32,13 +32,13 @@ import click
 
 from broker.config import RANGES, Config, ConfigError, Range, load_config
 from broker.demo import DemoError, write_demo
+from broker.keys import write_keypair as write_curve_keypair
 from broker.license import LicenseError
-from broker.security import ClientCurve, SecurityError, load_keypair, process_keypair
-from broker.security import write_keypair as write_curve_keypair
 from broker.signing import LicenseKeyError
-from broker.storage import StorageError
+from broker.storage import StorageError, bootstrap
 from broker.vendor_cli import vendor
 from broker.wire import MAX_COUNT, MAX_TEXT, MAX_WAIT, check_version
+from clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
 
 EXIT_REFUSED = 1
 EXIT_CONFIG = 2
@@ -90,7 +90,12 @@ class _Commands(click.Group):
     the client library and their runners, which no node and no administrator's command
     needs, and they import this module for its ``Seconds``."""
 
-    TOOLS = {"chaos": "clients.chaos.cli", "bench": "clients.bench.cli"}
+    # `report` (broker/report_cli.py) is loaded the same way: its statistics need no node.
+    TOOLS = {
+        "chaos": "clients.testing.chaos.cli",
+        "bench": "clients.testing.bench.cli",
+        "report": "broker.report_cli",
+    }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.TOOLS})
@@ -200,6 +205,33 @@ def run(config_path: str, node_name: str) -> None:
         )
 
 
+@main.command("bootstrap")
+@config_option
+@click.option("--node", "node_name", required=True, help="this node's name, as on its SERVER line")
+def bootstrap_command(config_path: str, node_name: str) -> None:
+    """Give a brand-new triad's node its first, empty state, once, before its first start.
+
+    A node without it counts as wiped: it does not vote until a primary has caught it up,
+    so three new nodes without it would never elect one. Refused (exit 3) unless the
+    node's data directory is absent or empty; never needed again (a node whose disk was
+    lost starts as a wiped one and catches up from the others).
+    """
+    try:
+        node = load_config(config_path).node(node_name)
+        bootstrap(node.data, node_name)
+    except _CONFIG_ERRORS as exc:
+        _fail(exc)
+    except StorageError as exc:
+        _fail(exc, EXIT_DATA)
+    click.echo(f"node {node_name}: {node.data} holds an empty state; start it with zbroker run")
+
+
+def run_command(config_path: str | Path, node: str) -> list[str]:
+    """The command line that starts one node (``zbroker run``) with this interpreter:
+    what ``zbroker up`` and the test kit's ``LocalTriad`` run."""
+    return [sys.executable, "-m", "broker", "run", "--config", str(config_path), "--node", node]
+
+
 # What bind() says when the port is taken or the host is not this machine's.
 _BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES, errno.ENODEV)
 
@@ -227,19 +259,7 @@ def up(config_path: str) -> None:
     # The nodes ignore SIGHUP; a closed terminal must still stop the triad it started.
     signal.signal(signal.SIGHUP, _stop)
     children = {
-        node.name: subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "broker",
-                "run",
-                "--config",
-                str(config.path),
-                "--node",
-                node.name,
-            ],
-        )
-        for node in config.nodes
+        node.name: subprocess.Popen(run_command(config.path, node.name)) for node in config.nodes
     }
     click.echo(f"started {', '.join(f'{n} (pid {p.pid})' for n, p in children.items())}")
     reported: set[str] = set()
@@ -319,10 +339,100 @@ def status(
         sys.exit(EXIT_REFUSED)
 
 
+@main.command()
+@config_option
+@click.option(
+    "--license",
+    "license_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="a license file whose SERVER lines (and KEY=) name the triad, instead of --config",
+)
+@click.option(
+    "--listen",
+    default="127.0.0.1:8090",
+    show_default=True,
+    help="HOST:PORT to serve on (port 0: one the OS picks); loopback unless you mean it",
+)
+@click.option(
+    "--timeout",
+    type=Seconds(Range(0.0, 60.0, low_open=True)),
+    default=1.0,
+    show_default=True,
+    help="seconds to wait for the nodes' answers in each poll",
+)
+def web(config_path: str, license_path: str | None, listen: str, timeout: float) -> None:
+    """Serve a read-only status page (and /status.json) of the triad until Ctrl-C/SIGTERM.
+
+    One thread asks the triad every 2 s; the page shows its last answer, so any number
+    of browsers costs the nodes nothing more. It lists user and host names: serve it on
+    loopback, or where only administrators reach it.
+    """
+    from broker.license import read_servers
+    from broker.status import query_nodes
+    from clients import LicenseError as ClientError
+    from clients.licpath import keys_from_file
+
+    try:
+        from broker.web.app import create_app, listen_socket, serve
+        from broker.web.poller import StatusPoller
+    except ImportError as exc:  # the web extra: no node needs a web server
+        _fail(ValueError(f"zbroker web needs {exc.name}: python -m pip install 'zbroker[web]'"))
+
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        _fail(ValueError(f"--listen {listen!r}: expected HOST:PORT, such as 127.0.0.1:8090"))
+    try:
+        if license_path is not None:
+            servers = read_servers(license_path)
+            endpoints = [(s.name, s.endpoint) for s in servers]
+            keys = keys_from_file(license_path)
+            curve = ClientCurve(process_keypair(), keys) if keys else None
+        else:
+            config = load_config(config_path)
+            endpoints = [(n.name, n.client) for n in config.nodes]
+            curve = config_curve(config, admin=False)
+    except (*_CONFIG_ERRORS, ClientError) as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(ValueError(f"{license_path}: {exc.strerror}"))
+    if not endpoints:
+        _fail(ValueError(f"{license_path}: no SERVER line names a node"))
+    try:
+        sock = listen_socket(host, int(port_text))
+    except OSError as exc:
+        _fail(
+            ValueError(
+                f"cannot serve on {listen}: {exc.strerror}; is another program using the "
+                "port, or is the host not this machine's?"
+            )
+        )
+    poller = StatusPoller(lambda: query_nodes(endpoints, timeout=timeout, curve=curve))
+    serve(create_app(poller), sock, lambda line: click.echo(line))
+
+
 def _feature_name(value: str | None) -> str | None:
     if value is not None and not 0 < len(value) <= MAX_TEXT:
         raise click.BadParameter(f"a feature name has 1 to {MAX_TEXT} characters")
     return value
+
+
+@main.command(
+    context_settings={"ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def lmstat(args: tuple[str, ...]) -> None:
+    """FlexNet's lmstat for a triad: -a, -c port@h1,port@h2,port@h3, -f, -i, -s, -A, -t.
+
+    Prints lmstat's layout line for line, for the schedulers and monitors that read it
+    (LSF License Scheduler, Slurm sync scripts, the FlexLM exporter: docs/integration.md).
+    ``zbroker lmstat -help`` lists the options.
+    """
+    from broker.lmutil import run_lmstat
+
+    sys.exit(run_lmstat(args, prog="lmstat"))
 
 
 @main.command()

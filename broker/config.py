@@ -18,6 +18,7 @@ Layout::
     admin_keys = "curve/admins"  # public keys that may administer (zbroker down)
     admin_key = "curve/admin.key_secret"  # the key `zbroker down` and status use here
     client_allow = "curve/clients"        # optional: serve only these client keys
+    options = "acme.opt"         # optional: the options file, FlexNet syntax (docs/admin.md)
     max_sessions = 100000        # limits: see docs/security.md
     max_sessions_per_host = 10000
     max_queue = 10000
@@ -28,6 +29,8 @@ Layout::
     pub = "tcp://127.0.0.1:27201"    # PUB: heartbeats
     data = "data/alpha"
     secret_key = "curve/alpha.key_secret"  # secure mode: this node's CURVE key pair
+    metrics = "127.0.0.1:27301"      # optional: Prometheus metrics over HTTP (docs/metrics.md)
+    report_log = "report/alpha"      # optional: the report log's directory (docs/reportlog.md)
 
 In secure mode every SERVER line of the license must carry the node's public key
 (``KEY=<z85>``), and each node needs ``secret_key``; the file itself is read only by the
@@ -46,7 +49,9 @@ refused naming the setting and the range:
 Endpoints (``peer``, ``pub``) are ``tcp://host:port`` with a port from 1 to 65535. No
 two endpoints of one config, the SERVER lines' included, may share a host:port, and
 no two nodes a data directory: on one host, the second node to start would fail to
-bind or share the first one's files.
+bind or share the first one's files. ``metrics`` is ``host:port`` (``[v6]:port`` for an
+IPv6 address), an HTTP listener and not a ZeroMQ endpoint, and takes part in the same
+check.
 """
 
 from __future__ import annotations
@@ -59,9 +64,10 @@ from typing import Any
 
 from broker.license import ServerLine, load_license, tcp_host_port
 from broker.limits import MAXIMA, Limits
-from broker.security import SecurityError, check_key
+from broker.options import load_options
 from broker.signing import load_public_key
 from broker.wire import MAX_LEASE
+from clients.curve import SecurityError, check_key
 
 
 class ConfigError(Exception):
@@ -121,6 +127,8 @@ class NodeConfig:
     data: Path
     public_key: str | None = None  # KEY= of the SERVER line (Z85); required when secure
     secret_key: Path | None = None  # the node's secret certificate; required when secure
+    metrics: tuple[str, int] | None = None  # (host, port) of the Prometheus listener; None: off
+    report_log: Path | None = None  # the report log's directory (docs/reportlog.md); None: off
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,7 @@ class Config:
     client_allow: Path | None = None  # client allow-list (secure mode); None: any key
     admin_keys: Path | None = None  # admin allow-list (secure mode); None: no admin
     admin_key: Path | None = None  # the admin's secret certificate, for the CLI
+    options: Path | None = None  # the options file (docs/admin.md); None: no options
     limits: Limits = field(default_factory=Limits)
 
     @property
@@ -168,11 +177,11 @@ _DEFAULTS: dict[str, Any] = {
     "snapshot_every": 10_000,
     "secure": True,
 }
-_PATHS = ("client_allow", "admin_keys", "admin_key")  # optional, relative to the config
+_PATHS = ("client_allow", "admin_keys", "admin_key", "options")  # optional, relative to config
 _LIMITS = {name: getattr(Limits(), name) for name in Limits.__dataclass_fields__}
 # Every setting there is: top level, and in each [nodes.NAME] table.
 SETTINGS = ("license", "vendor_key", *_DEFAULTS, *_PATHS, *_LIMITS)
-NODE_SETTINGS = ("peer", "pub", "data", "secret_key")
+NODE_SETTINGS = ("peer", "pub", "data", "secret_key", "metrics", "report_log")
 
 
 def load_config(path: str | Path) -> Config:
@@ -207,6 +216,8 @@ def load_config(path: str | Path) -> Config:
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(f"{path}: {key} must be a path, not {_shown(value)}")
         paths[key] = None if value is None else base / value
+    if paths["options"] is not None:
+        load_options(paths["options"])  # refused here as a broken license is: exit 2
     limits = {}
     for key, default in _LIMITS.items():
         limits[key] = int(_in_range(path, key, raw.get(key, default)))
@@ -247,15 +258,19 @@ def _check_distinct(path: Path, nodes: tuple[NodeConfig, ...]) -> None:
     """No two endpoints share a host:port, no two nodes a data directory."""
     used: dict[object, str] = {}
     for node in nodes:
+        places: list[tuple[str, str, object]] = []
         for setting, endpoint in (
             ("client endpoint (SERVER line)", node.client),
             ("peer", node.peer),
             ("pub", node.pub),
         ):
             try:
-                where: object = tcp_host_port(endpoint)
-            except ValueError:
-                where = endpoint  # an ipc:// or inproc:// SERVER line: the name is the place
+                places.append((setting, endpoint, tcp_host_port(endpoint)))
+            except ValueError:  # an ipc:// or inproc:// SERVER line: the name is the place
+                places.append((setting, endpoint, endpoint))
+        if node.metrics is not None:
+            places.append(("metrics", "{}:{}".format(*node.metrics), node.metrics))
+        for setting, endpoint, where in places:
             this = f"{setting} of {node.name} ({endpoint})"
             if where in used:
                 raise ConfigError(
@@ -317,6 +332,10 @@ def _nodes(
                     f"with a port from 1 to 65535, not {_shown(fields[key])}"
                 ) from None
         public_key, secret_key = _node_keys(path, base, server, entry, secure=secure)
+        metrics = _metrics_listener(path, server.name, entry.get("metrics"))
+        report_log = entry.get("report_log")
+        if report_log is not None and (not isinstance(report_log, str) or not report_log):
+            raise ConfigError(f'{path}: [nodes.{server.name}] report_log must be "a/directory"')
         nodes.append(
             NodeConfig(
                 name=server.name,
@@ -327,12 +346,34 @@ def _nodes(
                 data=base / fields["data"],
                 public_key=public_key,
                 secret_key=secret_key,
+                metrics=metrics,
+                report_log=None if report_log is None else base / report_log,
             )
         )
     keys = [n.public_key for n in nodes if n.public_key is not None]
     if len(set(keys)) != len(keys):
         raise ConfigError(f"{path}: two SERVER lines carry the same KEY=; each node needs its own")
     return tuple(nodes)
+
+
+def _metrics_listener(path: Path, node: str, value: object) -> tuple[str, int] | None:
+    """``metrics = "host:port"`` of ``[nodes.NODE]`` as (host, port), None when absent.
+
+    Read as the other endpoints are (``tcp_host_port``), without the ``tcp://``: it is an
+    HTTP listener. The host keeps an IPv6 address's brackets, so that the endpoint check
+    compares it with the others; ``broker/metrics.py`` removes them to bind.
+    """
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, str) or "://" in value:
+            raise ValueError(value)
+        return tcp_host_port(f"tcp://{value}")
+    except ValueError:
+        raise ConfigError(
+            f"{path}: [nodes.{node}] metrics must be host:port (an HTTP listener such as "
+            f'"127.0.0.1:27301", no tcp://) with a port from 1 to 65535, not {_shown(value)}'
+        ) from None
 
 
 def _node_keys(

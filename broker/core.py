@@ -1,10 +1,5 @@
 """The node core: every decision a node makes, with no sockets, no disk and no clock.
 
-CONTRACT SKELETON (lead, issue 11): the types and signatures below are what the
-executor (``broker/node.py``) and the simulation (``tests/sim.py``) are written against.
-The implementation fills in ``NodeCore``; a change of this interface is written here
-and noted in /tmp/prompts/interface-changes.md for the others.
-
 The core owns the ledger, the replica and the client front. The shell feeds it events
 (``step``), each with the current time, and at the end of each poll cycle asks for one
 ``Ready`` record of everything to do, in this order:
@@ -21,16 +16,55 @@ The core owns the ledger, the replica and the client front. The shell feeds it e
    what storage then loads to ``restart``; ``stop``: stop after this cycle's sends.
 
 The next cycle's poll waits no longer than ``wake_at`` (monotonic seconds).
+
+Within a cycle the core keeps the node's ordering rules: client requests are decided
+against a ledger that already holds the deltas decided before them (applied at once),
+and the cycle's deltas are proposed as one batch (group commit) at its end, or sooner
+when a peer event arrives: a replica event may end the serving that every decision of
+the batch was checked against, so the batch goes out first. The ledger ticks (leases,
+the queue) at the cycle's end, every ``LEDGER_TICK`` or at once after seats were freed,
+and the replica every ``TICK``.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 
+from broker.admin import handle_admin, is_admin, is_peer
+from broker.apply import AppliedLedger, Unappliable
 from broker.config import Config
-from broker.model import Entitlement, Now
+from broker.front import Front, Key
+from broker.ledger import Decided, Delta, Ledger
+from broker.model import Entitlement, Now, Reply
+from broker.options import Options
+from broker.status_reply import StatusReplies
 from broker.storage import Loaded
+from broker.wire import RemoteProtocolError, decode_request, encode_reply, refuse_frames, unpack
+from peers import types as rp
+from peers.messages import Heartbeat
+from peers.messages import validate as validate_peer
+from peers.replica import Replica
+
+if TYPE_CHECKING:
+    import zmq
+
+log = logging.getLogger("zbroker.node")
+
+TICK = 0.01  # seconds between replica ticks: well under heartbeat_interval
+LEDGER_TICK = 0.05  # lease expiry and queue deadlines need no finer grain
+_UNAVAILABLE: Reply = {"status": "unavailable", "detail": "this node just lost control"}
+_FREES_SEATS = frozenset({"release", "close", "expire"})
+_TALLIED = {
+    "grant": "checkout",
+    "release": "checkin:release",
+    "close": "checkin:close",
+    "expire": "checkin:expire",
+}
 
 
 class Origin(Protocol):
@@ -125,13 +159,31 @@ class Ready:
     mark_recovered: bool = False
     peer: list[Outgoing] = field(default_factory=list)
     answers: list[list[bytes]] = field(default_factory=list)  # frames, routing id first
+    # Seconds from the cycle each mutating request arrived to this one, which releases its
+    # committed answer (the queue's wait included).
+    latencies: list[float] = field(default_factory=list)
     start_over: str | None = None
     stop: bool = False
     wake_at: float = 0.0
 
 
+# A delta of the batch being decided: the delta, the request it answers (None: no client
+# waits for it), and that answer.
+_Proposal = tuple[Delta, Key | None, Reply | None]
+
+
 class NodeCore:
-    """One node's decisions. Built from what storage loaded; never reads a clock."""
+    """One node's decisions. Built from what storage loaded; never reads a clock.
+
+    The ledger follows the log (``broker/apply.py``). When a primary loses control, it
+    rebuilds its ledger from its last snapshot and its committed log, and sends every
+    waiting client a redirect. A committed delta or snapshot that the ledger refuses ends
+    the cycle (``Unappliable``): the cycle's ``Ready`` says ``start_over``, and the shell
+    hands ``restart`` what storage loads once it has set the data aside.
+
+    Raises ``LedgerError`` (the snapshot makes no ledger) or ``rp.CorruptState`` (the log
+    makes no replica) when what was loaded is damage.
+    """
 
     def __init__(
         self,
@@ -142,21 +194,526 @@ class NodeCore:
         now: Now,
         *,
         mode: str,
+        options: Options | None = None,
     ) -> None:
-        raise NotImplementedError
+        self.config = config
+        self.me = config.node(name)
+        self.mode = mode
+        self.secure = mode == "curve"
+        self.entitlements = entitlements
+        self.options = options  # the options file this node read (broker/options.py)
+        self.endpoints = {n.name: n.client for n in config.nodes}
+        self.peers = frozenset(n.name for n in config.nodes if n.name != name)
+        # Events decided since start, for the metrics: "checkout", "checkin:<how>",
+        # "denied:<reason>".
+        self.tallies: Counter[str] = Counter()
+        self.heard: dict[str, tuple[float, dict[str, Any]]] = {}  # peer heartbeats, for status
+        self._out = Ready()  # the cycle being decided
+        how = self._build(loaded, now)
+        if loaded.fresh:
+            (log.warning if loaded.damaged else log.info)(
+                "%s; node %s starts %s", loaded.why, name, how
+            )
+
+    def _build(self, loaded: Loaded, now: Now) -> str:
+        """Everything that follows from what storage loaded; how the node starts, in words."""
+        self.applied = AppliedLedger(
+            self.config, loaded.snapshot, loaded.snapshot_index, loaded.snapshot_term
+        )
+        # The log's last index on disk once this cycle's persist ops are carried out: what
+        # a snapshot written now must keep after it.
+        self._durable_last = loaded.entries[-1][0] if loaded.entries else loaded.snapshot_index
+        self.replica = Replica(
+            self.me.name,
+            self.config.ranks,
+            rp.Timing(
+                heartbeat_interval=self.config.heartbeat_interval,
+                peer_timeout=self.config.peer_timeout,
+                failback=self.config.failback,
+            ),
+            rp.Durable(
+                term=loaded.term,
+                voted_for=loaded.voted_for,
+                snapshot_index=loaded.snapshot_index,
+                snapshot_term=loaded.snapshot_term,
+                snapshot=loaded.snapshot,
+                entries=[rp.Entry(term=t, index=i, delta=d) for i, t, d in loaded.entries],
+                commit=loaded.snapshot_index,
+                fresh=loaded.fresh,
+            ),
+            now.mono,
+        )
+        self.was_recovering = self.replica.role is rp.Role.RECOVERING
+        self.why_fresh = loaded.why  # why the data directory held no state to vote with
+        self.front = Front()
+        self.status_asks = StatusReplies()  # this cycle's status requests
+        self._batch: list[_Proposal] = []  # decided, applied, not proposed yet
+        self._batch_now = now  # the clock reading the batch was decided at (serving then)
+        self._serving_at = math.nan  # is_serving held at this reading, no replica event since
+        self._unapplied: list[rp.Entry] = []  # committed on a backup, applied in advance()
+        self._next_ledger_tick = now.mono
+        # The replica's effects from its construction (a single server's start) come with
+        # its first entry point: take them now, before any request is decided.
+        self._next_tick = now.mono + TICK
+        try:
+            self._take(self.replica.on_tick(now.mono), now)
+        except Unappliable as exc:  # a single server's log that its ledger refuses
+            self._give_up(exc)
+        if not loaded.fresh:
+            return ""
+        if self.replica.role is rp.Role.RECOVERING:
+            return "as a wiped node: no vote until it has caught up from a primary"
+        self._out.mark_recovered = True  # a single server has no one to catch up from
+        return "empty: a single server has no one to catch up from"
+
+    # --- entry points --------------------------------------------------------------
 
     def step(self, event: Event, now: Now) -> None:
-        raise NotImplementedError
+        """Decide what ``event`` asks; what to do comes out of the next ``ready``."""
+        if self._out.start_over is not None:
+            return  # this node starts over at the end of the cycle: nothing else counts
+        try:
+            match event:
+                case ClientMessage():
+                    self._on_client(event, now)
+                case PeerMessage():
+                    self._on_peer(event, now)
+                case PeerHeartbeat():
+                    self._on_heartbeat(event, now)
+                case PeerLost(peer=peer):
+                    log.info("connection to %s dropped", peer)
+                    self._before_replica()
+                    self._take(self.replica.on_peer_lost(peer, now.mono), now)
+                case _:
+                    assert_never(event)
+        except Unappliable as exc:
+            self._give_up(exc)
 
     def ready(self, now: Now) -> Ready:
-        raise NotImplementedError
+        """End the cycle: tick, propose what was decided, and hand back what to do."""
+        if self._out.start_over is None:
+            try:
+                self._end_cycle(now)
+            except Unappliable as exc:
+                self._give_up(exc)
+        out, self._out = self._out, Ready()
+        # A primary's appends go out before its own sync, so that its fsync and the
+        # backups' overlap (Raft thesis 10.2.1). They vouch for nothing on this disk: an
+        # entry commits only with a backup's ack, which this node reads in a later cycle,
+        # after the sync. Other state written this cycle (a term, a vote, a truncation, a
+        # snapshot) must be durable before any message leaves.
+        if (
+            out.peer
+            and out.start_over is None
+            and self.replica.role is rp.Role.PRIMARY
+            and all(type(op) is Append for op in out.persist)
+        ):
+            out.early, out.peer = out.peer, out.early
+        out.wake_at = self._next_tick
+        return out
 
     def advance(self) -> None:
-        raise NotImplementedError
+        """After the cycle's sends: a backup applies what it acknowledged this cycle."""
+        if self._unapplied and self._out.start_over is None:
+            try:
+                self._apply_unapplied()
+            except Unappliable as exc:
+                self._give_up(exc)  # the next ready() says start_over
 
     def restart(self, loaded: Loaded, now: Now) -> None:
-        raise NotImplementedError
+        """Come back from a ``start_over`` on what storage loaded after setting data aside."""
+        how = self._build(loaded, now)
+        log.error(
+            "node %s stops serving and voting (%s) and starts over %s",
+            self.me.name,
+            loaded.why,
+            how,
+        )
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger as this node holds it (read it; the core alone changes it)."""
+        return self.applied.ledger
+
+    @property
+    def session_count(self) -> int:
+        """Sessions open in this node's ledger (broker/metrics.py)."""
+        return self.ledger.session_count
 
     def report(self, now: Now) -> dict[str, Any]:
         """The status report (docs/protocol.md), as a status request is answered."""
-        raise NotImplementedError
+        try:
+            return self._report(now)
+        except Unappliable as exc:
+            self._give_up(exc)
+            return self._report(now)
+
+    # --- one cycle -----------------------------------------------------------------
+
+    def _end_cycle(self, now: Now) -> None:
+        out = self._out
+        if self.status_asks:  # answered together (broker/status_reply.py)
+            out.answers += self.status_asks.answer(self._report(now), self.ledger)
+        if self._batch and now.mono != self._batch_now.mono:
+            self._propose()  # decided at another reading: propose under its serving check
+        if (
+            now.mono >= self._next_ledger_tick
+            and self.replica.role is rp.Role.PRIMARY  # cheap first: backups cycle often
+            and self._refusal(now) is None
+        ):
+            self._next_ledger_tick = now.mono + LEDGER_TICK
+            if self.entitlements != self.ledger.entitlements or self.options != self.ledger.options:
+                log.info("license or options differ from the ledger's: replicating a reload")
+                reload = self.ledger.reload_delta(self.entitlements, self.options)
+                self._decide((reload, None), now)
+            ticked = self.ledger.tick(now)
+            for decided in ticked.decided:
+                self._decide(decided, now)
+            for key in ticked.ended:
+                self.front.forget(key)
+        if self._batch:
+            self._propose()  # before the replica's tick: the serving check still holds
+        if now.mono >= self._next_tick:
+            self._next_tick = now.mono + TICK
+            self._take(self.replica.on_tick(now.mono), now)
+
+    def _give_up(self, exc: Unappliable) -> None:
+        """Stop serving and voting at once, and have the shell start the node over.
+
+        A ledger that refuses what a quorum committed holds a history no other node has,
+        or its snapshot does: nothing this node holds can be vouched for, so it keeps
+        none of it (its files go aside for an administrator, its term and vote with them)
+        and catches up from the primary before it votes again (RECOVERING), as a node whose
+        disk was lost does. A primary steps down by the same move: its replica is gone, so
+        the others stop hearing it as primary and elect another. What this cycle had not
+        sent to peers or written is dropped (the peers re-send what they need; the files go
+        aside); clients still waiting here are told to ask the next primary, which answers
+        from the replicated request table. The answers already decided vouch for nothing
+        on this disk (replays, refusals, and commits a quorum holds): they still leave.
+        """
+        log.error("node %s cannot apply the committed log at %s", self.me.name, exc)
+        old = self._out
+        self._out = Ready(
+            answers=old.answers,
+            latencies=old.latencies,
+            stop=old.stop,
+            start_over=f"its ledger cannot follow the committed log at {exc}",
+        )
+        abandoned: Reply = {"status": "redirect", "primary": None, "outcome": "unknown"}
+        for identity, (sid, req) in self.front.abandon():
+            self._reply(identity, sid, req, abandoned)
+        self._batch.clear()
+        self._unapplied.clear()
+        self.status_asks = StatusReplies()  # their askers retry; the report would be stale
+
+    # --- clients -------------------------------------------------------------------
+
+    def _on_client(self, event: ClientMessage, now: Now) -> None:
+        frames = event.frames
+        if len(frames) != 2:
+            # Several frames: a REQ socket, say. The error goes back in its envelope.
+            self._out.answers.append(refuse_frames(frames))
+            return
+        identity, data = frames
+        try:
+            request = decode_request(data)
+        except RemoteProtocolError as exc:
+            self._reply(identity, exc.sid, exc.req, exc.reply)
+            return
+        op = request.op
+        if op == "status":
+            self.status_asks.add(identity, request)  # answered together at the cycle's end
+            return
+        if op == "admin":
+            admin = is_admin(cast("zmq.Frame", event.origin), secure=self.secure)
+            decision = handle_admin(
+                request.action, admin=admin, node=self.me.name, secure=self.secure
+            )
+            self._reply(identity, request.sid or None, request.req, decision.reply)
+            if decision.stop:
+                self._out.stop = True  # the reply leaves in this cycle
+            return
+        if self._batch and now.mono != self._batch_now.mono:
+            self._propose()  # decided at another reading: propose under its serving check
+        refusal = self._refusal(now)
+        if refusal is not None:
+            self._reply(identity, request.sid, request.req, refusal)
+            return
+        key = (request.sid, request.req)
+        if self.front.waiting(key):
+            self.front.wait(key, identity, now.mono)  # a retry: answer where the client is now
+            return
+        outcome = self.ledger.handle(request, now)
+        if outcome.reply is not None:
+            self._reply(identity, request.sid, request.req, outcome.reply)
+            return
+        self.front.wait(key, identity, now.mono)
+        for decided in outcome.decided:
+            self._decide(decided, now)
+
+    def _refusal(self, now: Now) -> Reply | None:
+        """None while this node is a serving primary; else what a client is told."""
+        if now.mono == self._serving_at:
+            return None  # no replica event since it was found serving at this reading
+        if self.replica.is_serving(now.mono):
+            self._serving_at = now.mono
+            return None
+        primary = self.replica.primary
+        if self.replica.role is rp.Role.PRIMARY or primary is None:
+            return {
+                "status": "unavailable",
+                "detail": f"node {self.me.name} has no quorum or an election is in progress",
+            }
+        return {"status": "redirect", "primary": self.endpoints.get(primary)}
+
+    def _decide(self, decided: Decided, now: Now) -> None:
+        """Apply at once (the next decision must see it) and add it to the batch."""
+        delta, reply = decided
+        self.ledger.apply(delta)
+        if delta["k"] in _FREES_SEATS:
+            self._next_ledger_tick = now.mono  # waiters may fit now: tick at this cycle's end
+        if not self._batch:
+            self._batch_now = now
+        key = (delta["sid"], delta["req"]) if reply is not None else None
+        self._batch.append((delta, key, reply))
+
+    def _propose(self) -> None:
+        """Propose the batch as one group commit (one append message per backup)."""
+        batch, self._batch = self._batch, []
+        now = self._batch_now
+        try:
+            indexes, effects = self.replica.propose([d for d, _, _ in batch], now.mono)
+        except rp.NotServing:
+            # Cannot happen while decisions check serving at the reading the batch is
+            # proposed at, but if it did, the ledger holds deltas no one will replicate:
+            # undo, and tell the clients truthfully that nothing happened.
+            log.error("lost control between decision and proposal; %d deltas dropped", len(batch))
+            self.applied.rebuild(self.replica.log, self.replica.last)
+            for _, key, _ in batch:
+                if key is not None and (routed := self.front.answer(key)) is not None:
+                    self._reply(routed[0], *key, self._refusal(now) or _UNAVAILABLE)
+            return
+        front = self.front
+        for index, (_, key, reply) in zip(indexes, batch, strict=True):
+            if key is not None and reply is not None:
+                front.proposed(index, key, reply)
+        self.applied.proposed(indexes[-1], self.replica.term)
+        self._take(effects, now)
+
+    def _reply(self, identity: bytes, sid: str | None, req: int | None, reply: Reply) -> None:
+        if reply.get("status") == "denied":
+            self.tallies["denied:" + str(reply.get("reason"))] += 1
+        self._out.answers.append([identity, encode_reply(reply, sid, req)])
+
+    # --- peers ---------------------------------------------------------------------
+
+    def _on_peer(self, event: PeerMessage, now: Now) -> None:
+        frames = event.frames
+        if len(frames) != 2:
+            return
+        try:
+            sender = frames[0].decode()
+        except UnicodeDecodeError:
+            return
+        if not is_peer(cast("zmq.Frame", event.origin), sender, secure=self.secure):
+            return  # a triad key posing as another node than its own
+        msg = _decode_peer(frames[1])
+        if msg is not None and sender in self.peers:
+            self._before_replica()
+            self._take(self.replica.on_message(sender, msg, now.mono), now)
+
+    def _on_heartbeat(self, event: PeerHeartbeat, now: Now) -> None:
+        frames = event.frames
+        msg = _decode_peer(frames[-1]) if len(frames) == 1 else None
+        sender = msg.get("node") if msg is not None else None
+        if msg is not None and isinstance(sender, str) and sender in self.peers:
+            if isinstance(validate_peer(msg), Heartbeat):  # status shows only well-formed ones
+                self.heard[sender] = (now.mono, msg)
+            self._before_replica()
+            self._take(self.replica.on_message(sender, msg, now.mono), now)
+
+    def _before_replica(self) -> None:
+        """Before any replica event: the batch goes out under the serving check it was
+        decided by, which the event may end."""
+        if self._batch:
+            self._propose()
+        self._serving_at = math.nan
+
+    # --- the replica's effects -------------------------------------------------------
+
+    def _take(self, effects: list[rp.Effect], now: Now) -> None:
+        """The replica's effects, in order: persist ops and sends go into the cycle's
+        Ready; the ledger follows commits at once, so it is current for the next decision."""
+        out = self._out
+        self._serving_at = math.nan
+        for effect in effects:
+            match effect:
+                case rp.Send(to=to, msg=msg):
+                    out.peer.append((to, msg))
+                case rp.Publish(msg=msg):
+                    out.peer.append((None, msg))
+                case rp.PersistEntries(entries=entries):
+                    if entries:
+                        out.persist.append(Append([(e.index, e.term, e.delta) for e in entries]))
+                        self._durable_last = entries[-1].index
+                case rp.TruncateLog(from_index=from_index):
+                    out.persist.append(Truncate(from_index))
+                    self._durable_last = min(self._durable_last, from_index - 1)
+                case rp.PersistHardState(term=term, voted_for=voted_for):
+                    out.persist.append(SaveHardState(term, voted_for))
+                case rp.PersistSnapshot(index=index, term=term, snapshot=snapshot):
+                    self._save_snapshot(index, term, snapshot)
+                case rp.InstallSnapshot(index=index, term=term, snapshot=snapshot):
+                    self.applied.install(snapshot, index, term)
+                case rp.Committed():
+                    self._on_committed(effect, now)
+                case rp.RoleChanged():
+                    self._on_role_changed(effect)
+                case rp.Dropped(sender=sender, reason=reason):
+                    log.debug("dropped a message from %s: %s", sender, reason)
+                case _:
+                    assert_never(effect)
+
+    def _save_snapshot(self, index: int, term: int, snapshot: dict[str, Any]) -> None:
+        keep = self.replica.entries(index + 1, self._durable_last)
+        self._out.persist.append(
+            SaveSnapshot(index, term, snapshot, [(e.index, e.term, e.delta) for e in keep])
+        )
+        self._durable_last = keep[-1].index if keep else index
+
+    def _on_committed(self, effect: rp.Committed, now: Now) -> None:
+        if self.replica.role is rp.Role.PRIMARY:
+            self._apply(effect.entries)
+            term = self.replica.term
+            tallies = self.tallies
+            for entry in effect.entries:
+                # Counted once, by the primary that decided it (entries of its own term).
+                if entry.term == term and entry.delta is not None:
+                    name = _TALLIED.get(entry.delta["k"])
+                    if name is not None:
+                        tallies[name] += 1
+        else:
+            # A backup's acknowledgement of this cycle's appends need not wait for its
+            # ledger: apply after the sends (advance). Anything that reads the ledger
+            # sooner (a role change, a status) applies them first.
+            self._unapplied.extend(effect.entries)
+        released = self.front.committed(effect.upto)
+        if released:
+            mono = now.mono
+            latencies = self._out.latencies
+            for identity, (sid, req), reply, arrived in released:
+                self._reply(identity, sid, req, reply)
+                latencies.append(mono - arrived)
+
+    def _apply(self, entries: Sequence[rp.Entry]) -> None:
+        self.applied.apply(entries, self.replica.log)
+        self._maybe_compact()
+
+    def _apply_unapplied(self) -> None:
+        if self._unapplied:
+            entries, self._unapplied = self._unapplied, []
+            self._apply(entries)
+
+    def _on_role_changed(self, effect: rp.RoleChanged) -> None:
+        log.info(
+            "now %s in term %d (primary: %s)",
+            effect.role.value,
+            effect.term,
+            effect.primary,
+        )
+        if self.was_recovering and effect.role is not rp.Role.RECOVERING:
+            self._out.mark_recovered = True  # the marker, once this cycle's state is on disk
+        self.was_recovering = effect.role is rp.Role.RECOVERING
+        self._apply_unapplied()  # before any decision of the new role reads the ledger
+        # Leases and waiters are the primary's alone; a new reign starts them afresh.
+        self.ledger.forget_volatile()
+        applied, log_ = self.applied, self.replica.log
+        if effect.role is rp.Role.PRIMARY:
+            if not applied.follows(log_):  # it would decide from deltas nobody else has
+                raise Unappliable(applied.index, applied.term, "the log lost this delta")
+            return
+        if applied.index > self.replica.commit or not applied.follows(log_):
+            # As primary we applied deltas that may never commit, or that the event which
+            # deposed us has already replaced (an append of the next primary, read after a
+            # pause or a loss, can cut them and commit past them at once; the issue 11
+            # next_grant crash): rebuild from what is certain, the snapshot and the
+            # committed log. No compaction here: a role change rebuilds before the same
+            # event's truncation and appends reach the disk, which a log rewritten under
+            # them would contradict.
+            applied.rebuild(log_, self.replica.commit)
+        # Their requests may or may not commit under the next primary: say so, and let
+        # the clients ask it (it answers a retry from the replicated request table).
+        abandoned: Reply = {
+            "status": "redirect",
+            "primary": self.endpoints.get(effect.primary or ""),
+            "outcome": "unknown",
+        }
+        for identity, (sid, req) in self.front.abandon():
+            self._reply(identity, sid, req, abandoned)
+
+    def _maybe_compact(self) -> None:
+        commit = self.replica.commit
+        if commit - self.replica.log.snap_index < self.config.snapshot_every:
+            return
+        if self.applied.index != commit:
+            return  # a primary's ledger holding uncommitted deltas cannot be snapshotted
+        term = self.replica.log.term_at(commit)
+        if term is None:
+            return
+        snap = self.ledger.snapshot()  # fresh maps: later deltas of this cycle leave it be
+        self._save_snapshot(commit, term, snap)
+        self.replica.compacted(commit, term, snap)
+
+    # --- status ----------------------------------------------------------------------
+
+    def _recovering(self) -> str:
+        """Why this node does not vote yet, and what it waits for."""
+        primary = self.replica.primary
+        if primary is not None:
+            return f"{self.why_fresh}; catching up from primary {primary}"
+        return (
+            f"{self.why_fresh}; waiting for a primary to catch up from (the two other"
+            " nodes must be up and hold their data to elect one)"
+        )
+
+    def _report(self, now: Now) -> dict[str, Any]:
+        self._apply_unapplied()
+        # Every entry has name, endpoint, role, term, last and commit (nil while a node is
+        # not heard); the own entry also what only this node knows (docs/protocol.md).
+        own = {
+            "name": self.me.name,
+            "endpoint": self.me.client,
+            "role": self.replica.role.value,
+            "term": self.replica.term,
+            "last": self.replica.last,
+            "commit": self.replica.commit,
+            "peers": sorted(self.replica.peers_alive(now.mono)),
+            "serving": self.replica.is_serving(now.mono),
+        }
+        if self.replica.role is rp.Role.RECOVERING:
+            own["recovering"] = self._recovering()
+        others = []
+        for other in self.config.nodes:
+            if other.name == self.me.name:
+                continue
+            at, hb = self.heard.get(other.name, (float("-inf"), {}))
+            if now.mono - at > self.config.peer_timeout:
+                hb = {"role": "down"}  # term, last and commit: nil
+            others.append(
+                {"name": other.name, "endpoint": other.client}
+                | {k: hb.get(k) for k in ("role", "term", "last", "commit")}
+            )
+        return {
+            "node": self.me.name,
+            "mode": self.mode,
+            "nodes": [own, *others],
+            "features": self.ledger.status(now),
+        }
+
+
+def _decode_peer(data: bytes) -> dict[str, Any] | None:
+    try:
+        msg = unpack(data)
+    except Exception:  # hostile bytes on a peer socket are dropped, never a crash
+        return None
+    return msg if isinstance(msg, dict) else None

@@ -16,10 +16,11 @@ import datetime
 import socket
 from pathlib import Path
 
-from broker.security import KeyPair, load_keypair
-from broker.security import write_keypair as write_curve_keypair
-from broker.signing import load_private_key, sign_license_text, write_keypair
+from broker.keys import write_keypair as write_curve_keypair
+from broker.license import sign_license_text
+from broker.signing import load_private_key, write_keypair
 from broker.storage import write_marker
+from clients.curve import KeyPair, load_keypair
 
 NODE_NAMES = ("alpha", "beta", "gamma")
 
@@ -125,6 +126,7 @@ def _write_demo(
         node_tables.append(
             f'[nodes.{name}]\npeer = "tcp://127.0.0.1:{peer}"\n'
             f'pub = "tcp://127.0.0.1:{pub}"\ndata = "data/{name}"\n'
+            f'report_log = "report/{name}"\n'  # docs/reportlog.md: on by default
             + (f'secret_key = "curve/{name}.key_secret"\n' if secure else "")
         )
     security = "secure = false           # plain TCP: anyone who reaches a port is trusted\n"

@@ -4,9 +4,10 @@ The primary answers a mutating request only once its delta is committed, and a q
 checkout only when ``Ledger.tick`` grants or refuses it, so answers leave later than
 requests arrive. This module remembers, with no sockets and no clock:
 
-- ``route``: the ZeroMQ identity a request ``(sid, req)`` last came from; a retry over
-  another connection (after a failover, or a reconnect) updates it, so the answer goes
-  where the client is now;
+- ``route``: the ZeroMQ identity a request ``(sid, req)`` last came from, and when it
+  first arrived (monotonic seconds: for its latency); a retry over another connection
+  (after a failover, or a reconnect) updates the identity, so the answer goes where the
+  client is now;
 - ``inflight``: per log index, the requests whose answer that delta carries, with the
   answer; released when the index commits, or turned into redirects when the node loses
   control (the outcome is then unknown here, and the client re-asks the new primary,
@@ -21,11 +22,12 @@ from dataclasses import dataclass, field
 from broker.model import Reply
 
 Key = tuple[str, int]  # (sid, req)
+Released = tuple[bytes, Key, Reply, float]  # identity, key, reply, first arrival
 
 
 @dataclass
 class Front:
-    route: dict[Key, bytes] = field(default_factory=dict)
+    route: dict[Key, tuple[bytes, float]] = field(default_factory=dict)
     inflight: dict[int, list[tuple[Key, Reply]]] = field(default_factory=dict)
     _pending: set[Key] = field(default_factory=set)  # proposed or queued, not answered
 
@@ -33,8 +35,10 @@ class Front:
         """True while an earlier copy of this request is queued or awaiting commit."""
         return key in self._pending
 
-    def wait(self, key: Key, identity: bytes) -> None:
-        self.route[key] = identity
+    def wait(self, key: Key, identity: bytes, at: float) -> None:
+        """Route ``key``'s answer to ``identity``; ``at``: when this copy arrived."""
+        first = self.route.get(key)
+        self.route[key] = (identity, at if first is None else first[1])
         self._pending.add(key)
 
     def proposed(self, index: int, key: Key, reply: Reply) -> None:
@@ -44,8 +48,8 @@ class Front:
         self.inflight.setdefault(index, []).append((key, reply))
         self._pending.add(key)
 
-    def answer(self, key: Key) -> bytes | None:
-        """The identity to answer ``key`` at, forgetting the request."""
+    def answer(self, key: Key) -> tuple[bytes, float] | None:
+        """The identity to answer ``key`` at and when it arrived, forgetting the request."""
         self._pending.discard(key)
         return self.route.pop(key, None)
 
@@ -53,21 +57,21 @@ class Front:
         """A queued request whose session ended: no answer will ever leave for it."""
         self.answer(key)
 
-    def committed(self, upto: int) -> list[tuple[bytes, Key, Reply]]:
+    def committed(self, upto: int) -> list[Released]:
         """Answers released by the commit of every index <= upto."""
-        out = []
+        out: list[Released] = []
         # Indexes are proposed in ascending order, so the dict holds them in that order:
         # stop at the first one still uncommitted instead of scanning (and sorting) all.
         for index in list(itertools.takewhile(lambda i: i <= upto, self.inflight)):
             for key, reply in self.inflight.pop(index):
-                identity = self.answer(key)
-                if identity is not None:
-                    out.append((identity, key, reply))
+                routed = self.answer(key)
+                if routed is not None:
+                    out.append((routed[0], key, reply, routed[1]))
         return out
 
     def abandon(self) -> list[tuple[bytes, Key]]:
         """The node lost control: every waiting client must ask the new primary."""
-        out = [(identity, key) for key, identity in self.route.items()]
+        out = [(identity, key) for key, (identity, _) in self.route.items()]
         self.route.clear()
         self.inflight.clear()
         self._pending.clear()

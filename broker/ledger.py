@@ -4,9 +4,10 @@ Theory of operation
 -------------------
 State comes in two kinds.
 
-*Replicated* (the same on every node, in every snapshot): the entitlements, the
-sessions (user, host, display, client version, opening time, ``ack`` and the replies
-recorded under their request ids), the grants, and the counter ``next_grant``. Only
+*Replicated* (the same on every node, in every snapshot): the entitlements and the
+options file (``broker/options.py``), the sessions (user, host, display, client
+version, opening time, ``ack`` and the replies recorded under their request ids), the
+grants, and the counter ``next_grant``. Only
 ``apply(delta)`` changes it, and ``apply`` decides nothing: a delta carries every
 decision (the grant id, the pool, the wall time), so the same deltas applied in the
 same order to the same snapshot give the same ledger everywhere. ``apply`` checks
@@ -19,9 +20,10 @@ whose role changes calls ``forget_volatile()`` so that it never acts on leases o
 waiters from an earlier term (a queued client re-sends to the new primary).
 
 Decisions are made on the primary by ``handle(request, now)`` and ``tick(now)``,
-which read the replicated state, may change the volatile state and return deltas;
-the node applies them at once, in order, and answers clients once they commit
-(``reply_of(delta)`` says what to answer). Rules worth keeping in mind:
+which read the replicated state, may change the volatile state and return deltas,
+each with the reply its client gets once it commits (``Decided``); the node applies
+them at once, in order, and answers clients once they commit. Rules worth keeping in
+mind:
 
 - Exactly once: a request whose reply is recorded gets that reply again, with no
   delta. Every session delta carries the client's ``ack``; replies below it are
@@ -36,8 +38,14 @@ the node applies them at once, in order, and answers clients once they commit
   never queued.
 - Grant ids are consecutive: a call that returns several grants numbers them from
   ``next_grant`` in order, and tentative seat counts keep them from sharing a seat.
-- ``reload`` replaces the entitlements; grants stay even if a pool is now over its
-  count (as FlexLM does); new checkouts see the new counts.
+- ``reload`` replaces the entitlements and the options file; grants stay even if a
+  pool is now over its count or a rule now refuses them (as FlexLM does); new
+  checkouts see the new counts and rules.
+- Options (``broker/policy.py``, docs/admin.md): a checkout is decided by
+  ``choose_under``, the license's choice under the options file's EXCLUDE/INCLUDE,
+  MAX and RESERVE lines, given the grants of the feature (``_by_feature``) and, in a
+  tick, the grants decided earlier in it. A ``reserved`` denial may wait like
+  ``no_seats``; the others are answered at once.
 - Limits (``broker/limits.py``): opening a session beyond ``max_sessions`` or
   ``max_sessions_per_host``, queueing beyond ``max_queue``, or a request that records a
   reply in a session already holding ``max_unacked`` unacknowledged ones gets an
@@ -74,6 +82,8 @@ from broker.model import (
     reply_error,
     reply_ok,
 )
+from broker.options import Options, OptionsError
+from broker.policy import Holding, Policy, Principal, choose_under
 from broker.seats import (
     SESSION_NAMES,
     Catalog,
@@ -83,7 +93,6 @@ from broker.seats import (
     LedgerError,
     PoolKey,
     Session,
-    choose,
     day_of,
     entitlement_to_map,
     entitlements_from,
@@ -101,12 +110,26 @@ _RECORDING = frozenset({"open", "checkout", "checkin"})  # ops whose reply the l
 HOLDERS_SCAN = 20_000  # grants one page of ``holders`` may look at: about 3 ms at most
 
 
+# A delta and the reply its client gets once it commits (None: no client waits for it,
+# as for ``expire`` and ``reload``). Made where the delta is decided, never rebuilt.
+Decided = tuple[Delta, Reply | None]
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What ``handle`` decided: deltas to commit, or a reply to send now, or neither (queued)."""
 
-    deltas: list[Delta]
+    decided: list[Decided]
     reply: Reply | None
+
+
+@dataclass(frozen=True)
+class Ticked:
+    """Everything one ``tick`` decided: deltas in order, and the waiters it dropped because
+    their session ended (no answer will ever come for those ``(sid, req)``)."""
+
+    decided: list[Decided]
+    ended: list[tuple[str, int]]
 
 
 @dataclass(slots=True)
@@ -130,6 +153,7 @@ class Ledger:
         lease: float,
         heartbeat: float,
         limits: Limits | None = None,
+        options: Options | None = None,
     ) -> None:
         if not (lease > 0 and heartbeat > 0):
             raise ValueError(f"lease ({lease}) and heartbeat ({heartbeat}) must be > 0")
@@ -138,6 +162,10 @@ class Ledger:
         self.limits = limits if limits is not None else Limits()
         self._per_host: dict[str, int] = {}  # open sessions by host, derived from _sessions
         self._catalog = Catalog(entitlements)
+        # The options file's policy (broker/policy.py), replicated with the entitlements.
+        self._options = options
+        self._policy = None if options is None else Policy(options)
+        self._by_feature: dict[str, set[int]] = {}  # grant ids by feature, for the policy
         self._sessions: dict[str, Session] = {}
         # Each session's recorded reqs as a min-heap: forgetting the replies below a new
         # ``ack`` pops the oldest instead of scanning all (up to max_unacked of them).
@@ -159,9 +187,6 @@ class Ledger:
         self._unleased: set[str] = set()  # sessions that get a fresh lease at the next tick
         self._queues: dict[str, deque[_Waiter]] = {}
         self._queued: set[tuple[str, int]] = set()
-        # Waiters ``tick`` dropped because their session ended: no answer will come, and
-        # whoever routes answers (broker/front.py) can forget them: take_ended_waiters.
-        self._ended_waiters: list[tuple[str, int]] = []
 
     # ------------------------------------------------------------ replicated state
 
@@ -193,7 +218,11 @@ class Ledger:
         elif kind == "expire":
             self._end(self._known(delta, field_str(delta, "sid")))
         elif kind == "reload":
-            self._catalog = Catalog(entitlements_from(delta.get("entitlements"), "reload delta"))
+            catalog = Catalog(entitlements_from(delta.get("entitlements"), "reload delta"))
+            options = _options_from(delta.get("options"), "reload delta")
+            self._catalog = catalog
+            self._options = options
+            self._policy = None if options is None else Policy(options)
         else:
             raise LedgerError(f"unknown delta kind {kind!r}")
 
@@ -270,6 +299,7 @@ class Ledger:
         self._grants[g.id] = g
         self._ids = None
         self._sessions[g.sid].grants.add(g.id)
+        self._by_feature.setdefault(g.feature, set()).add(g.id)
         key = g.pool_key
         self._used[key] = self._used.get(key, 0) + g.count
 
@@ -278,6 +308,10 @@ class Ledger:
         self._ids = None
         self._grant_maps.pop(gid, None)
         self._sessions[grant.sid].grants.discard(gid)
+        of_feature = self._by_feature[grant.feature]
+        of_feature.discard(gid)
+        if not of_feature:
+            del self._by_feature[grant.feature]
         self._used[grant.pool_key] -= grant.count
 
     def _add_session(self, session: Session) -> None:
@@ -306,6 +340,7 @@ class Ledger:
             "v": SNAPSHOT_VERSION,
             "next_grant": self._next_grant,
             "entitlements": [entitlement_to_map(e) for e in self._catalog.entitlements],
+            "options": None if self._options is None else self._options.to_map(),
             "sessions": [self._sessions[sid].to_map() for sid in sorted(self._sessions)],
             "grants": [self._grant_map(g) for g in self._grants.values()],  # ascending id
         }
@@ -333,6 +368,7 @@ class Ledger:
             lease=lease,
             heartbeat=heartbeat,
             limits=limits,
+            options=_options_from(snap.get("options"), "snapshot"),
         )
         sessions, grants = snap.get("sessions"), snap.get("grants")
         if not isinstance(sessions, list) or not isinstance(grants, list):
@@ -356,8 +392,15 @@ class Ledger:
             ledger._add_grant(grant)
         return ledger
 
-    def reload_delta(self, entitlements: Sequence[Entitlement]) -> Delta:
-        return {"k": "reload", "entitlements": [entitlement_to_map(e) for e in entitlements]}
+    def reload_delta(
+        self, entitlements: Sequence[Entitlement], options: Options | None = None
+    ) -> Delta:
+        """Replace the entitlements and the options file's policy, in one delta."""
+        return {
+            "k": "reload",
+            "entitlements": [entitlement_to_map(e) for e in entitlements],
+            "options": None if options is None else options.to_map(),
+        }
 
     # ------------------------------------------------------------ decisions (primary)
 
@@ -383,9 +426,8 @@ class Ledger:
             if refusal is not None:
                 return Outcome([], refusal)
             self._renew(sid, now.mono + self.lease)
-            return Outcome(
-                [{"k": "open", **_ids(request, 0), **_names(request), "at": now.wall}], None
-            )
+            opened = {"k": "open", **_ids(request, 0), **_names(request), "at": now.wall}
+            return Outcome([(opened, self._open_reply())], None)
         self._renew(sid, now.mono + self.lease)
         recorded = self.recorded(sid, req)
         if recorded is not None:
@@ -401,12 +443,13 @@ class Ledger:
         if request.op == "heartbeat":
             return Outcome([], reply_ok(lease=self.lease))
         if request.op == "open":
-            return Outcome([{"k": "answer", **ids, "reply": self._open_reply()}], None)
+            return Outcome([_answer(ids, self._open_reply())], None)
         if request.op == "close":
-            return Outcome([{"k": "close", **ids}], None)
+            return Outcome([({"k": "close", **ids}, reply_ok())], None)
         if request.op == "checkin":
             if request.grant in session.grants:
-                return Outcome([{"k": "release", **ids, "grant": request.grant}], None)
+                released = {"k": "release", **ids, "grant": request.grant}
+                return Outcome([(released, reply_ok())], None)
             why = f"grant {request.grant} is not held by session {sid}"
             return Outcome([_answer(ids, reply_denied(Reason.NOT_HELD, why))], None)
         return self._checkout(request, session, ids, now)
@@ -439,24 +482,45 @@ class Ledger:
         return Outcome([], None)
 
     def _choose(
-        self, request: Request, session: Session, day: datetime.date, extra: dict[PoolKey, int]
+        self,
+        request: Request,
+        session: Session,
+        day: datetime.date,
+        extra: dict[PoolKey, int],
+        gone: frozenset[str] = frozenset(),
+        pending: Sequence[tuple[str, Holding]] = (),
     ) -> Choice | Denial:
-        return choose(
+        """The license's and the options file's decision; ``extra``, ``gone`` (sessions
+        expiring) and ``pending`` (feature, holding) are a tick's decisions not yet applied."""
+        return choose_under(
+            self._policy,
             self._catalog,
             request.feature,
             request.version,
             request.count,
-            session.user,
-            session.host,
+            _principal(session),
             day,
             lambda key: self._used.get(key, 0) + extra.get(key, 0),
+            lambda: self._holdings(request.feature, gone, pending),
         )
+
+    def _holdings(
+        self, feature: str, gone: frozenset[str], pending: Sequence[tuple[str, Holding]]
+    ) -> list[Holding]:
+        """Every grant of ``feature`` as the policy counts it: O(grants of the feature)."""
+        out: list[Holding] = []
+        for gid in self._by_feature.get(feature, ()):
+            g = self._grants[gid]
+            if g.sid not in gone:
+                out.append((_principal(self._sessions[g.sid]), g.pool_key[1], g.count))
+        out += [h for f, h in pending if f == feature]
+        return out
 
     def _grant_delta(
         self, ids: Delta, request: Request, choice: Choice, gid: int, now: Now
-    ) -> Delta:
+    ) -> Decided:
         pool = choice.pool
-        return {
+        delta = {
             "k": "grant",
             **ids,
             "grant": gid,
@@ -465,10 +529,14 @@ class Ledger:
             "count": request.count,
             "at": now.wall,
         }
+        grant = {"id": gid, "feature": pool.feature, "version": pool.version,
+                 "count": request.count}  # fmt: skip
+        return delta, reply_ok(grant=grant)
 
-    def tick(self, now: Now) -> list[Delta]:
-        """Expire lapsed leases, then serve and time out waiters, as deltas in order."""
-        deltas: list[Delta] = []
+    def tick(self, now: Now) -> Ticked:
+        """Expire lapsed leases, then serve and time out waiters, all decided in order."""
+        deltas: list[Decided] = []
+        ended: list[tuple[str, int]] = []
         for sid in self._unleased:
             if sid not in self._leases:
                 self._renew(sid, now.mono + self.lease)  # fresh lease first
@@ -484,7 +552,7 @@ class Ledger:
         for sid in [sid for sid in gone if sid not in self._sessions]:
             gone.remove(sid)  # leased by an open that was never applied: moot
             del self._leases[sid]
-        deltas.extend({"k": "expire", "sid": sid} for sid in sorted(gone))
+        deltas.extend(({"k": "expire", "sid": sid}, None) for sid in sorted(gone))
         # Seats as they will be once the deltas above and below are applied in order.
         extra: dict[PoolKey, int] = {}
         for sid in gone:
@@ -493,6 +561,8 @@ class Ledger:
                 extra[g.pool_key] = extra.get(g.pool_key, 0) - g.count
         gid = self._next_grant
         day = day_of(now.wall)
+        pending: list[tuple[str, Holding]] = []  # grants decided below, for the policy
+        expiring = frozenset(gone)
         for feature in sorted(self._queues):
             keep: deque[_Waiter] = deque()
             blocked = False
@@ -502,18 +572,19 @@ class Ledger:
                 if session is None or r.req < session.ack or r.req in session.replies:
                     self._queued.discard((r.sid, r.req))  # its session ended or it was answered
                     if session is None:
-                        self._ended_waiters.append((r.sid, r.req))
+                        ended.append((r.sid, r.req))
                     continue
                 judged = w.catalog is self._catalog and w.day == day
                 if blocked and judged and now.mono < w.deadline:
                     keep.append(w)  # still waits for seats only, behind an earlier waiter
                     continue
                 ids = _ids(r, max(session.ack, r.ack))
-                choice = self._choose(r, session, day, extra)
+                choice = self._choose(r, session, day, extra, expiring, pending)
                 if isinstance(choice, Choice) and not blocked:
                     deltas.append(self._grant_delta(ids, r, choice, gid, now))
                     gid += 1
                     extra[choice.pool.pool_key] = extra.get(choice.pool.pool_key, 0) + r.count
+                    pending.append((r.feature, (_principal(session), choice.pool.key, r.count)))
                 elif isinstance(choice, Denial) and not choice.busy:
                     deltas.append(_answer(ids, reply_denied(choice.reason, choice.detail)))
                 elif now.mono >= w.deadline:
@@ -523,7 +594,8 @@ class Ledger:
                         else f"{feature}: held for earlier waiters"
                     )
                     detail = f"{why}; gave up after waiting {r.wait:g} s"
-                    deltas.append(_answer(ids, reply_denied(Reason.NO_SEATS, detail)))
+                    reason = choice.reason if isinstance(choice, Denial) else Reason.NO_SEATS
+                    deltas.append(_answer(ids, reply_denied(reason, detail)))
                 else:
                     blocked = True  # strict FIFO: no one behind it may take its seats
                     w.catalog, w.day = self._catalog, day
@@ -534,7 +606,7 @@ class Ledger:
                 self._queues[feature] = keep
             else:
                 del self._queues[feature]
-        return deltas
+        return Ticked(deltas, ended)
 
     def _renew(self, sid: str, deadline: float) -> None:
         self._leases.pop(sid, None)  # re-inserted at the end: deadline order
@@ -543,11 +615,6 @@ class Ledger:
             self._leases_ordered = False
         self._lease_max = max(self._lease_max, deadline)
 
-    def take_ended_waiters(self) -> list[tuple[str, int]]:
-        """The (sid, req) of waiters dropped since the last call because their session ended."""
-        ended, self._ended_waiters = self._ended_waiters, []
-        return ended
-
     def forget_volatile(self) -> None:
         """Drop leases and waiters: call on losing or gaining the primary role."""
         self._leases.clear()
@@ -555,25 +622,8 @@ class Ledger:
         self._unleased = set(self._sessions)
         self._queues.clear()
         self._queued.clear()
-        self._ended_waiters.clear()
 
     # ------------------------------------------------------------ reading
-
-    def reply_of(self, delta: Delta) -> Reply | None:
-        """The reply a client gets once ``delta`` commits (None: no client waits for it)."""
-        kind = delta.get("k")
-        if kind == "open":
-            return self._open_reply()
-        if kind == "grant":
-            # the delta was applied, so checked: no need to build and check a Grant again
-            fields = ("id", "feature", "version", "count")
-            grant = {f: delta["grant" if f == "id" else f] for f in fields}
-            return reply_ok(grant=grant)
-        if kind in ("release", "close"):
-            return reply_ok()
-        if kind == "answer":
-            return dict(copy.deepcopy(delta["reply"]))
-        return None
 
     def recorded(self, sid: str, req: int) -> Reply | None:
         session = self._sessions.get(sid)
@@ -588,12 +638,26 @@ class Ledger:
     def entitlements(self) -> tuple[Entitlement, ...]:
         return self._catalog.entitlements
 
+    @property
+    def options(self) -> Options | None:
+        """The options file in force (replicated with the entitlements), None: none."""
+        return self._options
+
     def sessions(self) -> list[str]:
         return sorted(self._sessions)
+
+    @property
+    def session_count(self) -> int:
+        """Sessions open (O(1): for the metrics, once a second)."""
+        return len(self._sessions)
 
     def session(self, sid: str) -> Session | None:
         """The session's record; callers must treat it as read-only."""
         return self._sessions.get(sid)
+
+    def grant(self, gid: int) -> Grant | None:
+        """Grant ``gid`` if it is out (the report log reads it before a release applies)."""
+        return self._grants.get(gid)
 
     def grants(self) -> list[Grant]:
         return list(self._grants.values())
@@ -671,6 +735,21 @@ class Ledger:
 # ---------------------------------------------------------------- helpers
 
 
+def _principal(session: Session) -> Principal:
+    # The address and project are not known to the ledger yet: lines naming them
+    # match no one (docs/admin.md).
+    return Principal(session.user, session.host, session.display)
+
+
+def _options_from(raw: object, where: str) -> Options | None:
+    if raw is None:
+        return None
+    try:
+        return Options.from_map(raw)
+    except OptionsError as exc:
+        raise LedgerError(f"{where}: {exc}") from None
+
+
 def _ids(request: Request, ack: int) -> Delta:
     return {"sid": request.sid, "req": request.req, "ack": max(ack, request.ack)}
 
@@ -679,8 +758,9 @@ def _names(request: Request) -> Delta:
     return {k: getattr(request, k) for k in SESSION_NAMES}
 
 
-def _answer(ids: Delta, reply: Reply) -> Delta:
-    return {"k": "answer", **ids, "reply": reply}
+def _answer(ids: Delta, reply: Reply) -> Decided:
+    # The log keeps the delta and ``apply`` records a copy: the client's reply may share it.
+    return {"k": "answer", **ids, "reply": reply}, reply
 
 
 def _unknown(sid: str) -> str:

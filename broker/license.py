@@ -1,16 +1,10 @@
 """The license file: parsing it into SERVER lines and entitlements (SPEC section 2).
 
-Format. The file is UTF-8 text read as *logical lines*:
-
-- a physical line whose last non-blank character is ``\\`` continues on the next
-  physical line (the backslash counts as a space); a logical line is its physical
-  lines joined;
-- a physical line whose first non-blank character is ``#`` is a comment, but only at
-  the start of a logical line (there are no trailing comments); blank lines are
-  ignored;
-- words are separated by spaces or tabs; keywords are case-insensitive, and so are
-  attribute keys (``sign=`` is ``SIGN=``); everything else is case-sensitive except
-  the expiry date. Values contain no spaces (there is no quoting).
+Format. The file's layout (logical lines, comments, words) and its SERVER lines are read
+by ``clients.licfile``, the client library's reading of a license, so that client and
+node read a file alike; this module reads the rest. Keywords and attribute keys are
+case-insensitive (``sign=`` is ``SIGN=``); everything else is case-sensitive except the
+expiry date.
 
 Statements, one per logical line::
 
@@ -51,23 +45,40 @@ from __future__ import annotations
 
 import datetime
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from broker.model import Entitlement
 from broker.signing import (
     SIGNATURE_HEX_LENGTH,
-    LicenseError,
     LicenseKeyError,
     canonical_form,
+    sign_canonical,
     verify_signature,
 )
 from broker.wire import MAX_COUNT, MAX_TEXT, MAX_VERSION, MAX_VERSION_PART, check_version
+from clients.licfile import (
+    KEYWORDS,
+    MAX_LICENSE_BYTES,
+    NAME,
+    Cursor,
+    LicenseError,
+    LicenseFileError,
+    LicenseSyntaxError,
+    ServerLine,
+    Servers,
+    Word,
+    extras,
+    logical_lines,
+    read_license_text,
+    read_servers,
+    tcp_host_port,
+)
 
 __all__ = [
+    "MAX_LICENSE_BYTES",
     "FeatureLine",
     "License",
     "LicenseError",
@@ -83,58 +94,27 @@ __all__ = [
     "parse_syntax",
     "read_license_text",
     "read_servers",
+    "sign_license_text",
     "tcp_host_port",
 ]
 
-_WORD = re.compile(r"\S+")
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")
-_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_FLAG = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*\Z")
 _COUNT = re.compile(r"[0-9]+\Z")
 _DATE = re.compile(r"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})\Z")
 _HEX = re.compile(r"[0-9A-Fa-f]+\Z")
-_ENDPOINT = re.compile(
-    r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):([0-9]{1,5})\Z|(ipc|inproc)://\S+\Z"
-)
 _MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
 _MONTHS = {name: number for number, name in enumerate(_MONTH_NAMES, start=1)}
-_KEYWORDS = "a keyword (SERVER, VENDOR, FEATURE or INCREMENT)"
-# Bounds on the whole file, so that its reload delta is one peer message of a few MB
-# (the peer socket takes 256 MiB) that packs in milliseconds.
-MAX_LICENSE_BYTES = 16 * 1024 * 1024
+# Appended SIGN= attributes go on a continuation line of their own, indented like this.
+_SIGN_INDENT = "    "
 MAX_LINES = 100_000  # FEATURE/INCREMENT lines
-_PORTS = "a TCP port from 1 to 65535"
 _VERSION_EXPECTED = (
     f"a version (dotted decimal such as 2.0, at most {MAX_VERSION} characters, "
     f"each part from 0 to {MAX_VERSION_PART})"
 )
 _COUNT_EXPECTED = f"a seat count (a whole number from 1 to {MAX_COUNT})"
 _FEATURE_NAME = f"a feature name (at most {MAX_TEXT} characters)"
-_SERVER_COUNT = "1 SERVER line (a single server) or 3 (a triad)"
 
 
 # --- errors ----------------------------------------------------------------------------
-
-
-class LicenseSyntaxError(LicenseError):
-    """A malformed license file: ``path:line:column: expected X, found Y``."""
-
-    def __init__(self, path: str, line: int, column: int, expected: str, found: str) -> None:
-        self.path = path
-        self.line = line  # 1-based physical line
-        self.column = column  # 1-based character column within that line
-        self.expected = expected
-        self.found = found  # a quoted word, or a description such as "end of line"
-        super().__init__(f"{path}:{line}:{column}: expected {expected}, found {found}")
-
-
-class LicenseFileError(LicenseError):
-    """A license file that cannot be read at all."""
-
-    def __init__(self, path: str, why: str) -> None:
-        self.path = path
-        self.why = why
-        super().__init__(f"{path}: {why}")
 
 
 @dataclass(frozen=True)
@@ -152,17 +132,6 @@ class LicenseLineRefused:
 
 
 # --- values ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServerLine:
-    """One node of the triad (or the single server), in rank order in the file."""
-
-    name: str
-    hostid: str  # "ANY" (normalised) or a host identifier as written
-    endpoint: str
-    attrs: dict[str, str]  # keys upper case
-    line: int
 
 
 @dataclass(frozen=True)
@@ -232,138 +201,10 @@ def _name_set(value: str | None) -> frozenset[str] | None:
     return None if value is None else frozenset(value.split(","))
 
 
-# --- lexing ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Word:
-    text: str
-    line: int
-    column: int
-
-    @property
-    def end(self) -> int:
-        return self.column + len(self.text)
-
-
-def _logical_lines(text: str) -> Iterator[tuple[list[_Word], int]]:
-    """Each logical line as its words (with physical positions) and its last line."""
-    words: list[_Word] = []
-    continuing = False
-    number = 0
-    for number, row in enumerate(text.split("\n"), start=1):
-        body = row.rstrip()
-        if not continuing and body.lstrip().startswith("#"):
-            continue
-        continuing = body.endswith("\\")
-        if continuing:
-            body = body[:-1]
-        words += [_Word(m.group(), number, m.start() + 1) for m in _WORD.finditer(body)]
-        if not continuing:
-            if words:
-                yield words, number
-            words = []
-    if words:  # a backslash on the very last line continues into nothing
-        yield words, number
-
-
-class _Cursor:
-    """Reads the words of one logical line left to right, raising positioned errors."""
-
-    def __init__(self, path: str, words: list[_Word]) -> None:
-        self.path = path
-        self.words = words
-        self.index = 0
-
-    def take(self, expected: str, pattern: re.Pattern[str] | None = None) -> _Word:
-        if self.index >= len(self.words):
-            last = self.words[-1]
-            raise LicenseSyntaxError(self.path, last.line, last.end, expected, "end of line")
-        word = self.words[self.index]
-        self.index += 1
-        if pattern is not None and not pattern.match(word.text):
-            raise self.error(word, expected)
-        return word
-
-    def rest(self) -> list[_Word]:
-        words = self.words[self.index :]
-        self.index = len(self.words)
-        return words
-
-    def error(self, word: _Word, expected: str) -> LicenseSyntaxError:
-        # A line-long word (a count of 5,000 digits) would bury the message: show its start.
-        found = repr(word.text) if len(word.text) <= 60 else f"{word.text[:40]!r}..."
-        return LicenseSyntaxError(self.path, word.line, word.column, expected, found)
-
-
 # --- parsing ---------------------------------------------------------------------------
 
 
-def _extras(
-    cur: _Cursor, *, flags_allowed: bool
-) -> tuple[dict[str, str], dict[str, _Word], list[str]]:
-    """The trailing KEY=value attributes (keys upper-cased) and flags of a line."""
-    attrs: dict[str, str] = {}
-    where: dict[str, _Word] = {}
-    flags: list[str] = []
-    expected = "a KEY=value attribute or a flag" if flags_allowed else "a KEY=value attribute"
-    for word in cur.rest():
-        key, eq, value = word.text.partition("=")
-        if not eq:
-            if not flags_allowed or not _FLAG.match(word.text):
-                raise cur.error(word, expected)
-            if word.text in flags:
-                raise cur.error(word, f"each flag at most once ({word.text} is already set)")
-            flags.append(word.text)
-            continue
-        if not _KEY.match(key):
-            raise cur.error(word, expected)
-        if not value:
-            raise cur.error(word, f"a value after {key}=")
-        key = key.upper()
-        if key in where:
-            first = where[key]
-            raise cur.error(
-                word, f"each attribute at most once ({key}= is on {first.line}:{first.column})"
-            )
-        if key in ("USERS", "HOSTS") and "" in value.split(","):
-            raise cur.error(word, f"a comma-separated list of names after {key}=")
-        attrs[key] = value
-        where[key] = word
-    return attrs, where, flags
-
-
-def _server(cur: _Cursor, keyword: _Word) -> tuple[ServerLine, _Word, _Word]:
-    name = cur.take("a server name", _NAME)
-    hostid = cur.take("a host id (ANY or a host identifier)")
-    if "://" in hostid.text or "=" in hostid.text:
-        raise cur.error(hostid, "a host id (ANY or a host identifier) before the endpoint")
-    endpoint = cur.take("an endpoint such as tcp://127.0.0.1:27001", _ENDPOINT)
-    if endpoint.text.startswith("tcp://"):
-        try:
-            tcp_host_port(endpoint.text)
-        except ValueError:
-            raise cur.error(endpoint, _PORTS) from None
-    attrs, _, _ = _extras(cur, flags_allowed=False)
-    hostid_text = "ANY" if hostid.text.upper() == "ANY" else hostid.text
-    return ServerLine(name.text, hostid_text, endpoint.text, attrs, keyword.line), name, endpoint
-
-
-def tcp_host_port(endpoint: str) -> tuple[str, int]:
-    """``(host, port)`` of ``tcp://host:port``; ValueError saying what is wrong.
-
-    The one reading of a TCP endpoint, for SERVER lines and the config's endpoints alike.
-    """
-    match = _ENDPOINT.match(endpoint)
-    if match is None or match.group(1) is None:
-        raise ValueError(f"{endpoint!r} is not an endpoint tcp://host:port")
-    port = int(match.group(2))  # at most 5 digits: the pattern says so
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{endpoint!r} has port {port}; expected {_PORTS}")
-    return match.group(1), port
-
-
-def _expiry(cur: _Cursor) -> tuple[_Word, datetime.date | None]:
+def _expiry(cur: Cursor) -> tuple[Word, datetime.date | None]:
     expected = "an expiry date (permanent or d-mmm-yyyy such as 31-dec-2027)"
     word = cur.take(expected)
     if word.text.lower() == "permanent":
@@ -381,11 +222,11 @@ def _expiry(cur: _Cursor) -> tuple[_Word, datetime.date | None]:
         ) from None
 
 
-def _feature(cur: _Cursor, keyword: _Word, last_line: int) -> tuple[FeatureLine, _Word]:
-    name = cur.take(_FEATURE_NAME, _NAME)
+def _feature(cur: Cursor, keyword: Word, last_line: int) -> tuple[FeatureLine, Word]:
+    name = cur.take(_FEATURE_NAME, NAME)
     if len(name.text) > MAX_TEXT:
         raise cur.error(name, _FEATURE_NAME)
-    vendor = cur.take("a vendor name", _NAME)
+    vendor = cur.take("a vendor name", NAME)
     version = cur.take(_VERSION_EXPECTED)
     try:
         check_version(version.text)
@@ -397,7 +238,7 @@ def _feature(cur: _Cursor, keyword: _Word, last_line: int) -> tuple[FeatureLine,
     digits = count.text.lstrip("0")
     if len(digits) > len(str(MAX_COUNT)) or not 1 <= int(digits or "0") <= MAX_COUNT:
         raise cur.error(count, _COUNT_EXPECTED)
-    attrs, where, flags = _extras(cur, flags_allowed=True)
+    attrs, where, flags = extras(cur, flags_allowed=True)
     signature = attrs.pop("SIGN", None)
     sign_word = where.get("SIGN")
     line = FeatureLine(
@@ -426,40 +267,28 @@ def parse_syntax(text: str, *, path: str, servers_required: bool = True) -> Lice
     ``servers_required=False`` accepts a file without SERVER lines (for signing).
     Raises ``LicenseSyntaxError``.
     """
-    servers: list[tuple[ServerLine, _Word]] = []
-    vendor: _Word | None = None
-    features: list[tuple[FeatureLine, _Word]] = []
-    for words, last_line in _logical_lines(text):
-        cur = _Cursor(path, words)
-        keyword = cur.take(_KEYWORDS)
+    servers = Servers(path)
+    vendor: Word | None = None
+    features: list[tuple[FeatureLine, Word]] = []
+    for words, last_line in logical_lines(text):
+        cur = Cursor(path, words)
+        keyword = cur.take(KEYWORDS)
         kind = keyword.text.upper()
         if kind == "SERVER":
-            server, name, endpoint = _server(cur, keyword)
-            if len(servers) == 3:
-                raise cur.error(keyword, "at most 3 SERVER lines (a triad)")
-            for other, _ in servers:
-                if server.name == other.name:
-                    raise cur.error(name, f"a server name not already used (line {other.line})")
-                if server.endpoint == other.endpoint:
-                    raise cur.error(endpoint, f"an endpoint not already used (line {other.line})")
-            servers.append((server, keyword))
+            servers.add(cur, keyword)
         elif kind == "VENDOR":
             if vendor is not None:
                 raise cur.error(keyword, f"one VENDOR line (there is one on line {vendor.line})")
-            vendor = cur.take("a vendor name", _NAME)
-            _extras(cur, flags_allowed=False)
+            vendor = cur.take("a vendor name", NAME)
+            extras(cur, flags_allowed=False)
         elif kind in ("FEATURE", "INCREMENT"):
             if len(features) == MAX_LINES:
                 raise cur.error(keyword, f"at most {MAX_LINES} FEATURE/INCREMENT lines")
             features.append(_feature(cur, keyword, last_line))
         else:
-            raise cur.error(keyword, _KEYWORDS)
+            raise cur.error(keyword, KEYWORDS)
 
-    if len(servers) == 2:
-        second = servers[1][1]
-        raise LicenseSyntaxError(path, second.line, second.column, _SERVER_COUNT, "2")
-    if not servers and servers_required:
-        raise LicenseSyntaxError(path, 1, 1, _SERVER_COUNT, "none")
+    server_lines = servers.done(required=servers_required)
     if vendor is not None:
         for line, written in features:
             if line.vendor != vendor.text:
@@ -469,7 +298,7 @@ def parse_syntax(text: str, *, path: str, servers_required: bool = True) -> Lice
                 )
     return LicenseSyntax(
         path=path,
-        servers=[s for s, _ in servers],
+        servers=server_lines,
         vendor=None if vendor is None else vendor.text,
         lines=[f for f, _ in features],
     )
@@ -517,39 +346,57 @@ def parse_license(
     return License(path, syntax.servers, syntax.vendor, entitlements, refused)
 
 
-def read_license_text(path: str | Path) -> str:
-    """The text of a license file; ``LicenseFileError`` if it cannot be read."""
-    try:
-        with Path(path).open("rb") as file:
-            data = file.read(MAX_LICENSE_BYTES + 1)
-        if len(data) > MAX_LICENSE_BYTES:
-            raise LicenseFileError(
-                str(path), f"larger than {MAX_LICENSE_BYTES} bytes: not a license file"
-            )
-        # utf-8-sig: editors on Windows like to start files with a byte order mark.
-        return data.decode("utf-8-sig")
-    except FileNotFoundError:
-        raise LicenseFileError(str(path), "no such license file") from None
-    except OSError as exc:
-        raise LicenseFileError(str(path), f"cannot read license file: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise LicenseFileError(
-            str(path), f"not UTF-8 text (invalid byte at offset {exc.start})"
-        ) from None
-
-
 def load_license(
     path: str | Path, public_key: Ed25519PublicKey | None, *, servers_required: bool = True
 ) -> License:
     """Read and parse the license file at ``path`` (see ``parse_license``)."""
     return parse_license(
-        read_license_text(path),
+        read_license_text(path, max_bytes=MAX_LICENSE_BYTES),
         path=str(path),
         public_key=public_key,
         servers_required=servers_required,
     )
 
 
-def read_servers(path: str | Path) -> list[ServerLine]:
-    """The SERVER lines of a license file, in rank order, without checking signatures."""
-    return load_license(path, None).servers
+def sign_license_text(text: str, key: Ed25519PrivateKey, *, path: str = "<license>") -> str:
+    """``text`` with a fresh ``SIGN=`` on every FEATURE/INCREMENT line.
+
+    An existing ``SIGN=`` token is replaced where it stands; a line without one gets
+    ``SIGN=...`` on a new continuation line (``\\`` then an indented line). Every other
+    line, comment and byte of layout is left as it was. The text is parsed first, so a
+    syntax error raises ``LicenseSyntaxError`` naming ``path``; SERVER lines may be
+    absent (vendors often sign before the customer fills them in).
+    """
+    syntax = parse_syntax(text, path=path, servers_required=False)
+    rows = text.split("\n")
+    for line in syntax.lines:
+        token = f"SIGN={sign_canonical(key, line.canonical())}"
+        if line.sign_at is not None:
+            row_no, column, length = line.sign_at
+            row = rows[row_no - 1]
+            rows[row_no - 1] = row[: column - 1] + token + row[column - 1 + length :]
+        else:
+            rows[line.last_line - 1] = _append_continued(rows[line.last_line - 1], token)
+    signed = "\n".join(rows)
+
+    # The output must parse and verify; if it did not, the rewrite above is wrong.
+    check = parse_syntax(signed, path=path, servers_required=False)
+    public = key.public_key()
+    if len(check.lines) != len(syntax.lines):
+        raise LicenseError(f"{path}: signing changed the number of FEATURE/INCREMENT lines")
+    for line in check.lines:
+        why = check_signature(line, public)
+        if why is not None:
+            raise LicenseError(f"{path}:{line.line}: just-signed line does not verify: {why}")
+    return signed
+
+
+def _append_continued(row: str, token: str) -> str:
+    ending = "\r" if row.endswith("\r") else ""  # keep CRLF files CRLF
+    body = row.removesuffix("\r").rstrip()
+    if body.endswith("\\"):
+        # Only the last line of the file can end a logical line with a backslash.
+        body = body[:-1].rstrip()
+    if not body:
+        return f"{_SIGN_INDENT}{token}{ending}"
+    return f"{body} \\{ending}\n{_SIGN_INDENT}{token}{ending}"

@@ -9,11 +9,11 @@ signature itself and none of its layout (spacing, continuation lines, attribute
 order, keyword case). SERVER and VENDOR lines are not signed: the customer edits
 SERVER lines for their own hosts, as with FlexLM.
 
-This module is the lower layer: it knows keys, bytes and signatures, and the root of
-the license error tree lives here so that ``broker.license`` (which imports this
-module to verify lines) and this module share it without an import cycle.
-``sign_license_text`` is the one function that needs the parser; it imports
-``broker.license`` when called.
+This module is the lower layer: it knows keys, bytes and signatures. The root of the
+license error tree, ``LicenseError``, is ``clients.licfile``'s (the client library reads
+SERVER lines too, and must not import the node); both this module and ``broker.license``
+raise its subclasses.
+Signing a whole file needs its parser: that is ``broker.license.sign_license_text``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from broker.wire import MAX_COUNT
+from clients.licfile import LicenseError
 
 __all__ = [
     "PRIVATE_KEY_NAME",
@@ -41,7 +42,6 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "sign_canonical",
-    "sign_license_text",
     "verify_signature",
     "write_keypair",
 ]
@@ -50,12 +50,6 @@ PRIVATE_KEY_NAME = "vendor.key"
 PUBLIC_KEY_NAME = "vendor.pub"
 SIGNATURE_HEX_LENGTH = 128  # an Ed25519 signature is 64 bytes
 SIGNED_KEYWORDS = ("FEATURE", "INCREMENT")
-# Appended SIGN= attributes go on a continuation line of their own, indented like this.
-_SIGN_INDENT = "    "
-
-
-class LicenseError(Exception):
-    """Root of every error about license files and vendor keys."""
 
 
 class LicenseKeyError(LicenseError):
@@ -232,50 +226,3 @@ def verify_signature(key: Ed25519PublicKey, data: bytes, signature_hex: str) -> 
     except InvalidSignature:
         return False
     return True
-
-
-def sign_license_text(text: str, key: Ed25519PrivateKey, *, path: str = "<license>") -> str:
-    """``text`` with a fresh ``SIGN=`` on every FEATURE/INCREMENT line.
-
-    An existing ``SIGN=`` token is replaced where it stands; a line without one gets
-    ``SIGN=...`` on a new continuation line (``\\`` then an indented line). Every other
-    line, comment and byte of layout is left as it was. The text is parsed first, so a
-    syntax error raises ``LicenseSyntaxError`` naming ``path``; SERVER lines may be
-    absent (vendors often sign before the customer fills them in).
-    """
-    # Imported here: broker.license imports this module at load time to verify lines.
-    from broker import license as lic
-
-    syntax = lic.parse_syntax(text, path=path, servers_required=False)
-    rows = text.split("\n")
-    for line in syntax.lines:
-        token = f"SIGN={sign_canonical(key, line.canonical())}"
-        if line.sign_at is not None:
-            row_no, column, length = line.sign_at
-            row = rows[row_no - 1]
-            rows[row_no - 1] = row[: column - 1] + token + row[column - 1 + length :]
-        else:
-            rows[line.last_line - 1] = _append_continued(rows[line.last_line - 1], token)
-    signed = "\n".join(rows)
-
-    # The output must parse and verify; if it did not, the rewrite above is wrong.
-    check = lic.parse_syntax(signed, path=path, servers_required=False)
-    public = key.public_key()
-    if len(check.lines) != len(syntax.lines):
-        raise LicenseError(f"{path}: signing changed the number of FEATURE/INCREMENT lines")
-    for line in check.lines:
-        why = lic.check_signature(line, public)
-        if why is not None:
-            raise LicenseError(f"{path}:{line.line}: just-signed line does not verify: {why}")
-    return signed
-
-
-def _append_continued(row: str, token: str) -> str:
-    ending = "\r" if row.endswith("\r") else ""  # keep CRLF files CRLF
-    body = row.removesuffix("\r").rstrip()
-    if body.endswith("\\"):
-        # Only the last line of the file can end a logical line with a backslash.
-        body = body[:-1].rstrip()
-    if not body:
-        return f"{_SIGN_INDENT}{token}{ending}"
-    return f"{body} \\{ending}\n{_SIGN_INDENT}{token}{ending}"

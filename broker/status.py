@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from broker.security import ClientCurve, process_keypair
+from clients.curve import ClientCurve, process_keypair
 from clients.licpath import server_keys
 from clients.wire import Reply, decode_reply, encode_request
 

@@ -60,29 +60,29 @@ class StatusReplies:
     def add(self, identity: bytes, request: Request) -> None:
         self._asks.append((identity, request))
 
-    def answer(self, report: dict[str, Any], ledger: Ledger) -> list[tuple[bytes, bytes]]:
-        """(identity, reply frame) for every request added since the last call."""
+    def answer(self, report: dict[str, Any], ledger: Ledger) -> list[list[bytes]]:
+        """[identity, reply frame] for every request added since the last call."""
         asks, self._asks = self._asks, []
         summary: bytes | None = None
         pages: dict[PageKey, bytes] = {}
         paged = 0
-        out = []
+        out: list[list[bytes]] = []
         for identity, request in asks:
             sid = request.sid or None
             if not request.holders:
                 if summary is None:
                     summary = pack(report)
-                out.append((identity, encode_status_reply(summary, sid, request.req)))
+                out.append([identity, encode_status_reply(summary, sid, request.req)])
                 continue
             key = (request.feature, request.after, request.limit)
             body = pages.get(key)
             if paged >= PAGE_REPLIES_PER_CYCLE or (body is None and len(pages) >= PAGES_PER_CYCLE):
-                out.append((identity, encode_reply(_BUSY, sid, request.req)))
+                out.append([identity, encode_reply(_BUSY, sid, request.req)])
                 continue
             if body is None:
                 body = pages[key] = page(report, ledger, request)
             paged += 1
-            out.append((identity, encode_status_reply(body, sid, request.req)))
+            out.append([identity, encode_status_reply(body, sid, request.req)])
         return out
 
 

@@ -144,6 +144,24 @@ def write_marker(data_dir: Path, node: str) -> None:
     _replace(data_dir / MARKER, json.dumps({"node": node}).encode())
 
 
+def bootstrap(data_dir: Path, node: str) -> None:
+    """Give a brand-new triad's node its empty state and marker: a state it may vote with.
+
+    StorageError unless ``data_dir`` is absent or empty: marking a directory that held a
+    node's state, or lost it, would let that node vote with a history it does not have. A
+    node whose data is lost needs nothing: it starts as a wiped one and catches up.
+    """
+    try:
+        if data_dir.exists() and any(data_dir.iterdir()):
+            raise StorageError(
+                f"{data_dir}: not empty; bootstrap is only for the empty data directory of a"
+                " brand-new triad's node (a node whose data was lost catches up on its own)"
+            )
+        write_marker(data_dir, node)
+    except OSError as exc:
+        raise DiskError(f"{data_dir}: cannot write the node's first state: {exc}") from None
+
+
 class Storage:
     """One node's data directory. ``load`` first (it locks); then the persistence effects."""
 

@@ -34,8 +34,9 @@ from broker.license import (
     check_signature,
     parse_syntax,
     read_license_text,
+    sign_license_text,
 )
-from broker.signing import load_private_key, load_public_key, sign_license_text, write_keypair
+from broker.signing import load_private_key, load_public_key, write_keypair
 
 __all__ = ["vendor"]
 

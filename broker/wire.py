@@ -16,38 +16,57 @@ from typing import Any
 
 import msgpack
 
-from broker.model import ErrorCode, Reply, Request, parse_version, reply_error
+from broker.model import ErrorCode, Reply, Request, reply_error
+from clients.protocol import (  # the protocol's words: declared once, for node and library
+    HOLDERS_PAGE,
+    HOLDERS_PAGE_BYTES,
+    MAX_ACTION,
+    MAX_COUNT,
+    MAX_FLOAT_WHOLE,
+    MAX_LEASE,
+    MAX_OP,
+    MAX_REQ,
+    MAX_SID,
+    MAX_TEXT,
+    MAX_VERSION,
+    MAX_VERSION_PART,
+    MAX_WAIT,
+    OPS,
+    PROTOCOL_VERSION,
+    check_version,
+)
 
-PROTOCOL_VERSION = 1
-MAX_TEXT = 256
-MAX_SID = 64
-# Numbers at the edge: the same bounds hold for the license file, the config and the CLI
-# (they import these), so that anything a node accepts also packs (msgpack ints stop at
-# 2**64 - 1) and fits any client's 32- or 64-bit integers.
-MAX_COUNT = 1_000_000  # seats of one checkout, and of one FEATURE/INCREMENT line
-MAX_REQ = 2**63 - 1
-MAX_VERSION = 32  # characters of a version such as "2.0"
-MAX_VERSION_PART = 2**31 - 1  # each dotted part of a version
-MAX_WAIT = 86_400.0  # seconds a checkout may queue
-MAX_LEASE = 7 * 86_400.0  # seconds: the longest lease a config may set or a reply announce
-MAX_OP = 16  # characters of an op
-MAX_ACTION = 32  # characters of an admin action
-# A float stands for a whole number only up to here: above it, neighbouring floats are
-# more than 1 apart, so a client's number may already have been rounded (JavaScript's
-# Number.MAX_SAFE_INTEGER is 2**53 - 1).
-MAX_FLOAT_WHOLE = 2**53
+__all__ = [  # the bounds other node modules and tools import from the node's codec
+    "HOLDERS_PAGE",
+    "HOLDERS_PAGE_BYTES",
+    "MAX_COUNT",
+    "MAX_LEASE",
+    "MAX_REQ",
+    "MAX_TEXT",
+    "MAX_VERSION",
+    "MAX_VERSION_PART",
+    "MAX_WAIT",
+    "PROTOCOL_VERSION",
+    "RemoteProtocolError",
+    "check_version",
+    "decode_request",
+    "encode_reply",
+    "encode_status_reply",
+    "pack",
+    "pack_array_raw",
+    "pack_map_raw",
+    "refuse_frames",
+    "unpack",
+    "unpack_bounded",
+    "whole_number",
+]
+
 # A message of several frames is answered in the envelope it came in (a REQ socket's
 # empty delimiter, and any proxies' routing ids before it) when that is at most this many
 # frames of at most ROUTING_ID bytes (ZeroMQ's longest routing id) each: REQ envelopes
 # are one frame per hop, and a reply to a connection that never reads stays small.
 MAX_ENVELOPE = 8
 ROUTING_ID = 255
-OPS = frozenset({"open", "close", "checkout", "checkin", "heartbeat", "status", "admin"})
-# A status reply lists holders only when asked, a page at a time, so that no reply grows
-# with the ledger: at most HOLDERS_PAGE holders and HOLDERS_PAGE_BYTES of them per page.
-HOLDERS_PAGE = 1_000
-HOLDERS_PAGE_BYTES = 64 * 1024
-
 # A request map has a dozen short fields; these bounds are far above any honest message
 # and far below what would hurt, whatever MAXMSGSIZE lets through.
 _MAX_STR, _MAX_ARRAY, _MAX_MAP = 4096, 64, 32
@@ -74,16 +93,6 @@ def whole_number(value: object) -> int | None:
     if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_FLOAT_WHOLE:
         return int(value)
     return None
-
-
-def check_version(text: str) -> tuple[int, ...]:
-    """``text`` parsed as a version within the bounds above; ValueError saying which."""
-    if len(text) > MAX_VERSION:
-        raise ValueError(f"version {text[:40]!r} is longer than {MAX_VERSION} characters")
-    parts = parse_version(text)
-    if max(parts) > MAX_VERSION_PART:
-        raise ValueError(f"version {text!r} has a part above {MAX_VERSION_PART}")
-    return parts
 
 
 class RemoteProtocolError(Exception):
@@ -142,17 +151,6 @@ def pack_array_raw(items: list[bytes]) -> bytes:
 def unpack_bounded(data: bytes) -> Any:
     """Bytes from outside (a client request, a node's reply): bounded sizes, no ext types."""
     return msgpack.unpackb(data, raw=False, strict_map_key=True, **_REQUEST_LIMITS)
-
-
-def unpack_reply(data: bytes) -> Any:
-    """A node's reply, for clients: no ext or bin types, sizes bounded by the frame itself.
-
-    ``unpack_bounded``'s caps fit one request; a status reply may list a page of up to
-    HOLDERS_PAGE holders (and a node of an older version sent them all), so replies keep
-    msgpack's own bound instead: no container may claim more items than the frame has
-    bytes.
-    """
-    return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
 
 
 def _ids_of(data: bytes) -> tuple[object, object]:

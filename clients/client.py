@@ -43,8 +43,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from broker.security import ClientCurve, SecurityError, load_keypair, process_keypair
 from clients import engine as shared
+from clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
 from clients.engine import Engine
 from clients.errors import (
     ClientClosed,
@@ -59,7 +59,7 @@ from clients.errors import (
 from clients.grant import Grant
 from clients.licpath import raise_if_out_of_descriptors, resolve, server_keys
 from clients.link import Link
-from clients.wire import FIELD_MAX, MAX_COUNT
+from clients.protocol import MAX_COUNT, MAX_TEXT, Reason
 
 log = logging.getLogger("zbroker.client")
 
@@ -69,7 +69,13 @@ TRY_TIMEOUT = 0.3  # per try: a live primary answers in milliseconds, a failover
 GRACE = 2.0  # beyond a deadline, how long to wait for the I/O thread before calling it dead
 CLOSE_TIMEOUT = 2.0  # close() returns within this (or the client's timeout, if shorter)
 # Denials closest to success first: the one reported when every entry refused.
-_REASON_RANK = ["no_seats", "not_allowed", "expired", "version_too_high", "no_such_feature"]
+_REASON_RANK = [
+    Reason.NO_SEATS,
+    Reason.NOT_ALLOWED,
+    Reason.EXPIRED,
+    Reason.VERSION_TOO_HIGH,
+    Reason.NO_SUCH_FEATURE,
+]
 
 OnLost = Callable[[list[Grant]], None]
 
@@ -136,7 +142,7 @@ class LicenseClient:
             "display": display if display is not None else os.environ.get("DISPLAY", ""),
             "client_version": CLIENT_VERSION,
         }
-        self._hello = {k: v[:FIELD_MAX] for k, v in hello.items()}
+        self._hello = {k: v[:MAX_TEXT] for k, v in hello.items()}
         # Joined by the first call, so that a client that is never used costs nothing.
         self._engine: Engine | None = None
         self._links: list[Link] = []

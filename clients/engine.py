@@ -63,7 +63,7 @@ from typing import Any
 
 import zmq
 
-from broker.security import ClientCurve
+from clients.curve import ClientCurve
 from clients.errors import ClientClosed, LicenseUnavailable, ProtocolError
 from clients.grant import Grant
 from clients.link import Link

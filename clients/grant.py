@@ -2,12 +2,20 @@
 
 The application sees a read-only object. Behind it, the client's I/O thread is the
 only writer: it re-binds the grant to a new id when the triad expired the session and
-the library checked the seats out again, and it moves the grant through its states:
+the library checked the seats out again, and it moves the grant through its states
+(``TRANSITIONS`` below is the whole table; ``Grant._set_state`` checks every change):
 
+    (granted) ──lease copy valid──> HELD      (granted) ──lease copy lapsed──> UNSAFE
     HELD ──lease lapsed──> UNSAFE ──lease renewed──> HELD
-    HELD/UNSAFE ──triad forgot the session──> RECOVERING ──checked out again──> HELD
+    HELD/UNSAFE ──triad forgot the session──> RECOVERING
+    RECOVERING ──checked out again──> HELD, or UNSAFE if the lease copy has lapsed since
     RECOVERING ──could not get it back──> LOST
-    any ──checkin / close──> RELEASED
+    HELD/UNSAFE/RECOVERING ──checkin / close──> RELEASED
+    LOST, RELEASED: final
+
+A grant is HELD only while the link's copy of the lease is valid: one got (or got
+back) while it has lapsed starts UNSAFE and is reported like the grants that lapsed,
+since the triad may expire the session before the next renewal.
 
 Reads from other threads are of single attributes, each written whole by the I/O
 thread, so no lock is needed to look at a grant.
@@ -26,6 +34,31 @@ class GrantState(enum.Enum):
     RECOVERING = "recovering"  # the triad forgot the session; being checked out again
     LOST = "lost"  # could not be got back: gone for good
     RELEASED = "released"  # checked in (or the client closed)
+
+
+# from -> the states a grant may go to; LOST and RELEASED are final
+TRANSITIONS: dict[GrantState, frozenset[GrantState]] = {
+    GrantState.HELD: frozenset({GrantState.UNSAFE, GrantState.RECOVERING, GrantState.RELEASED}),
+    GrantState.UNSAFE: frozenset({GrantState.HELD, GrantState.RECOVERING, GrantState.RELEASED}),
+    GrantState.RECOVERING: frozenset(
+        {GrantState.HELD, GrantState.UNSAFE, GrantState.LOST, GrantState.RELEASED}
+    ),
+    GrantState.LOST: frozenset(),
+    GrantState.RELEASED: frozenset(),
+}
+INITIAL = frozenset({GrantState.HELD, GrantState.UNSAFE})  # the states a grant is born in
+
+
+class IllegalTransition(RuntimeError):
+    """A state change outside its transition table: a bug in the library, never taken.
+
+    Not a ``LicenseError``: an application has nothing to handle, the library is wrong.
+    """
+
+    def __init__(self, what: str, old: enum.Enum | None, new: enum.Enum) -> None:
+        self.what, self.old, self.new = what, old, new
+        start = "(new)" if old is None else old.value
+        super().__init__(f"{what}: illegal transition {start} -> {new.value}")
 
 
 class _Releaser(Protocol):
@@ -51,7 +84,10 @@ class Grant:
         triad: tuple[str, ...],
         entry: int,
         session: str,
+        state: GrantState = GrantState.HELD,
     ) -> None:
+        if state not in INITIAL:
+            raise IllegalTransition(f"grant {id}", None, state)
         self._owner = owner
         self._id = id
         self._feature = feature
@@ -60,7 +96,7 @@ class Grant:
         self._triad = triad
         self._entry = entry  # which server/triad of the license path it came from
         self._session = session  # the sid it was granted under: checkins go there
-        self._state = GrantState.HELD
+        self._state = state
 
     @property
     def id(self) -> int:
@@ -123,11 +159,16 @@ class Grant:
         )
 
     # --- written by the client's I/O thread only
-    def _rebind(self, id: int, version: str, session: str) -> None:
+    def _rebind(self, id: int, version: str, session: str, state: GrantState) -> None:
+        """Checked out again on a new session: ``state`` HELD, or UNSAFE if its lease
+        copy has lapsed since."""
+        self._set_state(state)
         self._id = id
         self._version = version
         self._session = session
-        self._state = GrantState.HELD
 
     def _set_state(self, state: GrantState) -> None:
+        """The one way a grant changes state: along ``TRANSITIONS`` only."""
+        if state not in TRANSITIONS[self._state]:
+            raise IllegalTransition(f"grant {self._id} of {self._feature}", self._state, state)
         self._state = state

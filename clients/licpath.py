@@ -26,7 +26,9 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
+from clients.curve import SecurityError, check_key
 from clients.errors import LicensePathError, LicenseUnavailable
+from clients.licfile import LicenseError, ServerLine, read_servers
 
 log = logging.getLogger("zbroker.client")
 
@@ -57,23 +59,20 @@ def raise_if_out_of_descriptors(path: str, exc: BaseException) -> None:
 
 
 def servers_from_file(path: str) -> Entry:
-    """The endpoints of a license file's SERVER lines, via ``broker.license``."""
-    try:  # imported late: only file entries need the node's license parser
-        from broker.license import LicenseError, read_servers
-    except OSError as exc:  # an import opens files too
-        raise_if_out_of_descriptors(path, exc)
-        raise
-    try:
-        servers = read_servers(path)
-    except OSError as exc:
-        raise_if_out_of_descriptors(path, exc)
-        raise LicensePathError(str(exc)) from exc
-    except LicenseError as exc:  # its messages already name file:line:column
-        raise_if_out_of_descriptors(path, exc)
-        raise LicensePathError(str(exc)) from exc
+    """The endpoints of a license file's SERVER lines (``clients.licfile``)."""
+    servers = _read_servers(path)
     if not servers:
         raise LicensePathError(f"license file {path} has no SERVER line")
     return tuple(s.endpoint for s in servers)
+
+
+def _read_servers(path: str) -> list[ServerLine]:
+    """``read_servers``, its errors as LicensePathError (out of descriptors: unavailable)."""
+    try:
+        return read_servers(path)
+    except LicenseError as exc:  # its messages already name file:line:column
+        raise_if_out_of_descriptors(path, exc)
+        raise LicensePathError(str(exc)) from exc
 
 
 def parse_server_list(text: str) -> Entry:
@@ -128,23 +127,12 @@ def resolve(
 def keys_from_file(path: str) -> dict[str, str]:
     """``{endpoint: key}`` of the SERVER lines of a license file that carry ``KEY=``."""
     try:
-        from broker.license import LicenseError, read_servers
-        from broker.security import SecurityError, check_key
-    except OSError as exc:  # an import opens files too
-        raise_if_out_of_descriptors(path, exc)
-        raise
-    try:
-        servers = read_servers(path)
         return {
             s.endpoint: check_key(s.attrs["KEY"], f"{path}:{s.line}: SERVER {s.name} KEY=")
-            for s in servers
+            for s in _read_servers(path)
             if "KEY" in s.attrs
         }
-    except OSError as exc:
-        raise_if_out_of_descriptors(path, exc)
-        raise LicensePathError(str(exc)) from exc
-    except (LicenseError, SecurityError) as exc:
-        raise_if_out_of_descriptors(path, exc)
+    except SecurityError as exc:
         raise LicensePathError(str(exc)) from exc
 
 
@@ -165,8 +153,6 @@ def server_keys(
             if item.strip() and "@" not in item:
                 keys.update(keys_from_file(item.strip()))
     if given:
-        from broker.security import SecurityError, check_key
-
         try:
             keys.update({e: check_key(k, f"server_keys[{e!r}]") for e, k in given.items()})
         except SecurityError as exc:

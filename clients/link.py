@@ -9,11 +9,16 @@ Links of many clients may share one connection to a node (engine.py): every requ
 carries a sid, so every reply names the link it belongs to; ``status`` needs no session
 and carries the link's own ``tag`` as its sid for that reason alone.
 
-Session states:
+Session states (``TRANSITIONS`` below is the whole table; ``Link._set_session`` checks
+every change, and grants have their own table in grant.py):
 
     CLOSED ──first call needing a session──> OPENING ──open ok──> OPEN
+    OPENING ──no node opened it / closed before any node could──> CLOSED
     OPEN ──our lease copy ran out──> LAPSED ──any ok/denied renews──> OPEN
-    OPEN/LAPSED ──error unknown_session──> OPENING (new sid) ──open ok──> OPEN + re-checkout
+    OPEN/LAPSED ──error unknown_session, grants held──> OPENING (new sid) ──open ok──> OPEN
+                                                         + re-checkout
+    OPEN/LAPSED ──error unknown_session, nothing held──> CLOSED (the next call opens)
+    OPEN/LAPSED/OPENING ──close──> CLOSED
 
 Rules:
 
@@ -22,7 +27,10 @@ Rules:
 - The lease copy counts from the *first* send of a request that was answered ``ok`` or
   ``denied`` (whichever copy the primary acted on, it was sent no earlier), so it
   lapses no later than the triad's. When it lapses, held grants become UNSAFE and are
-  reported; heartbeats go on, and a renewal makes them HELD again.
+  reported; heartbeats go on, and a renewal makes them HELD again. A grant got, or got
+  back by a re-checkout, while the copy has lapsed (judged after that reply's own
+  renewal) starts UNSAFE and is reported the same way: the triad may expire the session
+  before the next renewal, and the application must not take it as safe meanwhile.
 - ``unknown_session`` for the current sid means the triad expired the session: a new
   sid is opened and every grant still held is checked out again; those that cannot be
   got back become LOST and are reported. An application call that got
@@ -55,8 +63,9 @@ from clients.errors import (
     ProtocolError,
 )
 from clients.exchange import Exchange
-from clients.grant import Grant, GrantState, _Releaser
-from clients.wire import UNKNOWN_SESSION, Reply, decode_reply, encode_request, failure_of, grant_of
+from clients.grant import Grant, GrantState, IllegalTransition, _Releaser
+from clients.protocol import ErrorCode, Status
+from clients.wire import Reply, decode_reply, encode_request, failure_of, grant_of
 
 log = logging.getLogger("zbroker.client")
 
@@ -74,6 +83,15 @@ class SessionState(enum.Enum):
     OPENING = "opening"
     OPEN = "open"
     LAPSED = "lapsed"
+
+
+# from -> the states a session may go to
+TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    SessionState.CLOSED: frozenset({SessionState.OPENING}),
+    SessionState.OPENING: frozenset({SessionState.OPEN, SessionState.CLOSED}),
+    SessionState.OPEN: frozenset({SessionState.LAPSED, SessionState.OPENING, SessionState.CLOSED}),
+    SessionState.LAPSED: frozenset({SessionState.OPEN, SessionState.OPENING, SessionState.CLOSED}),
+}
 
 
 @dataclass
@@ -96,7 +114,9 @@ def _fail(fut: Future[Any], error: BaseException) -> None:
 
 def _is_unknown_session(reply: Reply | None) -> bool:
     return (
-        reply is not None and reply.status == "error" and reply.body.get("code") == UNKNOWN_SESSION
+        reply is not None
+        and reply.status == Status.ERROR
+        and reply.body.get("code") == ErrorCode.UNKNOWN_SESSION
     )
 
 
@@ -205,7 +225,7 @@ class Link:
         def done(ex: Exchange, reply: Reply | None) -> None:
             if reply is None:
                 _fail(fut, self._unavailable("answered status", ex))
-            elif reply.status == "ok":
+            elif reply.status == Status.OK:
                 # protocol.md calls the payload ``status`` (clashing with the reply's own
                 # status field); broker/node.py sends ``report``: accept either.
                 key = "report" if "report" in reply.body else "status"
@@ -231,7 +251,7 @@ class Link:
             return
 
         def done(ex: Exchange, reply: Reply | None) -> None:
-            if reply is None or reply.status != "ok":
+            if reply is None or reply.status != Status.OK:
                 log.info("close of session on %s not confirmed: the triad expires it", self.name)
             self._closed()
             _resolve(fut, None)
@@ -273,32 +293,40 @@ class Link:
             # A redirect from a node that had proposed the request while primary says
             # nothing about its fate: that copy still counts as unanswered.
             ex.record_reply(node)
-        if reply.status in ("redirect", "unavailable"):
+        if reply.status in (Status.REDIRECT, Status.UNAVAILABLE):
             if ex.in_flight and node != ex.node:
                 return True  # an older try's answer: the current try may still succeed
             to = None
             target = reply.body.get("primary")
-            if reply.status == "redirect" and isinstance(target, str):
+            if reply.status == Status.REDIRECT and isinstance(target, str):
                 to = self._node_for(target)
                 if to is not None:
                     self.primary = to
             self._missed(ex, to)
             return True
-        if ex.op != "status" and reply.status in ("ok", "denied"):
+        if ex.op != "status" and reply.status in (Status.OK, Status.DENIED):
             self.primary = node  # only the primary gives those
             if ex.sid == self.sid:
                 self._renewed(ex)
+        # After the renewal, before the completion: a grant this reply gives is judged
+        # by a lease copy that is up to date, even when no tick ran since it ran out.
+        self._lapse(now)
         self._table.pop(ex.key, None)
         if ex is self._hb:
             self._hb = None
-        if _is_unknown_session(reply) and ex.sid is not None and ex.sid == self.sid:
+        if (
+            _is_unknown_session(reply)
+            and ex.op != "close"  # being closed anyway: nothing to recover
+            and ex.sid is not None
+            and ex.sid == self.sid
+        ):
             self._session_gone()
         ex.done(ex, reply)
         return True
 
     def _status_without_req(self, reply: Reply) -> Exchange | None:
         """A status answer with ``req`` nil (an older node): match this link's oldest."""
-        if reply.status != "ok" or reply.sid not in (None, self.tag):
+        if reply.status != Status.OK or reply.sid not in (None, self.tag):
             return None
         return next((ex for ex in self._table.values() if ex.op == "status"), None)
 
@@ -421,9 +449,15 @@ class Link:
         return len(self.endpoints) - 1
 
     # --- the session
+    def _set_session(self, state: SessionState) -> None:
+        """The one way the session changes state: along ``TRANSITIONS`` only."""
+        if state not in TRANSITIONS[self.state]:
+            raise IllegalTransition(f"session {self.sid} on {self.name}", self.state, state)
+        self.state = state
+
     def _open(self) -> None:
+        self._set_session(SessionState.OPENING)
         self.sid = self._new_sid()
-        self.state = SessionState.OPENING
         self._opening = Exchange(
             "open", {"op": "open", **self._hello}, None, done=self._open_done, sid=self.sid
         )
@@ -436,13 +470,13 @@ class Link:
         error: LicenseError = LicenseUnavailable(
             f"could not open a session on {self.name}" + (f": {ex.cause}" if ex.cause else "")
         )
-        if reply is not None and reply.status == "ok" and ex.first_sent is not None:
+        if reply is not None and reply.status == Status.OK and ex.first_sent is not None:
             try:
                 lease, heartbeat = reply.seconds("lease"), reply.seconds("heartbeat")
             except ProtocolError as exc:
                 error = exc
             else:
-                self.state = SessionState.OPEN
+                self._set_session(SessionState.OPEN)
                 self.lease, self.heartbeat = lease, heartbeat
                 self.lease_deadline = ex.first_sent + lease
                 self.next_heartbeat = self._now + heartbeat
@@ -454,7 +488,8 @@ class Link:
         elif reply is not None:
             error = failure_of(reply)
         log.warning("session on %s not opened: %s", self.name, error)
-        self.state, self.sid = SessionState.CLOSED, None
+        self._set_session(SessionState.CLOSED)
+        self.sid = None
         waiting, self._waiting = self._waiting, []
         for w in waiting:
             w.cause = w.cause or ex.cause
@@ -471,20 +506,24 @@ class Link:
         self.lease_deadline = max(self.lease_deadline, ex.first_sent + self.lease)
         if self.state is SessionState.LAPSED and self._now < self.lease_deadline:
             log.info("lease on %s renewed: grants safe again", self.name)
-            self.state = SessionState.OPEN
+            self._set_session(SessionState.OPEN)
             for grant in self.held:
                 if grant.state is GrantState.UNSAFE:
                     grant._set_state(GrantState.HELD)
 
-    def _lease_tick(self, now: float) -> None:
+    def _lapse(self, now: float) -> None:
+        """OPEN -> LAPSED once our lease copy ran out: held grants are no longer safe."""
         if self.state is SessionState.OPEN and now >= self.lease_deadline:
             log.warning("lease on %s lapsed: grants no longer safe", self.name)
-            self.state = SessionState.LAPSED
+            self._set_session(SessionState.LAPSED)
             unsafe = [g for g in self.held if g.state is GrantState.HELD]
             for grant in unsafe:
                 grant._set_state(GrantState.UNSAFE)
             if unsafe:
                 self._report(unsafe)
+
+    def _lease_tick(self, now: float) -> None:
+        self._lapse(now)
         if (
             self.state in (SessionState.OPEN, SessionState.LAPSED)
             and self._hb is None
@@ -498,37 +537,45 @@ class Link:
             self._start(self._hb)
 
     def _heartbeat_done(self, ex: Exchange, reply: Reply | None) -> None:
-        if reply is not None and reply.status == "ok" and "lease" in reply.body:
+        if reply is not None and reply.status == Status.OK and "lease" in reply.body:
             try:
                 self.lease = reply.seconds("lease")
             except ProtocolError as exc:
                 log.warning("heartbeat reply from %s: %s", self.name, exc)
 
     def _session_gone(self) -> None:
-        log.warning("%s no longer knows session %s: opening a new one", self.name, self.sid)
-        self.state, self.sid, self._hb = SessionState.CLOSED, None, None
+        log.warning("%s no longer knows session %s", self.name, self.sid)
+        self._hb = None
         recovering = [g for g in self.held if g.state in ACTIVE]
         for grant in recovering:
             grant._set_state(GrantState.RECOVERING)
         if recovering:
-            self._open()
+            self._open()  # a new sid at once, to check them out again
+        else:
+            self._set_session(SessionState.CLOSED)  # the next call that needs one opens it
+            self.sid = None
 
     def _closed(self) -> None:
-        self.state, self.sid, self._hb, self._opening = SessionState.CLOSED, None, None, None
+        # Already CLOSED when the triad forgot the session while the close was on its way.
+        if self.state is not SessionState.CLOSED:
+            self._set_session(SessionState.CLOSED)
+        self.sid, self._hb, self._opening = None, None, None
         for grant in list(self.held):
             self._forget(grant, GrantState.RELEASED)
 
     # --- grants
     def _forget(self, grant: Grant, state: GrantState) -> None:
-        grant._set_state(state)
+        """The grant ends (RELEASED or LOST) and leaves ``held``; it ends once: a grant
+        not in ``held`` already ended (a checkin settled after OutcomeUnknown)."""
         if grant in self.held:
+            grant._set_state(state)
             self.held.remove(grant)
 
     def _checkout_done(self, fut: Future[Any], ex: Exchange, reply: Reply | None) -> None:
         if reply is None:  # never reached a node that could act on it
             _fail(fut, self._unavailable("could serve the checkout", ex))
             return
-        if reply.status == "ok":
+        if reply.status == Status.OK:
             try:
                 info = grant_of(reply)
             except ProtocolError as exc:
@@ -546,9 +593,11 @@ class Link:
                 triad=self.triad,
                 entry=self.entry,
                 session=ex.sid,
+                state=self._granted_state(),
             )
             self.held.append(grant)
             _resolve(fut, grant)
+            self._report_if_unsafe(grant)
         elif _is_unknown_session(reply):
             if not fut.done():  # no effect: ask again on the new session
                 again = Exchange(
@@ -568,13 +617,27 @@ class Link:
     ) -> None:
         if reply is None:
             _fail(fut, self._unavailable("took the checkin", ex))
-        elif reply.status == "ok" or _is_unknown_session(reply):
+        elif reply.status == Status.OK or _is_unknown_session(reply):
             self._forget(grant, GrantState.RELEASED)  # unknown session: it holds nothing
             _resolve(fut, None)
         else:
-            if reply.status == "denied":  # not_held: this session holds nothing of it
+            if reply.status == Status.DENIED:  # not_held: this session holds nothing of it
                 self._forget(grant, GrantState.RELEASED)
             _fail(fut, failure_of(reply))
+
+    def _granted_state(self) -> GrantState:
+        """The state of a grant got now: HELD only while our lease copy is valid."""
+        return GrantState.HELD if self.state is SessionState.OPEN else GrantState.UNSAFE
+
+    def _report_if_unsafe(self, grant: Grant) -> None:
+        if grant.state is GrantState.UNSAFE:
+            log.warning(
+                "grant %d of %s on %s got while the lease lapsed: not safe until renewed",
+                grant.id,
+                grant.feature,
+                self.name,
+            )
+            self._report([grant])
 
     def _release_quietly(self, sid: str | None, grant_id: int) -> None:
         """Check in a grant nobody holds (settled checkout, late re-checkout)."""
@@ -609,14 +672,15 @@ class Link:
         counted = grant not in round_.waiting  # already given up at the deadline
         round_.waiting.discard(grant)
         info = None
-        if reply is not None and reply.status == "ok":
+        if reply is not None and reply.status == Status.OK:
             try:
                 info = grant_of(reply)
             except ProtocolError as exc:
                 log.warning("re-checkout reply from %s: %s", self.name, exc)
         if info is not None and ex.sid is not None:
             if grant.state is GrantState.RECOVERING and not counted:
-                grant._rebind(info.id, info.version, ex.sid)
+                grant._rebind(info.id, info.version, ex.sid, self._granted_state())
+                self._report_if_unsafe(grant)
             else:  # released meanwhile, or already reported lost: nobody wants it
                 self._release_quietly(ex.sid, info.id)
         elif _is_unknown_session(reply):

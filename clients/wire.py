@@ -1,10 +1,14 @@
-"""The client side of docs/protocol.md (the msgpack calls themselves are broker.wire's).
+"""The client side of docs/protocol.md: the library's one codec.
 
 Requests are built as plain maps and packed here; replies are unpacked, checked for
 the fields every reply has, and handed on as a frozen ``Reply``. The payload of an
 ``ok`` is read through the typed accessors below, which raise ``ProtocolError``
 instead of letting a wrongly typed field travel into the library. Nothing here
-touches a socket or a clock.
+touches a socket or a clock. The protocol's words (version, bounds, statuses, codes)
+are ``clients.protocol``'s, the same the node checks requests against.
+
+msgpack is used as the node uses it (``broker.wire``): ``use_bin_type=True``,
+``raw=False``, no ext or bin types accepted, no pickle.
 """
 
 from __future__ import annotations
@@ -13,14 +17,34 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.wire import MAX_COUNT, MAX_LEASE, MAX_REQ, pack, unpack_reply
-from clients.errors import LicenseDenied, LicenseError, LicenseUnavailable, ProtocolError
+import msgpack
 
-PROTOCOL_VERSION = 1
-STATUSES = frozenset({"ok", "denied", "redirect", "unavailable", "error"})
-UNKNOWN_SESSION = "unknown_session"
-LIMIT = "limit"
-FIELD_MAX = 256  # user, host, display, client_version: longest the node accepts
+from clients.errors import LicenseDenied, LicenseError, LicenseUnavailable, ProtocolError
+from clients.protocol import (
+    MAX_COUNT,
+    MAX_LEASE,
+    MAX_REQ,
+    PROTOCOL_VERSION,
+    STATUSES,
+    ErrorCode,
+    Status,
+)
+
+
+def pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def unpack_reply(data: bytes) -> Any:
+    """A node's reply: no ext or bin types, sizes bounded by the frame itself.
+
+    A request's caps (``broker.wire.unpack_bounded``) would not fit: a status reply may
+    list a page of up to HOLDERS_PAGE holders (and a node of an older version sent them
+    all), so replies keep msgpack's own bound instead: no container may claim more items
+    than the frame has bytes.
+    """
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, max_bin_len=0, max_ext_len=0)
 
 
 @dataclass(frozen=True)
@@ -88,7 +112,9 @@ def decode_reply(frame: bytes) -> Reply:
     if not isinstance(obj, dict):
         raise ProtocolError(f"reply is not a map: {type(obj).__name__}")
     if obj.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"reply has protocol version {obj.get('v')!r}, expected 1")
+        raise ProtocolError(
+            f"reply has protocol version {obj.get('v')!r}, expected {PROTOCOL_VERSION}"
+        )
     sid, req, status = obj.get("sid"), obj.get("req"), obj.get("status")
     if sid is not None and not isinstance(sid, str):
         raise ProtocolError(f"reply sid is not a string: {sid!r}")
@@ -118,15 +144,15 @@ def failure_of(reply: Reply) -> LicenseError:
     """The error a final non-``ok`` reply means for the caller (all are definite)."""
     detail = reply.body.get("detail")
     text = detail if isinstance(detail, str) else f"{reply.status} without detail"
-    if reply.status == "denied":
+    if reply.status == Status.DENIED:
         reason = reply.body.get("reason")
         return LicenseDenied(reason if isinstance(reason, str) else "unknown", text)
-    if reply.status == "unavailable":
+    if reply.status == Status.UNAVAILABLE:
         return LicenseUnavailable(text)
-    if reply.status == "error":
+    if reply.status == Status.ERROR:
         code = reply.body.get("code")
-        if code == LIMIT:
-            return LicenseUnavailable(text, code=LIMIT)
+        if code == ErrorCode.LIMIT:
+            return LicenseUnavailable(text, code=ErrorCode.LIMIT)
         return ProtocolError(
             f"node says {code}: {text}", code=code if isinstance(code, str) else None
         )

@@ -11,13 +11,14 @@ same run, and the µs of CPU per request of every process, read from /proc. Alte
 the trees spreads the machine's drift over both; compare ratios, not pairs/s.
 
 Each measurement runs in a child process whose ``PYTHONPATH`` is that tree, so the
-triad, the echo and the load all run the tree's own code (``clients.bench`` of the
-tree; every tree with a ``clients/bench`` package works).
+triad, the echo and the load all run the tree's own code: its ``clients/testing/bench``,
+or ``clients/bench`` in a tree from before the test tooling left the library.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -30,11 +31,11 @@ from typing import Any
 def measure(fsync: bool, outstanding: int, duration: float, warmup: float) -> dict[str, Any]:
     """One echo and one triad of the code on ``sys.path``; run inside the child."""
     from broker.demo import free_ports
-    from clients.bench import echo
-    from clients.bench.common import sample
-    from clients.bench.load import LoadPool
-    from clients.bench.triad import BenchTriad
 
+    echo = _bench("echo")
+    sample = _bench("common").sample
+    LoadPool = _bench("load").LoadPool
+    BenchTriad = _bench("triad").BenchTriad
     pool = LoadPool(2)
     loaders = [c.proc.pid for c in pool.children if c.proc.pid is not None]
     out: dict[str, Any] = {}
@@ -64,6 +65,17 @@ def measure(fsync: bool, outstanding: int, duration: float, warmup: float) -> di
         pool.close()
     out["ratio"] = out["triad"]["pairs_per_s"] / out["echo"]["pairs_per_s"]
     return out
+
+
+def _bench(name: str) -> Any:
+    """The benchmark's module ``name`` in the tree on ``sys.path``, old layout or new."""
+    for package in ("clients.testing.bench", "clients.bench"):
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not package.startswith(exc.name):
+                raise  # a module the benchmark itself imports is missing
+    raise ModuleNotFoundError("this tree has neither clients/testing/bench nor clients/bench")
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Benchmark zbroker against a bare ZeroMQ echo in one run: ``python scripts/bench.py [--quick]``.
 
-The same as ``zbroker bench``; everything lives in ``clients/bench`` (see its docstring).
+The same as ``zbroker bench``; everything lives in ``clients/testing/bench`` (see its docstring).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from clients.bench.cli import bench
+from clients.testing.bench.cli import bench
 
 if __name__ == "__main__":
     bench()

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from clients.chaos.checker import check
-from clients.chaos.history import read_history
-from clients.chaos.nemesis import FaultKind
-from clients.chaos.runner import Runner, RunOptions
-from clients.chaos.verdict import CheckOptions, render
+from clients.testing.chaos.checker import check
+from clients.testing.chaos.history import read_history
+from clients.testing.chaos.nemesis import FaultKind
+from clients.testing.chaos.runner import Runner, RunOptions
+from clients.testing.chaos.verdict import CheckOptions, render
 
 pytestmark = pytest.mark.chaos
 

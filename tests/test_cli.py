@@ -89,3 +89,33 @@ def test_up_runs_a_triad_that_status_and_checkout_see_and_sigterm_stops(tmp_path
     assert up.returncode == 0, output
     after = _zbroker("status", "--config", config, "--json", "--timeout", "0.3")
     assert [n["role"] for n in json.loads(after.stdout)["nodes"]] == ["down"] * 3
+
+
+@pytest.mark.unit
+def test_bootstrap_gives_a_new_node_a_state_it_votes_with_and_never_touches_one_in_use(
+    tmp_path: Path,
+) -> None:
+    from broker.config import load_config
+    from broker.storage import Storage
+
+    runner = CliRunner()
+    assert runner.invoke(main, ["init", str(tmp_path / "demo")]).exit_code == 0
+    config_path = tmp_path / "demo" / "zbroker.toml"
+    data = load_config(config_path).node("beta").data
+    for f in data.iterdir():  # as a real host's new, empty directory
+        f.unlink()
+    data.rmdir()
+    args = ["bootstrap", "--config", str(config_path), "--node", "beta"]
+    done = runner.invoke(main, args)
+    assert done.exit_code == 0, done.output
+    storage = Storage(data, "beta", fsync=False, nodes=["alpha", "beta", "gamma"])
+    try:
+        assert not storage.load().fresh  # it votes: no catching up from a primary first
+    finally:
+        storage.close()
+    before = {f.name: f.read_bytes() for f in data.iterdir() if f.is_file()}
+    again = runner.invoke(main, args)
+    assert again.exit_code == 3 and "not empty" in again.output
+    assert {f.name: f.read_bytes() for f in data.iterdir() if f.is_file()} == before
+    unknown = runner.invoke(main, ["bootstrap", "--config", str(config_path), "--node", "zeta"])
+    assert unknown.exit_code == 2

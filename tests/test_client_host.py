@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from broker.signing import load_private_key, sign_license_text
+from broker.license import sign_license_text
+from broker.signing import load_private_key
 from clients.testing import LocalTriad, wait_for
 
 pytestmark = pytest.mark.integration

@@ -64,16 +64,7 @@ def _holds_for(condition: Callable[[], bool], seconds: float, what: str) -> None
 
 def _run(triad: LocalTriad, name: str) -> list[str]:
     """The command line of ``zbroker run`` for one node of ``triad``."""
-    return [
-        sys.executable,
-        "-m",
-        "broker",
-        "run",
-        "--config",
-        str(triad.config_path),
-        "--node",
-        name,
-    ]
+    return triad.command(name)
 
 
 def _log_from(triad: LocalTriad, name: str, offset: int) -> str:
@@ -367,7 +358,7 @@ def test_a_snapshot_whose_ledger_does_not_load_is_damage_and_status_says_why(
     node = Node(triad.config, name)
     try:
         node._start()
-        why = node.report(Now(time.monotonic(), time.time()))["nodes"][0]["recovering"]
+        why = node.core.report(Now(time.monotonic(), time.time()))["nodes"][0]["recovering"]
     finally:
         node.storage.close()
     assert why.startswith(f"data directory damaged: {data / 'snapshot'}: snapshot must be")

@@ -43,9 +43,9 @@ from broker.cli import EXIT_DATA, Seconds, main
 from broker.config import NODE_SETTINGS, RANGES, SETTINGS, ConfigError, load_config
 from broker.demo import write_demo
 from broker.ledger import Ledger
-from broker.license import LicenseSyntaxError, load_license, parse_license
+from broker.license import LicenseSyntaxError, load_license, parse_license, sign_license_text
 from broker.model import Now, Request
-from broker.signing import load_private_key, sign_canonical, sign_license_text
+from broker.signing import load_private_key, sign_canonical
 from broker.status import query_nodes
 from broker.wire import (
     MAX_COUNT,
@@ -170,6 +170,7 @@ BAD_ENDPOINTS = [
 NODE_CASES = [
     *[(key, value) for key in ("peer", "pub") for value in BAD_ENDPOINTS],
     *[(key, value) for key in ("data", "secret_key") for value in ("5", '""', "true")],
+    *[("metrics", value) for value in ('"tcp://127.0.0.1:5"', '"127.0.0.1:0"', *BAD_ENDPOINTS)],
     ("peeer", '"tcp://127.0.0.1:5"'),
 ]
 
@@ -624,27 +625,26 @@ def _serve(lines: list[str]) -> str:
     backup = Ledger((), lease=30.0, heartbeat=10.0)
     index = 0
 
-    def commit(deltas: list[dict[str, Any]]) -> None:
+    def commit(decided: list[tuple[dict[str, Any], Any]]) -> None:
         nonlocal index
-        for delta in deltas:
+        for delta, reply in decided:
             primary.apply(delta)
             index += 1
             backup.apply(_replicated(delta, index))
-            reply = primary.reply_of(delta)
             if reply is not None:
                 unpack(pack(reply))
 
-    commit([primary.reload_delta(lic.entitlements)])
+    commit([(primary.reload_delta(lic.entitlements), None)])
     assert backup.entitlements == primary.entitlements == tuple(lic.entitlements)
     now = Now(mono=100.0, wall=DAY0)
     opened = primary.handle(Request(op="open", sid="s", req=1, user="ann", host="h1"), now)
-    commit(opened.deltas)
+    commit(opened.decided)
     for req, line in enumerate(lic.entitlements, start=2):
         # The largest checkout the line allows: every seat of it, at its own version.
         ask = Request(op="checkout", sid="s", req=req, feature=line.feature,
                       count=line.count, version=line.version)  # fmt: skip
         outcome = primary.handle(ask, now)
-        commit(outcome.deltas)
+        commit(outcome.decided)
         if outcome.reply is not None:
             unpack(pack(outcome.reply))
     snap = unpack(pack(backup.snapshot()))

@@ -41,10 +41,10 @@ from broker.wire import (
     unpack,
 )
 from clients import LicenseClient
-from clients.bench.common import BENCH_FEATURE, frame, open_frame, reply_of, sample
-from clients.bench.flood import MARKER, Flooder, RssWatch
-from clients.bench.triad import BenchTriad
 from clients.testing import wait_for
+from clients.testing.bench.common import BENCH_FEATURE, frame, open_frame, reply_of, sample
+from clients.testing.bench.flood import MARKER, Flooder, RssWatch
+from clients.testing.bench.triad import BenchTriad
 from clients.wire import encode_request
 
 pytestmark = pytest.mark.unit
@@ -221,7 +221,7 @@ def test_a_tick_asks_only_the_head_of_a_blocked_queue(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(ledger, "_choose", counting)
     for second in (1.0, 2.0):
-        assert ledger.tick(Now(second, AT)) == []
+        assert ledger.tick(Now(second, AT)).decided == []
     assert asked == [10, 10]  # not the 999 behind it: nothing that could deny them changed
     assert ledger.queued("cad") == 1_000
 
@@ -229,14 +229,14 @@ def test_a_tick_asks_only_the_head_of_a_blocked_queue(monkeypatch: pytest.Monkey
 def test_waiters_behind_a_blocked_head_are_still_denied_by_a_reload_or_a_new_day() -> None:
     ledger = _queue(3)
     ledger.apply(ledger.reload_delta([Entitlement("cad", "2.0", 1, None, users=frozenset("x"))]))
-    denied = ledger.tick(Now(1.0, AT))
+    denied = [delta for delta, _ in ledger.tick(Now(1.0, AT)).decided]
     assert [d["req"] for d in denied] == [10, 11, 12]
     assert {d["reply"]["reason"] for d in denied} == {"not_allowed"}
     ledger = _queue(3)
     ledger.apply(ledger.reload_delta([Entitlement("cad", "2.0", 1, datetime.date(2026, 6, 1))]))
-    assert ledger.tick(Now(1.0, AT)) == []  # still the day of its last line: wait on
+    assert ledger.tick(Now(1.0, AT)).decided == []  # still the day of its last line: wait on
     next_day = AT + 86_400
-    denied = ledger.tick(Now(2.0, next_day))
+    denied = [delta for delta, _ in ledger.tick(Now(2.0, next_day)).decided]
     assert [d["reply"]["reason"] for d in denied] == ["expired"] * 3
 
 

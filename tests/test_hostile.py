@@ -24,6 +24,7 @@ a gap that is closable even in plain mode (docs/security.md, "Findings").
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from broker.cli import config_curve
-from broker.status import default_curve, query_nodes
+from broker.status import query_nodes
 from broker.wire import pack
-from clients.testing import LocalTriad, wait_for
-from clients.wire import decode_reply, encode_request
+from clients.testing import LocalTriad, RawClient, wait_for
+from clients.wire import encode_request
 
 pytestmark = pytest.mark.integration
 
@@ -132,47 +133,53 @@ def settled(triad: LocalTriad, names: list[str]) -> dict[str, Any]:
     return wait_for(check, 10, "the live nodes to agree")
 
 
+def heard(triad: LocalTriad, name: str, peer: str) -> tuple[Any, ...]:
+    """What node ``name``'s own status says of ``peer`` (from ``peer``'s last heartbeat)."""
+    client = RawClient(triad.config.node(name).client, immediate=True)
+    try:
+        report = client.call(op="status")["report"]
+    finally:
+        client.close()
+    entry = next(n for n in report["nodes"] if n["name"] == peer)
+    return entry["role"], entry["term"], entry["commit"]
+
+
+def replies_to(attacker: RawClient) -> list[dict[str, Any]]:
+    """Every reply to what ``attacker`` sent so far, with no quiet period to wait out.
+
+    Positive control: a valid status request of a session no one else knows goes after
+    the hostile frames on the same connection; the node takes a connection's messages in
+    order, so once its answer is in, every answer to them came before it. It is sent
+    again while unanswered: a frame over ``max_message`` makes the node drop the
+    connection, and the control queued behind it with it (the next goes on a new one).
+    """
+    sid = uuid.uuid4().hex
+    out: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        attacker.send(op="status", sid=sid)
+        while attacker.sock.poll(200):
+            reply = attacker.recv(0)
+            if reply.get("sid") == sid:
+                return out
+            out.append(reply)
+    raise AssertionError("the node never answered the control status request")
+
+
+def bind(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    """Bind, retrying while a killed node's listener on that port is still going away."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)  # polling interval of a condition with a deadline
+
+
 # --- the client socket (secure) ---------------------------------------------------------
-
-
-class Dealer:
-    def __init__(self, endpoint: str) -> None:
-        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.IMMEDIATE, 1)
-        curve = default_curve([endpoint])
-        if curve is not None:
-            curve.apply(self.sock, endpoint)
-        self.sock.connect(endpoint)
-
-    def send(self, frames: list[bytes]) -> None:
-        deadline = time.monotonic() + 5
-        while True:  # IMMEDIATE: refused until the (CURVE) connection is up
-            try:
-                self.sock.send_multipart(frames, zmq.NOBLOCK)
-                return
-            except zmq.Again:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.005)
-
-    def replies(self, settle: float = 0.05) -> list[dict[str, Any]]:
-        out = []
-        while self.sock.poll(int(settle * 1000)):
-            # A message of several frames is answered in the envelope it came in (a REQ
-            # socket's empty delimiter: docs/protocol.md), the reply in its last frame.
-            reply = decode_reply(self.sock.recv_multipart()[-1])
-            out.append({"status": reply.status, **reply.body})
-        return out
-
-    def call(self, fields: dict[str, Any]) -> dict[str, Any]:
-        self.send([encode_request(fields)])
-        assert self.sock.poll(5000), f"no answer to {fields}"
-        reply = decode_reply(self.sock.recv())
-        return {"status": reply.status, **reply.body}
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
 
 
 @pytest.fixture(scope="module")
@@ -180,14 +187,14 @@ def secure_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Loca
     triad = LocalTriad(tmp_path_factory.mktemp("hostile") / "secure", servers=1, lease=120.0)
     with triad:
         triad.wait_for_primary()
-        legit = Dealer(triad.endpoints[0])
+        legit = RawClient(triad.endpoints[0], immediate=True)
         sid = "c" * 32
         recorded = [
             {"op": "open", "sid": sid, "req": 1, "user": "ann", "host": "ws", "display": ":0"},
             {"op": "checkout", "sid": sid, "req": 2, "feature": "cad", "count": 3},
             {"op": "checkout", "sid": sid, "req": 3, "feature": "solver", "count": 9},
         ]
-        answers = [legit.call(r) for r in recorded]
+        answers = [legit.call(**r) for r in recorded]
         assert [a["status"] for a in answers] == ["ok", "ok", "denied"]
         yield triad, list(zip(recorded, answers, strict=True))
         legit.close()
@@ -210,7 +217,7 @@ def test_client_socket_survives_anything(
 ) -> None:
     triad, recorded = secure_node
     before = view(triad, ["alpha"])
-    attacker = Dealer(triad.endpoints[0])
+    attacker = RawClient(triad.endpoints[0], immediate=True)
     try:
         kind = data.draw(
             st.sampled_from(["junk", "value", "mutated", "deep", "replay", "oversize", "admin"])
@@ -230,7 +237,7 @@ def test_client_socket_survives_anything(
             frames = [data.draw(st.sampled_from([DEEP, HUGE_MAP, b"\x92" * 40 + b"\xc0"]))]
         elif kind == "replay":
             request, answer = data.draw(st.sampled_from(recorded))
-            reply = attacker.call(request)
+            reply = attacker.call(**request)
             assert reply == answer  # the recorded answer again, no second effect
             unchanged(triad, before, ["alpha"])
             return
@@ -239,12 +246,12 @@ def test_client_socket_survives_anything(
             expect_answer = False  # the node drops the connection (MAXMSGSIZE)
         else:
             frames = [encode_request({"op": "admin", "action": "down", "req": 1})]
-        attacker.send(frames)
+        attacker.send_frames(frames)
         if sum(map(len, frames)) > triad.config.max_message:
             expect_answer = False  # the node drops the connection (MAXMSGSIZE)
         if expect_answer:
             assert attacker.sock.poll(5000), f"no answer to {kind}"
-        for reply in attacker.replies():
+        for reply in replies_to(attacker):
             if reply["status"] != "ok":  # status of the node is the one ok a stranger gets
                 assert reply["status"] == "error", reply
                 assert isinstance(reply.get("detail"), str) and reply.get("code"), reply
@@ -262,11 +269,13 @@ def plain_triad(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     triad = LocalTriad(tmp_path_factory.mktemp("hostile") / "plain", lease=120.0, secure=False)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     with triad:
-        triad.wait_for_primary()
-        legit = Dealer(triad.endpoints[0])
+        # Failback hands control to alpha, the highest rank, whoever won first: after that
+        # (and gamma's death) nothing moves the primary but the attacks under test.
+        wait_for(lambda: triad.primary() == "alpha", 15, "alpha to be primary")
+        legit = RawClient(triad.endpoints[0], immediate=True)
         sid = "e" * 32
-        legit.call({"op": "open", "sid": sid, "req": 1, "host": "ws"})
-        legit.call({"op": "checkout", "sid": sid, "req": 2, "feature": "cad", "count": 4})
+        legit.call(op="open", sid=sid, req=1, host="ws")
+        legit.call(op="checkout", sid=sid, req=2, feature="cad", count=4)
         triad.kill("gamma")
         gamma = triad.config.node("gamma")
         listen = ctx.socket(zmq.SUB)  # capture the real heartbeats, to replay them
@@ -276,15 +285,7 @@ def plain_triad(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         pub = ctx.socket(zmq.XPUB)  # gamma's heartbeat endpoint, now ours
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's subscription, not the first
-        deadline = time.monotonic() + 5
-        while True:  # gamma's listener may take a moment to go away
-            try:
-                pub.bind(gamma.pub)
-                break
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        bind(pub, gamma.pub)
         joined = 0
         while joined < 2:  # both live nodes' SUBs reconnect to "gamma"
             assert pub.poll(10_000), "the nodes did not subscribe to the impostor"
@@ -418,22 +419,39 @@ def test_a_forged_heartbeat_cannot_poison_status(plain_triad: dict[str, Any]) ->
         hb = peer_templates(term, last)[0] | {"node": node, "role": "x" * 5000}
         env["pub"].send(pack(hb))
         env["pub"].send(pack(hb | {"role": "backup", "last": [[1] * 60] * 60}))
-    time.sleep(0.3)
+    # Positive control, not a pause: a well-formed heartbeat of gamma's after the forgeries
+    # on the same PUB, with a commit no other message carries. Each node gets and drains
+    # its subscription in order, so once both show it they had taken the forgeries.
+    control = peer_templates(term, last)[0] | {"commit": last - 1}
+
+    def shown() -> bool:
+        env["pub"].send(pack(control))
+        return all(
+            heard(env["triad"], name, "gamma") == ("backup", term, last - 1)
+            for name in ("alpha", "beta")
+        )
+
+    wait_for(shown, 10, "both nodes to show the control heartbeat", every=0.05)
     unchanged(env["triad"], env["before"], ["alpha", "beta"])
 
 
 def test_after_the_storm_the_triad_still_serves(plain_triad: dict[str, Any]) -> None:
     env = plain_triad
-    time.sleep(0.6)  # > peer_timeout: anything delayed has shown by now
     unchanged(env["triad"], env["before"], ["alpha", "beta"])
-    client = Dealer(env["triad"].endpoints[0])
+    client = RawClient(env["triad"].endpoints[0], immediate=True)
     try:
         sid = "9" * 32
-        assert client.call({"op": "open", "sid": sid, "req": 1})["status"] == "ok"
-        reply = client.call({"op": "checkout", "sid": sid, "req": 2, "feature": "viewer"})
+        assert client.call(op="open", sid=sid, req=1)["status"] == "ok"
+        reply = client.call(op="checkout", sid=sid, req=2, feature="viewer")
         assert reply["status"] == "ok", reply
     finally:
         client.close()
+    # Positive control, not a pause of peer_timeout for late effects: those grants were
+    # answered only once alpha and beta had exchanged their appends and acks after the
+    # storm, and both then agree on the new commit with the roles and terms of before.
+    after = settled(env["triad"], ["alpha", "beta"])
+    assert [n[:3] for n in after["nodes"]] == [n[:3] for n in env["before"]["nodes"]]
+    assert after["nodes"][0][3] > env["before"]["nodes"][0][3]
 
 
 def test_impostor_append_in_the_current_term_is_not_applied(tmp_path: Path) -> None:
@@ -450,6 +468,26 @@ def test_impostor_append_in_the_current_term_is_not_applied(tmp_path: Path) -> N
         sock.connect(triad.config.node(backup).peer)
         append = next(m for m in peer_templates(term, last) if m["t"] == "append")
         sock.send(msgpack.packb(append))
-        time.sleep(1.0)
-        sock.close(linger=0)
+        # Positive control, not a pause: pre-votes (which change nothing) after the append
+        # on the same connection. The backup answers them at the impostor's peer endpoint,
+        # bound here; its first answer says it had taken the append before.
+        answers: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        answers.setsockopt(zmq.LINGER, 0)
+        bind(answers, triad.config.node(impostor).peer)
+        pre_vote = next(m for m in peer_templates(term, last) if m["t"] == "vote_req" and m["pre"])
+        pre_vote["candidate"] = impostor
+
+        def answered() -> bool:
+            sock.send(msgpack.packb(pre_vote))
+            while answers.poll(0):  # the primary's appends to the impostor come here too
+                sender, frame = answers.recv_multipart()
+                if sender == backup.encode() and msgpack.unpackb(frame).get("t") == "vote":
+                    return True
+            return False
+
+        try:
+            wait_for(answered, 10, "the backup to answer the control pre-vote", every=0.05)
+        finally:
+            answers.close(linger=0)
+            sock.close(linger=0)
         unchanged(triad, before, [primary, backup])

@@ -46,6 +46,7 @@ class World:
         self.wall = DAY0
         self.reqs: dict[str, itertools.count[int]] = {}
         self.log: list[dict[str, Any]] = []
+        self.ended: list[tuple[str, int]] = []  # set by tick()
 
     @property
     def now(self) -> Now:
@@ -59,7 +60,7 @@ class World:
         if req is None:
             req = next(self.reqs.setdefault(sid, itertools.count(1)))
         out = self.ledger.handle(Request(op, sid, req, **kw), self.now)
-        for delta in out.deltas:
+        for delta in deltas_of(out):
             self.ledger.apply(delta)
             self.log.append(delta)
         return out
@@ -69,8 +70,8 @@ class World:
         out = self.outcome(op, sid, req, **kw)
         if out.reply is not None:
             return out.reply
-        answered = [d for d in out.deltas if "req" in d]
-        return self.ledger.reply_of(answered[-1]) if answered else None
+        answered = [reply for delta, reply in out.decided if "req" in delta]
+        return answered[-1] if answered else None
 
     def open(self, sid: str, user: str = "ann", host: str = "ws1") -> Reply | None:
         return self.send("open", sid, user=user, host=host, display=":0", client_version="1")
@@ -80,11 +81,17 @@ class World:
                          version=version, **kw)  # fmt: skip
 
     def tick(self) -> list[dict[str, Any]]:
-        deltas = self.ledger.tick(self.now)
+        ticked = self.ledger.tick(self.now)
+        self.ended = ticked.ended  # the waiters this tick dropped: their session ended
+        deltas = [delta for delta, _ in ticked.decided]
         for delta in deltas:
             self.ledger.apply(delta)
             self.log.append(delta)
         return deltas
+
+
+def deltas_of(out: Outcome) -> list[dict[str, Any]]:
+    return [delta for delta, _ in out.decided]
 
 
 def grant_of(reply: Any) -> dict[str, Any]:
@@ -103,7 +110,7 @@ def denied(reply: Any, reason: str) -> str:
 def test_open_records_ok_with_lease_and_heartbeat() -> None:
     w = World([ent()])
     out = w.outcome("open", "s1", user="ann", host="ws1")
-    assert [d["k"] for d in out.deltas] == ["open"] and out.reply is None
+    assert [d["k"] for d in deltas_of(out)] == ["open"] and out.reply is None
     assert w.ledger.recorded("s1", 1) == {"status": "ok", "lease": LEASE, "heartbeat": HEARTBEAT}
 
 
@@ -111,7 +118,7 @@ def test_open_again_with_new_req_answers_without_a_second_session() -> None:
     w = World([ent()])
     w.open("s1")
     out = w.outcome("open", "s1", user="bob")
-    assert [d["k"] for d in out.deltas] == ["answer"]
+    assert [d["k"] for d in deltas_of(out)] == ["answer"]
     assert w.ledger.sessions() == ["s1"]
     assert w.ledger.session("s1").user == "ann"  # type: ignore[union-attr]
 
@@ -120,7 +127,7 @@ def test_open_again_with_new_req_answers_without_a_second_session() -> None:
 def test_unknown_session_is_an_error_without_delta(op: str) -> None:
     w = World([ent()])
     out = w.outcome(op, "ghost", feature="cad")
-    assert out.deltas == [] and out.reply is not None
+    assert deltas_of(out) == [] and out.reply is not None
     assert out.reply["code"] == ErrorCode.UNKNOWN_SESSION
 
 
@@ -134,15 +141,15 @@ def test_close_releases_every_grant() -> None:
     w.open("s1")
     w.checkout("s1", 2)
     out = w.outcome("close", "s1")
-    assert [d["k"] for d in out.deltas] == ["close"]
-    assert w.ledger.reply_of(out.deltas[0]) == {"status": "ok"}
+    assert [d["k"] for d in deltas_of(out)] == ["close"]
+    assert out.decided[0][1] == {"status": "ok"}
     assert w.ledger.sessions() == [] and w.ledger.in_use("cad") == 0
 
 
 def test_status_op_is_the_nodes_business() -> None:
     w = World([ent()])
     out = w.outcome("status", "")
-    assert out.deltas == [] and out.reply is not None
+    assert deltas_of(out) == [] and out.reply is not None
     assert out.reply["code"] == ErrorCode.BAD_REQUEST
 
 
@@ -256,7 +263,7 @@ def test_checkout_with_bad_version_is_a_bad_request() -> None:
     w = World([ent()])
     w.open("s1")
     out = w.outcome("checkout", "s1", feature="cad", version="two")
-    assert out.deltas == [] and out.reply is not None
+    assert deltas_of(out) == [] and out.reply is not None
     assert out.reply["code"] == ErrorCode.BAD_REQUEST
 
 
@@ -268,7 +275,7 @@ def test_checkin_of_held_grant_releases_it() -> None:
     w.open("s1")
     gid = grant_of(w.checkout("s1"))["id"]
     out = w.outcome("checkin", "s1", grant=gid)
-    assert [d["k"] for d in out.deltas] == ["release"]
+    assert [d["k"] for d in deltas_of(out)] == ["release"]
     assert w.ledger.in_use("cad") == 0
 
 
@@ -278,8 +285,8 @@ def test_checkin_of_foreign_or_unknown_grant_is_not_held() -> None:
     w.open("s2")
     gid = grant_of(w.checkout("s1"))["id"]
     out = w.outcome("checkin", "s2", grant=gid)
-    assert [d["k"] for d in out.deltas] == ["answer"]
-    denied(w.ledger.reply_of(out.deltas[0]), Reason.NOT_HELD)
+    assert [d["k"] for d in deltas_of(out)] == ["answer"]
+    denied(out.decided[0][1], Reason.NOT_HELD)
     denied(w.send("checkin", "s2", grant=99), Reason.NOT_HELD)
     assert w.ledger.in_use("cad") == 1
 
@@ -323,7 +330,7 @@ def test_ack_prunes_recorded_replies_and_makes_older_requests_stale() -> None:
     assert w.ledger.recorded("s1", 2) is None and w.ledger.recorded("s1", 3) is not None
     assert w.ledger.session("s1").ack == 3  # type: ignore[union-attr]
     out = w.outcome("checkout", "s1", 2, feature="cad")
-    assert out.deltas == [] and out.reply is not None
+    assert deltas_of(out) == [] and out.reply is not None
     assert out.reply["code"] == ErrorCode.STALE_REQUEST
     # A lower ack later does not lower the session's.
     w.send("heartbeat", "s1", req=5, ack=1)
@@ -461,8 +468,9 @@ def test_waiter_whose_session_ended_is_dropped() -> None:
     assert [(d["k"], d["sid"]) for d in deltas] == [("grant", "c")]
     assert w.ledger.queued("cad") == 0
     # the node's front forgets where b's request came from: no answer will leave for it
-    assert [sid for sid, _ in w.ledger.take_ended_waiters()] == ["b"]
-    assert w.ledger.take_ended_waiters() == []
+    assert [sid for sid, _ in w.ended] == ["b"]
+    w.tick()
+    assert w.ended == []  # told once
 
 
 def test_last_seat_goes_to_one_waiter_only() -> None:
@@ -516,7 +524,7 @@ def test_reload_keeps_grants_over_a_shrunk_pool_and_new_checkouts_see_new_counts
 def test_grant_delta_must_carry_next_grant() -> None:
     w = World([ent()])
     w.open("s1")
-    delta = w.ledger.handle(Request("checkout", "s1", 2, feature="cad"), w.now).deltas[0]
+    delta = deltas_of(w.ledger.handle(Request("checkout", "s1", 2, feature="cad"), w.now))[0]
     with pytest.raises(LedgerError, match="next_grant"):
         w.ledger.apply({**delta, "grant": 2})
     w.ledger.apply(delta)

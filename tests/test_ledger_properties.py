@@ -22,7 +22,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from broker.ledger import Ledger
+from broker.ledger import Decided, Ledger
 from broker.model import Entitlement, Now, Request, parse_version
 
 pytestmark = pytest.mark.unit
@@ -80,9 +80,9 @@ class LedgerMachine(RuleBasedStateMachine):
     def now(self) -> Now:
         return Now(self.mono, self.wall)
 
-    def commit(self, deltas: list[dict[str, Any]]) -> None:
+    def commit(self, decided: list[Decided]) -> None:
         """Apply as the node does; none may raise, and no grant may over-allocate."""
-        for delta in deltas:
+        for delta, reply in decided:
             self.ledger.apply(delta)
             self.log.append(delta)
             if delta["k"] in ("close", "expire"):
@@ -90,7 +90,7 @@ class LedgerMachine(RuleBasedStateMachine):
             elif delta["k"] in ("open", "grant", "release", "answer"):
                 key = (delta["sid"], delta["req"])
                 assert key not in self.told, f"{key} answered twice"
-                self.told[key] = self.ledger.reply_of(delta)
+                self.told[key] = reply
             if delta["k"] == "grant":
                 snap = self.ledger.snapshot()
                 day = Now(0, delta["at"]).date
@@ -102,8 +102,8 @@ class LedgerMachine(RuleBasedStateMachine):
         before = self.ledger.snapshot()
         out = self.ledger.handle(request, self.now)
         assert self.ledger.snapshot() == before, "handle mutated replicated state"
-        assert not (out.deltas and out.reply is not None)
-        self.commit(out.deltas)
+        assert not (out.decided and out.reply is not None)
+        self.commit(out.decided)
 
     def request(self, op: str, sid: str, acks: bool, **kw: Any) -> Request:
         req = self.next_req[sid]
@@ -188,7 +188,7 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule()
     def tick(self) -> None:
-        self.commit(self.ledger.tick(self.now))
+        self.commit(self.ledger.tick(self.now).decided)
 
     @rule(event=st.sampled_from(["failover", "checkpoint", *range(len(RELOADS))]))
     def admin(self, event: str | int) -> None:
@@ -197,9 +197,9 @@ class LedgerMachine(RuleBasedStateMachine):
             snap = self.ledger.snapshot()
             self.ledger = Ledger.from_snapshot(snap, lease=LEASE, heartbeat=HEARTBEAT)
             self.advance(5 * LEASE)  # however long the failover took, leases start afresh
-            assert self.ledger.tick(self.now) == [], "a new primary expired someone at once"
+            assert self.ledger.tick(self.now).decided == [], "a new primary expired someone at once"
             self.advance(LEASE / 2)
-            self.commit(self.ledger.tick(self.now))
+            self.commit(self.ledger.tick(self.now).decided)
             assert self.ledger.sessions() == [s["sid"] for s in snap["sessions"]]
         elif event == "checkpoint":
             self.checkpoint, self.log = self.ledger.snapshot(), []
@@ -211,7 +211,7 @@ class LedgerMachine(RuleBasedStateMachine):
         totals = pool_totals(delta["entitlements"], None)
         used = in_use(self.ledger.snapshot())
         self.shrunk |= any(n > totals.get(key, 0) for key, n in used.items())
-        self.commit([delta])
+        self.commit([(delta, None)])
 
     @invariant()
     def retries_get_the_same_reply_and_no_delta(self) -> None:
@@ -222,7 +222,7 @@ class LedgerMachine(RuleBasedStateMachine):
             if session is None or req < session.ack:
                 continue  # forgotten on purpose: the session ended or the client acked it
             out = copy.handle(self.sent[(sid, req)], self.now)
-            assert out.deltas == [] and out.reply == reply, (sid, req)
+            assert out.decided == [] and out.reply == reply, (sid, req)
 
     @invariant()
     def seats_never_exceed_the_pool(self) -> None:

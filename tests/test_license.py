@@ -17,8 +17,8 @@ from broker.license import (
     parse_license,
     parse_syntax,
     read_servers,
+    sign_license_text,
 )
-from broker.signing import sign_license_text
 
 pytestmark = pytest.mark.unit
 

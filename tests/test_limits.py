@@ -75,7 +75,7 @@ def test_per_host_counts_survive_a_snapshot() -> None:
         limits=Limits(max_sessions_per_host=1),
     )
     out = copy.handle(Request("open", "a2", 1, host="farm"), w.now)
-    assert out.deltas == [] and out.reply is not None and out.reply["code"] == "limit"
+    assert out.decided == [] and out.reply is not None and out.reply["code"] == "limit"
 
 
 def test_queue_length_per_feature() -> None:

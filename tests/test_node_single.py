@@ -6,12 +6,9 @@ import threading
 from typing import Any
 
 import pytest
-import zmq
 
-from broker.wire import pack
 from clients import LicenseClient, LicenseDenied
 from clients.testing import LocalTriad, wait_for
-from clients.wire import decode_reply
 
 pytestmark = pytest.mark.integration
 
@@ -95,9 +92,7 @@ def test_malformed_burst_changes_nothing(single: LocalTriad, raw: Any) -> None:
     client.open()
     client.call(op="checkout", feature="cad", count=1)
     before = single.status()["features"]
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(single.endpoints[0])
+    junk_client = raw(single.endpoints[0])
     junk = [
         [b""],
         [b"\xc1"],
@@ -108,7 +103,7 @@ def test_malformed_burst_changes_nothing(single: LocalTriad, raw: Any) -> None:
         [b"a", b"b", b"c"],
     ]
     for frames in junk:
-        sock.send_multipart(frames)
+        junk_client.send_frames(frames)
     for fields in (
         {"v": 2, "op": "open"},
         {"v": 1, "op": "explode", "sid": "x", "req": 1},
@@ -118,18 +113,16 @@ def test_malformed_burst_changes_nothing(single: LocalTriad, raw: Any) -> None:
         {"v": 1, "op": "checkin", "sid": client.sid, "req": 52, "grant": "one"},
         {"v": 1, "op": "open", "sid": "s" * 500, "req": 1},
     ):
-        sock.send(pack(fields))
+        junk_client.send_map(fields)
     errors = 0
-    while sock.poll(1000):
-        decoded = decode_reply(sock.recv())
+    while junk_client.sock.poll(1000):
+        decoded = junk_client.reply(0)
         assert decoded.status == "error", decoded
         errors += 1
     assert errors >= 12  # every map-shaped or msgpack-broken request got an error answer
-    big = zmq.Context.instance().socket(zmq.DEALER)
-    big.setsockopt(zmq.LINGER, 0)
-    big.connect(single.endpoints[0])
-    big.send(b"\x00" * (1 << 20))  # over max_message: the node drops the connection
+    big = raw(single.endpoints[0])
+    big.send_frames([b"\x00" * (1 << 20)])  # over max_message: the node drops the connection
     big.close()
-    sock.close()
+    junk_client.close()
     assert single.status()["features"] == before
     assert client.call(op="checkout", feature="cad", count=1)["status"] == "ok"

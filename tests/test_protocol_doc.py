@@ -24,11 +24,8 @@ import pytest
 import zmq
 
 from broker.license import parse_syntax
-from broker.status import default_curve
-from broker.wire import pack
 from clients.licpath import keys_from_file, servers_from_file
-from clients.testing import LocalTriad, wait_for
-from clients.wire import decode_reply
+from clients.testing import LocalTriad, RawClient, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -123,39 +120,15 @@ def mismatches(got: object, want: object, path: str = "reply", loose: bool = Fal
 # --- talking to a node ------------------------------------------------------------------
 
 
-class Wire:
-    """One socket to one node, sending an example's maps exactly as written."""
-
-    def __init__(self, endpoint: str, kind: int = zmq.DEALER) -> None:
-        self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(kind)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        curve = default_curve([endpoint])  # a secure LocalTriad shares its nodes' keys
-        if curve is not None:
-            curve.apply(self.sock, endpoint)
-        self.sock.connect(endpoint)
-
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        self.sock.send(pack(request))
-        while True:  # skip a late answer to an earlier request, as any client does
-            if not self.sock.poll(int(REPLY_TIMEOUT * 1000)):
-                raise AssertionError(f"no reply within {REPLY_TIMEOUT} s to {request}")
-            reply = dict(decode_reply(self.sock.recv()).body)
-            if reply.get("req") == request.get("req", 0):
-                return reply
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-
-
 def play(name: str, endpoint: str, kind: int = zmq.DEALER) -> None:
     """Run example ``name`` (after the one it names, if any) against the node at ``endpoint``."""
     example = EXAMPLES[name]
     if "after" in example.attrs:
         play(example.attrs["after"], endpoint)
-    wire = Wire(endpoint, kind)
+    wire = RawClient(endpoint, kind)
     try:
         for request, expected in example.exchanges:
-            reply = wire.ask(request)
+            reply = wire.ask(request, REPLY_TIMEOUT)
             problems = mismatches(reply, expected)
             assert not problems, (
                 f"docs/protocol.md example {name}: the node's reply to\n  {json.dumps(request)}"
@@ -213,9 +186,9 @@ def test_status_entries_down_nodes_and_redirects(triad: LocalTriad) -> None:
     status_triad, redirect, status_down = POINTS["status"]
 
     def roles() -> list[str | None]:
-        wire = Wire(alpha)
+        wire = RawClient(alpha)
         try:
-            report = wire.ask({"v": 1, "op": "status"})["report"]
+            report = wire.ask({"v": 1, "op": "status"}, REPLY_TIMEOUT)["report"]
         finally:
             wire.close()
         own = report["nodes"][0]
@@ -246,9 +219,11 @@ def test_bounds_and_sid_and_req_in_every_error_that_can_read_them(node: Node) ->
     endpoint = node()
     play(bounds, endpoint)
     # The one case too long to print in the document: a field past 4,096 characters.
-    wire = Wire(endpoint)
+    wire = RawClient(endpoint)
     try:
-        reply = wire.ask({"v": 1, "op": "open", "sid": "s" * 64, "req": 9, "user": "u" * 5000})
+        reply = wire.ask(
+            {"v": 1, "op": "open", "sid": "s" * 64, "req": 9, "user": "u" * 5000}, REPLY_TIMEOUT
+        )
     finally:
         wire.close()
     assert (reply["sid"], reply["req"], reply["status"], reply["code"]) == (

@@ -20,34 +20,30 @@ from typing import Any
 import pytest
 import zmq
 from click.testing import CliRunner
+from zmq.utils.monitor import recv_monitor_message
 
+from broker.admin import handle_admin
 from broker.cli import main
 from broker.config import ConfigError, load_config
 from broker.demo import write_demo
+from broker.keys import KeyList, load_key_list, write_keypair
 from broker.limits import Limits
-from broker.security import (
-    ADMIN_USER,
-    CLIENT_DOMAIN,
-    PEER_DOMAIN,
+from broker.security import NodeSecurity
+from broker.wire import pack
+from broker.zap_policy import ADMIN_USER, CLIENT_DOMAIN, PEER_DOMAIN, Policy
+from clients import LicenseClient, LicenseUnavailable
+from clients.curve import (
     ClientCurve,
-    KeyList,
     KeyPair,
-    NodeSecurity,
-    Policy,
     SecurityError,
     check_key,
     generate_keypair,
-    handle_admin,
-    load_key_list,
     load_keypair,
-    write_keypair,
 )
-from broker.wire import pack
-from clients import LicenseClient, LicenseUnavailable
 from clients.errors import LicensePathError
 from clients.licpath import KEYS_ENV, server_keys
-from clients.testing import LocalTriad, wait_for
-from clients.wire import decode_reply, encode_request
+from clients.testing import LocalTriad, RawClient, wait_for
+from clients.wire import encode_request
 
 pytestmark = pytest.mark.unit
 
@@ -320,6 +316,14 @@ class Attacker:
         self.ctx.destroy(linger=0)
 
 
+HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
 def _refusals(triad: LocalTriad, name: str) -> int:
     return (triad.logs / f"{name}.log").read_text().count("refused a peer connection")
 
@@ -402,9 +406,24 @@ def test_wrong_keys_get_no_vote_ack_delta_or_heartbeat_accepted(tmp_path: Path) 
                     sub.connect(node.pub)
                 for name in nodes:  # each node saw its attackers and shut them out
                     wait_for(lambda n=name: _refusals(triad, n), 5, f"{name} to refuse")
-                time.sleep(1.0)  # > peer_timeout: time for any effect to show
                 assert attacker.handshakes() == 0
                 assert _views(triad) == before
+                # Positive control, not a pause of peer_timeout for late effects: a grant
+                # after the refusals is committed on every node only through the triad's
+                # own connections (appends, acks, and heartbeats on the PUBs the attackers
+                # dial) while the attackers keep knocking; roles and terms stay as before.
+                client.checkout("cad", count=1)
+                holders = tuple(sorted((*before["holders"], ("cad", "legit", 1))))
+
+                def committed() -> dict[str, tuple[Any, ...]] | None:
+                    view = _settled(triad)()
+                    return view if view is not None and view["holders"] == holders else None
+
+                after = wait_for(committed, 5, "the control grant committed on every node")
+                assert [(n, v[:2]) for n, v in after["nodes"]] == [
+                    (n, v[:2]) for n, v in before["nodes"]
+                ]
+                assert attacker.handshakes() == 0
                 assert not any(sub.poll(0) for sub in attacker.subs)  # heard nothing
             finally:
                 attacker.close()
@@ -428,17 +447,29 @@ def test_a_fake_peer_without_its_key_is_not_heard_and_hears_nothing(tmp_path: Pa
             pub.setsockopt(zmq.LINGER, 0)
             pub.curve_server = True
             pub.curve_secretkey = impostor.secret.encode()
-            _bind(pub, victim.pub)
             router = attacker.ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
             router.curve_server = True
             router.curve_secretkey = impostor.secret.encode()
+            # Positive control, not a stream of set length: the triad's nodes dial both
+            # endpoints, and every handshake fails (they expect the victim's key), so the
+            # heartbeat stream offered meanwhile can reach nobody.
+            monitors = {sock: sock.get_monitor_socket(HANDSHAKE_EVENTS) for sock in (pub, router)}
+            _bind(pub, victim.pub)
             _bind(router, victim.peer)
             hb = _forgeries(own[1], own[2], victim.name)[3]
-            deadline = time.monotonic() + 1.5
-            while time.monotonic() < deadline:
-                pub.send(pack(hb))
-                time.sleep(0.05)  # a heartbeat stream
+            refused = dict.fromkeys(monitors, 0)
+
+            def refused_twice() -> bool:
+                pub.send(pack(hb))  # the heartbeat stream goes on until then
+                for sock, monitor in monitors.items():
+                    while monitor.poll(0):
+                        event = recv_monitor_message(monitor)["event"]
+                        assert event != zmq.EVENT_HANDSHAKE_SUCCEEDED, "the impostor got in"
+                        refused[sock] += 1
+                return min(refused.values()) >= 2
+
+            wait_for(refused_twice, 10, "handshakes with the impostor refused", every=0.05)
             assert dict(_views(triad)["nodes"])[primary][:2] == own[:2]  # role and term
             assert not router.poll(0)  # the primary's appends never reached the impostor
             pub.close(linger=0)
@@ -486,7 +517,10 @@ def test_a_stolen_node_key_poses_as_that_node_only(tmp_path: Path) -> None:
             )
             posing.setsockopt(zmq.ROUTING_ID, dead.name.encode())
             posing.connect(target.peer)
-            deadline = time.monotonic() + 1.0  # > peer_timeout: time for any effect to show
+            # > peer_timeout: time for any effect to show. A wait for nothing that stays:
+            # the node drops every message of this connection unread (the key's name is
+            # not the sender's), so nothing sent on it can come back as a positive control.
+            deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline:
                 posing.send(forged, zmq.NOBLOCK)
                 time.sleep(0.05)  # a stream of forgeries, not a synchronisation
@@ -589,19 +623,12 @@ def test_a_plain_client_cannot_talk_to_a_secure_node(tmp_path: Path) -> None:
 # --- administration (needs the node edits) -----------------------------------------------
 
 
-def _admin(endpoint: str, curve: ClientCurve | None, **fields: Any) -> dict[str, Any]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if curve is not None:
-        curve.apply(sock, endpoint)
-    sock.connect(endpoint)
+def _admin(endpoint: str, curve: ClientCurve, **fields: Any) -> dict[str, Any]:
+    client = RawClient(endpoint, curve=curve)
     try:
-        sock.send(encode_request({"op": "admin", "req": 1, **fields}))
-        assert sock.poll(5000), "no answer to the admin request"
-        reply = decode_reply(sock.recv())
-        return {"status": reply.status, **reply.body}
+        return client.ask({"v": 1, "op": "admin", "req": 1, **fields})
     finally:
-        sock.close(linger=0)
+        client.close()
 
 
 def _zbroker(*args: str) -> subprocess.CompletedProcess[str]:
@@ -706,7 +733,8 @@ def test_vendor_verify_names_each_tampered_line(tmp_path: Path) -> None:
 
 
 def test_vendor_verify_removed_copied_and_foreign_signatures(tmp_path: Path) -> None:
-    from broker.signing import load_private_key, sign_license_text
+    from broker.license import sign_license_text
+    from broker.signing import load_private_key
     from broker.signing import write_keypair as write_vendor_keypair
 
     lic, pub, rows = _signed_demo(tmp_path)

@@ -17,14 +17,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.license import LicenseSyntaxError, parse_license, parse_syntax
+from broker.license import LicenseSyntaxError, parse_license, parse_syntax, sign_license_text
 from broker.signing import (
     LicenseError,
     LicenseKeyError,
     canonical_form,
     load_private_key,
     load_public_key,
-    sign_license_text,
     verify_signature,
     write_keypair,
 )

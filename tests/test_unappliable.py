@@ -8,42 +8,35 @@ indexes (its first append read after a pause, the ones before it lost): the comm
 is then past what it applied, no rebuild happens, and the ledger keeps deltas that never
 committed. The next grant of the other primary fails there, or this node, primary again,
 proposes grant ids that nobody else can apply. The rule now also checks that the log
-still holds, at ``applied``, the term the ledger applied there. Whatever else makes a
-ledger refuse a committed delta, the node starts over as a wiped one (the safety net).
+still holds, at ``applied``, the term the ledger applied there (``AppliedLedger.follows``
+in broker/apply.py, used by ``NodeCore._on_role_changed``). Whatever else makes a ledger
+refuse a committed delta, the node starts over as a wiped one (the safety net).
 
-Most tests here run three real node shells (``broker.node.Node``: its loop, ledger, front,
-replica and data directory) in this process, over a network and a clock of the test's:
-each step runs one cycle of each node's real loop (``Node._serve``) over fake sockets, so
-that a test can lose, hold and deliver messages exactly. The last one starts real node
-processes.
+Most tests here run three real node cores (``broker.core.NodeCore``: ledger, front,
+replica) in the simulation of tests/sim.py, scripted: its network only delays (one step
+at most), nothing fails unless the test says so, and each step runs one cycle of each
+node as its shell would; so a test can lose, hold and deliver messages exactly, and the
+simulation's invariants are checked at every step as well. The last one starts real
+node processes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import os
 import subprocess
 import sys
-import time
-import types
-from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
+from sim import Simulation
+from sim_node import SimNode
 
-import broker.node
 from broker.cli import config_curve
-from broker.config import Config, load_config
-from broker.demo import write_demo
+from broker.core import PeerHeartbeat, PeerMessage
 from broker.ledger import Ledger
-from broker.model import Now
-from broker.node import Node
 from broker.seats import LedgerError
 from broker.status import query_nodes
 from broker.storage import DAMAGED
@@ -52,149 +45,87 @@ from clients import LicenseClient
 from clients.testing import LocalTriad, wait_for
 from peers import types as rp
 
-# Three node shells on a simulated network and clock; the last test starts processes.
+# Three node cores on a simulated network and clock; the last test starts processes.
 pytestmark = pytest.mark.sim
 
-STEP = 0.01  # simulated seconds per loop cycle
-START_OVER = "stops serving and voting"  # the log line of Node._start_over
+STEP = 0.01  # simulated seconds per step: one cycle of each node
+START_OVER = "stops serving and voting"  # the log line of NodeCore.restart
 
 
-# --- the harness: real node shells on fake sockets, a fake clock and a test's network
-
-
-class _Yield(Exception):
-    """Ends one cycle of a node's loop: the fake poller raises it at the next poll."""
-
-
-@dataclass
-class _Frame:
-    bytes: bytes
-    more: bool
-
-
-class _Pipe:
-    """A fake socket: whole messages in (read frame by frame by ``Node._drain``), frames out."""
-
-    def __init__(self) -> None:
-        self.inbox: deque[list[bytes]] = deque()
-        self._reading: deque[_Frame] = deque()
-        self.sent: list[bytes] = []
-
-    def recv(self, flags: int = 0, copy: bool = True) -> _Frame:
-        if not self._reading:
-            if not self.inbox:
-                raise zmq.Again()
-            message = self.inbox.popleft()
-            last = len(message) - 1
-            self._reading.extend(_Frame(f, i < last) for i, f in enumerate(message))
-        return self._reading.popleft()
-
-    def send(self, data: bytes, flags: int = 0) -> None:
-        self.sent.append(bytes(data))
-
-    def take(self) -> list[bytes]:
-        sent, self.sent = self.sent, []
-        return sent
-
-
-class _Poller:
-    """Ready once per cycle, then ``_Yield``: one call of ``Node._loop`` runs one cycle."""
-
-    def __init__(self, pipes: list[_Pipe]) -> None:
-        self.pipes = pipes
-        self.polled = False
-
-    def poll(self, timeout: int) -> list[tuple[_Pipe, int]]:
-        if self.polled:
-            raise _Yield
-        self.polled = True
-        return [(p, zmq.POLLIN) for p in self.pipes if p.inbox]
-
-
-class _Clock:
-    """Both of the node's clocks, moved by the test only."""
-
-    def __init__(self) -> None:
-        self.mono = 1000.0
-        self._wall = time.time() - self.mono  # today: the demo license's dates hold
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def time(self) -> float:
-        return self._wall + self.mono
+# --- the harness: real node cores in the scripted simulation
 
 
 class Shell:
-    """One node: a real ``Node`` whose sockets are pipes; ``boot`` is a process start."""
+    """One node of the cluster, as the tests below handle it."""
 
-    def __init__(self, cluster: Cluster, name: str) -> None:
+    def __init__(self, cluster: Cluster, node: SimNode) -> None:
         self.cluster = cluster
-        self.name = name
-        self.node: Node | None = None
-        self.paused = False  # SIGSTOP: runs no cycle; what is sent to it waits
-        self.cut = False  # everything it sends is lost
+        self.node = node
+        self.name = node.name
 
     @property
-    def n(self) -> Node:
-        if self.node is None:
+    def n(self) -> Any:
+        """The node's core (``NodeCore``): its ledger, replica, ``applied`` (``AppliedLedger``)."""
+        if self.node.core is None:
             raise AssertionError(f"{self.name} is down")
-        return self.node
+        return self.node.core
+
+    @property
+    def paused(self) -> bool:
+        """SIGSTOP: runs no cycle; what is sent to it waits."""
+        return self.node.paused
+
+    @paused.setter
+    def paused(self, value: bool) -> None:
+        self.node.paused_until = float("inf") if value else float("-inf")
+
+    @property
+    def cut(self) -> bool:
+        """Everything it sends is lost."""
+        return self.name in self.cluster.sim.net.cut
+
+    @cut.setter
+    def cut(self, value: bool) -> None:
+        (self.cluster.sim.net.cut.add if value else self.cluster.sim.net.cut.discard)(self.name)
 
     def boot(self) -> None:
-        node = Node(self.cluster.config, self.name)
-        node._start()
-        self.clients, self.peer_in, self.pub, self.sub = _Pipe(), _Pipe(), _Pipe(), _Pipe()
-        self.peers = {other: _Pipe() for other in self.cluster.names if other != self.name}
-        self.poller = _Poller([self.clients, self.peer_in, self.sub])
-        # what Node.run and Node._open_sockets would have set
-        vars(node).update(
-            clients=self.clients, peer_in=self.peer_in, pub=self.pub, sub=self.sub,
-            peer_sockets=self.peers, monitors={}, poller=self.poller, ignored_signals=[],
-        )  # fmt: skip
-        self.node = node
+        self.node.boot()
 
     def crash(self) -> None:
-        self.n.storage.close()  # what a kill leaves: the lock goes, the files stay
-        self.node = None
-
-    def cycle(self) -> None:
-        self.poller.polled = False
-        with contextlib.suppress(_Yield):
-            self.n._serve()
+        self.node.crash()  # what a kill leaves: the synced files
 
     def role(self) -> rp.Role:
-        return self.n.replica.role
+        role: rp.Role = self.n.replica.role
+        return role
 
     def serving(self) -> bool:
-        return self.n.replica.is_serving(self.cluster.clock.mono)
+        return bool(self.n.replica.is_serving(self.cluster.sim.now))
+
+    def peer_messages(self) -> list[tuple[str, dict[str, Any]]]:
+        """The peer messages waiting for its next cycle: (sender, message)."""
+        return [
+            (e.frames[0].decode(), unpack(e.frames[1]))
+            for e, _ in self.node.inbox
+            if isinstance(e, PeerMessage)
+        ]
+
+    def keep_only(self, keep: Callable[[Any], bool]) -> None:
+        """Drop the waiting messages ``keep`` refuses (it is given each event)."""
+        self.node.inbox = [(e, h) for e, h in self.node.inbox if keep(e)]
+
+    def set_asides(self) -> list[str]:
+        """Why its data was set aside, each time (a directory ``damaged-*`` each)."""
+        return self.node.disk.set_aside_why
 
 
 class Cluster:
-    """Three shells, stepped in rank order every STEP simulated seconds."""
+    """Three node cores in the scripted simulation, stepped every STEP simulated seconds."""
 
-    def __init__(self, directory: Path, monkeypatch: pytest.MonkeyPatch, **settings: Any) -> None:
-        path = write_demo(directory, secure=False, force=True)
-        text = path.read_text()
-        for key, value in {"fsync": "false", **settings}.items():
-            text = "\n".join(
-                f"{key} = {value}" if line.split("=")[0].strip() == key else line
-                for line in text.splitlines()
-            )
-            if f"{key} = {value}" not in text:
-                text = f"{key} = {value}\n{text}"
-        path.write_text(text)
-        self.config: Config = load_config(path)
-        self.names = [n.name for n in self.config.nodes]
-        self.clock = _Clock()
-        monkeypatch.setattr(
-            broker.node,
-            "time",
-            types.SimpleNamespace(monotonic=self.clock.monotonic, time=self.clock.time),
-        )
-        self.shells = {name: Shell(self, name) for name in self.names}
-        self.replies: dict[bytes, list[dict[str, Any]]] = defaultdict(list)
-        self._ids = itertools.count(1)
+    def __init__(self, **settings: Any) -> None:
+        self.sim = Simulation(0, dt=STEP, scripted=True, **settings)
+        self.names = list(self.sim.names)
+        self.shells = {name: Shell(self, node) for name, node in self.sim.nodes.items()}
+        self._ids = 0
 
     def __getitem__(self, name: str) -> Shell:
         return self.shells[name]
@@ -203,76 +134,49 @@ class Cluster:
         for name in names or self.names:
             self.shells[name].boot()
 
-    def close(self) -> None:
-        for shell in self.shells.values():
-            if shell.node is not None:
-                shell.crash()
-
-    def now(self) -> Now:
-        return Now(self.clock.mono, self.clock.time())
-
     def step(self) -> None:
-        self.clock.mono += STEP
-        for shell in self.shells.values():
-            if shell.node is not None and not shell.paused:
-                shell.cycle()
-                self._route(shell)
-
-    def _route(self, shell: Shell) -> None:
-        out = [(to, [shell.name.encode(), data]) for to, pipe in shell.peers.items()
-               for data in pipe.take()]  # fmt: skip
-        for data in shell.pub.take():
-            out += [(to, [data]) for to in self.names if to != shell.name]
-        for to, message in out:
-            target = self.shells[to]
-            if target.node is None or shell.cut:
-                continue  # a dead peer hears nothing; a cut one is heard by no one
-            (target.sub if len(message) == 1 else target.peer_in).inbox.append(message)
-        sent = shell.clients.take()
-        for identity, data in zip(sent[::2], sent[1::2], strict=True):
-            if not shell.cut:
-                self.replies[identity].append(unpack(data))
+        self.sim.step(faults=False, load=False)
 
     def run_until(self, condition: Callable[[], bool], within: float, what: str) -> None:
-        deadline = self.clock.mono + within
+        deadline = self.sim.now + within
         while not condition():
-            if self.clock.mono >= deadline:
+            if self.sim.now >= deadline:
                 raise AssertionError(f"not within {within} simulated s: {what}\n{self.state()}")
             self.step()
 
     def state(self) -> str:
-        rows = []
-        for shell in self.shells.values():
-            if shell.node is None:
-                rows.append(f"{shell.name}: down")
-                continue
-            r = shell.node.replica
-            rows.append(
-                f"{shell.name}: {r.role.value} term {r.term} primary {r.primary} last {r.last}"
-                f" commit {r.commit} applied {shell.node.applied} paused {shell.paused}"
-            )
-        return "\n".join(rows)
+        return self.sim.status()
 
-    def send(self, name: str, request: dict[str, Any]) -> bytes:
-        """Hand ``request`` to node ``name``'s client socket; returns the client's identity."""
-        identity = f"client-{next(self._ids)}".encode()
-        self.shells[name].clients.inbox.append([identity, pack({"v": PROTOCOL_VERSION, **request})])
-        return identity
+    def send(self, name: str, request: dict[str, Any]) -> str:
+        """Hand ``request`` to node ``name``'s client socket; returns the asker's name."""
+        self._ids += 1
+        asker = f"client-{self._ids}"
+        self.sim.askers[asker] = []
+        node = self.sim.nodes[name]
+        frame = pack({"v": PROTOCOL_VERSION, **request})
+        node.deliver(node.event_of("request", [asker.encode(), frame]))
+        return asker
 
     def ask(self, name: str, request: dict[str, Any], within: float = 3.0) -> dict[str, Any]:
-        identity = self.send(name, request)
-        self.run_until(lambda: bool(self.replies[identity]), within, f"an answer to {request}")
-        return self.replies[identity][0]
+        asker = self.send(name, request)
+        replies = self.sim.askers[asker]
+        self.run_until(lambda: bool(replies), within, f"an answer to {request}")
+        return replies[0]
 
     def settled(self) -> bool:
         """Every node up, none recovering, all holding and having applied the same log."""
-        nodes = [s.node for s in self.shells.values()]
-        if any(n is None for n in nodes):
+        cores = [s.node.core for s in self.shells.values()]
+        if any(c is None for c in cores):
             return False
         marks = {
-            (n.replica.role is rp.Role.RECOVERING, n.replica.last, n.replica.commit, n.applied)
-            for n in nodes
-            if n is not None
+            (
+                c.replica.role is rp.Role.RECOVERING,
+                c.replica.last,
+                c.replica.commit,
+                c.applied.index,
+            )
+            for c in cores
+            if c is not None
         }
         return len(marks) == 1 and not next(iter(marks))[0]
 
@@ -286,10 +190,8 @@ def _node_log(caplog: pytest.LogCaptureFixture) -> None:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
-    made = Cluster(tmp_path / "triad", monkeypatch)
-    yield made
-    made.close()
+def cluster() -> Iterator[Cluster]:
+    yield Cluster()
 
 
 def _open(sid: str) -> dict[str, Any]:
@@ -334,7 +236,8 @@ def test_a_deposed_primary_whose_proposals_were_replaced_at_once_rebuilds(
     cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The regression of the next_grant crash, step by step (the seed that found it: 626 of
-    tests/sim.py with its shell rule made the node's; see the module docstring)."""
+    the old tests/sim.py with its shell rule made the node's; see the module docstring; the
+    simulation of the real cores finds it as seed 617 of tests/test_simulation.py)."""
     alpha, beta = cluster["alpha"], cluster["beta"]
     cluster.boot()
     cluster.run_until(alpha.serving, 3, "alpha serving")
@@ -345,7 +248,7 @@ def test_a_deposed_primary_whose_proposals_were_replaced_at_once_rebuilds(
     alpha.cut = True
     cluster.send("alpha", _checkout("s1", 3))
     cluster.step()
-    proposed = alpha.n.applied
+    proposed = alpha.n.applied.index
     assert alpha.n.ledger.next_grant == 3 and proposed > alpha.n.replica.commit
     alpha.paused, alpha.cut = True, False
 
@@ -356,18 +259,18 @@ def test_a_deposed_primary_whose_proposals_were_replaced_at_once_rebuilds(
 
     # alpha resumes; of what beta sent meanwhile, only its last append arrived, one that
     # beta sent once it had committed past what alpha proposed
-    inbox = alpha.peer_in.inbox
+    def appends() -> list[dict[str, Any]]:
+        return [m for sender, m in alpha.peer_messages() if sender == "beta" and m["t"] == "append"]
 
-    def appends() -> list[list[bytes]]:
-        return [m for m in inbox if m[0] == b"beta" and unpack(m[1])["t"] == "append"]
-
-    cluster.run_until(
-        lambda: unpack(appends()[-1][1])["commit"] > proposed, 1, "beta's probe with its commit"
-    )
+    cluster.run_until(lambda: appends()[-1]["commit"] > proposed, 1, "beta's probe with its commit")
     last = appends()[-1]
-    inbox.clear()
-    inbox.append(last)
-    alpha.sub.inbox.clear()
+    alpha.keep_only(
+        lambda e: (
+            (isinstance(e, PeerMessage) and e.frames[0] == b"beta" and unpack(e.frames[1]) == last)
+            or not isinstance(e, PeerMessage | PeerHeartbeat)
+        )
+    )
+    del alpha.node.inbox[:-1]  # that append once, not a duplicate of it
     alpha.paused = False
 
     cluster.run_until(cluster.settled, 5, "alpha caught up")
@@ -387,10 +290,6 @@ def test_a_deposed_primary_whose_proposals_were_replaced_at_once_rebuilds(
 # --- the safety net: a committed delta or snapshot that the ledger refuses
 
 
-def _damaged(cluster: Cluster, name: str) -> list[Path]:
-    return sorted(cluster.config.node(name).data.glob(f"{DAMAGED}*"))
-
-
 def test_a_backup_whose_ledger_refuses_a_committed_delta_starts_over_as_a_wiped_node(
     cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -402,12 +301,13 @@ def test_a_backup_whose_ledger_refuses_a_committed_delta_starts_over_as_a_wiped_
 
     assert _grant_id(cluster.ask("alpha", _checkout("s1", 2, "viewer"))) == 1
     cluster.run_until(lambda: bool(refused), 2, "gamma asked to apply the grant")
+    cluster.step()  # the cycle after: the core asks its shell to start it over
     # At once: gamma holds nothing of its own any more, votes for no one, and says why.
     assert gamma.role() is rp.Role.RECOVERING
     (line,) = _start_overs(caplog, "gamma")
     assert "index " in line and "(term 1)" in line and "grant delta refused by the test" in line
-    assert len(_damaged(cluster, "gamma")) == 1
-    report = gamma.n.report(cluster.now())["nodes"][0]
+    assert len(gamma.set_asides()) == 1
+    report = gamma.n.report(cluster.sim.clock())["nodes"][0]
     assert "grant delta refused by the test" in report["recovering"]
 
     # The primary never stopped serving; gamma catches up from it and votes again.
@@ -430,12 +330,13 @@ def test_a_primary_whose_ledger_refuses_an_adopted_delta_steps_down_and_waits_fo
     cluster.run_until(beta.serving, 3, "beta serving, alpha down")
     assert cluster.ask("beta", _open("s1"))["status"] == "ok"
     assert _grant_id(cluster.ask("beta", _checkout("s1", 2, "viewer"))) == 1
-    cluster.run_until(lambda: gamma.n.applied == beta.n.applied, 2, "gamma applied it")
+    cluster.run_until(lambda: gamma.n.applied.index == beta.n.applied.index, 2, "gamma applied it")
     beta.crash()
 
     alpha.boot()
     refused = _refuse_once(alpha.n.ledger, "grant", "viewer")
     cluster.run_until(lambda: bool(refused), 5, "alpha primary, applying what it adopted")
+    cluster.step()  # the cycle after: the core asks its shell to start it over
     (line,) = _start_overs(caplog, "alpha")
     assert "grant delta refused by the test" in line
     lines = [r.getMessage() for r in caplog.records]
@@ -445,7 +346,7 @@ def test_a_primary_whose_ledger_refuses_an_adopted_delta_steps_down_and_waits_fo
     for _ in range(100):
         cluster.step()
         assert not any(s.serving() for s in (alpha, gamma))
-    report = alpha.n.report(cluster.now())["nodes"][0]
+    report = alpha.n.report(cluster.sim.clock())["nodes"][0]
     assert "waiting for a primary to catch up from" in report["recovering"]
 
     beta.boot()
@@ -459,43 +360,41 @@ def test_a_primary_whose_ledger_refuses_an_adopted_delta_steps_down_and_waits_fo
 
 
 def test_a_node_whose_ledger_refuses_an_installed_snapshot_starts_over(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A wiped gamma catches up from a primary that compacted: the snapshot it installs
     does not load the first time (Ledger.from_snapshot refuses it); gamma starts over."""
-    cluster = Cluster(tmp_path / "triad", monkeypatch, snapshot_every=4)
-    try:
-        alpha, gamma = cluster["alpha"], cluster["gamma"]
-        cluster.boot("alpha", "beta")
-        cluster.run_until(alpha.serving, 3, "alpha serving, gamma down")
-        assert cluster.ask("alpha", _open("s1"))["status"] == "ok"
-        for req in range(2, 8):
-            _grant_id(cluster.ask("alpha", _checkout("s1", req)))
-        cluster.run_until(lambda: alpha.n.replica.log.snap_index > 0, 2, "alpha compacted")
-        for name in ("alpha", "beta"):  # restarted, a log holds nothing before its snapshot
-            cluster[name].crash()
-            cluster[name].boot()
-        cluster.run_until(alpha.serving, 3, "alpha serving again")
+    cluster = Cluster(snapshot_every=4)
+    alpha, gamma = cluster["alpha"], cluster["gamma"]
+    cluster.boot("alpha", "beta")
+    cluster.run_until(alpha.serving, 3, "alpha serving, gamma down")
+    assert cluster.ask("alpha", _open("s1"))["status"] == "ok"
+    for req in range(2, 8):  # the simulation's license has 5 seats of cad, 6 of viewer
+        _grant_id(cluster.ask("alpha", _checkout("s1", req, ("cad", "viewer")[req % 2])))
+    cluster.run_until(lambda: alpha.n.replica.log.snap_index > 0, 2, "alpha compacted")
+    for name in ("alpha", "beta"):  # restarted, a log holds nothing before its snapshot
+        cluster[name].crash()
+        cluster[name].boot()
+    cluster.run_until(alpha.serving, 3, "alpha serving again")
 
-        loads = {"n": 0}
-        from_snapshot = Ledger.from_snapshot
+    loads = {"n": 0}
+    from_snapshot = Ledger.from_snapshot
 
-        def refusing(cls: type[Ledger], snap: dict[str, Any], **kw: Any) -> Ledger:
-            loads["n"] += 1
-            if loads["n"] == 1:
-                raise LedgerError("snapshot refused by the test")
-            return from_snapshot(snap, **kw)
+    def refusing(cls: type[Ledger], snap: dict[str, Any], **kw: Any) -> Ledger:
+        loads["n"] += 1
+        if loads["n"] == 1:
+            raise LedgerError("snapshot refused by the test")
+        return from_snapshot(snap, **kw)
 
-        monkeypatch.setattr(Ledger, "from_snapshot", classmethod(refusing))
-        gamma.boot()  # a new member: its directory holds no snapshot to load
-        cluster.run_until(lambda: loads["n"] >= 1, 3, "gamma installing alpha's snapshot")
-        (line,) = _start_overs(caplog, "gamma")
-        assert "snapshot: snapshot refused by the test" in line
-        cluster.run_until(cluster.settled, 5, "gamma caught up")
-        assert len({repr(v) for v in cluster.ledgers().values()}) == 1
-        assert len(gamma.n.ledger.grants()) == 6
-    finally:
-        cluster.close()
+    monkeypatch.setattr(Ledger, "from_snapshot", classmethod(refusing))
+    gamma.boot()  # a new member: its directory holds no snapshot to load
+    cluster.run_until(lambda: loads["n"] >= 1, 3, "gamma installing alpha's snapshot")
+    cluster.step()  # the cycle after: the core asks its shell to start it over
+    (line,) = _start_overs(caplog, "gamma")
+    assert "snapshot: snapshot refused by the test" in line
+    cluster.run_until(cluster.settled, 5, "gamma caught up")
+    assert len({repr(v) for v in cluster.ledgers().values()}) == 1
+    assert len(gamma.n.ledger.grants()) == 6
 
 
 # --- the same in real processes

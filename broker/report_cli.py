@@ -1,0 +1,378 @@
+"""``zbroker report``: the usage tables and charts from one or more nodes' report logs.
+
+The command parses, reads the logs once (``broker.reportfile.merge``: several nodes'
+logs merged by index, each record once), feeds ``broker.report_stats.Report`` and
+renders what it found: text on stdout, CSV tables with ``--csv DIR``, PNG charts with
+``--png DIR`` (matplotlib, the ``report`` extra, imported only then). ``--verify``
+checks each node's hash chain instead and names every line that breaks it.
+
+Exit codes: 0 success (``--verify``: every chain holds); 1 ``--verify`` found a broken
+chain, or the logs of several nodes disagree on a record; 2 bad usage or an unreadable
+log.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from broker.report_stats import BY, OTHERS, UNKNOWN, Feature, Report
+from broker.reportfile import Merged, ReportFileError, merge, stream_files, verify
+
+TOP = 10  # rows of the "by user" tables printed; the CSV has them all
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"zbroker: {message}", err=True)
+    sys.exit(code)
+
+
+def _when(text: str | None, name: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        t = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"{name} {text!r} is no date or time: give 2026-11-30 or 2026-11-30T08:00Z")
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.UTC)
+    return t.timestamp()
+
+
+def _groups(options: str | None) -> dict[str, list[str]]:
+    """user -> the GROUPs of the options file that list it."""
+    if options is None:
+        return {}
+    from broker.license import LicenseError
+    from broker.options import load_options
+
+    try:
+        opts = load_options(options)
+    except LicenseError as exc:
+        _fail(str(exc))
+    out: dict[str, list[str]] = {}
+    for name, members in opts.groups:
+        for user in members:
+            out.setdefault(user, []).append(name)
+    return out
+
+
+@click.command()
+@click.argument("logs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--from", "start", metavar="TIME", help="window start, UTC (2026-11-01 or ...T08:00)")
+@click.option("--to", "end", metavar="TIME", help="window end, UTC")
+@click.option("--feature", "features", multiple=True, help="only this feature (repeatable)")
+@click.option("--by", type=click.Choice(BY), default="user", show_default=True,
+              help="what seat-hours are counted by")  # fmt: skip
+@click.option("--options", "options_path", type=click.Path(dir_okay=False, exists=True),
+              help="the options file whose GROUP lines --by group uses")  # fmt: skip
+@click.option("--csv", "csv_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="write the tables as CSV files into this directory")  # fmt: skip
+@click.option("--png", "png_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="draw the charts as PNG files into this directory (matplotlib)")  # fmt: skip
+@click.option("--verify", is_flag=True, help="check each log's hash chain and name broken lines")
+def report(
+    logs: tuple[Path, ...],
+    start: str | None,
+    end: str | None,
+    features: tuple[str, ...],
+    by: str,
+    options_path: str | None,
+    csv_dir: Path | None,
+    png_dir: Path | None,
+    verify: bool,
+) -> None:
+    """Usage from report logs: LOG is a node's report_log directory or one of its files;
+    give several nodes' to merge them by log index (docs/reportlog.md)."""
+    try:
+        streams = [stream_files(p) for p in logs]
+    except ReportFileError as exc:
+        _fail(str(exc))
+    if verify:
+        sys.exit(_verify(streams))
+    if by == "group" and options_path is None:
+        _fail("--by group needs --options FILE: the options file's GROUP lines")
+    rep = Report(
+        start=_when(start, "--from"),
+        end=_when(end, "--to"),
+        features=frozenset(features) or None,
+        by=by,
+        groups=_groups(options_path),
+    )
+    merged = Merged()
+    try:
+        for k, line in enumerate(merge(streams, merged)):
+            if k == 0:
+                for header in merged.headers:  # what was so when the logs begin
+                    rep.header(header.record)
+            rep.add(line.record)
+    except ReportFileError as exc:
+        _fail(str(exc))
+    rep.finish()
+    click.echo(render(rep, merged))
+    if csv_dir is not None:
+        write_csv(rep, csv_dir)
+    if png_dir is not None:
+        draw(rep, png_dir)
+    if merged.conflicts:
+        sys.exit(1)
+
+
+def _verify(streams: Sequence[Sequence[Path]]) -> int:
+    bad = 0
+    for files in streams:
+        findings = verify(files)
+        where = files[0].parent if len(files) > 1 else files[0]
+        if not findings:
+            click.echo(f"{where}: {len(files)} file(s), the hash chain holds")
+        for finding in findings:
+            click.echo(str(finding))
+        bad += len(findings)
+    return 1 if bad else 0
+
+
+# --- text --------------------------------------------------------------------------------
+
+
+def _t(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(t, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _span(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _hours(seat_seconds: float) -> str:
+    return f"{seat_seconds / 3600:.2f}"
+
+
+def render(rep: Report, merged: Merged) -> str:
+    lo, hi = rep.window()
+    out = [
+        f"report log: {rep.records} records, {_t(lo)} to {_t(hi)}; {rep.terms} terms, "
+        f"{rep.rereads} rereads"
+    ]
+    if rep.estimated:
+        out.append(
+            f"  {rep.estimated} records carry no wall time of their own (checkins, denials, "
+            "expiries: docs/reportlog.md) and count at the time of the record before them"
+        )
+    for line in merged.gaps:
+        r = line.record
+        out.append(f"  gap in {line.path}: indexes {r.get('from')}-{r.get('to')} ({r.get('why')})")
+    for a, b in merged.conflicts:
+        out.append(f"  DISAGREE: {a.path}:{a.number} and {b.path}:{b.number} (same index)")
+    if rep.unknown:
+        out.append(f"  deltas of kinds this schema does not know: {dict(rep.unknown)}")
+    for name in sorted(rep.features):
+        if name == UNKNOWN:
+            continue
+        out += _feature_text(rep, rep.features[name])
+    unknown = rep.features.get(UNKNOWN)
+    if unknown is not None and unknown.denials:
+        out.append("")
+        out.append(
+            f"denials whose feature the log does not record: {sum(unknown.denials.values())}"
+        )
+        out.append("  by reason: " + _counts(unknown.denials))
+        out.append("  by user:   " + _counts(unknown.denied_users))
+    out.append("")
+    out.append(
+        "seats held by idle sessions: not in the log (idleness is the application's mark, "
+        "issue 12's TIMEOUT); seats TIMEOUT freed are the checkins with reason timeout"
+    )
+    return "\n".join(out)
+
+
+def _counts(c: Any, top: int = TOP) -> str:
+    items = sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))
+    text = ", ".join(f"{k} {v}" for k, v in items[:top])
+    return text + (f", ... ({len(items) - top} more)" if len(items) > top else "") or "none"
+
+
+def _feature_text(rep: Report, f: Feature) -> list[str]:
+    total = rep.total(f.name, rep.clock)
+    util = f.average() / total * 100 if total else math.nan
+    out = ["", f"feature {f.name}: count {total}"]
+    out.append(
+        f"  peak {f.peak} at {_t(f.peak_at)}; average {f.average():.2f}, p95 {f.p95()} "
+        f"(time-weighted); utilisation {util:.1f} %"
+    )
+    longest = max(f.longest, default=None)
+    full = f"  at 100 %: {_span(f.full_seconds)} in {f.full_windows} windows"
+    if longest is not None:
+        full += f" (longest {_span(longest[0])} from {_t(longest[1])})"
+    out.append(full)
+    ins = sum(f.checkins.values())
+    out.append(f"  checkouts {f.checkouts}, checkins {ins} ({_counts(f.checkins)})")
+    out.append(f"  denials {sum(f.denials.values())}: {_counts(f.denials)}")
+    if f.denied_users:
+        out.append(f"  denied users: {_counts(f.denied_users)}")
+    p50, p95 = f.wait_quantile(0.5), f.wait_quantile(0.95)
+    if p50 is not None and p95 is not None:
+        out.append(f"  queue waits: {f.waits_n}, p50 {p50:.2f} s, p95 {p95:.2f} s")
+    else:
+        out.append("  queue waits: none recorded (the deltas do not say yet: docs/reportlog.md)")
+    hours = sorted(f.hours.items(), key=lambda kv: (-kv[1], kv[0]))
+    shown = ", ".join(f"{k} {_hours(v)}" for k, v in hours[:TOP])
+    out.append(f"  seat-hours by {rep.by}: {shown or 'none'}")
+    out += _over_time(rep, f, total)
+    return out
+
+
+def _over_time(rep: Report, f: Feature, total: int, rows: int = 12) -> list[str]:
+    """Use over time in at most ``rows`` rows: the buckets added up."""
+    keys = sorted(k for k, row in rep.buckets.items() if f.name in row)
+    if not keys:
+        return []
+    per = max(1, math.ceil((keys[-1] - keys[0] + 1) / rows))
+    out = [f"  use over time ({_span(rep.bucket * per)} a row): start, average, peak, denials"]
+    for first in range(keys[0], keys[-1] + 1, per):
+        bs = [
+            rep.buckets[k][f.name]
+            for k in range(first, first + per)
+            if f.name in rep.buckets.get(k, {})
+        ]
+        seat_s = sum(b.seat_seconds for b in bs)
+        avg = seat_s / max(1e-9, _covered(rep, first * rep.bucket, rep.bucket * per))
+        peak = max((b.peak for b in bs), default=0)
+        pct = f" ({avg / total * 100:.0f} %)" if total else ""
+        denials = sum(b.denials for b in bs)
+        out.append(f"    {_t(first * rep.bucket)}  {avg:8.2f}{pct}  {peak:6d}  {denials:6d}")
+    return out
+
+
+def _covered(rep: Report, start: float, width: float) -> float:
+    """Seconds of [start, start + width) inside the report's window: the first and last
+    buckets are partly outside, and their average is over the part inside."""
+    lo, hi = rep.window()
+    a = start if lo is None else max(start, lo)
+    b = start + width if hi is None else min(start + width, hi)
+    return b - a
+
+
+# --- CSV ---------------------------------------------------------------------------------
+
+
+def write_csv(rep: Report, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    names = sorted(rep.features)
+    with (directory / "features.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["feature", "count", "peak", "peak_at", "average", "p95", "utilisation",
+                    "seconds_at_100", "windows_at_100", "checkouts", "checkins", "denials",
+                    "wait_p50", "wait_p95"])  # fmt: skip
+        for name in names:
+            f = rep.features[name]
+            total = rep.total(name, rep.clock)
+            w.writerow([name, total, f.peak, _t(f.peak_at), f"{f.average():.4f}", f.p95(),
+                        f"{f.average() / total:.4f}" if total else "", f"{f.full_seconds:.1f}",
+                        f.full_windows, f.checkouts, sum(f.checkins.values()),
+                        sum(f.denials.values()), f.wait_quantile(0.5) or "",
+                        f.wait_quantile(0.95) or ""])  # fmt: skip
+    with (directory / "use_over_time.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["start", "seconds", "feature", "average", "peak", "count", "denials"])
+        for k in sorted(rep.buckets):
+            for name, b in sorted(rep.buckets[k].items()):
+                t = k * rep.bucket
+                covered = max(1e-9, _covered(rep, t, rep.bucket))
+                w.writerow([_t(t), rep.bucket, name, f"{b.seat_seconds / covered:.4f}",
+                            b.peak, rep.total(name, t), b.denials])  # fmt: skip
+    with (directory / "denials.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["feature", "kind", "name", "denials"])
+        for name in names:
+            f = rep.features[name]
+            for reason, n in sorted(f.denials.items()):
+                w.writerow([name, "reason", reason, n])
+            for user, n in sorted(f.denied_users.items()):
+                w.writerow([name, "user", user, n])
+    with (directory / f"hours_by_{rep.by}.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["feature", rep.by, "seat_hours"])
+        for name in names:
+            for key, v in sorted(rep.features[name].hours.items()):
+                w.writerow([name, key, f"{v / 3600:.4f}"])
+
+
+# --- charts ------------------------------------------------------------------------------
+
+
+def draw(rep: Report, directory: Path) -> list[Path]:
+    """use_over_time.png (per feature, against its count, denials marked) and
+    use_by_<by>.png (seat-hours per bucket, stacked by user/host/project/group)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.dates as mdates
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _fail("--png needs matplotlib: pip install 'zbroker[report]'")
+    directory.mkdir(parents=True, exist_ok=True)
+    names = [n for n in sorted(rep.features) if n != UNKNOWN]
+    keys = sorted(rep.buckets)
+    width = rep.bucket
+    when = [datetime.datetime.fromtimestamp(k * width, tz=datetime.UTC) for k in keys]
+    fig, axes = plt.subplots(max(1, len(names)), 1, figsize=(10, 2.6 * max(1, len(names))),
+                             sharex=True, squeeze=False)  # fmt: skip
+    for ax, name in zip(axes[:, 0], names, strict=False):
+        rows = [rep.buckets[k].get(name) for k in keys]
+        avg = [
+            b.seat_seconds / max(1e-9, _covered(rep, k * width, width)) if b else 0.0
+            for k, b in zip(keys, rows, strict=True)
+        ]
+        peak = [b.peak if b else 0 for b in rows]
+        count = [rep.total(name, k * width) for k in keys]
+        ax.step(when, peak, where="post", color="tab:orange", lw=0.8, label="peak")
+        ax.step(when, avg, where="post", color="tab:blue", label="average in use")
+        ax.step(when, count, where="post", color="black", ls="--", lw=1, label="count")
+        denied = [(t, c) for t, b, c in zip(when, rows, count, strict=True) if b and b.denials]
+        if denied:
+            ax.scatter([t for t, _ in denied], [c for _, c in denied], marker="v", color="red",
+                       zorder=3, label="denials")  # fmt: skip
+        ax.set_title(f"{name}: seats in use against the count")
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="upper left", fontsize=7)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    paths = [directory / "use_over_time.png"]
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+
+    totals: dict[str, float] = {}
+    for shares in rep.stack.values():
+        for who, v in shares.items():
+            totals[who] = totals.get(who, 0.0) + v
+    top = [w for w, _ in sorted(totals.items(), key=lambda kv: -kv[1]) if w != OTHERS][:8]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    keys = sorted(rep.stack)
+    when = [datetime.datetime.fromtimestamp(k * width, tz=datetime.UTC) for k in keys]
+    stacked = [rep.stack[k] for k in keys]
+    series = [[row.get(who, 0.0) / 3600 for row in stacked] for who in top]
+    rest = [sum(v for w, v in row.items() if w not in top) / 3600 for row in stacked]
+    if any(rest):
+        series.append(rest)
+        top = [*top, OTHERS]
+    if series:
+        ax.stackplot(mdates.date2num(when), series, labels=top, step="post")
+        ax.xaxis_date()
+        ax.legend(loc="upper left", fontsize=7)
+    ax.set_title(f"seat-hours per {_span(width)} by {rep.by}")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    paths.append(directory / f"use_by_{rep.by}.png")
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths

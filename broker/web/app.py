@@ -1,0 +1,96 @@
+"""The web shell: a Starlette application over a ``StatusPoller``, run by uvicorn.
+
+Routes: ``/`` the page (HTML, reloaded by the browser every ``REFRESH`` seconds) and
+``/status.json`` the same ``Page`` as JSON. Both render the poller's last answer and
+never talk to the triad themselves. The poller starts with the application (its
+lifespan) and stops with it, on SIGINT or SIGTERM, which uvicorn handles.
+
+``serve`` binds the listening socket itself, before uvicorn runs: so a port taken by
+another program is one line and exit 2 from ``zbroker web``, and port 0 (the OS picks
+one) can be told to whoever started it on the line ``serving on http://HOST:PORT/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from broker.web.model import Page, build_page
+from broker.web.poller import StatusPoller
+from broker.web.render import REFRESH, render_page
+
+# Defence in depth beside autoescape: the page runs no script and loads nothing.
+_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def create_app(
+    poller: StatusPoller,
+    *,
+    refresh: int = REFRESH,
+    wall_clock: Callable[[], float] = time.time,
+    tz: datetime.tzinfo | None = None,
+) -> Starlette:
+    def page() -> Page:
+        latest = poller.latest
+        return build_page(
+            latest.status, read_at=latest.read_at, now=wall_clock(), error=latest.error, tz=tz
+        )
+
+    async def html(request: Request) -> Response:
+        return HTMLResponse(render_page(page(), refresh), headers=_HEADERS)
+
+    async def as_json(request: Request) -> Response:
+        return JSONResponse(page().to_json(), headers=_HEADERS)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        poller.start()
+        try:
+            yield
+        finally:
+            poller.stop()
+
+    return Starlette(
+        routes=[Route("/", html), Route("/status.json", as_json)],
+        lifespan=lifespan,
+    )
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port`` (OSError if it cannot be bound)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.set_inheritable(True)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(app: Starlette, sock: socket.socket, announce: Callable[[str], None]) -> None:
+    """Run ``app`` on the bound ``sock`` until SIGINT or SIGTERM."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    server = uvicorn.Server(config)
+    announce(f"serving on http://{shown}:{port}/")
+    server.run(sockets=[sock])

@@ -1,0 +1,90 @@
+"""Write a synthetic report log of N records, for BENCHMARKS.md's `zbroker report` figures.
+
+    python scripts/reportgen.py DIR --records 1000000 [--days 365] [--features 20] [--users 2000]
+
+A busy site's year: features of 10 to 200 seats, users checking seats out and in (and
+their sessions closing or expiring now and then), denials when a feature is full. The
+records have the fields, sizes and order the node writes (through ``ReportWriter``:
+headers, rotation, the hash chain), and times spread over ``--days``.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from broker.reportfile import ReportWriter
+
+T0 = 1_767_225_600.0  # 2026-01-01T00:00Z
+
+
+@click.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--records", type=click.IntRange(1), default=1_000_000, show_default=True)
+@click.option("--days", type=click.IntRange(1), default=365, show_default=True)
+@click.option("--features", "n_features", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--users", "n_users", type=click.IntRange(1), default=2000, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--load", type=click.FloatRange(0.05, 0.95), default=0.5, show_default=True,
+              help="the share of seats in use the walk tends to")  # fmt: skip
+def main(
+    directory: Path, records: int, days: int, n_features: int, n_users: int, seed: int, load: float
+) -> None:
+    rng = random.Random(seed)
+    counts = {f"feat{k:02d}": rng.choice((10, 20, 50, 100, 200)) for k in range(n_features)}
+    lines = [
+        {"feature": f, "version": "1.0", "count": c, "expires": None} for f, c in counts.items()
+    ]
+    users = [f"user{k:04d}" for k in range(n_users)]
+    held: dict[str, list[tuple[int, str, float]]] = {f: [] for f in counts}  # grant, user, since
+    w = ReportWriter(directory, "gen", retention_days=0)
+    w.open()
+    step = days * 86_400.0 / records
+    t, ix, gid, written = T0, 1, 1, 0
+    began = time.monotonic()
+    batch: list[dict] = [{"ix": ix, "n": 0, "term": 1, "ev": "reread", "at": t, "lines": lines}]
+    names = list(counts)
+    while written < records:
+        t += rng.expovariate(1 / step)
+        ix += 1 + rng.randrange(3)  # opens, heartbeats' answers: entries without records
+        f = rng.choice(names)
+        pool = held[f]
+        user = rng.choice(users)
+        who = {"sid": f"s-{user}", "user": user, "host": f"{user}-pc", "display": ":0",
+               "client_version": "1.0"}  # fmt: skip
+        if pool and rng.random() < len(pool) / counts[f] / (2 * load):
+            g, holder, since = pool.pop(rng.randrange(len(pool)))
+            reason = rng.choices(("checkin", "closed", "expired"), (90, 8, 2))[0]
+            who |= {"sid": f"s-{holder}", "user": holder, "host": f"{holder}-pc"}
+            at = None if reason != "closed" else t  # as today: checkins carry no time
+            batch.append({"ix": ix, "n": 0, "term": 1, "ev": "in", "at": at, "reason": reason,
+                          "feature": f, "version": "1.0", "count": 1, "grant": g,
+                          "since": since, **who, "in_use": len(pool)})  # fmt: skip
+        elif len(pool) < counts[f]:
+            pool.append((gid, user, t))
+            batch.append({"ix": ix, "n": 0, "term": 1, "ev": "out", "at": t, "feature": f,
+                          "version": "1.0", "count": 1, "grant": gid, **who,
+                          "in_use": len(pool)})  # fmt: skip
+            gid += 1
+        else:
+            batch.append({"ix": ix, "n": 0, "term": 1, "ev": "deny", "at": None, "op": "checkout",
+                          "reason": "no_seats", "detail": f"{f} 1.0: all seats in use",
+                          "req": 7, **who})  # fmt: skip
+        written += 1
+        if len(batch) >= 512:
+            w.write(batch, t)
+            batch = []
+    w.write(batch, t)
+    w.close()
+    took = time.monotonic() - began
+    click.echo(f"{written} records in {directory} ({took:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

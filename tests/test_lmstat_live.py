@@ -1,0 +1,222 @@
+"""``zbroker lmstat`` on a live triad, read by parsers written by others.
+
+A triad with holders (several users, multi-seat grants) and a queued checkout; the real
+commands (``python -m broker lmstat``, and ``lmutil``/``lmstat`` launchers named as a
+site's symlinks to ``zbroker-lmutil`` would be) print lmstat's text, and the parsers of
+tests/test_lmstat_parsers.py (the FlexLM exporter's, two Slurm sync tools', and
+SchedMD's own grep and sed, run by bash) must read what the triad holds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_lmstat_parsers import (
+    SLURM_DYNAMIC_LICENSES,
+    exporter_parse,
+    exporter_parse_expiry,
+    omnivector_3012_parse,
+    omnivector_parse,
+    vsc_license_file,
+    vsc_parse,
+)
+
+from clients import LicenseClient
+from clients.testing.kit import wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=environ)
+
+
+def _zbroker_lmstat(*args: str) -> subprocess.CompletedProcess[str]:
+    return _run([sys.executable, "-m", "broker", "lmstat", *args])
+
+
+@pytest.fixture
+def tools(tmp_path: Path) -> Path:
+    """A folder as a site sets one up: ``lmutil`` runs zbroker-lmutil, ``lmstat`` links to it."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    lmutil = folder / "lmutil"
+    lmutil.write_text(f"#!{sys.executable}\nfrom broker.lmutil import main\n\nmain()\n")
+    lmutil.chmod(0o755)
+    (folder / "lmstat").symlink_to(lmutil)
+    return folder
+
+
+@pytest.fixture
+def busy(make_triad: Callable[..., Any]) -> Iterator[dict[str, Any]]:
+    """A triad with ann (3 cad), bob (2 cad), carol (1 viewer), dave (all 2 solver) and
+    erin queued for solver."""
+    triad = make_triad(servers=3, lease=10.0)
+    triad.wait_for_primary()
+    clients: list[LicenseClient] = []
+
+    def client(user: str, host: str, display: str) -> LicenseClient:
+        made = LicenseClient(triad.license, user=user, host=host, display=display, timeout=20)
+        clients.append(made)
+        return made
+
+    client("ann", "ws1", ":0").checkout("cad", count=3)
+    bob = client("bob", "ws2", ":1")
+    bob.checkout("cad", count=2)
+    client("carol", "ws3", "/dev/pts/2").checkout("viewer")
+    dave = client("dave", "ws4", ":0")
+    solver = dave.checkout("solver", count=2)
+    erin = client("erin", "ws5", ":0")
+    waited: list[Any] = []
+    queued = threading.Thread(target=lambda: waited.append(erin.checkout("solver", wait=30)))
+    queued.start()
+    wait_for(lambda: triad.feature("solver", triad.status(holders=False))["queued"] == 1, 10,
+             "erin queued for solver")  # fmt: skip
+    primary = next(n for n in triad.status(holders=False)["nodes"] if n["role"] == "primary")
+    try:
+        yield {"triad": triad, "primary": primary}
+    finally:
+        dave.checkin(solver)  # erin is served, and her thread ends
+        queued.join(timeout=30)
+        for made in clients:
+            made.close()
+
+
+def _path(triad: Any) -> str:
+    return ",".join(f"{e.rsplit(':', 1)[1]}@127.0.0.1" for e in triad.endpoints)
+
+
+def test_the_flexlm_exporter_reads_what_the_triad_holds(busy: dict[str, Any]) -> None:
+    triad, primary = busy["triad"], busy["primary"]
+    result = _zbroker_lmstat("-a", "-c", _path(triad))
+    assert result.returncode == 0, result.stderr
+    got = exporter_parse(result.stdout)
+    assert got.features == {
+        "cad": {"issued": 15.0, "used": 5.0},
+        "solver": {"issued": 2.0, "used": 2.0},
+        "viewer": {"issued": 50.0, "used": 1.0},
+    }
+    held = {
+        f["name"]: {h["user"]: h["count"] for h in f["holders"]} for f in triad.status()["features"]
+    }
+    read = {
+        feature: {user: sum(seats for _, seats in versions) for user, versions in users.items()}
+        for feature, users in got.users.items()
+    }
+    assert read == {f: users for f, users in held.items() if users}
+    assert read["solver"] == {"dave": 2}  # erin waits in the queue: no seat
+    assert got.vendors == {"zbroker": {"status": True, "version": "v11.19.0"}}
+    # All three nodes listen on 127.0.0.1 here, which the exporter keys as one server;
+    # the lines themselves say which one is master.
+    assert got.servers["127"]["master"] and got.servers["127"]["status"]
+    lines = [ln for ln in result.stdout.splitlines() if ": license server UP" in ln]
+    masters = [i for i, ln in enumerate(lines) if ln.endswith("UP (MASTER) v11.19.0")]
+    assert len(lines) == 3 and masters == [triad.endpoints.index(primary["endpoint"])]
+
+
+def test_the_exporter_reads_expiry_and_the_vendor_from_the_license_file(
+    busy: dict[str, Any], tools: Path
+) -> None:
+    triad = busy["triad"]
+    listing = _run([str(tools / "lmutil"), "lmstat", "-c", triad.license, "-i"])
+    assert listing.returncode == 0, listing.stderr
+    rows = exporter_parse_expiry(listing.stdout)
+    assert [(r["name"], r["licenses"], r["vendor"]) for r in rows] == [
+        ("cad", "10", "demo"),
+        ("cad", "5", "demo"),
+        ("solver", "2", "demo"),
+        ("viewer", "50", "demo"),
+    ]
+    assert rows[0]["expires"] != float("inf") and rows[1]["expires"] == float("inf")
+    full = _run([str(tools / "lmutil"), "lmstat", "-a", "-c", triad.license])
+    assert exporter_parse(full.stdout).vendors == {"demo": {"status": True, "version": "v11.19.0"}}
+    assert (
+        exporter_parse(_run([str(tools / "lmutil"), "lmstat", "-v"]).stdout).version != "not found"
+    )
+
+
+def test_slurm_license_manager_agent_reads_one_feature(busy: dict[str, Any], tools: Path) -> None:
+    # The agent runs `lmutil lmstat -c port@host -f FEATURE` and parses it.
+    result = _run([str(tools / "lmutil"), "lmstat", "-c", _path(busy["triad"]), "-f", "cad"])
+    assert result.returncode == 0, result.stderr
+    parsed = omnivector_parse(result.stdout)
+    assert (parsed["feature"], parsed["total"], parsed["used"]) == ("cad", 15, 5)
+    uses = sorted((u["username"], u["lead_host"], u["booked"]) for u in parsed["uses"])  # type: ignore[attr-defined]
+    assert uses == [("ann", "ws1", 3), ("bob", "ws2", 2)]
+    released = omnivector_3012_parse(result.stdout)  # the PyPI release's parser
+    assert released["total"] == {"total": 15, "used": 5, "feature": "cad"}
+    assert sorted((u["user_name"], u["booked"]) for u in released["uses"]) == [  # type: ignore[attr-defined]
+        ("ann", 3),
+        ("bob", 2),
+    ]
+
+
+def test_vsc_slurm_sync_reads_totals_through_its_fake_license_file(
+    busy: dict[str, Any], tools: Path, tmp_path: Path
+) -> None:
+    # sync_slurm_external_licenses.py writes `SERVER host AABBCCDDEEFF port` and runs
+    # `TOOL lmstat -a -c FILE`; here the host and port of one node, as a site gives it.
+    host, port = busy["primary"]["endpoint"][len("tcp://") :].rsplit(":", 1)
+    fake = tmp_path / "x.flexlm_fake_lic"
+    fake.write_text(vsc_license_file(host, int(port)))
+    result = _run([str(tools / "lmutil"), "lmstat", "-a", "-c", str(fake)])
+    assert result.returncode == 0, result.stderr
+    assert vsc_parse(result.stdout) == {
+        "cad": {"total": 15, "in_use": 5},
+        "solver": {"total": 2, "in_use": 2},
+        "viewer": {"total": 50, "in_use": 1},
+    }
+
+
+def test_schedmd_dynamic_license_script_sets_lastconsumed(
+    busy: dict[str, Any], tools: Path
+) -> None:
+    # licenses.shtml's script as written, run by bash; sacctmgr prints what it was asked.
+    stub = 'sacctmgr() { echo "sacctmgr $*"; }\n'
+    result = _run(
+        ["bash", "-c", stub + SLURM_DYNAMIC_LICENSES],
+        LMSTAT=f"{tools / 'lmstat'} -a",
+        LICENSE="cad",
+        LM_LICENSE_FILE=_path(busy["triad"]),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["sacctmgr -i update resource cad set lastconsumed=5"]
+
+
+def test_a_triad_given_as_three_entries_is_counted_once(busy: dict[str, Any], tools: Path) -> None:
+    # A redundant group passed colon-separated, as FlexNet paths name independent servers.
+    path = _path(busy["triad"]).replace(",", ":")
+    stub = 'sacctmgr() { echo "sacctmgr $*"; }\n'
+    result = _run(
+        ["bash", "-c", stub + SLURM_DYNAMIC_LICENSES],
+        LMSTAT=f"{tools / 'lmstat'} -a",
+        LICENSE="cad",
+        LM_LICENSE_FILE=path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["sacctmgr -i update resource cad set lastconsumed=5"]
+    text = _run([str(tools / "lmstat"), "-a", "-c", path]).stdout
+    assert text.count("License server status: ") == 1 and text.count("(MASTER)") == 1
+
+
+def test_no_server_answering_exits_1_with_lmstat_s_message(tools: Path) -> None:
+    with socket.socket() as sock:  # a port the OS gives and nobody listens on once closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = _run([str(tools / "lmstat"), "-a", "-c", f"{port}@127.0.0.1", "-t", "0.3"])
+    assert result.returncode == 1
+    assert f"License server status: {port}@127.0.0.1" in result.stdout
+    assert "127.0.0.1: Cannot connect to license server system." in result.stdout
+    usage = _zbroker_lmstat("-a", "-c", "notaport@host")
+    assert usage.returncode == 2 and "port@host" in usage.stderr
