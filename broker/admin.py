@@ -64,6 +64,7 @@ def is_admin(frame: zmq.Frame | None, *, secure: bool) -> bool:
 class AdminDecision:
     reply: Reply
     stop: bool = False  # the node should stop once the reply has left
+    reread: bool = False  # the node should read its license and options files again
 
 
 def handle_admin(action: object, *, admin: bool, node: str, secure: bool) -> AdminDecision:
@@ -78,6 +79,9 @@ def handle_admin(action: object, *, admin: bool, node: str, secure: bool) -> Adm
     if action == "down":
         log.warning("administrator asked node %s to stop", node)
         return AdminDecision(reply_ok(node=node, stopping=True), stop=True)
+    if action == "reread":
+        log.warning("administrator asked node %s to reread its license and options", node)
+        return AdminDecision(reply_ok(node=node, rereading=True), reread=True)
     return AdminDecision(
         reply_error(
             ErrorCode.BAD_REQUEST,

@@ -179,7 +179,7 @@ def init(directory: Path, servers: str, lease: float, force: bool, plain: bool) 
 def run(config_path: str, node_name: str) -> None:
     """Run one node in the foreground, logging to stderr, until SIGTERM or Ctrl-C.
 
-    SIGHUP is logged and ignored (a reread is not there yet). Exit 3 when the data
+    SIGHUP rereads the license and options files (docs/admin.md). Exit 3 when the data
     directory is locked by another process or cannot be used, or a disk error stops it.
     """
     import zmq  # the node pulls in zmq and the peers; keep other commands light
@@ -256,7 +256,7 @@ def up(config_path: str) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    # The nodes ignore SIGHUP; a closed terminal must still stop the triad it started.
+    # The nodes reread on SIGHUP; a closed terminal must still stop the triad it started.
     signal.signal(signal.SIGHUP, _stop)
     children = {
         node.name: subprocess.Popen(run_command(config.path, node.name)) for node in config.nodes
@@ -564,6 +564,59 @@ def down(config_path: str, only: tuple[str, ...], key_path: str | None, timeout:
         return
     click.echo("some nodes still answer", err=True)
     sys.exit(EXIT_REFUSED)
+
+
+@main.command()
+@config_option
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=f"the administrator's secret key (default ${ADMIN_KEY_ENV}, else admin_key of the config)",
+)
+@click.option(
+    "--timeout",
+    type=Seconds(Range(0.0, MAX_ASK, low_open=True)),
+    default=5.0,
+    show_default=True,
+    help="seconds to wait for the nodes' answers",
+)
+def reread(config_path: str, key_path: str | None, timeout: float) -> None:
+    """Make every node read its license and options files again, as FlexLM's lmreread.
+
+    The files are checked here first: a syntax error or a bad key is refused with
+    file:line:col (exit 2) and no node is asked. Each node then reads its own copy (as
+    on SIGHUP); the primary replicates what changed as one delta, so the three switch at
+    one point of the log, and a node whose copy does not load logs why and keeps what it
+    had. Exit status: 0 when every node answered, 1 when one refused or did not answer.
+    """
+    from broker.status import ask
+    from clients import LicenseError as ClientError
+
+    try:
+        config = load_config(config_path)  # reads the license and the options file
+        curve = config_curve(config, admin=True, key_path=key_path)
+    except _CONFIG_ERRORS as exc:
+        _fail(exc)
+    endpoints = [(n.name, n.client) for n in config.nodes]
+    try:
+        replies = ask(endpoints, {"op": "admin", "action": "reread"}, timeout=timeout, curve=curve)
+    except ClientError as exc:  # a node's reply we cannot read
+        _fail(exc, EXIT_REFUSED)
+    failed = False
+    for name, _ in endpoints:
+        reply = replies.get(name)
+        if reply is None:
+            failed = True
+            click.echo(f"{name}: no answer (down, or it refused our key)", err=True)
+        elif reply["status"] == "ok":
+            click.echo(f"{name}: rereading")
+        else:
+            failed = True
+            click.echo(f"{name}: refused: {reply.get('code')}: {reply.get('detail')}", err=True)
+    if failed:
+        sys.exit(EXIT_REFUSED)
 
 
 @main.command()

@@ -286,6 +286,17 @@ def _check_distinct(path: Path, nodes: tuple[NodeConfig, ...]) -> None:
                 f"{data[directory]} ({node.data}): each node needs its own"
             )
         data[directory] = node.name
+    reports: dict[Path, str] = {}
+    for node in nodes:
+        if node.report_log is None:
+            continue
+        directory = node.report_log.resolve()
+        if directory in reports:
+            raise ConfigError(
+                f"{path}: [nodes.{node.name}] report_log is the report log of node "
+                f"{reports[directory]} ({node.report_log}): each node needs its own"
+            )
+        reports[directory] = node.name
 
 
 def _required_str(path: Path, raw: dict[str, Any], key: str) -> str:

@@ -15,6 +15,12 @@ The core owns the ledger, the replica and the client front. The shell feeds it e
 6. ``start_over`` (a reason): set the data directory aside with that reason and hand
    what storage then loads to ``restart``; ``stop``: stop after this cycle's sends.
 
+``report`` holds the report log's records of the entries committed and applied this
+cycle (``broker/reportlog.py``), in log order, when the node keeps a report log: a
+backup derives them as it applies, a primary when it decides (from the same ledger
+state) and hands them out once their entries commit. ``report_from``: the ledger was
+replaced by a snapshot at that index (the shell's writer marks a gap if it must).
+
 The next cycle's poll waits no longer than ``wake_at`` (monotonic seconds).
 
 Within a cycle the core keeps the node's ordering rules: client requests are decided
@@ -32,7 +38,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 
 from broker.admin import handle_admin, is_admin, is_peer
@@ -42,9 +48,17 @@ from broker.front import Front, Key
 from broker.ledger import Decided, Delta, Ledger
 from broker.model import Entitlement, Now, Reply
 from broker.options import Options
+from broker.reportlog import Record, ReportLogError, derive
 from broker.status_reply import StatusReplies
 from broker.storage import Loaded
-from broker.wire import RemoteProtocolError, decode_request, encode_reply, refuse_frames, unpack
+from broker.wire import (
+    MAX_TEXT,
+    RemoteProtocolError,
+    decode_request,
+    encode_reply,
+    refuse_frames,
+    unpack,
+)
 from peers import types as rp
 from peers.messages import Heartbeat
 from peers.messages import validate as validate_peer
@@ -70,15 +84,19 @@ _TALLIED = {
 class Origin(Protocol):
     """What ZeroMQ knows of the connection a message came in on (a ``zmq.Frame``):
     ``get("User-Id")`` is the name the ZAP handler gave it, ``get("Peer-Address")`` the
-    remote address. Read only when a decision needs it (admin requests, peer messages)."""
+    remote address. Read only when a decision needs it (admin requests, peer messages,
+    and the address a session opens from, kept in the ledger for the report log)."""
 
     def get(self, key: str) -> Any: ...
 
 
 # --- events -------------------------------------------------------------------------
+# The events of a message are not frozen: one is made per message, and a frozen
+# dataclass's __init__ sets each field through object.__setattr__ (0.4-0.6 us a message,
+# measured by scripts/ab_instructions.py). Nothing changes them after they are made.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClientMessage:
     """The frames of one message on the client ROUTER, the connection's routing id first."""
 
@@ -86,7 +104,7 @@ class ClientMessage:
     origin: Origin
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PeerMessage:
     """The frames of one message on the peer ROUTER: the sender's routing id, the body."""
 
@@ -94,7 +112,7 @@ class PeerMessage:
     origin: Origin
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PeerHeartbeat:
     """The frames of one message on the heartbeat SUB socket."""
 
@@ -164,7 +182,10 @@ class Ready:
     latencies: list[float] = field(default_factory=list)
     start_over: str | None = None
     stop: bool = False
+    reread: bool = False  # read the license and options files again (then call reread)
     wake_at: float = 0.0
+    report: list[Record] = field(default_factory=list)  # see the module docstring
+    report_from: int | None = None
 
 
 # A delta of the batch being decided: the delta, the request it answers (None: no client
@@ -204,10 +225,12 @@ class NodeCore:
         self.options = options  # the options file this node read (broker/options.py)
         self.endpoints = {n.name: n.client for n in config.nodes}
         self.peers = frozenset(n.name for n in config.nodes if n.name != name)
-        # Events decided since start, for the metrics: "checkout", "checkin:<how>",
-        # "denied:<reason>".
-        self.tallies: Counter[str] = Counter()
+        # Events decided since start, for the metrics (``tallies``): the kinds of the deltas
+        # committed, and the denials by reason.
+        self._kinds: Counter[str] = Counter()
+        self._denials: Counter[str] = Counter()
         self.heard: dict[str, tuple[float, dict[str, Any]]] = {}  # peer heartbeats, for status
+        self._reporting = self.me.report_log is not None
         self._out = Ready()  # the cycle being decided
         how = self._build(loaded, now)
         if loaded.fresh:
@@ -248,6 +271,9 @@ class NodeCore:
         self.front = Front()
         self.status_asks = StatusReplies()  # this cycle's status requests
         self._batch: list[_Proposal] = []  # decided, applied, not proposed yet
+        self._batch_records: list[list[Record]] = []  # the report's, one list per proposal
+        self._pending: list[Record] = []  # a primary's, of proposals not committed yet
+        self._reported = loaded.snapshot_index  # every entry up to here has its records
         self._batch_now = now  # the clock reading the batch was decided at (serving then)
         self._serving_at = math.nan  # is_serving held at this reading, no replica event since
         self._unapplied: list[rp.Entry] = []  # committed on a backup, applied in advance()
@@ -336,6 +362,14 @@ class NodeCore:
         return self.applied.ledger
 
     @property
+    def tallies(self) -> Counter[str]:
+        """Events decided since start, for the metrics: "checkout", "checkin:<how>" and
+        "denied:<reason>" (built when read: once a second)."""
+        out = Counter({_TALLIED[k]: n for k, n in self._kinds.items() if k in _TALLIED})
+        out.update({f"denied:{reason}": n for reason, n in self._denials.items()})
+        return out
+
+    @property
     def session_count(self) -> int:
         """Sessions open in this node's ledger (broker/metrics.py)."""
         return self.ledger.session_count
@@ -347,6 +381,19 @@ class NodeCore:
         except Unappliable as exc:
             self._give_up(exc)
             return self._report(now)
+
+    def reread(self, entitlements: tuple[Entitlement, ...], options: Options | None) -> None:
+        """The shell read the license and options files again (SIGHUP): serve these. A
+        serving primary replicates what differs at its next ledger tick (``_end_cycle``),
+        as one reload delta; a backup keeps them for when it is primary."""
+        same = entitlements == self.entitlements and options == self.options
+        self.entitlements, self.options = entitlements, options
+        log.info(
+            "reread: %d license lines, %s; %s",
+            len(entitlements),
+            "no options file" if options is None else f"{len(options.lines)} options lines",
+            "nothing changed" if same else "serving them",
+        )
 
     # --- one cycle -----------------------------------------------------------------
 
@@ -364,7 +411,7 @@ class NodeCore:
             self._next_ledger_tick = now.mono + LEDGER_TICK
             if self.entitlements != self.ledger.entitlements or self.options != self.ledger.options:
                 log.info("license or options differ from the ledger's: replicating a reload")
-                reload = self.ledger.reload_delta(self.entitlements, self.options)
+                reload = self.ledger.reload_delta(self.entitlements, self.options, now)
                 self._decide((reload, None), now)
             ticked = self.ledger.tick(now)
             for decided in ticked.decided:
@@ -398,7 +445,10 @@ class NodeCore:
             latencies=old.latencies,
             stop=old.stop,
             start_over=f"its ledger cannot follow the committed log at {exc}",
+            report=old.report,  # of entries that were committed and did apply
         )
+        self._pending.clear()
+        self._batch_records.clear()
         abandoned: Reply = {"status": "redirect", "primary": None, "outcome": "unknown"}
         for identity, (sid, req) in self.front.abandon():
             self._reply(identity, sid, req, abandoned)
@@ -432,18 +482,22 @@ class NodeCore:
             self._reply(identity, request.sid or None, request.req, decision.reply)
             if decision.stop:
                 self._out.stop = True  # the reply leaves in this cycle
+            self._out.reread |= decision.reread
             return
         if self._batch and now.mono != self._batch_now.mono:
             self._propose()  # decided at another reading: propose under its serving check
-        refusal = self._refusal(now)
-        if refusal is not None:
-            self._reply(identity, request.sid, request.req, refusal)
-            return
+        if now.mono != self._serving_at:  # else it serves: no call (the hot path)
+            refusal = self._refusal(now)
+            if refusal is not None:
+                self._reply(identity, request.sid, request.req, refusal)
+                return
         key = (request.sid, request.req)
         if self.front.waiting(key):
             self.front.wait(key, identity, now.mono)  # a retry: answer where the client is now
             return
-        outcome = self.ledger.handle(request, now)
+        if op == "open":  # the session keeps the address it opened from; no other op reads it
+            request = replace(request, address=client_address(event.origin))
+        outcome = self.applied.ledger.handle(request, now)  # not the property: hot path
         if outcome.reply is not None:
             self._reply(identity, request.sid, request.req, outcome.reply)
             return
@@ -469,7 +523,11 @@ class NodeCore:
     def _decide(self, decided: Decided, now: Now) -> None:
         """Apply at once (the next decision must see it) and add it to the batch."""
         delta, reply = decided
-        self.ledger.apply(delta)
+        # The report's records, from the ledger before the delta, as a backup derives them.
+        records = self._derive(0, 0, delta) if self._reporting else None
+        self.applied.ledger.apply(delta)
+        if records is not None:
+            self._batch_records.append(records)
         if delta["k"] in _FREES_SEATS:
             self._next_ledger_tick = now.mono  # waiters may fit now: tick at this cycle's end
         if not self._batch:
@@ -480,6 +538,7 @@ class NodeCore:
     def _propose(self) -> None:
         """Propose the batch as one group commit (one append message per backup)."""
         batch, self._batch = self._batch, []
+        records, self._batch_records = self._batch_records, []
         now = self._batch_now
         try:
             indexes, effects = self.replica.propose([d for d, _, _ in batch], now.mono)
@@ -497,12 +556,18 @@ class NodeCore:
         for index, (_, key, reply) in zip(indexes, batch, strict=True):
             if key is not None and reply is not None:
                 front.proposed(index, key, reply)
+        if records:
+            term = self.replica.term
+            for index, derived in zip(indexes, records, strict=True):
+                for record in derived:
+                    record["ix"], record["term"] = index, term
+                self._pending += derived
         self.applied.proposed(indexes[-1], self.replica.term)
         self._take(effects, now)
 
     def _reply(self, identity: bytes, sid: str | None, req: int | None, reply: Reply) -> None:
-        if reply.get("status") == "denied":
-            self.tallies["denied:" + str(reply.get("reason"))] += 1
+        if "reason" in reply:  # a denial (no other reply has a reason): no call for others
+            self._denials[str(reply.get("reason"))] += 1
         self._out.answers.append([identity, encode_reply(reply, sid, req)])
 
     # --- peers ---------------------------------------------------------------------
@@ -565,6 +630,9 @@ class NodeCore:
                     self._save_snapshot(index, term, snapshot)
                 case rp.InstallSnapshot(index=index, term=term, snapshot=snapshot):
                     self.applied.install(snapshot, index, term)
+                    if self._reporting and index > self._reported:
+                        self._reported = index
+                        self._out.report_from = index
                 case rp.Committed():
                     self._on_committed(effect, now)
                 case rp.RoleChanged():
@@ -584,14 +652,14 @@ class NodeCore:
     def _on_committed(self, effect: rp.Committed, now: Now) -> None:
         if self.replica.role is rp.Role.PRIMARY:
             self._apply(effect.entries)
+            if self._pending:
+                self._release_reports(effect.upto)
             term = self.replica.term
-            tallies = self.tallies
-            for entry in effect.entries:
-                # Counted once, by the primary that decided it (entries of its own term).
-                if entry.term == term and entry.delta is not None:
-                    name = _TALLIED.get(entry.delta["k"])
-                    if name is not None:
-                        tallies[name] += 1
+            # Counted once, by the primary that decided it (entries of its own term); by
+            # kind, named when read: Counter.update counts in C (scripts/ab_instructions.py).
+            self._kinds.update(
+                [e.delta["k"] for e in effect.entries if e.term == term and e.delta is not None]
+            )
         else:
             # A backup's acknowledgement of this cycle's appends need not wait for its
             # ledger: apply after the sends (advance). Anything that reads the ledger
@@ -606,8 +674,42 @@ class NodeCore:
                 latencies.append(mono - arrived)
 
     def _apply(self, entries: Sequence[rp.Entry]) -> None:
-        self.applied.apply(entries, self.replica.log)
+        if self._reporting:
+            self._apply_reporting(entries)
+        else:
+            self.applied.apply(entries, self.replica.log)
         self._maybe_compact()
+
+    def _apply_reporting(self, entries: Sequence[rp.Entry]) -> None:
+        """Apply as ``AppliedLedger.apply`` does, one entry at a time, each entry's records
+        derived just before it applies (committed entries only come here)."""
+        applied, log_, out = self.applied, self.replica.log, self._out.report
+        for entry in entries:
+            if entry.index <= applied.index:
+                continue  # a primary's own proposal: its records wait in _pending
+            fresh = entry.index > self._reported
+            records = self._derive(entry.index, entry.term, entry.delta) if fresh else None
+            applied.apply([entry], log_)  # Unappliable: no record of it goes out
+            if records is not None:
+                out += records
+                self._reported = entry.index
+
+    def _derive(self, index: int, term: int, delta: Delta | None) -> list[Record]:
+        try:
+            return derive(index, term, delta, self.ledger)
+        except ReportLogError:
+            return []  # the ledger refuses the delta too, and says why (Unappliable)
+
+    def _release_reports(self, upto: int) -> None:
+        """A primary's records of proposals now committed go out, in log order."""
+        pending = self._pending
+        k = 0
+        while k < len(pending) and pending[k]["ix"] <= upto:
+            k += 1
+        if k:
+            self._out.report += pending[:k]
+            del pending[:k]
+        self._reported = max(self._reported, upto)
 
     def _apply_unapplied(self) -> None:
         if self._unapplied:
@@ -632,6 +734,9 @@ class NodeCore:
             if not applied.follows(log_):  # it would decide from deltas nobody else has
                 raise Unappliable(applied.index, applied.term, "the log lost this delta")
             return
+        if self._pending and applied.index <= self.replica.commit and applied.follows(log_):
+            self._release_reports(self.replica.commit)  # committed: the log vouches for them
+        self._pending.clear()  # the rest may never commit: rederived if they do
         if applied.index > self.replica.commit or not applied.follows(log_):
             # As primary we applied deltas that may never commit, or that the event which
             # deposed us has already replaced (an append of the next primary, read after a
@@ -640,7 +745,12 @@ class NodeCore:
             # committed log. No compaction here: a role change rebuilds before the same
             # event's truncation and appends reach the disk, which a log rewritten under
             # them would contradict.
-            applied.rebuild(log_, self.replica.commit)
+            if self._reporting:  # the records of the entries rebuilt past _reported
+                applied.install(log_.snapshot, log_.snap_index, log_.snap_term)
+                self._reported = max(self._reported, log_.snap_index)
+                self._apply_reporting(log_.slice(log_.snap_index + 1, self.replica.commit))
+            else:
+                applied.rebuild(log_, self.replica.commit)
         # Their requests may or may not commit under the next primary: say so, and let
         # the clients ask it (it answers a retry from the replicated request table).
         abandoned: Reply = {
@@ -703,11 +813,17 @@ class NodeCore:
                 {"name": other.name, "endpoint": other.client}
                 | {k: hb.get(k) for k in ("role", "term", "last", "commit")}
             )
+        # The vendor of each feature as this node's license file names it (not replicated:
+        # every node reads the same file); nil for a feature it no longer has a line for.
+        vendors = {e.feature: e.vendor or None for e in self.entitlements}
+        features = self.ledger.status(now)
+        for feature in features:
+            feature["vendor"] = vendors.get(feature["name"])
         return {
             "node": self.me.name,
             "mode": self.mode,
             "nodes": [own, *others],
-            "features": self.ledger.status(now),
+            "features": features,
         }
 
 
@@ -717,3 +833,12 @@ def _decode_peer(data: bytes) -> dict[str, Any] | None:
     except Exception:  # hostile bytes on a peer socket are dropped, never a crash
         return None
     return msg if isinstance(msg, dict) else None
+
+
+def client_address(origin: Origin) -> str:
+    """The remote address ZeroMQ saw the connection at, "" when it has none to give."""
+    try:
+        address = origin.get("Peer-Address")
+    except Exception:  # zmq.ZMQError: no such metadata on this transport (ipc, inproc)
+        return ""
+    return address[:MAX_TEXT] if isinstance(address, str) else ""

@@ -17,6 +17,7 @@ requests arrive. This module remembers, with no sockets and no clock:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from broker.model import Reply
@@ -31,9 +32,10 @@ class Front:
     inflight: dict[int, list[tuple[Key, Reply]]] = field(default_factory=dict)
     _pending: set[Key] = field(default_factory=set)  # proposed or queued, not answered
 
-    def waiting(self, key: Key) -> bool:
-        """True while an earlier copy of this request is queued or awaiting commit."""
-        return key in self._pending
+    def __post_init__(self) -> None:
+        # waiting(key): True while an earlier copy of this request is queued or awaiting
+        # commit. Asked of every request: the set's own __contains__ (a C call, no frame).
+        self.waiting: Callable[[Key], bool] = self._pending.__contains__
 
     def wait(self, key: Key, identity: bytes, at: float) -> None:
         """Route ``key``'s answer to ``identity``; ``at``: when this copy arrived."""
@@ -62,9 +64,11 @@ class Front:
         out: list[Released] = []
         # Indexes are proposed in ascending order, so the dict holds them in that order:
         # stop at the first one still uncommitted instead of scanning (and sorting) all.
+        route, pending = self.route, self._pending
         for index in list(itertools.takewhile(lambda i: i <= upto, self.inflight)):
             for key, reply in self.inflight.pop(index):
-                routed = self.answer(key)
+                pending.discard(key)  # what answer() does, without a call per answer
+                routed = route.pop(key, None)
                 if routed is not None:
                     out.append((routed[0], key, reply, routed[1]))
         return out

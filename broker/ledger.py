@@ -6,11 +6,15 @@ State comes in two kinds.
 
 *Replicated* (the same on every node, in every snapshot): the entitlements and the
 options file (``broker/options.py``), the sessions (user, host, display, client
-version, opening time, ``ack`` and the replies recorded under their request ids), the
+version, the address it opened from and its project, opening time, ``ack`` and the
+replies recorded under their request ids), the
 grants, and the counter ``next_grant``. Only
 ``apply(delta)`` changes it, and ``apply`` decides nothing: a delta carries every
 decision (the grant id, the pool, the wall time), so the same deltas applied in the
-same order to the same snapshot give the same ledger everywhere. ``apply`` checks
+same order to the same snapshot give the same ledger everywhere. Deltas also carry, for
+the report log alone (docs/reportlog.md), facts ``apply`` ignores: every delta's wall
+time, what a denied checkout asked for, how long a queued one ``waited``; a delta
+without them (an older log's) applies alike. ``apply`` checks
 that a delta fits before touching anything and raises ``LedgerError`` otherwise, so
 a bad delta leaves the state as it was.
 
@@ -93,6 +97,7 @@ from broker.seats import (
     LedgerError,
     PoolKey,
     Session,
+    choose,
     day_of,
     entitlement_to_map,
     entitlements_from,
@@ -115,7 +120,9 @@ HOLDERS_SCAN = 20_000  # grants one page of ``holders`` may look at: about 3 ms 
 Decided = tuple[Delta, Reply | None]
 
 
-@dataclass(frozen=True)
+# Not frozen: one is made per request, and a frozen dataclass's __init__ sets each field
+# through object.__setattr__ (scripts/ab_instructions.py counts it). No one changes them.
+@dataclass(slots=True)
 class Outcome:
     """What ``handle`` decided: deltas to commit, or a reply to send now, or neither (queued)."""
 
@@ -123,7 +130,7 @@ class Outcome:
     reply: Reply | None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Ticked:
     """Everything one ``tick`` decided: deltas in order, and the waiters it dropped because
     their session ended (no answer will ever come for those ``(sid, req)``)."""
@@ -141,6 +148,8 @@ class _Waiter:
     # not be asked again (10,000 waiters cost each tick ~57 ms when they all were).
     catalog: Catalog | None = None
     day: datetime.date | None = None
+    since: float = 0.0  # wall time it joined the queue, for status (``queue``)
+    arrived: float = 0.0  # monotonic time it joined: the report log's ``waited``
 
 
 class Ledger:
@@ -299,7 +308,10 @@ class Ledger:
         self._grants[g.id] = g
         self._ids = None
         self._sessions[g.sid].grants.add(g.id)
-        self._by_feature.setdefault(g.feature, set()).add(g.id)
+        of_feature = self._by_feature.get(g.feature)
+        if of_feature is None:  # not setdefault: that makes and drops a set every grant
+            of_feature = self._by_feature[g.feature] = set()
+        of_feature.add(g.id)
         key = g.pool_key
         self._used[key] = self._used.get(key, 0) + g.count
 
@@ -393,14 +405,21 @@ class Ledger:
         return ledger
 
     def reload_delta(
-        self, entitlements: Sequence[Entitlement], options: Options | None = None
+        self,
+        entitlements: Sequence[Entitlement],
+        options: Options | None = None,
+        now: Now | None = None,
     ) -> Delta:
-        """Replace the entitlements and the options file's policy, in one delta."""
-        return {
+        """Replace the entitlements and the options file's policy, in one delta; ``now``
+        gives it the wall time the report log's ``reread`` record shows."""
+        delta: Delta = {
             "k": "reload",
             "entitlements": [entitlement_to_map(e) for e in entitlements],
             "options": None if options is None else options.to_map(),
         }
+        if now is not None:
+            delta["at"] = now.wall
+        return delta
 
     # ------------------------------------------------------------ decisions (primary)
 
@@ -427,6 +446,7 @@ class Ledger:
                 return Outcome([], refusal)
             self._renew(sid, now.mono + self.lease)
             opened = {"k": "open", **_ids(request, 0), **_names(request), "at": now.wall}
+            opened["address"], opened["project"] = request.address, request.project
             return Outcome([(opened, self._open_reply())], None)
         self._renew(sid, now.mono + self.lease)
         recorded = self.recorded(sid, req)
@@ -443,15 +463,15 @@ class Ledger:
         if request.op == "heartbeat":
             return Outcome([], reply_ok(lease=self.lease))
         if request.op == "open":
-            return Outcome([_answer(ids, self._open_reply())], None)
+            return Outcome([_answer(ids, self._open_reply(), now.wall)], None)
         if request.op == "close":
-            return Outcome([({"k": "close", **ids}, reply_ok())], None)
+            return Outcome([({"k": "close", **ids, "at": now.wall}, reply_ok())], None)
         if request.op == "checkin":
             if request.grant in session.grants:
-                released = {"k": "release", **ids, "grant": request.grant}
+                released = {"k": "release", **ids, "grant": request.grant, "at": now.wall}
                 return Outcome([(released, reply_ok())], None)
             why = f"grant {request.grant} is not held by session {sid}"
-            return Outcome([_answer(ids, reply_denied(Reason.NOT_HELD, why))], None)
+            return Outcome([_answer(ids, reply_denied(Reason.NOT_HELD, why), now.wall)], None)
         return self._checkout(request, session, ids, now)
 
     def _checkout(self, request: Request, session: Session, ids: Delta, now: Now) -> Outcome:
@@ -469,14 +489,17 @@ class Ledger:
         if isinstance(choice, Choice) and not (waits and ahead):
             return Outcome([self._grant_delta(ids, request, choice, self._next_grant, now)], None)
         if isinstance(choice, Denial) and not (choice.busy and waits):
-            return Outcome([_answer(ids, reply_denied(choice.reason, choice.detail))], None)
+            denied = reply_denied(choice.reason, choice.detail)
+            return Outcome([_answer(ids, denied, now.wall, _asked(request))], None)
         refusal = self.limits.refuse_queue(
             request.feature, len(self._queues.get(request.feature, ()))
         )
         if refusal is not None:
             return Outcome([], refusal)
         # Judged just now: only seats (its own, or earlier waiters') keep it waiting.
-        waiter = _Waiter(request, now.mono + wait, self._catalog, day_of(now.wall))
+        waiter = _Waiter(
+            request, now.mono + wait, self._catalog, day_of(now.wall), now.wall, now.mono
+        )
         self._queues.setdefault(request.feature, deque()).append(waiter)
         self._queued.add((request.sid, request.req))
         return Outcome([], None)
@@ -492,6 +515,19 @@ class Ledger:
     ) -> Choice | Denial:
         """The license's and the options file's decision; ``extra``, ``gone`` (sessions
         expiring) and ``pending`` (feature, holding) are a tick's decisions not yet applied."""
+        used = self._used
+        if self._policy is None:  # the license's choice alone, without the policy's
+            # Principal and closures: a checkout is the hot path (scripts/ab_instructions.py)
+            return choose(
+                self._catalog,
+                request.feature,
+                request.version,
+                request.count,
+                session.user,
+                session.host,
+                day,
+                lambda key: used.get(key, 0) + extra.get(key, 0),
+            )
         return choose_under(
             self._policy,
             self._catalog,
@@ -500,7 +536,7 @@ class Ledger:
             request.count,
             _principal(session),
             day,
-            lambda key: self._used.get(key, 0) + extra.get(key, 0),
+            lambda key: used.get(key, 0) + extra.get(key, 0),
             lambda: self._holdings(request.feature, gone, pending),
         )
 
@@ -517,10 +553,17 @@ class Ledger:
         return out
 
     def _grant_delta(
-        self, ids: Delta, request: Request, choice: Choice, gid: int, now: Now
+        self,
+        ids: Delta,
+        request: Request,
+        choice: Choice,
+        gid: int,
+        now: Now,
+        waited: float | None = None,
     ) -> Decided:
+        """``waited``: seconds the checkout queued (the report log's, ``apply`` ignores it)."""
         pool = choice.pool
-        delta = {
+        delta: Delta = {
             "k": "grant",
             **ids,
             "grant": gid,
@@ -529,6 +572,8 @@ class Ledger:
             "count": request.count,
             "at": now.wall,
         }
+        if waited is not None:
+            delta["waited"] = waited
         grant = {"id": gid, "feature": pool.feature, "version": pool.version,
                  "count": request.count}  # fmt: skip
         return delta, reply_ok(grant=grant)
@@ -552,7 +597,7 @@ class Ledger:
         for sid in [sid for sid in gone if sid not in self._sessions]:
             gone.remove(sid)  # leased by an open that was never applied: moot
             del self._leases[sid]
-        deltas.extend(({"k": "expire", "sid": sid}, None) for sid in sorted(gone))
+        deltas.extend(({"k": "expire", "sid": sid, "at": now.wall}, None) for sid in sorted(gone))
         # Seats as they will be once the deltas above and below are applied in order.
         extra: dict[PoolKey, int] = {}
         for sid in gone:
@@ -581,12 +626,13 @@ class Ledger:
                 ids = _ids(r, max(session.ack, r.ack))
                 choice = self._choose(r, session, day, extra, expiring, pending)
                 if isinstance(choice, Choice) and not blocked:
-                    deltas.append(self._grant_delta(ids, r, choice, gid, now))
+                    deltas.append(self._grant_delta(ids, r, choice, gid, now, now.mono - w.arrived))
                     gid += 1
                     extra[choice.pool.pool_key] = extra.get(choice.pool.pool_key, 0) + r.count
                     pending.append((r.feature, (_principal(session), choice.pool.key, r.count)))
                 elif isinstance(choice, Denial) and not choice.busy:
-                    deltas.append(_answer(ids, reply_denied(choice.reason, choice.detail)))
+                    denied = reply_denied(choice.reason, choice.detail)
+                    deltas.append(_answer(ids, denied, now.wall, _asked(r, now.mono - w.arrived)))
                 elif now.mono >= w.deadline:
                     why = (
                         choice.detail
@@ -595,7 +641,8 @@ class Ledger:
                     )
                     detail = f"{why}; gave up after waiting {r.wait:g} s"
                     reason = choice.reason if isinstance(choice, Denial) else Reason.NO_SEATS
-                    deltas.append(_answer(ids, reply_denied(reason, detail)))
+                    denied = reply_denied(reason, detail)
+                    deltas.append(_answer(ids, denied, now.wall, _asked(r, now.mono - w.arrived)))
                 else:
                     blocked = True  # strict FIFO: no one behind it may take its seats
                     w.catalog, w.day = self._catalog, day
@@ -673,6 +720,23 @@ class Ledger:
         """Requests waiting for ``feature``."""
         return len(self._queues.get(feature, ()))
 
+    def queue(self, feature: str, limit: int) -> list[dict[str, Any]]:
+        """The first ``limit`` waiters for ``feature``, first in line first: one entry each
+        of a status reply's ``queue`` (docs/protocol.md). O(limit), whatever waits."""
+        out: list[dict[str, Any]] = []
+        for w in self._queues.get(feature, ()):
+            if len(out) >= limit:
+                break
+            r = w.request
+            session = self._sessions.get(r.sid)
+            if session is None:
+                continue  # its session ended: the next tick drops it
+            out.append(
+                {"user": session.user, "host": session.host, "display": session.display,
+                 "version": r.version, "count": r.count, "handle": r.req, "since": w.since}
+            )  # fmt: skip
+        return out
+
     def lease_of(self, sid: str) -> float | None:
         return self._leases.get(sid)
 
@@ -736,9 +800,7 @@ class Ledger:
 
 
 def _principal(session: Session) -> Principal:
-    # The address and project are not known to the ledger yet: lines naming them
-    # match no one (docs/admin.md).
-    return Principal(session.user, session.host, session.display)
+    return Principal(session.user, session.host, session.display, session.address, session.project)
 
 
 def _options_from(raw: object, where: str) -> Options | None:
@@ -758,9 +820,25 @@ def _names(request: Request) -> Delta:
     return {k: getattr(request, k) for k in SESSION_NAMES}
 
 
-def _answer(ids: Delta, reply: Reply) -> Decided:
+def _answer(ids: Delta, reply: Reply, at: float, asked: Delta | None = None) -> Decided:
     # The log keeps the delta and ``apply`` records a copy: the client's reply may share it.
-    return {"k": "answer", **ids, "reply": reply}, reply
+    # ``at`` and ``asked`` are for the report log only (docs/reportlog.md): ``apply``
+    # ignores them, and a delta of an older node without them applies alike.
+    delta = {"k": "answer", **ids, "reply": reply, "at": at}
+    if asked is not None:
+        delta.update(asked)
+    return delta, reply
+
+
+def _asked(request: Request, waited: float | None = None) -> Delta:
+    """What a denied checkout asked for, and how long it waited in the queue (when it
+    did): the report log names the feature of a denial and reports queue waits."""
+    asked: Delta = {"feature": request.feature, "count": request.count}
+    if request.version is not None:
+        asked["version"] = request.version
+    if waited is not None:
+        asked["waited"] = waited
+    return asked
 
 
 def _unknown(sid: str) -> str:

@@ -173,6 +173,7 @@ class FeatureLine:
             users=_name_set(self.attrs.get("USERS")),
             hosts=_name_set(self.attrs.get("HOSTS")),
             source=f"{path}:{self.line}",
+            vendor=self.vendor,
         )
 
 

@@ -26,8 +26,8 @@ public parsers were written against show it (docs/integration.md names them):
 
 Reservations, lingering seats and the queue's entries are printed when the status
 carries them (a feature's ``reservations`` and ``queue``, a holder's ``linger`` and
-``lingering``): the options file that makes them (issue 12) is not there yet, and
-today's status carries only the number queued, which lmstat has no line for.
+``lingering``). A node lists the queue (its first waiters: docs/protocol.md) with the
+holders, so ``-a`` shows it; the vendor is the license file's, else the status's.
 
 Text from clients (user, host, display) is printed as one word each: a control
 character becomes ``?``, a space ``_``, an empty field ``-``. A client must not be able

@@ -222,7 +222,7 @@ def _feature_text(rep: Report, f: Feature) -> list[str]:
     if p50 is not None and p95 is not None:
         out.append(f"  queue waits: {f.waits_n}, p50 {p50:.2f} s, p95 {p95:.2f} s")
     else:
-        out.append("  queue waits: none recorded (the deltas do not say yet: docs/reportlog.md)")
+        out.append("  queue waits: none (no checkout waited, or the log predates `waited`)")
     hours = sorted(f.hours.items(), key=lambda kv: (-kv[1], kv[0]))
     shown = ", ".join(f"{k} {_hours(v)}" for k, v in hours[:TOP])
     out.append(f"  seat-hours by {rep.by}: {shown or 'none'}")
@@ -303,7 +303,7 @@ def write_csv(rep: Report, directory: Path) -> None:
         w.writerow(["feature", rep.by, "seat_hours"])
         for name in names:
             for key, v in sorted(rep.features[name].hours.items()):
-                w.writerow([name, key, f"{v / 3600:.4f}"])
+                w.writerow([name, key, f"{v / 3600:.6f}"])
 
 
 # --- charts ------------------------------------------------------------------------------

@@ -17,10 +17,12 @@ time buckets, never with the number of records:
   told apart, the rest add up under ``OTHERS``.
 - Queue waits go into a histogram of 5 % wide bins: p50 and p95 within 5 %.
 
-Time: a record's ``at`` when it has one; records whose deltas carry no wall time today
-(checkins, denials, expiries: docs/reportlog.md) take the last time seen before them,
-and ``estimated`` counts them. Times never go back: a record earlier than the one
-before it (two primaries' clocks) counts at the later time.
+Time: a record's ``at`` when it has one; records without (the checkins, denials,
+expiries and rereads of logs written before their deltas carried ``at``:
+docs/reportlog.md) take the last time seen before them, and ``estimated`` counts them
+(not ``term`` records: a new primary's no-op carries no time, and changes no figure).
+Times never go back: a record earlier than the one before it (two primaries' clocks)
+counts at the later time.
 
 Pure: no I/O.
 """
@@ -176,7 +178,7 @@ class Report:
                 for f in self.features.values():  # what headers said holds from here
                     f.since = t
             self.clock = t
-        else:
+        elif record.get("ev") != "term":  # a term's time changes no figure
             self.estimated += 1
         t_now = self.clock
         ev = record.get("ev")

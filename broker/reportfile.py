@@ -34,20 +34,23 @@ and otherwise marks with a ``gap``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import heapq
 import json
+import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from broker.reportlog import GENESIS, SCHEMA, Record, chain_hash, seal, unseal
+from broker.reportlog import GENESIS, SCHEMA, Record, chain_hash, seal, summary, unseal
 
 MAX_BYTES = 64 * 1024 * 1024  # a file rotates at this size: about 250,000 records
 RETENTION_DAYS = 731  # two years: a renewal's year and the one before to compare with
 _NAME = re.compile(r"report-(\d{6,})-(\d{4}-\d{2}-\d{2})\.jsonl\Z")
+log = logging.getLogger("zbroker.node")
 
 
 class ReportFileError(Exception):
@@ -239,6 +242,62 @@ class ReportWriter:
                 f.close()
             except OSError as exc:
                 raise ReportFileError(f"{self._path}: {exc.strerror or exc}") from None
+
+
+class NodeReportLog:
+    """What the node's shell does with its report log, in three calls. A report log that
+    cannot be written stops itself, never the node: licenses are served on, one error line
+    says so, and the next start marks what was missed with a ``gap``."""
+
+    def __init__(self, directory: Path, node: str) -> None:
+        self.writer: ReportWriter | None = ReportWriter(directory, node)
+
+    def start(self, snapshot_index: int, ledger: Any, wall: float, why: str) -> None:
+        """Open the files, and say where the node's ledger starts (its snapshot)."""
+        if self.writer is not None:
+            self._guard(lambda w: (w.open(), w.applied_from(snapshot_index, *summary(ledger),
+                                                            wall, why)))  # fmt: skip
+
+    def cycle(
+        self,
+        records: Sequence[Record],
+        installed: int | None,
+        compacted: Sequence[int],
+        ledger: Any,
+        wall: float,
+    ) -> None:
+        """One cycle: a snapshot installed from the primary (a gap if the files end before
+        it), the records of the entries committed, snapshots taken (``covered``)."""
+        w = self.writer
+        if w is None or not (records or installed is not None or compacted):
+            return
+
+        def write(w: ReportWriter) -> None:
+            if installed is not None:
+                why = f"the ledger was replaced by the primary's snapshot at {installed}"
+                w.applied_from(installed, *summary(ledger), wall, why)
+            w.write(records, wall)
+            for index in compacted:
+                w.covered(index, wall)
+            w.flush()
+
+        self._guard(write)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self._guard(lambda w: w.close())
+
+    def _guard(self, act: Any) -> None:
+        w = self.writer
+        assert w is not None  # callers check
+        try:
+            act(w)
+        except (ReportFileError, OSError, ValueError) as exc:
+            log.error("report log %s stops: %s; licenses are served on, and the next start "
+                      "marks the records missed with a gap", w.dir, exc)  # fmt: skip
+            self.writer = None
+            with contextlib.suppress(ReportFileError):
+                w.close()
 
 
 # --- reading -----------------------------------------------------------------------------

@@ -25,12 +25,13 @@ Records (schema ``SCHEMA``; docs/reportlog.md is the reference):
   when its delta says how long (``waited``).
 - ``unknown``: a delta kind this schema does not know, so that nothing passes unseen.
 
-What the deltas do not carry today (docs/reportlog.md, "What the log lacks"): the wall
-time of ``release``, ``close``, ``expire``, ``answer`` and ``reload`` (their records
-have ``at`` null and the reader carries the last known time forward), the primary's
-name at a term's start, the feature of a denied checkout, how long a grant waited in
-the queue, and the client's address and project. Each field appears in a record as
-soon as its delta or session carries it.
+Every delta the ledger decides carries its wall time (``at``); a denied checkout's
+``answer`` names the feature, version and count asked for; a grant or denial decided
+from the queue says how long it waited (``waited``); a session keeps the address it
+opened from and its project. Logs written before the deltas carried them still read:
+a field a delta or session lacks is left out of the record (``at`` is null, and the
+reader carries the last known time forward). Not carried yet (docs/reportlog.md, "What
+the log lacks"): the primary's name at a term's start.
 
 ``seal`` chains the records: each line ends with ``"h"``, the first 32 hex digits of
 sha256 over the previous line's ``h`` and the line's canonical JSON without it.
@@ -55,7 +56,7 @@ Delta = dict[str, Any]
 
 # What a record says of the session that did it, when the session has it.
 _SESSION_FIELDS = ("user", "host", "display", "client_version")
-_OPTIONAL_SESSION_FIELDS = ("address", "project")  # not in sessions yet (issue 12)
+_OPTIONAL_SESSION_FIELDS = ("address", "project")  # empty in sessions of older logs
 _RELEASE_REASONS = frozenset({"checkin", "timeout", "removed", "linger"})
 _NOT_HELD = "not_held"  # the one denial of a checkin; every other is a checkout's
 
@@ -122,8 +123,8 @@ def _grant(gid: object, ledger: LedgerView, kind: object) -> Grant:
 
 
 def _dequeued(delta: Delta, at: float | None) -> list[Record]:
-    """A ``dequeued`` record when the delta says how long its checkout waited (none do
-    today: docs/reportlog.md)."""
+    """A ``dequeued`` record when the delta says how long its checkout waited (a grant
+    or denial the ledger decided from the queue)."""
     waited = delta.get("waited")
     if not isinstance(waited, int | float) or isinstance(waited, bool) or waited <= 0:
         return []
@@ -202,7 +203,7 @@ def _deny(delta: Delta, ledger: LedgerView) -> list[Record]:
         "req": delta.get("req"),
         **_who(session),
     }
-    for name in ("feature", "version", "count"):  # not in answer deltas yet
+    for name in ("feature", "version", "count"):  # a checkout's; older logs lack them
         if delta.get(name) is not None:
             record[name] = delta[name]
     return [*_dequeued(delta, at), record]
@@ -240,6 +241,17 @@ _HANDLERS: dict[str, Callable[[Delta, LedgerView], list[Record]]] = {
     "reload": _reread,
     "term": _term,
 }
+
+
+def summary(ledger: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The entitlements (as ``reread`` lists them) and seats in use by feature of a
+    ``broker.ledger.Ledger``: what a ``gap`` record says holds after it."""
+    lines = [
+        {"feature": e.feature, "version": e.version, "count": e.count,
+         "expires": e.expires.isoformat() if e.expires is not None else None}
+        for e in ledger.entitlements
+    ]  # fmt: skip
+    return lines, {f["name"]: f["in_use"] for f in ledger.status()}
 
 
 # --- the hash chain ----------------------------------------------------------------------

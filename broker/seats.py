@@ -317,6 +317,9 @@ def grant_from(d: dict[str, Any]) -> Grant:
 
 
 SESSION_NAMES = ("user", "host", "display", "client_version")
+# What the node saw and the client may send, absent from deltas and snapshots written
+# before they were kept: read as "" when missing.
+SESSION_EXTRAS = ("address", "project")
 
 
 @dataclass(slots=True)
@@ -327,13 +330,17 @@ class Session:
     display: str
     client_version: str
     at: float  # wall time it opened
+    address: str = ""  # the connection's Peer-Address when it opened ("" unknown)
+    project: str = ""  # the project the client sent (``ZBROKER_PROJECT``), may be empty
     ack: int = 0  # the client has every reply below this one
     replies: dict[int, Reply] = field(default_factory=dict)  # recorded, by req; never mutated
     grants: set[int] = field(default_factory=set)
 
     def to_map(self) -> dict[str, Any]:
         """The session as a snapshot holds it (its grants are listed apart)."""
-        fields = {k: getattr(self, k) for k in ("sid", *SESSION_NAMES, "at", "ack")}
+        fields = {
+            k: getattr(self, k) for k in ("sid", *SESSION_NAMES, *SESSION_EXTRAS, "at", "ack")
+        }
         # Shared, not copied: a recorded reply is never changed once recorded (the ledger
         # hands out copies), and copying 10,000 of them held the loop ~100 ms a snapshot.
         replies = [[r, self.replies[r]] for r in sorted(self.replies)]
@@ -343,7 +350,10 @@ class Session:
 def session_from(d: dict[str, Any]) -> Session:
     """A session from an open delta or a snapshot entry (they share these fields)."""
     user, host, display, client = (field_str(d, k, empty=True) for k in SESSION_NAMES)
-    return Session(field_str(d, "sid"), user, host, display, client, field_wall(d))
+    address, project = (field_str(d, k, empty=True) if k in d else "" for k in SESSION_EXTRAS)
+    return Session(
+        field_str(d, "sid"), user, host, display, client, field_wall(d), address, project
+    )
 
 
 def session_from_snapshot(s: object) -> Session:

@@ -9,6 +9,10 @@ little, and the same whatever the ledger holds or however many are queued:
   come only when asked (``holders``), a page at a time: at most ``limit`` holders
   (``broker.wire.HOLDERS_PAGE``) and ``HOLDERS_PAGE_BYTES`` of them, from the grant
   after the cursor ``after``, with the cursor of the next page in ``next``.
+- The queue's waiters come with the holders, never in the summary: a page carries, in
+  each feature it covers (``feature``, or every feature), ``queue``: the first
+  ``QUEUE_SHOWN`` waiters in line, and at most ``QUEUE_BYTES`` of waiters in all (``queued``
+  still counts every one). Lines, not the queue, size the summary.
 - The node does not answer status requests as it reads them: it collects them here and
   answers all of one cycle after its drain. The report is built and packed once per
   cycle, and each request then costs its decode and one copy of those bytes. Each
@@ -39,6 +43,8 @@ from broker.wire import (
 
 PAGES_PER_CYCLE = 4  # distinct pages of holders built per loop cycle: each costs ~1-3 ms
 PAGE_REPLIES_PER_CYCLE = 16  # replies with a page per cycle: each is a copy of up to 64 KiB
+QUEUE_SHOWN = 100  # waiters a page lists per feature, first in line first
+QUEUE_BYTES = 32 * 1024  # packed waiters in one page, over every feature it lists
 _BUSY = reply_error(
     ErrorCode.LIMIT,
     f"status: this node answers at most {PAGE_REPLIES_PER_CYCLE} requests for pages of holders "
@@ -99,4 +105,28 @@ def page(report: dict[str, Any], ledger: Ledger, request: Request) -> bytes:
             break
         packed.append(data)
         size += len(data)
-    return pack_map_raw({**report, "next": cursor}, {"holders": pack_array_raw(packed)})
+    features = with_queues(report["features"], ledger, request.feature or None)
+    return pack_map_raw(
+        {**report, "features": features, "next": cursor}, {"holders": pack_array_raw(packed)}
+    )
+
+
+def with_queues(
+    features: list[dict[str, Any]], ledger: Ledger, only: str | None
+) -> list[dict[str, Any]]:
+    """The report's features, each of ``only`` (None: every one) with its ``queue``: its
+    first QUEUE_SHOWN waiters, and QUEUE_BYTES of waiters over all features at most."""
+    left = QUEUE_BYTES
+    out = []
+    for feature in features:
+        if only is not None and feature["name"] != only:
+            out.append(feature)
+            continue
+        shown = []
+        for waiter in ledger.queue(feature["name"], QUEUE_SHOWN) if left > 0 else ():
+            left -= len(pack(waiter))
+            if left < 0:
+                break
+            shown.append(waiter)
+        out.append({**feature, "queue": shown})
+    return out

@@ -224,7 +224,7 @@ def decode_request(data: bytes) -> Request:
         "ack": fields.integer("ack", 0, MAX_REQ, default=0),
     }
     if op == "open":
-        for name in ("user", "host", "display", "client_version"):
+        for name in ("user", "host", "display", "client_version", "project"):
             common[name] = fields.text(name, max_len=MAX_TEXT, default="")
     elif op == "checkout":
         common["feature"] = fields.text("feature", max_len=MAX_TEXT, min_len=1)

@@ -65,6 +65,7 @@ log = logging.getLogger("zbroker.client")
 
 CLIENT_VERSION = "zbroker-python/0.1.0"
 CLIENT_KEY_ENV = "ZBROKER_CLIENT_KEY"  # the client's secret certificate (allow-listed triads)
+PROJECT_ENV = "ZBROKER_PROJECT"  # the project sessions open under, as FlexNet's LM_PROJECT
 TRY_TIMEOUT = 0.3  # per try: a live primary answers in milliseconds, a failover takes ~0.5 s
 GRACE = 2.0  # beyond a deadline, how long to wait for the I/O thread before calling it dead
 CLOSE_TIMEOUT = 2.0  # close() returns within this (or the client's timeout, if shorter)
@@ -103,6 +104,9 @@ class LicenseClient:
     certificate ``client_key`` (default ``ZBROKER_CLIENT_KEY``; needed when the triad
     keeps a client allow-list), or else one made for this process.
 
+    ``project``: what the triad's options file (``PROJECT``) and report log know this
+    client's sessions by; default from ``ZBROKER_PROJECT``, none when that is unset.
+
     Raises LicensePathError (the servers, a license or key file cannot be used), or
     LicenseUnavailable when the process has no descriptor left to read those files.
     Every call on a client made by another process (this one is its fork) raises
@@ -116,6 +120,7 @@ class LicenseClient:
         user: str | None = None,
         host: str | None = None,
         display: str | None = None,
+        project: str | None = None,
         timeout: float = 10.0,
         on_lost: OnLost | None = None,
         server_keys: Mapping[str, str] | None = None,
@@ -141,6 +146,7 @@ class LicenseClient:
             "host": host if host is not None else socket.gethostname(),
             "display": display if display is not None else os.environ.get("DISPLAY", ""),
             "client_version": CLIENT_VERSION,
+            "project": project if project is not None else os.environ.get(PROJECT_ENV, ""),
         }
         self._hello = {k: v[:MAX_TEXT] for k, v in hello.items()}
         # Joined by the first call, so that a client that is never used costs nothing.

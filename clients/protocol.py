@@ -23,7 +23,7 @@ PROTOCOL_VERSION = 1
 # Numbers at the edge: the same bounds hold for the license file, the config and the CLI
 # (they import these), so that anything a node accepts also packs (msgpack ints stop at
 # 2**64 - 1) and fits any client's 32- or 64-bit integers.
-MAX_TEXT = 256  # the field cap: user, host, display, client_version, feature
+MAX_TEXT = 256  # the field cap: user, host, display, client_version, project, feature
 MAX_SID = 64  # characters of a session id
 MAX_COUNT = 1_000_000  # seats of one checkout, and of one FEATURE/INCREMENT line
 MAX_REQ = 2**63 - 1  # request numbers, acks and grant ids
@@ -43,7 +43,7 @@ HOLDERS_PAGE = 1_000
 HOLDERS_PAGE_BYTES = 64 * 1024
 
 OPS = frozenset({"open", "close", "checkout", "checkin", "heartbeat", "status", "admin"})
-ADMIN_ACTIONS = ("down",)
+ADMIN_ACTIONS = ("down", "reread")
 
 
 class Status:

@@ -182,6 +182,23 @@ def test_a_single_server_appends_the_grant_and_answers_after_its_sync() -> None:
     assert core.tallies["checkout"] == 1 and len(ready.latencies) == 1
 
 
+def test_the_report_names_each_features_vendor_and_the_vendor_is_no_reason_to_reload() -> None:
+    lines = (Entitlement("cad", "2.0", 2, None, vendor="acme"),)
+    cfg = config(NAMES[:1])
+    core = NodeCore(cfg, "n1", lines, Loaded(fresh=True), Now(1.0, WALL), mode="plain")
+    reloads = 0
+    mono = 1.0
+    for _ in range(40):  # the reload of the license's entitlements commits once
+        mono += STEP
+        for op in core.ready(Now(mono, WALL)).persist:
+            if isinstance(op, Append):
+                reloads += sum(delta["k"] == "reload" for _, _, delta in op.entries)
+    # the replicated entitlements carry no vendor, and still equal the license file's
+    assert reloads == 1 and core.ledger.entitlements == lines
+    (cad,) = core.report(Now(mono, WALL))["features"]
+    assert cad["name"] == "cad" and cad["vendor"] == "acme" and "queue" not in cad
+
+
 def test_a_primary_answers_a_checkout_only_once_a_backup_acknowledged_it() -> None:
     net = triad()
     primary = net.serving()

@@ -9,8 +9,9 @@
   path (imports, ``main``, the node's start) is proven, with their exit codes;
 - the big number end to end: a count of 2^64 is refused by ``vendor sign`` and, signed
   by other means, at load with file:line;
-- SIGHUP (and the other signals whose default would kill a node silently) is logged
-  and ignored; SIGTERM, SIGINT and SIGQUIT each end with the "stopped" line;
+- SIGHUP rereads the files; the other signals whose default would kill a node
+  silently are logged and ignored; SIGTERM, SIGINT and SIGQUIT each end with the
+  "stopped" line;
 - a property test: any license file the parser accepts can be packed, replicated and
   applied, and each of its lines checked out to the last seat.
 """
@@ -132,7 +133,7 @@ TOP_LEVEL_CASES = [
     *[(k, v, f"{k} must be true or false") for k in ("failback", "fsync", "secure")
       for v in ("1", '"true"', "nan")],
     *[(k, v, f"{k} must be a path") for k in ("license", "vendor_key", "client_allow",
-      "admin_keys", "admin_key") for v in ("5", '""', "inf")],
+      "admin_keys", "admin_key", "options") for v in ("5", '""', "inf")],
     ("peer_timeout", "0.15", "peer_timeout (0.15) must exceed two heartbeat_interval"),
     ("bogus", "1", "unknown settings bogus"),
 ]  # fmt: skip
@@ -169,7 +170,11 @@ BAD_ENDPOINTS = [
 ]
 NODE_CASES = [
     *[(key, value) for key in ("peer", "pub") for value in BAD_ENDPOINTS],
-    *[(key, value) for key in ("data", "secret_key") for value in ("5", '""', "true")],
+    *[
+        (key, value)
+        for key in ("data", "secret_key", "report_log")
+        for value in ("5", '""', "true")
+    ],
     *[("metrics", value) for value in ('"tcp://127.0.0.1:5"', '"127.0.0.1:0"', *BAD_ENDPOINTS)],
     ("peeer", '"tcp://127.0.0.1:5"'),
 ]
@@ -451,9 +456,11 @@ def test_sighup_is_logged_and_ignored_and_each_stop_signal_logs_stopped(
     triad.wait_for_primary()
     log = triad.logs / "alpha.log"
     proc = triad.procs["alpha"]
-    for ignored in (signal.SIGHUP, signal.SIGUSR1):
+    for ignored, said in (
+        (signal.SIGHUP, "reread: "),  # FlexNet's lmreread (docs/admin.md)
+        (signal.SIGUSR1, "ignores SIGUSR1"),
+    ):
         proc.send_signal(ignored)
-        said = f"ignores {ignored.name}"
 
         def logged(said: str = said) -> bool:
             return said in log.read_text()
@@ -466,7 +473,7 @@ def test_sighup_is_logged_and_ignored_and_each_stop_signal_logs_stopped(
     assert proc.wait(timeout=10) == 0
     text = log.read_text()
     assert "node alpha stopped" in text and "Traceback" not in text
-    assert "ignores SIGHUP: a reread of the license" in text
+    assert "rereads the license and options" in text
 
 
 @pytest.mark.integration

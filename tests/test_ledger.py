@@ -354,7 +354,7 @@ def test_lease_expiry_returns_seats() -> None:
     w.advance(LEASE)
     assert w.tick() == []  # exactly at the deadline: not yet
     w.advance(0.01)
-    assert w.tick() == [{"k": "expire", "sid": "s1"}]
+    assert w.tick() == [{"k": "expire", "sid": "s1", "at": w.wall}]
     assert w.ledger.sessions() == [] and w.ledger.in_use("cad") == 0
 
 
@@ -379,7 +379,7 @@ def test_fresh_lease_after_failover_even_if_time_jumped() -> None:
     assert w.tick() == []
     assert w.ledger.lease_of("s1") == w.mono + LEASE
     w.advance(LEASE + 0.1)
-    assert w.tick() == [{"k": "expire", "sid": "s1"}]
+    assert w.tick() == [{"k": "expire", "sid": "s1", "at": w.wall}]
 
 
 def test_forget_volatile_drops_leases_and_queue() -> None:

@@ -25,6 +25,7 @@ from clients.exchange import BACKOFF_CAP, BACKOFF_CAP_BACKGROUND, BACKOFF_FIRST,
 from clients.grant import Grant, GrantState, IllegalTransition
 from clients.link import Link, SessionState
 from clients.protocol import PROTOCOL_VERSION, ErrorCode, Status
+from clients.wire import pack
 
 pytestmark = pytest.mark.unit
 
@@ -101,13 +102,10 @@ class Rig:
         self.now = now
         self.link.tick(now)
 
-    def answer(self, sent: Sent, status: str = Status.OK, **body: Any) -> bool:
+    def answer(self, sent: Sent, status: str = Status.OK, **body: Any) -> None:
+        """``sent``'s node answers it now, as a node writes a reply."""
         reply = {"v": PROTOCOL_VERSION, "sid": sent.msg.get("sid"), "req": sent.msg["req"]}
-        reply |= {"status": status, **body}
-        frame = msgpack.packb(reply, use_bin_type=True)
-        before = len(self.link._table)
-        self.link.on_frame(sent.node, frame, self.now)
-        return len(self.link._table) != before or status not in (Status.OK, Status.DENIED)
+        self.link.on_frame(sent.node, pack(reply | {"status": status, **body}), self.now)
 
     def open_ok(self, lease: float = LEASE) -> None:
         self.answer(self.wire.last("open"), lease=lease, heartbeat=HEARTBEAT)
@@ -160,7 +158,8 @@ def unknown_session(rig: Rig, sent: Sent) -> None:
     rig.answer(sent, Status.ERROR, code=ErrorCode.UNKNOWN_SESSION, detail="no such session")
 
 
-# --- the bug of simulation seed 4660: a grant got while the lease copy had lapsed
+# --- the bug of simulation seed 4660 (2542 in today's simulation): a grant got while the
+# lease copy had lapsed was handed out HELD, and the triad expired its session unseen
 
 
 def test_a_grant_got_while_the_lease_copy_lapsed_starts_unsafe_and_is_reported() -> None:
@@ -358,8 +357,8 @@ SESSION_CASES = [
     Case("open refused", (OG, C), _open_refused),
     Case("open unaffordable", (OG, C), _open_unaffordable),
     Case("close before any node could open", (OG, C), _close_while_opening_unsent),
-    Case("lease copy ran out", (OP, L), lambda rig: _lapsed(rig)),
-    Case("forgotten, grants held", (OP, OG), lambda rig: _forgotten(rig)),
+    Case("lease copy ran out", (OP, L), _lapsed),
+    Case("forgotten, grants held", (OP, OG), _forgotten),
     Case("forgotten, nothing held", (OP, C), _forgotten_nothing_held),
     Case("closed", (OP, C), _close_ok),
     Case("renewed", (L, OP), _renewed),
@@ -372,8 +371,8 @@ H, U, R = GrantState.HELD, GrantState.UNSAFE, GrantState.RECOVERING
 GRANT_CASES = [
     Case("granted", (None, H), lambda rig: rig.hold(1)),
     Case("granted while lapsed", (None, U), _born_unsafe),
-    Case("lease lapsed", (H, U), lambda rig: _lapsed(rig)),
-    Case("session forgotten", (H, R), lambda rig: _forgotten(rig)),
+    Case("lease lapsed", (H, U), _lapsed),
+    Case("session forgotten", (H, R), _forgotten),
     Case("checked in", (H, GrantState.RELEASED), _checked_in),
     Case("renewed", (U, H), _renewed),
     Case("forgotten while unsafe", (U, R), _forgotten_lapsed),

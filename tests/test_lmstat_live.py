@@ -116,7 +116,8 @@ def test_the_flexlm_exporter_reads_what_the_triad_holds(busy: dict[str, Any]) ->
     }
     assert read == {f: users for f, users in held.items() if users}
     assert read["solver"] == {"dave": 2}  # erin waits in the queue: no seat
-    assert got.vendors == {"zbroker": {"status": True, "version": "v11.19.0"}}
+    # the status names each feature's vendor (docs/protocol.md): no license file needed
+    assert got.vendors == {"demo": {"status": True, "version": "v11.19.0"}}
     # All three nodes listen on 127.0.0.1 here, which the exporter keys as one server;
     # the lines themselves say which one is master.
     assert got.servers["127"]["master"] and got.servers["127"]["status"]

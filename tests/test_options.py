@@ -198,3 +198,16 @@ def test_a_bad_map_is_refused_naming_the_field(mutate: object, message: str) -> 
         Options.from_map(m)
     with pytest.raises(OptionsMapError):
         Options.from_map(["not", "a", "map"])
+
+
+def test_the_config_refuses_a_broken_options_file(tmp_path: Path) -> None:
+    from broker.config import load_config
+    from broker.demo import write_demo
+
+    config = write_demo(tmp_path / "demo", secure=False)
+    (tmp_path / "demo" / "site.opt").write_text("NOLOG QUEUED\nEXCLUDE cad USR bob\n")
+    config.write_text('options = "site.opt"\n' + config.read_text())
+    with pytest.raises(OptionsSyntaxError, match=r"site\.opt:2:13: expected a principal type"):
+        load_config(config)
+    (tmp_path / "demo" / "site.opt").write_text("NOLOG QUEUED\nEXCLUDE cad USER bob\n")
+    assert load_config(config).options == tmp_path / "demo" / "site.opt"

@@ -137,3 +137,14 @@ def test_a_bad_options_map_in_a_reload_changes_nothing() -> None:
     with pytest.raises(LedgerError, match="reload delta: options"):
         w.ledger.apply({"k": "reload", "entitlements": [], "options": {"path": 3}})
     assert w.ledger.snapshot() == before
+
+
+def test_internet_and_project_lines_match_what_the_session_opened_with() -> None:
+    w = world("INCLUDE cad INTERNET 10.1.*.*\nEXCLUDE cad PROJECT apollo")
+    opens = {"s1": ("10.1.2.3", ""), "s2": ("192.168.0.1", ""), "s3": ("10.1.9.9", "apollo")}
+    for sid, (address, project) in opens.items():
+        w.send("open", sid, user="ann", host="ws1", display=":0", client_version="1",
+               address=address, project=project)  # fmt: skip
+    grant_of(w.checkout("s1"))
+    denied(w.checkout("s2"), Reason.NOT_INCLUDED)
+    denied(w.checkout("s3"), Reason.EXCLUDED)

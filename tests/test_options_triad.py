@@ -1,12 +1,19 @@
-"""An options file on a live triad: enforced by the primary, and by the next one."""
+"""An options file on a live triad: enforced by the primary and by the next one, and
+switched by a reread (SIGHUP) on every node at one point of the log."""
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from broker.license import sign_license_text
+from broker.signing import load_private_key
 from clients import LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
 from clients.grant import Grant
 from clients.testing import LocalTriad, wait_for
@@ -66,3 +73,73 @@ def test_exclude_and_reserve_hold_on_the_next_primary(
         assert denial(ann, "cad") == "no_seats"
     log = triad.log_text()
     assert "NOLOG is not implemented by zbroker: ignored" in log
+
+
+def reread(triad: LocalTriad) -> None:
+    """SIGHUP to every node, as an administrator does after editing the shared files."""
+    for name in triad.names:
+        triad.procs[name].send_signal(signal.SIGHUP)
+
+
+def zbroker(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def logged_by_all(triad: LocalTriad, text: str, times: int) -> bool:
+    return all(
+        (triad.logs / f"{name}.log").read_text().count(text) >= times for name in triad.names
+    )
+
+
+def commits(triad: LocalTriad) -> set[int]:
+    return {n["commit"] for n in triad.status(holders=False)["nodes"]}
+
+
+def test_a_reread_switches_counts_and_policy_and_the_next_primary_keeps_them(
+    make_triad: Callable[..., LocalTriad], tmp_path: Path
+) -> None:
+    options = tmp_path / "site.opt"
+    options.write_text("EXCLUDE viewer USER mallory\n")
+    triad = make_triad(servers=3, lease=5.0, settings={"options": f'"{options}"'})
+    first = triad.wait_for_primary()
+    license_path = Path(triad.config.license_path)
+    assert triad.feature("cad")["total"] == 15
+    with (
+        LicenseClient(triad.endpoints, user="mallory") as mallory,
+        LicenseClient(triad.endpoints, user="bob") as bob,
+    ):
+        assert denial(mallory, "viewer") == "excluded"
+        bob.checkin(checkout(bob, "viewer"))
+
+        # A broken options file: `zbroker reread` refuses it before asking any node, and a
+        # node told by SIGHUP logs it with file:line:col; nothing changes.
+        options.write_text("EXCLUDE viewer USR bob\n")
+        where = f"{options}:1:16: expected a principal type"
+        refused_here = zbroker("reread", "--config", str(triad.config_path))
+        assert refused_here.returncode == 2 and where in refused_here.stderr, refused_here
+        reread(triad)
+        refused = f"reread refused, nothing changed: {where}"
+        wait_for(lambda: logged_by_all(triad, refused, 1), 10, "the refusal in every log")
+        bob.checkin(checkout(bob, "viewer"))
+
+        # New options and a new count of cad (the FEATURE line's 10 becomes 3, re-signed).
+        options.write_text("EXCLUDE viewer USER bob\n")
+        text = re.sub(r"(FEATURE cad +demo 2\.0 +\S+ +)10\b", r"\g<1>3", license_path.read_text())
+        key = load_private_key(triad.dir / "keys" / "vendor.key")
+        license_path.write_text(sign_license_text(text, key, path=str(license_path)))
+        asked = zbroker("reread", "--config", str(triad.config_path))
+        assert asked.returncode == 0, asked
+        assert sorted(asked.stdout.split("\n")[:3]) == [f"{n}: rereading" for n in triad.names]
+        wait_for(lambda: logged_by_all(triad, "serving them", 1), 10, "the reread in every log")
+        wait_for(lambda: triad.feature("cad")["total"] == 8, 10, "cad's new count")
+        assert denial(bob, "viewer") == "excluded"
+        mallory.checkin(checkout(mallory, "viewer"))
+        wait_for(lambda: len(commits(triad)) == 1, 10, "the three nodes at one commit")
+
+        triad.kill(first)
+        triad.wait_for_primary(not_=first)
+        assert denial(bob, "viewer") == "excluded"
+        mallory.checkin(checkout(mallory, "viewer"))
+        assert triad.feature("cad")["total"] == 8

@@ -138,7 +138,7 @@ def test_the_model_shows_nodes_use_lines_and_holders() -> None:
         (HOSTILE, "2026-11-30 06:55", "2 h 5 min"),
         ("ann", "2026-11-30 08:59", "1 min"),
     ]
-    assert cad.history is None  # issue 13: no report log yet
+    assert cad.history is None  # the page does not read the report log yet
 
 
 def test_the_problems_a_person_should_see_first() -> None:
@@ -281,7 +281,7 @@ def test_the_html_shows_the_model_and_escapes_what_clients_sent() -> None:
     assert ("expiring", f"expired {_day(-2)}") in seen.classes
     assert seen.tables["queue"][1:] == [["cad", "1"]]
     text = " ".join("".join(seen.text).split())
-    assert "Not available yet: drawn from the report log" in text
+    assert "Not available yet: to be drawn from the nodes' report log" in text
     assert '<meta http-equiv="refresh" content="5">' in html
 
 

@@ -73,8 +73,8 @@ class FeatureView:
     lines: tuple[LineView, ...]
     holders: tuple[HolderView, ...]
     holders_hidden: int  # holders past HOLDERS_SHOWN, counted but not listed
-    # The last 24 hours of use come from the report log (issue 13), which nodes do not
-    # write yet: None until they do, and the page says so where the chart will be.
+    # The last 24 hours of use will come from the nodes' report log (docs/reportlog.md),
+    # which this page does not read yet: None, and the page says so where the chart goes.
     history: tuple[tuple[float, int], ...] | None = None
 
 

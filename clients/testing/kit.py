@@ -218,6 +218,7 @@ class LocalTriad:
 
 def _override(config_path: Path, settings: dict[str, Any]) -> None:
     """Rewrite top-level settings of a demo config (tests shorten timings and leases)."""
+    settings = dict(settings)  # the caller's dict may serve another triad: never consumed
     lines = config_path.read_text().splitlines()
     out = []
     for line in lines:

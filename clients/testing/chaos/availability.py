@@ -124,6 +124,9 @@ def _timings(
                 report.failovers.append(timed)
         elif a.action in ("start", "resume") and before < 2 <= up:
             report.recoveries.append(_next_ok(fault, a.node, a.action, a.t, oks))
+        elif a.action == "isolate" and a.role == "primary" and up == 3:
+            # Cut off from both backups: they are a connected majority, a failover is due.
+            report.failovers.append(_next_ok(fault, a.node, a.action, a.t, oks))
 
 
 def _next_ok(

@@ -32,7 +32,16 @@ The checks:
   all report the same commit index and the same features and holders;
 - **liveness** (SPEC's invariant 4): after each kill or pause of the primary that left
   two nodes up, an ok checkout (invoked after the fault) completes within
-  ``liveness_limit``; every fault ends with the triad healed.
+  ``liveness_limit``; every fault ends with the triad healed;
+- **a cut-off primary grants nothing** (SPEC section 4: it stops granting after
+  ``peer_timeout`` without a quorum): the clients' operations do not say which node
+  answered them, so the nemesis asks the cut-off node itself (``probe`` actions: a
+  session and one checkout sent to that node alone, from a host the cut spares) and
+  records the time the request was first sent and what the node answered; a ``probe``
+  sent later than the ``isolate`` of a primary plus ``peer_timeout`` (meta) that was
+  answered ``ok`` is a violation. A cut-off primary's grant would also surface in the
+  other checks (a grant the final ledger does not have), but only if a client still
+  held it then. An isolated primary also owes a failover, timed like a kill's.
 
 Liveness and the availability figures (unavailable windows, failover and recovery
 times) are availability.py's; the report's types and its rendering are verdict.py's.
@@ -87,8 +96,85 @@ def check(history: History, options: CheckOptions | None = None) -> Report:
     _lost_grants(history, holds, report)
     _exactly_once(history, holds, report)
     _convergence(history, report)
+    if cut is None:
+        _report_logs(history, report)
+    _cut_off_primary(history, report)
     check_availability(history, report, opts)
     return report
+
+
+def _report_logs(history: History, report: Report) -> None:
+    """Issue 13: the nodes' report logs agree by index, and hold each checkout and checkin
+    a client was told of exactly once (``broker.report_check``). Judged only when the run's
+    config (meta) names report logs that exist."""
+    from broker.config import ConfigError, load_config
+    from broker.report_check import compare_nodes, match_clients
+    from broker.reportfile import ReportFileError, log_files, read_stream
+
+    path = ((history.meta or {}).get("options") or {}).get("config")
+    try:
+        config = load_config(path) if path else None
+    except (ConfigError, OSError, ValueError):
+        config = None
+    if config is None:
+        return
+    dirs = {n.name: n.report_log for n in config.nodes if n.report_log is not None}
+    logs = {name: log_files(d) for name, d in dirs.items() if d.is_dir() and log_files(d)}
+    if not logs:
+        return
+    checkouts: dict[int, tuple[str, int]] = {}
+    for op in history.ops.values():
+        if op.op == "checkout" and op.status == "ok" and op.grant is not None:
+            checkouts[op.grant.id] = (op.grant.feature, op.grant.count)
+    checkins: list[int] = []
+    for op in history.ops.values():
+        if op.op != "checkin" or op.status != "ok":
+            continue
+        got = history.ops.get(op.of) if op.of is not None else None
+        gid = (
+            op.grant_ref
+            if op.grant_ref is not None
+            else (got.grant.id if got and got.grant else None)
+        )
+        if gid is not None:
+            checkins.append(gid)
+    try:
+        problems = compare_nodes(logs)
+        merged: dict[tuple[int, int], dict[str, Any]] = {}
+        for files in logs.values():
+            for line in read_stream(files):
+                if "ix" in line.record:
+                    merged.setdefault((line.record["ix"], line.record["n"]), line.record)
+        problems += match_clients([merged[k] for k in sorted(merged)], checkouts, checkins)
+    except (ReportFileError, KeyError, ValueError) as exc:
+        problems = [f"the report logs cannot be read: {exc}"]
+    for problem in problems:
+        report.violations.append(Finding("report-log", problem))
+
+
+def _cut_off_primary(history: History, report: Report) -> None:
+    """No probe sent to an isolated primary after ``peer_timeout`` was granted a seat."""
+    peer_timeout = float((history.meta or {}).get("peer_timeout", 0.5))
+    for fault in history.faults:
+        cut_at: dict[str, float] = {}
+        for a in fault.actions:
+            if a.action == "isolate" and a.role == "primary":
+                cut_at[a.node] = a.t
+            elif a.action == "heal":
+                cut_at.pop(a.node, None)  # healed: it may be primary again
+            elif a.action == "probe" and a.node in cut_at:
+                late = a.t - cut_at[a.node] - peer_timeout
+                if late > 0 and a.role == "ok":
+                    report.violations.append(
+                        Finding(
+                            "cut-off-primary",
+                            f"fault {fault.id} ({fault.kind}): {a.node}, cut off from both "
+                            f"backups at +{cut_at[a.node] - report.t0:.3f} s, granted a seat "
+                            f"asked for {late:.3f} s after peer_timeout ({peer_timeout} s)",
+                            (f"line {fault.line}",),
+                            a.t,
+                        )
+                    )
 
 
 def _t0(history: History) -> float:

@@ -5,6 +5,7 @@ RunOptions, run, check, print, draw, exit.
     python scripts/chaos.py --faults kill-primary --count 5 # five primary kills, then stop
     python scripts/chaos.py --seed 7 --dry-run              # print seed 7's schedule
     python scripts/chaos.py --check RUN/history.jsonl       # check a recorded history again
+    python scripts/chaos.py --hosts --duration 300          # hosts as namespaces, partitions
 
 Exit status: 0 clean verdict; 1 an invariant broke; 2 bad usage or the run could not
 start; 130 interrupted (Ctrl-C, SIGTERM), clean as far as it went. The run's folder
@@ -29,7 +30,15 @@ from broker.config import RANGES, Range
 from broker.wire import MAX_REQ
 from clients.testing.chaos.checker import check
 from clients.testing.chaos.history import HistoryError, read_history
-from clients.testing.chaos.nemesis import ALL_KINDS, FaultKind, parse_kinds, schedule
+from clients.testing.chaos.nemesis import (
+    ALL_KINDS,
+    PARTITION_KINDS,
+    CutKind,
+    FaultKind,
+    Kind,
+    parse_kinds,
+    schedule,
+)
 from clients.testing.chaos.runner import RunError, Runner, RunOptions
 from clients.testing.chaos.verdict import CheckOptions, figures, render
 
@@ -48,7 +57,7 @@ class FaultKinds(click.ParamType):
 
     def convert(
         self, value: object, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[FaultKind, ...]:
+    ) -> tuple[Kind, ...]:
         if isinstance(value, tuple):
             return value  # a default, converted already
         try:
@@ -73,7 +82,9 @@ class FaultKinds(click.ParamType):
     type=FaultKinds(),
     default=None,
     help="comma-separated: kill-primary, pause-primary, kill-backup, kill-two, "
-    "restart-all, wipe, kill-all; or all (default; without wipe under --config)",
+    "restart-all, wipe, kill-all; or all (default; without wipe under --config); with "
+    "--hosts also cut-primary, cut-backup, cut-link, flap-link, cut-client, or partitions "
+    "(the default with --hosts)",
 )
 @click.option(
     "--count",
@@ -131,6 +142,12 @@ class FaultKinds(click.ParamType):
     show_default=True,
     help="each client call's deadline, seconds",
 )
+@click.option(
+    "--hosts",
+    is_flag=True,
+    help="each node in a network namespace of its own, the clients in another (needs "
+    "root), so that links can be cut; the default faults become the partitions",
+)
 @click.option("--dry-run", is_flag=True, help="print the schedule and exit")
 @click.option(
     "--check",
@@ -158,7 +175,7 @@ class FaultKinds(click.ParamType):
 @click.option("--no-plot", is_flag=True, help="skip the timeline picture")
 def chaos(
     duration: float,
-    faults: tuple[FaultKind, ...] | None,
+    faults: tuple[Kind, ...] | None,
     count: int | None,
     processes: int,
     sessions: int,
@@ -167,6 +184,7 @@ def chaos(
     config_path: Path | None,
     lease: float,
     op_timeout: float,
+    hosts: bool,
     dry_run: bool,
     history_path: Path | None,
     liveness_limit: float,
@@ -180,10 +198,14 @@ def chaos(
       chaos --faults kill-primary --count 5 five primary kills, then stop
       chaos --seed 7 --dry-run              print seed 7's schedule
       chaos --check RUN/history.jsonl       check a recorded history again
+      chaos --hosts --duration 300          hosts as network namespaces, partitions (root)
     """
-    kinds: tuple[FaultKind, ...] = faults or ALL_KINDS
+    kinds: tuple[Kind, ...] = faults or (PARTITION_KINDS if hosts else ALL_KINDS)
     if faults is None and config_path is not None:
         kinds = tuple(k for k in ALL_KINDS if k is not FaultKind.WIPE)  # someone's real data
+    cuts = [k.value for k in kinds if isinstance(k, CutKind)]
+    if cuts and not hosts and not dry_run:
+        raise click.UsageError(f"{', '.join(cuts)} cut links between hosts: add --hosts")
     check_options = CheckOptions(liveness_limit=liveness_limit, min_window=min_window)
     if dry_run:
         steps = schedule(seed, kinds, count=count)
@@ -203,6 +225,7 @@ def chaos(
         config=config_path,
         lease=lease,
         op_timeout=op_timeout,
+        hosts=hosts,
     )
     runner = Runner(options, log=lambda line: print(line, flush=True))
     print(f"chaos run for {options.duration:.0f} s, seed {options.seed}, results in {runner.out}")

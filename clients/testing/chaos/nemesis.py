@@ -13,6 +13,15 @@ the checker knows which kills were failovers) and a ``fault`` end once the triad
 healed again: every node up, one primary serving, the backups caught up, and (with
 failback) the highest-ranked node back in control. Every wait has a deadline; a node
 left stopped or down by a failure is always resumed and started again by ``heal``.
+
+Partitions (``CutKind``) need hosts (``clients.testing.hosts``): the nemesis is then given
+the run's ``Network`` and cuts links between the hosts instead of stopping processes.
+Their actions: ``isolate`` (a node cut off from both other nodes; the role says whether
+it was the primary: a failover is due), ``cut`` and ``heal`` of one link (``node`` is one
+end, ``to`` the other, ``clients`` for the clients' host), and ``probe``: the observer
+asked the cut-off primary alone for a seat once ``peer_timeout`` had passed since the cut,
+its ``role`` field is what the node answered (``ok`` would be a grant it must not make).
+``heal`` removes every cut left.
 """
 
 from __future__ import annotations
@@ -39,7 +48,20 @@ class FaultKind(enum.Enum):
     KILL_ALL = "kill-all"  # all three killed, then started: grants come back from disk
 
 
-ALL_KINDS = tuple(FaultKind)
+class CutKind(enum.Enum):
+    """Partitions: links between hosts cut, then healed (``--hosts`` only)."""
+
+    CUT_PRIMARY = "cut-primary"  # the primary cut off from both backups; clients reach it
+    CUT_BACKUP = "cut-backup"  # a backup cut off from every other host
+    CUT_LINK = "cut-link"  # one link between two nodes
+    FLAP_LINK = "flap-link"  # one link between two nodes cut and healed several times
+    CUT_CLIENT = "cut-client"  # the clients' host cut off from the primary only
+
+
+Kind = FaultKind | CutKind
+ALL_KINDS: tuple[Kind, ...] = tuple(FaultKind)
+PARTITION_KINDS: tuple[Kind, ...] = tuple(CutKind)
+FLAPS = (3, 5)  # a flapping link is cut this many times (inclusive range)
 
 # How often each kind is drawn after the first round; the primary's failure is the one
 # the triad exists for, so most faults are that.
@@ -51,6 +73,12 @@ WEIGHTS = {
     FaultKind.RESTART_ALL: 0.3,
     FaultKind.WIPE: 0.6,
     FaultKind.KILL_ALL: 0.4,
+    # Partitions, equally often: each is a different question to the election.
+    CutKind.CUT_PRIMARY: 1.0,
+    CutKind.CUT_BACKUP: 1.0,
+    CutKind.CUT_LINK: 1.0,
+    CutKind.FLAP_LINK: 1.0,
+    CutKind.CUT_CLIENT: 1.0,
 }
 
 # Rough seconds a step takes on a loaded 2-core machine, quiet time included: the runner
@@ -63,6 +91,11 @@ ESTIMATE = {
     FaultKind.RESTART_ALL: 12.0,
     FaultKind.WIPE: 5.0,
     FaultKind.KILL_ALL: 7.0,
+    CutKind.CUT_PRIMARY: 5.0,
+    CutKind.CUT_BACKUP: 4.0,
+    CutKind.CUT_LINK: 4.0,
+    CutKind.FLAP_LINK: 5.0,
+    CutKind.CUT_CLIENT: 4.0,
 }
 
 HEALTHY_LAG = 100  # deltas a backup may trail the primary by and count as caught up
@@ -73,17 +106,25 @@ class NemesisError(Exception):
     """A step could not be carried out (no primary to kill, say); the message says why."""
 
 
-def parse_kinds(text: str) -> tuple[FaultKind, ...]:
-    """``"kill-primary,pause-primary"`` or ``"all"`` -> kinds; ValueError names a bad one."""
+def parse_kinds(text: str) -> tuple[Kind, ...]:
+    """``"kill-primary,cut-link"``, ``"all"`` (processes) or ``"partitions"`` -> kinds;
+    ValueError names a bad one."""
     if text.strip() == "all":
         return ALL_KINDS
-    kinds = []
+    if text.strip() == "partitions":
+        return PARTITION_KINDS
+    kinds: list[Kind] = []
     for name in (part.strip() for part in text.split(",")):
         try:
             kinds.append(FaultKind(name))
         except ValueError:
-            known = ", ".join(k.value for k in FaultKind)
-            raise ValueError(f"unknown fault {name!r}; the faults are: {known}, all") from None
+            try:
+                kinds.append(CutKind(name))
+            except ValueError:
+                known = ", ".join(k.value for k in (*ALL_KINDS, *PARTITION_KINDS))
+                raise ValueError(
+                    f"unknown fault {name!r}; the faults are: {known}, all, partitions"
+                ) from None
     if not kinds:
         raise ValueError("no fault named")
     return tuple(dict.fromkeys(kinds))
@@ -92,7 +133,7 @@ def parse_kinds(text: str) -> tuple[FaultKind, ...]:
 @dataclass(frozen=True)
 class Step:
     number: int
-    kind: FaultKind
+    kind: Kind
     quiet: float  # seconds of plain load before the fault
     dwell: float  # seconds the node(s) stay down or paused
     dwell2: float  # kill-two: seconds between the first and the second node coming back
@@ -108,21 +149,28 @@ class Step:
 
 def schedule(
     seed: int,
-    kinds: Sequence[FaultKind] = ALL_KINDS,
+    kinds: Sequence[Kind] = ALL_KINDS,
     *,
     peer_timeout: float = 0.5,
     count: int | None = None,
 ) -> Iterator[Step]:
-    """The steps for ``seed``: a shuffled round of every kind, then weighted draws."""
+    """The steps for ``seed``: a shuffled round of every kind, then weighted draws.
+
+    Kinds of equal weight (the partitions) go on in shuffled rounds instead of draws, so
+    that every kind is applied as often as the others, give or take one.
+    """
     if not kinds:
         raise ValueError("a schedule needs at least one kind of fault")
     rng = random.Random(seed)
     first = list(kinds)
     rng.shuffle(first)
     weights = [WEIGHTS[k] for k in kinds]
+    rounds = len(kinds) > 1 and len(set(weights)) == 1
     for number in itertools.count(1) if count is None else range(1, count + 1):
-        drawn = rng.choices(list(kinds), weights)[0] if number > len(first) else None
-        kind = drawn or first[number - 1]
+        if rounds and number > len(first) and (number - 1) % len(first) == 0:
+            rng.shuffle(first)  # the next round
+        drawn = rng.choices(list(kinds), weights)[0] if number > len(first) and not rounds else None
+        kind = first[(number - 1) % len(first)] if rounds else drawn or first[number - 1]
         if kind is FaultKind.PAUSE_PRIMARY:
             dwell = rng.uniform(2.0, 4.0) * peer_timeout  # well past the timeout
         elif kind is FaultKind.KILL_PRIMARY:
@@ -131,12 +179,20 @@ def schedule(
             dwell = rng.uniform(1.0, 2.5)
         elif kind is FaultKind.RESTART_ALL:
             dwell = rng.uniform(0.1, 0.6)
+        elif kind in (CutKind.CUT_PRIMARY, CutKind.CUT_BACKUP):
+            dwell = rng.uniform(2.0, 4.0) * peer_timeout  # well past the timeout
+        elif kind in (CutKind.CUT_LINK, CutKind.CUT_CLIENT):
+            dwell = rng.uniform(1.0, 3.0) * peer_timeout
+        elif kind is CutKind.FLAP_LINK:
+            dwell = rng.uniform(0.2, 1.5) * peer_timeout  # each cut: some past the timeout
         else:
             dwell = rng.uniform(0.3, 1.5)
+        # A partition heals within the step (the nemesis waits for it): less quiet after.
+        quiet = rng.uniform(0.3, 1.0) if isinstance(kind, CutKind) else rng.uniform(0.5, 1.5)
         yield Step(
             number=number,
             kind=kind,
-            quiet=rng.uniform(0.5, 1.5),
+            quiet=quiet,
             dwell=dwell,
             dwell2=rng.uniform(0.5, 1.5),
             pick=rng.randrange(1_000_000),
@@ -160,7 +216,19 @@ class Triad(Protocol):
     def status(self, timeout: float = 0.5) -> dict[str, Any]: ...
 
 
+class Network(Protocol):
+    """What the nemesis needs to cut links between nodes: clients.testing.hosts.HostTriad."""
+
+    @property
+    def cuts(self) -> set[frozenset[str]]: ...  # the links cut now
+
+    def cut(self, a: str, b: str) -> None: ...
+    def heal(self, a: str, b: str) -> None: ...
+
+
 Record = Callable[..., Any]  # Recorder.write
+Probe = Callable[[str], str]  # node -> what it answered a checkout (HostTriad.probe)
+CLIENTS = "clients"  # the clients' host (clients.testing.hosts.CLIENTS)
 
 
 @dataclass(frozen=True)
@@ -180,8 +248,14 @@ class Nemesis:
         deadline: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
         abort: threading.Event | None = None,
+        network: Network | None = None,
+        probe: Probe | None = None,
+        peer_timeout: float = 0.5,
     ) -> None:
         self.triad = triad
+        self.network = network  # partitions need it
+        self.probe = probe  # asks a cut-off primary for a seat
+        self.peer_timeout = peer_timeout
         self.record = record
         self.failback = failback
         self.heal_timeout = heal_timeout
@@ -290,7 +364,107 @@ class Nemesis:
             self._act("start", name, {})
         return names
 
-    _STEPS: dict[FaultKind, Callable[[Nemesis, Step, dict[str, str]], list[str]]] = {
+    # --- partitions
+    def _net(self) -> Network:
+        if self.network is None:
+            raise NemesisError("partitions need hosts (zbroker chaos --hosts)")
+        return self.network
+
+    def _cut_primary(self, step: Step, roles: dict[str, str]) -> list[str]:
+        primary = self._primary(roles)
+        others = [n for n in self.triad.names if n != primary]
+        t = self._isolate(primary, others, roles)
+        # Once peer_timeout has passed it must grant nothing: ask it, early and late.
+        self._sleep_until(t + self.peer_timeout * 1.1)
+        self._probe(primary)
+        self._sleep_until(t + step.dwell)
+        self._probe(primary)
+        self._heal_links(primary, others, roles)
+        return [primary]
+
+    def _cut_backup(self, step: Step, roles: dict[str, str]) -> list[str]:
+        backups = [n for n in self.triad.names if roles.get(n) == "backup"]
+        if not backups:
+            raise NemesisError(f"no backup to cut off (roles: {roles})")
+        backup = backups[step.pick % len(backups)]
+        others = [n for n in self.triad.names if n != backup] + [CLIENTS]
+        self._isolate(backup, others, roles)
+        self.sleep(step.dwell)
+        self._heal_links(backup, others, roles)
+        return [backup]
+
+    def _pair(self, step: Step) -> list[str]:
+        pairs = list(itertools.combinations(self.triad.names, 2))
+        return list(pairs[step.pick % len(pairs)])
+
+    def _cut_link(self, step: Step, roles: dict[str, str]) -> list[str]:
+        a, b = self._pair(step)
+        self._link("cut", a, b, roles)
+        self.sleep(step.dwell)
+        self._link("heal", a, b, roles)
+        return [a, b]
+
+    def _flap_link(self, step: Step, roles: dict[str, str]) -> list[str]:
+        a, b = self._pair(step)
+        low, high = FLAPS
+        flaps = low + step.pick // 7 % (high - low + 1)
+        for i in range(flaps):
+            if i:
+                self.sleep(step.dwell2 / 3)  # up for a while between two cuts
+            self._link("cut", a, b, roles)
+            self.sleep(step.dwell * (0.5 + (step.pick >> i) % 3 / 2))  # 0.5x, 1x, 1.5x
+            self._link("heal", a, b, roles)
+        return [a, b]
+
+    def _cut_client(self, step: Step, roles: dict[str, str]) -> list[str]:
+        primary = self._primary(roles)
+        self._link("cut", CLIENTS, primary, roles)
+        self.sleep(step.dwell)
+        self._link("heal", CLIENTS, primary, roles)
+        return [primary]
+
+    def _isolate(self, node: str, others: list[str], roles: dict[str, str]) -> float:
+        net = self._net()
+        for other in others:
+            net.cut(node, other)
+        t = time.monotonic()  # once every route is in: from here nothing passes
+        self.record(
+            "action",
+            t=t,
+            fault=self._fault,
+            action="isolate",
+            node=node,
+            role=roles.get(node, "down"),
+            to=others,
+        )
+        return t
+
+    def _heal_links(self, node: str, others: list[str], roles: dict[str, str]) -> None:
+        for other in others:
+            self._link("heal", node, other, roles)
+
+    def _link(self, action: str, a: str, b: str, roles: dict[str, str]) -> None:
+        net = self._net()
+        if action == "cut":
+            net.cut(a, b)
+        else:
+            net.heal(a, b)
+        t = time.monotonic()  # once the routes changed
+        self.record(
+            "action", t=t, fault=self._fault, action=action, node=a, role=roles.get(a, ""), to=b
+        )
+
+    def _probe(self, node: str) -> None:
+        if self.probe is None:
+            return
+        t = time.monotonic()  # taken before the request is sent: the checker's bound
+        outcome = self.probe(node)
+        self.record("action", t=t, fault=self._fault, action="probe", node=node, role=outcome)
+
+    def _sleep_until(self, t: float) -> None:
+        self.sleep(max(0.0, t - time.monotonic()))
+
+    _STEPS: dict[Kind, Callable[[Nemesis, Step, dict[str, str]], list[str]]] = {
         FaultKind.KILL_PRIMARY: _kill_primary,
         FaultKind.PAUSE_PRIMARY: _pause_primary,
         FaultKind.KILL_BACKUP: _kill_backup,
@@ -298,6 +472,11 @@ class Nemesis:
         FaultKind.RESTART_ALL: _restart_all,
         FaultKind.WIPE: _wipe,
         FaultKind.KILL_ALL: _kill_all,
+        CutKind.CUT_PRIMARY: _cut_primary,
+        CutKind.CUT_BACKUP: _cut_backup,
+        CutKind.CUT_LINK: _cut_link,
+        CutKind.FLAP_LINK: _flap_link,
+        CutKind.CUT_CLIENT: _cut_client,
     }
 
     # --- actions
@@ -352,7 +531,11 @@ class Nemesis:
         return wait_for(serving, self._budget(), "a serving primary", every=0.05)
 
     def heal(self) -> Healed:
-        """Resume and start every node, then wait until the triad is whole and caught up."""
+        """Heal every cut, resume and start every node, then wait until the triad is whole
+        and caught up."""
+        if self.network is not None:
+            for link in sorted(sorted(c) for c in self.network.cuts):
+                self._link("heal", link[0], link[1], {})
         for name in sorted(self.paused):
             self._act("resume", name, {name: "paused"})
         for name in self.triad.names:

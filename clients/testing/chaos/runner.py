@@ -19,6 +19,11 @@ SIGTERM) cuts a run short: no more faults, no final phase, an ``interrupted`` re
 Whatever happens, the ``finally`` block stops the client processes and every node,
 and merges the per-process histories into ``out/history.jsonl``.
 
+Hosts (``RunOptions.hosts``, ``zbroker chaos --hosts``): every node runs in a network
+namespace of its own and the client processes in the clients' (``clients.testing.hosts``),
+the runner's status queries go through the observer's host, and the nemesis can cut
+links (``CutKind``). Every namespace is deleted at the end, whatever happened.
+
 Security: a secure triad's client keys reach the client processes the way
 ``LocalTriad`` shares them, through ``ZBROKER_SERVER_KEYS`` in the environment they
 inherit; the status queries find them there too.
@@ -40,7 +45,14 @@ from typing import IO, Any
 from broker.config import load_config
 from broker.status import query_nodes
 from clients.testing.chaos.history import Recorder, merge_files
-from clients.testing.chaos.nemesis import ALL_KINDS, ESTIMATE, FaultKind, Nemesis, schedule
+from clients.testing.chaos.nemesis import (
+    ALL_KINDS,
+    ESTIMATE,
+    Kind,
+    Nemesis,
+    Network,
+    schedule,
+)
 from clients.testing.chaos.workload import WorkloadSpec, default_mix
 from clients.testing.kit import LocalTriad, TriadTimeout
 
@@ -64,7 +76,7 @@ class RunError(Exception):
 @dataclass(frozen=True)
 class RunOptions:
     duration: float = 60.0  # the whole run, start to cleanup
-    faults: tuple[FaultKind, ...] = ALL_KINDS
+    faults: tuple[Kind, ...] = ALL_KINDS
     count: int | None = None  # at most this many faults (None: as many as fit)
     processes: int = 2
     sessions: int = 4  # per process
@@ -76,6 +88,7 @@ class RunOptions:
     sample_every: float = 0.25
     heal_timeout: float = 15.0
     settings: dict[str, Any] = field(default_factory=dict)  # demo config overrides
+    hosts: bool = False  # nodes and clients in network namespaces of their own (root)
 
 
 @dataclass
@@ -109,9 +122,14 @@ class ConfigTriad(LocalTriad):
 
 def node_views(triad: LocalTriad, timeout: float = 0.5) -> dict[str, Any]:
     """Each node's own view (role, term, commit, features and holders); None if silent."""
+    from clients.testing.hosts import HostTriad
+
     views: dict[str, Any] = {}
     for node in triad.config.nodes:
-        report = query_nodes([(node.name, node.client)], timeout=timeout)
+        if isinstance(triad, HostTriad):  # asked from the observer's host
+            report = triad.query([(node.name, node.client)], timeout=timeout)
+        else:
+            report = query_nodes([(node.name, node.client)], timeout=timeout)
         own = report["nodes"][0]
         if own["role"] == "down":
             views[node.name] = None
@@ -151,6 +169,15 @@ def _agree(views: dict[str, Any]) -> bool:
     )
 
 
+def _prober(triad: LocalTriad, feature: str | None) -> Callable[[str], str] | None:
+    """HostTriad.probe of ``feature`` (the workload's probe: the largest), None without hosts."""
+    from clients.testing.hosts import HostTriad
+
+    if not isinstance(triad, HostTriad) or feature is None:
+        return None
+    return lambda node: triad.probe(node, feature)
+
+
 class _Sampler(threading.Thread):
     def __init__(self, triad: LocalTriad, rec: Recorder, every: float) -> None:
         super().__init__(name="chaos-sampler", daemon=True)
@@ -181,12 +208,15 @@ class _Sampler(threading.Thread):
 class _Worker:
     """One client process, its control pipe, and a thread reading what it says."""
 
-    def __init__(self, spec: WorkloadSpec, spec_path: Path, log_path: Path) -> None:
+    def __init__(
+        self, spec: WorkloadSpec, spec_path: Path, log_path: Path, prefix: list[str]
+    ) -> None:
         spec_path.write_text(spec.to_json())
         self.spec = spec
+        command = [sys.executable, "-m", "clients.testing.chaos.workload", str(spec_path)]
         with open(log_path, "ab") as log:
             self.proc: subprocess.Popen[str] = subprocess.Popen(
-                [sys.executable, "-m", "clients.testing.chaos.workload", str(spec_path)],
+                prefix + command,  # prefix: on the clients' host (ip netns exec), or none
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -271,7 +301,28 @@ class Runner:
         load_end = deadline - FINAL_RESERVE
         history = self.out / "history.jsonl"
         triad: LocalTriad
-        if o.config is not None:
+        hosts = None
+        network: Network | None = None  # the HostTriad: it cuts links by node name
+        client_prefix: list[str] = []  # what starts a client process on the clients' host
+        if o.hosts:
+            from clients.testing.hosts import Hosts, HostsError, HostTriad
+
+            if o.config is not None:
+                raise RunError("--hosts runs a fresh demo on its own hosts; not with --config")
+            try:
+                hosts = Hosts()
+            except HostsError as exc:
+                raise RunError(str(exc)) from None
+            try:
+                host_triad = HostTriad(
+                    self.out / "triad", hosts, lease=o.lease, settings=dict(o.settings)
+                )
+            except BaseException:
+                hosts.close()
+                raise
+            triad = network = host_triad
+            client_prefix = host_triad.client_prefix
+        elif o.config is not None:
             triad = ConfigTriad(o.config, self.out / "logs")
         else:
             triad = LocalTriad(self.out / "triad", lease=o.lease, settings=dict(o.settings))
@@ -287,7 +338,7 @@ class Runner:
                 raise RunError(f"{exc}; node logs in {triad.logs}") from None
             mix, probe = self._meta(triad, rec, began)
             rec.write("phase", phase="load")
-            workers = self._start_workers(triad, deadline - WORKERS_BY, mix, probe)
+            workers = self._start_workers(triad, deadline - WORKERS_BY, mix, probe, client_prefix)
             sampler = _Sampler(triad, rec, o.sample_every)
             sampler.start()
             nemesis = Nemesis(
@@ -298,6 +349,9 @@ class Runner:
                 deadline=deadline - HEAL_BY,
                 sleep=self._sleep,
                 abort=self.halt,
+                network=network,
+                probe=_prober(triad, probe),
+                peer_timeout=triad.config.peer_timeout,
             )
             result.faults, result.stopped_early = self._faults(nemesis, triad, load_end)
             if self.interrupted_at is None:
@@ -312,6 +366,8 @@ class Runner:
             for w in workers:  # end of input: they quit (calls in hand end by their deadline)
                 w.stop(timeout=min(WORKER_QUIT, max(0.5, deadline - time.monotonic())))
             triad.stop()
+            if hosts is not None:
+                hosts.close()
             rec.write("phase", phase="end")
             rec.close()
             merge_files(sorted(self.parts.glob("*.jsonl")), history)
@@ -357,6 +413,7 @@ class Runner:
         deadline: float,
         mix: dict[str, tuple[float, int]],
         probe: str | None,
+        prefix: list[str],
     ) -> list[_Worker]:
         workers = []
         for p in range(self.o.processes):
@@ -372,7 +429,7 @@ class Runner:
                 probe=probe,
             )
             workers.append(
-                _Worker(spec, self.out / f"worker-{p}.json", self.out / f"worker-{p}.log")
+                _Worker(spec, self.out / f"worker-{p}.json", self.out / f"worker-{p}.log", prefix)
             )
         return workers
 

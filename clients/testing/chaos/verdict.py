@@ -22,6 +22,8 @@ INVARIANTS = (
     "exactly-once",
     "convergence",
     "liveness",
+    "report-log",  # issue 13: the nodes' report logs against each other and the clients
+    "cut-off-primary",  # issue 16: a primary cut off from both backups grants nothing
 )
 MAX_POINTERS = 12  # operations listed per finding: enough to start looking, not a dump
 

@@ -1,0 +1,172 @@
+"""A node's sockets: opened from the config and security, read into events, written from a
+``Ready``. All of them belong to the node's one thread.
+
+- ``clients`` (ROUTER): client requests and their answers;
+- ``peer_in`` (ROUTER): votes, appends, acks and catch-up from the peers;
+- ``pub`` (PUB): this node's heartbeats; ``sub`` (SUB): the peers';
+- one DEALER per peer, named ``peer_sockets[name]``, for messages to that peer, each with a
+  monitor that says when its connection drops.
+
+``read`` drains the ready ones into events in a fixed order (peers first, clients last);
+``send_peers`` and ``send_answers`` write never blocking: a full pipe drops the message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import zmq
+
+from broker.config import Config, NodeConfig
+from broker.core import ClientMessage, Event, Outgoing, PeerHeartbeat, PeerLost, PeerMessage
+from broker.model import Now
+from broker.security import NodeSecurity
+from broker.wire import pack
+from broker.zap_policy import CLIENT_DOMAIN, PEER_DOMAIN
+
+MAX_DRAIN = 512  # messages read from one socket per cycle, so no socket starves the others
+# Per client connection, in messages (docs/security.md has the bounds): a client that
+# never reads has its replies dropped past CLIENT_SNDHWM, never buffered without limit
+# (the largest reply is a status page of 64 KiB: 16 MiB at most); one that sends faster
+# than the node reads is held back by TCP past CLIENT_RCVHWM (messages of up to
+# max_message). An honest client has a few requests in flight (the bench: 64) and its
+# library reads every reply at once.
+CLIENT_SNDHWM = 256
+CLIENT_RCVHWM = 256
+# Flags as plain ints: ``zmq.SNDMORE | zmq.NOBLOCK`` goes through enum.Flag (a microsecond
+# a reply). recv_multipart and send_multipart cost 3-5 us a message in Python, against
+# 1-2 us for the plain calls below (BENCHMARKS.md).
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+PEER_MAX_MESSAGE = 256 * 1024 * 1024  # a snapshot of 100,000 grants is about 9 MB
+
+Step = Callable[[Event, Now], None]  # NodeCore.step
+
+
+class NodeSockets:
+    """The sockets of node ``me``, bound and connected in the constructor."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        config: Config,
+        me: NodeConfig,
+        security: NodeSecurity,
+    ) -> None:
+        # The ZAP handler first: a CURVE server socket refuses everyone until it is bound.
+        self.zap = security.start(ctx)
+        self.clients = ctx.socket(zmq.ROUTER)
+        security.server(self.clients, CLIENT_DOMAIN)
+        self.clients.setsockopt(zmq.LINGER, 0)
+        self.clients.setsockopt(zmq.MAXMSGSIZE, config.max_message)
+        self.clients.setsockopt(zmq.BACKLOG, 1024)  # a failover is a reconnect storm
+        self.clients.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
+        self.clients.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
+        self.clients.bind(me.client)
+        self.peer_in = ctx.socket(zmq.ROUTER)
+        self.peer_in.setsockopt(zmq.LINGER, 0)
+        self.peer_in.setsockopt(zmq.MAXMSGSIZE, PEER_MAX_MESSAGE)
+        security.server(self.peer_in, PEER_DOMAIN)
+        self.peer_in.bind(me.peer)
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        security.server(self.pub, PEER_DOMAIN)  # only the peers may listen
+        self.pub.bind(me.pub)
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.peer_sockets: dict[str, zmq.Socket[bytes]] = {}
+        self.monitors: dict[zmq.Socket[bytes], str] = {}
+        for other in config.nodes:
+            if other.name == me.name:
+                continue
+            security.client(self.sub, other.name)  # per connect: each PUB has its key
+            self.sub.connect(other.pub)
+            out = ctx.socket(zmq.DEALER)
+            security.client(out, other.name)
+            out.setsockopt(zmq.LINGER, 0)
+            out.setsockopt(zmq.ROUTING_ID, me.name.encode())
+            # Queue nothing for a peer that is not connected: a dead peer's backlog would
+            # arrive stale and late; the replica re-sends what a peer still needs.
+            out.setsockopt(zmq.IMMEDIATE, 1)
+            out.setsockopt(zmq.SNDHWM, 100_000)
+            out.connect(other.peer)
+            self.peer_sockets[other.name] = out
+            # A killed peer's kernel closes its connections at once: seeing that drop
+            # starts the election long before peer_timeout would.
+            monitor = out.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            self.monitors[monitor] = other.name
+        self.poller = zmq.Poller()
+        for sock in (self.clients, self.peer_in, self.sub, *self.monitors):
+            self.poller.register(sock, zmq.POLLIN)
+
+    def poll(self, timeout_ms: int) -> dict[zmq.Socket[bytes], int]:
+        return dict(self.poller.poll(timeout_ms))
+
+    def read(self, ready: dict[zmq.Socket[bytes], int], step: Step, now: Now) -> None:
+        """Every ready socket's messages as events: peers first, clients last."""
+        if self.peer_in in ready:
+            _drain(self.peer_in, PeerMessage, step, now)
+        if self.sub in ready:
+            _drain(self.sub, _heartbeat, step, now)
+        for monitor, peer in self.monitors.items():
+            if monitor in ready:
+                while True:
+                    try:
+                        monitor.recv_multipart(zmq.NOBLOCK)  # only DISCONNECTED is asked for
+                    except zmq.Again:
+                        break
+                    step(PeerLost(peer), now)
+        if self.clients in ready:
+            _drain(self.clients, ClientMessage, step, now)
+
+    def send_peers(self, messages: list[Outgoing]) -> None:
+        packed: dict[int, bytes] = {}  # by id: the backups often get the same append map
+        for to, msg in messages:
+            sock = self.pub if to is None else self.peer_sockets.get(to)
+            if sock is None:
+                continue
+            data = packed.get(id(msg))
+            if data is None:
+                data = packed[id(msg)] = pack(msg)
+            try:  # noqa: SIM105 - contextlib.suppress costs half a microsecond a message
+                sock.send(data, _NOBLOCK)
+            except zmq.Again:
+                pass  # a peer gone or far behind drops it; the replica re-sends what it needs
+
+    def send_answers(self, answers: list[list[bytes]]) -> None:
+        send = self.clients.send
+        for frames in answers:
+            try:
+                if len(frames) == 2:  # two sends: send_multipart costs 4 us more in Python
+                    send(frames[0], _SNDMORE_NOBLOCK)
+                    send(frames[1], _NOBLOCK)
+                else:
+                    self.clients.send_multipart(frames, _NOBLOCK)
+            except zmq.Again:
+                pass  # a client whose pipe is full drops it; it will retry the request
+
+
+def _drain(
+    sock: zmq.Socket[bytes],
+    event: Callable[[list[bytes], zmq.Frame], Event],
+    step: Step,
+    now: Now,
+) -> None:
+    recv = sock.recv
+    for _ in range(MAX_DRAIN):
+        try:
+            frame = recv(_NOBLOCK, copy=False)  # a Frame knows ``more``: no getsockopt
+        except zmq.Again:
+            return
+        frames = [frame.bytes]
+        while frame.more:
+            frame = recv(_NOBLOCK, copy=False)
+            frames.append(frame.bytes)
+        # The last frame carries the connection's metadata: User-Id, Peer-Address.
+        step(event(frames, frame), now)
+
+
+def _heartbeat(frames: list[bytes], frame: zmq.Frame) -> PeerHeartbeat:
+    return PeerHeartbeat(frames)
