@@ -1,5 +1,5 @@
-"""``python -m broker`` is the ``zbroker`` command (used by ``zbroker up`` to start nodes)."""
+"""``python -m zbroker.broker`` is the ``zbroker`` command (``zbroker up`` starts nodes so)."""
 
-from broker.cli import main
+from zbroker.broker.cli import main
 
 main()

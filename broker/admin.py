@@ -5,7 +5,7 @@ from a connection whose ZAP ``User-Id`` is ``admin`` (secure mode), or, in plain
 only from a loopback address, as FlexLM's ``lmgrd -local`` restricts ``lmdown``.
 ``is_admin`` reads that from the frame's metadata; ``handle_admin`` decides the answer.
 Peers. A peer message is taken only from the connection of the node it claims to come
-from (``is_peer``), by the ``node:NAME`` User-Id ``broker.zap_policy`` gave it.
+from (``is_peer``), by the ``node:NAME`` User-Id ``zbroker.broker.zap_policy`` gave it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import zmq
 
-from broker.model import ErrorCode, Reply, reply_error, reply_ok
-from broker.zap_policy import ADMIN_USER, NODE_USER_PREFIX
-from clients.protocol import ADMIN_ACTIONS
+from zbroker.broker.model import ErrorCode, Reply, reply_error, reply_ok
+from zbroker.broker.zap_policy import ADMIN_USER, NODE_USER_PREFIX
+from zbroker.clients.protocol import ADMIN_ACTIONS
 
 log = logging.getLogger("zbroker.security")
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from broker.config import Config
-from broker.ledger import Ledger
-from broker.seats import LedgerError
-from peers.log import Log
-from peers.types import Entry
+from zbroker.broker.config import Config
+from zbroker.broker.ledger import Ledger
+from zbroker.broker.seats import LedgerError
+from zbroker.peers.log import Log
+from zbroker.peers.types import Entry
 
 
 class Unappliable(Exception):

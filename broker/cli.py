@@ -30,15 +30,15 @@ from typing import Any, NoReturn
 
 import click
 
-from broker.config import RANGES, Config, ConfigError, Range, load_config
-from broker.demo import DemoError, write_demo
-from broker.keys import write_keypair as write_curve_keypair
-from broker.license import LicenseError
-from broker.signing import LicenseKeyError
-from broker.storage import StorageError, bootstrap
-from broker.vendor_cli import vendor
-from broker.wire import MAX_COUNT, MAX_TEXT, MAX_WAIT, check_version
-from clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
+from zbroker.broker.config import RANGES, Config, ConfigError, Range, load_config
+from zbroker.broker.demo import DemoError, write_demo
+from zbroker.broker.keys import write_keypair as write_curve_keypair
+from zbroker.broker.license import LicenseError
+from zbroker.broker.signing import LicenseKeyError
+from zbroker.broker.storage import StorageError, bootstrap
+from zbroker.broker.vendor_cli import vendor
+from zbroker.broker.wire import MAX_COUNT, MAX_TEXT, MAX_WAIT, check_version
+from zbroker.clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
 
 EXIT_REFUSED = 1
 EXIT_CONFIG = 2
@@ -92,9 +92,9 @@ class _Commands(click.Group):
 
     # `report` (broker/report_cli.py) is loaded the same way: its statistics need no node.
     TOOLS = {
-        "chaos": "clients.testing.chaos.cli",
-        "bench": "clients.testing.bench.cli",
-        "report": "broker.report_cli",
+        "chaos": "zbroker.clients.testing.chaos.cli",
+        "bench": "zbroker.clients.testing.bench.cli",
+        "report": "zbroker.broker.report_cli",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -184,7 +184,7 @@ def run(config_path: str, node_name: str) -> None:
     """
     import zmq  # the node pulls in zmq and the peers; keep other commands light
 
-    from broker.node import Node
+    from zbroker.broker.node import Node
 
     try:
         config = load_config(config_path)
@@ -229,7 +229,16 @@ def bootstrap_command(config_path: str, node_name: str) -> None:
 def run_command(config_path: str | Path, node: str) -> list[str]:
     """The command line that starts one node (``zbroker run``) with this interpreter:
     what ``zbroker up`` and the test kit's ``LocalTriad`` run."""
-    return [sys.executable, "-m", "broker", "run", "--config", str(config_path), "--node", node]
+    return [
+        sys.executable,
+        "-m",
+        "zbroker.broker",
+        "run",
+        "--config",
+        str(config_path),
+        "--node",
+        node,
+    ]
 
 
 # What bind() says when the port is taken or the host is not this machine's.
@@ -316,8 +325,8 @@ def status(
     config_path: str, as_json: bool, timeout: float, holders: bool, feature: str | None
 ) -> None:
     """Show every node (role, term, deltas, lag, peers) and every feature's holders."""
-    from broker.status import query_nodes, render
-    from clients import LicenseError as ClientError
+    from zbroker.broker.status import query_nodes, render
+    from zbroker.clients.errors import LicenseError as ClientError
 
     try:
         config = load_config(config_path)
@@ -368,14 +377,14 @@ def web(config_path: str, license_path: str | None, listen: str, timeout: float)
     of browsers costs the nodes nothing more. It lists user and host names: serve it on
     loopback, or where only administrators reach it.
     """
-    from broker.license import read_servers
-    from broker.status import query_nodes
-    from clients import LicenseError as ClientError
-    from clients.licpath import keys_from_file
+    from zbroker.broker.license import read_servers
+    from zbroker.broker.status import query_nodes
+    from zbroker.clients.errors import LicenseError as ClientError
+    from zbroker.clients.licpath import keys_from_file
 
     try:
-        from broker.web.app import create_app, listen_socket, serve
-        from broker.web.poller import StatusPoller
+        from zbroker.broker.web.app import create_app, listen_socket, serve
+        from zbroker.broker.web.poller import StatusPoller
     except ImportError as exc:  # the web extra: no node needs a web server
         _fail(ValueError(f"zbroker web needs {exc.name}: python -m pip install 'zbroker[web]'"))
 
@@ -430,7 +439,7 @@ def lmstat(args: tuple[str, ...]) -> None:
     (LSF License Scheduler, Slurm sync scripts, the FlexLM exporter: docs/integration.md).
     ``zbroker lmstat -help`` lists the options.
     """
-    from broker.lmutil import run_lmstat
+    from zbroker.broker.lmutil import run_lmstat
 
     sys.exit(run_lmstat(args, prog="lmstat"))
 
@@ -476,8 +485,8 @@ def checkout(
     key_path: str | None,
 ) -> None:
     """Check out seats of FEATURE by hand, hold them, and check them in."""
-    from clients import LicenseClient
-    from clients import LicenseError as ClientError
+    from zbroker.clients.client import LicenseClient
+    from zbroker.clients.errors import LicenseError as ClientError
 
     if "ZBROKER_LICENSE" in os.environ:
         servers = os.environ["ZBROKER_LICENSE"]
@@ -527,8 +536,8 @@ def down(config_path: str, only: tuple[str, ...], key_path: str | None, timeout:
     administrator's key (one listed in admin_keys); plain mode, a shell on a node's host.
     Exit status: 0 when every node asked is down, 1 when one refused or still answers.
     """
-    from broker.status import ask, query_nodes
-    from clients import LicenseError as ClientError
+    from zbroker.broker.status import ask, query_nodes
+    from zbroker.clients.errors import LicenseError as ClientError
 
     try:
         config = load_config(config_path)
@@ -591,8 +600,8 @@ def reread(config_path: str, key_path: str | None, timeout: float) -> None:
     one point of the log, and a node whose copy does not load logs why and keeps what it
     had. Exit status: 0 when every node answered, 1 when one refused or did not answer.
     """
-    from broker.status import ask
-    from clients import LicenseError as ClientError
+    from zbroker.broker.status import ask
+    from zbroker.clients.errors import LicenseError as ClientError
 
     try:
         config = load_config(config_path)  # reads the license and the options file

@@ -41,10 +41,10 @@ refused naming the setting and the range:
 
 - ``heartbeat_interval`` 0.01 to 10 s: the node ticks every 10 ms, nothing goes faster;
 - ``peer_timeout`` above 0 up to 60 s, and more than two ``heartbeat_interval``;
-- ``lease`` 0.5 s to a week (``broker.wire.MAX_LEASE``): clients heartbeat every lease / 3;
+- ``lease`` 0.5 s to a week (``zbroker.broker.wire.MAX_LEASE``): clients heartbeat every lease / 3;
 - ``max_message`` 8,192 to 1,048,576 bytes: the largest honest request is about 5 KB;
 - ``snapshot_every`` 1 to 10,000,000 deltas;
-- the limits 1 to 1,000,000 (``broker.limits.MAXIMA``).
+- the limits 1 to 1,000,000 (``zbroker.broker.limits.MAXIMA``).
 
 Endpoints (``peer``, ``pub``) are ``tcp://host:port`` with a port from 1 to 65535. No
 two endpoints of one config, the SERVER lines' included, may share a host:port, and
@@ -62,12 +62,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.license import ServerLine, load_license, tcp_host_port
-from broker.limits import MAXIMA, Limits
-from broker.options import load_options
-from broker.signing import load_public_key
-from broker.wire import MAX_LEASE
-from clients.curve import SecurityError, check_key
+from zbroker.broker.license import ServerLine, load_license, tcp_host_port
+from zbroker.broker.limits import MAXIMA, Limits
+from zbroker.broker.options import load_options
+from zbroker.broker.signing import load_public_key
+from zbroker.broker.wire import MAX_LEASE
+from zbroker.clients.curve import SecurityError, check_key
 
 
 class ConfigError(Exception):

@@ -41,17 +41,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 
-from broker.admin import handle_admin, is_admin, is_peer
-from broker.apply import AppliedLedger, Unappliable
-from broker.config import Config
-from broker.front import Front, Key
-from broker.ledger import Decided, Delta, Ledger
-from broker.model import Entitlement, Now, Reply
-from broker.options import Options
-from broker.reportlog import Record, ReportLogError, derive
-from broker.status_reply import StatusReplies
-from broker.storage import Loaded
-from broker.wire import (
+from zbroker.broker.admin import handle_admin, is_admin, is_peer
+from zbroker.broker.apply import AppliedLedger, Unappliable
+from zbroker.broker.config import Config
+from zbroker.broker.front import Front, Key
+from zbroker.broker.ledger import Decided, Delta, Ledger
+from zbroker.broker.model import Entitlement, Now, Reply
+from zbroker.broker.options import Options
+from zbroker.broker.reportlog import Record, ReportLogError, derive
+from zbroker.broker.status_reply import StatusReplies
+from zbroker.broker.storage import Loaded
+from zbroker.broker.wire import (
     MAX_TEXT,
     RemoteProtocolError,
     decode_request,
@@ -59,10 +59,10 @@ from broker.wire import (
     refuse_frames,
     unpack,
 )
-from peers import types as rp
-from peers.messages import Heartbeat
-from peers.messages import validate as validate_peer
-from peers.replica import Replica
+from zbroker.peers import types as rp
+from zbroker.peers.messages import Heartbeat
+from zbroker.peers.messages import validate as validate_peer
+from zbroker.peers.replica import Replica
 
 if TYPE_CHECKING:
     import zmq

@@ -16,11 +16,11 @@ import datetime
 import socket
 from pathlib import Path
 
-from broker.keys import write_keypair as write_curve_keypair
-from broker.license import sign_license_text
-from broker.signing import load_private_key, write_keypair
-from broker.storage import write_marker
-from clients.curve import KeyPair, load_keypair
+from zbroker.broker.keys import write_keypair as write_curve_keypair
+from zbroker.broker.license import sign_license_text
+from zbroker.broker.signing import load_private_key, write_keypair
+from zbroker.broker.storage import write_marker
+from zbroker.clients.curve import KeyPair, load_keypair
 
 NODE_NAMES = ("alpha", "beta", "gamma")
 

@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from broker.model import Reply
+from zbroker.broker.model import Reply
 
 Key = tuple[str, int]  # (sid, req)
 Released = tuple[bytes, Key, Reply, float]  # identity, key, reply, first arrival

@@ -2,11 +2,11 @@
 
 ``zbroker init`` writes each node's and the administrator's key pair here
 (``write_keypair``); reading one, and everything a client needs of keys, is
-``clients.curve``'s. An allow-list (``admin_keys``, ``client_allow`` in the config) is a
+``zbroker.clients.curve``'s. An allow-list (``admin_keys``, ``client_allow`` in the config) is a
 text file with a Z85 public key as the first word of each line (anything after it is a
 label; a line whose first word starts with ``#`` and is not a key is a comment: Z85
 itself uses ``#``), or a directory of ``*.key`` certificates. ``KeyList`` reads one
-again when it changes, so the ZAP policy (``broker.zap_policy``) sees keys added live.
+again when it changes, so the ZAP policy (``zbroker.broker.zap_policy``) sees keys added live.
 """
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ import logging
 import os
 from pathlib import Path
 
-from clients.curve import SecurityError, check_key, generate_keypair, is_key, load_public_key
+from zbroker.clients.curve import (
+    SecurityError,
+    check_key,
+    generate_keypair,
+    is_key,
+    load_public_key,
+)
 
 log = logging.getLogger("zbroker.security")
 

@@ -73,8 +73,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from broker.limits import Limits
-from broker.model import (
+from zbroker.broker.limits import Limits
+from zbroker.broker.model import (
     Entitlement,
     ErrorCode,
     Now,
@@ -86,9 +86,9 @@ from broker.model import (
     reply_error,
     reply_ok,
 )
-from broker.options import Options, OptionsError
-from broker.policy import Holding, Policy, Principal, choose_under
-from broker.seats import (
+from zbroker.broker.options import Options, OptionsError
+from zbroker.broker.policy import Holding, Policy, Principal, choose_under
+from zbroker.broker.seats import (
     SESSION_NAMES,
     Catalog,
     Choice,

@@ -1,7 +1,7 @@
 """The license file: parsing it into SERVER lines and entitlements (SPEC section 2).
 
 Format. The file's layout (logical lines, comments, words) and its SERVER lines are read
-by ``clients.licfile``, the client library's reading of a license, so that client and
+by ``zbroker.clients.licfile``, the client library's reading of a license, so that client and
 node read a file alike; this module reads the rest. Keywords and attribute keys are
 case-insensitive (``sign=`` is ``SIGN=``); everything else is case-sensitive except the
 expiry date.
@@ -17,12 +17,12 @@ single server) or 3 (a triad), or none when a vendor parses the file to sign it.
 hostid is ``ANY`` or any word; the endpoint is ``tcp://host:port``, ``ipc://path`` or
 ``inproc://name``. There is at most one VENDOR line; when there is one, every
 FEATURE/INCREMENT line must name its vendor. A version is dotted decimal
-(``broker.model.parse_version``), an expiry ``permanent`` or ``d-mmm-yyyy``
+(``zbroker.broker.model.parse_version``), an expiry ``permanent`` or ``d-mmm-yyyy``
 (``31-dec-2027``), a count a whole number >= 1. ``USERS=a,b`` and ``HOSTS=a,b`` restrict
-who may check out; ``SIGN=`` is the vendor's signature (``broker.signing``). An
+who may check out; ``SIGN=`` is the vendor's signature (``zbroker.broker.signing``). An
 attribute key or flag may appear once per line.
 
-Ranges. Every number has the range the wire has (``broker.wire``), so that whatever
+Ranges. Every number has the range the wire has (``zbroker.broker.wire``), so that whatever
 parses can be replicated and asked for: a TCP port 1 to 65535; a count 1 to
 ``MAX_COUNT`` (1,000,000); a version at most ``MAX_VERSION`` (32) characters, each part
 0 to ``MAX_VERSION_PART`` (2^31-1); a date from 1-jan-0001 to 31-dec-9999; a feature
@@ -50,16 +50,16 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from broker.model import Entitlement
-from broker.signing import (
+from zbroker.broker.model import Entitlement
+from zbroker.broker.signing import (
     SIGNATURE_HEX_LENGTH,
     LicenseKeyError,
     canonical_form,
     sign_canonical,
     verify_signature,
 )
-from broker.wire import MAX_COUNT, MAX_TEXT, MAX_VERSION, MAX_VERSION_PART, check_version
-from clients.licfile import (
+from zbroker.broker.wire import MAX_COUNT, MAX_TEXT, MAX_VERSION, MAX_VERSION_PART, check_version
+from zbroker.clients.licfile import (
     KEYWORDS,
     MAX_LICENSE_BYTES,
     NAME,

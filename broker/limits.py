@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from broker.model import ErrorCode, Reply, reply_error
+from zbroker.broker.model import ErrorCode, Reply, reply_error
 
 # The most each limit may be set to: far above any site's need, and low enough that a
 # typo of a few extra zeros cannot quietly take the protection away.

@@ -3,8 +3,8 @@
 Schedulers and monitors that sites already run (IBM LSF License Scheduler, Slurm sync
 scripts, the Prometheus FlexLM exporter, phpLicenseWatcher) read lmstat's text with
 regular expressions. This module is what they read: ``parse_args`` takes lmstat's
-options, ``render`` turns a status (``broker.status.query_nodes``) into lmstat's layout
-line for line, ``render_info`` the ``-i`` listing. ``broker.lmutil`` is the shell that
+options, ``render`` turns a status (``zbroker.broker.status.query_nodes``) into lmstat's layout
+line for line, ``render_info`` the ``-i`` listing. ``zbroker.broker.lmutil`` is the shell that
 asks the nodes and prints; this module is pure (text and values in, text out; the
 caller passes the time and the local time zone it prints in).
 
@@ -197,7 +197,7 @@ def flexnet_servers(text: str) -> tuple[str, ...]:
 
     For license files written for FlexNet's own lmstat, such as the one-line
     ``SERVER host 0123456789AB 27000`` files that Slurm sync scripts write to point
-    lmstat at a server; zbroker's own files are ``broker.license``'s to read.
+    lmstat at a server; zbroker's own files are ``zbroker.broker.license``'s to read.
     """
     endpoints = []
     for line in text.splitlines():

@@ -1,8 +1,8 @@
 """The shell of ``zbroker lmstat`` and of the ``zbroker-lmutil`` console script.
 
-``run_lmstat`` reads lmstat's options (``broker.lmstat``), finds the servers of the
+``run_lmstat`` reads lmstat's options (``zbroker.broker.lmstat``), finds the servers of the
 license path (``-c``, else ``$ZBROKER_LICENSE``, else ``$LM_LICENSE_FILE``), asks each
-entry's nodes for their status and holders (``broker.status.query_nodes``: every page
+entry's nodes for their status and holders (``zbroker.broker.status.query_nodes``: every page
 of holders, each page within the timeout), and prints lmstat's text.
 
 ``main`` is ``zbroker-lmutil``: FlexNet's ``lmutil`` takes the tool as its first
@@ -27,7 +27,7 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from typing import Any
 
-from broker.lmstat import (
+from zbroker.broker.lmstat import (
     USAGE,
     Clock,
     Entry,
@@ -101,8 +101,8 @@ def run_lmstat(argv: Sequence[str], prog: str = "lmstat") -> int:
 
 
 def _report(prog: str, opts: Options, entries: list[Entry], curve: Any) -> int:
-    from broker.status import query_nodes
-    from clients import LicenseError
+    from zbroker.broker.status import query_nodes
+    from zbroker.clients.errors import LicenseError
 
     if opts.info and all(e.own_file for e in entries):  # lmstat -i reads the license file only
         rows = [row for e in entries for row in info_rows(e, None)]
@@ -145,7 +145,7 @@ def _named(entry: Entry, timeout: float, curve: Any) -> Named:
     names of its triad's nodes. A node that does not answer keeps ``port@host`` as its
     name, and is shown down.
     """
-    from broker.status import ask
+    from zbroker.broker.status import ask
 
     asked = [(f"{port}@{host}", e) for e in entry.endpoints for host, port in [host_port(e)]]
     replies = ask(asked, {"op": "status"}, timeout=timeout, curve=curve)
@@ -199,8 +199,8 @@ def entries_of(path: str) -> list[Entry]:
     """The entries of a license path, as FlexNet takes them: separated by ``:`` or ``;``,
     each ``port@host``, a triad ``port@h1,port@h2,port@h3``, a license file, or a
     directory of ``*.lic`` files."""
-    from clients.errors import LicensePathError
-    from clients.licpath import parse_server_list
+    from zbroker.clients.errors import LicensePathError
+    from zbroker.clients.licpath import parse_server_list
 
     entries = []
     for raw in path.replace(";", ":").split(":"):
@@ -226,8 +226,8 @@ def entries_of(path: str) -> list[Entry]:
 
 def _file_entry(path: str) -> Entry:
     """A license file: zbroker's own (its SERVER lines and lines), else FlexNet's SERVERs."""
-    from broker.license import parse_syntax
-    from clients.licfile import LicenseError, read_license_text
+    from zbroker.broker.license import parse_syntax
+    from zbroker.clients.licfile import LicenseError, read_license_text
 
     try:
         text = read_license_text(path)
@@ -255,10 +255,10 @@ def _curve(entries: list[Entry]) -> Any:
     """
     from pathlib import Path
 
-    from clients.client import CLIENT_KEY_ENV
-    from clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
-    from clients.errors import LicensePathError
-    from clients.licpath import keys_from_file, server_keys
+    from zbroker.clients.client import CLIENT_KEY_ENV
+    from zbroker.clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
+    from zbroker.clients.errors import LicensePathError
+    from zbroker.clients.licpath import keys_from_file, server_keys
 
     try:
         keys = server_keys("")  # those of the files on $ZBROKER_SERVER_KEYS

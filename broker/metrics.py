@@ -43,8 +43,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import start_http_server
 
-from broker.config import ConfigError
-from broker.model import Now, Reason
+from zbroker.broker.config import ConfigError
+from zbroker.broker.model import Now, Reason
 
 log = logging.getLogger("zbroker.metrics")
 REFRESH_EVERY = 1.0  # seconds between two snapshots
@@ -65,7 +65,7 @@ class MetricsError(ConfigError):
 
 
 class MetricsSource(Protocol):
-    """What the metrics read of a node core (``broker.core.NodeCore``), once a second."""
+    """What the metrics read of a node core (``zbroker.broker.core.NodeCore``), once a second."""
 
     @property
     def tallies(self) -> Mapping[str, int]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 # The protocol's words are the library's leaf module's (clients/protocol.py says why);
 # the node's modules take them from here with the values below.
-from clients.protocol import ErrorCode, Reason, Status, parse_version
+from zbroker.clients.protocol import ErrorCode, Reason, Status, parse_version
 
 __all__ = [
     "Entitlement",
@@ -65,7 +65,7 @@ class Entitlement:
 # (scripts/ab_instructions.py: 216,000 -> 191,000). Nothing changes one once made.
 @dataclass(slots=True)
 class Request:
-    """One validated client request (``broker.wire`` builds it from the bytes)."""
+    """One validated client request (``zbroker.broker.wire`` builds it from the bytes)."""
 
     op: str  # open, close, checkout, checkin, heartbeat, status, admin
     sid: str = ""
@@ -88,7 +88,7 @@ class Request:
     # status: a page of holders (of ``feature`` only, when given) with grant ids > after
     holders: bool = False
     after: int = 0
-    limit: int = 0  # 0: as many as a page holds (broker.wire.HOLDERS_PAGE)
+    limit: int = 0  # 0: as many as a page holds (zbroker.broker.wire.HOLDERS_PAGE)
 
 
 Reply = dict[str, object]

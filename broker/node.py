@@ -25,8 +25,8 @@ from typing import assert_never
 
 import zmq
 
-from broker.config import Config, ConfigError, load_config
-from broker.core import (
+from zbroker.broker.config import Config, ConfigError, load_config
+from zbroker.broker.core import (
     Append,
     NodeCore,
     Ready,
@@ -34,17 +34,17 @@ from broker.core import (
     SaveSnapshot,
     Truncate,
 )
-from broker.license import LicenseError, load_license
-from broker.metrics import Metrics
-from broker.model import Entitlement, Now
-from broker.options import Options, load_options
-from broker.reportfile import NodeReportLog
-from broker.seats import LedgerError
-from broker.security import NodeSecurity
-from broker.signing import load_public_key
-from broker.sockets import NodeSockets
-from broker.storage import LOG, SNAPSHOT, Loaded, Storage, StorageError
-from peers.types import CorruptState
+from zbroker.broker.license import LicenseError, load_license
+from zbroker.broker.metrics import Metrics
+from zbroker.broker.model import Entitlement, Now
+from zbroker.broker.options import Options, load_options
+from zbroker.broker.reportfile import NodeReportLog
+from zbroker.broker.seats import LedgerError
+from zbroker.broker.security import NodeSecurity
+from zbroker.broker.signing import load_public_key
+from zbroker.broker.sockets import NodeSockets
+from zbroker.broker.storage import LOG, SNAPSHOT, Loaded, Storage, StorageError
+from zbroker.peers.types import CorruptState
 
 log = logging.getLogger("zbroker.node")
 

@@ -3,9 +3,9 @@
 A FlexNet administrator writes an options file (``vendor.opt``) to say who may use
 what; zbroker reads the same file (``options = "..."`` in the node's config) so that a
 site moves without rewriting it. This module only reads it into a frozen ``Options``
-value; what the lines decide is ``broker.policy``'s.
+value; what the lines decide is ``zbroker.broker.policy``'s.
 
-Layout. As the license file's (``clients.licfile.logical_lines``): UTF-8 text, a
+Layout. As the license file's (``zbroker.clients.licfile.logical_lines``): UTF-8 text, a
 ``\\`` at the end of a physical line continues the logical line, a ``#`` that starts a
 logical line makes it a comment, words are separated by blanks. One keyword a line;
 keywords and principal types are case-insensitive, every name is case-sensitive (except
@@ -55,8 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.wire import MAX_COUNT, MAX_TEXT, check_version
-from clients.licfile import (
+from zbroker.broker.wire import MAX_COUNT, MAX_TEXT, check_version
+from zbroker.clients.licfile import (
     NAME,
     Cursor,
     LicenseError,

@@ -1,6 +1,6 @@
 """What an options file decides: who may check out what, and how many.
 
-Pure decisions over a parsed ``broker.options.Options``, with no clock and no state
+Pure decisions over a parsed ``zbroker.broker.options.Options``, with no clock and no state
 of their own: the ledger asks them on the primary with what it holds (the principals
 holding seats of a feature) and records what it decided in its deltas.
 
@@ -14,7 +14,7 @@ INTERNET by the address; GROUP by the user's membership, HOST_GROUP by the host'
 case.
 
 Scope. A line names a feature and, with ``:VERSION=v``, one pool of it (the pool of
-version v as ``broker.seats`` groups lines); without it every pool of the feature.
+version v as ``zbroker.broker.seats`` groups lines); without it every pool of the feature.
 The ``...ALL`` lines cover every feature.
 
 Rules, in the order the ledger asks them (each has its reason in the protocol):
@@ -60,10 +60,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from broker.model import Reason
-from broker.options import ALL_GROUPS, ALL_USERS, OptionLine, Options
-from broker.seats import Catalog, Choice, Denial, PoolKey, choose
-from clients.protocol import parse_version
+from zbroker.broker.model import Reason
+from zbroker.broker.options import ALL_GROUPS, ALL_USERS, OptionLine, Options
+from zbroker.broker.seats import Catalog, Choice, Denial, PoolKey, choose
+from zbroker.clients.protocol import parse_version
 
 __all__ = [
     "DEFAULT_MIN_TIMEOUT",
@@ -367,7 +367,7 @@ def choose_under(
     used: Callable[[PoolKey], int],
     holdings: Callable[[], Sequence[Holding]],
 ) -> Choice | Denial:
-    """``broker.seats.choose`` under the options file: the checkout decision the ledger asks.
+    """``seats.choose`` under the options file: the checkout decision the ledger asks.
 
     The license decides first, as without options (no such feature, version, expiry,
     USERS=/HOSTS=, a count no pool could hold); then a pool serves only whom the policy

@@ -19,8 +19,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from broker.reportfile import read_stream
-from broker.reportlog import Record
+from zbroker.broker.reportfile import read_stream
+from zbroker.broker.reportlog import Record
 
 
 def _events(files: Sequence[Path]) -> tuple[dict[tuple[int, int], Record], list[range]]:

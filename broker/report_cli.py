@@ -1,7 +1,7 @@
 """``zbroker report``: the usage tables and charts from one or more nodes' report logs.
 
-The command parses, reads the logs once (``broker.reportfile.merge``: several nodes'
-logs merged by index, each record once), feeds ``broker.report_stats.Report`` and
+The command parses, reads the logs once (``zbroker.broker.reportfile.merge``: several nodes'
+logs merged by index, each record once), feeds ``zbroker.broker.report_stats.Report`` and
 renders what it found: text on stdout, CSV tables with ``--csv DIR``, PNG charts with
 ``--png DIR`` (matplotlib, the ``report`` extra, imported only then). ``--verify``
 checks each node's hash chain instead and names every line that breaks it.
@@ -23,8 +23,8 @@ from typing import Any, NoReturn
 
 import click
 
-from broker.report_stats import BY, OTHERS, UNKNOWN, Feature, Report
-from broker.reportfile import Merged, ReportFileError, merge, stream_files, verify
+from zbroker.broker.report_stats import BY, OTHERS, UNKNOWN, Feature, Report
+from zbroker.broker.reportfile import Merged, ReportFileError, merge, stream_files, verify
 
 TOP = 10  # rows of the "by user" tables printed; the CSV has them all
 
@@ -50,8 +50,8 @@ def _groups(options: str | None) -> dict[str, list[str]]:
     """user -> the GROUPs of the options file that list it."""
     if options is None:
         return {}
-    from broker.license import LicenseError
-    from broker.options import load_options
+    from zbroker.broker.license import LicenseError
+    from zbroker.broker.options import load_options
 
     try:
         opts = load_options(options)

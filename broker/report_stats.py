@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.reportlog import Record
+from zbroker.broker.reportlog import Record
 
 LADDER = (1, 5, 10, 60, 300, 600, 3600, 21600, 86400, 604800, 2419200)  # each divides the next
 MAX_BUCKETS = 500

@@ -6,8 +6,8 @@ A node's report log is a directory (``report_log`` in its config) of JSON-lines 
 ``report-<seq>-<YYYY-MM-DD>.jsonl``: ``seq`` counts up from 1 and orders them, the date
 is the UTC day the file was started. Each file starts with a ``file`` header (the
 schema, the node, the entitlements and seats in use so far, so that a file read alone
-is understood), then the records of ``broker.reportlog`` in log order. Every line is
-sealed into one hash chain (``broker.reportlog.seal``) that runs on from file to file:
+is understood), then the records of ``zbroker.broker.reportlog`` in log order. Every line is
+sealed into one hash chain (``zbroker.broker.reportlog.seal``) that runs on from file to file:
 a header's ``prev`` is the last hash of the file before it.
 
 Rotation and retention. A new file starts when the current one reaches ``max_bytes``
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from broker.reportlog import GENESIS, SCHEMA, Record, chain_hash, seal, summary, unseal
+from zbroker.broker.reportlog import GENESIS, SCHEMA, Record, chain_hash, seal, summary, unseal
 
 MAX_BYTES = 64 * 1024 * 1024  # a file rotates at this size: about 250,000 records
 RETENTION_DAYS = 731  # two years: a renewal's year and the one before to compare with

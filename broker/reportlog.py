@@ -46,7 +46,7 @@ import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from broker.seats import Grant, Session
+from zbroker.broker.seats import Grant, Session
 
 SCHEMA = 1
 GENESIS = "0" * 32  # the ``prev`` of the first record a report log ever holds
@@ -245,7 +245,7 @@ _HANDLERS: dict[str, Callable[[Delta, LedgerView], list[Record]]] = {
 
 def summary(ledger: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """The entitlements (as ``reread`` lists them) and seats in use by feature of a
-    ``broker.ledger.Ledger``: what a ``gap`` record says holds after it."""
+    ``zbroker.broker.ledger.Ledger``: what a ``gap`` record says holds after it."""
     lines = [
         {"feature": e.feature, "version": e.version, "count": e.count,
          "expires": e.expires.isoformat() if e.expires is not None else None}

@@ -1,6 +1,6 @@
 """The ledger's values: seat pools, the checkout decision, grants and sessions.
 
-``broker.ledger`` is the state machine; this module holds what it is made of, so
+``zbroker.broker.ledger`` is the state machine; this module holds what it is made of, so
 that the machine reads in one sitting: how a license's lines add up into pools,
 which pool serves a checkout, and the grant and session records with their
 msgpack-able forms (shared by deltas and snapshots, validated on the way in).
@@ -46,8 +46,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.model import Entitlement, Now, Reason, Reply, reply_ok
-from broker.model import parse_version as _parse_version
+from zbroker.broker.model import Entitlement, Now, Reason, Reply, reply_ok
+from zbroker.broker.model import parse_version as _parse_version
 
 Version = tuple[int, ...]
 PoolKey = tuple[str, Version]  # (feature, parsed version)

@@ -6,7 +6,7 @@ In secure mode (the default; ``secure = false`` in the config turns it off for t
 every node socket runs ZeroMQ's CURVE (Curve25519 key exchange, then every frame
 encrypted and authenticated with per-connection keys), and the node runs a ZAP
 handler that says, for each new connection, whether its client key may in
-(``broker.zap_policy``: node keys on the peer sockets, admin and allowed client keys on
+(``zbroker.broker.zap_policy``: node keys on the peer sockets, admin and allowed client keys on
 the client socket).
 
 The connecting side always knows the key of the server it dials (the SERVER line's
@@ -16,11 +16,11 @@ bound they refuse everyone rather than fall back to "encrypt but accept any key"
 
 The jobs live apart, one module each:
 
-- key pairs, certificates and dialling a server: ``clients.curve`` (the client library
+- key pairs, certificates and dialling a server: ``zbroker.clients.curve`` (the client library
   needs them too, and must not import the node);
-- writing key pairs and reading allow-lists: ``broker.keys``;
-- the ZAP policy, pure: ``broker.zap_policy``; its thread: ``broker.zap``;
-- admin and peer checks on a frame: ``broker.admin``;
+- writing key pairs and reading allow-lists: ``zbroker.broker.keys``;
+- the ZAP policy, pure: ``zbroker.broker.zap_policy``; its thread: ``zbroker.broker.zap``;
+- admin and peer checks on a frame: ``zbroker.broker.admin``;
 - a node's socket set-up from its config: this module (``NodeSecurity``).
 """
 
@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from broker.keys import KeyList
-from broker.zap import ZapHandler
-from broker.zap_policy import Policy
-from clients.curve import KeyPair, SecurityError, load_keypair, secure_client
+from zbroker.broker.keys import KeyList
+from zbroker.broker.zap import ZapHandler
+from zbroker.broker.zap_policy import Policy
+from zbroker.clients.curve import KeyPair, SecurityError, load_keypair, secure_client
 
 if TYPE_CHECKING:  # config imports this module: only for annotations
-    from broker.config import Config
+    from zbroker.broker.config import Config
 
 log = logging.getLogger("zbroker.security")
 
@@ -54,7 +54,7 @@ def secure_server(sock: zmq.Socket[bytes], keys: KeyPair, domain: str) -> None:
 
 @dataclass(frozen=True)
 class NodeSecurity:
-    """One node's security as its config says: what ``Node._open_sockets`` applies.
+    """One node's security as its config says: what ``NodeSockets`` (broker/sockets.py) applies.
 
     In plain mode every method leaves the socket as it is and no handler runs.
     """

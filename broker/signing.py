@@ -10,10 +10,10 @@ order, keyword case). SERVER and VENDOR lines are not signed: the customer edits
 SERVER lines for their own hosts, as with FlexLM.
 
 This module is the lower layer: it knows keys, bytes and signatures. The root of the
-license error tree, ``LicenseError``, is ``clients.licfile``'s (the client library reads
-SERVER lines too, and must not import the node); both this module and ``broker.license``
+license error tree, ``LicenseError``, is ``zbroker.clients.licfile``'s (the client library reads
+SERVER lines too, and must not import the node); both this module and ``zbroker.broker.license``
 raise its subclasses.
-Signing a whole file needs its parser: that is ``broker.license.sign_license_text``.
+Signing a whole file needs its parser: that is ``zbroker.broker.license.sign_license_text``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from broker.wire import MAX_COUNT
-from clients.licfile import LicenseError
+from zbroker.broker.wire import MAX_COUNT
+from zbroker.clients.licfile import LicenseError
 
 __all__ = [
     "PRIVATE_KEY_NAME",
@@ -172,7 +172,7 @@ def canonical_form(
     3. the vendor name, as written;
     4. the version, as written (``2.0`` stays ``2.0``; it is not shortened to ``2``);
     5. the expiry, as written but in lower case: ``permanent`` or ``d-mmm-yyyy``;
-    6. the count in decimal, without leading zeros (1 to ``broker.wire.MAX_COUNT``);
+    6. the count in decimal, without leading zeros (1 to ``zbroker.broker.wire.MAX_COUNT``);
     7. every attribute except ``SIGN`` as ``KEY=value``, the key in upper case, the
        value as written, sorted by key (code point order);
     8. every flag as written, in the order of the line.

@@ -17,12 +17,12 @@ from collections.abc import Callable
 
 import zmq
 
-from broker.config import Config, NodeConfig
-from broker.core import ClientMessage, Event, Outgoing, PeerHeartbeat, PeerLost, PeerMessage
-from broker.model import Now
-from broker.security import NodeSecurity
-from broker.wire import pack
-from broker.zap_policy import CLIENT_DOMAIN, PEER_DOMAIN
+from zbroker.broker.config import Config, NodeConfig
+from zbroker.broker.core import ClientMessage, Event, Outgoing, PeerHeartbeat, PeerLost, PeerMessage
+from zbroker.broker.model import Now
+from zbroker.broker.security import NodeSecurity
+from zbroker.broker.wire import pack
+from zbroker.broker.zap_policy import CLIENT_DOMAIN, PEER_DOMAIN
 
 MAX_DRAIN = 512  # messages read from one socket per cycle, so no socket starves the others
 # Per client connection, in messages (docs/security.md has the bounds): a client that

@@ -20,9 +20,9 @@ from typing import Any
 
 import zmq
 
-from clients.curve import ClientCurve, process_keypair
-from clients.licpath import server_keys
-from clients.wire import Reply, decode_reply, encode_request
+from zbroker.clients.curve import ClientCurve, process_keypair
+from zbroker.clients.licpath import server_keys
+from zbroker.clients.wire import Reply, decode_reply, encode_request
 
 
 def default_curve(endpoints: list[str]) -> ClientCurve | None:

@@ -7,7 +7,7 @@ little, and the same whatever the ledger holds or however many are queued:
 - A reply holds the report (the nodes and each feature's summary: totals, in use,
   queued, versions), whose size follows the license's lines, not the grants. Holders
   come only when asked (``holders``), a page at a time: at most ``limit`` holders
-  (``broker.wire.HOLDERS_PAGE``) and ``HOLDERS_PAGE_BYTES`` of them, from the grant
+  (``zbroker.broker.wire.HOLDERS_PAGE``) and ``HOLDERS_PAGE_BYTES`` of them, from the grant
   after the cursor ``after``, with the cursor of the next page in ``next``.
 - The queue's waiters come with the holders, never in the summary: a page carries, in
   each feature it covers (``feature``, or every feature), ``queue``: the first
@@ -29,9 +29,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from broker.ledger import Ledger
-from broker.model import ErrorCode, Request, reply_error
-from broker.wire import (
+from zbroker.broker.ledger import Ledger
+from zbroker.broker.model import ErrorCode, Request, reply_error
+from zbroker.broker.wire import (
     HOLDERS_PAGE,
     HOLDERS_PAGE_BYTES,
     encode_reply,

@@ -82,7 +82,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from broker.wire import pack, unpack
+from zbroker.broker.wire import pack, unpack
 
 _HEADER = struct.Struct("<III")  # length, crc32 of the body, crc32 of those 8 bytes
 _LENGTH_CRC, _CRC = struct.Struct("<II"), struct.Struct("<I")  # _HEADER's two parts

@@ -1,7 +1,7 @@
 """``zbroker vendor``: the vendor's commands to make keys, sign and verify license files.
 
-These commands only parse arguments, call ``broker.signing`` / ``broker.license`` and
-render the result. What they print is stable, for scripts:
+These commands only parse arguments, call ``zbroker.broker.signing`` /
+``zbroker.broker.license`` and render the result. What they print is stable, for scripts:
 
 - ``keygen DIR`` prints ``private key: PATH`` then ``public key: PATH``;
 - ``sign FILE`` prints ``signed N lines: PATH``;
@@ -15,7 +15,7 @@ render the result. What they print is stable, for scripts:
 Exit status: 0 on success (for ``verify``: every line verifies), 1 when ``verify``
 refused a line, 2 on a syntax, file or key error, with ``error: MESSAGE`` on stderr. A
 number out of its range (a count past 1,000,000, a version part past 2^31-1, a port past
-65535: see ``broker.license``) is a syntax error naming file:line:column and the range,
+65535: see ``zbroker.broker.license``) is a syntax error naming file:line:column and the range,
 so ``sign`` never signs a line the nodes could not serve.
 """
 
@@ -28,7 +28,7 @@ from typing import NoReturn
 
 import click
 
-from broker.license import (
+from zbroker.broker.license import (
     LicenseError,
     LicenseLineRefused,
     check_signature,
@@ -36,7 +36,7 @@ from broker.license import (
     read_license_text,
     sign_license_text,
 )
-from broker.signing import load_private_key, load_public_key, write_keypair
+from zbroker.broker.signing import load_private_key, load_public_key, write_keypair
 
 __all__ = ["vendor"]
 

@@ -1,6 +1,6 @@
 """The one codec: every msgpack call of the node goes through here.
 
-Client requests are decoded and validated into ``broker.model.Request`` (docs/protocol.md
+Client requests are decoded and validated into ``zbroker.broker.model.Request`` (docs/protocol.md
 is the contract); anything that does not fit raises ``RemoteProtocolError`` carrying the
 error reply to send, so a malformed message is an answer, never a crash. Peer messages
 and stored records are plain maps packed and unpacked here too, with the same limits.
@@ -16,8 +16,8 @@ from typing import Any
 
 import msgpack
 
-from broker.model import ErrorCode, Reply, Request, reply_error
-from clients.protocol import (  # the protocol's words: declared once, for node and library
+from zbroker.broker.model import ErrorCode, Reply, Request, reply_error
+from zbroker.clients.protocol import (  # the protocol's words: declared once, for node and library
     HOLDERS_PAGE,
     HOLDERS_PAGE_BYTES,
     MAX_ACTION,

@@ -1,4 +1,4 @@
-"""The ZAP handler thread of a node: serves ``broker.zap_policy``'s answers (RFC 27).
+"""The ZAP handler thread of a node: serves ``zbroker.broker.zap_policy``'s answers (RFC 27).
 
 The handler is a small thread of our own rather than
 ``zmq.auth.thread.ThreadAuthenticator``: the node's shell ends with
@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from broker.zap_policy import Policy
+from zbroker.broker.zap_policy import Policy
 
 log = logging.getLogger("zbroker.security")
 

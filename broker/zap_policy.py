@@ -6,9 +6,9 @@
   or with ``client_allow`` only the keys listed (User-Id ``client``).
 
 No socket and no clock: the only input besides the request is the allow-lists, which
-``broker.keys.KeyList`` reads again when their files change. The User-Id a connection
-gets here is what ``broker.admin`` reads back from each frame (``is_admin``,
-``is_peer``). The thread that serves these answers is ``broker.zap``'s.
+``zbroker.broker.keys.KeyList`` reads again when their files change. The User-Id a connection
+gets here is what ``zbroker.broker.admin`` reads back from each frame (``is_admin``,
+``is_peer``). The thread that serves these answers is ``zbroker.broker.zap``'s.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from zmq.utils import z85
 
-from broker.keys import KeyList
+from zbroker.broker.keys import KeyList
 
 PEER_DOMAIN = "peer"
 CLIENT_DOMAIN = "client"

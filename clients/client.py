@@ -43,10 +43,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from clients import engine as shared
-from clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
-from clients.engine import Engine
-from clients.errors import (
+from zbroker.clients import engine as shared
+from zbroker.clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
+from zbroker.clients.engine import Engine
+from zbroker.clients.errors import (
     ClientClosed,
     ClientForked,
     LeaseLost,
@@ -56,10 +56,10 @@ from clients.errors import (
     LicenseUnavailable,
     OutcomeUnknown,
 )
-from clients.grant import Grant
-from clients.licpath import raise_if_out_of_descriptors, resolve, server_keys
-from clients.link import Link
-from clients.protocol import MAX_COUNT, MAX_TEXT, Reason
+from zbroker.clients.grant import Grant
+from zbroker.clients.licpath import raise_if_out_of_descriptors, resolve, server_keys
+from zbroker.clients.link import Link
+from zbroker.clients.protocol import MAX_COUNT, MAX_TEXT, Reason
 
 log = logging.getLogger("zbroker.client")
 

@@ -5,7 +5,7 @@ What every party that *connects* to a node needs, the client library first: a ke
 Curve25519 public key (a SERVER line's ``KEY=``), and setting CURVE on a socket before it
 connects to a server whose public key it knows (``ClientCurve``), so a client talks only
 to the real node. The node's side (its server sockets, the ZAP handler that decides who
-may in, allow-lists) is ``broker.security``'s and builds on this module: one reading of a
+may in, allow-lists) is ``zbroker.broker.security``'s and builds on this module: one reading of a
 key file for both.
 
 Key files are ZeroMQ certificates (``zmq.auth`` format): ``NAME.key`` holds the public

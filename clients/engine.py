@@ -63,11 +63,11 @@ from typing import Any
 
 import zmq
 
-from clients.curve import ClientCurve
-from clients.errors import ClientClosed, LicenseUnavailable, ProtocolError
-from clients.grant import Grant
-from clients.link import Link
-from clients.wire import decode_reply
+from zbroker.clients.curve import ClientCurve
+from zbroker.clients.errors import ClientClosed, LicenseUnavailable, ProtocolError
+from zbroker.clients.grant import Grant
+from zbroker.clients.link import Link
+from zbroker.clients.wire import decode_reply
 
 if sys.platform != "win32":
     # Imported now: an import opens files, and descriptor_usage runs when none are left.
@@ -79,7 +79,7 @@ MAX_REPLY = 64 * 1024 * 1024
 RECV_BATCH = 256  # replies read from one socket per poll, so one node cannot starve others
 POLL_CAP = 0.5  # seconds: the loop wakes at least this often even with nothing due
 # Clients' links sharing one DEALER to a node. A node bounds the replies it queues per
-# connection (CLIENT_SNDHWM in broker/node.py: 256); 32 sessions with a few requests in
+# connection (CLIENT_SNDHWM in broker/sockets.py: 256); 32 sessions with a few requests in
 # flight each stay well under it, and 1,000 clients still need only 32 connections a node.
 LINKS_PER_CONNECTION = 32
 # A pool whose connections are this close to full opens the next one ahead of need: the

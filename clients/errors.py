@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # only for annotations: grant.py does not import errors at runtime
-    from clients.grant import Grant
+    from zbroker.clients.grant import Grant
 
 
 class LicenseError(Exception):

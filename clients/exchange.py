@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from clients.wire import Reply
+from zbroker.clients.wire import Reply
 
 BACKOFF_FIRST = 0.01  # after the first full round: a fresh socket is usually up by then
 BACKOFF_CAP = 0.25  # calls with a deadline: an election takes well under a second

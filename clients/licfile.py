@@ -1,8 +1,8 @@
 """The license file's layout and its SERVER lines: what a client reads of a license.
 
-A client given a license file (``port@host`` paths aside, ``clients.licpath``) dials the
+A client given a license file (``port@host`` paths aside, ``zbroker.clients.licpath``) dials the
 nodes its SERVER lines name, with the CURVE key each one's ``KEY=`` gives. This module
-reads that, and is also the node's reading of the same lines (``broker.license`` builds
+reads that, and is also the node's reading of the same lines (``zbroker.broker.license`` builds
 the VENDOR and FEATURE/INCREMENT lines and their signatures on it), so that a file reads
 the same to both. It lives in the library because the library must not import the node.
 
@@ -25,7 +25,7 @@ outranks the others); there must be 1 (a single server) or 3 (a triad). The host
 Errors. Anything malformed raises ``LicenseSyntaxError`` naming the file, the 1-based
 physical line and column of the offending word, what was expected and what was found.
 ``read_servers`` checks the SERVER lines only: the rest of the file is the node's to
-judge (``broker.license.parse_syntax``).
+judge (``zbroker.broker.license.parse_syntax``).
 """
 
 from __future__ import annotations
@@ -56,10 +56,10 @@ _SERVER_COUNT = "1 SERVER line (a single server) or 3 (a triad)"
 class LicenseError(Exception):
     """Root of every error about license files and vendor keys.
 
-    Not the client library's root error (``clients.errors.LicenseError``, which a call
-    to a triad raises): this one says a file is wrong, and ``clients.licpath`` hands it to
+    Not the client library's root error (``zbroker.clients.errors.LicenseError``, which a call
+    to a triad raises): this one says a file is wrong, and ``zbroker.clients.licpath`` hands it to
     the application as a ``LicensePathError``. The node's signing and parsing errors
-    (``broker.signing``, ``broker.license``) are subclasses of it.
+    (``zbroker.broker.signing``, ``zbroker.broker.license``) are subclasses of it.
     """
 
 

@@ -26,9 +26,9 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from clients.curve import SecurityError, check_key
-from clients.errors import LicensePathError, LicenseUnavailable
-from clients.licfile import LicenseError, ServerLine, read_servers
+from zbroker.clients.curve import SecurityError, check_key
+from zbroker.clients.errors import LicensePathError, LicenseUnavailable
+from zbroker.clients.licfile import LicenseError, ServerLine, read_servers
 
 log = logging.getLogger("zbroker.client")
 
@@ -59,7 +59,7 @@ def raise_if_out_of_descriptors(path: str, exc: BaseException) -> None:
 
 
 def servers_from_file(path: str) -> Entry:
-    """The endpoints of a license file's SERVER lines (``clients.licfile``)."""
+    """The endpoints of a license file's SERVER lines (``zbroker.clients.licfile``)."""
     servers = _read_servers(path)
     if not servers:
         raise LicensePathError(f"license file {path} has no SERVER line")

@@ -56,16 +56,16 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from clients.errors import (
+from zbroker.clients.errors import (
     LicenseError,
     LicenseUnavailable,
     OutcomeUnknown,
     ProtocolError,
 )
-from clients.exchange import Exchange
-from clients.grant import Grant, GrantState, IllegalTransition, _Releaser
-from clients.protocol import ErrorCode, Status
-from clients.wire import Reply, decode_reply, encode_request, failure_of, grant_of
+from zbroker.clients.exchange import Exchange
+from zbroker.clients.grant import Grant, GrantState, IllegalTransition, _Releaser
+from zbroker.clients.protocol import ErrorCode, Status
+from zbroker.clients.wire import Reply, decode_reply, encode_request, failure_of, grant_of
 
 log = logging.getLogger("zbroker.client")
 

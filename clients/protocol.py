@@ -9,8 +9,8 @@ Why here, in the library's package: the library must not import the node (an
 application installs it to check licenses out, not to run a server), while the node
 may import a module of the library that is a leaf. This module is that leaf: it
 imports nothing of the project and nothing outside the standard library, holds no
-state, and does no I/O. ``broker.wire`` and ``broker.model`` (the node's codec and
-values) and ``clients.wire`` and ``clients.errors`` (the library's) build on it.
+state, and does no I/O. ``zbroker.broker.wire`` and ``zbroker.broker.model`` (the node's codec and
+values) and ``zbroker.clients.wire`` and ``zbroker.clients.errors`` (the library's) build on it.
 """
 
 from __future__ import annotations

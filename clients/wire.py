@@ -5,9 +5,9 @@ the fields every reply has, and handed on as a frozen ``Reply``. The payload of 
 ``ok`` is read through the typed accessors below, which raise ``ProtocolError``
 instead of letting a wrongly typed field travel into the library. Nothing here
 touches a socket or a clock. The protocol's words (version, bounds, statuses, codes)
-are ``clients.protocol``'s, the same the node checks requests against.
+are ``zbroker.clients.protocol``'s, the same the node checks requests against.
 
-msgpack is used as the node uses it (``broker.wire``): ``use_bin_type=True``,
+msgpack is used as the node uses it (``zbroker.broker.wire``): ``use_bin_type=True``,
 ``raw=False``, no ext or bin types accepted, no pickle.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 import msgpack
 
-from clients.errors import LicenseDenied, LicenseError, LicenseUnavailable, ProtocolError
-from clients.protocol import (
+from zbroker.clients.errors import LicenseDenied, LicenseError, LicenseUnavailable, ProtocolError
+from zbroker.clients.protocol import (
     MAX_COUNT,
     MAX_LEASE,
     MAX_REQ,
@@ -39,7 +39,7 @@ def pack(obj: Any) -> bytes:
 def unpack_reply(data: bytes) -> Any:
     """A node's reply: no ext or bin types, sizes bounded by the frame itself.
 
-    A request's caps (``broker.wire.unpack_bounded``) would not fit: a status reply may
+    A request's caps (``zbroker.broker.wire.unpack_bounded``) would not fit: a status reply may
     list a page of up to HOLDERS_PAGE holders (and a node of an older version sent them
     all), so replies keep msgpack's own bound instead: no container may claim more items
     than the frame has bytes.

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from peers.types import CorruptState, Entry, ReplicaError
+from zbroker.peers.types import CorruptState, Entry, ReplicaError
 
 
 class Log:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from peers.types import Entry, Role
+from zbroker.peers.types import Entry, Role
 
 MAX_INDEX = 2**62  # far beyond any real log; rejects overflow games
 MAX_NAME = 256

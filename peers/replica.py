@@ -89,11 +89,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from peers import messages as m
-from peers.log import Log
-from peers.progress import Progress
-from peers.replication import Replication
-from peers.types import (
+from zbroker.peers import messages as m
+from zbroker.peers.log import Log
+from zbroker.peers.progress import Progress
+from zbroker.peers.replication import Replication
+from zbroker.peers.types import (
     CorruptState,
     Dropped,
     Durable,

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from peers import messages as m
-from peers.log import Log
-from peers.progress import Progress
-from peers.types import (
+from zbroker.peers import messages as m
+from zbroker.peers.log import Log
+from zbroker.peers.progress import Progress
+from zbroker.peers.types import (
     Committed,
     Effect,
     Entry,

@@ -30,7 +30,7 @@ from typing import Any
 
 def measure(fsync: bool, outstanding: int, duration: float, warmup: float) -> dict[str, Any]:
     """One echo and one triad of the code on ``sys.path``; run inside the child."""
-    from broker.demo import free_ports
+    free_ports = _module("broker.demo").free_ports
 
     echo = _bench("echo")
     sample = _bench("common").sample
@@ -67,9 +67,19 @@ def measure(fsync: bool, outstanding: int, duration: float, warmup: float) -> di
     return out
 
 
+def _module(name: str) -> Any:
+    """Module ``name`` (``broker.demo``, say) of the tree on ``sys.path``: under the
+    ``zbroker`` namespace, or top-level in a tree from before it."""
+    import importlib
+    import importlib.util
+
+    prefix = "zbroker." if importlib.util.find_spec("zbroker") is not None else ""
+    return importlib.import_module(prefix + name)
+
+
 def _bench(name: str) -> Any:
     """The benchmark's module ``name`` in the tree on ``sys.path``, old layout or new."""
-    for package in ("clients.testing.bench", "clients.bench"):
+    for package in ("zbroker.clients.testing.bench", "clients.testing.bench", "clients.bench"):
         try:
             return importlib.import_module(f"{package}.{name}")
         except ModuleNotFoundError as exc:

@@ -48,14 +48,15 @@ def measure(
     the Python functions' call counts); run inside the child."""
     import zmq
 
-    from broker.config import load_config
-    from broker.demo import write_demo
-    from broker.signing import load_private_key
-
-    try:
-        from broker.license import sign_license_text
-    except ImportError:  # a tree from before it moved
-        from broker.signing import sign_license_text  # type: ignore[attr-defined,no-redef]
+    load_config = _module("broker.config").load_config
+    write_demo = _module("broker.demo").write_demo
+    load_private_key = _module("broker.signing").load_private_key
+    license_module = _module("broker.license")
+    # a tree from before it moved to broker/license.py has it in broker/signing.py
+    sign_license_text = (
+        getattr(license_module, "sign_license_text", None)
+        or _module("broker.signing").sign_license_text
+    )
 
     common = _bench("common")
     tmp = Path(tempfile.mkdtemp(prefix="abi-"))
@@ -147,7 +148,8 @@ def measure(
 
 def run_command(config_path: Path, node: str) -> list[str]:
     """``zbroker run`` of one node (spelt out: a tree from before has no ``run_command``)."""
-    return [sys.executable, "-m", "broker", "run", "--config", str(config_path), "--node", node]
+    package = _module("broker").__name__  # zbroker.broker, or broker in a tree from before
+    return [sys.executable, "-m", package, "run", "--config", str(config_path), "--node", node]
 
 
 def _control(pid: int, state: str) -> None:
@@ -244,11 +246,21 @@ def _drive(sock: Any, common: Any, sids: list[str], pairs: int) -> int:
     return finished
 
 
+def _module(name: str) -> Any:
+    """Module ``name`` (``broker.demo``, say) of the tree on ``sys.path``: under the
+    ``zbroker`` namespace, or top-level in a tree from before it."""
+    import importlib
+    import importlib.util
+
+    prefix = "zbroker." if importlib.util.find_spec("zbroker") is not None else ""
+    return importlib.import_module(prefix + name)
+
+
 def _bench(name: str) -> Any:
     """The benchmark's module ``name`` in the tree on ``sys.path``, old layout or new."""
     import importlib
 
-    for package in ("clients.testing.bench", "clients.bench"):
+    for package in ("zbroker.clients.testing.bench", "clients.testing.bench", "clients.bench"):
         try:
             return importlib.import_module(f"{package}.{name}")
         except ModuleNotFoundError as exc:

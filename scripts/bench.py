@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from clients.testing.bench.cli import bench
+from zbroker.clients.testing.bench.cli import bench
 
 if __name__ == "__main__":
     bench()

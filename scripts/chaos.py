@@ -3,7 +3,7 @@
     python scripts/chaos.py --duration 300           # every fault, as many as fit
     python scripts/chaos.py --help                   # the options
 
-The same as ``zbroker chaos``; the work is in ``clients.testing.chaos``
+The same as ``zbroker chaos``; the work is in ``zbroker.clients.testing.chaos``
 (``clients/testing/chaos/cli.py`` is the click command); this file only makes the
 repository importable when it is not installed.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clients.testing.chaos.cli import chaos
+from zbroker.clients.testing.chaos.cli import chaos
 
 if __name__ == "__main__":
     chaos()

@@ -19,7 +19,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from broker.reportfile import ReportWriter
+from zbroker.broker.reportfile import ReportWriter
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00Z
 

@@ -55,16 +55,16 @@ from sim_disk import DiskViolation
 from sim_net import Network
 from sim_node import STAGES, SimNode
 
-from broker.config import Config, NodeConfig
-from broker.core import PeerLost
-from broker.ledger import Ledger
-from broker.model import Entitlement, Now
-from broker.storage import Loaded
-from broker.wire import pack, unpack
-from clients.link import Link
-from clients.testing.chaos.checker import check
-from clients.testing.chaos.verdict import CheckOptions, Report
-from peers.types import Role, RoleChanged
+from zbroker.broker.config import Config, NodeConfig
+from zbroker.broker.core import PeerLost
+from zbroker.broker.ledger import Ledger
+from zbroker.broker.model import Entitlement, Now
+from zbroker.broker.storage import Loaded
+from zbroker.broker.wire import pack, unpack
+from zbroker.clients.link import Link
+from zbroker.clients.testing.chaos.checker import check
+from zbroker.clients.testing.chaos.verdict import CheckOptions, Report
+from zbroker.peers.types import Role, RoleChanged
 
 NAMES = ("alpha", "beta", "gamma")
 WALL = 1_767_225_600.0 - 1000.0  # wall = WALL + the simulated clock: 2026-01-01 at the start

@@ -24,10 +24,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from clients.errors import LicenseDenied, LicenseUnavailable, OutcomeUnknown
-from clients.grant import Grant
-from clients.link import Link
-from clients.testing.chaos.history import History, read_history
+from zbroker.clients.errors import LicenseDenied, LicenseUnavailable, OutcomeUnknown
+from zbroker.clients.grant import Grant
+from zbroker.clients.link import Link
+from zbroker.clients.testing.chaos.history import History, read_history
 
 OP_TIMEOUT = 2.0  # the deadline of every call, as the chaos workload's
 TRY_TIMEOUT = 0.3  # the library's per-try timeout (clients/client.py)

@@ -22,8 +22,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from broker.core import Append, Persist, SaveHardState, SaveSnapshot, Truncate
-from broker.storage import Loaded
+from zbroker.broker.core import Append, Persist, SaveHardState, SaveSnapshot, Truncate
+from zbroker.broker.storage import Loaded
 
 Record = tuple[int, int, Any]  # (index, term, delta), as storage keeps log entries
 

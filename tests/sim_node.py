@@ -20,11 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 from sim_disk import SimDisk
 
-from broker.core import Append, ClientMessage, Event, NodeCore, PeerHeartbeat, PeerMessage, Ready
-from broker.model import Now
-from broker.wire import pack
-from peers.replica import Replica
-from peers.types import Committed, Dropped, Effect, InstallSnapshot, Role, RoleChanged
+from zbroker.broker.core import (
+    Append,
+    ClientMessage,
+    Event,
+    NodeCore,
+    PeerHeartbeat,
+    PeerMessage,
+    Ready,
+)
+from zbroker.broker.model import Now
+from zbroker.broker.wire import pack
+from zbroker.peers.replica import Replica
+from zbroker.peers.types import Committed, Dropped, Effect, InstallSnapshot, Role, RoleChanged
 
 if TYPE_CHECKING:
     from sim import Simulation

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from clients.testing.chaos.checker import check, hold_intervals
-from clients.testing.chaos.history import History, Recorder, merge_files, read_history
-from clients.testing.chaos.nemesis import ALL_KINDS, FaultKind, parse_kinds, schedule
-from clients.testing.chaos.verdict import CheckOptions, Report, figures, render
+from zbroker.clients.testing.chaos.checker import check, hold_intervals
+from zbroker.clients.testing.chaos.history import History, Recorder, merge_files, read_history
+from zbroker.clients.testing.chaos.nemesis import ALL_KINDS, FaultKind, parse_kinds, schedule
+from zbroker.clients.testing.chaos.verdict import CheckOptions, Report, figures, render
 
 pytestmark = pytest.mark.unit
 
@@ -547,7 +547,7 @@ def test_fault_names_parse() -> None:
 
 def test_the_timeline_is_drawn(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from clients.testing.chaos.plot import plot_timeline
+    from zbroker.clients.testing.chaos.plot import plot_timeline
 
     h = _two_sessions().checkout("p0s0#1", 0.9, 1.0, feature="cad", grant=1)
     _kill(h, 1, 1.05)
@@ -561,7 +561,7 @@ def test_the_timeline_is_drawn(tmp_path: Path) -> None:
 
 
 def test_a_workload_spec_survives_its_trip_to_the_client_process() -> None:
-    from clients.testing.chaos.workload import WorkloadSpec
+    from zbroker.clients.testing.chaos.workload import WorkloadSpec
 
     spec = WorkloadSpec(
         process=1, sessions=3, endpoints=["tcp://127.0.0.1:1"], history="h", seed=5, deadline=9.5
@@ -570,7 +570,7 @@ def test_a_workload_spec_survives_its_trip_to_the_client_process() -> None:
 
 
 def test_the_load_contends_on_the_smallest_features_and_probes_the_largest() -> None:
-    from clients.testing.chaos.workload import default_mix
+    from zbroker.clients.testing.chaos.workload import default_mix
 
     mix, probe = default_mix({"cad": 15, "solver": 2, "viewer": 50})
     assert mix == {"solver": (0.35, 1), "cad": (0.45, 4), "viewer": (0.2, 1)}

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from clients.testing.chaos.checker import check
-from clients.testing.chaos.history import read_history
-from clients.testing.chaos.nemesis import FaultKind
-from clients.testing.chaos.runner import Runner, RunOptions
-from clients.testing.chaos.verdict import CheckOptions, render
+from zbroker.clients.testing.chaos.checker import check
+from zbroker.clients.testing.chaos.history import read_history
+from zbroker.clients.testing.chaos.nemesis import FaultKind
+from zbroker.clients.testing.chaos.runner import Runner, RunOptions
+from zbroker.clients.testing.chaos.verdict import CheckOptions, render
 
 pytestmark = pytest.mark.chaos
 

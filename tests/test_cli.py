@@ -11,15 +11,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from broker.cli import main
-from clients.testing import wait_for
+from zbroker.broker.cli import main
+from zbroker.clients.testing import wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def _zbroker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "broker", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "zbroker.broker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -60,7 +63,7 @@ def test_up_runs_a_triad_that_status_and_checkout_see_and_sigterm_stops(tmp_path
     CliRunner().invoke(main, ["init", str(tmp_path / "demo")])
     config = str(tmp_path / "demo" / "zbroker.toml")
     up = subprocess.Popen(
-        [sys.executable, "-m", "broker", "up", "--config", config],
+        [sys.executable, "-m", "zbroker.broker", "up", "--config", config],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -95,8 +98,8 @@ def test_up_runs_a_triad_that_status_and_checkout_see_and_sigterm_stops(tmp_path
 def test_bootstrap_gives_a_new_node_a_state_it_votes_with_and_never_touches_one_in_use(
     tmp_path: Path,
 ) -> None:
-    from broker.config import load_config
-    from broker.storage import Storage
+    from zbroker.broker.config import load_config
+    from zbroker.broker.storage import Storage
 
     runner = CliRunner()
     assert runner.invoke(main, ["init", str(tmp_path / "demo")]).exit_code == 0

@@ -20,7 +20,7 @@ import msgpack
 import pytest
 import zmq
 
-from clients import (
+from zbroker import (
     Grant,
     GrantState,
     LeaseLost,
@@ -29,7 +29,7 @@ from clients import (
     LicenseUnavailable,
     OutcomeUnknown,
 )
-from clients.errors import ClientClosed
+from zbroker.clients.errors import ClientClosed
 
 pytestmark = pytest.mark.unit
 
@@ -514,8 +514,8 @@ def test_close_returns_promptly_with_the_triad_gone(make_node: Callable[..., Fak
 def test_a_status_reply_with_many_holders_decodes() -> None:
     # Replies are bounded by their frame, not by a request's caps: 100,000 grants make a
     # status reply of several megabytes with one long list of holders.
-    from broker.wire import encode_reply
-    from clients.wire import decode_reply
+    from zbroker.broker.wire import encode_reply
+    from zbroker.clients.wire import decode_reply
 
     holders = [{"grant": i, "user": f"u{i}", "count": 1} for i in range(5000)]
     report = {"features": [{"name": "cad", "holders": holders}]}

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from broker.license import sign_license_text
-from broker.signing import load_private_key
-from clients.testing import LocalTriad, wait_for
+from zbroker.broker.license import sign_license_text
+from zbroker.broker.signing import load_private_key
+from zbroker.clients.testing import LocalTriad, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ import json, os, resource, sys, threading, time
 limit = int(sys.argv[1])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-from clients import ClientForked, LicenseClient, LicenseUnavailable
+from zbroker import ClientForked, LicenseClient, LicenseUnavailable
 lic = sys.argv[2]
 
 def fds():

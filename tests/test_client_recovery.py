@@ -18,15 +18,15 @@ from typing import Any
 
 import pytest
 
-from clients import LicenseClient, OutcomeUnknown
-from clients.testing import LocalTriad, wait_for
+from zbroker import LicenseClient, OutcomeUnknown
+from zbroker.clients.testing import LocalTriad, wait_for
 
 pytestmark = pytest.mark.integration
 
 CLIENT = textwrap.dedent(
     """
     import sys, threading
-    from clients import LicenseClient
+    from zbroker import LicenseClient
     lost = threading.Event()
     def on_lost(grants):
         for g in grants:

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from broker.config import Config, NodeConfig
-from broker.core import (
+from zbroker.broker.config import Config, NodeConfig
+from zbroker.broker.core import (
     Append,
     ClientMessage,
     NodeCore,
@@ -23,11 +23,11 @@ from broker.core import (
     Ready,
     SaveHardState,
 )
-from broker.ledger import Ledger
-from broker.model import Entitlement, Now
-from broker.storage import Loaded
-from broker.wire import PROTOCOL_VERSION, pack, unpack
-from peers import types as rp
+from zbroker.broker.ledger import Ledger
+from zbroker.broker.model import Entitlement, Now
+from zbroker.broker.storage import Loaded
+from zbroker.broker.wire import PROTOCOL_VERSION, pack, unpack
+from zbroker.peers import types as rp
 
 pytestmark = pytest.mark.unit
 

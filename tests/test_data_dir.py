@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from test_storage import corrupt, corruptions, record_spans
 
-from broker.storage import Storage
-from clients import Grant, LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
-from clients.testing import LocalTriad, TriadTimeout, wait_for
+from zbroker import Grant, LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
+from zbroker.broker.storage import Storage
+from zbroker.clients.testing import LocalTriad, TriadTimeout, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -233,7 +233,7 @@ def test_a_damaged_node_without_a_quorum_waits_and_says_why(make_triad: Any) -> 
         # The healthy node cannot be elected by a node that lost its vote: no primary.
         _holds_for(waiting, 3 * triad.config.peer_timeout, "no primary while a vote is lost")
         shown = subprocess.run(
-            [sys.executable, "-m", "broker", "status", "--config", str(triad.config_path)],
+            [sys.executable, "-m", "zbroker.broker", "status", "--config", str(triad.config_path)],
             capture_output=True,
             text=True,
             timeout=30,
@@ -343,8 +343,8 @@ def test_a_snapshot_whose_ledger_does_not_load_is_damage_and_status_says_why(
     tmp_path: Path,
 ) -> None:
     # Checksums and shape fine, content refused by the ledger: the node's own check.
-    from broker.model import Now
-    from broker.node import Node
+    from zbroker.broker.model import Now
+    from zbroker.broker.node import Node
 
     triad = LocalTriad(tmp_path / "triad", secure=False)
     name = triad.names[2]

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from broker.cli import EXIT_CONFIG, EXIT_DATA
-from broker.metrics import Metrics
-from broker.model import Now
+from zbroker.broker.cli import EXIT_CONFIG, EXIT_DATA
+from zbroker.broker.metrics import Metrics
+from zbroker.broker.model import Now
 
 pytestmark = pytest.mark.unit
 

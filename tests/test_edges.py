@@ -40,15 +40,22 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from broker.cli import EXIT_DATA, Seconds, main
-from broker.config import NODE_SETTINGS, RANGES, SETTINGS, ConfigError, load_config
-from broker.demo import write_demo
-from broker.ledger import Ledger
-from broker.license import LicenseSyntaxError, load_license, parse_license, sign_license_text
-from broker.model import Now, Request
-from broker.signing import load_private_key, sign_canonical
-from broker.status import query_nodes
-from broker.wire import (
+from zbroker import LicenseClient
+from zbroker import LicenseError as ClientError
+from zbroker.broker.cli import EXIT_DATA, Seconds, main
+from zbroker.broker.config import NODE_SETTINGS, RANGES, SETTINGS, ConfigError, load_config
+from zbroker.broker.demo import write_demo
+from zbroker.broker.ledger import Ledger
+from zbroker.broker.license import (
+    LicenseSyntaxError,
+    load_license,
+    parse_license,
+    sign_license_text,
+)
+from zbroker.broker.model import Now, Request
+from zbroker.broker.signing import load_private_key, sign_canonical
+from zbroker.broker.status import query_nodes
+from zbroker.broker.wire import (
     MAX_COUNT,
     MAX_LEASE,
     MAX_VERSION_PART,
@@ -57,13 +64,11 @@ from broker.wire import (
     pack,
     unpack,
 )
-from clients import LicenseClient
-from clients import LicenseError as ClientError
-from clients.errors import ProtocolError
-from clients.testing import LocalTriad, wait_for
-from clients.wire import Reply, grant_of
-from peers.messages import Append, validate
-from peers.types import Entry
+from zbroker.clients.errors import ProtocolError
+from zbroker.clients.testing import LocalTriad, wait_for
+from zbroker.clients.wire import Reply, grant_of
+from zbroker.peers.messages import Append, validate
+from zbroker.peers.types import Entry
 
 pytestmark = pytest.mark.unit
 
@@ -72,7 +77,10 @@ pytestmark = pytest.mark.unit
 
 def _zbroker(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "broker", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "zbroker.broker", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -372,7 +380,7 @@ def test_a_disk_that_refuses_writes_stops_the_node_with_exit_3_and_one_line(
     node = load_config(config).node("alpha")
     # 64 blocks (32 or 64 KiB, by the shell's unit): a few hundred deltas fill the log.
     # A shell sets the limit: a preexec_fn in a process with threads could deadlock.
-    command = f"ulimit -f 64 && exec {shlex.quote(sys.executable)} -m broker run --config "
+    command = f"ulimit -f 64 && exec {shlex.quote(sys.executable)} -m zbroker.broker run --config "
     command += f"{shlex.quote(str(config))} --node alpha"
     proc = subprocess.Popen(
         ["sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -480,7 +488,7 @@ def test_sighup_is_logged_and_ignored_and_each_stop_signal_logs_stopped(
 def test_up_stops_its_nodes_on_sighup(tmp_path: Path) -> None:
     config = _single(tmp_path)
     up = subprocess.Popen(
-        [sys.executable, "-m", "broker", "up", "--config", str(config)],
+        [sys.executable, "-m", "zbroker.broker", "up", "--config", str(config)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

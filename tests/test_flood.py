@@ -26,11 +26,12 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.ledger import Ledger, Outcome
-from broker.limits import Limits
-from broker.model import Entitlement, Now, Request
-from broker.status_reply import PAGE_REPLIES_PER_CYCLE, PAGES_PER_CYCLE, StatusReplies
-from broker.wire import (
+from zbroker import LicenseClient
+from zbroker.broker.ledger import Ledger, Outcome
+from zbroker.broker.limits import Limits
+from zbroker.broker.model import Entitlement, Now, Request
+from zbroker.broker.status_reply import PAGE_REPLIES_PER_CYCLE, PAGES_PER_CYCLE, StatusReplies
+from zbroker.broker.wire import (
     HOLDERS_PAGE,
     HOLDERS_PAGE_BYTES,
     RemoteProtocolError,
@@ -40,12 +41,11 @@ from broker.wire import (
     pack,
     unpack,
 )
-from clients import LicenseClient
-from clients.testing import wait_for
-from clients.testing.bench.common import BENCH_FEATURE, frame, open_frame, reply_of, sample
-from clients.testing.bench.flood import MARKER, Flooder, RssWatch
-from clients.testing.bench.triad import BenchTriad
-from clients.wire import encode_request
+from zbroker.clients.testing import wait_for
+from zbroker.clients.testing.bench.common import BENCH_FEATURE, frame, open_frame, reply_of, sample
+from zbroker.clients.testing.bench.flood import MARKER, Flooder, RssWatch
+from zbroker.clients.testing.bench.triad import BenchTriad
+from zbroker.clients.wire import encode_request
 
 pytestmark = pytest.mark.unit
 
@@ -246,7 +246,7 @@ def test_waiters_behind_a_blocked_head_are_still_denied_by_a_reload_or_a_new_day
 def test_a_cycle_packs_its_report_once_whatever_the_number_of_requests(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import broker.status_reply as module
+    import zbroker.broker.status_reply as module
 
     packed: list[Any] = []
 
@@ -368,7 +368,7 @@ def _page_of(after: int, last: int = 7, per: int = 2, total: int = 5) -> dict[st
 
 
 def _read_pages(answer: Any, timeout: float = 2.0) -> tuple[Any, Any, Any, list[int]]:
-    from broker.status import HolderPages
+    from zbroker.broker.status import HolderPages
 
     node = _PagingNode(answer)
     node.start()
@@ -587,8 +587,8 @@ def test_holders_are_read_page_by_page_by_status_and_the_cli(busy_triad: BenchTr
 
     def zbroker(*args: str) -> Any:
         done = subprocess.run(
-            [sys.executable, "-m", "broker", "status", "--config", str(triad.local.config_path),
-             "--json", "--timeout", "5", *args],
+            [sys.executable, "-m", "zbroker.broker", "status",
+             "--config", str(triad.local.config_path), "--json", "--timeout", "5", *args],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.front import Front
+from zbroker.broker.front import Front
 
 pytestmark = pytest.mark.unit
 

@@ -35,11 +35,11 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker.cli import config_curve
-from broker.status import query_nodes
-from broker.wire import pack
-from clients.testing import LocalTriad, RawClient, wait_for
-from clients.wire import encode_request
+from zbroker.broker.cli import config_curve
+from zbroker.broker.status import query_nodes
+from zbroker.broker.wire import pack
+from zbroker.clients.testing import LocalTriad, RawClient, wait_for
+from zbroker.clients.wire import encode_request
 
 pytestmark = pytest.mark.integration
 

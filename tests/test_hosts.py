@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from clients.testing.hosts import (
+from zbroker.clients.testing.hosts import (
     CLIENTS,
     PREFIX,
     HostClient,

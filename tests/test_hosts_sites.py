@@ -1,6 +1,6 @@
 """Two sites: two triads on their own hosts, one client whose license path names both.
 
-Each triad's nodes are network namespaces (``clients.testing.hosts``), site 1 at
+Each triad's nodes are network namespaces (``zbroker.clients.testing.hosts``), site 1 at
 10.77.1.x and site 2 at 10.77.2.x; the client is a process on the clients' host. It is
 served by the first site; when the first site loses its quorum (every link between its
 nodes cut) it is served by the second; each site's ledger holds exactly the seats
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.testing.hosts import PREFIX, HostClient, Hosts, HostTriad, Observer, namespaces
-from clients.testing.kit import wait_for
+from zbroker.clients.testing.hosts import PREFIX, HostClient, Hosts, HostTriad, Observer, namespaces
+from zbroker.clients.testing.kit import wait_for
 
 pytestmark = pytest.mark.integration
 

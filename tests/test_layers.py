@@ -122,12 +122,12 @@ def test_a_unit_test_that_starts_a_process_and_a_sim_test_that_starts_a_node_are
 
         import pytest
 
-        from clients.testing import LocalTriad
+        from zbroker.clients.testing import LocalTriad
 
         pytestmark = pytest.mark.unit
 
         def _zbroker():
-            return subprocess.run([sys.executable, "-m", "broker", "--help"])
+            return subprocess.run([sys.executable, "-m", "zbroker.broker", "--help"])
 
         class Kit:
             def start(self):

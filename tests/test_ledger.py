@@ -9,8 +9,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from broker.ledger import Ledger, LedgerError, Outcome
-from broker.model import Entitlement, ErrorCode, Now, Reason, Reply, Request
+from zbroker.broker.ledger import Ledger, LedgerError, Outcome
+from zbroker.broker.model import Entitlement, ErrorCode, Now, Reason, Reply, Request
 
 pytestmark = pytest.mark.unit
 

@@ -22,8 +22,8 @@ from hypothesis.stateful import (
     rule,
 )
 
-from broker.ledger import Decided, Ledger
-from broker.model import Entitlement, Now, Request, parse_version
+from zbroker.broker.ledger import Decided, Ledger
+from zbroker.broker.model import Entitlement, Now, Request, parse_version
 
 pytestmark = pytest.mark.unit
 
@@ -47,7 +47,7 @@ RELOADS = [
 
 
 def pool_totals(entitlements: list[dict[str, Any]], day: datetime.date | None) -> dict[Any, int]:
-    """An oracle, independent of broker.seats: seats per (feature, parsed version)."""
+    """An oracle, independent of zbroker.broker.seats: seats per (feature, parsed version)."""
     totals: dict[Any, int] = {}
     for e in entitlements:
         key = (e["feature"], parse_version(e["version"]))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from broker.license import (
+from zbroker.broker.license import (
     License,
     LicenseError,
     LicenseFileError,
@@ -347,12 +347,12 @@ def test_without_a_public_key_every_line_serves() -> None:
 def test_a_file_past_its_bounds_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The reload delta of any file that parses must fit one peer message (small bounds
     here for speed: the module's are 100,000 lines and 16 MiB)."""
-    import broker.license
+    import zbroker.broker.license
 
-    monkeypatch.setattr(broker.license, "MAX_LINES", 2)
+    monkeypatch.setattr(zbroker.broker.license, "MAX_LINES", 2)
     err = syntax_error(DEMO)  # its third FEATURE/INCREMENT line
     assert (err.line, err.expected) == (8, "at most 2 FEATURE/INCREMENT lines")
-    monkeypatch.setattr(broker.license, "MAX_LICENSE_BYTES", 100)
+    monkeypatch.setattr(zbroker.broker.license, "MAX_LICENSE_BYTES", 100)
     path = tmp_path / "big.lic"
     path.write_text(DEMO)
     with pytest.raises(LicenseFileError, match="larger than 100 bytes"):

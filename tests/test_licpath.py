@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from clients.errors import LicensePathError
-from clients.licpath import ENV_VAR, parse_license_path, resolve, servers_from_file
+from zbroker.clients.errors import LicensePathError
+from zbroker.clients.licpath import ENV_VAR, parse_license_path, resolve, servers_from_file
 
 pytestmark = pytest.mark.unit
 

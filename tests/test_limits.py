@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from test_ledger import HEARTBEAT, LEASE, World, ent, grant_of
 
-from broker.ledger import Ledger
-from broker.limits import Limits
-from broker.model import Request
-from clients import LicenseClient, LicenseUnavailable
-from clients.testing import LocalTriad
+from zbroker import LicenseClient, LicenseUnavailable
+from zbroker.broker.ledger import Ledger
+from zbroker.broker.limits import Limits
+from zbroker.broker.model import Request
+from zbroker.clients.testing import LocalTriad
 
 pytestmark = pytest.mark.unit
 

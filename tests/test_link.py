@@ -18,14 +18,14 @@ from typing import Any
 import msgpack
 import pytest
 
-from clients import grant as grant_module
-from clients import link as link_module
-from clients.errors import LicenseDenied, LicenseUnavailable, OutcomeUnknown
-from clients.exchange import BACKOFF_CAP, BACKOFF_CAP_BACKGROUND, BACKOFF_FIRST, Exchange
-from clients.grant import Grant, GrantState, IllegalTransition
-from clients.link import Link, SessionState
-from clients.protocol import PROTOCOL_VERSION, ErrorCode, Status
-from clients.wire import pack
+from zbroker.clients import grant as grant_module
+from zbroker.clients import link as link_module
+from zbroker.clients.errors import LicenseDenied, LicenseUnavailable, OutcomeUnknown
+from zbroker.clients.exchange import BACKOFF_CAP, BACKOFF_CAP_BACKGROUND, BACKOFF_FIRST, Exchange
+from zbroker.clients.grant import Grant, GrantState, IllegalTransition
+from zbroker.clients.link import Link, SessionState
+from zbroker.clients.protocol import PROTOCOL_VERSION, ErrorCode, Status
+from zbroker.clients.wire import pack
 
 pytestmark = pytest.mark.unit
 

@@ -18,7 +18,7 @@ from test_lmstat_parsers import (
     vsc_parse,
 )
 
-from broker.lmstat import (
+from zbroker.broker.lmstat import (
     Clock,
     Entry,
     LicenseLine,
@@ -31,7 +31,7 @@ from broker.lmstat import (
     render_info,
     version_lines,
 )
-from broker.lmutil import _triads, entries_of, main
+from zbroker.broker.lmutil import _triads, entries_of, main
 
 pytestmark = pytest.mark.unit
 

@@ -1,7 +1,7 @@
 """``zbroker lmstat`` on a live triad, read by parsers written by others.
 
 A triad with holders (several users, multi-seat grants) and a queued checkout; the real
-commands (``python -m broker lmstat``, and ``lmutil``/``lmstat`` launchers named as a
+commands (``python -m zbroker.broker lmstat``, and ``lmutil``/``lmstat`` launchers named as a
 site's symlinks to ``zbroker-lmutil`` would be) print lmstat's text, and the parsers of
 tests/test_lmstat_parsers.py (the FlexLM exporter's, two Slurm sync tools', and
 SchedMD's own grep and sed, run by bash) must read what the triad holds.
@@ -29,8 +29,8 @@ from test_lmstat_parsers import (
     vsc_parse,
 )
 
-from clients import LicenseClient
-from clients.testing.kit import wait_for
+from zbroker import LicenseClient
+from zbroker.clients.testing.kit import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def _run(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def _zbroker_lmstat(*args: str) -> subprocess.CompletedProcess[str]:
-    return _run([sys.executable, "-m", "broker", "lmstat", *args])
+    return _run([sys.executable, "-m", "zbroker.broker", "lmstat", *args])
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def tools(tmp_path: Path) -> Path:
     folder = tmp_path / "bin"
     folder.mkdir()
     lmutil = folder / "lmutil"
-    lmutil.write_text(f"#!{sys.executable}\nfrom broker.lmutil import main\n\nmain()\n")
+    lmutil.write_text(f"#!{sys.executable}\nfrom zbroker.broker.lmutil import main\n\nmain()\n")
     lmutil.chmod(0o755)
     (folder / "lmstat").symlink_to(lmutil)
     return folder

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
-from broker.config import ConfigError, load_config
-from broker.demo import write_demo
-from broker.metrics import DENIAL_REASONS, LATENCY_BUCKETS, ROLES, Metrics
-from broker.model import Now
+from zbroker.broker.config import ConfigError, load_config
+from zbroker.broker.demo import write_demo
+from zbroker.broker.metrics import DENIAL_REASONS, LATENCY_BUCKETS, ROLES, Metrics
+from zbroker.broker.model import Now
 
 pytestmark = pytest.mark.unit
 

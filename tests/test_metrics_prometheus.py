@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
-from broker.demo import free_ports, write_demo
-from clients import LicenseClient, LicenseDenied
-from clients.testing import LocalTriad, wait_for
+from zbroker import LicenseClient, LicenseDenied
+from zbroker.broker.demo import free_ports, write_demo
+from zbroker.clients.testing import LocalTriad, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -280,7 +280,16 @@ def test_a_metrics_port_taken_by_another_program_exits_2_with_one_line(tmp_path:
         port = taken.getsockname()[1]
         _add_metrics(config, {"alpha": f"127.0.0.1:{port}"})
         result = subprocess.run(
-            [sys.executable, "-m", "broker", "run", "--config", str(config), "--node", "alpha"],
+            [
+                sys.executable,
+                "-m",
+                "zbroker.broker",
+                "run",
+                "--config",
+                str(config),
+                "--node",
+                "alpha",
+            ],
             capture_output=True,
             text=True,
             timeout=60,

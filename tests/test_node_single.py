@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from clients import LicenseClient, LicenseDenied
-from clients.testing import LocalTriad, wait_for
+from zbroker import LicenseClient, LicenseDenied
+from zbroker.clients.testing import LocalTriad, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from broker.license import LicenseError
-from broker.options import (
+from zbroker.broker.license import LicenseError
+from zbroker.broker.options import (
     MAX_OPTIONS_BYTES,
     Ignored,
     OptionLine,
@@ -201,8 +201,8 @@ def test_a_bad_map_is_refused_naming_the_field(mutate: object, message: str) -> 
 
 
 def test_the_config_refuses_a_broken_options_file(tmp_path: Path) -> None:
-    from broker.config import load_config
-    from broker.demo import write_demo
+    from zbroker.broker.config import load_config
+    from zbroker.broker.demo import write_demo
 
     config = write_demo(tmp_path / "demo", secure=False)
     (tmp_path / "demo" / "site.opt").write_text("NOLOG QUEUED\nEXCLUDE cad USR bob\n")

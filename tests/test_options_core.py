@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from broker.core import ClientMessage
-from broker.model import Entitlement
-from broker.options import parse_options
-from broker.wire import PROTOCOL_VERSION, pack
 from tests.test_core import STEP, Origin, replies, request, triad
+from zbroker.broker.core import ClientMessage
+from zbroker.broker.model import Entitlement
+from zbroker.broker.options import parse_options
+from zbroker.broker.wire import PROTOCOL_VERSION, pack
 
 pytestmark = pytest.mark.unit
 

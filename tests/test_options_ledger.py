@@ -8,10 +8,10 @@ from typing import Any
 import msgpack
 import pytest
 
-from broker.ledger import Ledger, LedgerError
-from broker.model import Reason
-from broker.options import parse_options
 from tests.test_ledger import HEARTBEAT, LEASE, World, denied, ent, grant_of
+from zbroker.broker.ledger import Ledger, LedgerError
+from zbroker.broker.model import Reason
+from zbroker.broker.options import parse_options
 
 pytestmark = pytest.mark.unit
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.license import sign_license_text
-from broker.signing import load_private_key
-from clients import LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
-from clients.grant import Grant
-from clients.testing import LocalTriad, wait_for
+from zbroker import LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
+from zbroker.broker.license import sign_license_text
+from zbroker.broker.signing import load_private_key
+from zbroker.clients.grant import Grant
+from zbroker.clients.testing import LocalTriad, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -83,7 +83,7 @@ def reread(triad: LocalTriad) -> None:
 
 def zbroker(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "broker", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "zbroker.broker", *args], capture_output=True, text=True, timeout=60
     )
 
 

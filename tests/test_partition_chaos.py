@@ -1,7 +1,7 @@
 """A short partition chaos run: hosts as network namespaces, each kind of cut, a clean verdict.
 
 Every node runs in a network namespace of its own and the client processes in the
-clients' (``clients.testing.hosts``); the nemesis cuts links with blackhole routes: the
+clients' (``zbroker.clients.testing.hosts``); the nemesis cuts links with blackhole routes: the
 primary off from both backups (clients still reach it), a backup off from everyone, one
 link between two nodes, a flapping link, the clients off from the primary. The checker
 judges it as it judges kills, and asks in addition that the cut-off primary, probed
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from clients.testing.chaos.checker import check
-from clients.testing.chaos.history import read_history
-from clients.testing.chaos.nemesis import PARTITION_KINDS, CutKind
-from clients.testing.chaos.runner import Runner, RunOptions
-from clients.testing.chaos.verdict import CheckOptions, render
-from clients.testing.hosts import PREFIX, namespaces
+from zbroker.clients.testing.chaos.checker import check
+from zbroker.clients.testing.chaos.history import read_history
+from zbroker.clients.testing.chaos.nemesis import PARTITION_KINDS, CutKind
+from zbroker.clients.testing.chaos.runner import Runner, RunOptions
+from zbroker.clients.testing.chaos.verdict import CheckOptions, render
+from zbroker.clients.testing.hosts import PREFIX, namespaces
 
 pytestmark = pytest.mark.chaos
 

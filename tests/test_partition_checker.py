@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from clients.testing.chaos.checker import check
-from clients.testing.chaos.history import read_history
-from clients.testing.chaos.nemesis import PARTITION_KINDS, CutKind, parse_kinds, schedule
-from clients.testing.chaos.verdict import Report
+from zbroker.clients.testing.chaos.checker import check
+from zbroker.clients.testing.chaos.history import read_history
+from zbroker.clients.testing.chaos.nemesis import PARTITION_KINDS, CutKind, parse_kinds, schedule
+from zbroker.clients.testing.chaos.verdict import Report
 
 pytestmark = pytest.mark.unit
 

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from broker.model import Entitlement, Reason
-from broker.options import parse_options
-from broker.policy import Holding, Policy, Principal, choose_under
-from broker.seats import Catalog, Choice, Denial
-from clients.protocol import parse_version
+from zbroker.broker.model import Entitlement, Reason
+from zbroker.broker.options import parse_options
+from zbroker.broker.policy import Holding, Policy, Principal, choose_under
+from zbroker.broker.seats import Catalog, Choice, Denial
+from zbroker.clients.protocol import parse_version
 
 pytestmark = pytest.mark.unit
 

@@ -25,9 +25,9 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from broker.options import OptionLine, parse_options
-from broker.policy import Holding, Policy, Principal
-from clients.protocol import parse_version
+from zbroker.broker.options import OptionLine, parse_options
+from zbroker.broker.policy import Holding, Policy, Principal
+from zbroker.clients.protocol import parse_version
 
 pytestmark = pytest.mark.unit
 

@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import zmq
 
-from broker.license import parse_syntax
-from clients.licpath import keys_from_file, servers_from_file
-from clients.testing import LocalTriad, RawClient, wait_for
+from zbroker.broker.license import parse_syntax
+from zbroker.clients.licpath import keys_from_file, servers_from_file
+from zbroker.clients.testing import LocalTriad, RawClient, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peers import messages
-from peers.replica import Replica
-from peers.types import (
+from zbroker.peers import messages
+from zbroker.peers.replica import Replica
+from zbroker.peers.types import (
     Committed,
     Dropped,
     Durable,

@@ -14,15 +14,15 @@ from typing import Any
 
 import pytest
 
-from broker.core import ClientMessage, client_address
-from broker.ledger import Decided, Ledger
-from broker.model import Entitlement, Now, Request
-from broker.options import parse_options
-from broker.report_stats import Report
-from broker.reportlog import Record, derive
-from broker.wire import PROTOCOL_VERSION, RemoteProtocolError, decode_request, pack
-from clients.client import PROJECT_ENV, LicenseClient
 from tests.test_core import STEP, Origin, triad
+from zbroker.broker.core import ClientMessage, client_address
+from zbroker.broker.ledger import Decided, Ledger
+from zbroker.broker.model import Entitlement, Now, Request
+from zbroker.broker.options import parse_options
+from zbroker.broker.report_stats import Report
+from zbroker.broker.reportlog import Record, derive
+from zbroker.broker.wire import PROTOCOL_VERSION, RemoteProtocolError, decode_request, pack
+from zbroker.clients.client import PROJECT_ENV, LicenseClient
 
 pytestmark = pytest.mark.unit
 

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from broker.ledger import Ledger
-from broker.model import Entitlement
-from broker.report_cli import report as report_command
-from broker.report_stats import Report
-from broker.reportfile import Merged, ReportWriter, log_files, merge, read_stream, verify
-from broker.reportlog import GENESIS, ReportLogError, derive, seal, unseal
-from broker.seats import Grant, entitlement_to_map
+from zbroker.broker.ledger import Ledger
+from zbroker.broker.model import Entitlement
+from zbroker.broker.report_cli import report as report_command
+from zbroker.broker.report_stats import Report
+from zbroker.broker.reportfile import Merged, ReportWriter, log_files, merge, read_stream, verify
+from zbroker.broker.reportlog import GENESIS, ReportLogError, derive, seal, unseal
+from zbroker.broker.seats import Grant, entitlement_to_map
 
 pytestmark = pytest.mark.unit
 
@@ -451,7 +451,7 @@ def test_the_command_refuses_a_bad_window_with_one_line(tmp_path: Path) -> None:
 def test_every_grant_the_ledger_decided_appears_once_out_and_once_in() -> None:
     """Decisions from ``Ledger.handle`` and ``tick`` (a fake clock), committed in order:
     each grant a client was told of is one ``out`` and, once returned, one ``in``."""
-    from broker.model import Now, Request
+    from zbroker.broker.model import Now, Request
 
     led = _ledger()
     led.apply(RELOAD)
@@ -514,7 +514,7 @@ def test_a_restart_from_a_snapshot_past_entries_without_records_is_no_gap(tmp_pa
 
 
 def test_the_chaos_checks_find_a_missing_record_and_a_grant_the_log_lost(tmp_path: Path) -> None:
-    from broker.report_check import compare_nodes, match_clients
+    from zbroker.broker.report_check import compare_nodes, match_clients
 
     a, b = _node_logs(tmp_path)
     assert compare_nodes({"alpha": log_files(a), "beta": log_files(b)}) == []

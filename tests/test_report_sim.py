@@ -13,7 +13,7 @@ import pytest
 import sim as simmod
 from sim_node import SimNode
 
-from broker.config import Config
+from zbroker.broker.config import Config
 
 pytestmark = pytest.mark.sim
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.report_check import compare_nodes, match_clients
-from broker.reportfile import log_files, read_stream
-from clients import LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
-from clients.testing import LocalTriad, wait_for
+from zbroker import LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
+from zbroker.broker.report_check import compare_nodes, match_clients
+from zbroker.broker.reportfile import log_files, read_stream
+from zbroker.clients.testing import LocalTriad, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +155,7 @@ def test_three_report_logs_agree_and_hold_each_client_event_once(
 
 def _zbroker(*args: str) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "broker", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "zbroker.broker", *args], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return result

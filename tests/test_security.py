@@ -22,17 +22,17 @@ import zmq
 from click.testing import CliRunner
 from zmq.utils.monitor import recv_monitor_message
 
-from broker.admin import handle_admin
-from broker.cli import main
-from broker.config import ConfigError, load_config
-from broker.demo import write_demo
-from broker.keys import KeyList, load_key_list, write_keypair
-from broker.limits import Limits
-from broker.security import NodeSecurity
-from broker.wire import pack
-from broker.zap_policy import ADMIN_USER, CLIENT_DOMAIN, PEER_DOMAIN, Policy
-from clients import LicenseClient, LicenseUnavailable
-from clients.curve import (
+from zbroker import LicenseClient, LicenseUnavailable
+from zbroker.broker.admin import handle_admin
+from zbroker.broker.cli import main
+from zbroker.broker.config import ConfigError, load_config
+from zbroker.broker.demo import write_demo
+from zbroker.broker.keys import KeyList, load_key_list, write_keypair
+from zbroker.broker.limits import Limits
+from zbroker.broker.security import NodeSecurity
+from zbroker.broker.wire import pack
+from zbroker.broker.zap_policy import ADMIN_USER, CLIENT_DOMAIN, PEER_DOMAIN, Policy
+from zbroker.clients.curve import (
     ClientCurve,
     KeyPair,
     SecurityError,
@@ -40,10 +40,10 @@ from clients.curve import (
     generate_keypair,
     load_keypair,
 )
-from clients.errors import LicensePathError
-from clients.licpath import KEYS_ENV, server_keys
-from clients.testing import LocalTriad, RawClient, wait_for
-from clients.wire import encode_request
+from zbroker.clients.errors import LicensePathError
+from zbroker.clients.licpath import KEYS_ENV, server_keys
+from zbroker.clients.testing import LocalTriad, RawClient, wait_for
+from zbroker.clients.wire import encode_request
 
 pytestmark = pytest.mark.unit
 
@@ -633,7 +633,7 @@ def _admin(endpoint: str, curve: ClientCurve, **fields: Any) -> dict[str, Any]:
 
 def _zbroker(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "broker", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "zbroker.broker", *args], capture_output=True, text=True, timeout=60
     )
 
 
@@ -701,8 +701,8 @@ def _verify(lic: Path, pub: Path) -> tuple[int, list[str]]:
 
 def _refusals_of(lic: Path, pub: Path) -> list[str]:
     """What the node itself refuses of the file (it logs each), as 'LINE: WHY'."""
-    from broker.license import load_license
-    from broker.signing import load_public_key
+    from zbroker.broker.license import load_license
+    from zbroker.broker.signing import load_public_key
 
     return [f"{r.line}: {r.why}" for r in load_license(lic, load_public_key(pub)).refused]
 
@@ -733,9 +733,9 @@ def test_vendor_verify_names_each_tampered_line(tmp_path: Path) -> None:
 
 
 def test_vendor_verify_removed_copied_and_foreign_signatures(tmp_path: Path) -> None:
-    from broker.license import sign_license_text
-    from broker.signing import load_private_key
-    from broker.signing import write_keypair as write_vendor_keypair
+    from zbroker.broker.license import sign_license_text
+    from zbroker.broker.signing import load_private_key
+    from zbroker.broker.signing import write_keypair as write_vendor_keypair
 
     lic, pub, rows = _signed_demo(tmp_path)
     solver, viewer = _row(rows, "FEATURE solver"), _row(rows, "FEATURE viewer")

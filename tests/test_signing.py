@@ -17,8 +17,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.license import LicenseSyntaxError, parse_license, parse_syntax, sign_license_text
-from broker.signing import (
+from zbroker.broker.license import (
+    LicenseSyntaxError,
+    parse_license,
+    parse_syntax,
+    sign_license_text,
+)
+from zbroker.broker.signing import (
     LicenseError,
     LicenseKeyError,
     canonical_form,
@@ -27,7 +32,7 @@ from broker.signing import (
     verify_signature,
     write_keypair,
 )
-from broker.vendor_cli import vendor
+from zbroker.broker.vendor_cli import vendor
 
 pytestmark = pytest.mark.unit
 

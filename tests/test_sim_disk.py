@@ -7,7 +7,7 @@ import random
 import pytest
 from sim_disk import DiskViolation, SimDisk
 
-from broker.core import Append, SaveHardState, SaveSnapshot, Truncate
+from zbroker.broker.core import Append, SaveHardState, SaveSnapshot, Truncate
 
 pytestmark = pytest.mark.sim
 

@@ -1,7 +1,7 @@
 """The queue in the status report (docs/protocol.md, "Queue"): who waits, in line order.
 
 The ledger lists a feature's waiters (``Ledger.queue``); a page of holders carries them
-per feature, bounded (``broker.status_reply``); the summary never does. Unit tests of
+per feature, bounded (``zbroker.broker.status_reply``); the summary never does. Unit tests of
 each, then a live node with three checkouts in its queue.
 """
 
@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from broker import status_reply
-from broker.ledger import Ledger
-from broker.model import Entitlement, Now, Request
-from broker.wire import unpack
-from clients.testing import LocalTriad, RawClient, wait_for
+from zbroker.broker import status_reply
+from zbroker.broker.ledger import Ledger
+from zbroker.broker.model import Entitlement, Now, Request
+from zbroker.broker.wire import unpack
+from zbroker.clients.testing import LocalTriad, RawClient, wait_for
 
 WALL = 1_780_000_000.0
 SOLVER = (Entitlement("solver", "1.5", 2, None), Entitlement("cad", "2.0", 5, None))

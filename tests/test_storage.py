@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import storage as storage_module
-from broker.storage import (
+from zbroker.broker import storage as storage_module
+from zbroker.broker.storage import (
     DataDirLocked,
     DiskError,
     Loaded,
@@ -478,7 +478,7 @@ def test_the_lock_is_another_process_s_and_dies_with_it(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "import sys; from pathlib import Path; from broker.storage import Storage;"
+            "import sys; from pathlib import Path; from zbroker.broker.storage import Storage;"
             f"s = Storage(Path({str(data)!r}), 'alpha'); s.load(); print('locked', flush=True);"
             "sys.stdin.read()",
         ],
@@ -602,7 +602,7 @@ def test_a_file_size_limit_stops_writes_with_a_disk_error(tmp_path: Path) -> Non
     script = f"""
 import resource, sys
 from pathlib import Path
-from broker.storage import DiskError, Storage
+from zbroker.broker.storage import DiskError, Storage
 store = Storage(Path({str(data)!r}), "alpha")
 store.load()
 store.save_hard_state(1, None)

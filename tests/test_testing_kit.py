@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-import clients.testing.pytest_plugin as plugin
+import zbroker.clients.testing.pytest_plugin as plugin
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.unit
@@ -19,7 +19,7 @@ FIXTURES = ("make_triad", "triad", "single", "raw")
 
 def test_the_kit_is_registered_under_pytest11() -> None:
     (found,) = [e for e in entry_points(group="pytest11") if e.name == "zbroker"]
-    assert found.value == "clients.testing.pytest_plugin"
+    assert found.value == "zbroker.clients.testing.pytest_plugin"
     assert found.load() is plugin
     assert all(callable(getattr(plugin, name)) for name in FIXTURES)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from clients import LicenseClient, LicenseUnavailable, OutcomeUnknown
-from clients.testing import LocalTriad, wait_for
+from zbroker import LicenseClient, LicenseUnavailable, OutcomeUnknown
+from zbroker.clients.testing import LocalTriad, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ still holds, at ``applied``, the term the ledger applied there (``AppliedLedger.
 in broker/apply.py, used by ``NodeCore._on_role_changed``). Whatever else makes a ledger
 refuse a committed delta, the node starts over as a wiped one (the safety net).
 
-Most tests here run three real node cores (``broker.core.NodeCore``: ledger, front,
+Most tests here run three real node cores (``zbroker.broker.core.NodeCore``: ledger, front,
 replica) in the simulation of tests/sim.py, scripted: its network only delays (one step
 at most), nothing fails unless the test says so, and each step runs one cycle of each
 node as its shell would; so a test can lose, hold and deliver messages exactly, and the
@@ -34,16 +34,16 @@ import pytest
 from sim import Simulation
 from sim_node import SimNode
 
-from broker.cli import config_curve
-from broker.core import PeerHeartbeat, PeerMessage
-from broker.ledger import Ledger
-from broker.seats import LedgerError
-from broker.status import query_nodes
-from broker.storage import DAMAGED
-from broker.wire import PROTOCOL_VERSION, pack, unpack
-from clients import LicenseClient
-from clients.testing import LocalTriad, wait_for
-from peers import types as rp
+from zbroker import LicenseClient
+from zbroker.broker.cli import config_curve
+from zbroker.broker.core import PeerHeartbeat, PeerMessage
+from zbroker.broker.ledger import Ledger
+from zbroker.broker.seats import LedgerError
+from zbroker.broker.status import query_nodes
+from zbroker.broker.storage import DAMAGED
+from zbroker.broker.wire import PROTOCOL_VERSION, pack, unpack
+from zbroker.clients.testing import LocalTriad, wait_for
+from zbroker.peers import types as rp
 
 # Three node cores on a simulated network and clock; the last test starts processes.
 pytestmark = pytest.mark.sim
@@ -402,9 +402,9 @@ def test_a_node_whose_ledger_refuses_an_installed_snapshot_starts_over(
 # ``zbroker run`` whose ledger refuses the first grant of viewer it applies, once.
 _REFUSING_NODE = """
 import sys
-from broker.cli import main
-from broker.ledger import Ledger
-from broker.seats import LedgerError
+from zbroker.broker.cli import main
+from zbroker.broker.ledger import Ledger
+from zbroker.broker.seats import LedgerError
 
 apply, refused = Ledger.apply, []
 

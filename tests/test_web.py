@@ -9,9 +9,15 @@ from typing import Any
 
 import pytest
 
-from broker.web.model import EXPIRY_WARNING_DAYS, HOLDERS_SHOWN, STALE_AFTER, build_page, duration
-from broker.web.poller import POLL_EVERY, SLOW_SHARE, StatusPoller, pause_after
-from broker.web.render import render_page
+from zbroker.broker.web.model import (
+    EXPIRY_WARNING_DAYS,
+    HOLDERS_SHOWN,
+    STALE_AFTER,
+    build_page,
+    duration,
+)
+from zbroker.broker.web.poller import POLL_EVERY, SLOW_SHARE, StatusPoller, pause_after
+from zbroker.broker.web.render import render_page
 
 pytestmark = pytest.mark.unit
 
@@ -38,7 +44,7 @@ def _holder(grant: int, user: str, count: int = 1, ago: float = 600.0, **more: A
 
 
 def _status(**over: Any) -> dict[str, Any]:
-    """What broker.status.query_nodes returns for a triad whose gamma is down."""
+    """What zbroker.broker.status.query_nodes returns for a triad whose gamma is down."""
     status: dict[str, Any] = {
         "primary": "alpha",
         "mode": "curve",

@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 from test_web import HOSTILE, Tables
 
-from clients import LicenseClient
-from clients.licpath import KEYS_ENV
-from clients.testing import wait_for
+from zbroker import LicenseClient
+from zbroker.clients.licpath import KEYS_ENV
+from zbroker.clients.testing import wait_for
 
 pytestmark = pytest.mark.integration
 
-ZBROKER = [sys.executable, "-m", "broker"]
+ZBROKER = [sys.executable, "-m", "zbroker.broker"]
 HOSTILE_HOST = '<img src=x onerror="document.title=1">'
 CHROMIUM_FLAGS = [
     "--headless",

@@ -1,6 +1,6 @@
 """``zbroker web``: a read-only status page of a triad, for a person with a browser.
 
-- ``model``: the page's model, built from one ``broker.status.query_nodes`` answer and
+- ``model``: the page's model, built from one ``zbroker.broker.status.query_nodes`` answer and
   the time (pure: no sockets, no clock of its own); the HTML page and the JSON endpoint
   both show it.
 - ``poller``: one thread that asks the triad at most every ``POLL_EVERY`` seconds and

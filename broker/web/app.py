@@ -24,9 +24,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from broker.web.model import Page, build_page
-from broker.web.poller import StatusPoller
-from broker.web.render import REFRESH, render_page
+from zbroker.broker.web.model import Page, build_page
+from zbroker.broker.web.poller import StatusPoller
+from zbroker.broker.web.render import REFRESH, render_page
 
 # Defence in depth beside autoescape: the page runs no script and loads nothing.
 _HEADERS = {

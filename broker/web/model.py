@@ -1,6 +1,6 @@
 """The status page's model: what a person sees, built from one status answer.
 
-Input is what ``broker.status.query_nodes`` returns (docs/protocol.md, "The status
+Input is what ``zbroker.broker.status.query_nodes`` returns (docs/protocol.md, "The status
 report", merged over the triad), the Unix time it was read, and why the last poll failed
 if it did. Output is a frozen ``Page``: nodes with their roles, terms and deltas; each
 feature's use against its count, its lines' expiry in days, its holders and its queue;

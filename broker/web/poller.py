@@ -5,7 +5,7 @@ hundred browsers cost the nodes what one poller does. The poller asks at most ev
 ``POLL_EVERY`` seconds, and never spends more than about a ``1 / SLOW_SHARE`` of its time
 asking: a triad with many holders, whose pages take long to read, is asked less often.
 The ZeroMQ sockets of each poll are made, used and closed in the poller's thread
-(``fetch`` is ``broker.status.query_nodes`` with the triad's endpoints and keys).
+(``fetch`` is ``zbroker.broker.status.query_nodes`` with the triad's endpoints and keys).
 
 A failed poll keeps the last good status and says why it failed, so the page can show
 both: what it last knew, and that it is no longer sure.

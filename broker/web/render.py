@@ -1,4 +1,4 @@
-"""The status page's HTML, from a ``Page`` (``broker.web.model``) and one Jinja2 template.
+"""The status page's HTML, from a ``Page`` (``zbroker.broker.web.model``) and one Jinja2 template.
 
 Autoescape is on for everything: user, host and display names come from clients, and a
 user named ``<script>`` must show as that text. Undefined names in the template raise
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from broker.web.model import Page
+from zbroker.broker.web.model import Page
 
 REFRESH = 5  # seconds between the browser's reloads of the page
 
 _env = Environment(
-    loader=PackageLoader("broker.web", "templates"),
+    loader=PackageLoader("zbroker.broker.web", "templates"),
     autoescape=True,
     undefined=StrictUndefined,
     trim_blocks=False,

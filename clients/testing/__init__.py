@@ -9,12 +9,12 @@
 - ``chaos``: ``zbroker chaos``; ``bench``: ``zbroker bench``.
 
 The library (``clients`` outside this package) never imports it; it may import the
-library and the node. The kit is importable from here (``from clients.testing import
+library and the node. The kit is importable from here (``from zbroker.clients.testing import
 LocalTriad``); chaos and bench are not imported here, so that loading the plugin stays
 light.
 """
 
-from clients.testing.kit import LocalTriad, TriadTimeout, wait_for
-from clients.testing.raw import RawClient
+from zbroker.clients.testing.kit import LocalTriad, TriadTimeout, wait_for
+from zbroker.clients.testing.raw import RawClient
 
 __all__ = ["LocalTriad", "RawClient", "TriadTimeout", "wait_for"]

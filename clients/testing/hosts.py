@@ -45,7 +45,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from clients.testing.kit import LocalTriad
+from zbroker.clients.testing.kit import LocalTriad
 
 PREFIX = "zbh"  # every namespace of this kit starts with it (and the creator's pid)
 SUBNET = 16  # one L2 segment: 10.77.0.0/16
@@ -207,12 +207,12 @@ class Observer:
     """A process on a host (the observer's, unless told) doing what the test kit asks there.
 
     One JSON request a line on its stdin, one JSON answer a line on its stdout
-    (``python -m clients.testing.hosts``); ``ask`` is safe from several threads.
+    (``python -m zbroker.clients.testing.hosts``); ``ask`` is safe from several threads.
     """
 
     def __init__(self, hosts: Hosts, host: str = OBSERVER) -> None:
         self.proc: subprocess.Popen[str] = subprocess.Popen(
-            [*hosts.exec_prefix(host), sys.executable, "-m", "clients.testing.hosts"],
+            [*hosts.exec_prefix(host), sys.executable, "-m", "zbroker.clients.testing.hosts"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -318,7 +318,7 @@ class HostTriad(LocalTriad):
         settings: dict[str, Any] | None = None,
         observer: Observer | None = None,
     ) -> None:
-        from broker.config import load_config
+        from zbroker.broker.config import load_config
 
         # A copy: LocalTriad takes the settings it writes out of the dict it is given.
         super().__init__(directory, lease=lease, settings=dict(settings or {}))
@@ -368,7 +368,7 @@ class HostTriad(LocalTriad):
     def query(
         self, endpoints: list[tuple[str, str]], timeout: float = 0.5, holders: bool = True
     ) -> dict[str, Any]:
-        """``broker.status.query_nodes`` of these nodes, asked from the observer's host."""
+        """``zbroker.broker.status.query_nodes`` of these nodes, asked from the observer's host."""
         answer = self.observer.ask(
             op="status",
             config=str(self.config_path),
@@ -404,11 +404,11 @@ def _readdress(config_path: Path, addresses: dict[str, str]) -> None:
     """Move a demo's nodes from 127.0.0.1 to their addresses, in the license and the config."""
     import datetime
 
-    from broker.config import load_config
-    from broker.demo import demo_license_text
-    from broker.license import sign_license_text
-    from broker.signing import load_private_key
-    from clients.curve import load_keypair
+    from zbroker.broker.config import load_config
+    from zbroker.broker.demo import demo_license_text
+    from zbroker.broker.license import sign_license_text
+    from zbroker.broker.signing import load_private_key
+    from zbroker.clients.curve import load_keypair
 
     config = load_config(config_path)
     directory = config_path.parent
@@ -436,9 +436,9 @@ def _readdress(config_path: Path, addresses: dict[str, str]) -> None:
 
 def _serve() -> None:
     """The observer's loop (inside its namespace): answer each request line until EOF."""
-    from broker.cli import config_curve
-    from broker.config import load_config
-    from broker.status import query_nodes
+    from zbroker.broker.cli import config_curve
+    from zbroker.broker.config import load_config
+    from zbroker.broker.status import query_nodes
 
     curves: dict[str, Any] = {}
     held = _Held()
@@ -476,16 +476,16 @@ class _Held:
     """The one LicenseClient of a HostClient's process, and the grants it holds by handle."""
 
     def __init__(self) -> None:
-        from clients.client import LicenseClient
-        from clients.grant import Grant
+        from zbroker.clients.client import LicenseClient
+        from zbroker.clients.grant import Grant
 
         self.client: LicenseClient | None = None
         self.grants: dict[int, Grant] = {}
         self.handles = itertools.count(1)
 
     def do(self, request: dict[str, Any]) -> dict[str, Any]:
-        from clients.client import LicenseClient
-        from clients.errors import LicenseError
+        from zbroker.clients.client import LicenseClient
+        from zbroker.clients.errors import LicenseError
 
         op = request["op"]
         if op == "client":
@@ -513,7 +513,7 @@ class _Held:
 
 def _probe(endpoint: str, feature: str, request: dict[str, Any]) -> str:
     """One session and one checkout on one node, over a socket of its own (no redirects)."""
-    from clients.testing.raw import RawClient
+    from zbroker.clients.testing.raw import RawClient
 
     timeout = float(request["timeout"])
     raw = RawClient(endpoint)
@@ -536,7 +536,9 @@ def _probe(endpoint: str, feature: str, request: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> None:
     if argv:
-        raise SystemExit("usage: python -m clients.testing.hosts  (the observer: JSON lines)")
+        raise SystemExit(
+            "usage: python -m zbroker.clients.testing.hosts  (the observer: JSON lines)"
+        )
     _serve()
 
 

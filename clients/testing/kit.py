@@ -1,7 +1,7 @@
 """Real triads for tests: applications embedding ``clients`` can test against them too.
 
 ``LocalTriad`` writes a demo (``zbroker init``) into a folder, starts every node as a
-real process (``python -m broker run``) on free loopback ports, and offers what tests and
+real process (``python -m zbroker.broker run``) on free loopback ports, and offers what tests and
 chaos runs need: wait for a primary, kill, pause, resume, restart, wipe a node's data.
 Nothing here sleeps to synchronise: every wait is a condition polled until a deadline.
 
@@ -13,7 +13,7 @@ Nothing here sleeps to synchronise: every wait is a condition polled until a dea
 Secure by default, like ``zbroker init``: CURVE on every socket, node keys on the
 SERVER lines of ``triad.license``. So that code handed the bare ``triad.endpoints``
 (in this process, or in processes it starts) still finds the nodes' keys, a running
-secure triad puts its license file on ``ZBROKER_SERVER_KEYS`` (``clients.licpath``) and
+secure triad puts its license file on ``ZBROKER_SERVER_KEYS`` (``zbroker.clients.licpath``) and
 takes it off again in ``stop``. ``LocalTriad(..., secure=False)`` runs plain TCP.
 """
 
@@ -59,8 +59,8 @@ class LocalTriad:
         settings: dict[str, Any] | None = None,
         secure: bool = True,
     ) -> None:
-        from broker.config import load_config
-        from broker.demo import write_demo
+        from zbroker.broker.config import load_config
+        from zbroker.broker.demo import write_demo
 
         self.dir = Path(directory)
         self.config_path = write_demo(
@@ -95,7 +95,7 @@ class LocalTriad:
 
     def command(self, name: str) -> list[str]:
         """The command line that starts node ``name`` (``zbroker run``)."""
-        from broker.cli import run_command
+        from zbroker.broker.cli import run_command
 
         return run_command(self.config_path, name)
 
@@ -152,7 +152,7 @@ class LocalTriad:
 
     def _share_keys(self, on: bool = True) -> None:
         """Put this triad's license on ZBROKER_SERVER_KEYS (or take it off)."""
-        from clients.licpath import KEYS_ENV
+        from zbroker.clients.licpath import KEYS_ENV
 
         if not self.config.secure:
             return
@@ -171,9 +171,9 @@ class LocalTriad:
 
     # --- observing
     def status(self, timeout: float = 0.5, holders: bool = True) -> dict[str, Any]:
-        """``broker.status.query_nodes``: holders too unless ``holders`` is False."""
-        from broker.cli import config_curve
-        from broker.status import query_nodes
+        """``zbroker.broker.status.query_nodes``: holders too unless ``holders`` is False."""
+        from zbroker.broker.cli import config_curve
+        from zbroker.broker.status import query_nodes
 
         return query_nodes(
             [(n.name, n.client) for n in self.config.nodes],

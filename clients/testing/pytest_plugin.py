@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from clients.testing.kit import LocalTriad
-from clients.testing.raw import RawClient
+from zbroker.clients.testing.kit import LocalTriad
+from zbroker.clients.testing.raw import RawClient
 
 _FAILED = pytest.StashKey[bool]()
 

@@ -1,7 +1,7 @@
 """Raw frames to a node's client socket: for tests of the node itself, and nothing else.
 
 Applications and the tools talk to nodes through the library (``LicenseClient``) or
-``zbroker status`` (``broker.status.ask``). A test of the node sometimes has to say
+``zbroker status`` (``zbroker.broker.status.ask``). A test of the node sometimes has to say
 what no client would: a map exactly as written (a document's example, a hostile
 mutation), junk bytes, several frames, a REQ socket's envelope. ``RawClient`` is the one
 socket such tests use, so that how a test connects (CURVE with the keys a secure
@@ -17,9 +17,9 @@ from typing import Any
 
 import zmq
 
-from broker.status import default_curve
-from clients.curve import ClientCurve
-from clients.wire import Reply, decode_reply, encode_request, pack
+from zbroker.broker.status import default_curve
+from zbroker.clients.curve import ClientCurve
+from zbroker.clients.wire import Reply, decode_reply, encode_request, pack
 
 SEND_TIMEOUT = 5.0  # seconds an IMMEDIATE socket may wait for its connection to come up
 

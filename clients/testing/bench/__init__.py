@@ -21,7 +21,7 @@ Modules:
 - ``cli``: the click command (``scripts/bench.py``, ``zbroker bench``).
 
 Nothing is imported here, so that ``zbroker --help`` stays light; use
-``clients.testing.bench.runner.run``.
+``zbroker.clients.testing.bench.runner.run``.
 """
 
 # the phases of ``runner.run``, in run order (``fleet``: sessions, then their grants)

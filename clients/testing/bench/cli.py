@@ -11,10 +11,10 @@ from pathlib import Path
 
 import click
 
-from broker.cli import Seconds
-from broker.config import Range
-from broker.limits import MAXIMA
-from clients.testing.bench import PHASES
+from zbroker.broker.cli import Seconds
+from zbroker.broker.config import Range
+from zbroker.broker.limits import MAXIMA
+from zbroker.clients.testing.bench import PHASES
 
 # Every number has a range (the checks of ``zbroker``'s other options): far above any
 # run this machine could make, far below what would overflow or never end.
@@ -94,9 +94,9 @@ def bench(
     only: tuple[str, ...],
 ) -> None:
     """Measure the triad against a bare ZeroMQ echo, in one run (SPEC section 7)."""
-    from clients.testing.bench.plan import plan_named
-    from clients.testing.bench.report import render
-    from clients.testing.bench.runner import run
+    from zbroker.clients.testing.bench.plan import plan_named
+    from zbroker.clients.testing.bench.report import render
+    from zbroker.clients.testing.bench.runner import run
 
     plan = plan_named(
         "tiny" if tiny else "quick" if quick else "full",

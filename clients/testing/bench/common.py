@@ -1,7 +1,7 @@
 """What the bench's processes share: request frames, statistics, process and node sampling.
 
 Frames are built by hand from docs/protocol.md (a map per frame, msgpack through
-``broker.wire``), because the load generators must cost the same per message whether
+``zbroker.broker.wire``), because the load generators must cost the same per message whether
 they drive the triad or the echo. Times are ``time.monotonic()`` readings, which on
 Linux are one clock for every process, so a kill in the runner and a grant seen by a
 prober can be subtracted.
@@ -21,9 +21,9 @@ from typing import Any
 
 import zmq
 
-from broker.wire import unpack
-from clients.curve import KeyPair, secure_client
-from clients.wire import encode_request
+from zbroker.broker.wire import unpack
+from zbroker.clients.curve import KeyPair, secure_client
+from zbroker.clients.wire import encode_request
 
 BENCH_FEATURE = "bench"
 BENCH_SEATS = 1_000_000  # never the limit: the bench measures the server, not contention

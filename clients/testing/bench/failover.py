@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 
 import zmq
 
-from clients.testing.bench.common import (
+from zbroker.clients.testing.bench.common import (
     Child,
     checkin_frame,
     checkout_frame,

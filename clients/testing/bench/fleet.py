@@ -29,7 +29,7 @@ from typing import Any
 
 import zmq
 
-from clients.testing.bench.common import (
+from zbroker.clients.testing.bench.common import (
     BENCH_FEATURE,
     Child,
     frame,

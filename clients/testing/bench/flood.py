@@ -44,14 +44,14 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from clients.testing.bench.common import BENCH_FEATURE, frame, open_frame, reply_of, sample
-from clients.testing.bench.fleet import Fleet
-from clients.testing.bench.load import LoadPool
-from clients.testing.bench.triad import BenchTriad
-from clients.wire import encode_request
+from zbroker.clients.testing.bench.common import BENCH_FEATURE, frame, open_frame, reply_of, sample
+from zbroker.clients.testing.bench.fleet import Fleet
+from zbroker.clients.testing.bench.load import LoadPool
+from zbroker.clients.testing.bench.triad import BenchTriad
+from zbroker.clients.wire import encode_request
 
 if TYPE_CHECKING:
-    from clients.testing.bench.plan import Plan
+    from zbroker.clients.testing.bench.plan import Plan
 
 PAGES = {"op": "status", "holders": True}
 # name: (request, burst, gap): all at once, or paced so that each loop cycle answers all it

@@ -25,8 +25,8 @@ from typing import Any
 
 import zmq
 
-from clients.curve import generate_keypair, secure_client
-from clients.testing.bench.common import (
+from zbroker.clients.curve import generate_keypair, secure_client
+from zbroker.clients.testing.bench.common import (
     Child,
     checkin_frame,
     checkout_frame,

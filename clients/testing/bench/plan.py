@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from clients.testing.bench import PHASES
+from zbroker.clients.testing.bench import PHASES
 
 
 @dataclass(frozen=True)

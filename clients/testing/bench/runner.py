@@ -45,16 +45,22 @@ from typing import Any
 import msgpack
 import zmq
 
-from broker.demo import free_ports
-from clients.testing.bench import echo
-from clients.testing.bench.common import BENCH_FEATURE, ProcSample, cpu_percent, ratio, sample
-from clients.testing.bench.failover import Prober
-from clients.testing.bench.fleet import Fleet
-from clients.testing.bench.flood import run_flood
-from clients.testing.bench.load import LevelResult, LoadPool
-from clients.testing.bench.plan import Plan
-from clients.testing.bench.storm import Storm, raise_fd_limit
-from clients.testing.bench.triad import BenchTriad
+from zbroker.broker.demo import free_ports
+from zbroker.clients.testing.bench import echo
+from zbroker.clients.testing.bench.common import (
+    BENCH_FEATURE,
+    ProcSample,
+    cpu_percent,
+    ratio,
+    sample,
+)
+from zbroker.clients.testing.bench.failover import Prober
+from zbroker.clients.testing.bench.fleet import Fleet
+from zbroker.clients.testing.bench.flood import run_flood
+from zbroker.clients.testing.bench.load import LevelResult, LoadPool
+from zbroker.clients.testing.bench.plan import Plan
+from zbroker.clients.testing.bench.storm import Storm, raise_fd_limit
+from zbroker.clients.testing.bench.triad import BenchTriad
 
 Say = Callable[[str], None]
 

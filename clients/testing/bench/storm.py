@@ -1,6 +1,6 @@
 """A reconnect storm: many clients fail over at once, with the client library's own policy.
 
-Each client is one ``clients.link.Link``, the class the library's I/O thread drives for
+Each client is one ``zbroker.clients.link.Link``, the class the library's I/O thread drives for
 one application: its session, its heartbeats at the interval the open reply asks, its
 requests and their tries (``try_timeout`` 0.3 s, ``redirect`` followed, the next node
 after ``unavailable``, a backoff after every full round). So the storm fails over the
@@ -49,13 +49,13 @@ from typing import Any
 
 import zmq
 
-from broker.wire import unpack
-from clients.client import TRY_TIMEOUT
-from clients.engine import MAX_REPLY
-from clients.grant import Grant, GrantState
-from clients.link import MAX_NODES, Link
-from clients.protocol import ErrorCode, Status
-from clients.testing.bench.common import BENCH_FEATURE, Child, percentiles
+from zbroker.broker.wire import unpack
+from zbroker.clients.client import TRY_TIMEOUT
+from zbroker.clients.engine import MAX_REPLY
+from zbroker.clients.grant import Grant, GrantState
+from zbroker.clients.link import MAX_NODES, Link
+from zbroker.clients.protocol import ErrorCode, Status
+from zbroker.clients.testing.bench.common import BENCH_FEATURE, Child, percentiles
 
 DEADLINE = 30.0  # of each wave's checkout: a client not served by then counts as failed
 POLL_CAP = 0.5  # seconds: the loop wakes at least this often, as the library's does

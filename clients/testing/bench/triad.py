@@ -20,12 +20,12 @@ from typing import Any
 
 import zmq
 
-import broker
-from broker.license import sign_license_text
-from broker.signing import load_private_key
-from clients.curve import generate_keypair, load_keypair, secure_client
-from clients.protocol import ErrorCode
-from clients.testing.bench.common import (
+import zbroker
+from zbroker.broker.license import sign_license_text
+from zbroker.broker.signing import load_private_key
+from zbroker.clients.curve import generate_keypair, load_keypair, secure_client
+from zbroker.clients.protocol import ErrorCode
+from zbroker.clients.testing.bench.common import (
     BENCH_FEATURE,
     BENCH_SEATS,
     HeartbeatWatcher,
@@ -34,16 +34,16 @@ from clients.testing.bench.common import (
     reply_of,
     sample,
 )
-from clients.testing.kit import LocalTriad
+from zbroker.clients.testing.kit import LocalTriad
 
 
 def _same_code() -> None:
-    """Make node processes (``python -m broker``) import the code this process imported.
+    """Make node processes (``python -m zbroker.broker``) import the code this process imported.
 
     Without it they import whatever ``python -m`` finds first from their working
     directory: another checkout's editable install, say, which measures other code.
     """
-    root = str(Path(broker.__file__).resolve().parent.parent)
+    root = str(Path(zbroker.__file__).resolve().parent.parent)  # the folder holding zbroker/
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
     os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import itertools
 
-from clients.testing.chaos.history import Fault, History
-from clients.testing.chaos.verdict import CheckOptions, Finding, Report, Timed, Window
+from zbroker.clients.testing.chaos.history import Fault, History
+from zbroker.clients.testing.chaos.verdict import CheckOptions, Finding, Report, Timed, Window
 
 
 def check_availability(history: History, report: Report, opts: CheckOptions) -> None:

@@ -53,9 +53,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from clients.testing.chaos.availability import check_availability
-from clients.testing.chaos.history import GrantInfo, History, Op
-from clients.testing.chaos.verdict import MAX_POINTERS, CheckOptions, Finding, Report
+from zbroker.clients.testing.chaos.availability import check_availability
+from zbroker.clients.testing.chaos.history import GrantInfo, History, Op
+from zbroker.clients.testing.chaos.verdict import MAX_POINTERS, CheckOptions, Finding, Report
 
 
 @dataclass(frozen=True)
@@ -105,11 +105,11 @@ def check(history: History, options: CheckOptions | None = None) -> Report:
 
 def _report_logs(history: History, report: Report) -> None:
     """Issue 13: the nodes' report logs agree by index, and hold each checkout and checkin
-    a client was told of exactly once (``broker.report_check``). Judged only when the run's
+    a client was told of exactly once (``zbroker.broker.report_check``). Judged only when the run's
     config (meta) names report logs that exist."""
-    from broker.config import ConfigError, load_config
-    from broker.report_check import compare_nodes, match_clients
-    from broker.reportfile import ReportFileError, log_files, read_stream
+    from zbroker.broker.config import ConfigError, load_config
+    from zbroker.broker.report_check import compare_nodes, match_clients
+    from zbroker.broker.reportfile import ReportFileError, log_files, read_stream
 
     path = ((history.meta or {}).get("options") or {}).get("config")
     try:

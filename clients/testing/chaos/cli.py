@@ -25,12 +25,12 @@ from types import FrameType
 
 import click
 
-from broker.cli import Seconds
-from broker.config import RANGES, Range
-from broker.wire import MAX_REQ
-from clients.testing.chaos.checker import check
-from clients.testing.chaos.history import HistoryError, read_history
-from clients.testing.chaos.nemesis import (
+from zbroker.broker.cli import Seconds
+from zbroker.broker.config import RANGES, Range
+from zbroker.broker.wire import MAX_REQ
+from zbroker.clients.testing.chaos.checker import check
+from zbroker.clients.testing.chaos.history import HistoryError, read_history
+from zbroker.clients.testing.chaos.nemesis import (
     ALL_KINDS,
     PARTITION_KINDS,
     CutKind,
@@ -39,8 +39,8 @@ from clients.testing.chaos.nemesis import (
     parse_kinds,
     schedule,
 )
-from clients.testing.chaos.runner import RunError, Runner, RunOptions
-from clients.testing.chaos.verdict import CheckOptions, figures, render
+from zbroker.clients.testing.chaos.runner import RunError, Runner, RunOptions
+from zbroker.clients.testing.chaos.verdict import CheckOptions, figures, render
 
 EXIT_CLEAN, EXIT_VIOLATED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 MAX_RUN = 7 * 86_400.0  # --duration: a week is already a soak test
@@ -264,7 +264,7 @@ def _check(path: Path, out: Path, options: CheckOptions, *, plot: bool) -> int:
     (out / "report.txt").write_text(text + "\n")
     (out / "figures.json").write_text(json.dumps(figures(report), indent=2) + "\n")
     if plot:
-        from clients.testing.chaos.plot import PlotUnavailable, plot_timeline
+        from zbroker.clients.testing.chaos.plot import PlotUnavailable, plot_timeline
 
         try:
             print(f"timeline: {plot_timeline(history, report, out / 'timeline.png')}")

@@ -14,7 +14,7 @@ healed again: every node up, one primary serving, the backups caught up, and (wi
 failback) the highest-ranked node back in control. Every wait has a deadline; a node
 left stopped or down by a failure is always resumed and started again by ``heal``.
 
-Partitions (``CutKind``) need hosts (``clients.testing.hosts``): the nemesis is then given
+Partitions (``CutKind``) need hosts (``zbroker.clients.testing.hosts``): the nemesis is then given
 the run's ``Network`` and cuts links between the hosts instead of stopping processes.
 Their actions: ``isolate`` (a node cut off from both other nodes; the role says whether
 it was the primary: a failover is due), ``cut`` and ``heal`` of one link (``node`` is one
@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from clients.testing.kit import TriadTimeout, wait_for
+from zbroker.clients.testing.kit import TriadTimeout, wait_for
 
 
 class FaultKind(enum.Enum):
@@ -203,7 +203,7 @@ def schedule(
 
 
 class Triad(Protocol):
-    """What the nemesis needs of a triad: clients.testing.kit.LocalTriad has it."""
+    """What the nemesis needs of a triad: zbroker.clients.testing.kit.LocalTriad has it."""
 
     names: list[str]
 
@@ -217,7 +217,7 @@ class Triad(Protocol):
 
 
 class Network(Protocol):
-    """What the nemesis needs to cut links between nodes: clients.testing.hosts.HostTriad."""
+    """What the nemesis needs to cut links between nodes: ``hosts.HostTriad``."""
 
     @property
     def cuts(self) -> set[frozenset[str]]: ...  # the links cut now
@@ -228,7 +228,7 @@ class Network(Protocol):
 
 Record = Callable[..., Any]  # Recorder.write
 Probe = Callable[[str], str]  # node -> what it answered a checkout (HostTriad.probe)
-CLIENTS = "clients"  # the clients' host (clients.testing.hosts.CLIENTS)
+CLIENTS = "clients"  # the clients' host (zbroker.clients.testing.hosts.CLIENTS)
 
 
 @dataclass(frozen=True)

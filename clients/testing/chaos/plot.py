@@ -21,9 +21,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from clients.testing.chaos.checker import hold_intervals
-from clients.testing.chaos.history import History
-from clients.testing.chaos.verdict import Report
+from zbroker.clients.testing.chaos.checker import hold_intervals
+from zbroker.clients.testing.chaos.history import History
+from zbroker.clients.testing.chaos.verdict import Report
 
 OUTCOME_COLOURS = {
     "ok": "tab:green",

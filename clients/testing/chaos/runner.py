@@ -4,7 +4,7 @@ The run, in order (each phase is a ``phase`` record in the history):
 
 1. start the triad (``LocalTriad`` in ``out/triad``, or the nodes of an existing config)
    and wait for a primary; record ``meta`` with the features' totals from its status;
-2. ``load``: start the client processes (``python -m clients.testing.chaos.workload``) and a
+2. ``load``: start the client processes (``python -m zbroker.clients.testing.chaos.workload``) and a
    sampler thread (the triad's status every ``sample_every`` seconds: who is primary,
    seats in use); apply the schedule's faults one after another while time is left;
 3. ``hold``: heal the triad, tell the clients to stop and hold what they hold;
@@ -20,7 +20,7 @@ Whatever happens, the ``finally`` block stops the client processes and every nod
 and merges the per-process histories into ``out/history.jsonl``.
 
 Hosts (``RunOptions.hosts``, ``zbroker chaos --hosts``): every node runs in a network
-namespace of its own and the client processes in the clients' (``clients.testing.hosts``),
+namespace of its own and the client processes in the clients' (``zbroker.clients.testing.hosts``),
 the runner's status queries go through the observer's host, and the nemesis can cut
 links (``CutKind``). Every namespace is deleted at the end, whatever happened.
 
@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from broker.config import load_config
-from broker.status import query_nodes
-from clients.testing.chaos.history import Recorder, merge_files
-from clients.testing.chaos.nemesis import (
+from zbroker.broker.config import load_config
+from zbroker.broker.status import query_nodes
+from zbroker.clients.testing.chaos.history import Recorder, merge_files
+from zbroker.clients.testing.chaos.nemesis import (
     ALL_KINDS,
     ESTIMATE,
     Kind,
@@ -53,8 +53,8 @@ from clients.testing.chaos.nemesis import (
     Network,
     schedule,
 )
-from clients.testing.chaos.workload import WorkloadSpec, default_mix
-from clients.testing.kit import LocalTriad, TriadTimeout
+from zbroker.clients.testing.chaos.workload import WorkloadSpec, default_mix
+from zbroker.clients.testing.kit import LocalTriad, TriadTimeout
 
 # The end of a run, counted back from its deadline (seconds before it):
 FINAL_RESERVE = 10.0  # the load ends: hold, settle, final check-ins, shutdown follow
@@ -122,7 +122,7 @@ class ConfigTriad(LocalTriad):
 
 def node_views(triad: LocalTriad, timeout: float = 0.5) -> dict[str, Any]:
     """Each node's own view (role, term, commit, features and holders); None if silent."""
-    from clients.testing.hosts import HostTriad
+    from zbroker.clients.testing.hosts import HostTriad
 
     views: dict[str, Any] = {}
     for node in triad.config.nodes:
@@ -171,7 +171,7 @@ def _agree(views: dict[str, Any]) -> bool:
 
 def _prober(triad: LocalTriad, feature: str | None) -> Callable[[str], str] | None:
     """HostTriad.probe of ``feature`` (the workload's probe: the largest), None without hosts."""
-    from clients.testing.hosts import HostTriad
+    from zbroker.clients.testing.hosts import HostTriad
 
     if not isinstance(triad, HostTriad) or feature is None:
         return None
@@ -213,7 +213,7 @@ class _Worker:
     ) -> None:
         spec_path.write_text(spec.to_json())
         self.spec = spec
-        command = [sys.executable, "-m", "clients.testing.chaos.workload", str(spec_path)]
+        command = [sys.executable, "-m", "zbroker.clients.testing.chaos.workload", str(spec_path)]
         with open(log_path, "ab") as log:
             self.proc: subprocess.Popen[str] = subprocess.Popen(
                 prefix + command,  # prefix: on the clients' host (ip netns exec), or none
@@ -305,7 +305,7 @@ class Runner:
         network: Network | None = None  # the HostTriad: it cuts links by node name
         client_prefix: list[str] = []  # what starts a client process on the clients' host
         if o.hosts:
-            from clients.testing.hosts import Hosts, HostsError, HostTriad
+            from zbroker.clients.testing.hosts import Hosts, HostsError, HostTriad
 
             if o.config is not None:
                 raise RunError("--hosts runs a fresh demo on its own hosts; not with --config")

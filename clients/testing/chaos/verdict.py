@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from clients.testing.chaos.history import History
+from zbroker.clients.testing.chaos.history import History
 
 INVARIANTS = (
     "history",

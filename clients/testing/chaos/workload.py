@@ -1,7 +1,7 @@
 """One client process of a chaos run: several sessions checking seats out and in, recorded.
 
-Run as ``python -m clients.testing.chaos.workload SPEC.json`` by the runner (a fresh interpreter,
-so no ZeroMQ context ever crosses a fork). Each session is a thread with its own
+Run as ``python -m zbroker.clients.testing.chaos.workload SPEC.json`` by the runner (a
+fresh interpreter, so no ZeroMQ context ever crosses a fork). Each session is a thread with its own
 ``LicenseClient`` (so its own triad session), and loops: check out a random feature
 (sometimes queueing with ``wait``), hold the grant a random while, check it in. Every
 call is recorded as an ``invoke`` before it and a ``complete`` after it; ``on_lost``
@@ -33,15 +33,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from clients import (
-    Grant,
-    LicenseClient,
-    LicenseDenied,
-    LicenseError,
-    LicenseUnavailable,
-    OutcomeUnknown,
-)
-from clients.testing.chaos.history import Recorder
+from zbroker.clients.client import LicenseClient
+from zbroker.clients.errors import LicenseDenied, LicenseError, LicenseUnavailable, OutcomeUnknown
+from zbroker.clients.grant import Grant
+from zbroker.clients.testing.chaos.history import Recorder
 
 FINAL_TRIES = 5  # check-ins at the end re-tried this often when "unavailable"
 CLOSE_TIMEOUT = 1.0  # closing the clients at the end: the triad expires what is left
@@ -347,7 +342,7 @@ def _control(stop: threading.Event, release: threading.Event, quit: threading.Ev
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m clients.testing.chaos.workload SPEC.json", file=sys.stderr)
+        print("usage: python -m zbroker.clients.testing.chaos.workload SPEC.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     spec = WorkloadSpec.from_json(Path(argv[0]).read_text())
