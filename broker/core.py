@@ -15,11 +15,12 @@ The core owns the ledger, the replica and the client front. The shell feeds it e
 6. ``start_over`` (a reason): set the data directory aside with that reason and hand
    what storage then loads to ``restart``; ``stop``: stop after this cycle's sends.
 
-``report`` holds the report log's records of the entries committed and applied this
-cycle (``broker/reportlog.py``), in log order, when the node keeps a report log: a
-backup derives them as it applies, a primary when it decides (from the same ledger
-state) and hands them out once their entries commit. ``report_from``: the ledger was
-replaced by a snapshot at that index (the shell's writer marks a gap if it must).
+``report`` holds the report log's records of the entries committed and applied since the
+last ``ready`` (``broker/reportlog.py``), in log order, when the node keeps a report log:
+a backup derives them as it applies (so what it applies in ``advance`` comes with the
+next cycle's), a primary when it decides (from the same ledger state) and hands them out
+once their entries commit. ``report_from``: the ledger was replaced by a snapshot at that
+index (the shell's writer marks a gap if it must).
 
 The next cycle's poll waits no longer than ``wake_at`` (monotonic seconds).
 
@@ -449,9 +450,7 @@ class NodeCore:
         )
         self._pending.clear()
         self._batch_records.clear()
-        abandoned: Reply = {"status": "redirect", "primary": None, "outcome": "unknown"}
-        for identity, (sid, req) in self.front.abandon():
-            self._reply(identity, sid, req, abandoned)
+        self._abandon(None)
         self._batch.clear()
         self._unapplied.clear()
         self.status_asks = StatusReplies()  # their askers retry; the report would be stale
@@ -602,7 +601,6 @@ class NodeCore:
         decided by, which the event may end."""
         if self._batch:
             self._propose()
-        self._serving_at = math.nan
 
     # --- the replica's effects -------------------------------------------------------
 
@@ -751,13 +749,13 @@ class NodeCore:
                 self._apply_reporting(log_.slice(log_.snap_index + 1, self.replica.commit))
             else:
                 applied.rebuild(log_, self.replica.commit)
-        # Their requests may or may not commit under the next primary: say so, and let
-        # the clients ask it (it answers a retry from the replicated request table).
-        abandoned: Reply = {
-            "status": "redirect",
-            "primary": self.endpoints.get(effect.primary or ""),
-            "outcome": "unknown",
-        }
+        self._abandon(self.endpoints.get(effect.primary or ""))
+
+    def _abandon(self, primary: str | None) -> None:
+        """Redirect every waiting client to ``primary`` (an endpoint; None: unknown yet).
+        Their requests may or may not commit under the next primary: say so, and let the
+        clients ask it (it answers a retry from the replicated request table)."""
+        abandoned: Reply = {"status": "redirect", "primary": primary, "outcome": "unknown"}
         for identity, (sid, req) in self.front.abandon():
             self._reply(identity, sid, req, abandoned)
 

@@ -7,16 +7,15 @@ State comes in two kinds.
 *Replicated* (the same on every node, in every snapshot): the entitlements and the
 options file (``broker/options.py``), the sessions (user, host, display, client
 version, the address it opened from and its project, opening time, ``ack`` and the
-replies recorded under their request ids), the
-grants, and the counter ``next_grant``. Only
-``apply(delta)`` changes it, and ``apply`` decides nothing: a delta carries every
+replies recorded under their request ids), the grants, and the counter ``next_grant``.
+Only ``apply(delta)`` changes it, and ``apply`` decides nothing: a delta carries every
 decision (the grant id, the pool, the wall time), so the same deltas applied in the
 same order to the same snapshot give the same ledger everywhere. Deltas also carry, for
 the report log alone (docs/reportlog.md), facts ``apply`` ignores: every delta's wall
 time, what a denied checkout asked for, how long a queued one ``waited``; a delta
-without them (an older log's) applies alike. ``apply`` checks
-that a delta fits before touching anything and raises ``LedgerError`` otherwise, so
-a bad delta leaves the state as it was.
+without them (an older log's) applies alike. ``apply`` checks that a delta fits before
+touching anything and raises ``LedgerError`` otherwise, so a bad delta leaves the state
+as it was.
 
 *Volatile* (the primary's alone, never replicated, empty after a failover): the
 lease deadline of each session and the FIFO wait queue of each feature. A node
@@ -516,8 +515,12 @@ class Ledger:
         """The license's and the options file's decision; ``extra``, ``gone`` (sessions
         expiring) and ``pending`` (feature, holding) are a tick's decisions not yet applied."""
         used = self._used
+
+        def taken(key: PoolKey) -> int:  # seats of the pool, this tick's decisions counted
+            return used.get(key, 0) + extra.get(key, 0)
+
         if self._policy is None:  # the license's choice alone, without the policy's
-            # Principal and closures: a checkout is the hot path (scripts/ab_instructions.py)
+            # Principal and holdings: a checkout is the hot path (scripts/ab_instructions.py)
             return choose(
                 self._catalog,
                 request.feature,
@@ -526,7 +529,7 @@ class Ledger:
                 session.user,
                 session.host,
                 day,
-                lambda key: used.get(key, 0) + extra.get(key, 0),
+                taken,
             )
         return choose_under(
             self._policy,
@@ -536,7 +539,7 @@ class Ledger:
             request.count,
             _principal(session),
             day,
-            lambda key: used.get(key, 0) + extra.get(key, 0),
+            taken,
             lambda: self._holdings(request.feature, gone, pending),
         )
 

@@ -67,25 +67,33 @@ def measure(fsync: bool, outstanding: int, duration: float, warmup: float) -> di
     return out
 
 
-def _module(name: str) -> Any:
-    """Module ``name`` (``broker.demo``, say) of the tree on ``sys.path``: under the
-    ``zbroker`` namespace, or top-level in a tree from before it."""
-    import importlib
-    import importlib.util
+def _tree() -> Path:
+    """The tree this child measures: the first entry of its PYTHONPATH (see main)."""
+    return Path(os.environ["PYTHONPATH"].split(os.pathsep)[0])
 
-    prefix = "zbroker." if importlib.util.find_spec("zbroker") is not None else ""
-    return importlib.import_module(prefix + name)
+
+def _module(name: str) -> Any:
+    """Module ``name`` (``broker.demo``, say) of the tree measured: under the ``zbroker``
+    namespace, or top-level in a tree from before it. Decided by the tree's layout, not by
+    what imports: an installed zbroker (an editable install of another checkout) would
+    import too, and measure the wrong code."""
+    namespaced = (_tree() / "zbroker" / "__init__.py").is_file()
+    return importlib.import_module(("zbroker." if namespaced else "") + name)
 
 
 def _bench(name: str) -> Any:
-    """The benchmark's module ``name`` in the tree on ``sys.path``, old layout or new."""
-    for package in ("zbroker.clients.testing.bench", "clients.testing.bench", "clients.bench"):
+    """The benchmark's module ``name`` in the tree measured, whichever layout it has."""
+    if (_tree() / "zbroker" / "__init__.py").is_file():
+        packages: tuple[str, ...] = ("zbroker.clients.testing.bench",)
+    else:  # before the namespace: the test tooling in clients/testing, or in clients/bench
+        packages = ("clients.testing.bench", "clients.bench")
+    for package in packages:
         try:
             return importlib.import_module(f"{package}.{name}")
         except ModuleNotFoundError as exc:
             if exc.name is None or not package.startswith(exc.name):
                 raise  # a module the benchmark itself imports is missing
-    raise ModuleNotFoundError("this tree has neither clients/testing/bench nor clients/bench")
+    raise ModuleNotFoundError(f"{_tree()} has no bench package: {', '.join(packages)}")
 
 
 def main() -> None:

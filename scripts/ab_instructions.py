@@ -38,6 +38,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ab import _bench, _module  # scripts/ab.py: the tree's modules, either layout
+
 NO_RESEND = 600.0  # a request is never sent twice: every pair is counted exactly once
 
 
@@ -244,29 +246,6 @@ def _drive(sock: Any, common: Any, sids: list[str], pairs: int) -> int:
             finished += 1
         issue(i)
     return finished
-
-
-def _module(name: str) -> Any:
-    """Module ``name`` (``broker.demo``, say) of the tree on ``sys.path``: under the
-    ``zbroker`` namespace, or top-level in a tree from before it."""
-    import importlib
-    import importlib.util
-
-    prefix = "zbroker." if importlib.util.find_spec("zbroker") is not None else ""
-    return importlib.import_module(prefix + name)
-
-
-def _bench(name: str) -> Any:
-    """The benchmark's module ``name`` in the tree on ``sys.path``, old layout or new."""
-    import importlib
-
-    for package in ("zbroker.clients.testing.bench", "clients.testing.bench", "clients.bench"):
-        try:
-            return importlib.import_module(f"{package}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not package.startswith(exc.name):
-                raise
-    raise ModuleNotFoundError("this tree has neither clients/testing/bench nor clients/bench")
 
 
 def annotate(out: Path, top: int) -> str:
