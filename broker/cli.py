@@ -139,6 +139,15 @@ config_option = click.option(
 )
 
 
+admin_key_option = click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help=f"the administrator's secret key (default ${ADMIN_KEY_ENV}, else admin_key of the config)",
+)
+
+
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
@@ -377,10 +386,9 @@ def web(config_path: str, license_path: str | None, listen: str, timeout: float)
     of browsers costs the nodes nothing more. It lists user and host names: serve it on
     loopback, or where only administrators reach it.
     """
-    from zbroker.broker.license import read_servers
     from zbroker.broker.status import query_nodes
     from zbroker.clients.errors import LicenseError as ClientError
-    from zbroker.clients.licpath import keys_from_file
+    from zbroker.clients.licpath import keys_of, read_server_lines
 
     try:
         from zbroker.broker.web.app import create_app, listen_socket, serve
@@ -394,9 +402,9 @@ def web(config_path: str, license_path: str | None, listen: str, timeout: float)
         _fail(ValueError(f"--listen {listen!r}: expected HOST:PORT, such as 127.0.0.1:8090"))
     try:
         if license_path is not None:
-            servers = read_servers(license_path)
+            servers = read_server_lines(license_path)
             endpoints = [(s.name, s.endpoint) for s in servers]
-            keys = keys_from_file(license_path)
+            keys = keys_of(servers, license_path)
             curve = ClientCurve(process_keypair(), keys) if keys else None
         else:
             config = load_config(config_path)
@@ -514,13 +522,7 @@ def checkout(
 @main.command()
 @config_option
 @click.option("--node", "only", multiple=True, help="stop only this node (repeatable)")
-@click.option(
-    "--key",
-    "key_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help=f"the administrator's secret key (default ${ADMIN_KEY_ENV}, else admin_key of the config)",
-)
+@admin_key_option
 @click.option(
     "--timeout",
     type=Seconds(Range(0.0, MAX_ASK, low_open=True)),
@@ -536,20 +538,9 @@ def down(config_path: str, only: tuple[str, ...], key_path: str | None, timeout:
     administrator's key (one listed in admin_keys); plain mode, a shell on a node's host.
     Exit status: 0 when every node asked is down, 1 when one refused or still answers.
     """
-    from zbroker.broker.status import ask, query_nodes
-    from zbroker.clients.errors import LicenseError as ClientError
+    from zbroker.broker.status import query_nodes
 
-    try:
-        config = load_config(config_path)
-        nodes = [config.node(name) for name in only] if only else list(config.nodes)
-        curve = config_curve(config, admin=True, key_path=key_path)
-    except _CONFIG_ERRORS as exc:
-        _fail(exc)
-    endpoints = [(n.name, n.client) for n in nodes]
-    try:
-        replies = ask(endpoints, {"op": "admin", "action": "down"}, timeout=timeout, curve=curve)
-    except ClientError as exc:  # a node's reply we cannot read
-        _fail(exc, EXIT_REFUSED)
+    endpoints, curve, replies = _ask_admin(config_path, key_path, only, "down", timeout)
     refused = False
     for name, _ in endpoints:
         reply = replies.get(name)
@@ -577,13 +568,7 @@ def down(config_path: str, only: tuple[str, ...], key_path: str | None, timeout:
 
 @main.command()
 @config_option
-@click.option(
-    "--key",
-    "key_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help=f"the administrator's secret key (default ${ADMIN_KEY_ENV}, else admin_key of the config)",
-)
+@admin_key_option
 @click.option(
     "--timeout",
     type=Seconds(Range(0.0, MAX_ASK, low_open=True)),
@@ -600,19 +585,8 @@ def reread(config_path: str, key_path: str | None, timeout: float) -> None:
     one point of the log, and a node whose copy does not load logs why and keeps what it
     had. Exit status: 0 when every node answered, 1 when one refused or did not answer.
     """
-    from zbroker.broker.status import ask
-    from zbroker.clients.errors import LicenseError as ClientError
-
-    try:
-        config = load_config(config_path)  # reads the license and the options file
-        curve = config_curve(config, admin=True, key_path=key_path)
-    except _CONFIG_ERRORS as exc:
-        _fail(exc)
-    endpoints = [(n.name, n.client) for n in config.nodes]
-    try:
-        replies = ask(endpoints, {"op": "admin", "action": "reread"}, timeout=timeout, curve=curve)
-    except ClientError as exc:  # a node's reply we cannot read
-        _fail(exc, EXIT_REFUSED)
+    # load_config reads the license and the options file: a broken one exits 2 here.
+    endpoints, _, replies = _ask_admin(config_path, key_path, (), "reread", timeout)
     failed = False
     for name, _ in endpoints:
         reply = replies.get(name)
@@ -626,6 +600,31 @@ def reread(config_path: str, key_path: str | None, timeout: float) -> None:
             click.echo(f"{name}: refused: {reply.get('code')}: {reply.get('detail')}", err=True)
     if failed:
         sys.exit(EXIT_REFUSED)
+
+
+def _ask_admin(
+    config_path: str, key_path: str | None, only: tuple[str, ...], action: str, timeout: float
+) -> tuple[list[tuple[str, str]], ClientCurve | None, dict[str, Any]]:
+    """Ask the config's nodes (those named in ``only``, else all) for an admin ``action``.
+
+    The (name, endpoint)s asked, the administrator's CURVE and the replies by node name.
+    Exit 2 on a config error, 1 on a reply that cannot be read.
+    """
+    from zbroker.broker.status import ask
+    from zbroker.clients.errors import LicenseError as ClientError
+
+    try:
+        config = load_config(config_path)
+        nodes = [config.node(name) for name in only] if only else list(config.nodes)
+        curve = config_curve(config, admin=True, key_path=key_path)
+    except _CONFIG_ERRORS as exc:
+        _fail(exc)
+    endpoints = [(n.name, n.client) for n in nodes]
+    try:
+        replies = ask(endpoints, {"op": "admin", "action": action}, timeout=timeout, curve=curve)
+    except ClientError as exc:  # a node's reply we cannot read
+        _fail(exc, EXIT_REFUSED)
+    return endpoints, curve, replies
 
 
 @main.command()

@@ -38,10 +38,11 @@ to forge a line, or a part of one, that a scheduler would believe
 from __future__ import annotations
 
 import datetime
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from zbroker.clients.licfile import tcp_host_port
 
 # The lmgrd version whose lmstat layout this reproduces; parsers match ``v[\d.]+``.
 COMPAT_VERSION = "v11.19.0"
@@ -181,6 +182,7 @@ class Entry:
     license_file: str | None = None
     own_file: bool = False  # license_file is zbroker's own: its lines were read
     lines: tuple[LicenseLine, ...] = ()  # of that file
+    keys: tuple[tuple[str, str], ...] = ()  # (endpoint, CURVE key) of its SERVER lines' KEY=
 
     def vendor_of(self, feature: str, default: str) -> str:
         return next((ln.vendor for ln in self.lines if ln.feature == feature), default)
@@ -188,8 +190,10 @@ class Entry:
 
 def host_port(endpoint: str) -> tuple[str, int]:
     """``(host, port)`` of ``tcp://host:port`` (others: the whole endpoint and port 0)."""
-    match = re.fullmatch(r"tcp://(.+):(\d+)", endpoint)
-    return (match.group(1), int(match.group(2))) if match else (endpoint, 0)
+    try:
+        return tcp_host_port(endpoint)
+    except ValueError:
+        return endpoint, 0
 
 
 def flexnet_servers(text: str) -> tuple[str, ...]:

@@ -227,7 +227,9 @@ def entries_of(path: str) -> list[Entry]:
 def _file_entry(path: str) -> Entry:
     """A license file: zbroker's own (its SERVER lines and lines), else FlexNet's SERVERs."""
     from zbroker.broker.license import parse_syntax
+    from zbroker.clients.errors import LicensePathError
     from zbroker.clients.licfile import LicenseError, read_license_text
+    from zbroker.clients.licpath import keys_of
 
     try:
         text = read_license_text(path)
@@ -244,7 +246,11 @@ def _file_entry(path: str) -> Entry:
         LicenseLine(ln.name, ln.version, ln.count, ln.expires, ln.vendor) for ln in syntax.lines
     )
     servers = tuple(s.endpoint for s in syntax.servers)
-    return Entry(servers, license_file=path, own_file=True, lines=lines)
+    try:
+        keys = tuple(keys_of(syntax.servers, path).items())
+    except LicensePathError as exc:
+        raise LmutilError(str(exc)) from None
+    return Entry(servers, license_file=path, own_file=True, lines=lines, keys=keys)
 
 
 def _curve(entries: list[Entry]) -> Any:
@@ -258,13 +264,12 @@ def _curve(entries: list[Entry]) -> Any:
     from zbroker.clients.client import CLIENT_KEY_ENV
     from zbroker.clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
     from zbroker.clients.errors import LicensePathError
-    from zbroker.clients.licpath import keys_from_file, server_keys
+    from zbroker.clients.licpath import server_keys
 
     try:
         keys = server_keys("")  # those of the files on $ZBROKER_SERVER_KEYS
         for entry in entries:
-            if entry.license_file is not None and entry.own_file:
-                keys.update(keys_from_file(entry.license_file))
+            keys.update(entry.keys)
         if not any(e in keys for entry in entries for e in entry.endpoints):
             return None
         own = os.environ.get(CLIENT_KEY_ENV)

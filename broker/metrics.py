@@ -269,13 +269,13 @@ def _feature_families(node: str, features: Iterable[Any], now: Now) -> Iterator[
     reserved = GaugeMetricFamily(
         "zbroker_feature_seats_reserved_unused",
         "Seats set aside by an options file's RESERVE and not in use. Always 0 for now: "
-        "options files (issue 12) do not exist yet.",
+        "RESERVE is enforced, but the status report does not say its unused seats yet.",
         labels=labels,
     )
     lingering = GaugeMetricFamily(
         "zbroker_feature_seats_lingering",
-        "Seats checked in but held on by LINGER. Always 0 for now: options files "
-        "(issue 12) do not exist yet.",
+        "Seats checked in but held on by LINGER. Always 0 for now: LINGER is read but "
+        "nothing lingers yet (docs/admin.md).",
         labels=labels,
     )
     queued = GaugeMetricFamily(

@@ -5,8 +5,8 @@ What every party that *connects* to a node needs, the client library first: a ke
 Curve25519 public key (a SERVER line's ``KEY=``), and setting CURVE on a socket before it
 connects to a server whose public key it knows (``ClientCurve``), so a client talks only
 to the real node. The node's side (its server sockets, the ZAP handler that decides who
-may in, allow-lists) is ``zbroker.broker.security``'s and builds on this module: one reading of a
-key file for both.
+may in, allow-lists) is the node's (``zbroker.broker.security`` says which module has which
+job) and builds on this module: one reading of a key file for both.
 
 Key files are ZeroMQ certificates (``zmq.auth`` format): ``NAME.key`` holds the public
 key, ``NAME.key_secret`` both (mode 0600; a secret readable by others is refused).

@@ -24,7 +24,7 @@ import errno
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from zbroker.clients.curve import SecurityError, check_key
 from zbroker.clients.errors import LicensePathError, LicenseUnavailable
@@ -60,13 +60,13 @@ def raise_if_out_of_descriptors(path: str, exc: BaseException) -> None:
 
 def servers_from_file(path: str) -> Entry:
     """The endpoints of a license file's SERVER lines (``zbroker.clients.licfile``)."""
-    servers = _read_servers(path)
+    servers = read_server_lines(path)
     if not servers:
         raise LicensePathError(f"license file {path} has no SERVER line")
     return tuple(s.endpoint for s in servers)
 
 
-def _read_servers(path: str) -> list[ServerLine]:
+def read_server_lines(path: str) -> list[ServerLine]:
     """``read_servers``, its errors as LicensePathError (out of descriptors: unavailable)."""
     try:
         return read_servers(path)
@@ -126,10 +126,18 @@ def resolve(
 
 def keys_from_file(path: str) -> dict[str, str]:
     """``{endpoint: key}`` of the SERVER lines of a license file that carry ``KEY=``."""
+    return keys_of(read_server_lines(path), path)
+
+
+def keys_of(servers: Iterable[ServerLine], path: str) -> dict[str, str]:
+    """``{endpoint: key}`` of those of ``servers`` (read from ``path``) that carry ``KEY=``.
+
+    The one reading of ``KEY=``, for callers that read the file's SERVER lines already.
+    """
     try:
         return {
             s.endpoint: check_key(s.attrs["KEY"], f"{path}:{s.line}: SERVER {s.name} KEY=")
-            for s in _read_servers(path)
+            for s in servers
             if "KEY" in s.attrs
         }
     except SecurityError as exc:

@@ -1,8 +1,9 @@
 """``zbroker lmstat``'s text from synthetic statuses: the layout line for line, and what
 parsers written by others (tests/test_lmstat_parsers.py) read from it.
 
-Reservations, lingering seats and queued requests are synthetic here: the options file
-that makes them (issue 12) is not built yet, so no live status carries them.
+Reservations, lingering seats and queued requests are synthetic here: the status report
+does not carry reservations or lingering seats yet (tests/test_lmstat_live.py reads a live
+queue).
 """
 
 from __future__ import annotations

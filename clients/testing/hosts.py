@@ -177,10 +177,6 @@ class Hosts:
             self._route("delete", b, a)
             self.cuts.discard(link)
 
-    def heal_all(self) -> None:
-        for link in list(self.cuts):
-            self.heal(*sorted(link))
-
     def isolate(self, host: str, others: Iterable[str]) -> None:
         for other in others:
             self.cut(host, other)
