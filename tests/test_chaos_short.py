@@ -18,11 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from zbroker.clients.testing.chaos.checker import check
-from zbroker.clients.testing.chaos.history import read_history
+from zbroker.clients.testing.chaos.checked import run_checked
 from zbroker.clients.testing.chaos.nemesis import FaultKind
-from zbroker.clients.testing.chaos.runner import Runner, RunOptions
-from zbroker.clients.testing.chaos.verdict import CheckOptions, render
+from zbroker.clients.testing.chaos.runner import RunOptions
 
 pytestmark = pytest.mark.chaos
 
@@ -42,15 +40,9 @@ def test_a_short_run_of_each_fault_keeps_every_invariant(kind: FaultKind, tmp_pa
         seed=11,
         out=tmp_path,
     )
-    result = Runner(options, log=print).run()
-    history = read_history(result.history)
-    report = check(history, CheckOptions(liveness_limit=LIVENESS_LIMIT))
-    text = render(report, history, str(result.history))
-    logs = "\n".join(
-        f"===== {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-        for p in sorted((tmp_path / "triad" / "logs").glob("*.log"))
-    )
-    assert report.ok, f"{text}\n{logs}"
+    run = run_checked(options, LIVENESS_LIMIT)
+    history, report, text = run.history, run.report, run.text
+    assert report.ok, run.failure
     assert report.faults[kind.value] == count, text
     assert all(f.healed for f in history.faults), text
     assert report.counts["checkout"]["ok"] > 20, text  # the load flowed

@@ -39,6 +39,7 @@ from zbroker.broker.cli import config_curve
 from zbroker.broker.status import query_nodes
 from zbroker.broker.wire import pack
 from zbroker.clients.testing import LocalTriad, RawClient, wait_for
+from zbroker.clients.testing.raw import bind_retrying
 from zbroker.clients.wire import encode_request
 
 pytestmark = pytest.mark.integration
@@ -166,19 +167,6 @@ def replies_to(attacker: RawClient) -> list[dict[str, Any]]:
     raise AssertionError("the node never answered the control status request")
 
 
-def bind(sock: zmq.Socket[bytes], endpoint: str) -> None:
-    """Bind, retrying while a killed node's listener on that port is still going away."""
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            sock.bind(endpoint)
-            return
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)  # polling interval of a condition with a deadline
-
-
 # --- the client socket (secure) ---------------------------------------------------------
 
 
@@ -285,7 +273,7 @@ def plain_triad(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         pub = ctx.socket(zmq.XPUB)  # gamma's heartbeat endpoint, now ours
         pub.setsockopt(zmq.LINGER, 0)
         pub.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscriber's subscription, not the first
-        bind(pub, gamma.pub)
+        bind_retrying(pub, gamma.pub)
         joined = 0
         while joined < 2:  # both live nodes' SUBs reconnect to "gamma"
             assert pub.poll(10_000), "the nodes did not subscribe to the impostor"
@@ -473,7 +461,7 @@ def test_impostor_append_in_the_current_term_is_not_applied(tmp_path: Path) -> N
         # bound here; its first answer says it had taken the append before.
         answers: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
         answers.setsockopt(zmq.LINGER, 0)
-        bind(answers, triad.config.node(impostor).peer)
+        bind_retrying(answers, triad.config.node(impostor).peer)
         pre_vote = next(m for m in peer_templates(term, last) if m["t"] == "vote_req" and m["pre"])
         pre_vote["candidate"] = impostor
 

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from zbroker.clients.testing.chaos.checker import check
-from zbroker.clients.testing.chaos.history import read_history
+from zbroker.clients.testing.chaos.checked import run_checked
 from zbroker.clients.testing.chaos.nemesis import PARTITION_KINDS, CutKind
-from zbroker.clients.testing.chaos.runner import Runner, RunOptions
-from zbroker.clients.testing.chaos.verdict import CheckOptions, render
+from zbroker.clients.testing.chaos.runner import RunOptions
 from zbroker.clients.testing.hosts import PREFIX, namespaces
 
 pytestmark = pytest.mark.chaos
@@ -42,15 +40,9 @@ def test_a_short_partition_run_keeps_every_invariant(tmp_path: Path) -> None:
         out=tmp_path,
         hosts=True,
     )
-    result = Runner(options, log=print).run()
-    history = read_history(result.history)
-    report = check(history, CheckOptions(liveness_limit=LIVENESS_LIMIT))
-    text = render(report, history, str(result.history))
-    logs = "\n".join(
-        f"===== {p.name}\n{p.read_text(errors='replace')[-4000:]}"
-        for p in sorted((tmp_path / "triad" / "logs").glob("*.log"))
-    )
-    assert report.ok, f"{text}\n{logs}"
+    run = run_checked(options, LIVENESS_LIMIT)
+    result, history, report, text = run.result, run.history, run.report, run.text
+    assert report.ok, run.failure
     assert result.faults == COUNT, text
     assert all(report.faults[k.value] == 2 for k in PARTITION_KINDS), text
     assert all(f.healed for f in history.faults), text

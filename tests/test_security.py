@@ -43,6 +43,7 @@ from zbroker.clients.curve import (
 from zbroker.clients.errors import LicensePathError
 from zbroker.clients.licpath import KEYS_ENV, server_keys
 from zbroker.clients.testing import LocalTriad, RawClient, wait_for
+from zbroker.clients.testing.raw import bind_retrying
 from zbroker.clients.wire import encode_request
 
 pytestmark = pytest.mark.unit
@@ -455,8 +456,8 @@ def test_a_fake_peer_without_its_key_is_not_heard_and_hears_nothing(tmp_path: Pa
             # endpoints, and every handshake fails (they expect the victim's key), so the
             # heartbeat stream offered meanwhile can reach nobody.
             monitors = {sock: sock.get_monitor_socket(HANDSHAKE_EVENTS) for sock in (pub, router)}
-            _bind(pub, victim.pub)
-            _bind(router, victim.peer)
+            bind_retrying(pub, victim.pub)
+            bind_retrying(router, victim.peer)
             hb = _forgeries(own[1], own[2], victim.name)[3]
             refused = dict.fromkeys(monitors, 0)
 
@@ -481,7 +482,7 @@ def test_a_fake_peer_without_its_key_is_not_heard_and_hears_nothing(tmp_path: Pa
             pub.setsockopt(zmq.LINGER, 0)
             pub.curve_server = True
             pub.curve_secretkey = stolen.secret.encode()
-            _bind(pub, victim.pub)
+            bind_retrying(pub, victim.pub)
 
             def moved() -> bool:
                 pub.send(pack(hb))
@@ -552,19 +553,6 @@ def test_a_stolen_node_key_poses_as_that_node_only(tmp_path: Path) -> None:
             wait_for(moved, 10, "the primary to adopt the forged term", every=0.05)
         finally:
             attacker.close()
-
-
-def _bind(sock: zmq.Socket[bytes], endpoint: str) -> None:
-    """Bind, retrying while a just-closed listener on that port is still going away."""
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            sock.bind(endpoint)
-            return
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 def _allow_triad(tmp_path: Path, allowed: KeyPair) -> LocalTriad:

@@ -120,3 +120,17 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+def bind_retrying(sock: zmq.Socket[bytes], endpoint: str, within: float = 5.0) -> None:
+    """Bind, retrying while a killed or just-closed listener on that port is going away
+    (a test that takes over a node's endpoint: the kernel frees the port a moment later)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            sock.bind(endpoint)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)  # polling interval of a condition with a deadline
