@@ -62,9 +62,10 @@ def is_admin(frame: zmq.Frame | None, *, secure: bool) -> bool:
 
 @dataclass(frozen=True)
 class AdminDecision:
-    reply: Reply
+    reply: Reply | None  # None: the core answers (``remove``: once its deltas commit)
     stop: bool = False  # the node should stop once the reply has left
     reread: bool = False  # the node should read its license and options files again
+    remove: bool = False  # the primary takes grants (broker/removal.py)
 
 
 def handle_admin(action: object, *, admin: bool, node: str, secure: bool) -> AdminDecision:
@@ -82,6 +83,8 @@ def handle_admin(action: object, *, admin: bool, node: str, secure: bool) -> Adm
     if action == "reread":
         log.warning("administrator asked node %s to reread its license and options", node)
         return AdminDecision(reply_ok(node=node, rereading=True), reread=True)
+    if action == "remove":
+        return AdminDecision(None, remove=True)
     return AdminDecision(
         reply_error(
             ErrorCode.BAD_REQUEST,

@@ -46,6 +46,7 @@ class AppliedLedger:
     def __init__(self, config: Config, snapshot: dict[str, Any] | None, index: int, term: int):
         self._lease = config.lease
         self._limits = config.limits
+        self._min_timeout = config.min_timeout
         self.ledger = self._ledger_from(snapshot)
         self.index = index  # the ledger holds every delta up to here
         self.term = term  # and the log's term there (``follows``)
@@ -54,9 +55,19 @@ class AppliedLedger:
         if snap is None:
             # Entitlements arrive as a replicated `reload` delta from the primary, so every
             # node's ledger is built from the log alone.
-            return Ledger((), lease=self._lease, heartbeat=self._lease / 3, limits=self._limits)
+            return Ledger(
+                (),
+                lease=self._lease,
+                heartbeat=self._lease / 3,
+                limits=self._limits,
+                min_timeout=self._min_timeout,
+            )
         return Ledger.from_snapshot(
-            snap, lease=self._lease, heartbeat=self._lease / 3, limits=self._limits
+            snap,
+            lease=self._lease,
+            heartbeat=self._lease / 3,
+            limits=self._limits,
+            min_timeout=self._min_timeout,
         )
 
     def follows(self, log: Log) -> bool:

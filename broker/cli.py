@@ -37,7 +37,7 @@ from zbroker.broker.license import LicenseError
 from zbroker.broker.signing import LicenseKeyError
 from zbroker.broker.storage import StorageError, bootstrap
 from zbroker.broker.vendor_cli import vendor
-from zbroker.broker.wire import MAX_COUNT, MAX_TEXT, MAX_WAIT, check_version
+from zbroker.broker.wire import MAX_COUNT, MAX_REQ, MAX_TEXT, MAX_WAIT, check_version
 from zbroker.clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
 
 EXIT_REFUSED = 1
@@ -95,6 +95,7 @@ class _Commands(click.Group):
         "chaos": "zbroker.clients.testing.chaos.cli",
         "bench": "zbroker.clients.testing.bench.cli",
         "report": "zbroker.broker.report_cli",
+        "borrow": "zbroker.broker.borrow_cli",  # the library's borrow calls: no node needs them
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -379,12 +380,23 @@ def status(
     show_default=True,
     help="seconds to wait for the nodes' answers in each poll",
 )
-def web(config_path: str, license_path: str | None, listen: str, timeout: float) -> None:
+@click.option(
+    "--history-every",
+    type=Seconds(Range(1.0, 3600.0)),
+    default=60.0,
+    show_default=True,
+    help="seconds between two readings of the report logs for the last 24 hours' charts",
+)
+def web(
+    config_path: str, license_path: str | None, listen: str, timeout: float, history_every: float
+) -> None:
     """Serve a read-only status page (and /status.json) of the triad until Ctrl-C/SIGTERM.
 
     One thread asks the triad every 2 s; the page shows its last answer, so any number
-    of browsers costs the nodes nothing more. It lists user and host names: serve it on
-    loopback, or where only administrators reach it.
+    of browsers costs the nodes nothing more. With --config, it also draws each
+    feature's last 24 hours of use from the nodes' report logs this host can read. It
+    lists user and host names: serve it on loopback, or where only administrators
+    reach it.
     """
     from zbroker.broker.status import query_nodes
     from zbroker.clients.errors import LicenseError as ClientError
@@ -400,6 +412,7 @@ def web(config_path: str, license_path: str | None, listen: str, timeout: float)
     host = host.strip("[]")
     if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         _fail(ValueError(f"--listen {listen!r}: expected HOST:PORT, such as 127.0.0.1:8090"))
+    report_logs: list[Path] = []  # drawn from for the last 24 hours, where readable here
     try:
         if license_path is not None:
             servers = read_server_lines(license_path)
@@ -410,6 +423,7 @@ def web(config_path: str, license_path: str | None, listen: str, timeout: float)
             config = load_config(config_path)
             endpoints = [(n.name, n.client) for n in config.nodes]
             curve = config_curve(config, admin=False)
+            report_logs = [n.report_log for n in config.nodes if n.report_log is not None]
     except (*_CONFIG_ERRORS, ClientError) as exc:
         _fail(exc)
     except OSError as exc:
@@ -426,7 +440,8 @@ def web(config_path: str, license_path: str | None, listen: str, timeout: float)
             )
         )
     poller = StatusPoller(lambda: query_nodes(endpoints, timeout=timeout, curve=curve))
-    serve(create_app(poller), sock, lambda line: click.echo(line))
+    app = create_app(poller, report_logs=report_logs, history_every=history_every)
+    serve(app, sock, lambda line: click.echo(line))
 
 
 def _feature_name(value: str | None) -> str | None:
@@ -602,10 +617,73 @@ def reread(config_path: str, key_path: str | None, timeout: float) -> None:
         sys.exit(EXIT_REFUSED)
 
 
+@main.command()
+@config_option
+@click.option("--user", default="", help="take every grant of this user")
+@click.option("--host", default="", help="... on this host only (with --user)")
+@click.option("--display", default="", help="... on this display only (with --user and --host)")
+@click.option("--feature", default="", help="only grants of this feature")
+@click.option("--grant", type=click.IntRange(1, MAX_REQ), default=None, help="take this grant only")
+@admin_key_option
+@click.option(
+    "--timeout",
+    type=Seconds(Range(0.0, MAX_ASK, low_open=True)),
+    default=5.0,
+    show_default=True,
+    help="seconds to wait for the nodes' answers",
+)
+def remove(
+    config_path: str,
+    user: str,
+    host: str,
+    display: str,
+    feature: str,
+    grant: int | None,
+    key_path: str | None,
+    timeout: float,
+) -> None:
+    """Take grants from their sessions and free their seats, as FlexLM's lmremove.
+
+    By --user (and --host, and --display), or one --grant id; --feature narrows either.
+    The primary takes every matching grant at least min_remove seconds old (the node
+    setting, 120 s by default) and leaves younger ones, listing them; the holder's
+    library hears the grant was removed. Exit status: 0 when a grant was taken, 1 when
+    none was (or no primary answered), 2 on bad usage.
+    """
+    if grant is None and not user:
+        _fail(click.UsageError("name a --user (with --host, --display) or a --grant id"))
+    fields = {"sid": f"admin-{os.getpid()}-{time.time_ns()}", "user": user, "host": host,
+              "display": display, "feature": feature, "grant": grant or 0}  # fmt: skip
+    _, _, replies = _ask_admin(config_path, key_path, (), "remove", timeout, fields)
+    answer = next((r for r in replies.values() if r["status"] in ("ok", "error")), None)
+    if answer is None:
+        click.echo("no primary answered (an election in progress? try again)", err=True)
+        sys.exit(EXIT_REFUSED)
+    if answer["status"] != "ok":
+        click.echo(f"refused: {answer.get('code')}: {answer.get('detail')}", err=True)
+        sys.exit(EXIT_REFUSED)
+    for gid in answer.get("taken", []):
+        click.echo(f"removed grant {gid}")
+    for young in answer.get("young", []):
+        click.echo(
+            f"left grant {young.get('grant')}: {young.get('age')} s old, under min_remove "
+            f"({answer.get('min_remove')} s)"
+        )
+    click.echo(str(answer.get("detail", "")))
+    if not answer.get("taken"):
+        sys.exit(EXIT_REFUSED)
+
+
 def _ask_admin(
-    config_path: str, key_path: str | None, only: tuple[str, ...], action: str, timeout: float
+    config_path: str,
+    key_path: str | None,
+    only: tuple[str, ...],
+    action: str,
+    timeout: float,
+    fields: dict[str, Any] | None = None,
 ) -> tuple[list[tuple[str, str]], ClientCurve | None, dict[str, Any]]:
-    """Ask the config's nodes (those named in ``only``, else all) for an admin ``action``.
+    """Ask the config's nodes (those named in ``only``, else all) for an admin ``action``
+    (with ``fields``, the action's own).
 
     The (name, endpoint)s asked, the administrator's CURVE and the replies by node name.
     Exit 2 on a config error, 1 on a reply that cannot be read.
@@ -621,7 +699,8 @@ def _ask_admin(
         _fail(exc)
     endpoints = [(n.name, n.client) for n in nodes]
     try:
-        replies = ask(endpoints, {"op": "admin", "action": action}, timeout=timeout, curve=curve)
+        request = {"op": "admin", "action": action, **(fields or {})}
+        replies = ask(endpoints, request, timeout=timeout, curve=curve)
     except ClientError as exc:  # a node's reply we cannot read
         _fail(exc, EXIT_REFUSED)
     return endpoints, curve, replies

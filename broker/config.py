@@ -19,6 +19,7 @@ Layout::
     admin_key = "curve/admin.key_secret"  # the key `zbroker down` and status use here
     client_allow = "curve/clients"        # optional: serve only these client keys
     options = "acme.opt"         # optional: the options file, FlexNet syntax (docs/admin.md)
+    borrow_key = "keys/borrow.key"  # optional: signs borrow tokens (docs/admin.md, Borrowing)
     max_sessions = 100000        # limits: see docs/security.md
     max_sessions_per_host = 10000
     max_queue = 10000
@@ -44,6 +45,10 @@ refused naming the setting and the range:
 - ``lease`` 0.5 s to a week (``zbroker.broker.wire.MAX_LEASE``): clients heartbeat every lease / 3;
 - ``max_message`` 8,192 to 1,048,576 bytes: the largest honest request is about 5 KB;
 - ``snapshot_every`` 1 to 10,000,000 deltas;
+- ``min_remove`` above 0 up to a week (default 120, RLM's): ``zbroker remove`` leaves
+  grants younger than that alone (docs/admin.md, "zbroker remove");
+- ``min_timeout`` above 0 up to a week (default 900, FlexNet's floor): a TIMEOUT line
+  below it is raised to it (docs/admin.md, "TIMEOUT");
 - the limits 1 to 1,000,000 (``zbroker.broker.limits.MAXIMA``).
 
 Endpoints (``peer``, ``pub``) are ``tcp://host:port`` with a port from 1 to 65535. No
@@ -65,6 +70,7 @@ from typing import Any
 from zbroker.broker.license import ServerLine, load_license, tcp_host_port
 from zbroker.broker.limits import MAXIMA, Limits
 from zbroker.broker.options import load_options
+from zbroker.broker.policy import DEFAULT_MIN_TIMEOUT
 from zbroker.broker.signing import load_public_key
 from zbroker.broker.wire import MAX_LEASE
 from zbroker.clients.curve import SecurityError, check_key
@@ -113,6 +119,8 @@ RANGES: dict[str, Range] = {
     "lease": Range(0.5, MAX_LEASE),
     "max_message": Range(8192, 1 << 20, whole=True),
     "snapshot_every": Range(1, 10_000_000, whole=True),
+    "min_remove": Range(0.0, MAX_LEASE, low_open=True),
+    "min_timeout": Range(0.0, MAX_LEASE, low_open=True),
     **{name: Range(1, high, whole=True) for name, high in MAXIMA.items()},
 }
 
@@ -149,7 +157,16 @@ class Config:
     admin_keys: Path | None = None  # admin allow-list (secure mode); None: no admin
     admin_key: Path | None = None  # the admin's secret certificate, for the CLI
     options: Path | None = None  # the options file (docs/admin.md); None: no options
+    # The triad's borrow key (Ed25519 PKCS8 PEM, the same file on every node): signs
+    # borrow tokens (docs/admin.md, "Borrowing"); None: borrows are refused. Read by the
+    # node when it starts (a bad key: exit 2), never here: the commands that read this
+    # config on a user's host must not need the secret.
+    borrow_key: Path | None = None
     limits: Limits = field(default_factory=Limits)
+    # zbroker remove leaves grants younger than this alone (broker/removal.py; RLM's 120 s)
+    min_remove: float = 120.0
+    # TIMEOUT lines below this are raised to it (the primary's decision: broker/ledger.py)
+    min_timeout: float = DEFAULT_MIN_TIMEOUT
 
     @property
     def mode(self) -> str:
@@ -176,8 +193,11 @@ _DEFAULTS: dict[str, Any] = {
     "max_message": 65536,
     "snapshot_every": 10_000,
     "secure": True,
+    "min_remove": 120.0,
+    "min_timeout": DEFAULT_MIN_TIMEOUT,
 }
-_PATHS = ("client_allow", "admin_keys", "admin_key", "options")  # optional, relative to config
+# optional, relative to config
+_PATHS = ("client_allow", "admin_keys", "admin_key", "options", "borrow_key")
 _LIMITS = {name: getattr(Limits(), name) for name in Limits.__dataclass_fields__}
 # Every setting there is: top level, and in each [nodes.NAME] table.
 SETTINGS = ("license", "vendor_key", *_DEFAULTS, *_PATHS, *_LIMITS)
@@ -252,6 +272,8 @@ def _check_values(path: Path, values: dict[str, Any]) -> None:
             raise ConfigError(f"{path}: {key} must be true or false, not {_shown(values[key])}")
     for key in ("max_message", "snapshot_every"):
         values[key] = int(_in_range(path, key, values[key]))
+    values["min_remove"] = float(_in_range(path, "min_remove", values["min_remove"]))
+    values["min_timeout"] = float(_in_range(path, "min_timeout", values["min_timeout"]))
 
 
 def _check_distinct(path: Path, nodes: tuple[NodeConfig, ...]) -> None:

@@ -37,21 +37,27 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 
 from zbroker.broker.admin import handle_admin, is_admin, is_peer
 from zbroker.broker.apply import AppliedLedger, Unappliable
+from zbroker.broker.borrow import BorrowReason, sign_facts
 from zbroker.broker.config import Config
+from zbroker.broker.expiry import ExpiryWarnings
 from zbroker.broker.front import Front, Key
 from zbroker.broker.ledger import Decided, Delta, Ledger
-from zbroker.broker.model import Entitlement, Now, Reply
+from zbroker.broker.model import Entitlement, Now, Reply, Request, reply_denied
 from zbroker.broker.options import Options
-from zbroker.broker.reportlog import Record, ReportLogError, derive
+from zbroker.broker.removal import Removal, decide_removal
+from zbroker.broker.reportlog import Record, ReportLogError, derive, settle
+from zbroker.broker.reserved import Reservations
+from zbroker.broker.seats import day_of
+from zbroker.broker.served import OwnLicense, Verdict, judge, same_lines
 from zbroker.broker.status_reply import StatusReplies
 from zbroker.broker.storage import Loaded
+from zbroker.broker.tallies import Tallies
 from zbroker.broker.wire import (
     MAX_TEXT,
     RemoteProtocolError,
@@ -67,19 +73,17 @@ from zbroker.peers.replica import Replica
 
 if TYPE_CHECKING:
     import zmq
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 log = logging.getLogger("zbroker.node")
 
 TICK = 0.01  # seconds between replica ticks: well under heartbeat_interval
 LEDGER_TICK = 0.05  # lease expiry and queue deadlines need no finer grain
 _UNAVAILABLE: Reply = {"status": "unavailable", "detail": "this node just lost control"}
-_FREES_SEATS = frozenset({"release", "close", "expire"})
-_TALLIED = {
-    "grant": "checkout",
-    "release": "checkin:release",
-    "close": "checkin:close",
-    "expire": "checkin:expire",
-}
+_FREES_SEATS = frozenset({"release", "close", "expire", "return", "take", "lapse"})
 
 
 class Origin(Protocol):
@@ -217,20 +221,32 @@ class NodeCore:
         *,
         mode: str,
         options: Options | None = None,
+        borrow_key: Ed25519PrivateKey | None = None,
+        signed: tuple[str, ...] = (),
+        vendor_key: Ed25519PublicKey | None = None,
     ) -> None:
         self.config = config
+        # The triad's borrow key (broker/borrow.py): the primary signs borrow tokens with
+        # it; None (no ``borrow_key`` in the config): borrows are refused.
+        self._borrow_key = borrow_key
         self.me = config.node(name)
         self.mode = mode
         self.secure = mode == "curve"
         self.entitlements = entitlements
         self.options = options  # the options file this node read (broker/options.py)
+        # What this node read, to check the triad's license against (broker/served.py):
+        # ``signed`` its file's verified lines (License.signed), ``vendor_key`` its key.
+        self._own = OwnLicense(str(config.license_path), entitlements, signed, vendor_key)
+        self.verdict = Verdict()  # whether it vouches for the triad's license (``_judge``)
+        self._judged: tuple[object, ...] = ()  # what the verdict was judged on
+        self._reread_asked = False  # a reread to act on: as primary, or hearing none (reread)
+        self._expiry = ExpiryWarnings()  # the 30/14/7-day warnings logged (broker/expiry.py)
         self.endpoints = {n.name: n.client for n in config.nodes}
         self.peers = frozenset(n.name for n in config.nodes if n.name != name)
-        # Events decided since start, for the metrics (``tallies``): the kinds of the deltas
-        # committed, and the denials by reason.
-        self._kinds: Counter[str] = Counter()
-        self._denials: Counter[str] = Counter()
+        # Decisions since start, per feature, for the metrics (``tallies``).
+        self._tallies = Tallies()
         self.heard: dict[str, tuple[float, dict[str, Any]]] = {}  # peer heartbeats, for status
+        self._reservations = Reservations()  # the features' reservations, for status
         self._reporting = self.me.report_log is not None
         self._out = Ready()  # the cycle being decided
         how = self._build(loaded, now)
@@ -267,6 +283,8 @@ class NodeCore:
             ),
             now.mono,
         )
+        self._judged = ()
+        self._judge()  # before the replica's first tick: whether it may stand
         self.was_recovering = self.replica.role is rp.Role.RECOVERING
         self.why_fresh = loaded.why  # why the data directory held no state to vote with
         self.front = Front()
@@ -363,12 +381,10 @@ class NodeCore:
         return self.applied.ledger
 
     @property
-    def tallies(self) -> Counter[str]:
-        """Events decided since start, for the metrics: "checkout", "checkin:<how>" and
-        "denied:<reason>" (built when read: once a second)."""
-        out = Counter({_TALLIED[k]: n for k, n in self._kinds.items() if k in _TALLIED})
-        out.update({f"denied:{reason}": n for reason, n in self._denials.items()})
-        return out
+    def tallies(self) -> Mapping[tuple[str, ...], int]:
+        """Decisions since start, per feature, for the metrics (broker/tallies.py):
+        ("checkout", feature), ("checkin", how, feature), ("denied", reason, feature)."""
+        return self._tallies.counts
 
     @property
     def session_count(self) -> int:
@@ -383,18 +399,90 @@ class NodeCore:
             self._give_up(exc)
             return self._report(now)
 
-    def reread(self, entitlements: tuple[Entitlement, ...], options: Options | None) -> None:
-        """The shell read the license and options files again (SIGHUP): serve these. A
-        serving primary replicates what differs at its next ledger tick (``_end_cycle``),
-        as one reload delta; a backup keeps them for when it is primary."""
+    def reread(
+        self,
+        entitlements: tuple[Entitlement, ...],
+        options: Options | None,
+        signed: tuple[str, ...] = (),
+        vendor_key: Ed25519PublicKey | None = None,
+        now: Now | None = None,
+    ) -> None:
+        """The shell read the license and options files again (SIGHUP, ``zbroker reread``).
+        A primary replicates them at its next ledger tick (``_reload``) as one reload delta
+        when they differ from the triad's; a backup keeps them only to compare with the
+        triad's (the triad's license changes by a reread on the primary, never by a
+        failover: broker/served.py). A node that hears no primary (``now``) stands for
+        election after a reread even if it cannot vouch for the triad's license, and
+        replicates its own if it wins: the way out when no node can (all three restarted
+        with a new vendor key), until it hears another primary."""
         same = entitlements == self.entitlements and options == self.options
         self.entitlements, self.options = entitlements, options
+        self._own = OwnLicense(self._own.path, entitlements, signed, vendor_key)
+        primary = self.replica.primary
+        self._reread_asked = self.replica.role is rp.Role.PRIMARY or (
+            now is not None
+            and (primary is None or primary not in self.replica.peers_alive(now.mono))
+        )
+        self._judged = ()  # judge again, standing as the reread says
         log.info(
             "reread: %d license lines, %s; %s",
             len(entitlements),
             "no options file" if options is None else f"{len(options.lines)} options lines",
-            "nothing changed" if same else "serving them",
+            "nothing changed"
+            if same
+            else "serving them"
+            if self._reread_asked
+            else "serving them when the primary rereads too",
         )
+
+    def _reload(self, now: Now) -> Delta | None:
+        """The reload a serving primary replicates now, if any: its own files when they
+        differ from the triad's after a reread on it, on a brand-new triad (a ledger
+        without entitlements) or alone; and an older node's reload again with its signed
+        lines when this node's file has exactly its entitlements."""
+        ledger, own = self.ledger, self._own
+        if self._reread_asked or not self.peers or not ledger.entitlements:
+            self._reread_asked = False
+            if (
+                same_lines(own.entitlements, ledger.entitlements)
+                and self.options == ledger.options
+                and (not own.signed or own.signed == ledger.license_lines)
+            ):
+                return None
+            log.info("replicating this node's license and options as the triad's (a reload)")
+            return ledger.reload_delta(own.entitlements, self.options, now, own.signed or None)
+        if (
+            ledger.license_lines is None
+            and own.signed
+            and same_lines(own.entitlements, ledger.entitlements)
+        ):
+            return ledger.reload_delta(own.entitlements, ledger.options, now, own.signed)
+        return None
+
+    def _expiry_warnings(self, now: Now) -> None:
+        """Log the 30/14/7-day warnings of the triad's lines that are due (broker/expiry.py)."""
+        for message in self._expiry.check(self.ledger.entitlements, day_of(now.wall)):
+            log.warning("%s", message)
+
+    def _judge(self) -> Verdict:
+        """Whether this node vouches for the triad's license (broker/served.py); judged
+        again only when the ledger's license or this node's files change (by identity)."""
+        ledger = self.ledger
+        on = (ledger.entitlements, ledger.license_lines, ledger.options, self._own, self.options)
+        judged = self._judged
+        if len(on) != len(judged) or any(a is not b for a, b in zip(on, judged, strict=False)):
+            self._judged = on
+            verdict = judge(self.me.name, self._own, self.options, *on[:3])
+            if verdict != self.verdict:
+                for note in verdict.notes:
+                    log.warning("%s", note)
+                if not verdict.notes:
+                    log.info("node %s's license and options are the triad's", self.me.name)
+            self.verdict = verdict
+        # Alone, a node serves its own file (``_reload``): nothing to stand against; after
+        # a reread it replicates its own if it leads, which it vouches for.
+        self.replica.stands = self.verdict.stands or not self.peers or self._reread_asked
+        return self.verdict
 
     # --- one cycle -----------------------------------------------------------------
 
@@ -410,9 +498,8 @@ class NodeCore:
             and self._refusal(now) is None
         ):
             self._next_ledger_tick = now.mono + LEDGER_TICK
-            if self.entitlements != self.ledger.entitlements or self.options != self.ledger.options:
-                log.info("license or options differ from the ledger's: replicating a reload")
-                reload = self.ledger.reload_delta(self.entitlements, self.options, now)
+            reload = self._reload(now)
+            if reload is not None:
                 self._decide((reload, None), now)
             ticked = self.ledger.tick(now)
             for decided in ticked.decided:
@@ -423,6 +510,8 @@ class NodeCore:
             self._propose()  # before the replica's tick: the serving check still holds
         if now.mono >= self._next_tick:
             self._next_tick = now.mono + TICK
+            self._judge()  # before the replica's tick: it stands for election or not
+            self._expiry_warnings(now)
             self._take(self.replica.on_tick(now.mono), now)
 
     def _give_up(self, exc: Unappliable) -> None:
@@ -450,6 +539,7 @@ class NodeCore:
         )
         self._pending.clear()
         self._batch_records.clear()
+        self._tallies.forget()
         self._abandon(None)
         self._batch.clear()
         self._unapplied.clear()
@@ -478,6 +568,9 @@ class NodeCore:
             decision = handle_admin(
                 request.action, admin=admin, node=self.me.name, secure=self.secure
             )
+            if decision.reply is None:  # remove: the primary's decision (broker/removal.py)
+                self._remove(identity, request, now)
+                return
             self._reply(identity, request.sid or None, request.req, decision.reply)
             if decision.stop:
                 self._out.stop = True  # the reply leaves in this cycle
@@ -496,6 +589,11 @@ class NodeCore:
             return
         if op == "open":  # the session keeps the address it opened from; no other op reads it
             request = replace(request, address=client_address(event.origin))
+        if op == "borrow" and self._borrow_key is None:
+            why = f"node {self.me.name} has no borrow key (borrow_key in {self.config.path.name})"
+            refusal = reply_denied(BorrowReason.NOT_BORROWABLE, why)
+            self._reply(identity, request.sid, request.req, refusal)
+            return
         outcome = self.applied.ledger.handle(request, now)  # not the property: hot path
         if outcome.reply is not None:
             self._reply(identity, request.sid, request.req, outcome.reply)
@@ -519,19 +617,51 @@ class NodeCore:
             }
         return {"status": "redirect", "primary": self.endpoints.get(primary)}
 
-    def _decide(self, decided: Decided, now: Now) -> None:
-        """Apply at once (the next decision must see it) and add it to the batch."""
+    def _remove(self, identity: bytes, request: Request, now: Now) -> None:
+        """``zbroker remove``: decided like a client's request, on a serving primary, and
+        answered once the last of its ``take`` deltas commits (at once if there are none)."""
+        if self._batch and now.mono != self._batch_now.mono:
+            self._propose()  # decided at another reading: propose under its serving check
+        refusal = self._refusal(now)
+        if refusal is not None:
+            self._reply(identity, request.sid, request.req, refusal)
+            return
+        key = (request.sid, request.req)
+        if self.front.waiting(key):
+            self.front.wait(key, identity, now.mono)  # a retry: answer where it is now
+            return
+        removal = Removal.of(request)
+        deltas, reply = decide_removal(self.ledger, removal, now, self.config.min_remove)
+        log.warning("administrator asked to remove %s: %s", removal.describe(), reply.get("detail"))
+        if not deltas:
+            self._reply(identity, request.sid, request.req, reply)
+            return
+        self.front.wait(key, identity, now.mono)
+        for delta in deltas[:-1]:
+            self._decide((delta, None), now)
+        self._decide((deltas[-1], reply), now, key)
+
+    def _decide(self, decided: Decided, now: Now, key: Key | None = None) -> None:
+        """Apply at once (the next decision must see it) and add it to the batch; ``key``:
+        the request its reply answers, when the delta names no session's (remove)."""
         delta, reply = decided
+        if "token" in delta and self._borrow_key is not None:  # a borrow: sign its token
+            delta["token"] = sign_facts(self._borrow_key, delta["token"])
+            if reply is not None:
+                reply["token"] = delta["token"]
         # The report's records, from the ledger before the delta, as a backup derives them.
         records = self._derive(0, 0, delta) if self._reporting else None
+        self._tallies.decided(len(self._batch), delta, self.applied.ledger)
         self.applied.ledger.apply(delta)
         if records is not None:
+            settle(records, self.applied.ledger)  # seats in use after it
             self._batch_records.append(records)
         if delta["k"] in _FREES_SEATS:
             self._next_ledger_tick = now.mono  # waiters may fit now: tick at this cycle's end
         if not self._batch:
             self._batch_now = now
-        key = (delta["sid"], delta["req"]) if reply is not None else None
+        if key is None and reply is not None:
+            key = (delta["sid"], delta["req"])
         self._batch.append((delta, key, reply))
 
     def _propose(self) -> None:
@@ -546,11 +676,13 @@ class NodeCore:
             # proposed at, but if it did, the ledger holds deltas no one will replicate:
             # undo, and tell the clients truthfully that nothing happened.
             log.error("lost control between decision and proposal; %d deltas dropped", len(batch))
+            self._tallies.dropped()
             self.applied.rebuild(self.replica.log, self.replica.last)
             for _, key, _ in batch:
                 if key is not None and (routed := self.front.answer(key)) is not None:
                     self._reply(routed[0], *key, self._refusal(now) or _UNAVAILABLE)
             return
+        self._tallies.proposed(indexes)
         front = self.front
         for index, (_, key, reply) in zip(indexes, batch, strict=True):
             if key is not None and reply is not None:
@@ -565,8 +697,6 @@ class NodeCore:
         self._take(effects, now)
 
     def _reply(self, identity: bytes, sid: str | None, req: int | None, reply: Reply) -> None:
-        if "reason" in reply:  # a denial (no other reply has a reason): no call for others
-            self._denials[str(reply.get("reason"))] += 1
         self._out.answers.append([identity, encode_reply(reply, sid, req)])
 
     # --- peers ---------------------------------------------------------------------
@@ -584,7 +714,7 @@ class NodeCore:
         msg = _decode_peer(frames[1])
         if msg is not None and sender in self.peers:
             self._before_replica()
-            self._take(self.replica.on_message(sender, msg, now.mono), now)
+            self._take(self.replica.on_message(sender, msg, now.mono, now.wall), now)
 
     def _on_heartbeat(self, event: PeerHeartbeat, now: Now) -> None:
         frames = event.frames
@@ -594,7 +724,7 @@ class NodeCore:
             if isinstance(validate_peer(msg), Heartbeat):  # status shows only well-formed ones
                 self.heard[sender] = (now.mono, msg)
             self._before_replica()
-            self._take(self.replica.on_message(sender, msg, now.mono), now)
+            self._take(self.replica.on_message(sender, msg, now.mono, now.wall), now)
 
     def _before_replica(self) -> None:
         """Before any replica event: the batch goes out under the serving check it was
@@ -653,11 +783,8 @@ class NodeCore:
             if self._pending:
                 self._release_reports(effect.upto)
             term = self.replica.term
-            # Counted once, by the primary that decided it (entries of its own term); by
-            # kind, named when read: Counter.update counts in C (scripts/ab_instructions.py).
-            self._kinds.update(
-                [e.delta["k"] for e in effect.entries if e.term == term and e.delta is not None]
-            )
+            # Counted once, by the primary that decided it (entries of its own term).
+            self._tallies.committed(e for e in effect.entries if e.term == term)
         else:
             # A backup's acknowledgement of this cycle's appends need not wait for its
             # ledger: apply after the sends (advance). Anything that reads the ledger
@@ -689,6 +816,7 @@ class NodeCore:
             records = self._derive(entry.index, entry.term, entry.delta) if fresh else None
             applied.apply([entry], log_)  # Unappliable: no record of it goes out
             if records is not None:
+                settle(records, applied.ledger)  # seats in use after it
                 out += records
                 self._reported = entry.index
 
@@ -727,6 +855,9 @@ class NodeCore:
         self._apply_unapplied()  # before any decision of the new role reads the ledger
         # Leases and waiters are the primary's alone; a new reign starts them afresh.
         self.ledger.forget_volatile()
+        self._tallies.forget()
+        if effect.role is not rp.Role.PRIMARY and effect.primary not in (None, self.me.name):
+            self._reread_asked = False  # another primary serves the triad's: it stands as it
         applied, log_ = self.applied, self.replica.log
         if effect.role is rp.Role.PRIMARY:
             if not applied.follows(log_):  # it would decide from deltas nobody else has
@@ -797,6 +928,8 @@ class NodeCore:
             "commit": self.replica.commit,
             "peers": sorted(self.replica.peers_alive(now.mono)),
             "serving": self.replica.is_serving(now.mono),
+            # how this node's files differ from the triad's, or None (broker/served.py)
+            "license": self._judge().note,
         }
         if self.replica.role is rp.Role.RECOVERING:
             own["recovering"] = self._recovering()
@@ -817,6 +950,7 @@ class NodeCore:
         features = self.ledger.status(now)
         for feature in features:
             feature["vendor"] = vendors.get(feature["name"])
+        self._reservations.add_to(features, self.ledger, now.date)
         return {
             "node": self.me.name,
             "mode": self.mode,

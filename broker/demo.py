@@ -1,5 +1,9 @@
 """``zbroker init``: a ready-to-run folder with a vendor key, a signed license and a config.
 
+The triad's borrow key (``keys/borrow.key``, named by ``borrow_key`` in the config) is
+made too, and its public half goes on every SERVER line as ``BORROW_KEY=``, so that the
+library can check borrow tokens offline (docs/admin.md, "Borrowing").
+
 Ports are asked from the OS (bind to port 0 on loopback, read the port, close), so two
 demos or test triads on one machine do not collide. The demo license's dated line
 expires a year from today so the demo never ships a time bomb.
@@ -16,6 +20,7 @@ import datetime
 import socket
 from pathlib import Path
 
+from zbroker.broker.borrow import borrow_key_hex, load_borrow_key, write_borrow_key
 from zbroker.broker.keys import write_keypair as write_curve_keypair
 from zbroker.broker.license import sign_license_text
 from zbroker.broker.signing import load_private_key, write_keypair
@@ -47,12 +52,15 @@ def demo_license_text(
     endpoints: list[tuple[str, str]],
     today: datetime.date,
     keys: dict[str, str] | None = None,
+    borrow_key: str | None = None,
 ) -> str:
-    """The demo license; ``keys`` (node name -> Z85 public key) adds ``KEY=`` to SERVER lines."""
+    """The demo license; ``keys`` (node name -> Z85 public key) adds ``KEY=`` to SERVER
+    lines, ``borrow_key`` (64 hex digits) ``BORROW_KEY=`` (docs/admin.md, "Borrowing")."""
     expiry = (today + datetime.timedelta(days=365)).strftime("%d-%b-%Y").lower()
     keys = keys or {}
+    lend = f" BORROW_KEY={borrow_key}" if borrow_key is not None else ""
     servers = "\n".join(
-        f"SERVER {name} ANY {endpoint}" + (f" KEY={keys[name]}" if name in keys else "")
+        f"SERVER {name} ANY {endpoint}" + (f" KEY={keys[name]}" if name in keys else "") + lend
         for name, endpoint in endpoints
     )
     return f"""# zbroker demo license: one file, the same on every node.
@@ -60,8 +68,8 @@ def demo_license_text(
 {servers}
 VENDOR demo
 FEATURE cad    demo 2.0 {expiry} 10
-INCREMENT cad  demo 2.0 permanent 5
-FEATURE solver demo 1.5 permanent 2 user_based
+INCREMENT cad  demo 2.0 permanent 5 BORROW=72
+FEATURE solver demo 1.5 permanent 2
 FEATURE viewer demo 3.0 permanent 50
 """
 
@@ -108,13 +116,19 @@ def _write_demo(
         if force and (keys / "vendor.key").exists()
         else write_keypair(keys)
     )
+    lender = keys / "borrow.key"
+    if not lender.exists():
+        write_borrow_key(keys)
     names = NODE_NAMES[:servers]
     ports = free_ports(3 * servers)
     endpoints = [(name, f"tcp://127.0.0.1:{ports[i]}") for i, name in enumerate(names)]
     curve = directory / "curve"
     node_keys = {name: _curve_keys(curve, name) for name in names} if secure else {}
     text = demo_license_text(
-        endpoints, today or datetime.date.today(), {n: k.public for n, k in node_keys.items()}
+        endpoints,
+        today or datetime.date.today(),
+        {n: k.public for n, k in node_keys.items()},
+        borrow_key_hex(load_borrow_key(lender)),
     )
     (directory / "demo.lic").write_text(sign_license_text(text, load_private_key(key_path)))
     node_tables = []
@@ -145,6 +159,7 @@ def _write_demo(
         "# zbroker configuration; paths are relative to this file.\n"
         'license = "demo.lic"\n'
         'vendor_key = "keys/vendor.pub"\n'
+        'borrow_key = "keys/borrow.key"  # signs borrow tokens (docs/admin.md, Borrowing)\n'
         "heartbeat_interval = 0.1  # seconds between node heartbeats\n"
         "peer_timeout = 0.5        # a node unheard this long is dead\n"
         f"lease = {lease}              # a client unheard this long loses its seats\n"

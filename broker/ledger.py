@@ -43,7 +43,9 @@ mind:
   ``next_grant`` in order, and tentative seat counts keep them from sharing a seat.
 - ``reload`` replaces the entitlements and the options file; grants stay even if a
   pool is now over its count or a rule now refuses them (as FlexLM does); new
-  checkouts see the new counts and rules.
+  checkouts see the new counts and rules. It also carries the signed lines the
+  entitlements came from (``license_lines``), which ``apply`` keeps and never checks:
+  whether this node can vouch for them is the node's call (broker/served.py).
 - Options (``broker/policy.py``, docs/admin.md): a checkout is decided by
   ``choose_under``, the license's choice under the options file's EXCLUDE/INCLUDE,
   MAX and RESERVE lines, given the grants of the feature (``_by_feature``) and, in a
@@ -55,15 +57,23 @@ mind:
   ``error`` with code ``limit``; nothing is recorded. They are decisions, so ``apply``
   never checks them: a backup with other limits still applies what the primary decided.
 
+- Taken grants: a ``take`` (``zbroker remove``, broker/removal.py; an idle TIMEOUT)
+  frees a grant's seat without its session, which remembers the last ``TAKEN_KEPT``
+  taken ids and why (``Session.taken``); every heartbeat reply lists them.
+- Duplicate groups (``broker/dup.py``): grants of one group key in one pool share
+  seats; ``_used`` counts a group's largest count once (``_groups``), which the
+  over-allocation check of ``apply`` sees exactly as the primary did.
+
 Invariants checked by ``apply``: a grant id is exactly ``next_grant``; a grant never
-takes a pool past its total on the day of its ``at``; every grant belongs to a live
-session; a request id is answered at most once.
+takes a pool past its total on the day of its ``at`` (a group's seats counted once);
+every grant belongs to a live session; a request id is answered at most once.
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
+import dataclasses
 import datetime
 import heapq
 import math
@@ -72,6 +82,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from zbroker.broker import borrow
+from zbroker.broker.dup import Groups, key_for, masks_of
+from zbroker.broker.holds import HoldIndex, IdleIndex, hold_sid, least_timeout
 from zbroker.broker.limits import Limits
 from zbroker.broker.model import (
     Entitlement,
@@ -86,9 +99,12 @@ from zbroker.broker.model import (
     reply_ok,
 )
 from zbroker.broker.options import Options, OptionsError
-from zbroker.broker.policy import Holding, Policy, Principal, choose_under
+from zbroker.broker.policy import DEFAULT_MIN_TIMEOUT, Holding, Policy, Principal, choose_under
 from zbroker.broker.seats import (
+    HOLD_PREFIX,
     SESSION_NAMES,
+    TAKE_REASONS,
+    TAKEN_KEPT,
     Catalog,
     Choice,
     Denial,
@@ -102,6 +118,7 @@ from zbroker.broker.seats import (
     entitlements_from,
     field_int,
     field_str,
+    field_wall,
     grant_from,
     session_from,
     session_from_snapshot,
@@ -109,8 +126,11 @@ from zbroker.broker.seats import (
 
 Delta = dict[str, Any]
 SNAPSHOT_VERSION = 1
-_OPS = frozenset({"open", "close", "checkout", "checkin", "heartbeat", "status"})
-_RECORDING = frozenset({"open", "checkout", "checkin"})  # ops whose reply the ledger records
+_OPS = frozenset(
+    {"open", "close", "checkout", "checkin", "heartbeat", "status", "idle", "borrow", "return"}
+)
+# ops whose reply is recorded
+_RECORDING = frozenset({"open", "checkout", "checkin", "idle", "borrow", "return"})
 HOLDERS_SCAN = 20_000  # grants one page of ``holders`` may look at: about 3 ms at most
 
 
@@ -162,17 +182,29 @@ class Ledger:
         heartbeat: float,
         limits: Limits | None = None,
         options: Options | None = None,
+        min_timeout: float = DEFAULT_MIN_TIMEOUT,
     ) -> None:
         if not (lease > 0 and heartbeat > 0):
             raise ValueError(f"lease ({lease}) and heartbeat ({heartbeat}) must be > 0")
         self.lease = lease
         self.heartbeat = heartbeat
         self.limits = limits if limits is not None else Limits()
+        # The floor of TIMEOUT lines (a node setting): the primary's decision, so a backup
+        # with another floor still applies what the primary took.
+        self.min_timeout = min_timeout
         self._per_host: dict[str, int] = {}  # open sessions by host, derived from _sessions
-        self._catalog = Catalog(entitlements)
+        self._catalog = Catalog(entitlements, options)
+        # The signed lines the entitlements came from, as the reload carried them (None: it
+        # carried none, an older node's): each node verifies them (broker/served.py).
+        self._license: tuple[str, ...] | None = None
         # The options file's policy (broker/policy.py), replicated with the entitlements.
         self._options = options
-        self._policy = None if options is None else Policy(options)
+        self._policy = None if options is None else Policy(options, min_timeout=min_timeout)
+        # Holds (LINGER, BORROW) and idle sessions by deadline (broker/holds.py).
+        self._holds = HoldIndex()
+        self._lingering = self._holds.lingering  # the same dict, one lookup less per checkout
+        self._idle = IdleIndex()
+        self._idle.least = least_timeout(options, min_timeout)
         self._by_feature: dict[str, set[int]] = {}  # grant ids by feature, for the policy
         self._sessions: dict[str, Session] = {}
         # Each session's recorded reqs as a min-heap: forgetting the replies below a new
@@ -184,6 +216,8 @@ class Ledger:
         # held the loop for about 50 ms of every compaction.
         self._grant_maps: dict[int, dict[str, Any]] = {}
         self._used: dict[PoolKey, int] = {}  # derived from _grants, kept for speed
+        self._groups = Groups()  # duplicate groups of the grants (broker/dup.py)
+        self._dup_masks = masks_of(entitlements)  # DUP_GROUP= masks by feature
         self._ids: list[int] | None = []  # sorted ids of _grants for ``holders``; None: stale
         self._next_grant = 1
         # Lease deadlines in deadline order (renewing moves a session to the end; the
@@ -212,7 +246,10 @@ class Ledger:
             gid = field_int(delta, "grant", 1)
             if gid not in session.grants:
                 raise LedgerError(f"release delta: session {session.sid} holds no grant {gid}")
-            self._drop_grant(gid)
+            if "linger" in delta:  # the seat stays in use, held by a linger hold
+                self._hold(gid, "linger", field_wall(delta, "linger"), session, field_wall(delta))
+            else:
+                self._drop_grant(gid)
             self._record(session, req, ack, reply_ok())
         elif kind == "answer":
             session, req, ack = self._answerable(delta)
@@ -222,15 +259,41 @@ class Ledger:
             self._record(session, req, ack, copy.deepcopy(reply))  # the log keeps the delta
         elif kind == "close":
             session, _, _ = self._answerable(delta)
-            self._end(session)
+            self._end(session, _lingers(delta, session))
         elif kind == "expire":
-            self._end(self._known(delta, field_str(delta, "sid")))
+            session = self._known(delta, field_str(delta, "sid"))
+            self._end(session, _lingers(delta, session))
+        elif kind == "idle":
+            self._apply_idle(delta)
+        elif kind == "lapse":
+            gid = field_int(delta, "grant", 1)
+            if gid not in self._holds.by_grant:
+                raise LedgerError(f"lapse delta: grant {gid} is not held by a hold")
+            self._drop_grant(gid)  # and its hold with it
         elif kind == "reload":
-            catalog = Catalog(entitlements_from(delta.get("entitlements"), "reload delta"))
             options = _options_from(delta.get("options"), "reload delta")
+            catalog = Catalog(entitlements_from(delta.get("entitlements"), "reload delta"), options)
+            signed = _license_from(delta.get("license"), "reload delta")
             self._catalog = catalog
+            self._license = signed
+            self._dup_masks = masks_of(catalog.entitlements)
             self._options = options
-            self._policy = None if options is None else Policy(options)
+            self._policy = (
+                None if options is None else Policy(options, min_timeout=self.min_timeout)
+            )
+            self._idle.rebuild(least_timeout(options, self.min_timeout))
+        elif kind == "term":
+            pass  # a new primary's no-op naming it, for the report log (docs/reportlog.md)
+        elif kind == "return":  # a borrow checked in before its end (broker/borrow.py)
+            session, req, ack = self._answerable(delta)
+            gid = field_int(delta, "grant", 1)
+            hold = self._holds.by_grant.get(gid)
+            if hold is None or hold.hold != "borrow" or hold.user != session.user:
+                raise LedgerError(f"return delta: grant {gid} is no borrow of {session.user!r:.40}")
+            self._drop_grant(gid)  # and its hold with it
+            self._record(session, req, ack, reply_ok(grant=gid))
+        elif kind == "take":
+            self._apply_take(delta)
         else:
             raise LedgerError(f"unknown delta kind {kind!r}")
 
@@ -253,18 +316,83 @@ class Ledger:
         if pool is None:
             raise LedgerError(f"grant delta: the license has no pool {g.feature} {g.version}")
         used, total = self._used.get(key, 0), pool.total(day_of(g.at))
-        if used + g.count > total:
+        reclaims = None
+        if "reclaims" in d:  # the lingering seat it takes back is freed in the same step
+            reclaims = d["reclaims"]
+            hold = self._holds.by_grant.get(reclaims) if type(reclaims) is int else None
+            if hold is None or hold.hold != "linger":
+                why = f"reclaims {reclaims!r:.40}, which is no lingering seat"
+                raise LedgerError(f"grant delta {g.id}: {why}")
+            if self._grants[reclaims].pool_key == key:
+                used -= self._grants[reclaims].count
+        cost = self._groups.cost(g) if g.dup else g.count  # a group's seats count once
+        if used + cost > total:
             raise LedgerError(
-                f"grant delta {g.id}: {g.count} more seats would over-allocate "
+                f"grant delta {g.id}: {cost} more seats would over-allocate "
                 f"{g.feature} {g.version} ({used} of {total} in use)"
             )
+        if reclaims is not None:
+            self._drop_grant(reclaims)
         self._next_grant += 1
         self._add_grant(g)
-        self._record(session, req, ack, g.reply())
+        if session.idle_since is not None:
+            self._idle.went_idle(session)  # a grant that may time out: watch it again
+        reply = g.reply()
+        if "borrow" in d:  # made in a borrow hold; the borrower's reply carries the token
+            self._hold(g.id, "borrow", field_wall(d, "borrow"), session, g.at)
+            reply["token"] = copy.deepcopy(_token_of(d))
+        self._record(session, req, ack, reply)
+
+    def _apply_idle(self, d: Delta) -> None:
+        session, req, ack = self._answerable(d)
+        idle = d.get("idle")
+        if not isinstance(idle, bool):
+            raise LedgerError("idle delta: field 'idle' must be true or false")
+        at = field_wall(d)
+        if not idle:
+            session.idle_since = None
+            self._idle.busy(session.sid)
+        elif session.idle_since is None:  # idle again while idle: still idle since then
+            session.idle_since = at
+            self._idle.went_idle(session)
+        self._record(session, req, ack, reply_ok())
+
+    def _hold(self, gid: int, kind: str, until: float, source: Session, at: float) -> Session:
+        """Move grant ``gid`` of ``source`` into a new hold of ``kind`` until ``until``
+        (wall): its seat stays in use, with no lease, after ``source`` lets it go."""
+        hold = Session(
+            hold_sid(gid), source.user, source.host, source.display, source.client_version,
+            at, source.address, source.project, hold=kind, until=until,
+        )  # fmt: skip
+        grant = dataclasses.replace(self._grants[gid], sid=hold.sid)
+        source.grants.discard(gid)
+        self._sessions[hold.sid] = hold
+        hold.grants.add(gid)
+        self._grants[gid] = grant
+        self._grant_maps.pop(gid, None)
+        self._holds.add(hold, grant)
+        return hold
+
+    def _apply_take(self, d: Delta) -> None:
+        """The triad took a grant from its session (removed, timed out): the seat is free
+        and the session remembers why, for the library (docs/protocol.md, heartbeat)."""
+        gid, reason = field_int(d, "grant", 1), d.get("reason")
+        if not isinstance(reason, str) or reason not in TAKE_REASONS:
+            known = ", ".join(sorted(TAKE_REASONS))
+            raise LedgerError(f"take delta: reason {reason!r:.40} is not one of {known}")
+        grant = self._grants.get(gid)
+        if grant is None:
+            raise LedgerError(f"take delta: grant {gid} is not out")
+        session = self._sessions[grant.sid]
+        self._drop_grant(gid)
+        taken = session.taken
+        taken[gid] = reason
+        if len(taken) > TAKEN_KEPT:
+            del taken[next(iter(taken))]  # the oldest: the library heard of it long since
 
     def _known(self, d: Delta, sid: str) -> Session:
         session = self._sessions.get(sid)
-        if session is None:
+        if session is None or session.hold:  # a hold is no client's: no request speaks for it
             raise LedgerError(f"{d.get('k')} delta: session {sid} is not open")
         return session
 
@@ -306,35 +434,51 @@ class Ledger:
     def _add_grant(self, g: Grant) -> None:
         self._grants[g.id] = g
         self._ids = None
-        self._sessions[g.sid].grants.add(g.id)
+        session = self._sessions[g.sid]
+        session.grants.add(g.id)
+        if session.hold:
+            self._holds.add(session, g)
         of_feature = self._by_feature.get(g.feature)
         if of_feature is None:  # not setdefault: that makes and drops a set every grant
             of_feature = self._by_feature[g.feature] = set()
         of_feature.add(g.id)
         key = g.pool_key
-        self._used[key] = self._used.get(key, 0) + g.count
+        self._used[key] = self._used.get(key, 0) + (self._groups.add(g) if g.dup else g.count)
 
     def _drop_grant(self, gid: int) -> None:
         grant = self._grants.pop(gid)
         self._ids = None
         self._grant_maps.pop(gid, None)
-        self._sessions[grant.sid].grants.discard(gid)
+        session = self._sessions[grant.sid]
+        session.grants.discard(gid)
+        if session.hold:  # a hold holds its one grant: it ends with it
+            self._holds.remove(grant)
+            del self._sessions[session.sid]
         of_feature = self._by_feature[grant.feature]
         of_feature.discard(gid)
         if not of_feature:
             del self._by_feature[grant.feature]
-        self._used[grant.pool_key] -= grant.count
+        self._used[grant.pool_key] -= self._groups.drop(grant) if grant.dup else grant.count
 
     def _add_session(self, session: Session) -> None:
         self._sessions[session.sid] = session
+        if session.hold:
+            return  # no lease, no replies, not counted by any limit; its grant indexes it
+        if session.idle_since is not None:
+            self._idle.went_idle(session)
         self._unacked[session.sid] = sorted(session.replies)  # a sorted list is a heap
         if session.sid not in self._leases:
             self._unleased.add(session.sid)  # a backup's, or one adopted by a new primary
         self._per_host[session.host] = self._per_host.get(session.host, 0) + 1
 
-    def _end(self, session: Session) -> None:
+    def _end(self, session: Session, lingers: Sequence[tuple[int, float, float]] = ()) -> None:
+        """End a client's session; ``lingers`` (grant, until, at) move into linger holds."""
+        for gid, until, at in lingers:
+            self._hold(gid, "linger", until, session, at)
         for gid in sorted(session.grants):
             self._drop_grant(gid)
+        if session.idle_since is not None:
+            self._idle.busy(session.sid)
         del self._sessions[session.sid]
         del self._unacked[session.sid]
         self._leases.pop(session.sid, None)  # volatile, but moot once the session is gone
@@ -352,6 +496,7 @@ class Ledger:
             "next_grant": self._next_grant,
             "entitlements": [entitlement_to_map(e) for e in self._catalog.entitlements],
             "options": None if self._options is None else self._options.to_map(),
+            "license": None if self._license is None else list(self._license),
             "sessions": [self._sessions[sid].to_map() for sid in sorted(self._sessions)],
             "grants": [self._grant_map(g) for g in self._grants.values()],  # ascending id
         }
@@ -370,6 +515,7 @@ class Ledger:
         lease: float,
         heartbeat: float,
         limits: Limits | None = None,
+        min_timeout: float = DEFAULT_MIN_TIMEOUT,
     ) -> Ledger:
         """A ledger from ``snapshot()``; LedgerError when the snapshot is malformed."""
         if not isinstance(snap, dict) or snap.get("v") != SNAPSHOT_VERSION:
@@ -380,7 +526,9 @@ class Ledger:
             heartbeat=heartbeat,
             limits=limits,
             options=_options_from(snap.get("options"), "snapshot"),
+            min_timeout=min_timeout,
         )
+        ledger._license = _license_from(snap.get("license"), "snapshot")
         sessions, grants = snap.get("sessions"), snap.get("grants")
         if not isinstance(sessions, list) or not isinstance(grants, list):
             raise LedgerError("snapshot: 'sessions' and 'grants' must be lists")
@@ -408,14 +556,18 @@ class Ledger:
         entitlements: Sequence[Entitlement],
         options: Options | None = None,
         now: Now | None = None,
+        license_lines: Sequence[str] | None = None,
     ) -> Delta:
         """Replace the entitlements and the options file's policy, in one delta; ``now``
-        gives it the wall time the report log's ``reread`` record shows."""
+        gives it the wall time the report log's ``reread`` record shows, ``license_lines``
+        the signed lines they came from (``License.signed``)."""
         delta: Delta = {
             "k": "reload",
             "entitlements": [entitlement_to_map(e) for e in entitlements],
             "options": None if options is None else options.to_map(),
         }
+        if license_lines is not None:
+            delta["license"] = list(license_lines)
         if now is not None:
             delta["at"] = now.wall
         return delta
@@ -431,7 +583,10 @@ class Ledger:
         if not sid or req < 0 or request.ack < 0:
             return Outcome([], reply_error(ErrorCode.BAD_REQUEST, "sid, req or ack is invalid"))
         session = self._sessions.get(sid)
-        if session is None:
+        if session is None or session.hold:
+            if sid.startswith(HOLD_PREFIX):  # the triad's own records: no client speaks for one
+                why = f"session ids starting {HOLD_PREFIX!r} are the triad's own (holds)"
+                return Outcome([], reply_error(ErrorCode.BAD_REQUEST, why))
             if request.op == "close":
                 return Outcome([], reply_ok())
             if request.op != "open":
@@ -439,7 +594,7 @@ class Ledger:
             if req < request.ack:
                 return Outcome([], _stale(req, request.ack))
             refusal = self.limits.refuse_open(
-                len(self._sessions), self._per_host.get(request.host, 0), request.host
+                self.session_count, self._per_host.get(request.host, 0), request.host
             )
             if refusal is not None:
                 return Outcome([], refusal)
@@ -460,18 +615,118 @@ class Ledger:
                 return Outcome([], refusal)
         ids = _ids(request, ack)
         if request.op == "heartbeat":
+            if session.taken:  # the library reports these grants lost, once each
+                taken = [{"grant": g, "reason": why} for g, why in session.taken.items()]
+                return Outcome([], reply_ok(lease=self.lease, taken=taken))
             return Outcome([], reply_ok(lease=self.lease))
         if request.op == "open":
             return Outcome([_answer(ids, self._open_reply(), now.wall)], None)
         if request.op == "close":
-            return Outcome([({"k": "close", **ids, "at": now.wall}, reply_ok())], None)
+            closed: Delta = {"k": "close", **ids, "at": now.wall}
+            lingers = self._lingers_of(session, now.wall)
+            if lingers:  # FlexNet lingers after the process exits too
+                closed["linger"] = lingers
+            return Outcome([(closed, reply_ok())], None)
         if request.op == "checkin":
             if request.grant in session.grants:
                 released = {"k": "release", **ids, "grant": request.grant, "at": now.wall}
+                if self._policy is not None:  # without options nothing lingers: the hot path
+                    linger = self._linger(request.grant)
+                    if linger is not None:
+                        released["linger"] = now.wall + linger
                 return Outcome([(released, reply_ok())], None)
             why = f"grant {request.grant} is not held by session {sid}"
             return Outcome([_answer(ids, reply_denied(Reason.NOT_HELD, why), now.wall)], None)
+        if request.op in ("borrow", "return"):  # broker/borrow.py
+            return self._borrow(request, session, ids, now)
+        if request.op == "idle":  # the application says so (TIMEOUT); heartbeats never do
+            marked = {"k": "idle", **ids, "idle": request.idle, "at": now.wall}
+            return Outcome([(marked, reply_ok())], None)
         return self._checkout(request, session, ids, now)
+
+    def _linger(self, gid: int) -> float | None:
+        """Seconds grant ``gid`` lingers once let go (LINGER), None: it does not."""
+        if self._policy is None:
+            return None
+        g = self._grants[gid]
+        if g.dup:
+            return None  # a shared seat never lingers: its group holds it (broker/dup.py)
+        seconds = self._policy.linger(g.feature, g.pool_key[1])
+        return seconds if seconds is not None and seconds > 0 else None
+
+    def _borrow(self, request: Request, session: Session, ids: Delta, now: Now) -> Outcome:
+        """A borrow (a grant in a borrow hold, with the token's facts for the node to sign)
+        or an early return of one: broker/borrow.py decides. O(grants of the feature), as
+        a checkout under MAX or RESERVE lines."""
+        mine: list[int] = []  # this user's and host's borrows of the feature
+        lent: dict[PoolKey, int] = {}  # seats the feature's pools lend now
+        for gid in self._by_feature.get(request.feature, ()):
+            h = self._holds.by_grant.get(gid)
+            if h is not None and h.hold == "borrow":
+                g = self._grants[gid]
+                lent[g.pool_key] = lent.get(g.pool_key, 0) + g.count
+                if (h.user, h.host) == (session.user, session.host):
+                    mine.append(gid)
+        if request.op == "return":
+            refusal = borrow.refuse_return(self._catalog, request.feature, mine, self._grants)
+            if refusal is not None:
+                denied = reply_denied(refusal.reason, refusal.detail)
+                return Outcome([_answer(ids, denied, now.wall, _asked(request))], None)
+            returned = {"k": "return", **ids, "grant": min(mine), "at": now.wall}
+            return Outcome([(returned, reply_ok(grant=min(mine)))], None)
+        if request.count < 1 or (request.until is not None and request.hours is not None):
+            why = "count out of range, or both until and hours given"
+            return Outcome([], reply_error(ErrorCode.BAD_REQUEST, why))
+        try:
+            decided = borrow.decide(
+                self._catalog, self._policy, feature=request.feature, version=request.version,
+                count=request.count, until=request.until, hours=request.hours,
+                who=_principal(session), now=now.wall, day=day_of(now.wall),
+                used=lambda key: self._used.get(key, 0), lent=lambda key: lent.get(key, 0),
+                holdings=lambda: self._holdings(request.feature, frozenset(), ()),
+                already=bool(mine),
+            )  # fmt: skip
+        except ValueError as exc:  # an unparsable version
+            return Outcome([], reply_error(ErrorCode.BAD_REQUEST, str(exc)))
+        if isinstance(decided, Denial):
+            denied = reply_denied(decided.reason, decided.detail)
+            return Outcome([_answer(ids, denied, now.wall, _asked(request))], None)
+        delta, reply = self._grant_delta(ids, request, Choice(decided.pool), self._next_grant, now)
+        delta["borrow"] = decided.until
+        granted = dict(reply) if reply is not None else reply_ok()  # never None: a grant's
+        # Unsigned: the primary's node signs it (NodeCore._decide) in both places.
+        delta["token"] = granted["token"] = borrow.facts(delta, session)
+        return Outcome([(delta, granted)], None)
+
+    def _lingers_of(self, session: Session, wall: float) -> list[list[float]]:
+        """[grant, until] of each grant of ``session`` that lingers if it ends at ``wall``."""
+        if self._policy is None or not session.grants:
+            return []
+        out: list[list[float]] = []
+        for gid in sorted(session.grants):
+            seconds = self._linger(gid)
+            if seconds is not None:
+                out.append([gid, wall + seconds])
+        return out
+
+    def _reclaim(self, request: Request, session: Session, ids: Delta, now: Now) -> Outcome | None:
+        """A checkout by the user and host of a lingering seat of the feature takes that
+        seat back (a ``grant`` that ``reclaims`` it), if the seat's pool serves it."""
+        lingering = self._lingering.get((session.user, session.host, request.feature))
+        if not lingering:
+            return None
+        day = day_of(now.wall)
+        for gid in sorted(lingering):
+            g = self._grants[gid]
+            # Only the lingering seat's pool may serve, with that seat free.
+            extra = {p.pool_key: _FULL for p in self._catalog.pools(g.feature)}
+            extra[g.pool_key] = -g.count
+            choice = self._choose(request, session, day, extra, frozenset({gid}))
+            if isinstance(choice, Choice):
+                delta, reply = self._grant_delta(ids, request, choice, self._next_grant, now)
+                delta["reclaims"] = gid
+                return Outcome([(delta, reply)], None)
+        return None
 
     def _checkout(self, request: Request, session: Session, ids: Delta, now: Now) -> Outcome:
         if request.count < 1 or (request.wait is not None and not request.wait >= 0):
@@ -479,14 +734,21 @@ class Ledger:
         if (request.sid, request.req) in self._queued:
             return Outcome([], None)  # a duplicate of a waiter: it is already in line
         try:
-            choice = self._choose(request, session, day_of(now.wall), {})
+            if self._lingering:  # (user, host, feature) of lingering seats: mostly empty
+                reclaimed = self._reclaim(request, session, ids, now)
+                if reclaimed is not None:
+                    return reclaimed  # its own seat: never behind the queue
+            # DUP_GROUP's group, if any: no call on the hot path without one anywhere
+            dup = self._dup_key(request, session) if self._dup_masks or request.dup else None
+            choice = self._choose(request, session, day_of(now.wall), {}, dup=dup)
         except ValueError as exc:  # an unparsable version
             return Outcome([], reply_error(ErrorCode.BAD_REQUEST, str(exc)))
         wait = request.wait or 0.0
         waits = wait > 0
         ahead = bool(self._queues.get(request.feature))
         if isinstance(choice, Choice) and not (waits and ahead):
-            return Outcome([self._grant_delta(ids, request, choice, self._next_grant, now)], None)
+            grant = self._grant_delta(ids, request, choice, self._next_grant, now, dup=dup)
+            return Outcome([grant], None)
         if isinstance(choice, Denial) and not (choice.busy and waits):
             denied = reply_denied(choice.reason, choice.detail)
             return Outcome([_answer(ids, denied, now.wall, _asked(request))], None)
@@ -509,15 +771,23 @@ class Ledger:
         session: Session,
         day: datetime.date,
         extra: dict[PoolKey, int],
-        gone: frozenset[str] = frozenset(),
+        gone: frozenset[int] = frozenset(),
         pending: Sequence[tuple[str, Holding]] = (),
+        dup: str | None = None,
     ) -> Choice | Denial:
-        """The license's and the options file's decision; ``extra``, ``gone`` (sessions
-        expiring) and ``pending`` (feature, holding) are a tick's decisions not yet applied."""
+        """The license's and the options file's decision; ``extra``, ``gone`` (grants
+        being let go) and ``pending`` (feature, holding) are decisions not yet applied.
+        ``dup``: the checkout's duplicate group (broker/dup.py), whose seats are its own."""
         used = self._used
+        shared = None if dup is None else self._groups.seats_by_pool(request.feature, dup)
 
         def taken(key: PoolKey) -> int:  # seats of the pool, this tick's decisions counted
             return used.get(key, 0) + extra.get(key, 0)
+
+        if shared:  # as if the group's seats were free: it asks only what it lacks
+
+            def taken(key: PoolKey) -> int:
+                return used.get(key, 0) + extra.get(key, 0) - shared.get(key[1], 0)
 
         if self._policy is None:  # the license's choice alone, without the policy's
             # Principal and holdings: a checkout is the hot path (scripts/ab_instructions.py)
@@ -540,18 +810,44 @@ class Ledger:
             _principal(session),
             day,
             taken,
-            lambda: self._holdings(request.feature, gone, pending),
+            lambda: self._holdings(request.feature, gone, pending, dup if shared else None),
+        )
+
+    def _shared(self, feature: str, dup: str | None) -> dict[tuple[int, ...], int]:
+        """Seats of each pool's duplicate group ``dup`` of ``feature`` (empty: none)."""
+        return {} if dup is None else self._groups.seats_by_pool(feature, dup)
+
+    def _dup_key(self, request: Request, session: Session) -> str | None:
+        """The duplicate group a checkout joins (broker/dup.py), None: none."""
+        return key_for(
+            self._dup_masks, request.feature, request.dup, session, request.vendor_string
         )
 
     def _holdings(
-        self, feature: str, gone: frozenset[str], pending: Sequence[tuple[str, Holding]]
+        self,
+        feature: str,
+        gone: frozenset[int],
+        pending: Sequence[tuple[str, Holding]],
+        mine: str | None = None,
     ) -> list[Holding]:
-        """Every grant of ``feature`` as the policy counts it: O(grants of the feature)."""
+        """Every grant of ``feature`` as the policy counts it: O(grants of the feature).
+        A duplicate group counts once, as its oldest member's; ``mine`` (the asking
+        checkout's group) not at all: its seats are the checkout's own (broker/dup.py)."""
         out: list[Holding] = []
+        groups = self._groups
+        counted: set[tuple[str, tuple[int, ...]]] = set()  # the groups already in ``out``
         for gid in self._by_feature.get(feature, ()):
             g = self._grants[gid]
-            if g.sid not in gone:
+            if gid in gone:
+                continue
+            if not g.dup:
                 out.append((_principal(self._sessions[g.sid]), g.pool_key[1], g.count))
+            elif g.dup != mine and (g.dup, g.pool_key[1]) not in counted:
+                counted.add((g.dup, g.pool_key[1]))
+                owner = groups.owner(g)
+                holder = g if owner in gone else self._grants[owner]
+                seats = groups.seats_of(g)  # as applied: never short while members go
+                out.append((_principal(self._sessions[holder.sid]), g.pool_key[1], seats))
         out += [h for f, h in pending if f == feature]
         return out
 
@@ -563,8 +859,10 @@ class Ledger:
         gid: int,
         now: Now,
         waited: float | None = None,
+        dup: str | None = None,
     ) -> Decided:
-        """``waited``: seconds the checkout queued (the report log's, ``apply`` ignores it)."""
+        """``waited``: seconds the checkout queued (the report log's, ``apply`` ignores it);
+        ``dup``: the duplicate group the grant joins (broker/dup.py)."""
         pool = choice.pool
         delta: Delta = {
             "k": "grant",
@@ -577,6 +875,8 @@ class Ledger:
         }
         if waited is not None:
             delta["waited"] = waited
+        if dup is not None:
+            delta["dup"] = dup
         grant = {"id": gid, "feature": pool.feature, "version": pool.version,
                  "count": request.count}  # fmt: skip
         return delta, reply_ok(grant=grant)
@@ -600,17 +900,31 @@ class Ledger:
         for sid in [sid for sid in gone if sid not in self._sessions]:
             gone.remove(sid)  # leased by an open that was never applied: moot
             del self._leases[sid]
-        deltas.extend(({"k": "expire", "sid": sid, "at": now.wall}, None) for sid in sorted(gone))
+        kept: set[int] = set()  # grants of expiring sessions that linger: their seats stay
+        for sid in sorted(gone):
+            expired: Delta = {"k": "expire", "sid": sid, "at": now.wall}
+            lingers = self._lingers_of(self._sessions[sid], now.wall)
+            if lingers:
+                expired["linger"] = lingers
+                kept.update(int(gid) for gid, _ in lingers)
+            deltas.append((expired, None))
         # Seats as they will be once the deltas above and below are applied in order.
         extra: dict[PoolKey, int] = {}
-        for sid in gone:
-            for gid in self._sessions[sid].grants:
-                g = self._grants[gid]
-                extra[g.pool_key] = extra.get(g.pool_key, 0) - g.count
+        leaving = [gid for sid in gone for gid in self._sessions[sid].grants - kept]
+        for key, n in self._seats_freed(leaving).items():
+            extra[key] = extra.get(key, 0) - n
         gid = self._next_grant
         day = day_of(now.wall)
         pending: list[tuple[str, Holding]] = []  # grants decided below, for the policy
-        expiring = frozenset(gone)
+        freed = _NO_GRANTS
+        if self._holds.by_grant or self._idle.idle:  # else nothing can be due: a tick a checkin
+            freed = self._lapses_and_timeouts(now, frozenset(gone), deltas, extra)
+        expiring = (
+            frozenset(gid for sid in gone for gid in self._sessions[sid].grants if gid not in kept)
+            | freed
+            if gone
+            else freed
+        )
         for feature in sorted(self._queues):
             keep: deque[_Waiter] = deque()
             blocked = False
@@ -627,12 +941,23 @@ class Ledger:
                     keep.append(w)  # still waits for seats only, behind an earlier waiter
                     continue
                 ids = _ids(r, max(session.ack, r.ack))
-                choice = self._choose(r, session, day, extra, expiring, pending)
+                dup = self._dup_key(r, session) if self._dup_masks or r.dup else None
+                if dup is not None and expiring:
+                    # Groups shrink as these grants go: judged at the next tick on what
+                    # is applied, so that a group's seats are never counted short.
+                    blocked = True
+                    keep.append(w)
+                    continue
+                choice = self._choose(r, session, day, extra, expiring, pending, dup)
                 if isinstance(choice, Choice) and not blocked:
-                    deltas.append(self._grant_delta(ids, r, choice, gid, now, now.mono - w.arrived))
+                    grant = self._grant_delta(ids, r, choice, gid, now, now.mono - w.arrived, dup)
+                    deltas.append(grant)
                     gid += 1
-                    extra[choice.pool.pool_key] = extra.get(choice.pool.pool_key, 0) + r.count
-                    pending.append((r.feature, (_principal(session), choice.pool.key, r.count)))
+                    # Never short: the group as applied, without this tick's members (dup.py)
+                    cost = r.count - self._shared(r.feature, dup).get(choice.pool.key, 0)
+                    key = choice.pool.pool_key
+                    extra[key] = extra.get(key, 0) + max(0, cost)
+                    pending.append((r.feature, (_principal(session), key[1], max(0, cost))))
                 elif isinstance(choice, Denial) and not choice.busy:
                     denied = reply_denied(choice.reason, choice.detail)
                     deltas.append(_answer(ids, denied, now.wall, _asked(r, now.mono - w.arrived)))
@@ -658,6 +983,54 @@ class Ledger:
                 del self._queues[feature]
         return Ticked(deltas, ended)
 
+    def _lapses_and_timeouts(
+        self, now: Now, gone: frozenset[str], deltas: list[Decided], extra: dict[PoolKey, int]
+    ) -> frozenset[int]:
+        """Holds whose end passed (``lapse``), and grants of sessions idle longer than their
+        TIMEOUT (``take``, reason ``timeout``; never lingers): appended to ``deltas``, their
+        seats taken off ``extra``. Reads only what is due (broker/holds.py)."""
+        freed: list[int] = []
+        for gid in self._holds.due(now.wall):
+            deltas.append(({"k": "lapse", "grant": gid, "at": now.wall}, None))
+            freed.append(gid)
+        policy = self._policy
+        if policy is not None and self._idle.least is not None:
+            for session in self._idle.due(now.wall):
+                since = session.idle_since
+                if since is None or session.sid in gone:
+                    continue  # its expire ends it
+                watch = math.inf
+                for gid in sorted(session.grants):
+                    g = self._grants[gid]
+                    timeout = policy.timeout(g.feature, g.pool_key[1])
+                    if timeout is None:
+                        continue
+                    watch = min(watch, since + timeout)
+                    if since + timeout <= now.wall:
+                        take = {"k": "take", "grant": gid, "reason": "timeout", "at": now.wall}
+                        deltas.append((take, None))
+                        freed.append(gid)
+                if watch < math.inf:  # looked at again once the take applied, or when due
+                    self._idle.watch(session, watch)
+        for key, n in self._seats_freed(freed).items():
+            extra[key] = extra.get(key, 0) - n
+        return frozenset(freed)
+
+    def _seats_freed(self, gids: Sequence[int]) -> dict[PoolKey, int]:
+        """Seats each pool frees once grants ``gids`` are gone: a duplicate group's only
+        as it shrinks. Asked in parts, it never adds up to more than at once (dup.py)."""
+        out: dict[PoolKey, int] = {}
+        grouped: list[Grant] = []
+        for gid in gids:
+            g = self._grants[gid]
+            if g.dup:
+                grouped.append(g)
+            else:
+                out[g.pool_key] = out.get(g.pool_key, 0) + g.count
+        for key, n in self._groups.freed_if_gone(grouped).items():
+            out[key] = out.get(key, 0) + n
+        return out
+
     def _renew(self, sid: str, deadline: float) -> None:
         self._leases.pop(sid, None)  # re-inserted at the end: deadline order
         self._leases[sid] = deadline
@@ -669,7 +1042,7 @@ class Ledger:
         """Drop leases and waiters: call on losing or gaining the primary role."""
         self._leases.clear()
         self._lease_max, self._leases_ordered = -math.inf, True
-        self._unleased = set(self._sessions)
+        self._unleased = {sid for sid, s in self._sessions.items() if not s.hold}
         self._queues.clear()
         self._queued.clear()
 
@@ -689,17 +1062,37 @@ class Ledger:
         return self._catalog.entitlements
 
     @property
+    def license_lines(self) -> tuple[str, ...] | None:
+        """The signed lines of the license in force (None: its reload carried none)."""
+        return self._license
+
+    @property
     def options(self) -> Options | None:
         """The options file in force (replicated with the entitlements), None: none."""
         return self._options
 
+    @property
+    def policy(self) -> Policy | None:
+        """The decisions of ``options`` (None: no options file); read-only for status."""
+        return self._policy
+
+    def holdings(self, feature: str) -> list[Holding]:
+        """Every grant of ``feature`` as the policy counts it (status shows reservations
+        with them: broker/reserved.py). O(grants of the feature)."""
+        return self._holdings(feature, frozenset(), ())
+
     def sessions(self) -> list[str]:
-        return sorted(self._sessions)
+        """The client sessions open (holds are not sessions: see ``holds``)."""
+        return sorted(sid for sid, s in self._sessions.items() if not s.hold)
 
     @property
     def session_count(self) -> int:
-        """Sessions open (O(1): for the metrics, once a second)."""
-        return len(self._sessions)
+        """Client sessions open, holds not counted (O(1): for the limits and the metrics)."""
+        return len(self._sessions) - len(self._holds)
+
+    def holds(self) -> list[Session]:
+        """The holds (lingering, borrowed seats), by grant id; read-only."""
+        return [self._holds.by_grant[gid] for gid in sorted(self._holds.by_grant)]
 
     def session(self, sid: str) -> Session | None:
         """The session's record; callers must treat it as read-only."""
@@ -763,6 +1156,9 @@ class Ledger:
                     "total": sum(p.total(day) for p in pools),
                     "in_use": in_use.get(name, 0),
                     "queued": self.queued(name),
+                    # seats of in_use that holds keep (LINGER, BORROW)
+                    "lingering": self._holds.seats("linger", name),
+                    "borrowed": self._holds.seats("borrow", name),
                     "versions": [p.status(day, self._used.get(p.pool_key, 0)) for p in pools],
                 }
             )
@@ -792,6 +1188,8 @@ class Ledger:
             if feature is None or g.feature == feature:
                 holder = g.holder(self._sessions[g.sid])
                 holder["feature"] = g.feature
+                if g.dup:  # the grants sharing its seat(s), oldest first (broker/dup.py)
+                    holder["sharers"] = self._groups.sharers(g)
                 out.append(holder)
         return out, (ids[at - 1] if at < len(ids) else None)
 
@@ -802,8 +1200,44 @@ class Ledger:
 # ---------------------------------------------------------------- helpers
 
 
+_FULL = 2**62  # seats that make a pool look full to ``choose``
+_NO_GRANTS: frozenset[int] = frozenset()
+
+
+def _lingers(d: Delta, session: Session) -> list[tuple[int, float, float]]:
+    """The (grant, until, at) of a session end's ``linger`` pairs, each a grant of it."""
+    raw = d.get("linger", [])
+    if not isinstance(raw, list):
+        raise LedgerError(f"{d['k']} delta: 'linger' must be a list of [grant, until] pairs")
+    out: list[tuple[int, float, float]] = []
+    for pair in raw:
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise LedgerError(f"{d['k']} delta: 'linger' must be a list of [grant, until] pairs")
+        entry = {"k": d["k"], "grant": pair[0], "until": pair[1]}
+        gid, until = field_int(entry, "grant", 1), field_wall(entry, "until")
+        if gid not in session.grants or any(gid == g for g, _, _ in out):
+            raise LedgerError(f"{d['k']} delta: lingers grant {gid}, not held by {session.sid}")
+        out.append((gid, until, field_wall(d)))
+    return out
+
+
+def _token_of(d: Delta) -> dict[str, Any]:
+    token = d.get("token", {})
+    if not isinstance(token, dict):
+        raise LedgerError("grant delta: field 'token' must be a map")
+    return token
+
+
 def _principal(session: Session) -> Principal:
     return Principal(session.user, session.host, session.display, session.address, session.project)
+
+
+def _license_from(raw: object, where: str) -> tuple[str, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+        raise LedgerError(f"{where}: 'license' must be a list of signed lines or nil")
+    return tuple(raw)
 
 
 def _options_from(raw: object, where: str) -> Options | None:

@@ -19,8 +19,12 @@ hostid is ``ANY`` or any word; the endpoint is ``tcp://host:port``, ``ipc://path
 FEATURE/INCREMENT line must name its vendor. A version is dotted decimal
 (``zbroker.broker.model.parse_version``), an expiry ``permanent`` or ``d-mmm-yyyy``
 (``31-dec-2027``), a count a whole number >= 1. ``USERS=a,b`` and ``HOSTS=a,b`` restrict
-who may check out; ``SIGN=`` is the vendor's signature (``zbroker.broker.signing``). An
-attribute key or flag may appear once per line.
+who may check out; ``USER_BASED[=n]`` and ``HOST_BASED[=n]`` (flag, or n a count) give
+the line to the users or hosts the options file's INCLUDE lines name (``zbroker.broker.based``);
+``SIGN=`` is the vendor's signature (``zbroker.broker.signing``). An attribute key or flag
+may appear once per line. ``License.signed`` keeps each verified line as its canonical form
+and signature (``FeatureLine.signed_text``): what a primary replicates for every node to
+verify with its own key (``zbroker.broker.served``).
 
 Ranges. Every number has the range the wire has (``zbroker.broker.wire``), so that whatever
 parses can be replicated and asked for: a TCP port 1 to 65535; a count 1 to
@@ -76,6 +80,7 @@ from zbroker.clients.licfile import (
     read_servers,
     tcp_host_port,
 )
+from zbroker.clients.protocol import parse_dup_mask
 
 __all__ = [
     "MAX_LICENSE_BYTES",
@@ -112,6 +117,11 @@ _VERSION_EXPECTED = (
 )
 _COUNT_EXPECTED = f"a seat count (a whole number from 1 to {MAX_COUNT})"
 _FEATURE_NAME = f"a feature name (at most {MAX_TEXT} characters)"
+_DUP_EXPECTED = "DUP_GROUP=NONE, SITE or letters of UHDV (user, host, display, vendor string)"
+DEFAULT_BORROW_HOURS = 168  # a bare BORROW flag: FlexNet's default, one week
+MAX_BORROW_HOURS = 87_600  # ten years: BORROW=hours beyond it is a typing error
+NO_EARLY_RETURN = "NO_EARLY_RETURN"  # the line flag that forbids returning a borrow early
+_BORROW_EXPECTED = f"BORROW=hours, a whole number of hours from 1 to {MAX_BORROW_HOURS}"
 
 
 # --- errors ----------------------------------------------------------------------------
@@ -174,7 +184,35 @@ class FeatureLine:
             hosts=_name_set(self.attrs.get("HOSTS")),
             source=f"{path}:{self.line}",
             vendor=self.vendor,
+            borrow=self.borrow_hours(),
+            early_return=not any(f.upper() == NO_EARLY_RETURN for f in self.flags),
+            user_based=self._based("USER_BASED"),
+            host_based=self._based("HOST_BASED"),
+            dup_group=_dup_group(self.attrs.get("DUP_GROUP")),
         )
+
+    def _based(self, keyword: str) -> int | None:
+        """``USER_BASED[=n]`` / ``HOST_BASED[=n]``: how many users (hosts) the options
+        file's INCLUDE lines may name for the line, its count when the flag has no ``=n``;
+        None when the line has neither (``zbroker.broker.based``)."""
+        if keyword in self.attrs:
+            return int(self.attrs[keyword])  # checked by _feature: a count in range
+        if any(flag.upper() == keyword for flag in self.flags):
+            return self.count
+        return None
+
+    def signed_text(self) -> str:
+        """The line as the triad replicates it: its canonical form and its signature, one
+        line that ``parse_syntax`` reads back (``zbroker.broker.served`` verifies it)."""
+        return f"{self.canonical().decode()} SIGN={self.signature}"
+
+    def borrow_hours(self) -> float | None:
+        """BORROW=hours, or the default for a bare BORROW flag; None: not borrowable."""
+        if "BORROW" in self.attrs:
+            return float(self.attrs["BORROW"])  # checked by the parser: whole hours in range
+        if any(f.upper() == "BORROW" for f in self.flags):
+            return float(DEFAULT_BORROW_HOURS)
+        return None
 
 
 @dataclass(frozen=True)
@@ -196,10 +234,17 @@ class License:
     vendor: str | None
     entitlements: list[Entitlement]
     refused: list[LicenseLineRefused] = field(default_factory=list)
+    # ``FeatureLine.signed_text`` of each entitlement, in the same order (empty when no
+    # key checked the signatures): what a primary replicates for the others to verify.
+    signed: list[str] = field(default_factory=list)
 
 
 def _name_set(value: str | None) -> frozenset[str] | None:
     return None if value is None else frozenset(value.split(","))
+
+
+def _dup_group(value: str | None) -> str | None:
+    return None if value is None else parse_dup_mask(value)  # checked by the parser
 
 
 # --- parsing ---------------------------------------------------------------------------
@@ -240,6 +285,17 @@ def _feature(cur: Cursor, keyword: Word, last_line: int) -> tuple[FeatureLine, W
     if len(digits) > len(str(MAX_COUNT)) or not 1 <= int(digits or "0") <= MAX_COUNT:
         raise cur.error(count, _COUNT_EXPECTED)
     attrs, where, flags = extras(cur, flags_allowed=True)
+    _check_borrow(cur, attrs, where, flags)
+    if "DUP_GROUP" in where:  # signed with the line like every attribute (broker/dup.py)
+        try:
+            parse_dup_mask(attrs["DUP_GROUP"])
+        except ValueError:
+            raise cur.error(where["DUP_GROUP"], _DUP_EXPECTED) from None
+    for based in ("USER_BASED", "HOST_BASED"):
+        if based in where:  # USER_BASED=n: n a count, as the line's own
+            n = attrs[based].lstrip("0")
+            if not _COUNT.match(attrs[based]) or len(n) > 7 or not 1 <= int(n or "0") <= MAX_COUNT:
+                raise cur.error(where[based], f"{based}=n, n a whole number from 1 to {MAX_COUNT}")
     signature = attrs.pop("SIGN", None)
     sign_word = where.get("SIGN")
     line = FeatureLine(
@@ -260,6 +316,24 @@ def _feature(cur: Cursor, keyword: Word, last_line: int) -> tuple[FeatureLine, W
         else (sign_word.line, sign_word.column, len(sign_word.text)),
     )
     return line, vendor
+
+
+def _check_borrow(
+    cur: Cursor, attrs: dict[str, str], where: dict[str, Word], flags: list[str]
+) -> None:
+    """BORROW=hours is whole hours in range, and BORROW is given once, flag or attribute."""
+    word = where.get("BORROW")
+    if word is None:
+        return
+    if any(f.upper() == "BORROW" for f in flags):
+        raise cur.error(word, "BORROW once: as a flag (168 hours) or as BORROW=hours, not both")
+    digits = attrs["BORROW"].lstrip("0")
+    if (
+        not _COUNT.match(attrs["BORROW"])
+        or len(digits) > 5
+        or not 1 <= int(digits or "0") <= (MAX_BORROW_HOURS)
+    ):
+        raise cur.error(word, _BORROW_EXPECTED)
 
 
 def parse_syntax(text: str, *, path: str, servers_required: bool = True) -> LicenseSyntax:
@@ -332,6 +406,7 @@ def parse_license(
     syntax = parse_syntax(text, path=path, servers_required=servers_required)
     entitlements: list[Entitlement] = []
     refused: list[LicenseLineRefused] = []
+    signed: list[str] = []
     first_of: dict[bytes, int] = {}  # canonical form -> the line it first verified on
     for line in syntax.lines:
         why = None if public_key is None else check_signature(line, public_key)
@@ -342,9 +417,11 @@ def parse_license(
                 why = f"a copy of line {first}: a signed line counts once"
         if why is None:
             entitlements.append(line.entitlement(path))
+            if public_key is not None:
+                signed.append(line.signed_text())
         else:
             refused.append(LicenseLineRefused(path, line.line, line.name, why, line.keyword))
-    return License(path, syntax.servers, syntax.vendor, entitlements, refused)
+    return License(path, syntax.servers, syntax.vendor, entitlements, refused, signed)
 
 
 def load_license(

@@ -24,10 +24,13 @@ public parsers were written against show it (docs/integration.md names them):
   with ``, N licenses`` past one seat and ``  (linger: LEFT / LINGER)`` while a seat
   lingers), and queued requests (``... (h/port handle) queued for N licenses``).
 
-Reservations, lingering seats and the queue's entries are printed when the status
-carries them (a feature's ``reservations`` and ``queue``, a holder's ``linger`` and
-``lingering``). A node lists the queue (its first waiters: docs/protocol.md) with the
-holders, so ``-a`` shows it; the vendor is the license file's, else the status's.
+Reservations, lingering and borrowed seats and the queue's entries are printed when the
+status carries them: a feature's ``reservations`` (the seats each RESERVE line still
+keeps from others, its ``unused``: a filled one is not printed), a holder's ``hold``
+and ``until`` (FlexNet prints lingering and borrowed seats alike, ``(linger: LEFT /
+ALL)``) and a feature's ``queue``. A node lists the queue (its first waiters:
+docs/protocol.md) with the holders, so ``-a`` shows it; the vendor is the license
+file's, else the status's.
 
 Text from clients (user, host, display) is printed as one word each: a control
 character becomes ``?``, a space ``_``, an empty field ``-``. A client must not be able
@@ -397,7 +400,7 @@ def _feature(
     ]
     holders = list(feature.get("holders", ())) if opts.users else []
     queue = list(feature.get("queue", ())) if opts.users else []
-    reservations = list(feature.get("reservations", ()))
+    reservations = [r for r in feature.get("reservations", ()) if _unused(r) > 0]
     if not (feature["in_use"] or holders or queue or reservations):
         return lines
     where = f"{master[0]}/{master[1]}"
@@ -440,9 +443,28 @@ def _holder(h: dict[str, Any], where: str, opts: Options, clock: Clock) -> str:
     )
     if h["count"] > 1:
         line += f", {h['count']} licenses"
-    if h.get("linger") is not None:
-        line += f"  (linger: {int(h.get('lingering') or 0)} / {int(h['linger'])})"
+    held = _held_on(h, clock.now)
+    if held is not None:
+        line += f"  (linger: {held[0]} / {held[1]})"
     return line
+
+
+def _held_on(h: dict[str, Any], now: float) -> tuple[int, int] | None:
+    """(seconds left, seconds in all) of a seat held past its checkin; None if not held.
+
+    A hold (``hold``: a lingering or borrowed seat, until the wall time ``until``) is
+    printed as FlexNet prints both, ``(linger: LEFT / ALL)``; ALL is the holder's
+    ``linger`` when the status gives it, else the time from checkout to ``until`` (a
+    borrow's whole period). A status of an older shape gives ``linger``/``lingering``.
+    """
+    until = h.get("until")
+    if h.get("hold") and isinstance(until, int | float):
+        left = max(0, int(until - now))
+        every = h.get("linger") or until - float(h["since"])
+        return left, max(left, int(every))
+    if h.get("linger") is not None:
+        return int(h.get("lingering") or 0), int(h["linger"])
+    return None
 
 
 def _queued(q: dict[str, Any], where: str) -> str:
@@ -453,7 +475,13 @@ def _queued(q: dict[str, Any], where: str) -> str:
 
 
 def _reservation(r: dict[str, Any], where: str) -> str:
-    return f"\t{r['count']} RESERVATIONs for {r['kind']} {clean(r['name'])} ({where})"
+    # The seats a reservation still keeps from others: those its principals hold are on
+    # their own user lines already (and counted in use).
+    return f"\t{_unused(r)} RESERVATIONs for {r['kind']} {clean(r['name'])} ({where})"
+
+
+def _unused(r: dict[str, Any]) -> int:
+    return int(r.get("unused", r["count"]))
 
 
 # --- -i --------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from prometheus_client.exposition import start_http_server
 
 from zbroker.broker.config import ConfigError
 from zbroker.broker.model import Now, Reason
+from zbroker.broker.tallies import CHECKIN_HOWS
 
 log = logging.getLogger("zbroker.metrics")
 REFRESH_EVERY = 1.0  # seconds between two snapshots
@@ -55,7 +56,6 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5
 # The roles a node says of itself (docs/protocol.md); every one is a series, 1 for the
 # current role, so that a query never meets a missing series at a change of role.
 ROLES = ("primary", "backup", "candidate", "recovering")
-CHECKIN_HOWS = ("release", "close", "expire")  # NodeCore.tallies' "checkin:<how>"
 DENIAL_REASONS = tuple(v for k, v in vars(Reason).items() if k.isupper() and isinstance(v, str))
 _DAY = 86_400.0
 
@@ -68,8 +68,9 @@ class MetricsSource(Protocol):
     """What the metrics read of a node core (``zbroker.broker.core.NodeCore``), once a second."""
 
     @property
-    def tallies(self) -> Mapping[str, int]:
-        """Events since start: "checkout", "checkin:<how>", "denied:<reason>"."""
+    def tallies(self) -> Mapping[tuple[str, ...], int]:
+        """Decisions since start (broker/tallies.py): ("checkout", feature),
+        ("checkin", how, feature), ("denied", reason, feature)."""
         ...
 
     @property
@@ -149,12 +150,17 @@ class Metrics:
 
     # --- the snapshot
     def _build(
-        self, report: Mapping[str, Any], tallies: Mapping[str, int], sessions: int, now: Now
+        self,
+        report: Mapping[str, Any],
+        tallies: Mapping[tuple[str, ...], int],
+        sessions: int,
+        now: Now,
     ) -> Iterator[Metric]:
         node = self.node
         yield from _node_families(node, report, sessions)
         yield from _feature_families(node, report.get("features", ()), now)
-        yield from _tally_families(node, tallies)
+        features = [str(f.get("name", "")) for f in report.get("features", ())]
+        yield from _tally_families(node, tallies, features)
         histogram = HistogramMetricFamily(
             "zbroker_request_latency_seconds",
             "Seconds from the loop cycle a client request whose answer waits for the quorum "
@@ -268,14 +274,18 @@ def _feature_families(node: str, features: Iterable[Any], now: Now) -> Iterator[
     )
     reserved = GaugeMetricFamily(
         "zbroker_feature_seats_reserved_unused",
-        "Seats set aside by an options file's RESERVE and not in use. Always 0 for now: "
-        "RESERVE is enforced, but the status report does not say its unused seats yet.",
+        "Seats the options file's RESERVE lines keep for their users and hosts that none "
+        "of them holds now: no one else may take them (they are not in use).",
         labels=labels,
     )
     lingering = GaugeMetricFamily(
         "zbroker_feature_seats_lingering",
-        "Seats checked in but held on by LINGER. Always 0 for now: LINGER is read but "
-        "nothing lingers yet (docs/admin.md).",
+        "Seats checked in but held on by the options file's LINGER until it ends (in use).",
+        labels=labels,
+    )
+    borrowed = GaugeMetricFamily(
+        "zbroker_feature_seats_borrowed",
+        "Seats borrowed (BORROW) until the end of their borrow period (in use).",
         labels=labels,
     )
     queued = GaugeMetricFamily(
@@ -294,14 +304,17 @@ def _feature_families(node: str, features: Iterable[Any], now: Now) -> Iterator[
         name = str(feature.get("name", ""))
         issued.add_metric([node, name], feature.get("total", 0))
         in_use.add_metric([node, name], feature.get("in_use", 0))
-        reserved.add_metric([node, name], 0)
-        lingering.add_metric([node, name], 0)
+        reserved.add_metric(
+            [node, name], sum(int(r.get("unused", 0)) for r in feature.get("reservations", ()))
+        )
+        lingering.add_metric([node, name], feature.get("lingering", 0))
+        borrowed.add_metric([node, name], feature.get("borrowed", 0))
         queued.add_metric([node, name], feature.get("queued", 0))
         for pool in feature.get("versions", ()):
             days = _days_left(pool.get("expires"), now)
             if days is not None:
                 expiry.add_metric([node, name, str(pool.get("version", ""))], days)
-    yield from (issued, in_use, reserved, lingering, queued, expiry)
+    yield from (issued, in_use, reserved, lingering, borrowed, queued, expiry)
 
 
 def _days_left(expires: object, now: Now) -> float | None:
@@ -318,38 +331,46 @@ def _days_left(expires: object, now: Now) -> float | None:
     return (end.timestamp() - now.wall) / _DAY
 
 
-def _tally_families(node: str, tallies: Mapping[str, int]) -> Iterator[Metric]:
+def _tally_families(
+    node: str, tallies: Mapping[tuple[str, ...], int], features: Iterable[str]
+) -> Iterator[Metric]:
+    labels = ["node", "feature"]
     checkouts = CounterMetricFamily(
         "zbroker_checkouts",
-        "Checkouts granted (committed) by this node as primary since it started.",
-        labels=["node"],
+        "Checkouts of the feature granted by this node as primary since it started, counted "
+        "once committed.",
+        labels=labels,
     )
-    checkouts.add_metric([node], tallies.get("checkout", 0))
     checkins = CounterMetricFamily(
         "zbroker_checkins",
-        "Checkins decided by this node as primary since it started, by how: release (a grant "
-        "checked in), close (a session closed, with what it held), expire (a session's lease "
-        "ran out).",
-        labels=["node", "how"],
+        "Grants of the feature checked in by this node as primary since it started, by how: "
+        "release (checked in), close (its session closed), expire (its session's lease ran "
+        "out), return (a borrow returned early), timeout (idle past TIMEOUT), removed "
+        "(zbroker remove).",
+        labels=[*labels, "how"],
     )
     denials = CounterMetricFamily(
         "zbroker_denials",
-        "Checkouts and checkins denied by this node since it started, by reason "
-        "(docs/protocol.md, Denial reasons).",
-        labels=["node", "reason"],
+        'Checkouts (and checkins, feature "") denied by this node as primary since it '
+        "started, by reason (docs/protocol.md, Denial reasons).",
+        labels=[*labels, "reason"],
     )
-    # Every known label value from the start: a counter that appears at its first
-    # increment hides that increment from rate().
-    by_how = dict.fromkeys(CHECKIN_HOWS, 0)
-    by_reason = dict.fromkeys(DENIAL_REASONS, 0)
+    # Every known label value of every feature from the start: a counter that appears
+    # at its first increment hides that increment from rate().
+    out = dict.fromkeys(features, 0)
+    ins = {(f, how): 0 for f in out for how in CHECKIN_HOWS}
+    denied = {(f, reason): 0 for f in out for reason in DENIAL_REASONS}
     for key, count in tallies.items():
-        kind, _, what = key.partition(":")
-        if kind == "checkin" and what:
-            by_how[what] = count
-        elif kind == "denied" and what:
-            by_reason[what] = count
-    for how, count in by_how.items():
-        checkins.add_metric([node, how], count)
-    for reason, count in by_reason.items():
-        denials.add_metric([node, reason], count)
+        if key[0] == "checkout" and len(key) == 2:
+            out[key[1]] = count
+        elif key[0] == "checkin" and len(key) == 3:
+            ins[key[2], key[1]] = count
+        elif key[0] == "denied" and len(key) == 3:
+            denied[key[2], key[1]] = count
+    for feature, count in out.items():
+        checkouts.add_metric([node, feature], count)
+    for (feature, how), count in ins.items():
+        checkins.add_metric([node, feature, how], count)
+    for (feature, reason), count in denied.items():
+        denials.add_metric([node, feature, reason], count)
     yield from (checkouts, checkins, denials)

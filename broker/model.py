@@ -54,6 +54,18 @@ class Entitlement:
     # The line's vendor, for status; not replicated (a reload delta carries no vendor),
     # hence not compared: the ledger's entitlements equal the license file's without it.
     vendor: str = field(default="", compare=False)
+    # BORROW[=hours] (docs/admin.md, "Borrowing"): the longest a seat of the line may be
+    # borrowed, in hours; None: the line's seats cannot be borrowed. NO_EARLY_RETURN on
+    # the line sets ``early_return`` False: a borrow of it stays until its end.
+    borrow: float | None = None
+    early_return: bool = True
+    # DUP_GROUP= (docs/admin.md, "Duplicate grouping"): the mask under which checkouts of
+    # the feature share one seat ("SITE" or letters of "UHDV"); None: the client decides.
+    dup_group: str | None = None
+    # USER_BASED[=n] / HOST_BASED[=n] (docs/admin.md): only the first n users (hosts) that
+    # the options file's INCLUDE lines name may use the line; None: the line is not.
+    user_based: int | None = None
+    host_based: int | None = None
 
     def expired_on(self, day: datetime.date) -> bool:
         """True when the line no longer grants on ``day`` (it expires at the end of its date)."""
@@ -83,8 +95,18 @@ class Request:
     count: int = 1
     version: str | None = None
     wait: float | None = None
+    idle: bool = False  # idle: the application went idle (True) or is busy again (False)
     grant: int = 0
-    action: str = ""  # admin: what to do ("down")
+    # checkout: the client's DUP_GROUP mask (used when no license line sets one; None:
+    # none) and its vendor string, which the mask's V compares (broker/dup.py)
+    dup: str | None = None
+    vendor_string: str = ""
+    # borrow: the end asked for, as wall seconds (``until``) or hours from the primary's
+    # now (``hours``): one of them, or neither for the longest the line allows
+    until: float | None = None
+    hours: float | None = None
+    action: str = ""  # admin: what to do ("down"); remove also reads user/host/display/
+    # feature/grant (broker/removal.py)
     # status: a page of holders (of ``feature`` only, when given) with grant ids > after
     holders: bool = False
     after: int = 0

@@ -25,6 +25,8 @@ from typing import assert_never
 
 import zmq
 
+from zbroker.broker.based import restrict
+from zbroker.broker.borrow import load_borrow_key
 from zbroker.broker.config import Config, ConfigError, load_config
 from zbroker.broker.core import (
     Append,
@@ -36,11 +38,12 @@ from zbroker.broker.core import (
 )
 from zbroker.broker.license import LicenseError, load_license
 from zbroker.broker.metrics import Metrics
-from zbroker.broker.model import Entitlement, Now
+from zbroker.broker.model import Now
 from zbroker.broker.options import Options, load_options
 from zbroker.broker.reportfile import NodeReportLog
 from zbroker.broker.seats import LedgerError
 from zbroker.broker.security import NodeSecurity
+from zbroker.broker.served import OwnLicense
 from zbroker.broker.signing import load_public_key
 from zbroker.broker.sockets import NodeSockets
 from zbroker.broker.storage import LOG, SNAPSHOT, Loaded, Storage, StorageError
@@ -84,16 +87,16 @@ class Node:
         StorageError when the directory is locked by another process or unusable; damage
         comes back as a fresh state, and the node recovers as a wiped one does.
         """
-        entitlements, options = self._read_license(self.config)
+        own, options = self._read_license(self.config)
         try:
             loaded = self.storage.load()
             try:
-                self.core = self._core(entitlements, options, loaded)
+                self.core = self._core(own, options, loaded)
             except (LedgerError, CorruptState) as exc:
                 # Records whole and well-shaped that still make no ledger or log: damage.
                 name = SNAPSHOT if isinstance(exc, LedgerError) else LOG
                 loaded = self.storage.set_aside(f"{self.storage.dir / name}: {exc}")
-                self.core = self._core(entitlements, options, loaded)
+                self.core = self._core(own, options, loaded)
             if self.report_log is not None:
                 why = f"the node started from its snapshot at {loaded.snapshot_index}"
                 self.report_log.start(loaded.snapshot_index, self.core.ledger, time.time(), why)
@@ -101,14 +104,15 @@ class Node:
             self.storage.close()  # the lock goes with it
             raise
 
-    def _core(
-        self, entitlements: tuple[Entitlement, ...], options: Options | None, loaded: Loaded
-    ) -> NodeCore:
+    def _core(self, own: OwnLicense, options: Options | None, loaded: Loaded) -> NodeCore:
         now = Now(time.monotonic(), time.time())
         mode = self.security.mode
+        key = self.config.borrow_key
         return NodeCore(
-            self.config, self.me.name, entitlements, loaded, now, mode=mode, options=options
-        )
+            self.config, self.me.name, own.entitlements, loaded, now, mode=mode, options=options,
+            borrow_key=None if key is None else load_borrow_key(key),
+            signed=own.signed, vendor_key=own.key,
+        )  # fmt: skip
 
     # --- life cycle
     def run(self) -> None:
@@ -164,32 +168,44 @@ class Node:
     def _on_hup(self, signum: int, frame: object) -> None:
         self.reread_asked = True  # the loop rereads: no I/O inside a handler
 
-    def _reread(self) -> None:
-        """SIGHUP: read the license and options files again, as at start. The core serves
-        what they say; a primary replicates it (one reload delta, so every node switches
-        at the same point of the log). A file that does not load changes nothing."""
+    def _reread(self, now: Now) -> None:
+        """SIGHUP: read the license and options files again, as at start. A primary
+        replicates them (one reload delta, so every node switches at the same point of the
+        log); a backup compares them with the triad's (broker/served.py). A file that does
+        not load changes nothing."""
         self.reread_asked = False
         log.info("node %s rereads the license and options", self.me.name)
         try:
             # The config again for the files it names now (an options file newly set);
             # its other settings take effect at the next start only.
-            entitlements, options = self._read_license(load_config(self.config.path))
+            own, options = self._read_license(load_config(self.config.path))
         except (ConfigError, LicenseError) as exc:  # an options file's errors are LicenseErrors
             log.error("reread refused, nothing changed: %s", exc)
             return
-        self.core.reread(entitlements, options)
+        self.core.reread(own.entitlements, options, own.signed, own.key, now)
 
-    def _read_license(self, config: Config) -> tuple[tuple[Entitlement, ...], Options | None]:
-        """The entitlements of ``config``'s license and its options file, as at start and
-        on a reread (LicenseError when either does not load); their warnings are logged."""
+    def _read_license(self, config: Config) -> tuple[OwnLicense, Options | None]:
+        """``config``'s license (its verified lines and the vendor key) and options file, as
+        at start and on a reread; their warnings are logged. LicenseError when either does
+        not load, or when no line of the license verifies: a node with nothing to vouch
+        for could only serve, or refuse, what another node says (broker/served.py)."""
         vendor_key = load_public_key(config.vendor_key)
         license_file = load_license(config.license_path, vendor_key)
         path = config.options
         options = None if path is None else load_options(path)
         warnings = () if options is None else options.warnings()
-        for line in (*license_file.refused, *warnings):
+        entitlements = tuple(license_file.entitlements)
+        _, based = restrict(entitlements, options)  # USER_BASED/HOST_BASED INCLUDEs ignored
+        for line in (*license_file.refused, *warnings, *based):
             log.warning("%s", line)
-        return tuple(license_file.entitlements), options
+        if not entitlements:
+            raise LicenseError(
+                f"{config.license_path}: no FEATURE/INCREMENT line verifies against the vendor "
+                f"key {config.vendor_key} ({len(license_file.refused)} refused, above): check "
+                "that the file and the key are the vendor's, the same as on the other nodes"
+            )
+        signed = tuple(license_file.signed)
+        return OwnLicense(str(config.license_path), entitlements, signed, vendor_key), options
 
     def _on_ignored_signal(self, signum: int, frame: object) -> None:
         self.ignored_signals.append(signum)  # logging inside a handler could deadlock
@@ -212,7 +228,7 @@ class Node:
             if self.ignored_signals:
                 self._log_ignored_signals()
             if self.reread_asked:  # SIGHUP, or an administrator's reread last cycle
-                self._reread()
+                self._reread(now)
             sockets.read(ready, self.core.step, now)
             out = self.core.ready(now)
             self._carry_out(out)

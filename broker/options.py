@@ -23,6 +23,9 @@ Lines zbroker implements::
     TIMEOUT feature seconds
     TIMEOUTALL seconds
     LINGER feature seconds
+    INCLUDE_BORROW|EXCLUDE_BORROW feature type name
+    MAX_BORROW_HOURS feature hours       (can only shorten the line's BORROW=hours)
+    BORROW_LOWWATER feature n            (n seats of each pool can never be borrowed)
 
 ``type`` is USER, HOST, DISPLAY, INTERNET, PROJECT, GROUP or HOST_GROUP. A HOST or
 INTERNET name, or a HOST_GROUP member, may be an IP address with ``*`` wildcards
@@ -30,7 +33,7 @@ INTERNET name, or a HOST_GROUP member, may be an IP address with ``*`` wildcards
 ``cad:VERSION=2.0`` names the pool of that version only (the whole word may be in
 double quotes). A GROUP or HOST_GROUP a line names must be defined somewhere in the file.
 
-Anything else FlexNet knows (NOLOG, REPORTLOG, BORROW_LOWWATER, ...) and any other
+Anything else FlexNet knows (NOLOG, REPORTLOG, ...) and any other
 keyword is *ignored*: the line is kept in ``Options.ignored`` and reported once by
 ``Options.warnings()`` with file:line, so that a real site's file loads. A feature
 qualifier other than VERSION= makes its line ignored the same way (zbroker's lines
@@ -87,6 +90,7 @@ MAX_LINES = 100_000  # rule lines (INCLUDE ... LINGER)
 MAX_MEMBERS = 100_000  # members of every GROUP and HOST_GROUP together
 MAX_RESERVES = 10_000  # FlexNet's "total number of reservations supported per options file"
 MAX_SECONDS = 10 * 366 * 86_400  # ten years: past any sane idle time, within every int
+MAX_HOURS = 87_600  # ten years of MAX_BORROW_HOURS, as BORROW=hours on a license line
 
 TYPES = ("USER", "HOST", "DISPLAY", "INTERNET", "PROJECT", "GROUP", "HOST_GROUP")
 ALL_USERS = "ALL_USERS"
@@ -102,7 +106,14 @@ RULES = (
     "TIMEOUT",
     "TIMEOUTALL",
     "LINGER",
+    # borrowing (docs/admin.md, "Borrowing")
+    "INCLUDE_BORROW",
+    "EXCLUDE_BORROW",
+    "MAX_BORROW_HOURS",
+    "BORROW_LOWWATER",
 )
+# Lines that name a feature and a number after it, and no principal.
+_FEATURE_NUMBER = ("TIMEOUT", "LINGER", "MAX_BORROW_HOURS", "BORROW_LOWWATER")
 _TYPES_EXPECTED = "a principal type (" + ", ".join(TYPES) + ")"
 _COUNT = re.compile(r"[0-9]+\Z")
 _IP_PATTERN = re.compile(r"[0-9A-Fa-f:.*]*[0-9*][0-9A-Fa-f:.*]*\Z")
@@ -156,7 +167,7 @@ class OptionLine:
         if self.feature is not None:
             feature = self.feature + ("" if self.version is None else f":VERSION={self.version}")
         count = str(self.number) if self.keyword in ("RESERVE", "MAX") else None
-        seconds = str(self.number) if self.keyword in ("TIMEOUT", "TIMEOUTALL", "LINGER") else None
+        seconds = str(self.number) if self.keyword in (*_FEATURE_NUMBER, "TIMEOUTALL") else None
         words = [self.keyword, count, feature, self.kind, self.name, seconds]
         return " ".join(w for w in words if w is not None) + f" ({path}:{self.line})"
 
@@ -305,8 +316,10 @@ def _shape(ln: OptionLine) -> str | None:
     """What is wrong with the fields of ``ln`` for its keyword, None when nothing."""
     kw = ln.keyword
     wants_feature = kw not in ("INCLUDEALL", "EXCLUDEALL", "TIMEOUTALL")
-    wants_who = kw not in ("TIMEOUT", "TIMEOUTALL", "LINGER")
-    wants_number = kw not in ("INCLUDE", "EXCLUDE", "INCLUDEALL", "EXCLUDEALL")
+    wants_who = kw not in (*_FEATURE_NUMBER, "TIMEOUTALL")
+    wants_number = kw not in (
+        "INCLUDE", "EXCLUDE", "INCLUDEALL", "EXCLUDEALL", "INCLUDE_BORROW", "EXCLUDE_BORROW"
+    )  # fmt: skip
     if (ln.feature is not None) != wants_feature or (ln.feature is None and ln.version):
         return f"{kw} {'needs' if wants_feature else 'takes no'} feature"
     if (ln.kind is not None) != wants_who or (ln.name is not None) != wants_who:
@@ -408,6 +421,10 @@ class _Reader:
         name: str | None = None
         if kw in ("TIMEOUT", "TIMEOUTALL", "LINGER"):
             number = self._number(cur, f"a number of seconds (0 to {MAX_SECONDS})", MAX_SECONDS)
+        elif kw == "MAX_BORROW_HOURS":
+            number = self._number(cur, f"a number of hours (0 to {MAX_HOURS})", MAX_HOURS)
+        elif kw == "BORROW_LOWWATER":
+            number = self._number(cur, f"a count of seats (0 to {MAX_COUNT})", MAX_COUNT)
         else:
             kind, name = self._principal(cur, kw)
         self._end(cur)

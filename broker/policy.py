@@ -181,6 +181,10 @@ class Policy:
         """The lines of ``keyword`` whose scope covers the pool (feature, version)."""
         return [ln for ln in self._by_feature.get((feature, keyword), ()) if _covers(ln, version)]
 
+    def lines_of(self, feature: str, version: Version, keyword: str) -> list[OptionLine]:
+        """``_lines`` for the rules kept elsewhere (broker/borrow.py): file order."""
+        return self._lines(feature, version, keyword)
+
     # ------------------------------------------------------------ 1. admission
 
     def admits(self, who: Principal, feature: str, version: Version) -> Refusal | None:
@@ -291,30 +295,11 @@ class Policy:
         total: int,
         holdings: Sequence[Holding],
     ) -> tuple[int, Refusal | None]:
-        lines = self._lines(feature, version, "RESERVE")
-        if not lines:
-            return _UNLIMITED
-        # File order up to the pool's total: the first lines keep their seats.
-        kept: list[tuple[OptionLine, int]] = []
-        left = total
-        for ln in lines:
-            n = min(ln.number or 0, left)
-            if n > 0:
-                kept.append((ln, n))
-                left -= n
-        reserved = total - left
+        kept = self._kept(feature, version, total)
         if not kept:
             return _UNLIMITED
-        # Holders of this pool by the set of reservations they match.
-        supply: dict[tuple[int, ...], int] = {}
-        held = 0
-        for p, v, n in holdings:
-            if v != version:
-                continue
-            held += n
-            sig = tuple(i for i, (ln, _) in enumerate(kept) if self.matches(ln, p))
-            if sig:
-                supply[sig] = supply.get(sig, 0) + n
+        reserved = sum(n for _, n in kept)
+        supply, held = self._supply(kept, version, holdings)
         mine = tuple(i for i, (ln, _) in enumerate(kept) if self.matches(ln, who))
         flow = _Flow([n for _, n in kept])
         for sig, n in supply.items():
@@ -330,6 +315,50 @@ class Policy:
         named = ", ".join(ln.where(self.options.path) for ln, _ in kept[:3])
         named += ", ..." if len(kept) > 3 else ""
         return room, Refusal(Reason.RESERVED, named)
+
+    def _kept(self, feature: str, version: Version, total: int) -> list[tuple[OptionLine, int]]:
+        """The RESERVE lines covering the pool that keep seats of it, and how many each
+        keeps: in file order, up to the pool's ``total``."""
+        kept: list[tuple[OptionLine, int]] = []
+        left = total
+        for ln in self._lines(feature, version, "RESERVE"):
+            n = min(ln.number or 0, left)
+            if n > 0:
+                kept.append((ln, n))
+                left -= n
+        return kept
+
+    def _supply(
+        self, kept: list[tuple[OptionLine, int]], version: Version, holdings: Sequence[Holding]
+    ) -> tuple[dict[tuple[int, ...], int], int]:
+        """Seats held in the pool by the set of reservations their holders match, and
+        all seats held in the pool."""
+        supply: dict[tuple[int, ...], int] = {}
+        held = 0
+        for p, v, n in holdings:
+            if v != version:
+                continue
+            held += n
+            sig = tuple(i for i, (ln, _) in enumerate(kept) if self.matches(ln, p))
+            if sig:
+                supply[sig] = supply.get(sig, 0) + n
+        return supply, held
+
+    def reserved(
+        self, feature: str, version: Version, total: int, holdings: Sequence[Holding]
+    ) -> list[tuple[OptionLine, int, int]]:
+        """Each RESERVE line that keeps seats of the pool (feature, version) now: the line,
+        the seats it keeps, and how many of them its principals fill (the maximum flow
+        ``room`` decides by, so status shows what checkouts are refused by). For status
+        and metrics; ``holdings`` as for ``room``."""
+        kept = self._kept(feature, version, total)
+        if not kept:
+            return []
+        flow = _Flow([n for _, n in kept])
+        for sig, n in self._supply(kept, version, holdings)[0].items():
+            flow.add(sig, n)
+        flow.run()
+        return [(ln, n, n - flow.left(i)) for i, (ln, n) in enumerate(kept)]
 
     # ------------------------------------------------------------ 3. timeouts
 
@@ -491,6 +520,10 @@ class _Flow:
                 self.cap[node][r] = self.unbounded
                 self.cap[r].setdefault(node, 0)
         self.cap[0][node] += supply
+
+    def left(self, reservation: int) -> int:
+        """Seats of reservation number ``reservation`` that the flow does not fill."""
+        return self.cap[2 + reservation][1]
 
     def run(self) -> int:
         """Grow the flow as far as it goes; the seats it grew by."""

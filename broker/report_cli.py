@@ -158,9 +158,10 @@ def _hours(seat_seconds: float) -> str:
 
 def render(rep: Report, merged: Merged) -> str:
     lo, hi = rep.window()
+    primaries = f" ({_counts(rep.primaries)})" if rep.primaries else ""
     out = [
-        f"report log: {rep.records} records, {_t(lo)} to {_t(hi)}; {rep.terms} terms, "
-        f"{rep.rereads} rereads"
+        f"report log: {rep.records} records, {_t(lo)} to {_t(hi)}; {rep.terms} terms"
+        f"{primaries}, {rep.rereads} rereads"
     ]
     if rep.estimated:
         out.append(
@@ -186,10 +187,11 @@ def render(rep: Report, merged: Merged) -> str:
         )
         out.append("  by reason: " + _counts(unknown.denials))
         out.append("  by user:   " + _counts(unknown.denied_users))
+    idle = sum(sum(f.idle.values()) for f in rep.features.values())
     out.append("")
     out.append(
-        "seats held by idle sessions: not in the log (idleness is the application's mark, "
-        "issue 12's TIMEOUT); seats TIMEOUT freed are the checkins with reason timeout"
+        f"seats held by sessions that were idle: {_hours(idle)} seat-hours"
+        + ("" if idle else " (no session held seats while marked idle)")
     )
     return "\n".join(out)
 
@@ -215,6 +217,13 @@ def _feature_text(rep: Report, f: Feature) -> list[str]:
     out.append(full)
     ins = sum(f.checkins.values())
     out.append(f"  checkouts {f.checkouts}, checkins {ins} ({_counts(f.checkins)})")
+    if f.linger_ends or f.linger_seconds:
+        out.append(
+            f"  lingering seats: {sum(f.linger_ends.values())} ended "
+            f"({_counts(f.linger_ends)}), {_hours(f.linger_seconds)} seat-hours lingering"
+        )
+    if f.borrows or f.returns:
+        out.append(f"  borrows {f.borrows}, back {sum(f.returns.values())} ({_counts(f.returns)})")
     out.append(f"  denials {sum(f.denials.values())}: {_counts(f.denials)}")
     if f.denied_users:
         out.append(f"  denied users: {_counts(f.denied_users)}")
@@ -226,6 +235,10 @@ def _feature_text(rep: Report, f: Feature) -> list[str]:
     hours = sorted(f.hours.items(), key=lambda kv: (-kv[1], kv[0]))
     shown = ", ".join(f"{k} {_hours(v)}" for k, v in hours[:TOP])
     out.append(f"  seat-hours by {rep.by}: {shown or 'none'}")
+    if f.idle:
+        idle = sorted(f.idle.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{k} {_hours(v)}" for k, v in idle[:TOP])
+        out.append(f"  seat-hours held while idle: {_hours(sum(f.idle.values()))} ({shown})")
     out += _over_time(rep, f, total)
     return out
 
@@ -271,7 +284,8 @@ def write_csv(rep: Report, directory: Path) -> None:
         w = csv.writer(fh)
         w.writerow(["feature", "count", "peak", "peak_at", "average", "p95", "utilisation",
                     "seconds_at_100", "windows_at_100", "checkouts", "checkins", "denials",
-                    "wait_p50", "wait_p95"])  # fmt: skip
+                    "wait_p50", "wait_p95", "queued", "borrows", "linger_seat_hours",
+                    "idle_seat_hours"])  # fmt: skip
         for name in names:
             f = rep.features[name]
             total = rep.total(name, rep.clock)
@@ -279,7 +293,9 @@ def write_csv(rep: Report, directory: Path) -> None:
                         f"{f.average() / total:.4f}" if total else "", f"{f.full_seconds:.1f}",
                         f.full_windows, f.checkouts, sum(f.checkins.values()),
                         sum(f.denials.values()), f.wait_quantile(0.5) or "",
-                        f.wait_quantile(0.95) or ""])  # fmt: skip
+                        f.wait_quantile(0.95) or "", f.queued, f.borrows,
+                        f"{f.linger_seconds / 3600:.6f}",
+                        f"{sum(f.idle.values()) / 3600:.6f}"])  # fmt: skip
     with (directory / "use_over_time.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["start", "seconds", "feature", "average", "peak", "count", "denials"])
@@ -303,6 +319,12 @@ def write_csv(rep: Report, directory: Path) -> None:
         w.writerow(["feature", rep.by, "seat_hours"])
         for name in names:
             for key, v in sorted(rep.features[name].hours.items()):
+                w.writerow([name, key, f"{v / 3600:.6f}"])
+    with (directory / "idle_hours.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["feature", "user", "seat_hours_idle"])
+        for name in names:
+            for key, v in sorted(rep.features[name].idle.items()):
                 w.writerow([name, key, f"{v / 3600:.6f}"])
 
 

@@ -16,13 +16,19 @@ time buckets, never with the number of records:
   Per time bucket (the stacked chart) only the first ``STACK_KEYS`` keys of a bucket are
   told apart, the rest add up under ``OTHERS``.
 - Queue waits go into a histogram of 5 % wide bins: p50 and p95 within 5 %.
+- Lingering seats (LINGER) are in use until their ``linger`` record, and their time counts
+  to the user who checked them in (as FlexNet charges it), and apart as linger hours;
+  borrowed seats (BORROW) are in use from their ``borrow`` to their ``return`` record.
+- Seats held while idle: from an ``idle`` record of a session to its ``busy`` record (or
+  to each grant's return, or the end of the window), the seats its grants held, by
+  feature and user. A session idle before the window's first record is not known idle.
 
 Time: a record's ``at`` when it has one; records without (the checkins, denials,
 expiries and rereads of logs written before their deltas carried ``at``:
 docs/reportlog.md) take the last time seen before them, and ``estimated`` counts them
-(not ``term`` records: a new primary's no-op carries no time, and changes no figure).
-Times never go back: a record earlier than the one before it (two primaries' clocks)
-counts at the later time.
+(not ``term`` records: an older log's no-op carries no time, and changes no figure).
+Times never go back: a record earlier than the one before it (two primaries' clocks, or
+a ``queued`` record, which says when its wait began) counts at the later time.
 
 Pure: no I/O.
 """
@@ -48,6 +54,7 @@ NO_GROUP = "(no group)"
 UNKNOWN = "(not recorded)"
 OTHERS = "(others)"
 STACK_KEYS = 12
+MAX_IDLE = 100_000  # idle sessions kept before those holding nothing are forgotten
 
 
 @dataclass
@@ -55,6 +62,19 @@ class Bucket:
     seat_seconds: float = 0.0
     peak: int = 0
     denials: int = 0
+
+
+@dataclass(slots=True)
+class _Out:
+    """A grant out (or a seat lingering) whose time is not counted yet."""
+
+    feature: str
+    count: int
+    since: float
+    key: tuple[str, ...]
+    sid: str
+    user: str
+    lingering: bool = False
 
 
 @dataclass
@@ -81,6 +101,12 @@ class Feature:
     waits: Counter[int] = field(default_factory=Counter)  # histogram bin -> count
     waits_n: int = 0
     timeouts: int = 0
+    queued: int = 0  # checkouts that waited in the queue (``queued`` records)
+    borrows: int = 0
+    returns: Counter[str] = field(default_factory=Counter)  # borrowed seats back, by reason
+    linger_ends: Counter[str] = field(default_factory=Counter)  # lapsed, reclaimed
+    linger_seconds: float = 0.0  # seat-seconds of lingering seats
+    idle: dict[str, float] = field(default_factory=dict)  # seat-seconds held while idle, by user
 
     def average(self) -> float:
         return self.seat_seconds / self.seconds if self.seconds > 0 else float(self.in_use)
@@ -152,7 +178,10 @@ class Report:
         # chart): at most STACK_KEYS keys a bucket, the rest under OTHERS, so that a site
         # of 10,000 users costs no more than one of ten.
         self.stack: dict[int, dict[str, float]] = {}
-        self._open: dict[int, tuple[str, int, float, tuple[str, ...]]] = {}  # grants out
+        self._open: dict[int, _Out] = {}  # grants out, by id
+        self._idle: dict[str, float] = {}  # sessions marked idle: since when
+        self._grants_of: dict[str, set[int]] = {}  # session -> its grants in _open
+        self.primaries: Counter[str] = Counter()  # terms begun, by the primary named
         self.denied_users: Counter[str] = Counter()
         self.denials: Counter[str] = Counter()
 
@@ -182,19 +211,27 @@ class Report:
             self.estimated += 1
         t_now = self.clock
         ev = record.get("ev")
-        if ev == "out":
+        if ev == "out" or ev == "borrow":
             self._out(record, t_now)
-        elif ev == "in":
+        elif ev == "in" or ev == "linger" or ev == "return":
             self._in(record, t_now)
         elif ev == "deny":
             self._deny(record, t_now)
         elif ev == "dequeued":
             self._dequeued(record, t_now)
+        elif ev == "queued":
+            name = str(record.get("feature", UNKNOWN))
+            if self._inside(t_now) and (self._wanted(name) or name == UNKNOWN):
+                self._feature(name).queued += 1
+        elif ev == "idle" or ev == "busy":
+            self._idleness(record, ev == "idle", t_now)
         elif ev == "reread":
             self.rereads += 1
             self._set_lines(record.get("lines") or [])
         elif ev == "term":
             self.terms += 1
+            if record.get("primary"):
+                self.primaries[str(record["primary"])] += 1
         elif ev in ("file", "gap"):
             self.header(record)
         else:
@@ -218,28 +255,90 @@ class Report:
             return
         f = self._feature(name)
         if self._inside(t):
-            f.checkouts += 1
+            if r["ev"] == "borrow":
+                f.borrows += 1
+            else:
+                f.checkouts += 1
         since = float(r["at"]) if isinstance(r.get("at"), int | float) else t
         if since is not None:
-            self._open[int(r["grant"])] = (name, int(r["count"]), since, self._key(r))
+            sid = "" if r["ev"] == "borrow" else str(r.get("sid"))  # a borrow is never idle
+            out = _Out(name, int(r["count"]), since, self._key(r), sid, str(r.get("user")))
+            self._opened(int(r["grant"]), out)
         self._move(f, int(r["in_use"]), t)
 
     def _in(self, r: Record, t: float | None) -> None:
+        """An ``in``, or the end of a lingering seat (``linger``) or a borrowed one."""
         name = str(r["feature"])
         if not self._wanted(name):
             return
         f = self._feature(name)
-        opened = self._open.pop(int(r["grant"]), None)
+        ev, gid, count = r["ev"], int(r["grant"]), int(r["count"])
+        opened = self._closed(gid, t)
         if self._inside(t):
             reason = str(r.get("reason"))
-            f.checkins[reason] += 1
+            if ev == "linger":
+                f.linger_ends[reason] += 1
+            elif ev == "return":
+                f.returns[reason] += 1
+            else:
+                f.checkins[reason] += 1
             if reason == "timeout":
                 f.timeouts += 1
         since = r.get("since")
         if t is not None and isinstance(since, int | float):
-            key = opened[3] if opened is not None else self._key(r)
-            self._held(f, key, int(r["count"]), float(since), t)
+            key = opened.key if opened is not None else self._key(r)
+            self._held(f, key, count, float(since), t)
+            if ev == "linger":
+                f.linger_seconds += count * self._clip(float(since), t)
+        if ev == "in" and t is not None and isinstance(r.get("linger"), int | float):
+            # the seat stays in use, lingering, until its ``linger`` record
+            key = opened.key if opened is not None else self._key(r)
+            self._opened(gid, _Out(name, count, t, key, "", str(r.get("user")), lingering=True))
         self._move(f, int(r["in_use"]), t)
+
+    def _clip(self, lo: float, hi: float) -> float:
+        """Seconds of [lo, hi] inside the window."""
+        return max(0.0, min(hi, self.end) - max(lo, self.start))
+
+    def _opened(self, gid: int, out: _Out) -> None:
+        self._open[gid] = out
+        if out.sid:
+            self._grants_of.setdefault(out.sid, set()).add(gid)
+
+    def _closed(self, gid: int, t: float | None) -> _Out | None:
+        """The grant is no longer out: the time its idle session held it counts."""
+        out = self._open.pop(gid, None)
+        if out is None or not out.sid:
+            return out
+        grants = self._grants_of.get(out.sid)
+        if grants is not None:
+            grants.discard(gid)
+            if not grants:
+                del self._grants_of[out.sid]
+        idle_since = self._idle.get(out.sid)
+        if idle_since is not None and t is not None:
+            self._idle_held(out, idle_since, t)
+        return out
+
+    def _idle_held(self, out: _Out, idle_since: float, t: float) -> None:
+        seconds = self._clip(max(idle_since, out.since), t)
+        if seconds > 0 and self._wanted(out.feature):
+            _add(self._feature(out.feature).idle, out.user, out.count * seconds)
+
+    def _idleness(self, r: Record, idle: bool, t: float | None) -> None:
+        sid = str(r.get("sid"))
+        if t is None:
+            return
+        if idle:
+            self._idle.setdefault(sid, t)
+            if len(self._idle) > MAX_IDLE:  # sessions that ended idle and held nothing
+                for gone in [s for s in self._idle if s not in self._grants_of]:
+                    del self._idle[gone]
+            return
+        since = self._idle.pop(sid, None)
+        if since is not None:
+            for gid in self._grants_of.get(sid, ()):
+                self._idle_held(self._open[gid], since, t)
 
     def _held(self, f: Feature, key: tuple[str, ...], count: int, since: float, t: float) -> None:
         lo, hi = max(since, self.start), min(t, self.end)
@@ -421,10 +520,18 @@ class Report:
         t = self.clock if self.end == math.inf else self.end
         if t is None:
             return
-        for name, count, since, key in self._open.values():
-            if self._wanted(name):
-                self._held(self._feature(name), key, count, since, t)
+        for out in self._open.values():
+            if self._wanted(out.feature):
+                f = self._feature(out.feature)
+                self._held(f, out.key, out.count, out.since, t)
+                if out.lingering:
+                    f.linger_seconds += out.count * self._clip(out.since, t)
+                idle_since = self._idle.get(out.sid)
+                if idle_since is not None:
+                    self._idle_held(out, idle_since, t)
         self._open.clear()
+        self._grants_of.clear()
+        self._idle.clear()
         for f in self.features.values():
             self._advance(f, t)
             if f.full_since is not None:

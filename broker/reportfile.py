@@ -37,13 +37,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import heapq
-import json
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import orjson
 
 from zbroker.broker.reportlog import GENESIS, SCHEMA, Record, chain_hash, seal, summary, unseal
 
@@ -93,7 +94,7 @@ class ReportWriter:
         self._prev = GENESIS  # the chain's last hash
         self._lines: list[dict[str, Any]] = []  # entitlements as of the last record
         self._in_use: dict[str, int] = {}  # seats in use by feature as of the last record
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._path: Path | None = None
         self._seq = 0
         self._day = ""
@@ -116,7 +117,7 @@ class ReportWriter:
         self._seq, self._day = int(m.group(1)), m.group(2)
         try:
             self._resume(path)
-            self._file = path.open("a", encoding="utf-8")
+            self._file = path.open("ab")
         except OSError as exc:
             raise ReportFileError(f"{path}: {exc.strerror or exc}") from None
         self._path = path
@@ -128,13 +129,12 @@ class ReportWriter:
         if end < len(data):  # a torn last line: cut it off, it is written again or gapped
             with path.open("r+b") as f:
                 f.truncate(end)
-        for raw in data[:end].decode("utf-8").splitlines():
+        for raw in data[:end].splitlines():
             sealed = unseal(raw)
             if sealed is None:
                 raise ReportFileError(f"{path}: a line is not a sealed record: {raw[:80]!r}")
             body, self._prev = sealed
-            record = json.loads(body)
-            self._follow(record)
+            self._follow(orjson.loads(body))
 
     def _follow(self, record: Record) -> None:
         """Keep what a later file's header repeats: entitlements, seats in use, index."""
@@ -147,12 +147,14 @@ class ReportWriter:
             self._in_use = dict(record.get("in_use", self._in_use))
             self.last_index = max(self.last_index, int(record.get("to", 0)))
             return
-        self.last_index = max(self.last_index, int(record["ix"]))
+        ix = record["ix"]
+        if ix > self.last_index:
+            self.last_index = ix
         if ev == "reread":
             self._lines = list(record["lines"])
-        feature, in_use = record.get("feature"), record.get("in_use")
-        if isinstance(feature, str) and isinstance(in_use, int):
-            self._in_use[feature] = in_use
+        in_use = record.get("in_use")
+        if in_use is not None:
+            self._in_use[record["feature"]] = in_use
 
     def applied_from(
         self, index: int, lines: list[dict[str, Any]], in_use: dict[str, int], wall: float, why: str
@@ -187,17 +189,18 @@ class ReportWriter:
         assert self._file is not None  # _rotate opened one
         lines = []
         prev = self._prev
+        follow = self._follow
         for record in records:
             line, prev = seal(record, prev)
             lines.append(line)
-            self._follow(record)
-        text = "".join(lines)  # one write per cycle: a crash tears one line at most
+            follow(record)
+        data = b"".join(lines)  # one write per cycle: a crash tears one line at most
         try:
-            self._file.write(text)
+            self._file.write(data)
         except OSError as exc:
             raise ReportFileError(f"{self._path}: {exc.strerror or exc}") from None
         self._prev = prev
-        self._size += len(text.encode()) if not text.isascii() else len(text)
+        self._size += len(data)
 
     def _rotate(self, day: str, wall: float) -> None:
         self.close()
@@ -208,12 +211,12 @@ class ReportWriter:
                   "lines": self._lines, "in_use": self._in_use}  # fmt: skip
         line, h = seal(header, self._prev)
         try:
-            self._file = self._path.open("a", encoding="utf-8")
+            self._file = self._path.open("ab")
             self._file.write(line)
         except OSError as exc:
             raise ReportFileError(f"{self._path}: {exc.strerror or exc}") from None
         self._prev = h
-        self._size = len(line.encode())
+        self._size = len(line)
         self._expire(day)
 
     def _expire(self, today: str) -> None:
@@ -329,15 +332,15 @@ def read_stream(files: Iterable[Path]) -> Iterator[Line]:
     raises ReportFileError naming it (``verify`` says more)."""
     for path in files:
         try:
-            f = path.open(encoding="utf-8")
+            f = path.open("rb")
         except OSError as exc:
             raise ReportFileError(f"{path}: {exc.strerror or exc}") from None
         with f:
             for number, raw in enumerate(f, 1):
-                if not raw.endswith("\n"):
+                if not raw.endswith(b"\n"):
                     break  # a torn last line: the writer cuts it when it opens the file
                 try:
-                    record = json.loads(raw)
+                    record = orjson.loads(raw)
                 except ValueError:
                     raise ReportFileError(f"{path}:{number}: not a JSON record") from None
                 if not isinstance(record, dict) or "ev" not in record:
@@ -425,10 +428,10 @@ def verify(files: Sequence[Path], limit: int = MAX_KEPT) -> list[Finding]:
     prev: str | None = None
     for path in files:
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
+            data = path.read_bytes()
+        except OSError as exc:
             return [*found, Finding(path, 0, f"cannot be read: {exc}")]
-        for number, raw in enumerate(text.split("\n")[:-1], 1):
+        for number, raw in enumerate(data.split(b"\n")[:-1], 1):
             sealed = unseal(raw)
             if sealed is None:
                 found.append(Finding(path, number, "not a sealed record (no hash at its end)"))
@@ -452,9 +455,9 @@ def verify(files: Sequence[Path], limit: int = MAX_KEPT) -> list[Finding]:
     return found
 
 
-def _header_prev(body: str) -> str | None:
+def _header_prev(body: bytes) -> str | None:
     try:
-        record = json.loads(body)
+        record = orjson.loads(body)
     except ValueError:
         return None
     if not isinstance(record, dict) or record.get("ev") != "file":

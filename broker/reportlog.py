@@ -4,34 +4,43 @@ Theory of operation
 -------------------
 Every node applies the same committed entries, in the same order, to the same ledger.
 ``derive(index, term, delta, ledger)`` is called with the ledger as it stands *just
-before* the entry is applied, and returns the records the entry yields; the seats in
-use after the event are worked out from the state before it (a grant adds its count, a
-checkin takes it away), so the function needs nothing but that one reading. Since its
-inputs are the same on every node, so are its outputs: the three nodes' report logs
-agree record for record, and each record carries the log index it came from (``ix``)
-and its place among the records of that entry (``n``).
+before* the entry is applied (a record names the session and grants the delta is about,
+which a close or a checkin removes), and ``settle(records, ledger)`` just after it, which
+fills in each record's ``in_use``: the feature's seats in use after the entry, read from
+the ledger rather than worked out, so that shared seats (DUP_GROUP), lingering and
+borrowed seats and reclaims are counted as the ledger counts them. Since the inputs are
+the same on every node, so are the outputs: the three nodes' report logs agree record
+for record, and each record carries the log index it came from (``ix``) and its place
+among the records of that entry (``n``).
 
 Records (schema ``SCHEMA``; docs/reportlog.md is the reference):
 
-- ``term``: a new primary's no-op entry starts its term.
+- ``term``: a new primary's no-op entry starts its term (``primary``, ``at`` when the
+  no-op names them: ``{"k": "term", ...}``; an older log's no-op is ``None``).
 - ``reread``: a ``reload`` delta replaced the entitlements (``lines``).
-- ``out``: a checkout granted (the grant delta).
+- ``out``: a checkout granted (the grant delta); ``borrow``: one granted as a borrow
+  (the grant delta's ``borrow``: its end). A grant that ``reclaims`` a lingering seat
+  first ends that seat's linger (a ``linger`` record, reason ``reclaimed``).
 - ``in``: seats returned, with ``reason`` ``checkin`` (a release), ``closed`` (the
-  session closed: one record per grant it held), ``expired`` (its lease lapsed), or the
-  release delta's own ``reason`` when it carries one (``timeout``, ``removed``, ``linger``).
+  session closed: one record per grant it held), ``expired`` (its lease lapsed),
+  ``timeout`` or ``removed`` (a ``take``: the triad took it), or a release delta's own
+  ``reason``. A checkin that leaves its seat lingering says until when (``linger``):
+  the seat stays in use until its ``linger`` record.
+- ``linger``: a lingering seat's end: ``lapsed`` (its time ran out: a ``lapse``), or
+  ``reclaimed`` by its user; ``return``: a borrowed seat came back, ``returned`` early
+  (a ``return`` delta) or ``lapsed`` at the borrow's end.
 - ``deny``: a request answered ``denied`` (an ``answer`` delta): one per request id,
   since a retry is answered from the recorded reply and makes no delta.
-- ``dequeued``: before the ``out`` or ``deny`` of a checkout that waited in the queue,
-  when its delta says how long (``waited``).
+- ``queued`` and ``dequeued``: before the ``out`` or ``deny`` of a checkout that waited
+  in the queue (its delta's ``waited``): ``queued`` at the time it joined the queue,
+  ``dequeued`` at the decision. The queue is the primary's alone (not replicated), so a
+  wait is recorded when it ends, exactly once, with the decision that ended it.
+- ``idle`` and ``busy``: the application marked its session idle or busy again (an
+  ``idle`` delta).
 - ``unknown``: a delta kind this schema does not know, so that nothing passes unseen.
 
-Every delta the ledger decides carries its wall time (``at``); a denied checkout's
-``answer`` names the feature, version and count asked for; a grant or denial decided
-from the queue says how long it waited (``waited``); a session keeps the address it
-opened from and its project. Logs written before the deltas carried them still read:
-a field a delta or session lacks is left out of the record (``at`` is null, and the
-reader carries the last known time forward). Not carried yet (docs/reportlog.md, "What
-the log lacks"): the primary's name at a term's start.
+A field a delta or session lacks (an older log's) is left out of the record (``at`` is
+null, and the reader carries the last known time forward).
 
 ``seal`` chains the records: each line ends with ``"h"``, the first 32 hex digits of
 sha256 over the previous line's ``h`` and the line's canonical JSON without it.
@@ -46,23 +55,24 @@ import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import orjson
+
 from zbroker.broker.seats import Grant, Session
 
-SCHEMA = 1
+SCHEMA = 2
 GENESIS = "0" * 32  # the ``prev`` of the first record a report log ever holds
 HASH_HEX = 32  # hex digits of sha256 kept: 128 bits
 Record = dict[str, Any]
 Delta = dict[str, Any]
 
-# What a record says of the session that did it, when the session has it.
-_SESSION_FIELDS = ("user", "host", "display", "client_version")
-_OPTIONAL_SESSION_FIELDS = ("address", "project")  # empty in sessions of older logs
 _RELEASE_REASONS = frozenset({"checkin", "timeout", "removed", "linger"})
+_TAKE_REASONS = frozenset({"timeout", "removed"})
 _NOT_HELD = "not_held"  # the one denial of a checkin; every other is a checkout's
+_LINGER = "linger"  # Session.hold of a lingering seat; "borrow" of a borrowed one
 
 
 class LedgerView(Protocol):
-    """What ``derive`` reads of the ledger before the entry is applied."""
+    """What ``derive`` and ``settle`` read of the ledger."""
 
     def session(self, sid: str) -> Session | None: ...
 
@@ -78,7 +88,7 @@ class ReportLogError(Exception):
 
 def derive(index: int, term: int, delta: Delta | None, ledger: LedgerView) -> list[Record]:
     """The records of the committed entry (``index``, ``term``, ``delta``), from the
-    ledger as it stands just before ``delta`` is applied."""
+    ledger as it stands just before ``delta`` is applied; ``settle`` them after."""
     if delta is None:
         return [{"ix": index, "n": 0, "term": term, "ev": "term", "at": None, "primary": None}]
     kind = delta.get("k")
@@ -91,20 +101,42 @@ def derive(index: int, term: int, delta: Delta | None, ledger: LedgerView) -> li
     return out
 
 
+def settle(records: list[Record], ledger: LedgerView) -> None:
+    """Fill in ``in_use`` once the entry is applied: the feature's seats in use after it
+    (every record of one entry about a feature says the same)."""
+    if len(records) == 1:  # nearly every entry: one record
+        record = records[0]
+        if "in_use" in record:
+            record["in_use"] = ledger.in_use(record["feature"])
+        return
+    seen: dict[str, int] = {}
+    for record in records:
+        if "in_use" in record:
+            feature = record["feature"]
+            n = seen.get(feature)
+            if n is None:
+                n = seen[feature] = ledger.in_use(feature)
+            record["in_use"] = n
+
+
 def _at(delta: Delta) -> float | None:
     at = delta.get("at")
     return float(at) if isinstance(at, int | float) and not isinstance(at, bool) else None
 
 
-def _who(session: Session) -> Record:
-    who: Record = {"sid": session.sid}
-    for name in _SESSION_FIELDS:
-        who[name] = getattr(session, name)
-    for name in _OPTIONAL_SESSION_FIELDS:
-        value = getattr(session, name, None)
-        if value:
-            who[name] = value
-    return who
+def _who(record: Record, session: Session) -> Record:
+    """``record`` with the session fields of ``session`` added (in place: no dict between,
+    this runs for nearly every record)."""
+    record["sid"] = session.sid
+    record["user"] = session.user
+    record["host"] = session.host
+    record["display"] = session.display
+    record["client_version"] = session.client_version
+    if session.address:
+        record["address"] = session.address
+    if session.project:
+        record["project"] = session.project
+    return record
 
 
 def _session(delta: Delta, ledger: LedgerView) -> Session:
@@ -122,16 +154,43 @@ def _grant(gid: object, ledger: LedgerView, kind: object) -> Grant:
     return grant
 
 
-def _dequeued(delta: Delta, at: float | None) -> list[Record]:
-    """A ``dequeued`` record when the delta says how long its checkout waited (a grant
-    or denial the ledger decided from the queue)."""
-    waited = delta.get("waited")
-    if not isinstance(waited, int | float) or isinstance(waited, bool) or waited <= 0:
+def _holder(grant: Grant, ledger: LedgerView, kind: object) -> Session:
+    session = ledger.session(grant.sid)
+    if session is None:
+        raise ReportLogError(f"{kind} delta: grant {grant.id}'s session {grant.sid} is not open")
+    return session
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _waits(delta: Delta, session: Session, at: float | None) -> list[Record]:
+    """``queued`` and ``dequeued`` when the delta says how long its checkout waited (a
+    grant or denial the ledger decided from the queue)."""
+    waited = _number(delta.get("waited"))
+    if waited is None or waited <= 0:
         return []
-    record: Record = {"ev": "dequeued", "at": at, "waited": float(waited)}
-    if isinstance(delta.get("feature"), str):
-        record["feature"] = delta["feature"]
-    return [record]
+    asked: Record = {"req": delta.get("req")}
+    for name in ("feature", "version", "count"):
+        if delta.get(name) is not None:
+            asked[name] = delta[name]
+    joined = None if at is None else at - waited
+    return [
+        _who({"ev": "queued", "at": joined, **asked}, session),
+        _who({"ev": "dequeued", "at": at, "waited": waited, **asked}, session),
+    ]
+
+
+def _seat(ev: str, at: float | None, grant: Grant, holder: Session) -> Record:
+    """A record about one grant held by ``holder`` (``in_use``: filled in by ``settle``).
+    ``since``: when the grant was made, or when its hold began for a seat in a hold."""
+    since = holder.at if holder.hold else grant.at
+    record = {"ev": ev, "at": at, "feature": grant.feature, "version": grant.version,
+              "count": grant.count, "grant": grant.id, "since": since, "in_use": 0}  # fmt: skip
+    return _who(record, holder)
 
 
 def _out(delta: Delta, ledger: LedgerView) -> list[Record]:
@@ -139,33 +198,57 @@ def _out(delta: Delta, ledger: LedgerView) -> list[Record]:
     feature, count, at = delta.get("feature"), delta.get("count"), _at(delta)
     if not isinstance(feature, str) or not isinstance(count, int):
         raise ReportLogError(f"grant delta {delta.get('grant')!r}: no feature or count")
-    record = {
-        "ev": "out",
+    out = _waits(delta, session, at) if "waited" in delta else []
+    reclaims = delta.get("reclaims")
+    if reclaims is not None:  # the lingering seat its user takes back, in the same delta
+        seat = _grant(reclaims, ledger, "grant")
+        hold = _holder(seat, ledger, "grant")
+        ended = _seat("linger", at, seat, hold)
+        ended["reason"] = "reclaimed"
+        out.append(ended)
+    borrow = _number(delta.get("borrow"))
+    record: Record = {
+        "ev": "out" if borrow is None else "borrow",
         "at": at,
         "feature": feature,
         "version": delta.get("version"),
         "count": count,
         "grant": delta.get("grant"),
-        **_who(session),
-        "in_use": ledger.in_use(feature) + count,
+        "in_use": 0,
     }
-    return [*_dequeued(delta, at), record]
+    _who(record, session)
+    if borrow is not None:
+        record["until"] = borrow
+    if delta.get("dup"):
+        record["dup"] = delta["dup"]
+    out.append(record)
+    return out
+
+
+def _lingers(delta: Delta) -> dict[int, float]:
+    """grant id -> linger end of a close or expire (``[[gid, until], ...]``)."""
+    pairs = delta.get("linger")
+    out: dict[int, float] = {}
+    if isinstance(pairs, list):
+        for pair in pairs:
+            if isinstance(pair, list | tuple) and len(pair) == 2 and isinstance(pair[0], int):
+                until = _number(pair[1])
+                if until is not None:
+                    out[pair[0]] = until
+    return out
 
 
 def _returned(
-    grants: list[Grant], session: Session, reason: str, at: float | None, ledger: LedgerView
+    grants: list[Grant], session: Session, reason: str, at: float | None, linger: dict[int, float]
 ) -> list[Record]:
     """One ``in`` record per grant, in ascending id (the order the ledger drops them)."""
     out: list[Record] = []
-    left: dict[str, int] = {}
-    who = _who(session)
     for g in grants:
-        in_use = left.get(g.feature, ledger.in_use(g.feature)) - g.count
-        left[g.feature] = in_use
-        out.append(
-            {"ev": "in", "at": at, "reason": reason, "feature": g.feature, "version": g.version,
-             "count": g.count, "grant": g.id, "since": g.at, **who, "in_use": in_use}
-        )  # fmt: skip
+        record = _seat("in", at, g, session)
+        record["reason"] = reason
+        if g.id in linger:
+            record["linger"] = linger[g.id]
+        out.append(record)
     return out
 
 
@@ -175,16 +258,53 @@ def _in(delta: Delta, ledger: LedgerView) -> list[Record]:
     if reason not in _RELEASE_REASONS:
         reason = "checkin"
     grant = _grant(delta.get("grant"), ledger, "release")
-    return _returned([grant], session, str(reason), _at(delta), ledger)
+    record = _seat("in", _at(delta), grant, session)
+    record["reason"] = reason
+    if "linger" in delta:
+        record["linger"] = _number(delta["linger"])
+    return [record]
 
 
 def _ended(reason: str) -> Callable[[Delta, LedgerView], list[Record]]:
     def ended(delta: Delta, ledger: LedgerView) -> list[Record]:
         session = _session(delta, ledger)
         grants = [_grant(gid, ledger, delta.get("k")) for gid in sorted(session.grants)]
-        return _returned(grants, session, reason, _at(delta), ledger)
+        return _returned(grants, session, reason, _at(delta), _lingers(delta))
 
     return ended
+
+
+def _take(delta: Delta, ledger: LedgerView) -> list[Record]:
+    grant = _grant(delta.get("grant"), ledger, "take")
+    reason = delta.get("reason")
+    holder = _holder(grant, ledger, "take")
+    record = _seat("in", _at(delta), grant, holder)
+    record["reason"] = reason if reason in _TAKE_REASONS else "removed"
+    return [record]
+
+
+def _lapse(delta: Delta, ledger: LedgerView) -> list[Record]:
+    """A hold's time ran out: a lingering seat's end, or a borrow's."""
+    grant = _grant(delta.get("grant"), ledger, "lapse")
+    hold = _holder(grant, ledger, "lapse")
+    ev = "linger" if hold.hold == _LINGER else "return"
+    record = _seat(ev, _at(delta), grant, hold)
+    record["reason"] = "lapsed"
+    return [record]
+
+
+def _return(delta: Delta, ledger: LedgerView) -> list[Record]:
+    """A borrow returned early (asked by the session ``sid``; the seat is in its hold)."""
+    grant = _grant(delta.get("grant"), ledger, "return")
+    hold = _holder(grant, ledger, "return")
+    record = _seat("return", _at(delta), grant, hold)
+    record["reason"] = "returned"
+    return [record]
+
+
+def _idle(delta: Delta, ledger: LedgerView) -> list[Record]:
+    session = _session(delta, ledger)
+    return [_who({"ev": "idle" if delta.get("idle") else "busy", "at": _at(delta)}, session)]
 
 
 def _deny(delta: Delta, ledger: LedgerView) -> list[Record]:
@@ -201,12 +321,14 @@ def _deny(delta: Delta, ledger: LedgerView) -> list[Record]:
         "reason": reason,
         "detail": str(reply.get("detail", "")),
         "req": delta.get("req"),
-        **_who(session),
     }
+    _who(record, session)
     for name in ("feature", "version", "count"):  # a checkout's; older logs lack them
         if delta.get(name) is not None:
             record[name] = delta[name]
-    return [*_dequeued(delta, at), record]
+    if "waited" in delta:
+        return [*_waits(delta, session, at), record]
+    return [record]
 
 
 def _reread(delta: Delta, ledger: LedgerView) -> list[Record]:
@@ -223,7 +345,7 @@ def _reread(delta: Delta, ledger: LedgerView) -> list[Record]:
 
 
 def _term(delta: Delta, ledger: LedgerView) -> list[Record]:
-    """A term delta that names its primary (not made today: docs/reportlog.md)."""
+    """A new primary's no-op that names it (``peers/replica.py``)."""
     return [{"ev": "term", "at": _at(delta), "primary": delta.get("primary")}]
 
 
@@ -237,6 +359,10 @@ _HANDLERS: dict[str, Callable[[Delta, LedgerView], list[Record]]] = {
     "release": _in,
     "close": _ended("closed"),
     "expire": _ended("expired"),
+    "take": _take,
+    "lapse": _lapse,
+    "return": _return,
+    "idle": _idle,
     "answer": _deny,
     "reload": _reread,
     "term": _term,
@@ -257,35 +383,46 @@ def summary(ledger: Any) -> tuple[list[dict[str, Any]], dict[str, int]]:
 # --- the hash chain ----------------------------------------------------------------------
 
 
-# One encoder for every line: json.dumps with arguments builds one per call (half its cost).
+_SORTED = orjson.OPT_SORT_KEYS
+# The fallback for what orjson refuses (an integer beyond 64 bits): the same canonical
+# form, one encoder built once (json.dumps with arguments builds one per call).
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def canonical(record: Record) -> str:
-    """The record's one JSON text: sorted keys, no blanks, UTF-8 as is."""
-    return _ENCODER.encode(record)
+def canonical(record: Record) -> bytes:
+    """The record's one JSON text, UTF-8: sorted keys, no blanks, non-ASCII as is.
+
+    orjson writes it some six times faster than the json module (this is most of the
+    report log's cost on a node: docs/reportlog.md, "Cost"); both write the same text
+    for what records hold (strings, integers, finite floats, lists, maps).
+    """
+    try:
+        return orjson.dumps(record, option=_SORTED)
+    except TypeError:
+        return _ENCODER.encode(record).encode()
 
 
-def chain_hash(prev: str, body: str) -> str:
-    return hashlib.sha256((prev + body).encode()).hexdigest()[:HASH_HEX]
+def chain_hash(prev: str, body: bytes) -> str:
+    return hashlib.sha256(prev.encode() + body).hexdigest()[:HASH_HEX]
 
 
-def seal(record: Record, prev: str) -> tuple[str, str]:
-    """The record's line (with its newline) and its hash, chained to ``prev``.
+def seal(record: Record, prev: str) -> tuple[bytes, str]:
+    """The record's line (UTF-8, with its newline) and its hash, chained to ``prev``.
 
     The hash goes last, outside the sorted keys, so that a reader checks a line by
     cutting it off (``unseal``) without parsing and writing the JSON again.
     """
     body = canonical(record)
     h = chain_hash(prev, body)
-    return f'{body[:-1]},"h":"{h}"}}\n', h
+    return b'%s,"h":"%s"}\n' % (body[:-1], h.encode()), h
 
 
-_TAIL = len(',"h":"') + HASH_HEX + len('"}')
+_TAIL = len(b',"h":"') + HASH_HEX + len(b'"}')
+_MARK = b',"h":"'
 
 
-def unseal(line: str) -> tuple[str, str] | None:
+def unseal(line: bytes) -> tuple[bytes, str] | None:
     """(body, hash) of a sealed line without its newline; None when it is not one."""
-    if len(line) <= _TAIL or not line.endswith('"}') or line[-_TAIL : -_TAIL + 6] != ',"h":"':
+    if len(line) <= _TAIL or not line.endswith(b'"}') or line[-_TAIL : -_TAIL + 6] != _MARK:
         return None
-    return line[:-_TAIL] + "}", line[-HASH_HEX - 2 : -2]
+    return line[:-_TAIL] + b"}", line[-HASH_HEX - 2 : -2].decode("ascii", "replace")

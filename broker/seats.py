@@ -46,8 +46,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from zbroker.broker.based import restrict
 from zbroker.broker.model import Entitlement, Now, Reason, Reply, reply_ok
 from zbroker.broker.model import parse_version as _parse_version
+from zbroker.broker.options import Options
+from zbroker.clients.protocol import parse_dup_mask
 
 Version = tuple[int, ...]
 PoolKey = tuple[str, Version]  # (feature, parsed version)
@@ -105,9 +108,17 @@ class Pool:
         return (self.feature, self.key)
 
     def status(self, day: datetime.date | None, in_use: int) -> dict[str, Any]:
-        """One entry of a status reply's ``versions``."""
+        """One entry of a status reply's ``versions``; ``lines`` has each of its license
+        lines, expired ones too, with the days left to its expiry (None: permanent, or
+        no ``day``; 0: its last day; below 0: expired and granting nothing new)."""
+        lines = [
+            {"count": e.count, "expires": None if e.expires is None else e.expires.isoformat(),
+             "days": None if e.expires is None or day is None else (e.expires - day).days,
+             "source": e.source}
+            for e in self.lines
+        ]  # fmt: skip
         return {"version": self.version, "total": self.total(day), "in_use": in_use,
-                "expires": self.expires(day)}  # fmt: skip
+                "expires": self.expires(day), "lines": lines}  # fmt: skip
 
 
 def _admits(line: Entitlement, user: str, host: str) -> bool:
@@ -117,10 +128,13 @@ def _admits(line: Entitlement, user: str, host: str) -> bool:
 class Catalog:
     """The license's lines grouped into pools, lowest version first within a feature."""
 
-    def __init__(self, entitlements: Sequence[Entitlement]) -> None:
+    def __init__(self, entitlements: Sequence[Entitlement], options: Options | None = None) -> None:
         self.entitlements: tuple[Entitlement, ...] = tuple(entitlements)
+        # USER_BASED/HOST_BASED lines admit only whom the options file names (based.py);
+        # ``entitlements`` stays as the license says, for comparing and replicating.
+        pooled, _ = restrict(self.entitlements, options)  # the node logs the warnings
         grouped: dict[str, dict[Version, list[Entitlement]]] = {}
-        for line in self.entitlements:
+        for line in pooled:
             by_version = grouped.setdefault(line.feature, {})
             by_version.setdefault(parse_version(line.version), []).append(line)
         self._pools: dict[str, list[Pool]] = {
@@ -187,6 +201,15 @@ def choose(
         last = max(e.expires for p in high for e in p.lines if e.expires is not None)
         return Denial(Reason.EXPIRED, f"every line of {what} has expired, the last on {last}")
     admitted = [p for p in live if p.admits(user, host, day)]
+    if not admitted and any(
+        e.user_based is not None or e.host_based is not None for p in live for e in p.live(day)
+    ):
+        return Denial(
+            Reason.NOT_INCLUDED,
+            f"{what} is licensed USER_BASED/HOST_BASED: only the users and hosts the options "
+            f"file's INCLUDE lines name may use it, and user {user!r} on host {host!r} is "
+            "not one of them",
+        )
     if not admitted:
         return Denial(
             Reason.NOT_ALLOWED,
@@ -226,6 +249,12 @@ def entitlement_to_map(line: Entitlement) -> dict[str, Any]:
         "users": sorted(line.users) if line.users is not None else None,
         "hosts": sorted(line.hosts) if line.hosts is not None else None,
         "source": line.source,
+        # only when set: the maps of every other line stay as they were
+        **({"borrow": line.borrow} if line.borrow is not None else {}),
+        **({"early_return": False} if not line.early_return else {}),
+        **({"user_based": line.user_based} if line.user_based is not None else {}),
+        **({"host_based": line.host_based} if line.host_based is not None else {}),
+        **({"dup_group": line.dup_group} if line.dup_group is not None else {}),
     }
 
 
@@ -251,6 +280,13 @@ def entitlement_from_map(m: object) -> Entitlement:
         expiry = datetime.date.fromisoformat(expires) if expires is not None else None
     except ValueError:
         raise LedgerError(f"entitlement {feature}: 'expires' {expires!r} is no ISO date") from None
+    borrow, early_return = m.get("borrow"), m.get("early_return", True)
+    if borrow is not None and not (
+        isinstance(borrow, int | float) and not isinstance(borrow, bool) and 0 < borrow < math.inf
+    ):
+        raise LedgerError(f"entitlement {feature}: field 'borrow' must be hours > 0 or nil")
+    if not isinstance(early_return, bool):
+        raise LedgerError(f"entitlement {feature}: field 'early_return' must be a bool")
     return Entitlement(
         feature=feature,
         version=version,
@@ -259,7 +295,30 @@ def entitlement_from_map(m: object) -> Entitlement:
         users=_name_set(m.get("users"), feature, "users"),
         hosts=_name_set(m.get("hosts"), feature, "hosts"),
         source=source,
+        borrow=None if borrow is None else float(borrow),
+        early_return=early_return,
+        user_based=_based(m, feature, "user_based"),
+        host_based=_based(m, feature, "host_based"),
+        dup_group=_dup_group(m.get("dup_group"), feature),
     )
+
+
+def _dup_group(value: object, feature: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str) and parse_dup_mask(value) == value:
+            return value
+    except ValueError:
+        pass
+    raise LedgerError(f"entitlement {feature}: field 'dup_group' {value!r:.20} is no mask")
+
+
+def _based(m: dict[str, Any], feature: str, name: str) -> int | None:
+    value = m.get(name)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise LedgerError(f"entitlement {feature}: field {name!r} must be an int >= 1 or nil")
+    return value
 
 
 def _name_set(value: object, feature: str, name: str) -> frozenset[str] | None:
@@ -284,6 +343,9 @@ class Grant:
     version: str  # as written on the pool's first line when granted
     count: int
     at: float  # wall time of the grant ("since")
+    # The duplicate group it shares a seat with (broker/dup.py), "" for none: members of
+    # one group in one pool hold the largest count any of them asked for, once.
+    dup: str = ""
 
     @property
     def pool_key(self) -> PoolKey:
@@ -291,13 +353,19 @@ class Grant:
 
     def to_map(self) -> dict[str, Any]:
         """The fields a grant delta and a snapshot's grant share."""
-        return {"grant": self.id, "sid": self.sid, "feature": self.feature,
-                "version": self.version, "count": self.count, "at": self.at}  # fmt: skip
+        out = {"grant": self.id, "sid": self.sid, "feature": self.feature,
+               "version": self.version, "count": self.count, "at": self.at}  # fmt: skip
+        if self.dup:
+            out["dup"] = self.dup
+        return out
 
     def holder(self, s: Session) -> dict[str, Any]:
-        """One entry of a status reply's ``holders``."""
-        return {"grant": self.id, "user": s.user, "host": s.host, "display": s.display,
-                "count": self.count, "version": self.version, "since": self.at}  # fmt: skip
+        """One entry of a status reply's ``holders``; a hold's adds ``hold`` and ``until``."""
+        out = {"grant": self.id, "user": s.user, "host": s.host, "display": s.display,
+               "count": self.count, "version": self.version, "since": self.at}  # fmt: skip
+        if s.hold:
+            out["hold"], out["until"] = s.hold, s.until
+        return out
 
     def reply(self) -> Reply:
         return reply_ok(
@@ -311,11 +379,14 @@ def grant_from(d: dict[str, Any]) -> Grant:
     g = Grant(
         field_int(d, "grant", 1), field_str(d, "sid"), field_str(d, "feature"),
         field_str(d, "version"), field_int(d, "count", 1), field_wall(d),
+        field_str(d, "dup") if "dup" in d else "",
     )  # fmt: skip
     _version(g.version, str(d.get("k", "grant")))
     return g
 
 
+HOLD_PREFIX = "hold:"  # the sid of a hold is this and its grant's id
+HOLD_KINDS = frozenset({"linger", "borrow"})
 SESSION_NAMES = ("user", "host", "display", "client_version")
 # What the node saw and the client may send, absent from deltas and snapshots written
 # before they were kept: read as "" when missing.
@@ -335,12 +406,28 @@ class Session:
     ack: int = 0  # the client has every reply below this one
     replies: dict[int, Reply] = field(default_factory=dict)  # recorded, by req; never mutated
     grants: set[int] = field(default_factory=set)
+    # A hold (docs/admin.md, LINGER; BORROW): a record of its own, sid ``hold:<grant id>``,
+    # that keeps one grant after the session that took it checked it in or ended, until
+    # the wall time ``until``. "" for a client's session.
+    hold: str = ""
+    until: float = 0.0
+    idle_since: float | None = None  # wall time the application said it went idle
+    # Grants the triad took from this session (``take``: removed, timed out) and why,
+    # oldest first, the last TAKEN_KEPT only: heartbeat replies tell the library.
+    taken: dict[int, str] = field(default_factory=dict)
 
     def to_map(self) -> dict[str, Any]:
         """The session as a snapshot holds it (its grants are listed apart)."""
         fields = {
             k: getattr(self, k) for k in ("sid", *SESSION_NAMES, *SESSION_EXTRAS, "at", "ack")
         }
+        # Only when set: a snapshot without them reads as before.
+        if self.hold:
+            fields["hold"], fields["until"] = self.hold, self.until
+        if self.idle_since is not None:
+            fields["idle_since"] = self.idle_since
+        if self.taken:
+            fields["taken"] = [[gid, why] for gid, why in self.taken.items()]
         # Shared, not copied: a recorded reply is never changed once recorded (the ledger
         # hands out copies), and copying 10,000 of them held the loop ~100 ms a snapshot.
         replies = [[r, self.replies[r]] for r in sorted(self.replies)]
@@ -361,6 +448,13 @@ def session_from_snapshot(s: object) -> Session:
         raise LedgerError("snapshot: a session must be a map with a 'replies' list")
     session = session_from(s)
     session.ack = field_int(s, "ack", 0)
+    if "hold" in s:
+        if s["hold"] not in HOLD_KINDS or not session.sid.startswith(HOLD_PREFIX):
+            raise LedgerError(f"snapshot: session {session.sid} has a bad hold {s['hold']!r}")
+        session.hold, session.until = s["hold"], field_wall(s, "until")
+    if "idle_since" in s:
+        session.idle_since = field_wall(s, "idle_since")
+    session.taken = taken_from(s.get("taken", []), session.sid)
     for pair in s["replies"]:
         if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], dict)):
             raise LedgerError(f"snapshot: session {session.sid} has a malformed reply")
@@ -369,6 +463,24 @@ def session_from_snapshot(s: object) -> Session:
             raise LedgerError(f"snapshot: session {session.sid} records a bad req {req!r}")
         session.replies[req] = copy.deepcopy(pair[1])
     return session
+
+
+TAKEN_KEPT = 64  # grants taken from a session that it remembers (Session.taken)
+TAKE_REASONS = frozenset({"removed", "timeout"})
+
+
+def taken_from(raw: object, sid: str) -> dict[int, str]:
+    """A snapshot session's ``taken`` pairs; LedgerError when malformed."""
+    if not isinstance(raw, list) or len(raw) > TAKEN_KEPT:
+        raise LedgerError(f"snapshot: session {sid}: 'taken' must be a list of <= {TAKEN_KEPT}")
+    out: dict[int, str] = {}
+    for pair in raw:
+        ok = isinstance(pair, list) and len(pair) == 2 and isinstance(pair[1], str)
+        ok = ok and pair[1] in TAKE_REASONS
+        if not ok or not isinstance(pair[0], int) or isinstance(pair[0], bool) or pair[0] < 1:
+            raise LedgerError(f"snapshot: session {sid} records a bad taken grant {pair!r:.60}")
+        out[pair[0]] = pair[1]
+    return out
 
 
 def field_str(d: dict[str, Any], name: str, *, empty: bool = False) -> str:
@@ -386,15 +498,15 @@ def field_int(d: dict[str, Any], name: str, low: int) -> int:
     return value
 
 
-def field_wall(d: dict[str, Any]) -> float:
-    """The ``at`` field: wall seconds that a date can be taken from."""
-    at = d.get("at")
+def field_wall(d: dict[str, Any], name: str = "at") -> float:
+    """A wall-time field (``at`` unless named): seconds that a date can be taken from."""
+    at = d.get(name)
     if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
-        raise LedgerError(f"{d.get('k', 'record')}: field 'at' must be a finite number")
+        raise LedgerError(f"{d.get('k', 'record')}: field {name!r} must be a finite number")
     try:
         day_of(at)
     except (OverflowError, OSError, ValueError):
-        raise LedgerError(f"{d.get('k', 'record')}: 'at' {at} is not a usable time") from None
+        raise LedgerError(f"{d.get('k', 'record')}: {name!r} {at} is not a usable time") from None
     return float(at)
 
 

@@ -64,16 +64,17 @@ class LicenseKeyError(LicenseError):
 # --- key files -------------------------------------------------------------------------
 
 
-def write_keypair(directory: Path) -> tuple[Path, Path]:
-    """Create a fresh key pair as ``directory/vendor.key`` and ``directory/vendor.pub``.
+def write_keypair(directory: Path, name: str = "vendor") -> tuple[Path, Path]:
+    """Create a fresh key pair as ``directory/vendor.key`` and ``directory/vendor.pub``
+    (``name`` other than vendor: the triad's borrow key, ``borrow.key``/``borrow.pub``).
 
     Creates ``directory`` if needed. Refuses (``LicenseKeyError``) when either file
     already exists: overwriting a vendor key would orphan every license signed with it.
     The private key is created with mode 0600 from the start, never readable by others.
     """
     directory = Path(directory)
-    private_path = directory / PRIVATE_KEY_NAME
-    public_path = directory / PUBLIC_KEY_NAME
+    private_path = directory / f"{name}.key"
+    public_path = directory / f"{name}.pub"
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

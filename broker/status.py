@@ -276,20 +276,53 @@ def render(status: dict[str, Any]) -> str:
         )
         if n.get("recovering"):  # why it does not vote yet (a new, wiped or damaged disk)
             lines.append(f"           recovering: {n['recovering']}")
+        if n.get("license"):  # its files are not the triad's (broker/served.py)
+            lines.append(f"           {n['license']}")
     if status["primary"] is None:
         lines.append("  no primary: checkouts are unavailable")
     lines.append("")
     lines.append("Features:")
     for f in status["features"]:
+        held = "".join(f", {f[kind]} {kind}" for kind in ("lingering", "borrowed") if f.get(kind))
         lines.append(
-            f"  {f['name']}: {f['in_use']} of {f['total']} seats in use, {f['queued']} queued"
+            f"  {f['name']}: {f['in_use']} of {f['total']} seats in use{held}, {f['queued']} queued"
         )
+        for v in f.get("versions", ()):  # each dated line's days to expiry (broker/expiry.py)
+            for ln in v.get("lines", ()):
+                if ln.get("days") is not None:
+                    days = ln["days"]
+                    when = f"in {days} day(s)" if days >= 0 else "expired: grants nothing new"
+                    lines.append(
+                        f"    v{v['version']} line {ln['source']}: {ln['count']} seat(s) "
+                        f"expire {ln['expires']} ({when})"
+                    )
+        for r in f.get("reservations", ()):
+            lines.append(
+                f"    reserved for {r['kind']} {r['name']}: {r['count']} seat(s), "
+                f"{r['unused']} unused"
+            )
         for h in f.get("holders", ()):
-            since = datetime.datetime.fromtimestamp(h["since"]).strftime("%Y-%m-%d %H:%M:%S")
             lines.append(
                 f"    {h['user']} {h['host']} {h['display']} v{h['version']}, "
-                f"{h['count']} seat(s), grant {h['grant']}, since {since}"
+                f"{h['count']} seat(s), grant {h['grant']}, since {_local(h['since'])}"
+                + _held_on(h)
             )
     if status.get("holders_partial"):
         lines.append(f"  (holders partial: {status['holders_partial']})")
     return "\n".join(lines)
+
+
+_HOLDS = {"linger": "lingering", "borrow": "borrowed"}
+
+
+def _held_on(h: dict[str, Any]) -> str:
+    """A holder's hold (LINGER, BORROW) and the grants of its DUP_GROUP, if any."""
+    out = (
+        f", {_HOLDS.get(h['hold'], h['hold'])} until {_local(h['until'])}" if h.get("hold") else ""
+    )
+    others = [str(g) for g in h.get("sharers", ()) if g != h["grant"]]
+    return out + (f", sharing its seat with grant(s) {', '.join(others)}" if others else "")
+
+
+def _local(unix: float) -> str:
+    return datetime.datetime.fromtimestamp(unix).strftime("%Y-%m-%d %H:%M:%S")

@@ -5,7 +5,8 @@ they like, and need never read the answers. So a status request must cost the no
 little, and the same whatever the ledger holds or however many are queued:
 
 - A reply holds the report (the nodes and each feature's summary: totals, in use,
-  queued, versions), whose size follows the license's lines, not the grants. Holders
+  queued, lingering, borrowed, versions, the options file's reservations), whose size
+  follows the license's and the options file's lines, not the grants. Holders
   come only when asked (``holders``), a page at a time: at most ``limit`` holders
   (``zbroker.broker.wire.HOLDERS_PAGE``) and ``HOLDERS_PAGE_BYTES`` of them, from the grant
   after the cursor ``after``, with the cursor of the next page in ``next``.

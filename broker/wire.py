@@ -22,6 +22,7 @@ from zbroker.clients.protocol import (  # the protocol's words: declared once, f
     HOLDERS_PAGE_BYTES,
     MAX_ACTION,
     MAX_COUNT,
+    MAX_DUP,
     MAX_FLOAT_WHOLE,
     MAX_LEASE,
     MAX_OP,
@@ -34,6 +35,7 @@ from zbroker.clients.protocol import (  # the protocol's words: declared once, f
     OPS,
     PROTOCOL_VERSION,
     check_version,
+    parse_dup_mask,
 )
 
 __all__ = [  # the bounds other node modules and tools import from the node's codec
@@ -211,11 +213,24 @@ def decode_request(data: bytes) -> Request:
             limit=fields.integer("limit", 1, HOLDERS_PAGE, default=HOLDERS_PAGE),
         )
     if op == "admin":
+        action = fields.text("action", max_len=MAX_ACTION, min_len=1)
+        if action == "remove":  # decided by the primary: a sid keys its answer (removal.py)
+            return Request(
+                op=op,
+                sid=fields.text("sid", max_len=MAX_SID, min_len=1),
+                req=fields.integer("req", 0, MAX_REQ, default=0),
+                action=action,
+                user=fields.text("user", max_len=MAX_TEXT, default=""),
+                host=fields.text("host", max_len=MAX_TEXT, default=""),
+                display=fields.text("display", max_len=MAX_TEXT, default=""),
+                feature=fields.text("feature", max_len=MAX_TEXT, default=""),
+                grant=fields.integer("grant", 0, MAX_REQ, default=0),
+            )
         return Request(
             op=op,
             sid=fields.text("sid", max_len=MAX_SID, default=""),
             req=fields.integer("req", 0, MAX_REQ, default=0),
-            action=fields.text("action", max_len=MAX_ACTION, min_len=1),
+            action=action,
         )
     common: dict[str, Any] = {
         "op": op,
@@ -237,9 +252,37 @@ def decode_request(data: bytes) -> Request:
                 raise RemoteProtocolError(ErrorCode.BAD_REQUEST, str(exc), sid, req) from None
         common["version"] = version
         common["wait"] = fields.optional_seconds("wait")
+        if "dup" in fields.obj or "vendor_string" in fields.obj:  # DUP_GROUP (broker/dup.py)
+            common["dup"] = fields.dup_mask("dup")
+            common["vendor_string"] = fields.text("vendor_string", max_len=MAX_TEXT, default="")
     elif op == "checkin":
         common["grant"] = fields.integer("grant", 1, MAX_REQ)
+    elif op == "idle":  # docs/protocol.md, "idle": TIMEOUT counts from when it went idle
+        common["idle"] = fields.boolean("idle", default=True)
+    elif op in ("borrow", "return"):  # docs/protocol.md, "Borrowing"
+        common["feature"] = fields.text("feature", max_len=MAX_TEXT, min_len=1)
+        if op == "borrow":
+            common["count"] = fields.integer("count", 1, MAX_COUNT, default=1)
+            version = fields.optional_text("version", max_len=MAX_VERSION)
+            if version is not None:
+                try:
+                    check_version(version)
+                except ValueError as exc:
+                    raise RemoteProtocolError(ErrorCode.BAD_REQUEST, str(exc), sid, req) from None
+            common["version"] = version
+            common["until"] = fields.optional_number("until", 0.0, MAX_WALL)
+            common["hours"] = fields.optional_number("hours", 0.0, MAX_BORROW_HOURS)
     return Request(**common)
+
+
+# The latest wall time a borrow may ask for (31-dec-9999, a license date's range) and
+# the longest one in hours (ten years): beyond them, no line allows it anyway.
+MAX_WALL = 253_402_300_799.0
+MAX_BORROW_HOURS = 87_600.0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def refuse_frames(frames: list[bytes]) -> list[bytes]:
@@ -306,6 +349,28 @@ class _Fields:
             floats = " (a float only if whole and at most 2^53)" if isinstance(found, float) else ""
             raise self._fail(name, f"a whole number from {low} to {high}{floats}")
         return value
+
+    def optional_number(self, name: str, low: float, high: float) -> float | None:
+        """A finite number from ``low`` (excluded) to ``high``, or nil."""
+        value = self.obj.get(name)
+        if value is None:
+            return None
+        number = float(value) if _is_number(value) else math.nan
+        if not math.isfinite(number) or not low < number <= high:
+            raise self._fail(name, f"a number above {low:g} up to {high:g}, or nil")
+        return number
+
+    def dup_mask(self, name: str) -> str | None:
+        """A DUP_GROUP mask (NONE, SITE, letters of UHDV), normalised, or nil."""
+        value = self.obj.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str) and len(value) <= MAX_DUP:
+            try:
+                return parse_dup_mask(value)
+            except ValueError:
+                pass
+        raise self._fail(name, "NONE, SITE or letters of UHDV such as UHD, or nil")
 
     def optional_seconds(self, name: str) -> float | None:
         value = self.obj.get(name)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import getpass
 import logging
+import math
 import os
 import socket
 import threading
@@ -41,9 +42,10 @@ from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from zbroker.clients import engine as shared
+from zbroker.clients.borrow import Token, TokenError, TokenStore, refusal
 from zbroker.clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
 from zbroker.clients.engine import Engine
 from zbroker.clients.errors import (
@@ -55,11 +57,17 @@ from zbroker.clients.errors import (
     LicensePathError,
     LicenseUnavailable,
     OutcomeUnknown,
+    ProtocolError,
 )
-from zbroker.clients.grant import Grant
-from zbroker.clients.licpath import raise_if_out_of_descriptors, resolve, server_keys
+from zbroker.clients.grant import Grant, GrantState
+from zbroker.clients.licpath import (
+    borrow_keys,
+    raise_if_out_of_descriptors,
+    resolve,
+    server_keys,
+)
 from zbroker.clients.link import Link
-from zbroker.clients.protocol import MAX_COUNT, MAX_TEXT, Reason
+from zbroker.clients.protocol import MAX_COUNT, MAX_TEXT, Reason, parse_dup_mask, parse_version
 
 log = logging.getLogger("zbroker.client")
 
@@ -126,10 +134,13 @@ class LicenseClient:
         server_keys: Mapping[str, str] | None = None,
         client_key: str | os.PathLike[str] | None = None,
         secure: bool | None = None,
+        borrow_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
         self._entries = resolve(servers)
+        self._servers = servers  # its license files name the borrow keys (read when needed)
+        self._tokens = TokenStore(borrow_dir)
         curve = None if secure is False else _curve(servers, self._entries, server_keys, client_key)
         if secure and (curve is None or any(e not in curve.servers for e in _flat(self._entries))):
             plain = [e for e in _flat(self._entries) if curve is None or e not in curve.servers]
@@ -166,10 +177,16 @@ class LicenseClient:
         version: str | None = None,
         wait: float | None = None,
         timeout: float | None = None,
+        *,
+        dup: str | None = None,
+        vendor_string: str | None = None,
     ) -> Grant:
         """Check out ``count`` seats of ``feature`` at ``version`` or newer.
 
         ``wait``: queue up to that many seconds for seats to free up (per entry).
+        ``dup``: share one seat with checkouts that match under this DUP_GROUP mask
+        (``"UHD"``, ``"SITE"``, ...; docs/client.md) when the license line sets none;
+        ``vendor_string``: what the mask's ``V`` compares.
         Raises LicenseDenied, LicenseUnavailable, OutcomeUnknown, LeaseLost, ClientClosed.
         """
         if not isinstance(feature, str) or not feature:
@@ -180,19 +197,188 @@ class LicenseClient:
             raise ValueError(f"version must be a string such as '2.0' or None, not {version!r}")
         if wait is not None and not wait >= 0:
             raise ValueError(f"wait must be >= 0 seconds or None, not {wait!r}")
+        grouping = _grouping(dup, vendor_string)
         self._check_usable()
         queue_time = float(wait) if wait is not None else 0.0
 
         def start(link: Link, fut: Future[Any], now: float, deadline: float) -> None:
             link.checkout(
                 fut, now, feature=feature, count=count, version=version, wait=wait,
-                deadline=deadline,
+                deadline=deadline, grouping=grouping,
             )  # fmt: skip
 
-        grant: Grant = self._over_path(
-            timeout, queue_time, start, (LicenseDenied, LicenseUnavailable, OutcomeUnknown)
-        )
-        return grant
+        try:
+            grant: Grant = self._over_path(
+                timeout, queue_time, start, (LicenseDenied, LicenseUnavailable, OutcomeUnknown)
+            )
+            return grant
+        except LicenseUnavailable as exc:
+            unavailable = exc
+        try:  # no server answers: a borrowed seat serves, if there is one
+            borrowed = self._from_token(feature, count, version)
+        except (LicenseError, OSError):  # e.g. no descriptor left: the first cause stands
+            borrowed = None
+        if borrowed is None:
+            raise unavailable
+        return borrowed
+
+    def set_idle(self, idle: bool = True, timeout: float | None = None) -> None:
+        """Tell the triads the application is idle (``True``) or busy again (``False``),
+        as FlexNet's ``lc_idle``: under a TIMEOUT line (docs/admin.md) a session idle
+        longer than the line allows loses its grants of that feature (reported through
+        ``on_lost``/``LeaseLost`` with reason ``timeout``). Heartbeats never count as
+        activity; only this call does. Every session of the client is marked; one opened
+        later (another entry of the path, or after the triad expired the old one) is
+        marked as it opens.
+
+        Raises LicenseUnavailable or OutcomeUnknown when a triad could not be told (the
+        mark is kept for its next session: call again to retry), ClientClosed.
+        """
+        if not isinstance(idle, bool):
+            raise ValueError(f"idle must be True or False, not {idle!r}")
+        self._check_open()
+        engine, links = self._joined()
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        marked: list[Future[Any]] = [Future() for _ in links]
+
+        def job(now: float) -> None:
+            for link, fut in zip(links, marked, strict=True):
+                link.set_idle(fut, now, idle, deadline)
+
+        def failed(posted: Future[Any]) -> None:  # not run: the client closed meanwhile
+            for fut in marked:
+                if not fut.done():
+                    fut.set_exception(cast(BaseException, posted.exception()))
+
+        posted: Future[Any] = Future()
+        posted.add_done_callback(failed)
+        engine.post(job, posted, links)
+        wait_futures(marked, timeout=max(0.0, deadline - time.monotonic()) + GRACE)
+        for fut in marked:
+            if not fut.done():
+                raise OutcomeUnknown("the client's I/O thread did not answer in time")
+            error = fut.exception()
+            if error is not None:
+                raise error
+
+    def borrow(
+        self,
+        feature: str,
+        *,
+        until: float | None = None,
+        hours: float | None = None,
+        version: str | None = None,
+        count: int = 1,
+        timeout: float | None = None,
+    ) -> Token:
+        """Borrow ``count`` seats of ``feature`` to use offline until ``until`` (wall
+        seconds) or for ``hours`` from the server's now (neither: the longest allowed).
+
+        The triad counts the seats until the end whatever happens to this process; the
+        signed token it returns is kept in the token store, and ``checkout`` uses it
+        while no server of the path answers. Raises LicenseDenied (``not_borrowable``,
+        ``borrow_end``, ``already_borrowed``, ``lowwater``, or a checkout's reasons),
+        LicenseUnavailable, OutcomeUnknown, ProtocolError (a malformed token).
+        """
+        if until is not None and hours is not None:
+            raise ValueError("give until or hours, not both")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
+            raise ValueError(f"count must be an int from 1 to {MAX_COUNT}, not {count!r}")
+        for name, value in (("until", until), ("hours", hours)):
+            if value is not None and (isinstance(value, bool) or not 0 < value < math.inf):
+                raise ValueError(f"{name} must be a finite number above 0 or None, not {value!r}")
+        fields = {"feature": feature, "count": count, "version": version, "until": until,
+                  "hours": hours}  # fmt: skip
+        body = self._ask_path("borrow", fields, timeout, (LicenseDenied, LicenseUnavailable))
+        try:
+            token = Token.from_map(body.get("token"))
+        except TokenError as exc:
+            raise ProtocolError(f"the triad's borrow reply holds no usable token: {exc}") from None
+        if token.triad not in self._trusted():
+            log.warning(
+                "borrowed %s, but no license file of the path names its borrow key %s "
+                "(BORROW_KEY=): the token cannot serve offline",
+                feature,
+                token.triad,
+            )
+        self._tokens.save(token)
+        return token
+
+    def return_borrow(self, feature: str, timeout: float | None = None) -> None:
+        """Check a borrow of ``feature`` in before its end, and delete its token.
+
+        Raises LicenseDenied (``not_borrowed``; ``no_early_return``: the license line
+        forbids it), LicenseUnavailable, OutcomeUnknown.
+        """
+        body = self._ask_path("return", {"feature": feature}, timeout, (LicenseDenied,))
+        gid = body.get("grant")
+        for path, token in self._tokens.tokens(feature):
+            if isinstance(token, Token) and token.grant == gid:
+                self._tokens.delete(path)
+
+    def borrowed(self) -> list[Token]:
+        """The tokens of the store that serve this client now (valid, this user and host,
+        signed by a borrow key of the path); refused ones are deleted as ``checkout`` does."""
+        return [token for f in self._token_features() for token in self._usable(f)]
+
+    def _ask_path(
+        self,
+        op: str,
+        fields: dict[str, Any],
+        timeout: float | None,
+        next_on: tuple[type[LicenseError], ...],
+    ) -> dict[str, Any]:
+        if not isinstance(fields.get("feature"), str) or not fields["feature"]:
+            raise ValueError(f"feature must be a non-empty string, not {fields.get('feature')!r}")
+        self._check_usable()
+
+        def start(link: Link, fut: Future[Any], now: float, deadline: float) -> None:
+            link.ask(fut, now, op, fields, deadline)
+
+        body: dict[str, Any] = self._over_path(timeout, 0.0, start, next_on)
+        return body
+
+    def _trusted(self) -> frozenset[str]:
+        return borrow_keys(self._servers)
+
+    def _token_features(self) -> list[str]:
+        return sorted({t.feature for _, t in self._tokens.tokens() if isinstance(t, Token)})
+
+    def _usable(self, feature: str) -> list[Token]:
+        """The tokens of ``feature`` that may serve now; deletes the ones that never will
+        (unreadable, forged, altered, ended, another user's or host's), keeps those of a
+        borrow key the path does not name (another license path's)."""
+        found = list(self._tokens.tokens(feature))
+        if not found:
+            return []  # no license file read for nothing
+        trusted, now = self._trusted(), time.time()
+        user, host = self._hello["user"], self._hello["host"]
+        out = []
+        for path, token in found:
+            why = str(token) if isinstance(token, TokenError) else None
+            if isinstance(token, Token):
+                why = refusal(token, trusted=trusted, user=user, host=host, now=now)
+                if why is None:
+                    out.append(token)
+                    continue
+                if token.triad not in trusted:
+                    log.info("%s: not used: %s", path, why)
+                    continue
+            log.warning("%s: deleted: %s", path, why)
+            self._tokens.delete(path)
+        return out
+
+    def _from_token(self, feature: str, count: int, version: str | None) -> Grant | None:
+        """A grant served from a borrow token (``Grant.borrowed_until``), or None."""
+        floor = parse_version(version) if version is not None else None
+        for token in self._usable(feature):
+            if token.count >= count and (floor is None or parse_version(token.version) >= floor):
+                log.info("no server answers: %s served from its borrow token", feature)
+                return Grant(
+                    self, id=token.grant, feature=token.feature, version=token.version,
+                    count=count, triad=(), entry=-1, session="", borrowed_until=token.end,
+                )  # fmt: skip
+        return None
 
     def checkin(self, grant: Grant, timeout: float | None = None) -> None:
         """Return a grant's seats. Checking in a released or lost grant does nothing.
@@ -203,6 +389,9 @@ class LicenseClient:
         if not isinstance(grant, Grant) or grant._owner is not self:
             raise ValueError(f"{grant!r} was not checked out through this client")
         if grant.released or grant.lost:
+            return
+        if grant.borrowed_until is not None:  # served from a token: the borrow goes on
+            grant._set_state(GrantState.RELEASED)
             return
         self._check_open()
         engine, links = self._joined()
@@ -367,6 +556,20 @@ class LicenseClient:
             return
         with self._lock:
             self._unreported.extend(g for g in grants if g not in self._unreported)
+
+
+def _grouping(dup: str | None, vendor_string: str | None) -> dict[str, str]:
+    """A checkout's duplicate-grouping fields (docs/protocol.md), checked here."""
+    out: dict[str, str] = {}
+    if dup is not None:
+        if not isinstance(dup, str):
+            raise ValueError(f"dup must be a DUP_GROUP mask such as 'UHD', not {dup!r}")
+        out["dup"] = parse_dup_mask(dup)  # its ValueError says what a mask is
+    if vendor_string is not None:
+        if not isinstance(vendor_string, str) or len(vendor_string) > MAX_TEXT:
+            raise ValueError(f"vendor_string must be a string of at most {MAX_TEXT} characters")
+        out["vendor_string"] = vendor_string
+    return out
 
 
 def _flat(entries: list[tuple[str, ...]]) -> list[str]:

@@ -107,15 +107,24 @@ class LicensePathError(LicenseError, ValueError):
 
 
 class LeaseLost(LicenseError):
-    """Grants are no longer safe to use: the session's lease lapsed or could not be renewed.
+    """Grants are no longer safe to use: the session's lease lapsed or could not be
+    renewed, or the triad took them (``zbroker remove``, an idle TIMEOUT).
 
-    ``lost`` holds the grants concerned. Raised from the next ``checkout`` or ``status``
-    call when no ``on_lost`` callback was given (the call itself then did nothing).
+    ``lost`` holds the grants concerned; ``reasons`` maps the id of each grant the triad
+    took to why (``removed``, ``timeout``: its ``lost_reason``). Raised from the next
+    ``checkout`` or ``status`` call when no ``on_lost`` callback was given (the call
+    itself then did nothing).
     """
 
     def __init__(self, lost: Sequence[Grant], detail: str | None = None) -> None:
         self.lost: tuple[Grant, ...] = tuple(lost)
-        names = ", ".join(f"{g.feature}#{g.id}" for g in self.lost)
+        self.reasons: dict[int, str] = {
+            g.id: g.lost_reason for g in self.lost if g.lost_reason is not None
+        }
+        names = ", ".join(
+            f"{g.feature}#{g.id}" + (f" ({g.lost_reason})" if g.lost_reason else "")
+            for g in self.lost
+        )
         super().__init__(detail or f"grants no longer safe to use: {names}")
 
 

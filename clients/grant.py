@@ -8,6 +8,7 @@ the library checked the seats out again, and it moves the grant through its stat
     (granted) ──lease copy valid──> HELD      (granted) ──lease copy lapsed──> UNSAFE
     HELD ──lease lapsed──> UNSAFE ──lease renewed──> HELD
     HELD/UNSAFE ──triad forgot the session──> RECOVERING
+    HELD/UNSAFE ──the triad took it (removed, timed out: ``lost_reason``)──> LOST
     RECOVERING ──checked out again──> HELD, or UNSAFE if the lease copy has lapsed since
     RECOVERING ──could not get it back──> LOST
     HELD/UNSAFE/RECOVERING ──checkin / close──> RELEASED
@@ -38,8 +39,12 @@ class GrantState(enum.Enum):
 
 # from -> the states a grant may go to; LOST and RELEASED are final
 TRANSITIONS: dict[GrantState, frozenset[GrantState]] = {
-    GrantState.HELD: frozenset({GrantState.UNSAFE, GrantState.RECOVERING, GrantState.RELEASED}),
-    GrantState.UNSAFE: frozenset({GrantState.HELD, GrantState.RECOVERING, GrantState.RELEASED}),
+    GrantState.HELD: frozenset(
+        {GrantState.UNSAFE, GrantState.RECOVERING, GrantState.RELEASED, GrantState.LOST}
+    ),
+    GrantState.UNSAFE: frozenset(
+        {GrantState.HELD, GrantState.RECOVERING, GrantState.RELEASED, GrantState.LOST}
+    ),
     GrantState.RECOVERING: frozenset(
         {GrantState.HELD, GrantState.UNSAFE, GrantState.LOST, GrantState.RELEASED}
     ),
@@ -85,6 +90,7 @@ class Grant:
         entry: int,
         session: str,
         state: GrantState = GrantState.HELD,
+        borrowed_until: float | None = None,
     ) -> None:
         if state not in INITIAL:
             raise IllegalTransition(f"grant {id}", None, state)
@@ -97,6 +103,9 @@ class Grant:
         self._entry = entry  # which server/triad of the license path it came from
         self._session = session  # the sid it was granted under: checkins go there
         self._state = state
+        self._borrowed_until = borrowed_until
+        self._lost_reason: str | None = None
+        self._grouping: dict[str, str] = {}  # dup, vendor_string asked: a re-checkout sends them
 
     @property
     def id(self) -> int:
@@ -130,8 +139,21 @@ class Grant:
         return self._state is GrantState.HELD
 
     @property
+    def borrowed_until(self) -> float | None:
+        """Served offline from a borrow token: the borrow's end (wall seconds, the triad's
+        clock); None for a grant of a server (docs/client.md, "Borrowing")."""
+        return self._borrowed_until
+
+    @property
     def lost(self) -> bool:
         return self._state is GrantState.LOST
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the triad took the grant: ``removed`` (an administrator's ``zbroker
+        remove``) or ``timeout`` (idle longer than the options file's TIMEOUT); None
+        when it was not taken (a lease that lapsed, a session that could not recover)."""
+        return self._lost_reason
 
     @property
     def released(self) -> bool:
@@ -166,6 +188,11 @@ class Grant:
         self._id = id
         self._version = version
         self._session = session
+
+    def _taken(self, reason: str) -> None:
+        """The triad took it from its session (the heartbeat reply said so)."""
+        self._lost_reason = reason
+        self._set_state(GrantState.LOST)
 
     def _set_state(self, state: GrantState) -> None:
         """The one way a grant changes state: along ``TRANSITIONS`` only."""

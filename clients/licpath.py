@@ -166,3 +166,31 @@ def server_keys(
         except SecurityError as exc:
             raise LicensePathError(str(exc)) from exc
     return keys
+
+
+def borrow_keys(servers: str | Sequence[str] | None) -> frozenset[str]:
+    """The borrow public keys (64 hex digits, lower case) that the license files of
+    ``servers`` (or ``ZBROKER_LICENSE``) and of ``ZBROKER_SERVER_KEYS`` name on their
+    SERVER lines (``BORROW_KEY=``): the keys a borrow token may be signed with
+    (``zbroker.clients.borrow``). A file that cannot be read gives none (logged)."""
+    paths = [p.strip() for p in os.environ.get(KEYS_ENV, "").split(":") if p.strip()]
+    text = os.environ.get(ENV_VAR) if servers is None else servers
+    if isinstance(text, str):
+        paths += [item.strip() for item in text.split(":") if item.strip() and "@" not in item]
+    keys: set[str] = set()
+    for path in paths:
+        try:
+            lines = read_server_lines(path)
+        except LicensePathError as exc:
+            log.warning("no borrow keys from %s: %s", path, exc)
+            continue
+        for s in lines:
+            key = s.attrs.get("BORROW_KEY", "").lower()
+            if _BORROW_KEY.match(key):
+                keys.add(key)
+            elif key:
+                log.warning("%s:%d: BORROW_KEY= is not 64 hex digits: ignored", path, s.line)
+    return frozenset(keys)
+
+
+_BORROW_KEY = re.compile(r"[0-9a-f]{64}\Z")

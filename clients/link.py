@@ -112,6 +112,11 @@ def _fail(fut: Future[Any], error: BaseException) -> None:
         fut.set_exception(error)
 
 
+def _log_idle_failure(fut: Future[Any]) -> None:
+    if fut.exception() is not None:
+        log.warning("a new session could not be marked idle: %s", fut.exception())
+
+
 def _is_unknown_session(reply: Reply | None) -> bool:
     return (
         reply is not None
@@ -146,6 +151,7 @@ class Link:
         self.lease_deadline = 0.0
         self.next_heartbeat = 0.0
         self.held: list[Grant] = []  # grants of this link not yet released or lost
+        self.idle = False  # the application said it is idle (TIMEOUT): a new session says so too
         self._hello = dict(hello)
         self._send = send
         self._report = report
@@ -176,6 +182,7 @@ class Link:
         version: str | None,
         wait: float | None,
         deadline: float,
+        grouping: Mapping[str, str] | None = None,
     ) -> None:
         self._now = now
         fields = {
@@ -184,6 +191,7 @@ class Link:
             "count": count,
             "version": version,
             "wait": wait,
+            **(grouping or {}),  # dup, vendor_string: only when the application gave them
         }
         ex = Exchange("checkout", fields, deadline, extra_try=wait or 0.0)
         ex.done = lambda ex, reply: self._checkout_done(fut, ex, reply)
@@ -218,6 +226,44 @@ class Link:
 
         ex.unknown = unknown
         self._start(ex)
+
+    def ask(
+        self, fut: Future[Any], now: float, op: str, fields: dict[str, Any], deadline: float
+    ) -> None:
+        """A request of the session that holds no grant of the link (``borrow``,
+        ``return``): resolves with the ``ok`` reply's body, fails as a checkout does."""
+        self._now = now
+        what = f"{op} of {fields.get('feature')} on {self.name}"
+        ex = Exchange(op, {"op": op, **fields}, deadline)
+
+        def done(ex: Exchange, reply: Reply | None) -> None:
+            if reply is None:
+                _fail(fut, self._unavailable(f"could serve the {op}", ex))
+            elif reply.status == Status.OK:
+                _resolve(fut, dict(reply.body))
+            elif _is_unknown_session(reply):
+                if not fut.done():  # no effect: ask again on the new session
+                    again = Exchange(op, ex.fields, ex.deadline, done=done, unknown=ex.unknown)
+                    self._submit(again)
+            else:
+                _fail(fut, failure_of(reply))
+
+        ex.done = done
+        ex.unknown = lambda ex: _fail(
+            fut, OutcomeUnknown(f"{what}: no answer before the deadline; ask again to learn it")
+        )
+        self._submit(ex)
+
+    def set_idle(self, fut: Future[Any], now: float, idle: bool, deadline: float) -> None:
+        """Mark the session idle or busy again (``idle``: docs/protocol.md). A link with no
+        open session only remembers it: opening one would cost a session for nothing, and
+        the session it opens later is marked as it opens (``_open_done``)."""
+        self._now = now
+        self.idle = idle
+        if self.sid is None or self.state not in (SessionState.OPEN, SessionState.LAPSED):
+            _resolve(fut, None)
+            return
+        self.ask(fut, now, "idle", {"idle": idle}, deadline)
 
     def status(self, fut: Future[Any], now: float, deadline: float) -> None:
         self._now = now
@@ -481,6 +527,10 @@ class Link:
                 self.lease_deadline = ex.first_sent + lease
                 self.next_heartbeat = self._now + heartbeat
                 self._recover()  # before the waiting calls: held seats come back first
+                if self.idle:  # a new session starts busy on the triad: say it is not
+                    marked: Future[Any] = Future()  # no one waits: a failure is logged
+                    marked.add_done_callback(_log_idle_failure)
+                    self.ask(marked, self._now, "idle", {"idle": True}, self._now + lease)
                 waiting, self._waiting = self._waiting, []
                 for w in waiting:
                     self._submit(w)
@@ -542,6 +592,35 @@ class Link:
                 self.lease = reply.seconds("lease")
             except ProtocolError as exc:
                 log.warning("heartbeat reply from %s: %s", self.name, exc)
+        if reply is not None and reply.status == Status.OK and "taken" in reply.body:
+            self._taken(ex.sid, reply.body["taken"])
+
+    def _taken(self, sid: str | None, taken: object) -> None:
+        """The triad took these grants from session ``sid`` (docs/protocol.md, heartbeat):
+        each held one goes LOST with its reason and is reported once; the triad lists a
+        grant until it forgets it, and a grant no longer held is not reported again."""
+        if not isinstance(taken, list):
+            log.warning("heartbeat reply from %s: 'taken' is not a list", self.name)
+            return
+        reasons: dict[int, str] = {}
+        for item in taken:
+            gid = item.get("grant") if isinstance(item, dict) else None
+            why = item.get("reason") if isinstance(item, dict) else None
+            if isinstance(gid, int) and isinstance(why, str):
+                reasons[gid] = why[:64]
+        lost = [g for g in self.held if g._session == sid and g.id in reasons and g.state in ACTIVE]
+        for grant in lost:
+            log.warning(
+                "grant %d of %s on %s was taken by the triad: %s",
+                grant.id,
+                grant.feature,
+                self.name,
+                reasons[grant.id],
+            )
+            grant._taken(reasons[grant.id])
+            self.held.remove(grant)
+        if lost:
+            self._report(lost)
 
     def _session_gone(self) -> None:
         log.warning("%s no longer knows session %s", self.name, self.sid)
@@ -595,6 +674,7 @@ class Link:
                 session=ex.sid,
                 state=self._granted_state(),
             )
+            grant._grouping = {k: ex.fields[k] for k in ("dup", "vendor_string") if k in ex.fields}
             self.held.append(grant)
             _resolve(fut, grant)
             self._report_if_unsafe(grant)
@@ -660,6 +740,7 @@ class Link:
                 "count": grant.count,
                 "version": grant.version,
                 "wait": None,
+                **grant._grouping,  # back into its duplicate group
             }
             ex = Exchange("checkout", fields, deadline, sid=self.sid)
             ex.done = functools.partial(self._recovered, round_, grant)

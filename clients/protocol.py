@@ -42,8 +42,11 @@ MAX_FLOAT_WHOLE = 2**53
 HOLDERS_PAGE = 1_000
 HOLDERS_PAGE_BYTES = 64 * 1024
 
-OPS = frozenset({"open", "close", "checkout", "checkin", "heartbeat", "status", "admin"})
-ADMIN_ACTIONS = ("down", "reread")
+OPS = frozenset(
+    {"open", "close", "checkout", "checkin", "heartbeat", "status", "admin", "borrow", "return"}
+    | {"idle"}
+)
+ADMIN_ACTIONS = ("down", "reread", "remove")
 
 
 class Status:
@@ -84,6 +87,26 @@ class ErrorCode:
     STALE_REQUEST = "stale_request"
     LIMIT = "limit"
     NOT_ALLOWED = "not_allowed"  # an admin request from a connection that may not administer
+
+
+# --- duplicate grouping ---------------------------------------------------------------
+
+DUP_LETTERS = "UHDV"  # user, host, display, vendor string (FlexNet's DUP_GROUP letters)
+MAX_DUP = 8  # characters of a DUP_GROUP mask
+
+
+def parse_dup_mask(text: str) -> str:
+    """A DUP_GROUP value as node and library keep it: ``NONE``, ``SITE``, or letters of
+    ``UHDV`` in that order (``dhu`` is ``UHD``). ValueError on anything else."""
+    upper = text.strip().upper()
+    if upper in ("NONE", "SITE"):
+        return upper
+    if not upper or any(ch not in DUP_LETTERS for ch in upper) or len(set(upper)) != len(upper):
+        raise ValueError(
+            f"DUP_GROUP {text[:20]!r}: expected NONE, SITE or letters of UHDV (user, host, "
+            "display, vendor string) each at most once, such as UHD"
+        )
+    return "".join(ch for ch in DUP_LETTERS if ch in upper)
 
 
 # --- versions ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ to the replica.
 
 | t | fields | sent by |
 | --- | --- | --- |
-| hb | term, node, role, last, last_term, commit, primary | everyone, on PUB, every heartbeat |
+| hb | term, node, role, last, last_term, commit, primary, stands | everyone, on PUB, each beat |
 | vote_req | term, candidate, last, last_term, transfer, pre | candidate (pre: a pre-vote) |
 | vote | term, req_term, granted, pre, last, last_term, commit | voter, answering vote_req |
 | append | term, prev_index, prev_term, entries, commit | primary, to each backup |
@@ -98,6 +98,9 @@ class Heartbeat:
     last_term: int
     commit: int
     primary: str | None
+    # False: the node will not stand for election (it cannot vouch for the license the
+    # triad serves); a primary then never hands over to it. Absent (older nodes): True.
+    stands: bool = True
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -109,6 +112,7 @@ class Heartbeat:
             "last_term": self.last_term,
             "commit": self.commit,
             "primary": self.primary,
+            "stands": self.stands,
         }
 
 
@@ -274,6 +278,7 @@ def _hb(m: Mapping[str, Any]) -> Message:
         _int(m, "last_term"),
         _int(m, "commit"),
         _name(m, "primary", optional=True),
+        _bool(m, "stands") if "stands" in m else True,
     )
 
 

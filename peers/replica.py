@@ -5,7 +5,7 @@ entry point returns the effects to carry out, in order (``peers/types.py``)::
 
     Replica(me, ranks, timing, durable, now)
     on_tick(now) -> list[Effect]                       # call every few ms (<= heartbeat/4)
-    on_message(sender, msg, now) -> list[Effect]       # a decoded peer map; never raises
+    on_message(sender, msg, now, wall) -> list[Effect] # a decoded peer map; never raises
     on_peer_lost(peer, now) -> list[Effect]            # the connection to a peer dropped
     propose(deltas, now) -> (indexes, list[Effect])    # serving primary only
     compacted(index, term, snapshot) -> None           # the shell snapshotted a committed index
@@ -37,6 +37,10 @@ primary); only with a majority of pre-votes does it take the term, vote for itse
 (persisted) and ask for votes. A voter grants at most one vote per term, persists it
 before replying, and answers with its log position. Candidates that fail retry after
 a rank-staggered timeout, the higher rank first, so split votes resolve.
+A node whose shell sets ``stands`` False (it cannot vouch for what it would serve:
+broker/served.py) never stands, steps back at once if it is primary or candidate, and
+says so in its heartbeats, so that no primary hands over to it and no lower-ranked node
+waits for it; it still votes and replicates.
 
 View change (Viewstamped Replication): votes are not restricted by log length, which
 is what lets the highest-ranked node win with a shorter log. Instead the winner adopts
@@ -44,7 +48,10 @@ the most up-to-date log (by (last_term, last)) among itself and its voters: if a
 has a better one, the winner fetches it (entries after its own commit, or a snapshot
 and entries), replaces its uncommitted tail with it, and only then becomes PRIMARY and
 appends a no-op of its term. Every committed entry is on a majority, which meets the
-voting majority, so the adopted log holds every committed entry.
+voting majority, so the adopted log holds every committed entry. The no-op names its
+primary and the wall time (``{"k": "term", "primary": me, "at": wall}``, for the report
+log) when the event that made it primary came with a wall clock reading (``wall``);
+the replica reads no clock, so without one the no-op is ``None`` as before.
 
 Replication (Raft's log rules). The primary streams appends per backup (``Progress``:
 probing, then pipelined, batched up to ``max_batch``), and an append every heartbeat
@@ -151,6 +158,7 @@ class Replica(Replication):
         self.role = Role.RECOVERING if durable.fresh and self.peers else Role.BACKUP
         self.primary: str | None = None
         self._now = now
+        self._wall: float | None = None  # the wall clock at the last on_message, if given
         self._announced: tuple[Role, int, str | None] = (self.role, self.term, None)
         self._pending: list[Effect] = []
         # what we hear from peers
@@ -158,6 +166,10 @@ class Replica(Replication):
         # a primary's proof of quorum: acks (or granted votes) of this term, per backup
         self._acked: dict[str, float] = {p: NEVER for p in self.peers}
         self._peer_role: dict[str, Role] = {}
+        # Whether this node may become primary, set by its shell (a node that cannot vouch
+        # for what it would serve: broker/served.py), and what each peer's heartbeat says.
+        self.stands = True
+        self._peer_stands: dict[str, bool] = {}
         self._primary_seen = NEVER
         self._leaderless_since = now
         self._next_hb = now
@@ -200,7 +212,12 @@ class Replica(Replication):
         return self.is_serving(self._now)
 
     def is_serving(self, now: float) -> bool:
-        if self.role is not Role.PRIMARY or self.commit < self._noop_index or self.transferring:
+        if (
+            self.role is not Role.PRIMARY
+            or self.commit < self._noop_index
+            or self.transferring
+            or not self.stands
+        ):
             return False
         return self._quorum_heard(now)
 
@@ -222,6 +239,8 @@ class Replica(Replication):
         if beat:
             self._next_hb = max(self._next_hb + self.timing.heartbeat_interval, now)
             out.append(Publish(self._heartbeat().to_wire()))
+        if not self.stands and self.role in (Role.PRIMARY, Role.CANDIDATE):
+            self._stand_down(now, out)
         if self.role is Role.PRIMARY:
             self._primary_tick(now, beat, out)
         elif self.role is Role.CANDIDATE:
@@ -233,8 +252,11 @@ class Replica(Replication):
         self._announce(out)
         return out
 
-    def on_message(self, sender: str, msg: object, now: float) -> list[Effect]:
+    def on_message(
+        self, sender: str, msg: object, now: float, wall: float | None = None
+    ) -> list[Effect]:
         self._now = now
+        self._wall = wall
         out = self._take_pending()
         if sender not in self._heard:
             out.append(Dropped(str(sender)[:64], "unknown sender"))
@@ -325,7 +347,12 @@ class Replica(Replication):
         elif isinstance(msg, m.AppendAck):
             self._on_append_ack(sender, msg, now, out)
         elif isinstance(msg, m.TimeoutNow):
-            if msg.term == self.term and sender == self.primary and self.role is Role.BACKUP:
+            if (
+                msg.term == self.term
+                and sender == self.primary
+                and self.role is Role.BACKUP
+                and self.stands
+            ):
                 self._start_election(now, out, transfer=True)
         elif isinstance(msg, m.Fetch):
             self._on_fetch(sender, msg, now, out)
@@ -408,7 +435,16 @@ class Replica(Replication):
             self.log.last_term,
             self.commit,
             self.primary,
+            self.stands,
         )
+
+    def _stand_down(self, now: float, out: list[Effect]) -> None:
+        """The shell says this node may not lead (``stands``): a primary or a candidate
+        steps back at once; the others elect among themselves, with its vote."""
+        self._set_role(Role.BACKUP)
+        self.primary = None
+        self._leaderless_since = now
+        self._announce(out)
 
     def _start_single(self) -> None:
         """One SERVER line: primary at once, everything on disk committed."""
@@ -425,6 +461,7 @@ class Replica(Replication):
 
     def _on_heartbeat(self, sender: str, hb: m.Heartbeat, now: float, out: list[Effect]) -> None:
         self._peer_role[sender] = hb.role
+        self._peer_stands[sender] = hb.stands
         if hb.term != self.term or hb.role is not Role.PRIMARY or hb.primary != sender:
             return
         self._follow(sender, now, out)
@@ -436,12 +473,14 @@ class Replica(Replication):
     # --- election ---------------------------------------------------------------------
 
     def _backup_tick(self, now: float) -> None:
-        if self._primary_recent(now):
+        if self._primary_recent(now) or not self.stands:
             return
         higher_alive = sum(
             1
             for p in self.peers_alive(now)
-            if self.ranks.index(p) < self.rank and self._peer_role.get(p) is not Role.RECOVERING
+            if self.ranks.index(p) < self.rank
+            and self._peer_role.get(p) is not Role.RECOVERING
+            and self._peer_stands.get(p, True)
         )
         wait = self.timing.peer_timeout * (1 + 0.5 * higher_alive)
         if now - self._leaderless_since >= wait:
@@ -613,7 +652,8 @@ class Replica(Replication):
         self.primary = self.me
         start = self.log.last + 1
         self._progress = {p: Progress(next_index=start) for p in self.peers}
-        noop = Entry(self.term, start, None)
+        named = None if self._wall is None else {"k": "term", "primary": self.me, "at": self._wall}
+        noop = Entry(self.term, start, named)
         self.log.append([noop])
         self._noop_index = noop.index
         self._failback_after = now + self.timing.peer_timeout

@@ -63,6 +63,7 @@ class Replication:
     _progress: dict[str, Progress]
     _last_append: tuple[tuple[int, ...], dict[str, Any]] | None
     _peer_role: dict[str, Role]
+    _peer_stands: dict[str, bool]  # what each peer's heartbeat says (Replica.stands)
     _leaderless_since: float
     _transfer_to: str | None
     _transfer_deadline: float
@@ -270,7 +271,8 @@ class Replication:
         alive = self.peers_alive(now)
         for peer in self.ranks[: self.rank]:
             caught_up = self._progress[peer].match >= self.log.last - self.timing.max_batch
-            if peer in alive and self._peer_role.get(peer) is Role.BACKUP and caught_up:
+            stands = self._peer_stands.get(peer, True)  # never hand over to who may not lead
+            if peer in alive and self._peer_role.get(peer) is Role.BACKUP and caught_up and stands:
                 self._transfer_to = peer
                 self._transfer_deadline = now + self.timing.peer_timeout
                 self._send_timeout_now(out)

@@ -3,9 +3,11 @@
     python scripts/reportgen.py DIR --records 1000000 [--days 365] [--features 20] [--users 2000]
 
 A busy site's year: features of 10 to 200 seats, users checking seats out and in (and
-their sessions closing or expiring now and then), denials when a feature is full. The
-records have the fields, sizes and order the node writes (through ``ReportWriter``:
-headers, rotation, the hash chain), and times spread over ``--days``.
+their sessions closing or expiring now and then), denials when a feature is full, some
+checkouts that waited in the queue first, and applications marking their sessions idle
+and busy again. The records have the fields, sizes and order the node writes (schema 2,
+through ``ReportWriter``: headers, rotation, the hash chain), and times spread over
+``--days``.
 """
 
 from __future__ import annotations
@@ -43,12 +45,16 @@ def main(
     ]
     users = [f"user{k:04d}" for k in range(n_users)]
     held: dict[str, list[tuple[int, str, float]]] = {f: [] for f in counts}  # grant, user, since
+    idle: set[str] = set()  # users whose session is marked idle
     w = ReportWriter(directory, "gen", retention_days=0)
     w.open()
     step = days * 86_400.0 / records
-    t, ix, gid, written = T0, 1, 1, 0
+    t, ix, gid, written = T0, 2, 1, 0
     began = time.monotonic()
-    batch: list[dict] = [{"ix": ix, "n": 0, "term": 1, "ev": "reread", "at": t, "lines": lines}]
+    batch: list[dict] = [
+        {"ix": 1, "n": 0, "term": 1, "ev": "term", "at": t, "primary": "alpha"},
+        {"ix": ix, "n": 0, "term": 1, "ev": "reread", "at": t, "lines": lines},
+    ]
     names = list(counts)
     while written < records:
         t += rng.expovariate(1 / step)
@@ -58,24 +64,35 @@ def main(
         user = rng.choice(users)
         who = {"sid": f"s-{user}", "user": user, "host": f"{user}-pc", "display": ":0",
                "client_version": "1.0"}  # fmt: skip
-        if pool and rng.random() < len(pool) / counts[f] / (2 * load):
+        asked = {"feature": f, "version": "1.0", "count": 1}
+        if rng.random() < 0.01:  # the application marks its session idle, or busy again
+            ev = "busy" if user in idle else "idle"
+            (idle.discard if ev == "busy" else idle.add)(user)
+            batch.append({"ix": ix, "n": 0, "term": 1, "ev": ev, "at": t, **who})
+        elif pool and rng.random() < len(pool) / counts[f] / (2 * load):
             g, holder, since = pool.pop(rng.randrange(len(pool)))
             reason = rng.choices(("checkin", "closed", "expired"), (90, 8, 2))[0]
             who |= {"sid": f"s-{holder}", "user": holder, "host": f"{holder}-pc"}
-            at = None if reason != "closed" else t  # as today: checkins carry no time
-            batch.append({"ix": ix, "n": 0, "term": 1, "ev": "in", "at": at, "reason": reason,
-                          "feature": f, "version": "1.0", "count": 1, "grant": g,
-                          "since": since, **who, "in_use": len(pool)})  # fmt: skip
+            batch.append({"ix": ix, "n": 0, "term": 1, "ev": "in", "at": t, "reason": reason,
+                          **asked, "grant": g, "since": since, **who,
+                          "in_use": len(pool)})  # fmt: skip
         elif len(pool) < counts[f]:
             pool.append((gid, user, t))
-            batch.append({"ix": ix, "n": 0, "term": 1, "ev": "out", "at": t, "feature": f,
-                          "version": "1.0", "count": 1, "grant": gid, **who,
-                          "in_use": len(pool)})  # fmt: skip
+            n = 0
+            if rng.random() < 0.05:  # it waited in the queue first
+                waited = rng.expovariate(1 / 30)
+                batch.append({"ix": ix, "n": 0, "term": 1, "ev": "queued", "at": t - waited,
+                              "req": 7, **asked, **who})  # fmt: skip
+                batch.append({"ix": ix, "n": 1, "term": 1, "ev": "dequeued", "at": t,
+                              "waited": waited, "req": 7, **asked, **who})  # fmt: skip
+                n = 2
+            batch.append({"ix": ix, "n": n, "term": 1, "ev": "out", "at": t, **asked,
+                          "grant": gid, **who, "in_use": len(pool)})  # fmt: skip
             gid += 1
         else:
-            batch.append({"ix": ix, "n": 0, "term": 1, "ev": "deny", "at": None, "op": "checkout",
+            batch.append({"ix": ix, "n": 0, "term": 1, "ev": "deny", "at": t, "op": "checkout",
                           "reason": "no_seats", "detail": f"{f} 1.0: all seats in use",
-                          "req": 7, **who})  # fmt: skip
+                          "req": 7, **who, **asked})  # fmt: skip
         written += 1
         if len(batch) >= 512:
             w.write(batch, t)

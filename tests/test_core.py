@@ -179,7 +179,7 @@ def test_a_single_server_appends_the_grant_and_answers_after_its_sync() -> None:
     # after the sync of the append above (persist, sync, then answers).
     ((identity, reply),) = replies(ready)
     assert identity == b"c" and reply["status"] == "ok" and reply["grant"]["id"] == 1
-    assert core.tallies["checkout"] == 1 and len(ready.latencies) == 1
+    assert core.tallies["checkout", "cad"] == 1 and len(ready.latencies) == 1
 
 
 def test_the_report_names_each_features_vendor_and_the_vendor_is_no_reason_to_reload() -> None:
@@ -216,7 +216,7 @@ def test_a_primary_answers_a_checkout_only_once_a_backup_acknowledged_it() -> No
     ready = net.cycle(primary)
     ((identity, reply),) = replies(ready)
     assert identity == b"c-s1" and reply["status"] == "ok" and reply["grant"]["count"] == 1
-    assert net.cores[primary].tallies["checkout"] == 1
+    assert net.cores[primary].tallies["checkout", "cad"] == 1
     assert ready.latencies == [pytest.approx(STEP)]
 
 

@@ -39,7 +39,7 @@ NAME = re.compile(r"\b(?:zbroker|process)_[a-z_]+\b")
 class _Core:
     """A primary whose report has every kind of series (a dated pool, a backup heard)."""
 
-    tallies = Counter({"checkout": 1})
+    tallies = Counter({("checkout", "cad"): 1})
     session_count = 1
 
     def report(self, now: Now) -> dict[str, Any]:

@@ -141,7 +141,7 @@ TOP_LEVEL_CASES = [
     *[(k, v, f"{k} must be true or false") for k in ("failback", "fsync", "secure")
       for v in ("1", '"true"', "nan")],
     *[(k, v, f"{k} must be a path") for k in ("license", "vendor_key", "client_allow",
-      "admin_keys", "admin_key", "options") for v in ("5", '""', "inf")],
+      "admin_keys", "admin_key", "options", "borrow_key") for v in ("5", '""', "inf")],
     ("peer_timeout", "0.15", "peer_timeout (0.15) must exceed two heartbeat_interval"),
     ("bogus", "1", "unknown settings bogus"),
 ]  # fmt: skip
@@ -224,6 +224,8 @@ NOT_SECONDS = ["x", "nan", "inf", "-inf", "-1", "1e12"]
 CLI_CASES = [
     *[(["init", "{dir}", "--lease", v], "--lease") for v in [*NOT_SECONDS, "0", "0.1"]],
     (["init", "{dir}", "--servers", "2"], "--servers"),
+    *[(["web", "--config", "{config}", "--history-every", v], "--history-every")
+      for v in [*NOT_SECONDS, "0", "0.5", "3601"]],
     *[(["status", "--config", "{config}", "--timeout", v], "--timeout")
       for v in [*NOT_SECONDS, "0"]],
     *[(["down", "--config", "{config}", "--timeout", v], "--timeout")
@@ -247,6 +249,15 @@ CLI_CASES = [
     *[(["chaos", "--seed", v, "--dry-run"], "--seed") for v in ["x", "nan", "-1", str(2**64)]],
     (["chaos", "--faults", "kill-everyone", "--dry-run"], "--faults"),
     *[(["bench", "--duration", v], "--duration") for v in [*NOT_SECONDS, "0"]],
+    *[(["remove", "--config", "{config}", "--grant", v], "--grant")
+      for v in ["x", "nan", "-1", "0", "1.5", str(2**64)]],
+    *[(["remove", "--config", "{config}", "--timeout", v], "--timeout")
+      for v in [*NOT_SECONDS, "0"]],
+    *[(["borrow", "cad", "--config", "{config}", "--hours", v], "--hours")
+      for v in ["x", "nan", "inf", "-1", "0", "87601"]],
+    *[(["borrow", "cad", "--config", "{config}", "--count", v], "--count")
+      for v in ["x", "nan", "-1", "0", "1.5", str(2**64)]],
+    (["borrow", "cad", "--config", "{config}", "--until", "someday"], "--until"),
     *[(["bench", option, v], option)
       for option in ("--kills", "--sessions", "--grants-per-session", "--procs",
                      "--storm-clients", "--flood-requests")
@@ -282,6 +293,8 @@ def test_no_option_takes_a_number_without_a_range() -> None:
         *("duration", "processes", "sessions", "seed", "op_timeout", "liveness_limit"),
         *("min_window", "kills", "grants_per_session", "procs", "storm_clients"),
         "flood_requests",
+        "grant",
+        "history_every",
     }
 
 
@@ -457,18 +470,18 @@ def test_a_count_of_2_to_the_64_is_refused_at_signing_and_at_load(tmp_path: Path
 
 @pytest.mark.integration
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT])
-def test_sighup_is_logged_and_ignored_and_each_stop_signal_logs_stopped(
+def test_sighup_rereads_sigusr1_is_ignored_and_each_stop_signal_logs_stopped(
     make_triad: Any, stop: signal.Signals
 ) -> None:
     triad: LocalTriad = make_triad(servers=1, lease=5.0, secure=False)
     triad.wait_for_primary()
     log = triad.logs / "alpha.log"
     proc = triad.procs["alpha"]
-    for ignored, said in (
+    for sent, said in (
         (signal.SIGHUP, "reread: "),  # FlexNet's lmreread (docs/admin.md)
         (signal.SIGUSR1, "ignores SIGUSR1"),
     ):
-        proc.send_signal(ignored)
+        proc.send_signal(sent)
 
         def logged(said: str = said) -> bool:
             return said in log.read_text()

@@ -633,8 +633,14 @@ def test_status_lists_features_pools_and_holders() -> None:
         "total": 15,
         "in_use": 3,
         "queued": 0,
-        "versions": [{"version": "2.0", "total": 15, "in_use": 3, "expires": "2027-12-31"}],
-    }
+        "lingering": 0,
+        "borrowed": 0,
+        "versions": [{"version": "2.0", "total": 15, "in_use": 3, "expires": "2027-12-31",
+                      "lines": [{"count": 10, "expires": "2027-12-31", "source": "test.lic:1",
+                                 "days": (datetime.date(2027, 12, 31) - w.now.date).days},
+                                {"count": 5, "expires": None, "days": None,
+                                 "source": "test.lic:1"}]}],
+    }  # fmt: skip
     assert w.ledger.holders("cad", 0, 10) == (
         [{"grant": 1, "feature": "cad", "user": "ann", "host": "ws1", "display": ":0",
           "count": 3, "version": "2.0", "since": DAY0}],

@@ -4,6 +4,8 @@ The machine plays a primary: it hands random requests to ``handle``, applies eve
 delta it gets back at once (as the node does), ticks, moves the clock, reloads the
 license and fails over (a new ledger from a snapshot, volatile state lost). After
 every step it checks the invariants against its own model of what clients were told.
+Half the runs play under an options file with LINGER and TIMEOUT lines (a short floor), so
+lingering seats, reclaims, idle sessions, lapses and timeouts mix with everything else.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hypothesis.stateful import (
 
 from zbroker.broker.ledger import Decided, Ledger
 from zbroker.broker.model import Entitlement, Now, Request, parse_version
+from zbroker.broker.options import parse_options
 
 pytestmark = pytest.mark.unit
 
@@ -39,6 +42,9 @@ BASE = [
     Entitlement("cad", "4.0", 1, datetime.date(2026, 6, 2)),  # the only line >= 4: expires
     Entitlement("solver", "1.5", 2, None, hosts=frozenset({"h1"})),
 ]
+# Seconds under the machine's clock steps: seats linger, and idle sessions time out.
+OPTIONS = parse_options("LINGER cad 5\nTIMEOUT cad:VERSION=2.0 4\nTIMEOUTALL 8\n", path="p.opt")
+MIN_TIMEOUT = 1.0
 RELOADS = [
     BASE,
     [*BASE, Entitlement("cad", "2.0", 3, None)],  # grows
@@ -87,7 +93,7 @@ class LedgerMachine(RuleBasedStateMachine):
             self.log.append(delta)
             if delta["k"] in ("close", "expire"):
                 self.told = {k: v for k, v in self.told.items() if k[0] != delta["sid"]}
-            elif delta["k"] in ("open", "grant", "release", "answer"):
+            elif delta["k"] in ("open", "grant", "release", "answer", "idle"):
                 key = (delta["sid"], delta["req"])
                 assert key not in self.told, f"{key} answered twice"
                 self.told[key] = reply
@@ -120,8 +126,13 @@ class LedgerMachine(RuleBasedStateMachine):
             return data.draw(st.sampled_from(sorted(USERS)))
         return data.draw(st.sampled_from(live))
 
-    @initialize()
-    def open_all(self) -> None:
+    @initialize(options=st.booleans())
+    def open_all(self, options: bool) -> None:
+        if options:
+            self.ledger = Ledger(
+                BASE, lease=LEASE, heartbeat=HEARTBEAT, options=OPTIONS, min_timeout=MIN_TIMEOUT
+            )
+            self.checkpoint = self.ledger.snapshot()
         for sid in sorted(USERS):
             self.send(self.request("open", sid, False))
 
@@ -169,10 +180,17 @@ class LedgerMachine(RuleBasedStateMachine):
         kw = {"feature": "cad", "version": "2", "count": count, "wait": wait}
         self.send(self.request("checkout", self.pick(data), True, **kw))
 
-    @precondition(lambda self: self.ledger.grants())
+    @rule(data=st.data(), acks=st.booleans(), idle=st.booleans())
+    def idle(self, data: st.DataObject, acks: bool, idle: bool) -> None:
+        self.send(self.request("idle", self.pick(data), acks, idle=idle))
+
+    def clients_grants(self) -> list[Any]:
+        return [g for g in self.ledger.grants() if g.sid in USERS]  # not the holds'
+
+    @precondition(lambda self: self.clients_grants())
     @rule(data=st.data())
     def checkin_own(self, data: st.DataObject) -> None:
-        grant = data.draw(st.sampled_from(self.ledger.grants()))
+        grant = data.draw(st.sampled_from(self.clients_grants()))
         self.send(self.request("checkin", grant.sid, True, grant=grant.id))
 
     @precondition(lambda self: self.sent)
@@ -181,7 +199,7 @@ class LedgerMachine(RuleBasedStateMachine):
         key = data.draw(st.sampled_from(sorted(self.sent)))
         self.send(self.sent[key])  # a retry: commit() checks it is never answered twice
 
-    @rule(seconds=st.sampled_from([0.0, 0.4, 3.0, 6.0, LEASE + 1, 86400.0]))
+    @rule(seconds=st.sampled_from([0.0, 0.4, 3.0, 5.0, 6.0, LEASE + 1, 86400.0]))
     def advance(self, seconds: float) -> None:
         self.mono += seconds
         self.wall += seconds
@@ -195,19 +213,23 @@ class LedgerMachine(RuleBasedStateMachine):
         """The rare events share one rule, so that clients get most of the steps."""
         if event == "failover":
             snap = self.ledger.snapshot()
-            self.ledger = Ledger.from_snapshot(snap, lease=LEASE, heartbeat=HEARTBEAT)
+            self.ledger = Ledger.from_snapshot(
+                snap, lease=LEASE, heartbeat=HEARTBEAT, min_timeout=MIN_TIMEOUT
+            )
             self.advance(5 * LEASE)  # however long the failover took, leases start afresh
-            assert self.ledger.tick(self.now).decided == [], "a new primary expired someone at once"
+            decided = self.ledger.tick(self.now).decided
+            assert all(d["k"] != "expire" for d, _ in decided), "a new primary expired someone"
+            self.commit(decided)  # holds lapse and idle grants time out by the wall clock
             self.advance(LEASE / 2)
             self.commit(self.ledger.tick(self.now).decided)
-            assert self.ledger.sessions() == [s["sid"] for s in snap["sessions"]]
+            assert self.ledger.sessions() == [s["sid"] for s in snap["sessions"] if "hold" not in s]
         elif event == "checkpoint":
             self.checkpoint, self.log = self.ledger.snapshot(), []
         else:
             self.reload(RELOADS[int(event)])
 
     def reload(self, entitlements: list[Entitlement]) -> None:
-        delta = self.ledger.reload_delta(entitlements)
+        delta = self.ledger.reload_delta(entitlements, self.ledger.options)
         totals = pool_totals(delta["entitlements"], None)
         used = in_use(self.ledger.snapshot())
         self.shrunk |= any(n > totals.get(key, 0) for key, n in used.items())
@@ -247,6 +269,16 @@ class LedgerMachine(RuleBasedStateMachine):
         snap = self.ledger.snapshot()
         held = sum(g["count"] for g in snap["grants"])
         assert sum(f["in_use"] for f in self.ledger.status(self.now)) == held
+        lingering = sum(g["count"] for g in snap["grants"] if g["sid"].startswith("hold:"))
+        assert sum(f["lingering"] for f in self.ledger.status(self.now)) == lingering
+
+    @invariant()
+    def a_hold_holds_one_grant_and_no_client_session_outlives_its_lease_idle(self) -> None:
+        holds = {h.sid: h for h in self.ledger.holds()}
+        for g in self.ledger.grants():
+            if g.sid.startswith("hold:"):
+                assert g.sid == f"hold:{g.id}" and holds[g.sid].grants == {g.id}
+        assert len(holds) == len({g.sid for g in self.ledger.grants()} & set(holds))
 
 
 LedgerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)

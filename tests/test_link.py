@@ -341,6 +341,29 @@ def _checked_in_recovering(rig: Rig) -> None:
     assert rig.checkin(grant).result(0) is None  # the re-checkout gives it back when done
 
 
+def _taken(rig: Rig) -> None:
+    grant = rig.hold(1)
+    rig.at(100.3)
+    taken = [{"grant": 1, "reason": "removed"}, {"grant": 99, "reason": "removed"}]
+    rig.answer(rig.wire.last("heartbeat"), lease=LEASE, taken=taken)
+    assert grant.lost and grant.lost_reason == "removed" and rig.reports == [[grant]]
+    rig.at(100.7)
+    rig.answer(rig.wire.last("heartbeat"), lease=LEASE, taken=taken)  # listed again
+    assert rig.reports == [[grant]] and rig.link.held == []  # reported once
+
+
+def _taken_unsafe(rig: Rig) -> None:
+    fut = rig.checkout()
+    rig.open_ok(lease=0.5)  # shorter than a heartbeat's 3 tries: its answer can come late
+    rig.granted(rig.wire.last("checkout"), 1)
+    grant: Grant = fut.result(0)
+    rig.at(100.3)  # the heartbeat leaves
+    rig.at(100.9)  # the lease copy lapsed at 100.5: UNSAFE, reported
+    assert grant.state is GrantState.UNSAFE
+    rig.answer(rig.wire.last("heartbeat"), lease=0.5, taken=[{"grant": 1, "reason": "timeout"}])
+    assert grant.lost and grant.lost_reason == "timeout" and rig.reports == [[grant], [grant]]
+
+
 def _born_unsafe(rig: Rig) -> None:
     _lapsed(rig)
     rig.now = 101.5
@@ -374,6 +397,8 @@ GRANT_CASES = [
     Case("lease lapsed", (H, U), _lapsed),
     Case("session forgotten", (H, R), _forgotten),
     Case("checked in", (H, GrantState.RELEASED), _checked_in),
+    Case("taken by the triad", (H, GrantState.LOST), _taken),
+    Case("taken while unsafe", (U, GrantState.LOST), _taken_unsafe),
     Case("renewed", (U, H), _renewed),
     Case("forgotten while unsafe", (U, R), _forgotten_lapsed),
     Case("closed while unsafe", (U, GrantState.RELEASED), _closed_lapsed),

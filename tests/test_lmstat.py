@@ -1,9 +1,9 @@
 """``zbroker lmstat``'s text from synthetic statuses: the layout line for line, and what
 parsers written by others (tests/test_lmstat_parsers.py) read from it.
 
-Reservations, lingering seats and queued requests are synthetic here: the status report
-does not carry reservations or lingering seats yet (tests/test_lmstat_live.py reads a live
-queue).
+Reservations, held seats and queued requests are synthetic here (in two shapes: a
+holder's ``linger``/``lingering``, and a hold's ``hold``/``until`` as the ledger gives
+it); tests/test_lmstat_live.py reads reservations and a queue on a live triad.
 """
 
 from __future__ import annotations
@@ -166,6 +166,35 @@ def test_the_exporter_reads_servers_vendor_features_users_and_reservations() -> 
     assert "carol" not in got.users["cad"]  # queued: not a user of a seat
     assert got.users["viewer"] == {"dave": [["(v3.0)", 1.0]]}
     assert got.reservations == {"cad": {"eng": 2.0}}  # it reads GROUP reservations only
+
+
+def test_holds_print_as_flexnet_lingering_seats_and_filled_reservations_not_at_all() -> None:
+    status = _status()
+    cad = status["features"][0]
+    cad["holders"] = [
+        _holder(1, "ann", "ws1", ":0", 1, hold="linger", until=NOW + 300),
+        _holder(2, "bob", "ws2", ":1", 2, hold="borrow", until=NOW + 86_400),
+        _holder(3, "cyd", "ws3", ":2", 1, hold="linger", until=NOW - 5),  # its lapse is due
+    ]
+    cad["reservations"] = [
+        {"count": 2, "kind": "GROUP", "name": "eng", "unused": 0},
+        {"count": 3, "kind": "USER", "name": "mel", "unused": 2},
+    ]
+    text = render("lmstat", "1.0", [(ENTRY, status)], parse_args(["-a"], 60), CLOCK)
+    lines = [ln for ln in text.splitlines() if "(linger:" in ln or "RESERVATION" in ln]
+    # LEFT / ALL: ALL is from checkout (8:01, 8:02, 8:03) to the hold's end
+    assert lines == [
+        "\t2 RESERVATIONs for USER mel (h1.example.com/27001)",
+        "    ann ws1 :0 (v2.0) (h1.example.com/27001 1), start Mon 11/30 8:01"
+        "  (linger: 300 / 4140)",
+        "    bob ws2 :1 (v2.0) (h1.example.com/27001 2), start Mon 11/30 8:02, 2 licenses"
+        "  (linger: 86400 / 90180)",
+        "    cyd ws3 :2 (v2.0) (h1.example.com/27001 3), start Mon 11/30 8:03  (linger: 0 / 3715)",
+    ]
+    got = exporter_parse(text)
+    assert got.users["cad"] == {"ann": [["(v2.0)", 1.0]], "bob": [["(v2.0)", 2.0]],
+                                "cyd": [["(v2.0)", 1.0]]}  # fmt: skip
+    assert got.reservations == {}  # the exporter reads GROUP ones; eng's is filled
 
 
 def test_the_slurm_scripts_read_the_totals() -> None:

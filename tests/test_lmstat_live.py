@@ -1,6 +1,7 @@
 """``zbroker lmstat`` on a live triad, read by parsers written by others.
 
-A triad with holders (several users, multi-seat grants) and a queued checkout; the real
+A triad with holders (several users, multi-seat grants), an options file that RESERVEs
+seats (some filled by their holders, some unused) and a queued checkout; the real
 commands (``python -m zbroker.broker lmstat``, and ``lmutil``/``lmstat`` launchers named as a
 site's symlinks to ``zbroker-lmutil`` would be) print lmstat's text, and the parsers of
 tests/test_lmstat_parsers.py (the FlexLM exporter's, two Slurm sync tools', and
@@ -58,12 +59,32 @@ def tools(tmp_path: Path) -> Path:
     return folder
 
 
+# Of cad's 15 seats, ann's 4 hold 3 of her own (1 unused) and eng's 3 none (frank and
+# gina hold nothing); viewer keeps 1 for host ws9, which holds none, and a viewer seat
+# lingers 10 minutes after its checkin. The demo's solver is USER_BASED: an options
+# file names its users.
+OPTIONS = """\
+GROUP eng frank gina
+RESERVE 4 cad USER ann
+RESERVE 3 cad GROUP eng
+RESERVE 1 viewer HOST ws9
+LINGER viewer 600
+INCLUDE solver USER dave
+INCLUDE solver USER erin
+"""
+
+
 @pytest.fixture
-def busy(make_triad: Callable[..., Any]) -> Iterator[dict[str, Any]]:
-    """A triad with ann (3 cad), bob (2 cad), carol (1 viewer), dave (all 2 solver) and
-    erin queued for solver."""
-    triad = make_triad(servers=3, lease=10.0)
-    triad.wait_for_primary()
+def busy(make_triad: Callable[..., Any], tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A triad under OPTIONS with ann (3 cad), bob (2 cad), carol (1 viewer), dave (all 2
+    solver), erin queued for solver, and the viewer seat gina checked in lingering."""
+    options = tmp_path / "site.opt"
+    options.write_text(OPTIONS)
+    triad = make_triad(servers=3, lease=10.0, settings={"options": f'"{options}"'})
+    # With failback, the first-ranked node takes control back from whichever node led
+    # while it started (a loaded machine starts nodes slowly): the tests below compare
+    # lmstat's MASTER with the primary they read, so it must not move under them.
+    wait_for(lambda: triad.primary() == triad.names[0], 20, "the first-ranked node to lead")
     clients: list[LicenseClient] = []
 
     def client(user: str, host: str, display: str) -> LicenseClient:
@@ -75,6 +96,8 @@ def busy(make_triad: Callable[..., Any]) -> Iterator[dict[str, Any]]:
     bob = client("bob", "ws2", ":1")
     bob.checkout("cad", count=2)
     client("carol", "ws3", "/dev/pts/2").checkout("viewer")
+    gina = client("gina", "ws6", ":0")
+    gina.checkin(gina.checkout("viewer"))  # LINGER holds the seat on
     dave = client("dave", "ws4", ":0")
     solver = dave.checkout("solver", count=2)
     erin = client("erin", "ws5", ":0")
@@ -105,7 +128,7 @@ def test_the_flexlm_exporter_reads_what_the_triad_holds(busy: dict[str, Any]) ->
     assert got.features == {
         "cad": {"issued": 15.0, "used": 5.0},
         "solver": {"issued": 2.0, "used": 2.0},
-        "viewer": {"issued": 50.0, "used": 1.0},
+        "viewer": {"issued": 50.0, "used": 2.0},  # carol's and gina's lingering seat
     }
     held = {
         f["name"]: {h["user"]: h["count"] for h in f["holders"]} for f in triad.status()["features"]
@@ -124,6 +147,49 @@ def test_the_flexlm_exporter_reads_what_the_triad_holds(busy: dict[str, Any]) ->
     lines = [ln for ln in result.stdout.splitlines() if ": license server UP" in ln]
     masters = [i for i, ln in enumerate(lines) if ln.endswith("UP (MASTER) v11.19.0")]
     assert len(lines) == 3 and masters == [triad.endpoints.index(primary["endpoint"])]
+
+
+def test_parsers_read_the_unused_reservations_and_no_queued_request_as_a_holder(
+    busy: dict[str, Any], tools: Path
+) -> None:
+    triad = busy["triad"]
+    text = _zbroker_lmstat("-a", "-c", _path(triad)).stdout
+    where = next(ln for ln in text.splitlines() if "RESERVATIONs" in ln).rsplit("(", 1)[1]
+    # FlexNet's lines: the seats each reservation still keeps from others, under the
+    # feature's first pool; ann's own seats fill 3 of her 4.
+    lines = [ln for ln in text.splitlines() if "RESERVATIONs" in ln or "queued for" in ln]
+    assert lines == [
+        f"\t1 RESERVATIONs for USER ann ({where}",
+        f"\t3 RESERVATIONs for GROUP eng ({where}",
+        f"    erin ws5 :0 (v0) ({where[:-1]} {_handle(text)}) queued for 1 license",
+        f"\t1 RESERVATIONs for HOST ws9 ({where}",
+    ]
+    got = exporter_parse(text)
+    assert got.reservations == {"cad": {"eng": 3.0}}  # it reads GROUP reservations only
+    assert got.features["cad"] == {"issued": 15.0, "used": 5.0}  # reserved is not in use
+    assert {f: set(users) for f, users in got.users.items()} == {
+        "cad": {"ann", "bob"}, "solver": {"dave"}, "viewer": {"carol", "gina"}}  # fmt: skip
+    # gina's seat lingers: FlexNet's "(linger: LEFT / ALL)" on her line, read as her seat
+    (lingering,) = [ln for ln in text.splitlines() if "(linger: " in ln]
+    assert lingering.startswith("    gina ws6 :0 (v3.0) (")
+    left, every = map(int, lingering.rsplit("(linger: ", 1)[1].rstrip(")").split(" / "))
+    assert 590 <= left <= 600 <= every
+    assert vsc_parse(text)["cad"] == {"total": 15, "in_use": 5}
+    # The Slurm agent reads one feature: its reservations are no user of it, erin is none
+    # of solver's.
+    for feature, users in (("cad", [("ann", 3), ("bob", 2)]), ("solver", [("dave", 2)])):
+        one = _run([str(tools / "lmutil"), "lmstat", "-c", _path(triad), "-f", feature]).stdout
+        parsed = omnivector_parse(one)
+        assert sorted((u["username"], u["booked"]) for u in parsed["uses"]) == users  # type: ignore[attr-defined]
+        released = omnivector_3012_parse(one)
+        assert sorted((u["user_name"], u["booked"]) for u in released["uses"]) == [  # type: ignore[attr-defined]
+            u for u in users if u[1] > 1
+        ]
+
+
+def _handle(text: str) -> str:
+    line = next(ln for ln in text.splitlines() if "queued for" in ln)
+    return line.split(") queued for")[0].rsplit(" ", 1)[1]
 
 
 def test_the_exporter_reads_expiry_and_the_vendor_from_the_license_file(
@@ -176,7 +242,7 @@ def test_vsc_slurm_sync_reads_totals_through_its_fake_license_file(
     assert vsc_parse(result.stdout) == {
         "cad": {"total": 15, "in_use": 5},
         "solver": {"total": 2, "in_use": 2},
-        "viewer": {"total": 50, "in_use": 1},
+        "viewer": {"total": 50, "in_use": 2},
     }
 
 

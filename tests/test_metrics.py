@@ -19,6 +19,7 @@ from zbroker.broker.config import ConfigError, load_config
 from zbroker.broker.demo import write_demo
 from zbroker.broker.metrics import DENIAL_REASONS, LATENCY_BUCKETS, ROLES, Metrics
 from zbroker.broker.model import Now
+from zbroker.broker.tallies import CHECKIN_HOWS
 
 pytestmark = pytest.mark.unit
 
@@ -40,7 +41,10 @@ def primary_report() -> dict[str, Any]:
         "features": [
             {"name": "cad", "total": 15, "in_use": 12, "queued": 2, "versions": [
                 {"version": "2.0", "total": 10, "in_use": 8, "expires": "2026-12-30"},
-                {"version": "3.0", "total": 5, "in_use": 4, "expires": None}]},
+                {"version": "3.0", "total": 5, "in_use": 4, "expires": None}],
+             "lingering": 2, "borrowed": 1,
+             "reservations": [{"count": 3, "kind": "GROUP", "name": "eng", "unused": 1},
+                              {"count": 2, "kind": "USER", "name": "ann", "unused": 0}]},
             {"name": "solver", "total": 2, "in_use": 0, "queued": 0, "versions": [
                 {"version": "1.5", "total": 2, "in_use": 0, "expires": None}]},
         ],
@@ -61,9 +65,11 @@ def backup_report() -> dict[str, Any]:
 class FakeCore:
     """What the metrics read of a NodeCore, counting how often the report is asked for."""
 
-    def __init__(self, report: dict[str, Any], tallies: Counter[str] | None = None) -> None:
+    def __init__(
+        self, report: dict[str, Any], tallies: Counter[tuple[str, ...]] | None = None
+    ) -> None:
         self.the_report = report
-        self.tallies: Counter[str] = tallies if tallies is not None else Counter()
+        self.tallies: Counter[tuple[str, ...]] = tallies if tallies is not None else Counter()
         self.session_count = 7
         self.reports = 0
 
@@ -103,8 +109,12 @@ def test_a_primary_reports_its_node_its_peers_and_its_features() -> None:
     assert value(m, "zbroker_feature_seats_issued", **cad) == 15
     assert value(m, "zbroker_feature_seats_in_use", **cad) == 12
     assert value(m, "zbroker_feature_queued", **cad) == 2
-    assert value(m, "zbroker_feature_seats_reserved_unused", **cad) == 0
-    assert value(m, "zbroker_feature_seats_lingering", **cad) == 0
+    assert value(m, "zbroker_feature_seats_reserved_unused", **cad) == 1 + 0
+    assert value(m, "zbroker_feature_seats_lingering", **cad) == 2
+    assert value(m, "zbroker_feature_seats_borrowed", **cad) == 1
+    solver = {"feature": "solver", **node}
+    assert value(m, "zbroker_feature_seats_reserved_unused", **solver) == 0
+    assert value(m, "zbroker_feature_seats_lingering", **solver) == 0
     assert value(m, "zbroker_feature_seats_issued", feature="solver", **node) == 2
     assert value(m, "zbroker_metrics_refreshed_timestamp_seconds", **node) == NOON
 
@@ -132,7 +142,7 @@ def test_a_backup_reports_its_own_state() -> None:
     # its replica of the ledger: the same seats in use; no queue; nothing decided here
     assert value(m, "zbroker_feature_seats_in_use", feature="cad", **node) == 12
     assert value(m, "zbroker_feature_queued", feature="cad", **node) == 0
-    assert value(m, "zbroker_checkouts_total", **node) == 0
+    assert value(m, "zbroker_checkouts_total", feature="cad", **node) == 0
     # its own last (117) ahead of nobody: the primary's announced commit is past it
     assert value(m, "zbroker_replication_lag_deltas", peer="alpha", **node) == 0
 
@@ -145,18 +155,28 @@ def test_a_role_outside_the_known_ones_still_shows() -> None:
     assert all(value(m, "zbroker_node_role", node="alpha", role=r) == 0 for r in ROLES)
 
 
-def test_tallies_become_counters_with_every_known_label_from_the_start() -> None:
-    tallies = Counter({"checkout": 5, "checkin:release": 3, "checkin:expire": 1,
-                       "denied:no_seats": 4, "denied:some_new_reason": 2})  # fmt: skip
+def test_tallies_become_counters_per_feature_with_every_known_label_from_the_start() -> None:
+    tallies = Counter({("checkout", "cad"): 5, ("checkin", "release", "cad"): 3,
+                       ("checkin", "expire", "cad"): 1, ("checkin", "timeout", "solver"): 2,
+                       ("denied", "no_seats", "cad"): 4, ("denied", "new_reason", "cad"): 2,
+                       ("denied", "not_held", ""): 1, ("checkout", "gone"): 1})  # fmt: skip
     m = refreshed(FakeCore(primary_report(), tallies))
-    assert value(m, "zbroker_checkouts_total", node="alpha") == 5
-    assert value(m, "zbroker_checkins_total", node="alpha", how="release") == 3
-    assert value(m, "zbroker_checkins_total", node="alpha", how="expire") == 1
-    assert value(m, "zbroker_checkins_total", node="alpha", how="close") == 0
-    assert value(m, "zbroker_denials_total", node="alpha", reason="no_seats") == 4
-    assert value(m, "zbroker_denials_total", node="alpha", reason="some_new_reason") == 2
-    for reason in DENIAL_REASONS:
-        assert value(m, "zbroker_denials_total", node="alpha", reason=reason) is not None
+    cad, solver = {"node": "alpha", "feature": "cad"}, {"node": "alpha", "feature": "solver"}
+    assert value(m, "zbroker_checkouts_total", **cad) == 5
+    assert value(m, "zbroker_checkouts_total", **solver) == 0
+    assert value(m, "zbroker_checkouts_total", node="alpha", feature="gone") == 1
+    assert value(m, "zbroker_checkins_total", how="release", **cad) == 3
+    assert value(m, "zbroker_checkins_total", how="expire", **cad) == 1
+    assert value(m, "zbroker_checkins_total", how="close", **cad) == 0
+    assert value(m, "zbroker_checkins_total", how="timeout", **solver) == 2
+    assert value(m, "zbroker_denials_total", reason="no_seats", **cad) == 4
+    assert value(m, "zbroker_denials_total", reason="new_reason", **cad) == 2
+    assert value(m, "zbroker_denials_total", node="alpha", feature="", reason="not_held") == 1
+    for feature in (cad, solver):
+        for reason in DENIAL_REASONS:
+            assert value(m, "zbroker_denials_total", reason=reason, **feature) is not None
+        for how in CHECKIN_HOWS:
+            assert value(m, "zbroker_checkins_total", how=how, **feature) is not None
 
 
 def test_latencies_are_counted_into_cumulative_buckets() -> None:
@@ -179,21 +199,22 @@ def test_latencies_are_counted_into_cumulative_buckets() -> None:
 
 
 def test_the_loop_refreshes_at_most_once_a_second_and_scrapes_never_reach_the_core() -> None:
-    core = FakeCore(primary_report(), Counter({"checkout": 1}))
+    core = FakeCore(primary_report(), Counter({("checkout", "cad"): 1}))
     m = Metrics("alpha", ("127.0.0.1", 0), refresh_every=1.0)
-    assert value(m, "zbroker_checkouts_total", node="alpha") is None  # nothing before one
+    cad = {"node": "alpha", "feature": "cad"}
+    assert value(m, "zbroker_checkouts_total", **cad) is None  # nothing before one
     m.refresh(core, Now(10.0, NOON))
-    core.tallies["checkout"] += 1
+    core.tallies["checkout", "cad"] += 1
     for mono in (10.1, 10.5, 10.99):
         m.refresh(core, Now(mono, NOON))
     assert core.reports == 1
     for _ in range(50):  # scrapes read the snapshot; none asks the core for anything
-        assert value(m, "zbroker_checkouts_total", node="alpha") == 1
+        assert value(m, "zbroker_checkouts_total", **cad) == 1
         generate_latest(m.registry)
     assert core.reports == 1
     m.refresh(core, Now(11.0, NOON))
     assert core.reports == 2
-    assert value(m, "zbroker_checkouts_total", node="alpha") == 2
+    assert value(m, "zbroker_checkouts_total", **cad) == 2
 
 
 def test_a_feature_gone_from_the_report_is_gone_from_the_metrics() -> None:

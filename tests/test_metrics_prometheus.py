@@ -197,15 +197,18 @@ def test_prometheus_reads_a_live_triads_seats_roles_and_counters(
         until(serving, lambda seen: seen == {primary: 1.0}, f"{primary} alone serving")
         up = 'count(up{job="zbroker"} == 1)'
         until(up, lambda seen: list(seen.values()) == [3.0], "the three nodes scraped")
-        checkouts = f'zbroker_checkouts_total{{node="{primary}"}}'
+        checkouts = f'zbroker_checkouts_total{{node="{primary}", feature="cad"}}'
         until(checkouts, lambda seen: seen.get(primary, 0) >= 1, "the checkout counted")
-        denied = 'zbroker_denials_total{job="zbroker", reason="no_such_feature"}'
+        denied = (
+            'zbroker_denials_total{job="zbroker", reason="no_such_feature", '
+            'feature="no-such-feature"}'
+        )
         until(denied, lambda seen: seen.get(primary, 0) >= 1, "the denial counted")
         sessions = 'zbroker_sessions{job="zbroker"}'
         until(sessions, lambda seen: seen == dict.fromkeys(everyone, 1.0), "one session each")
         client.checkin(grant)
         until(cad, lambda seen: seen == dict.fromkeys(everyone, 0.0), "the seats back")
-        released = f'zbroker_checkins_total{{node="{primary}", how="release"}}'
+        released = f'zbroker_checkins_total{{node="{primary}", how="release", feature="cad"}}'
         until(released, lambda seen: seen.get(primary, 0) >= 1, "the checkin counted")
         latency = f'zbroker_request_latency_seconds_count{{node="{primary}"}}'
         # open, checkout, the denial, checkin: each waited for the quorum

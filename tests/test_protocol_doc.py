@@ -34,7 +34,7 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 # type is compared (the rule of the document's "Examples" section).
 VARYING = frozenset(
     {"detail", "lease", "heartbeat", "term", "last", "commit", "endpoint", "primary"}
-    | {"expires", "since", "peers"}
+    | {"expires", "since", "peers", "days", "source"}
 )
 REPLY_TIMEOUT = 5.0  # seconds: a node on loopback answers in milliseconds
 _FENCE = re.compile(r"^```(\w+) (example=[^\n]*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)

@@ -20,7 +20,7 @@ from zbroker.broker.ledger import Decided, Ledger
 from zbroker.broker.model import Entitlement, Now, Request
 from zbroker.broker.options import parse_options
 from zbroker.broker.report_stats import Report
-from zbroker.broker.reportlog import Record, derive
+from zbroker.broker.reportlog import Record, derive, settle
 from zbroker.broker.wire import PROTOCOL_VERSION, RemoteProtocolError, decode_request, pack
 from zbroker.clients.client import PROJECT_ENV, LicenseClient
 
@@ -47,8 +47,10 @@ class Desk:
 
     def commit(self, decided: list[Decided]) -> None:
         for delta, _ in decided:
-            self.records += derive(len(self.deltas) + 1, 1, delta, self.ledger)
+            records = derive(len(self.deltas) + 1, 1, delta, self.ledger)
             self.ledger.apply(delta)
+            settle(records, self.ledger)
+            self.records += records
             self.deltas.append(delta)
 
     def ask(self, op: str, sid: str, req: int, **kw: Any) -> Any:
@@ -187,9 +189,19 @@ def test_decisions_from_the_queue_say_how_long_the_checkout_waited() -> None:
     assert "waited" not in first  # decided at once: it never queued
     evs = [(r["ev"], r.get("waited")) for r in d.records if r["ev"] != "reread"]
     assert evs == [
-        ("out", None), ("in", None), ("dequeued", 3.0), ("out", None),
-        ("dequeued", 5.5), ("deny", None),
+        ("out", None), ("in", None), ("queued", None), ("dequeued", 3.0), ("out", None),
+        ("queued", None), ("dequeued", 5.5), ("deny", None),
     ]  # fmt: skip
+    # A wait is recorded once, when it ends: queued at its arrival (the decision's time
+    # less the wait), dequeued at the decision, both of the decision's index, with who.
+    queued = [r for r in d.records if r["ev"] in ("queued", "dequeued")]
+    assert [(r["ev"], r["user"], r["req"], r["feature"]) for r in queued] == [
+        ("queued", "bob", 2, "cad"), ("dequeued", "bob", 2, "cad"),
+        ("queued", "cyd", 2, "cad"), ("dequeued", "cyd", 2, "cad"),
+    ]  # fmt: skip
+    assert queued[1]["at"] - queued[0]["at"] == pytest.approx(3.0)
+    assert queued[3]["at"] - queued[2]["at"] == pytest.approx(5.5)
+    assert len({r["ix"] for r in queued[:2]}) == 1 and queued[0]["n"] + 1 == queued[1]["n"]
     f = _report(d.records).features["cad"]
     assert f.waits_n == 2 and f.wait_quantile(0.5) == pytest.approx(3.0, rel=0.05)
     assert f.wait_quantile(0.95) == pytest.approx(5.5, rel=0.05)

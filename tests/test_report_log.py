@@ -19,7 +19,7 @@ from zbroker.broker.model import Entitlement
 from zbroker.broker.report_cli import report as report_command
 from zbroker.broker.report_stats import Report
 from zbroker.broker.reportfile import Merged, ReportWriter, log_files, merge, read_stream, verify
-from zbroker.broker.reportlog import GENESIS, ReportLogError, derive, seal, unseal
+from zbroker.broker.reportlog import GENESIS, ReportLogError, derive, seal, settle, unseal
 from zbroker.broker.seats import Grant, entitlement_to_map
 
 pytestmark = pytest.mark.unit
@@ -47,9 +47,11 @@ def _run(deltas: list[dict[str, Any] | None], ledger: ViewedLedger | None = None
     led = ledger or _ledger()
     out: list[dict[str, Any]] = []
     for index, delta in enumerate(deltas, 1):
-        out += derive(index, 1, delta, led)
+        records = derive(index, 1, delta, led)
         if delta is not None:
             led.apply(delta)
+        settle(records, led)
+        out += records
     return out
 
 
@@ -131,15 +133,28 @@ def test_fields_the_deltas_will_carry_appear_when_they_do() -> None:
     led.apply(waited)
     records += derive(4, 2, denied, led)
     assert [(r["ev"], r["n"]) for r in records] == [
-        ("dequeued", 0), ("out", 1), ("dequeued", 0), ("deny", 1)
+        ("queued", 0), ("dequeued", 1), ("out", 2), ("queued", 0), ("dequeued", 1), ("deny", 2)
     ]  # fmt: skip
-    assert records[0]["waited"] == 4.5 and records[0]["feature"] == "cad"
-    assert records[3]["feature"] == "cad" and records[3]["at"] == T0 + 6
-    named = derive(9, 3, {"k": "term", "primary": "alpha", "at": T0}, led)
-    assert named[0]["primary"] == "alpha"
-    assert derive(10, 3, {"k": "borrow"}, led)[0] == {
-        "ix": 10, "n": 0, "term": 3, "ev": "unknown", "at": None, "k": "borrow"
+    assert records[1]["waited"] == 4.5 and records[1]["feature"] == "cad"
+    assert records[0]["at"] == T0 + 0.5 and records[1]["at"] == T0 + 5  # joined, decided
+    assert records[5]["feature"] == "cad" and records[5]["at"] == T0 + 6
+    assert derive(10, 3, {"k": "lend"}, led)[0] == {
+        "ix": 10, "n": 0, "term": 3, "ev": "unknown", "at": None, "k": "lend"
     }  # fmt: skip
+
+
+def test_a_new_primarys_no_op_names_it_and_an_older_one_reads_as_before() -> None:
+    led = _ledger()
+    named = derive(9, 3, {"k": "term", "primary": "alpha", "at": T0}, led)
+    assert named == [{"ix": 9, "n": 0, "term": 3, "ev": "term", "at": T0, "primary": "alpha"}]
+    led.apply({"k": "term", "primary": "alpha", "at": T0})  # a no-op for the ledger
+    assert derive(1, 1, None, led) == [
+        {"ix": 1, "n": 0, "term": 1, "ev": "term", "at": None, "primary": None}
+    ]  # fmt: skip
+    rep = Report()
+    for r in [*derive(1, 1, None, led), *named, {**named[0], "ix": 12, "primary": "beta"}]:
+        rep.add(r)
+    assert rep.terms == 3 and dict(rep.primaries) == {"alpha": 1, "beta": 1}
 
 
 def test_a_delta_that_does_not_fit_the_ledger_is_refused() -> None:
@@ -148,11 +163,18 @@ def test_a_delta_that_does_not_fit_the_ledger_is_refused() -> None:
 
 
 def test_a_sealed_line_is_its_canonical_json_with_the_hash_last() -> None:
-    line, h = seal({"ix": 1, "ev": "out", "b": "é"}, GENESIS)
-    assert line.endswith(f',"h":"{h}"}}\n') and len(h) == 32
+    record = {"ix": 1, "ev": "out", "b": "é", "at": 1795000000.25, "w": 5e-05, "l": [1, "x"]}
+    line, h = seal(record, GENESIS)
+    assert line.endswith(f',"h":"{h}"}}\n'.encode()) and len(h) == 32
     assert json.loads(line)["b"] == "é"
-    assert unseal(line[:-1]) == ('{"b":"é","ev":"out","ix":1}', h)
-    assert unseal('{"ix":1}') is None
+    body, unsealed_h = unseal(line[:-1]) or (b"", "")
+    assert unsealed_h == h and json.loads(body) == record
+    # Sorted keys, no blanks, UTF-8 as is: the json module's text, but for the notation of
+    # numbers it would write with an exponent (5e-05 here), which reads the same.
+    del record["w"]
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert seal(record, GENESIS)[0].startswith(text[:-1].encode() + b',"h":')
+    assert unseal(b'{"ix":1}') is None
 
 
 # --- files -------------------------------------------------------------------------------
@@ -417,7 +439,7 @@ def test_the_command_prints_the_tables_and_writes_csv_and_png(tmp_path: Path) ->
     assert "denials 2: no_seats 2" in result.output
     assert "seat-hours by host: h2 0.01, h1 0.01" in result.output
     assert sorted(p.name for p in out.iterdir()) == [
-        "denials.csv", "features.csv", "hours_by_host.csv", "use_by_host.png",
+        "denials.csv", "features.csv", "hours_by_host.csv", "idle_hours.csv", "use_by_host.png",
         "use_over_time.csv", "use_over_time.png",
     ]  # fmt: skip
     assert (out / "use_over_time.png").read_bytes()[:4] == b"\x89PNG"
@@ -461,8 +483,10 @@ def test_every_grant_the_ledger_decided_appears_once_out_and_once_in() -> None:
 
     def commit(decided: list[tuple[dict[str, Any], Any]]) -> None:
         for delta, reply in decided:
-            log.extend(derive(len(log) + 100, 1, delta, led))
+            records = derive(len(log) + 100, 1, delta, led)
             led.apply(delta)
+            settle(records, led)
+            log.extend(records)
             grant = reply.get("grant") if isinstance(reply, dict) else None
             if isinstance(grant, dict):
                 told.append(int(grant["id"]))

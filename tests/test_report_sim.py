@@ -46,7 +46,7 @@ def test_the_cores_report_the_same_record_for_each_index_under_faults(
         return carry_out(self, core, ready, now)
 
     monkeypatch.setattr(SimNode, "_carry_out", tapped)
-    grants = 0
+    grants = terms = 0
     for seed in range(SEEDS):
         seen.clear()
         simulation = simmod.Simulation(seed, STEPS)
@@ -56,4 +56,10 @@ def test_the_cores_report_the_same_record_for_each_index_under_faults(
             if delta is not None and delta.get("k") == "grant":
                 assert outs.get(delta["grant"]) == index, (seed, index, delta)
                 grants += 1
+        # Every term a node won by election names it, with the wall time it won at.
+        for (ix, _), r in seen.items():
+            if r["ev"] == "term":
+                assert r["primary"] in simmod.NAMES and isinstance(r["at"], float), (seed, ix, r)
+                terms += 1
     assert grants > 100  # the load flowed
+    assert terms >= SEEDS  # every run elected a primary at least once

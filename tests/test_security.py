@@ -188,7 +188,7 @@ def test_init_is_secure_by_default(tmp_path: Path) -> None:
     plain = load_config(write_demo(tmp_path / "p", secure=False))
     assert not plain.secure and plain.mode == "plain"
     assert all(n.public_key is None for n in plain.nodes)
-    assert "KEY=" not in plain.license_path.read_text()
+    assert " KEY=" not in plain.license_path.read_text()  # (BORROW_KEY= is no CURVE key)
 
 
 def test_init_cli_plain_flag(tmp_path: Path) -> None:

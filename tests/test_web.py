@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from zbroker.broker.web.app import NO_REPORT_LOG
 from zbroker.broker.web.model import (
     EXPIRY_WARNING_DAYS,
     HOLDERS_SHOWN,
@@ -210,6 +211,7 @@ class Tables(HTMLParser):
         self._row: list[str] = []
         self._marked: list[tuple[str, list[str]]] = []
         self.text: list[str] = []
+        self.charts: list[dict[str, str | None]] = []  # each chart's figure's attributes
         self.feed(html)
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -224,6 +226,8 @@ class Tables(HTMLParser):
             self._cell = []
         if tag == "span" and found.get("class"):
             self._marked.append((str(found["class"]), []))
+        if tag == "figure" and found.get("class") == "chart":
+            self.charts.append(found)
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("td", "th") and self._cell is not None:
@@ -286,9 +290,10 @@ def test_the_html_shows_the_model_and_escapes_what_clients_sent() -> None:
     assert ("muted", "(30 days left)") in seen.classes
     assert ("expiring", f"expired {_day(-2)}") in seen.classes
     assert seen.tables["queue"][1:] == [["cad", "1"]]
-    text = " ".join("".join(seen.text).split())
-    assert "Not available yet: to be drawn from the nodes' report log" in text
     assert '<meta http-equiv="refresh" content="5">' in html
+    assert "<figure" not in html  # no history given: no chart
+    noted = " ".join("".join(Tables(render_page(_page(history_note=NO_REPORT_LOG))).text).split())
+    assert "No chart of the last 24 hours: it is drawn from the nodes' report logs" in noted
 
 
 def test_the_html_of_a_triad_that_does_not_answer_yet() -> None:
@@ -343,3 +348,68 @@ def test_durations_for_a_person() -> None:
         "1 h 5 min",
         "2 d 5 h",
     ]
+
+
+def _history(quiet: bool = False) -> dict[str, Any]:
+    """A reading of the report logs: cad 1 seat for 3 buckets, a gap, then 3 (peak 4)."""
+    start = NOW - 24 * 3600
+    cad = {"average": [1.0, 1.0, 1.0, None, 3.0], "peak": [1, 1, 2, None, 4], "total": 5}
+    return {"start": start, "end": NOW, "bucket": 300.0, "quiet": quiet, "files": 2,
+            "features": {} if quiet else {"cad": cad}}  # fmt: skip
+
+
+def test_the_last_day_is_drawn_per_feature_with_its_gaps() -> None:
+    page = _page(history=_history())
+    charts = {f.name: f.history for f in page.features}
+    cad = charts["cad"]
+    assert cad is not None and cad.points == 4 and cad.top == 5 and not cad.quiet
+    assert cad.average == "M0.0 96.0 L180.0 96.0 L360.0 96.0 M720.0 48.0"  # the gap breaks it
+    assert cad.count_y == 0.0 and cad.peak.endswith("M720.0 24.0")
+    assert (cad.start, cad.end) == ("Sun 09:00", "Mon 09:00")
+    # No record of solver in the window: flat at its use now (2 of 2).
+    solver = charts["solver"]
+    assert solver is not None and solver.quiet and solver.average == "M0.0 0.0 L720.0 0.0"
+    html = render_page(page)
+    seen = Tables(html)
+    assert html.count("<figure") == 3 and 'data-feature="cad" data-points="4"' in html
+    assert 'd="M0.0 96.0 L180.0 96.0 L360.0 96.0 M720.0 48.0"' in html
+    assert "nothing changed, 2 in use all along" in " ".join("".join(seen.text).split())
+
+
+def test_a_quiet_day_draws_every_feature_flat_at_its_use_now() -> None:
+    page = _page(history=_history(quiet=True))
+    assert [(f.name, f.history.quiet, f.history.average) for f in page.features if f.history] == [
+        ("cad", True, "M0.0 72.0 L720.0 72.0"),
+        ("solver", True, "M0.0 0.0 L720.0 0.0"),
+        ("old", True, "M0.0 120.0 L720.0 120.0"),
+    ]
+
+
+def test_a_node_whose_license_is_not_the_triad_s_is_a_problem() -> None:
+    status = _status()
+    status["nodes"][1]["license"] = "license differs from the triad's: cad 2.0 has 5 seats"
+    page = _page(status)
+    assert page.nodes[1].license is not None
+    assert "node beta: license differs from the triad's: cad 2.0 has 5 seats" in page.problems
+
+
+def test_reservations_and_held_seats_are_shown() -> None:
+    status = _status()
+    cad = status["features"][0]
+    lab = {"count": 2, "kind": "HOST_GROUP", "name": "lab", "unused": 1}
+    cad |= {"lingering": 1, "borrowed": 0, "reservations": [lab]}
+    cad["holders"][1] |= {"hold": "linger", "until": NOW + 600}
+    status["features"][1]["holders"][0] |= {"sharers": [9, 12, 15]}  # a DUP_GROUP's
+    page = _page(status)
+    (reservation,) = page.features[0].reservations
+    assert (reservation.kind, reservation.name, reservation.count, reservation.unused) == (
+        "HOST_GROUP", "lab", 2, 1)  # fmt: skip
+    ann = next(h for h in page.features[0].holders if h.user == "ann")
+    assert (ann.hold, ann.until) == ("lingering", "2026-11-30 09:10")
+    seen = Tables(render_page(page))
+    features = {row[0]: row for row in seen.tables["features"][1:]}
+    assert features["cad"][4] == "1 lingering 2 reserved for host group lab, 1 unused"
+    assert features["solver"][4] == "\u2013"
+    holders = {row[1]: row for row in seen.tables["holders"][1:]}
+    assert holders["ann"][-1] == "1 min lingering until 2026-11-30 09:10"
+    assert holders["bob"][-1] == "10 min shares its seat with grants 12, 15"

@@ -4,7 +4,8 @@ Holders come from the client library, one of them with a hostile user and host n
 a third client waits in the queue. The test reads the page as Chromium built it (its
 DOM after load) and checks what a person would see there: the nodes' roles, each
 feature's use against its count, the holders, the hostile names as plain text, the
-queue.
+queue, and a chart of each feature's last 24 hours drawn from the nodes' report logs
+(the test triad keeps them: zbroker init turns them on).
 """
 
 from __future__ import annotations
@@ -104,9 +105,14 @@ def zbroker_web(tmp_path: Path, *args: str) -> Iterator[str]:
 
 @pytest.fixture
 def web(triad: Any, tmp_path: Path) -> Iterator[str]:
-    """``zbroker web --config`` for ``triad``; its URL."""
-    with zbroker_web(tmp_path, "--config", str(triad.config_path)) as url:
+    """``zbroker web --config`` for ``triad``, reading its report logs every second; its URL."""
+    with zbroker_web(tmp_path, "--config", str(triad.config_path), "--history-every", "1") as url:
         yield url
+
+
+def _y(chart: dict[str, Any], seats: int) -> float:
+    """Where the chart draws ``seats`` (broker/web/model.py: 0 at the bottom)."""
+    return round(chart["height"] * (1 - seats / chart["top"]), 1)
 
 
 def _model(url: str) -> dict[str, Any]:
@@ -140,6 +146,9 @@ def test_a_person_sees_nodes_use_holders_and_queue_in_chromium(
                 model["primary"] is not None
                 and len(features["cad"]["holders"]) == 2
                 and features["solver"]["queued"] == 1
+                # the report logs read since: cad's chart ends at its 3 seats
+                and (chart := features["cad"]["history"]) is not None
+                and chart["peak"].endswith(f" {_y(chart, 3)}")
             )
             return model if ready else None
 
@@ -166,6 +175,12 @@ def test_a_person_sees_nodes_use_holders_and_queue_in_chromium(
             ]
         )
         assert seen.tables["queue"][1:] == [["solver", "1"]]
+        # One chart per feature, with its points: what the report logs say of the last day.
+        charts = {str(c["data-feature"]): str(c["data-points"]) for c in seen.charts}
+        assert sorted(charts) == ["cad", "solver", "viewer"]
+        assert all(int(points) >= 1 for points in charts.values())
+        assert "3 / 15" in features["cad"][1] and "Use over the last 24 hours" in dom
+        assert dom.count('class="average"') == 3 and "No chart" not in dom
 
         bob.checkin(held)  # the waiter is served, and leaves the queue
         waiter.join(timeout=30)

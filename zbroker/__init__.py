@@ -23,6 +23,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what the names are, for type checkers; at run time see __getattr__
+    from zbroker.clients.borrow import BorrowToken
     from zbroker.clients.client import LicenseClient
     from zbroker.clients.errors import (
         ClientClosed,
@@ -38,6 +39,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers; at run time see __ge
     from zbroker.clients.grant import Grant, GrantState
 
 __all__ = [
+    "BorrowToken",
     "ClientClosed",
     "ClientForked",
     "Grant",
@@ -53,7 +55,12 @@ __all__ = [
 ]
 
 
-_HOMES = {"LicenseClient": "client", "Grant": "grant", "GrantState": "grant"}  # else errors
+_HOMES = {
+    "LicenseClient": "client",
+    "Grant": "grant",
+    "GrantState": "grant",
+    "BorrowToken": "borrow",
+}  # else errors
 
 
 def __getattr__(name: str) -> Any:
