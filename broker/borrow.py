@@ -4,7 +4,7 @@ A borrow is a checkout for days: a grant made in a *borrow hold* (broker/ledger.
 session record of its own that no lease expires, ended by a ``lapse`` at its ``until``
 or by a ``return``), counted against the feature, MAX and RESERVE like any grant until
 its end. The library keeps the signed token and serves checkouts of the feature from it
-while no server answers (``zbroker.clients.borrow``).
+first, asking no server, connected or not (``zbroker.clients.borrow``).
 
 Rules, in the order ``decide`` asks them (each denial has its own reason):
 
@@ -53,15 +53,17 @@ from zbroker.broker.seats import (
     Choice,
     Denial,
     Grant,
+    LedgerError,
     Pool,
     PoolKey,
     Session,
     busy_detail,
     choose,
+    field_wall,
     parse_version,
 )
 from zbroker.broker.signing import LicenseKeyError, load_private_key, write_keypair
-from zbroker.clients.borrow import Token
+from zbroker.clients.borrow import Token, when
 
 __all__ = [
     "BORROW_KEY_NAME",
@@ -269,24 +271,16 @@ def _end(
     if end <= now:
         return Denial(
             BorrowReason.BORROW_END,
-            f"the borrow would end at {_when(end)}, not after the server's time {_when(now)}: "
+            f"the borrow would end at {when(end)}, not after the server's time {when(now)}: "
             "is this computer's clock right?",
         )
     if end > longest:
         return Denial(
             BorrowReason.BORROW_END,
-            f"the borrow would end at {_when(end)}, after the longest borrow of {limit:g} "
-            f"hours ({why}) ends at {_when(longest)} by the server's clock",
+            f"the borrow would end at {when(end)}, after the longest borrow of {limit:g} "
+            f"hours ({why}) ends at {when(longest)} by the server's clock",
         )
     return Lent(pool, end)
-
-
-def _when(wall: float) -> str:
-    try:
-        at = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
-    except (OverflowError, OSError, ValueError):
-        return f"{wall:.0f} s"
-    return at.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # ---------------------------------------------------------------- the key and the token
@@ -331,6 +325,32 @@ def facts(delta: dict[str, Any], session: Session) -> dict[str, Any]:
         "end": delta["borrow"],
         "grant": delta["grant"],
     }
+
+
+def borrowed(d: dict[str, Any], session: Session) -> tuple[float, dict[str, Any]] | None:
+    """The end and token of a grant delta made as a borrow by ``session``; None for a
+    plain grant. ``apply`` asks this before it changes anything: LedgerError names the
+    field that is wrong. The token (the facts, signed or not) must be the grant's own:
+    one that names other facts would serve a laptop what the triad does not count."""
+    what = f"grant delta {d.get('grant')!r:.20}"
+    if "borrow" not in d:
+        if "token" in d:
+            raise LedgerError(f"{what}: a token, but no 'borrow' end")
+        return None
+    until, at = field_wall(d, "borrow"), field_wall(d)
+    if until <= at:
+        raise LedgerError(f"{what}: borrow end {until} is not after the grant's time {at}")
+    if "reclaims" in d or "dup" in d:
+        raise LedgerError(f"{what}: a borrow neither reclaims a lingering seat nor shares one")
+    token = d.get("token", {})
+    if not isinstance(token, dict):
+        raise LedgerError(f"{what}: field 'token' must be a map")
+    if token:
+        own = {**facts(d, session), "start": at, "end": until}
+        wrong = [k for k, v in own.items() if token.get(k) != v]
+        if wrong:
+            raise LedgerError(f"{what}: the token's {', '.join(wrong)} differ from the borrow's")
+    return until, token
 
 
 def sign_facts(key: Ed25519PrivateKey, unsigned: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,14 @@ from typing import Any
 
 import click
 
-from zbroker.broker.cli import _CONFIG_ERRORS, EXIT_REFUSED, _fail, _version, config_option
+from zbroker.broker.cli import (
+    _CONFIG_ERRORS,
+    EXIT_REFUSED,
+    _fail,
+    _version,
+    client_key_option,
+    config_option,
+)
 from zbroker.broker.config import load_config
 from zbroker.broker.wire import MAX_BORROW_HOURS, MAX_COUNT
 
@@ -75,13 +82,7 @@ class Hours(click.ParamType):
 @click.option("--version", "min_version", default=None, callback=_version, help="minimum version")
 @click.option("--return", "give_back", is_flag=True, help="return the borrow of FEATURE early")
 @click.option("--list", "listing", is_flag=True, help="list the borrowed seats this user holds")
-@click.option(
-    "--key",
-    "key_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="this client's CURVE secret key (default $ZBROKER_CLIENT_KEY, else a fresh one)",
-)
+@client_key_option
 def borrow(
     feature: str | None,
     config_path: str,
@@ -97,7 +98,7 @@ def borrow(
 
     The triad counts a borrowed seat until its end through any failover or restart;
     this computer keeps the signed token, and checkouts of FEATURE are served from it
-    while no server answers. Exit 1 when refused (the reason is printed).
+    first, with or without a server in reach. Exit 1 when refused (the reason is printed).
     """
     from zbroker.clients.client import LicenseClient
     from zbroker.clients.errors import LicenseError as ClientError

@@ -140,6 +140,26 @@ config_option = click.option(
 )
 
 
+def ask_timeout_option(default: float, what: str = "for the nodes' answers") -> Any:
+    """``--timeout``: the seconds a command waits on the nodes (``what`` it waits for)."""
+    return click.option(
+        "--timeout",
+        type=Seconds(Range(0.0, MAX_ASK, low_open=True)),
+        default=default,
+        show_default=True,
+        help=f"seconds to wait {what}",
+    )
+
+
+client_key_option = click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="this client's CURVE secret key (default $ZBROKER_CLIENT_KEY, else a fresh one)",
+)
+
+
 admin_key_option = click.option(
     "--key",
     "key_path",
@@ -311,13 +331,7 @@ def up(config_path: str) -> None:
 @main.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option(
-    "--timeout",
-    type=Seconds(Range(0.0, MAX_ASK, low_open=True)),
-    default=1.0,
-    show_default=True,
-    help="seconds to wait for the nodes' answers",
-)
+@ask_timeout_option(1.0)
 @click.option(
     "--holders/--summary",
     default=True,
@@ -491,13 +505,7 @@ def lmstat(args: tuple[str, ...]) -> None:
     show_default=True,
     help="seconds to hold the grant before checking it in",
 )
-@click.option(
-    "--key",
-    "key_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="this client's CURVE secret key (default $ZBROKER_CLIENT_KEY, else a fresh one)",
-)
+@client_key_option
 def checkout(
     feature: str,
     config_path: str,
@@ -538,13 +546,7 @@ def checkout(
 @config_option
 @click.option("--node", "only", multiple=True, help="stop only this node (repeatable)")
 @admin_key_option
-@click.option(
-    "--timeout",
-    type=Seconds(Range(0.0, MAX_ASK, low_open=True)),
-    default=5.0,
-    show_default=True,
-    help="seconds to wait until every node asked has stopped",
-)
+@ask_timeout_option(5.0, "until every node asked has stopped")
 def down(config_path: str, only: tuple[str, ...], key_path: str | None, timeout: float) -> None:
     """Stop the triad's nodes cleanly, as FlexLM's lmdown does.
 
@@ -584,13 +586,7 @@ def down(config_path: str, only: tuple[str, ...], key_path: str | None, timeout:
 @main.command()
 @config_option
 @admin_key_option
-@click.option(
-    "--timeout",
-    type=Seconds(Range(0.0, MAX_ASK, low_open=True)),
-    default=5.0,
-    show_default=True,
-    help="seconds to wait for the nodes' answers",
-)
+@ask_timeout_option(5.0)
 def reread(config_path: str, key_path: str | None, timeout: float) -> None:
     """Make every node read its license and options files again, as FlexLM's lmreread.
 
@@ -625,13 +621,7 @@ def reread(config_path: str, key_path: str | None, timeout: float) -> None:
 @click.option("--feature", default="", help="only grants of this feature")
 @click.option("--grant", type=click.IntRange(1, MAX_REQ), default=None, help="take this grant only")
 @admin_key_option
-@click.option(
-    "--timeout",
-    type=Seconds(Range(0.0, MAX_ASK, low_open=True)),
-    default=5.0,
-    show_default=True,
-    help="seconds to wait for the nodes' answers",
-)
+@ask_timeout_option(5.0)
 def remove(
     config_path: str,
     user: str,

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
@@ -57,7 +58,7 @@ from zbroker.broker.seats import day_of
 from zbroker.broker.served import OwnLicense, Verdict, judge, same_lines
 from zbroker.broker.status_reply import StatusReplies
 from zbroker.broker.storage import Loaded
-from zbroker.broker.tallies import Tallies
+from zbroker.broker.tallies import CHECKINS, Tallies
 from zbroker.broker.wire import (
     MAX_TEXT,
     RemoteProtocolError,
@@ -82,8 +83,16 @@ log = logging.getLogger("zbroker.node")
 
 TICK = 0.01  # seconds between replica ticks: well under heartbeat_interval
 LEDGER_TICK = 0.05  # lease expiry and queue deadlines need no finer grain
+EXPIRY_TICK = 1.0  # the expiry warnings are per day: a look a second is plenty
 _UNAVAILABLE: Reply = {"status": "unavailable", "detail": "this node just lost control"}
 _FREES_SEATS = frozenset({"release", "close", "expire", "return", "take", "lapse"})
+
+
+def _same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """Whether two readings hold the very same objects: the ledger and the node replace
+    what they read (license, options), never change it in place, so the same objects
+    mean nothing changed (and no ``==`` walks every line to say so)."""
+    return len(a) == len(b) and all(map(operator.is_, a, b))
 
 
 class Origin(Protocol):
@@ -239,6 +248,7 @@ class NodeCore:
         self._own = OwnLicense(str(config.license_path), entitlements, signed, vendor_key)
         self.verdict = Verdict()  # whether it vouches for the triad's license (``_judge``)
         self._judged: tuple[object, ...] = ()  # what the verdict was judged on
+        self._reload_checked: tuple[object, ...] = ()  # what ``_reload`` last compared
         self._reread_asked = False  # a reread to act on: as primary, or hearing none (reread)
         self._expiry = ExpiryWarnings()  # the 30/14/7-day warnings logged (broker/expiry.py)
         self.endpoints = {n.name: n.client for n in config.nodes}
@@ -297,6 +307,7 @@ class NodeCore:
         self._serving_at = math.nan  # is_serving held at this reading, no replica event since
         self._unapplied: list[rp.Entry] = []  # committed on a backup, applied in advance()
         self._next_ledger_tick = now.mono
+        self._next_expiry_tick = now.mono
         # The replica's effects from its construction (a single server's start) come with
         # its first entry point: take them now, before any request is decided.
         self._next_tick = now.mono + TICK
@@ -436,10 +447,25 @@ class NodeCore:
         )
 
     def _reload(self, now: Now) -> Delta | None:
-        """The reload a serving primary replicates now, if any: its own files when they
-        differ from the triad's after a reread on it, on a brand-new triad (a ledger
-        without entitlements) or alone; and an older node's reload again with its signed
-        lines when this node's file has exactly its entitlements."""
+        """The reload a serving primary replicates now, if any (``_reload_of``). Looked
+        for again only when the ledger's license or this node's files change (by
+        identity), or after a reread, not every tick: a single server would compare every
+        line's map with the ledger's 20 times a second (scripts/ab_instructions.py)."""
+        ledger = self.ledger
+        on = (ledger.entitlements, ledger.license_lines, ledger.options, self._own, self.options)
+        if not self._reread_asked and _same_objects(on, self._reload_checked):
+            return None
+        reload = self._reload_of(now)
+        # Only "nothing to replicate" is remembered: a reload that is then dropped (lost
+        # control) may leave the very same objects (an empty ledger's), to be tried again.
+        self._reload_checked = on if reload is None else ()
+        return reload
+
+    def _reload_of(self, now: Now) -> Delta | None:
+        """Its own files when they differ from the triad's after a reread on it, on a
+        brand-new triad (a ledger without entitlements) or alone; and an older node's
+        reload again with its signed lines when this node's file has exactly its
+        entitlements."""
         ledger, own = self.ledger, self._own
         if self._reread_asked or not self.peers or not ledger.entitlements:
             self._reread_asked = False
@@ -467,10 +493,9 @@ class NodeCore:
     def _judge(self) -> Verdict:
         """Whether this node vouches for the triad's license (broker/served.py); judged
         again only when the ledger's license or this node's files change (by identity)."""
-        ledger = self.ledger
+        ledger = self.applied.ledger  # every replica tick: not through the property
         on = (ledger.entitlements, ledger.license_lines, ledger.options, self._own, self.options)
-        judged = self._judged
-        if len(on) != len(judged) or any(a is not b for a, b in zip(on, judged, strict=False)):
+        if not _same_objects(on, self._judged):
             self._judged = on
             verdict = judge(self.me.name, self._own, self.options, *on[:3])
             if verdict != self.verdict:
@@ -511,7 +536,9 @@ class NodeCore:
         if now.mono >= self._next_tick:
             self._next_tick = now.mono + TICK
             self._judge()  # before the replica's tick: it stands for election or not
-            self._expiry_warnings(now)
+            if now.mono >= self._next_expiry_tick:
+                self._next_expiry_tick = now.mono + EXPIRY_TICK
+                self._expiry_warnings(now)
             self._take(self.replica.on_tick(now.mono), now)
 
     def _give_up(self, exc: Unappliable) -> None:
@@ -651,12 +678,14 @@ class NodeCore:
                 reply["token"] = delta["token"]
         # The report's records, from the ledger before the delta, as a backup derives them.
         records = self._derive(0, 0, delta) if self._reporting else None
-        self._tallies.decided(len(self._batch), delta, self.applied.ledger)
+        kind = delta["k"]
+        if kind in CHECKINS:  # the features it checks in, read before it applies
+            self._tallies.decided(len(self._batch), delta, self.applied.ledger)
         self.applied.ledger.apply(delta)
         if records is not None:
             settle(records, self.applied.ledger)  # seats in use after it
             self._batch_records.append(records)
-        if delta["k"] in _FREES_SEATS:
+        if kind in _FREES_SEATS:
             self._next_ledger_tick = now.mono  # waiters may fit now: tick at this cycle's end
         if not self._batch:
             self._batch_now = now
@@ -782,9 +811,8 @@ class NodeCore:
             self._apply(effect.entries)
             if self._pending:
                 self._release_reports(effect.upto)
-            term = self.replica.term
             # Counted once, by the primary that decided it (entries of its own term).
-            self._tallies.committed(e for e in effect.entries if e.term == term)
+            self._tallies.committed(effect.entries, self.replica.term)
         else:
             # A backup's acknowledgement of this cycle's appends need not wait for its
             # ledger: apply after the sends (advance). Anything that reads the ledger

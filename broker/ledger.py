@@ -309,6 +309,8 @@ class Ledger:
     def _apply_grant(self, d: Delta) -> None:
         session, req, ack = self._answerable(d)
         g = grant_from(d)
+        # checked before anything changes; a plain grant (the hot path) makes no call
+        lent = borrow.borrowed(d, session) if "borrow" in d or "token" in d else None
         if g.id != self._next_grant:
             raise LedgerError(f"grant delta: id {g.id} is not next_grant {self._next_grant}")
         key = g.pool_key
@@ -338,9 +340,9 @@ class Ledger:
         if session.idle_since is not None:
             self._idle.went_idle(session)  # a grant that may time out: watch it again
         reply = g.reply()
-        if "borrow" in d:  # made in a borrow hold; the borrower's reply carries the token
-            self._hold(g.id, "borrow", field_wall(d, "borrow"), session, g.at)
-            reply["token"] = copy.deepcopy(_token_of(d))
+        if lent is not None:  # made in a borrow hold; the borrower's reply carries the token
+            self._hold(g.id, "borrow", lent[0], session, g.at)
+            reply["token"] = copy.deepcopy(lent[1])
         self._record(session, req, ack, reply)
 
     def _apply_idle(self, d: Delta) -> None:
@@ -630,6 +632,9 @@ class Ledger:
         if request.op == "checkin":
             if request.grant in session.grants:
                 released = {"k": "release", **ids, "grant": request.grant, "at": now.wall}
+                # Report-only: the metrics count a checkin per feature from the committed
+                # delta, the grant being gone by then (broker/tallies.py).
+                released["feature"] = self._grants[request.grant].feature
                 if self._policy is not None:  # without options nothing lingers: the hot path
                     linger = self._linger(request.grant)
                     if linger is not None:
@@ -1221,13 +1226,6 @@ def _lingers(d: Delta, session: Session) -> list[tuple[int, float, float]]:
     return out
 
 
-def _token_of(d: Delta) -> dict[str, Any]:
-    token = d.get("token", {})
-    if not isinstance(token, dict):
-        raise LedgerError("grant delta: field 'token' must be a map")
-    return token
-
-
 def _principal(session: Session) -> Principal:
     return Principal(session.user, session.host, session.display, session.address, session.project)
 
@@ -1269,8 +1267,11 @@ def _answer(ids: Delta, reply: Reply, at: float, asked: Delta | None = None) -> 
 
 def _asked(request: Request, waited: float | None = None) -> Delta:
     """What a denied checkout asked for, and how long it waited in the queue (when it
-    did): the report log names the feature of a denial and reports queue waits."""
+    did): the report log names the feature of a denial and reports queue waits. A
+    borrow's or return's also names its op (a checkout's stays as small as it was)."""
     asked: Delta = {"feature": request.feature, "count": request.count}
+    if request.op in ("borrow", "return"):
+        asked["op"] = request.op
     if request.version is not None:
         asked["version"] = request.version
     if waited is not None:

@@ -30,7 +30,8 @@ Records (schema ``SCHEMA``; docs/reportlog.md is the reference):
   ``reclaimed`` by its user; ``return``: a borrowed seat came back, ``returned`` early
   (a ``return`` delta) or ``lapsed`` at the borrow's end.
 - ``deny``: a request answered ``denied`` (an ``answer`` delta): one per request id,
-  since a retry is answered from the recorded reply and makes no delta.
+  since a retry is answered from the recorded reply and makes no delta. Its ``op`` is
+  the delta's own for a borrow or return, else ``checkin`` (``not_held``) or ``checkout``.
 - ``queued`` and ``dequeued``: before the ``out`` or ``deny`` of a checkout that waited
   in the queue (its delta's ``waited``): ``queued`` at the time it joined the queue,
   ``dequeued`` at the decision. The queue is the primary's alone (not replicated), so a
@@ -67,7 +68,8 @@ Delta = dict[str, Any]
 
 _RELEASE_REASONS = frozenset({"checkin", "timeout", "removed", "linger"})
 _TAKE_REASONS = frozenset({"timeout", "removed"})
-_NOT_HELD = "not_held"  # the one denial of a checkin; every other is a checkout's
+_NOT_HELD = "not_held"  # the one denial of a checkin; others a checkout's, unless ``op``
+_ASKED_OPS = frozenset({"borrow", "return"})  # ops a denial's delta names (``op``)
 _LINGER = "linger"  # Session.hold of a lingering seat; "borrow" of a borrowed one
 
 
@@ -314,10 +316,13 @@ def _deny(delta: Delta, ledger: LedgerView) -> list[Record]:
     session = _session(delta, ledger)
     at = _at(delta)
     reason = str(reply.get("reason"))
+    op = delta.get("op")  # a borrow's or return's; a checkout's or checkin's names none
+    if op not in _ASKED_OPS:
+        op = "checkin" if reason == _NOT_HELD else "checkout"
     record: Record = {
         "ev": "deny",
         "at": at,
-        "op": "checkin" if reason == _NOT_HELD else "checkout",
+        "op": op,
         "reason": reason,
         "detail": str(reply.get("detail", "")),
         "req": delta.get("req"),

@@ -6,13 +6,17 @@ feature)`` and ``("denied", reason, feature)``. A decision counts once it commit
 the primary that decided it, as the report log's records go out (a proposal a
 failover drops was never done).
 
-A checkout (``grant``) and a denial (``answer`` with a denial: a checkout's names its
-feature) say their feature in the delta. A checkin does not: ``release``, ``return``
-and ``take`` name a grant, ``close`` and ``expire`` a session, and once applied (the
-primary applies at once) the ledger no longer knows the grant. So ``decided`` reads
-the features of the grants a delta checks in from the ledger before it applies,
-``proposed`` files them under their log indexes, and ``committed`` counts them when
-their entries commit. How a grant came back: ``release`` (checked in), ``close``
+A checkout (``grant``), a denial (``answer`` with a denial: a checkout's names its
+feature) and a checkin (``release``: the ledger adds its grant's feature, report-only,
+because this is the hot path) say their feature in the delta, and are counted from it
+when they commit. The rarer checkins do not: ``return`` and ``take`` name a grant,
+``close`` and ``expire`` a session, and once applied (the primary applies at once) the
+ledger no longer knows the grant. So for those kinds (``CHECKINS``) ``decided`` reads
+the features of the grants from the ledger before the delta applies, ``proposed`` files
+them under their log indexes, and ``committed`` counts them when their entries commit.
+Only the entries of the primary's own term count: whatever a primary proposed and did
+not see commit before its role changed is another term's to commit or drop. How a grant
+came back: ``release`` (checked in), ``close``
 (its session closed), ``expire`` (its session's lease ran out), ``return`` (a borrow
 returned early), ``timeout`` and ``removed`` (``take``: idle past TIMEOUT, or
 ``zbroker remove``). A lingering seat's end (``lapse``) is no checkin: the checkin
@@ -33,7 +37,10 @@ from zbroker.peers.types import Entry
 # Every way a grant comes back, as the counters label it (metrics list them all from
 # the start: a series that appears at its first increment hides it from rate()).
 CHECKIN_HOWS = ("release", "close", "expire", "return", "timeout", "removed")
-_BY_KIND = {"release": "release", "close": "close", "expire": "expire", "return": "return"}
+# The kinds of delta that check grants in without naming their features: the core calls
+# ``decided`` for these alone, so a checkout or a checkin costs no call here (their
+# deltas name the feature; scripts/ab_instructions.py measured the calls).
+CHECKINS = frozenset({"close", "expire", "return", "take"})
 _BY_SESSION = frozenset({"close", "expire"})
 Key = tuple[str, ...]
 
@@ -43,31 +50,29 @@ class Tallies:
 
     def __init__(self) -> None:
         self.counts: Counter[Key] = Counter()
-        self._batch: list[tuple[int, list[Key]]] = []  # (position in the batch, checkins)
-        self._proposed: dict[int, list[Key]] = {}  # log index -> checkins, until it commits
+        # (position in the batch, how, the features of the grants it checks in)
+        self._batch: list[tuple[int, str, list[str]]] = []
+        self._proposed: dict[int, tuple[str, list[str]]] = {}  # log index -> until it commits
 
     def decided(self, position: int, delta: dict[str, Any], ledger: Ledger) -> None:
-        """``delta``, the ``position``-th of the batch being decided, is about to apply:
-        keep the features of the grants it checks in."""
+        """``delta``, the ``position``-th of the batch being decided, of a kind in
+        ``CHECKINS``, is about to apply: keep the features of the grants it checks in."""
         kind = delta["k"]
-        how = delta.get("reason") if kind == "take" else _BY_KIND.get(kind)
-        if how is None:
-            return
         if kind in _BY_SESSION:
             session = ledger.session(str(delta.get("sid")))
             gids: Iterable[int] = session.grants if session is not None else ()
-        else:
-            gids = (delta.get("grant"),)  # type: ignore[assignment]
-        keys: list[Key] = [
-            ("checkin", str(how), g.feature) for gid in gids if (g := ledger.grant(gid))
-        ]
-        if keys:
-            self._batch.append((position, keys))
+            features = [g.feature for gid in gids if (g := ledger.grant(gid))]
+        else:  # one grant: return, take
+            g = ledger.grant(delta.get("grant"))  # type: ignore[arg-type]
+            features = [g.feature] if g is not None else []
+        if features:
+            how = str(delta.get("reason")) if kind == "take" else kind
+            self._batch.append((position, how, features))
 
     def proposed(self, indexes: list[int]) -> None:
         """The batch went out as the entries ``indexes`` (one per delta, in order)."""
-        for position, keys in self._batch:
-            self._proposed[indexes[position]] = keys
+        for position, how, features in self._batch:
+            self._proposed[indexes[position]] = (how, features)
         self._batch.clear()
 
     def dropped(self) -> None:
@@ -80,21 +85,26 @@ class Tallies:
         self._batch.clear()
         self._proposed.clear()
 
-    def committed(self, entries: Iterable[Entry]) -> None:
-        """Count the decisions of ``entries``, entries of this primary's own term."""
+    def committed(self, entries: Iterable[Entry], term: int) -> None:
+        """Count the decisions of ``entries`` of this primary's own ``term`` (another
+        term's entries were decided, and counted, by the primary of that term)."""
         counts, proposed = self.counts, self._proposed
         for e in entries:
             delta = e.delta
-            if delta is None:
+            if delta is None or e.term != term:
                 continue
             kind = delta["k"]
             if kind == "grant":
-                counts["checkout", str(delta.get("feature"))] += 1
+                counts["checkout", delta["feature"]] += 1  # every grant delta names it
             elif kind == "answer":
                 reason = delta["reply"].get("reason")
                 if reason is not None:  # a denial (no other reply has a reason)
                     counts["denied", str(reason), str(delta.get("feature", ""))] += 1
+            elif kind == "release":  # it names its grant's feature (ledger.handle)
+                counts["checkin", "release", delta["feature"]] += 1
             elif proposed:
-                keys = proposed.pop(e.index, None)
-                if keys is not None:
-                    counts.update(keys)
+                checked_in = proposed.pop(e.index, None)
+                if checked_in is not None:
+                    how, features = checked_in
+                    for feature in features:  # not Counter.update: a list costs an abc check
+                        counts["checkin", how, feature] += 1

@@ -244,13 +244,7 @@ def decode_request(data: bytes) -> Request:
     elif op == "checkout":
         common["feature"] = fields.text("feature", max_len=MAX_TEXT, min_len=1)
         common["count"] = fields.integer("count", 1, MAX_COUNT, default=1)
-        version = fields.optional_text("version", max_len=MAX_VERSION)
-        if version is not None:
-            try:
-                check_version(version)
-            except ValueError as exc:
-                raise RemoteProtocolError(ErrorCode.BAD_REQUEST, str(exc), sid, req) from None
-        common["version"] = version
+        common["version"] = _min_version(fields, sid, req)
         common["wait"] = fields.optional_seconds("wait")
         if "dup" in fields.obj or "vendor_string" in fields.obj:  # DUP_GROUP (broker/dup.py)
             common["dup"] = fields.dup_mask("dup")
@@ -263,16 +257,21 @@ def decode_request(data: bytes) -> Request:
         common["feature"] = fields.text("feature", max_len=MAX_TEXT, min_len=1)
         if op == "borrow":
             common["count"] = fields.integer("count", 1, MAX_COUNT, default=1)
-            version = fields.optional_text("version", max_len=MAX_VERSION)
-            if version is not None:
-                try:
-                    check_version(version)
-                except ValueError as exc:
-                    raise RemoteProtocolError(ErrorCode.BAD_REQUEST, str(exc), sid, req) from None
-            common["version"] = version
+            common["version"] = _min_version(fields, sid, req)
             common["until"] = fields.optional_number("until", 0.0, MAX_WALL)
             common["hours"] = fields.optional_number("hours", 0.0, MAX_BORROW_HOURS)
     return Request(**common)
+
+
+def _min_version(fields: _Fields, sid: object, req: object) -> str | None:
+    """A checkout's or borrow's optional minimum version, checked as the ledger parses it."""
+    version = fields.optional_text("version", max_len=MAX_VERSION)
+    if version is not None:
+        try:
+            check_version(version)
+        except ValueError as exc:
+            raise RemoteProtocolError(ErrorCode.BAD_REQUEST, str(exc), sid, req) from None
+    return version
 
 
 # The latest wall time a borrow may ask for (31-dec-9999, a license date's range) and

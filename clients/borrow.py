@@ -3,8 +3,9 @@
 A borrow (docs/admin.md, "Borrowing") is a grant that no lease expires, counted on the
 triad until its end. When it commits, the primary signs its facts with the triad's
 *borrow key* (Ed25519, made by ``zbroker init`` and held by all three nodes) and the
-library keeps the token in the user's data directory, so that a checkout of the feature
-can be served from it while no server of the license path answers.
+library keeps the token in the user's data directory. A checkout of the feature that the
+token covers is served from it first, asking no server, connected or not: the triad
+counts the seat for the borrow already, and offline no server would answer.
 
 Token. A msgpack-free JSON map (a person may read the file)::
 
@@ -166,16 +167,17 @@ def refusal(
             f"{token.host!r}, not {user!r} on {host!r}"
         )
     if now >= token.end:
-        return f"borrow token of {token.feature} ended at {_when(token.end)}"
+        return f"borrow token of {token.feature} ended at {when(token.end)}"
     if now < token.start:
         return (
-            f"borrow token of {token.feature} starts at {_when(token.start)}, after this "
+            f"borrow token of {token.feature} starts at {when(token.start)}, after this "
             "computer's time: is its clock right?"
         )
     return None
 
 
-def _when(wall: float) -> str:
+def when(wall: float) -> str:
+    """``wall`` as a person reads it in a refusal (UTC), whatever its range."""
     try:
         at = datetime.datetime.fromtimestamp(wall, tz=datetime.UTC)
     except (OverflowError, OSError, ValueError):

@@ -187,6 +187,9 @@ class LicenseClient:
         ``dup``: share one seat with checkouts that match under this DUP_GROUP mask
         (``"UHD"``, ``"SITE"``, ...; docs/client.md) when the license line sets none;
         ``vendor_string``: what the mask's ``V`` compares.
+        A borrowed seat serves first: with a valid borrow token of the feature that covers
+        ``count`` and ``version``, the grant comes from it at once and no server is asked
+        (``grant.borrowed_until``; docs/client.md, "Borrowing").
         Raises LicenseDenied, LicenseUnavailable, OutcomeUnknown, LeaseLost, ClientClosed.
         """
         if not isinstance(feature, str) or not feature:
@@ -199,6 +202,11 @@ class LicenseClient:
             raise ValueError(f"wait must be >= 0 seconds or None, not {wait!r}")
         grouping = _grouping(dup, vendor_string)
         self._check_usable()
+        # A borrowed seat serves first, as in FlexNet: the triad already counts it for the
+        # borrow (asking again would take a second seat) and offline no server answers.
+        borrowed = self._from_token(feature, count, version)
+        if borrowed is not None:
+            return borrowed
         queue_time = float(wait) if wait is not None else 0.0
 
         def start(link: Link, fut: Future[Any], now: float, deadline: float) -> None:
@@ -207,20 +215,10 @@ class LicenseClient:
                 deadline=deadline, grouping=grouping,
             )  # fmt: skip
 
-        try:
-            grant: Grant = self._over_path(
-                timeout, queue_time, start, (LicenseDenied, LicenseUnavailable, OutcomeUnknown)
-            )
-            return grant
-        except LicenseUnavailable as exc:
-            unavailable = exc
-        try:  # no server answers: a borrowed seat serves, if there is one
-            borrowed = self._from_token(feature, count, version)
-        except (LicenseError, OSError):  # e.g. no descriptor left: the first cause stands
-            borrowed = None
-        if borrowed is None:
-            raise unavailable
-        return borrowed
+        grant: Grant = self._over_path(
+            timeout, queue_time, start, (LicenseDenied, LicenseUnavailable, OutcomeUnknown)
+        )
+        return grant
 
     def set_idle(self, idle: bool = True, timeout: float | None = None) -> None:
         """Tell the triads the application is idle (``True``) or busy again (``False``),
@@ -369,11 +367,22 @@ class LicenseClient:
         return out
 
     def _from_token(self, feature: str, count: int, version: str | None) -> Grant | None:
-        """A grant served from a borrow token (``Grant.borrowed_until``), or None."""
-        floor = parse_version(version) if version is not None else None
-        for token in self._usable(feature):
+        """A grant served from a borrow token (``Grant.borrowed_until``), or None: no token
+        of ``feature`` covers ``count`` seats at ``version`` for this user and host now."""
+        try:
+            usable = self._usable(feature)
+        except (LicenseError, OSError) as exc:  # e.g. no descriptor left: the servers decide
+            log.debug("borrow tokens of %s not read: %s", feature, exc)
+            return None
+        if not usable:
+            return None
+        try:
+            floor = parse_version(version) if version is not None else None
+        except ValueError:
+            return None  # the servers answer it, saying what is wrong with it
+        for token in usable:
             if token.count >= count and (floor is None or parse_version(token.version) >= floor):
-                log.info("no server answers: %s served from its borrow token", feature)
+                log.info("%s served from its borrow token, without asking a server", feature)
                 return Grant(
                     self, id=token.grant, feature=token.feature, version=token.version,
                     count=count, triad=(), entry=-1, session="", borrowed_until=token.end,
@@ -382,6 +391,9 @@ class LicenseClient:
 
     def checkin(self, grant: Grant, timeout: float | None = None) -> None:
         """Return a grant's seats. Checking in a released or lost grant does nothing.
+
+        A grant served from a borrow token is only marked released: the borrow holds its
+        seat on the triad until its end or ``return_borrow``, whatever the application does.
 
         Raises LicenseUnavailable (still held; try again), OutcomeUnknown (the library
         keeps re-sending the checkin), LicenseDenied(``not_held``), ClientClosed.

@@ -8,12 +8,15 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from zbroker import LicenseClient
 from zbroker.broker import borrow
 from zbroker.broker.borrow import BorrowReason, Lent, sign, sign_facts
 from zbroker.broker.ledger import Ledger
@@ -362,6 +365,54 @@ def test_a_return_delta_must_name_a_borrow_of_the_user() -> None:
         led.apply({"k": "return", "sid": "s1", "req": 3, "ack": 0, "grant": 1, "at": WALL})
 
 
+def _lingering() -> tuple[Ledger, dict[str, object]]:
+    """A ledger where ann holds one cad seat and lingers another, and the grant delta of
+    her borrow as the primary would decide it (signed)."""
+    led = Ledger(
+        LINES, lease=30.0, heartbeat=10.0, options=parse_options("LINGER cad 600\n", path="o.opt")
+    )
+    opened(led, "s1")
+    run(led, Request("checkout", sid="s1", req=2, feature="cad"))
+    run(led, Request("checkout", sid="s1", req=3, feature="cad"))
+    run(led, Request("checkin", sid="s1", req=4, grant=2))  # lingers until WALL + 600
+    assert led.holds()[0].hold == "linger"
+    out = led.handle(Request("borrow", sid="s1", req=5, feature="cad", hours=2), Now(1.0, WALL))
+    ((delta, _),) = out.decided
+    delta["token"] = sign_facts(KEY, delta["token"])
+    return led, delta
+
+
+@pytest.mark.parametrize(
+    ("what", "change", "facts", "why"),
+    [
+        ("an end that is no time", {"borrow": "soon"}, {}, "'borrow' must be a finite number"),
+        ("an infinite end", {"borrow": float("inf")}, {}, "'borrow' must be a finite number"),
+        ("an end before its start", {"borrow": WALL - 1}, {}, "is not after"),
+        ("a token that is no map", {"token": ["a", "list"]}, {}, "'token' must be a map"),
+        ("another grant's token", {}, {"grant": 99}, "the token's grant differ"),
+        ("a later end in the token", {}, {"end": WALL + 9 * HOUR}, "the token's end differ"),
+        ("another host's token", {}, {"host": "desk"}, "the token's host differ"),
+        ("a token without a borrow", {"borrow": None}, {}, "a token, but no 'borrow' end"),
+        ("a borrow that reclaims", {"reclaims": 2}, {}, "neither reclaims"),
+        ("a borrow that shares a seat", {"dup": "ann|lap"}, {}, "neither reclaims"),
+    ],
+)
+def test_a_malformed_borrow_delta_changes_nothing(
+    what: str, change: dict[str, object], facts: dict[str, object], why: str
+) -> None:
+    """``apply`` checks every field of a borrow before it touches anything: the grant
+    counter, the seat, the lingering seat a reclaim would free, the recorded reply."""
+    led, delta = _lingering()
+    before = led.snapshot()
+    bad = {**delta, "token": {**delta["token"], **facts}, **change}  # type: ignore[dict-item]
+    bad = {k: v for k, v in bad.items() if v is not None}
+    with pytest.raises(LedgerError, match=why):
+        led.apply(bad)
+    assert led.snapshot() == before, what
+    led.apply(delta)  # the good one still fits: nothing was half done
+    assert led.recorded("s1", 5)["token"] == delta["token"]  # type: ignore[index]
+
+
 def test_borrow_requests_on_the_wire() -> None:
     def decoded(**fields: object) -> Request:
         return decode_request(pack({"v": 1, "sid": "s", "req": 1, **fields}))
@@ -447,6 +498,33 @@ def test_a_token_map_is_checked_field_by_field() -> None:
     for field, value in [("v", 2), ("count", 0), ("end", "soon"), ("triad", "xyz"), ("sig", 1)]:
         with pytest.raises(TokenError):
             Token.from_map({**good, field: value})
+
+
+def test_a_borrowed_seat_serves_first_without_asking_a_server(tmp_path: Path) -> None:
+    """A checkout covered by a valid token is served from it at once: the client joins no
+    I/O thread (no server is asked, connected or not); a checkin of it changes nothing
+    on any server. One not covered (seats, version) is left to the servers."""
+    with socket.socket() as s:  # a port of the OS's, never dialled: nothing is asked
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    lic = tmp_path / "site.lic"
+    lic.write_text(f"SERVER alpha ANY {endpoint} BORROW_KEY={HEX}\nVENDOR demo\n")
+    now = time.time()
+    t = sign(KEY, Token("cad", "2.0", 2, "ann", "lap", now - 60, now + HOUR, 7, triad=""))
+    TokenStore(tmp_path / "tokens").save(t)
+    with LicenseClient(str(lic), user="ann", host="lap", borrow_dir=tmp_path / "tokens") as client:
+        grant = client.checkout("cad", count=2, version="1.0", wait=30)
+        assert (grant.borrowed_until, grant.id, grant.count, grant.version) == (t.end, 7, 2, "2.0")
+        client.checkin(grant)
+        assert grant.released
+        assert client._engine is None  # no I/O thread joined: no server was asked
+        assert client._from_token("cad", 3, None) is None  # more seats than borrowed
+        assert client._from_token("cad", 1, "2.1") is None  # a newer version than borrowed
+        assert client._from_token("cad", 1, "two") is None  # the servers say what is wrong
+        assert client._from_token("viewer", 1, None) is None
+    assert [p.name for p, _ in TokenStore(tmp_path / "tokens").tokens()] == [
+        TokenStore(tmp_path / "tokens").path_of(t.triad, "cad").name
+    ]  # the borrow goes on: its token stays
 
 
 # --------------------------------------------------------------- under random histories

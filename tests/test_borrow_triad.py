@@ -1,7 +1,8 @@
 """BORROW on a live triad (issue 15): a borrow counted with its original start and end
 through a failover and a restart of all three; one that runs out and returns its seat on
-whichever node is primary then; and a borrowed token serving with every node stopped,
-where forged, altered, expired and other-host tokens are refused and deleted."""
+whichever node is primary then; a borrowed seat serving first, taking no second seat
+while connected; and a borrowed token serving at once with every node stopped, where
+forged, altered, expired and other-host tokens are refused and deleted."""
 
 from __future__ import annotations
 
@@ -128,6 +129,29 @@ def test_a_borrow_runs_out_on_whichever_node_is_primary_then(
     assert not triad.alive(first)  # so the lapse was the second primary's decision
 
 
+def test_a_borrowed_seat_serves_first_and_takes_no_second_seat(
+    make_triad: Callable[..., LocalTriad], tmp_path: Path
+) -> None:
+    triad = make_triad(servers=3, lease=5.0)
+    triad.wait_for_primary()
+    with LicenseClient(
+        triad.license, user="ann", host="laptop", borrow_dir=tmp_path / "tokens"
+    ) as client:
+        token = borrow(client, hours=24)
+        wait_for(lambda: counted(triad, token), 10, "the borrow counted")
+        grant = client.checkout("cad")  # the borrowed seat: the triad counts it already
+        assert grant.borrowed_until == token.end and grant.id == token.grant
+        assert counted(triad, token) and triad.feature("cad")["in_use"] == token.count
+        more = client.checkout("cad", count=2)  # more than was borrowed: the triad's seats
+        assert more.borrowed_until is None
+        assert triad.feature("cad")["in_use"] == token.count + 2
+        client.checkin(more)
+        client.checkin(grant)  # nothing on the triad: the borrow goes on until its end
+        assert grant.released
+        assert triad.feature("cad")["in_use"] == token.count and counted(triad, token)
+        assert client.borrowed() == [token]
+
+
 def _write(store: TokenStore, token: Token, name: str) -> Path:
     path = store.directory / name
     path.write_text(json.dumps(token.to_map()))
@@ -149,9 +173,18 @@ def test_a_borrowed_seat_serves_with_every_node_stopped_and_bad_tokens_do_not(
     def offline(host: str = "laptop") -> LicenseClient:
         return LicenseClient(triad.license, user="ann", host=host, borrow_dir=tokens, timeout=1.0)
 
+    patient = 30.0  # a checkout that asked the servers first would wait all of it
+    with LicenseClient(
+        triad.license, user="ann", host="laptop", borrow_dir=tokens, timeout=patient
+    ) as client:
+        started = time.monotonic()
+        grant = client.checkout("cad")
+        took = time.monotonic() - started
+        assert took < patient / 10, f"served from the token in {took:.2f} s"
+        assert grant.borrowed_until == token.end and grant.id == token.grant
     with offline() as client:
         grant = client.checkout("cad")
-        assert grant.borrowed_until == token.end and grant.id == token.grant
+        assert grant.borrowed_until == token.end
         client.checkin(grant)  # a no-op: the borrow goes on until its end
         assert grant.released
         with pytest.raises(LicenseUnavailable):

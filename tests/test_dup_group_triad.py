@@ -10,25 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from zbroker import LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
+from zbroker import LicenseClient, LicenseDenied
 from zbroker.broker.license import sign_license_text
 from zbroker.broker.signing import load_private_key
 from zbroker.clients.grant import Grant
-from zbroker.clients.testing import LocalTriad, wait_for
+from zbroker.clients.testing import LocalTriad, settled, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def checkout(client: LicenseClient, feature: str) -> Grant:
-    """A checkout across a failover: the library settles an unknown outcome itself."""
-
-    def once() -> Grant | None:
-        try:
-            return client.checkout(feature, timeout=5)
-        except (LicenseUnavailable, OutcomeUnknown):
-            return None
-
-    return wait_for(once, 15, f"a checkout of {feature}")
+    """A checkout across a failover (``settled``)."""
+    grant: Grant = settled(
+        lambda: client.checkout(feature, timeout=5), f"a checkout of {feature}", 15
+    )
+    return grant
 
 
 def solver(triad: LocalTriad) -> tuple[int, dict[int, list[int] | None]]:

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from zbroker import LicenseClient, LicenseUnavailable, OutcomeUnknown
+from zbroker import LicenseClient
 from zbroker.clients.grant import Grant
-from zbroker.clients.testing import LocalTriad, wait_for
+from zbroker.clients.testing import LocalTriad, settled, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,18 +29,6 @@ def start(make_triad: Callable[..., LocalTriad], tmp_path: Path) -> LocalTriad:
     # min_timeout low enough for a test: the floor is FlexNet's 900 s by default
     settings = {"options": f'"{options}"', "min_timeout": 1}
     return make_triad(servers=3, lease=5.0, settings=settings)
-
-
-def settled(call: Callable[[], Any], what: str) -> Any:
-    """A call across a failover: the library settles an unknown outcome itself."""
-
-    def once() -> Any:
-        try:
-            return call() or True
-        except (LicenseUnavailable, OutcomeUnknown):
-            return None
-
-    return wait_for(once, 20, what)
 
 
 def seen(triad: LocalTriad, feature: str) -> dict[str, Any] | None:

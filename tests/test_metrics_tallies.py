@@ -10,7 +10,7 @@ import pytest
 from tests.test_ledger import World, ent, grant_of
 from zbroker.broker.ledger import Ledger
 from zbroker.broker.model import Request
-from zbroker.broker.tallies import Tallies
+from zbroker.broker.tallies import CHECKINS, Tallies
 from zbroker.peers.types import Entry
 
 pytestmark = pytest.mark.unit
@@ -30,7 +30,8 @@ class Primary(World):
 
     def _batch(self, deltas: list[dict[str, Any]], hold: bool) -> None:
         for position, delta in enumerate(deltas):
-            self.tallies.decided(position, delta, self.ledger)
+            if delta["k"] in CHECKINS:  # as the core: no call for any other kind
+                self.tallies.decided(position, delta, self.ledger)
             self.ledger.apply(delta)
         indexes = [self.index + 1 + k for k in range(len(deltas))]
         self.index += len(deltas)
@@ -40,7 +41,7 @@ class Primary(World):
             self.commit()
 
     def commit(self) -> None:
-        self.tallies.committed(self.proposed)
+        self.tallies.committed(self.proposed, 1)
         self.proposed = []
 
     def ask(self, op: str, sid: str, req: int, hold: bool = False, **kw: Any) -> Any:
@@ -94,9 +95,20 @@ def test_nothing_counts_before_it_commits_and_a_change_of_role_forgets_it() -> N
     assert dict(p.tallies.counts) == {("checkout", "cad"): 1, ("checkin", "release", "cad"): 1}
     again = grant_of(p.ask("checkout", "s1", 4, feature="cad"))
     p.ask("checkin", "s1", 5, hold=True, grant=again["id"])
-    p.tallies.forget()  # the node stepped down before the checkin committed
-    p.commit()
+    p.ask("close", "s1", 6, hold=True)  # nothing left to check in: counts nothing anyway
+    p.tallies.forget()  # the node stepped down before they committed, and won a new term
+    p.tallies.committed(p.proposed, 2)
     assert p.tallies.counts["checkin", "release", "cad"] == 1
+
+
+def test_a_session_end_counts_the_grants_it_held_once_committed_and_not_after_forget() -> None:
+    p = Primary()
+    p.opened("s1")
+    grant_of(p.ask("checkout", "s1", 2, feature="cad"))
+    p.ask("close", "s1", 3, hold=True)
+    p.tallies.forget()  # read from the ledger before it applied; the role changed since
+    p.commit()
+    assert p.tallies.counts["checkin", "close", "cad"] == 0
 
 
 def test_a_session_that_ends_holding_nothing_counts_no_checkin() -> None:
@@ -114,5 +126,26 @@ def test_a_take_counts_as_a_checkin_by_its_reason() -> None:
     take = {"k": "take", "grant": held["id"], "reason": "removed", "at": p.wall}
     tallies.decided(0, take, p.ledger)
     tallies.proposed([41])
-    tallies.committed([Entry(1, 41, take)])
+    tallies.committed([Entry(1, 41, take)], 1)
     assert dict(tallies.counts) == {("checkin", "removed", "solver"): 1}
+
+
+def test_entries_of_another_term_count_nothing() -> None:
+    """A primary counts only what it decided: a grant committed under it but decided by
+    the primary of an earlier term was counted (or dropped) by that one."""
+    p = Primary()
+    p.opened("s1")
+    held = grant_of(p.ask("checkout", "s1", 2, feature="cad", hold=True))
+    p.ask("checkin", "s1", 3, hold=True, grant=held["id"])
+    p.tallies.committed(p.proposed, 2)
+    assert dict(p.tallies.counts) == {}
+
+
+def test_a_lingering_seats_end_is_no_checkin() -> None:
+    p = Primary()
+    p.opened("s1")
+    held = grant_of(p.ask("checkout", "s1", 2, feature="cad"))
+    lapse = {"k": "lapse", "grant": held["id"], "at": p.wall}
+    assert lapse["k"] not in CHECKINS  # the core never asks ``decided`` about it
+    p.tallies.committed([Entry(1, 99, lapse)], 1)
+    assert dict(p.tallies.counts) == {("checkout", "cad"): 1}

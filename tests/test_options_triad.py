@@ -14,6 +14,7 @@ import pytest
 
 from zbroker import LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
 from zbroker.broker.license import sign_license_text
+from zbroker.broker.reportfile import log_files, read_stream
 from zbroker.broker.signing import load_private_key
 from zbroker.clients.grant import Grant
 from zbroker.clients.testing import LocalTriad, wait_for
@@ -97,6 +98,45 @@ def commits(triad: LocalTriad) -> set[int]:
     return {n["commit"] for n in triad.status(holders=False)["nodes"]}
 
 
+def own_totals(triad: LocalTriad, feature: str) -> dict[str, int]:
+    """Each node's own count of ``feature``, from its own ledger (not the merged status)."""
+    from zbroker.broker.cli import config_curve
+    from zbroker.broker.status import ask
+
+    endpoints = [(n.name, n.client) for n in triad.config.nodes]
+    curve = config_curve(triad.config, admin=False)
+    replies = ask(endpoints, {"op": "status"}, timeout=1.0, curve=curve)
+    return {
+        name: next(f["total"] for f in reply["report"]["features"] if f["name"] == feature)
+        for name, reply in replies.items()
+        if reply["status"] == "ok"
+    }
+
+
+def rereads(triad: LocalTriad) -> dict[str, list[tuple[int, int]]]:
+    """(log index, cad's seats) of every ``reread`` record in each node's report log: the
+    index each node applied the reload delta at (docs/reportlog.md)."""
+    out = {}
+    for node in triad.config.nodes:
+        assert node.report_log is not None  # zbroker init turns it on
+        files = log_files(node.report_log) if node.report_log.exists() else []
+        out[node.name] = [
+            (
+                line.record["ix"],
+                sum(x["count"] for x in line.record["lines"] if x["feature"] == "cad"),
+            )
+            for line in read_stream(files)
+            if line.record.get("ev") == "reread"
+        ]
+    return out
+
+
+def rereads_to(triad: LocalTriad, cad: int) -> dict[str, list[tuple[int, int]]] | None:
+    """``rereads`` once every node's last one gives cad ``cad`` seats, else None."""
+    found = rereads(triad)
+    return found if all(r and r[-1][1] == cad for r in found.values()) else None
+
+
 def test_a_reread_switches_counts_and_policy_and_the_next_primary_keeps_them(
     make_triad: Callable[..., LocalTriad], tmp_path: Path
 ) -> None:
@@ -137,9 +177,17 @@ def test_a_reread_switches_counts_and_policy_and_the_next_primary_keeps_them(
         assert denial(bob, "viewer") == "excluded"
         mallory.checkin(checkout(mallory, "viewer"))
         wait_for(lambda: len(commits(triad)) == 1, 10, "the three nodes at one commit")
+        # Each node's own ledger counts 8, and each switched at the same log index: the
+        # reread is one replicated delta, applied at one point of the log everywhere.
+        assert own_totals(triad, "cad") == dict.fromkeys(triad.names, 8)
+        switched = wait_for(lambda: rereads_to(triad, 8), 10, "the reread in every report log")
+        assert len({r[-1] for r in switched.values()}) == 1, switched
 
         triad.kill(first)
         triad.wait_for_primary(not_=first)
         assert denial(bob, "viewer") == "excluded"
         mallory.checkin(checkout(mallory, "viewer"))
         assert triad.feature("cad")["total"] == 8
+        # ... and enforces the new count: 8 seats, not the 15 of before.
+        checkout(bob, "cad", 8)
+        assert denial(mallory, "cad") == "no_seats"

@@ -97,6 +97,14 @@ ADMISSIONS = [
         "coolsoft",
         Reason.EXCLUDED,
     ),
+    # The Type Specification example above, its group written with the alias USER_GROUP
+    Admission(
+        "GROUP: USER_GROUP",
+        "USER_GROUP stars joe barbara susan\nEXCLUDE coolsoft GROUP stars",
+        who("joe"),
+        "coolsoft",
+        Reason.EXCLUDED,
+    ),
     # HOST_GROUP page: "HOST_GROUP Pacific tokyo seattle auckland"; "anywhere a host
     # name can be used in an options file, an IP address can be used instead"
     Admission(

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from zbroker.broker.options import OptionLine, parse_options
+from zbroker.broker.options import OptionLine, Options, parse_options
 from zbroker.broker.policy import Holding, Policy, Principal
 from zbroker.clients.protocol import parse_version
 
@@ -92,6 +92,51 @@ def in_scope(ln: OptionLine, version: str) -> bool:
     return ln.version is None or ln.version == version
 
 
+Held = tuple[Principal, str, int]  # who holds, the pool's version ("1.0", "2.0"), seats
+
+
+def held_by(grants: list[Held], version: str | None, test: Callable[[Principal], bool]) -> int:
+    return sum(n for p, v, n in grants if (version is None or v == version) and test(p))
+
+
+def caps_of(
+    options: Options, grants: list[Held], p: Principal, version: str
+) -> list[tuple[OptionLine, int]]:
+    """(line, held now) of every MAX cap that applies to ``p`` in pool ``version``: the
+    test's own reading of MAX, ALL_USERS and ALL_GROUPS (a named line is its one's cap)."""
+    out = []
+    lines = [ln for ln in options.lines if ln.keyword == "MAX" and in_scope(ln, version)]
+    for ln in lines:
+        named_user = any(
+            m.kind == "USER" and m.name == p.user and m.version == ln.version for m in lines
+        )
+        if ln.kind == "USER" and ln.name == "ALL_USERS":
+            if not named_user:
+                out.append((ln, held_by(grants, ln.version, lambda q: q.user == p.user)))
+        elif ln.kind == "GROUP" and ln.name == "ALL_GROUPS":
+            for g, members in GROUPS.items():
+                named = any(
+                    m.kind == "GROUP" and m.name == g and m.version == ln.version for m in lines
+                )
+                if p.user in members and not named:
+                    out.append((ln, held_by(grants, ln.version, partial(user_in, members))))
+        elif is_named(ln, p):
+            out.append((ln, held_by(grants, ln.version, partial(is_named, ln))))
+    return out
+
+
+def kept_of(options: Options, total: int, version: str) -> list[tuple[OptionLine, int]]:
+    """Reservations of the pool ``version`` of ``total`` seats, in file order up to it."""
+    left, out = total, []
+    for ln in options.lines:
+        if ln.keyword == "RESERVE" and in_scope(ln, version):
+            n = min(ln.number or 0, left)
+            left -= n
+            if n:
+                out.append((ln, n))
+    return out
+
+
 class PolicyMachine(RuleBasedStateMachine):
     @initialize(
         lines=st.lists(rule_line(), max_size=8),
@@ -138,33 +183,8 @@ class PolicyMachine(RuleBasedStateMachine):
         for version, total in self.totals.items():
             assert self.used(version) <= total
 
-    def max_lines(self) -> list[OptionLine]:
-        return [ln for ln in self.options.lines if ln.keyword == "MAX"]
-
-    def held_by(self, version: str | None, test: Callable[[Principal], bool]) -> int:
-        return sum(n for p, v, n in self.grants if (version is None or v == version) and test(p))
-
     def caps(self, p: Principal, version: str) -> list[tuple[OptionLine, int]]:
-        """(line, held now) of every MAX cap that applies to ``p`` in pool ``version``."""
-        out = []
-        lines = [ln for ln in self.max_lines() if in_scope(ln, version)]
-        for ln in lines:
-            named_user = any(
-                m.kind == "USER" and m.name == p.user and m.version == ln.version for m in lines
-            )
-            if ln.kind == "USER" and ln.name == "ALL_USERS":
-                if not named_user:
-                    out.append((ln, self.held_by(ln.version, lambda q: q.user == p.user)))
-            elif ln.kind == "GROUP" and ln.name == "ALL_GROUPS":
-                for g, members in GROUPS.items():
-                    named = any(
-                        m.kind == "GROUP" and m.name == g and m.version == ln.version for m in lines
-                    )
-                    if p.user in members and not named:
-                        out.append((ln, self.held_by(ln.version, partial(user_in, members))))
-            elif is_named(ln, p):
-                out.append((ln, self.held_by(ln.version, partial(is_named, ln))))
-        return out
+        return caps_of(self.options, self.grants, p, version)
 
     @invariant()
     def max_caps_hold(self) -> None:
@@ -173,15 +193,7 @@ class PolicyMachine(RuleBasedStateMachine):
                 assert held <= (ln.number or 0), (ln, held)
 
     def kept(self, version: str) -> list[tuple[OptionLine, int]]:
-        """Reservations of the pool, in file order up to its total."""
-        left, out = self.totals[version], []
-        for ln in self.options.lines:
-            if ln.keyword == "RESERVE" and in_scope(ln, version):
-                n = min(ln.number or 0, left)
-                left -= n
-                if n:
-                    out.append((ln, n))
-        return out
+        return kept_of(self.options, self.totals[version], version)
 
     @invariant()
     def outsiders_never_take_reserved_seats(self) -> None:

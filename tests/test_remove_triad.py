@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from zbroker import LicenseClient, LicenseUnavailable, OutcomeUnknown
+from zbroker import LicenseClient
 from zbroker.broker.cli import config_curve
 from zbroker.broker.status import query_nodes
 from zbroker.clients.grant import Grant
-from zbroker.clients.testing import LocalTriad, wait_for
+from zbroker.clients.testing import LocalTriad, settled, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,15 +29,11 @@ def zbroker(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def checkout(client: LicenseClient, feature: str) -> Grant:
-    """A checkout across a failover: the library settles an unknown outcome itself."""
-
-    def once() -> Grant | None:
-        try:
-            return client.checkout(feature, timeout=5)
-        except (LicenseUnavailable, OutcomeUnknown):
-            return None
-
-    return wait_for(once, 15, f"a checkout of {feature}")
+    """A checkout across a failover (``settled``)."""
+    grant: Grant = settled(
+        lambda: client.checkout(feature, timeout=5), f"a checkout of {feature}", 15
+    )
+    return grant
 
 
 def seen_by(triad: LocalTriad, name: str, feature: str) -> dict[str, Any] | None:

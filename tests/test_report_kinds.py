@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from zbroker.broker.ledger import Ledger
-from zbroker.broker.model import Entitlement
+from zbroker.broker.model import Entitlement, Now, Request
 from zbroker.broker.report_stats import Report
 from zbroker.broker.reportlog import Record, derive, settle
 from zbroker.broker.seats import entitlement_to_map
@@ -128,13 +128,18 @@ def test_a_seat_the_triad_takes_is_an_in_with_its_reason() -> None:
     assert f.checkins == {"timeout": 1, "removed": 1} and f.timeouts == 1
 
 
+def _token(gid: int, start: float, end: float) -> dict[str, Any]:
+    """A borrow's token: its grant's facts (apply checks them), signature not checked."""
+    facts = {"feature": "cad", "version": "2.0", "count": 1, "user": "ann", "host": "ann-pc"}
+    return {"v": 1, **facts, "start": start, "end": end, "grant": gid, "sig": "unchecked"}
+
+
 def test_a_borrow_is_in_use_from_its_borrow_record_to_its_return() -> None:
-    token = {"v": 1, "feature": "cad", "grant": 1, "sig": "not checked by the ledger"}
     records = _run([
         _open("s1", "ann"),
-        _grant("s1", 2, 1, T0, borrow=T0 + 3600, token=token),
+        _grant("s1", 2, 1, T0, borrow=T0 + 3600, token=_token(1, T0, T0 + 3600)),
         {"k": "return", "sid": "s1", "req": 3, "ack": 0, "grant": 1, "at": T0 + 600},
-        _grant("s1", 4, 2, T0 + 700, borrow=T0 + 800, token=token),
+        _grant("s1", 4, 2, T0 + 700, borrow=T0 + 800, token=_token(2, T0 + 700, T0 + 800)),
         {"k": "lapse", "grant": 2, "at": T0 + 800},
     ])  # fmt: skip
     assert _events(records)[1:] == [
@@ -146,6 +151,35 @@ def test_a_borrow_is_in_use_from_its_borrow_record_to_its_return() -> None:
     f = _report(records).features["cad"]
     assert f.borrows == 2 and f.checkouts == 0 and f.returns == {"returned": 1, "lapsed": 1}
     assert f.hours == {"ann": pytest.approx(700.0)}
+
+
+def test_a_denied_borrow_or_return_is_recorded_under_its_own_op() -> None:
+    """The ledger's denial of a borrow or a return names its op in the answer delta (a
+    checkout's does not: its delta stays as small as it was); the deny record says it."""
+    led = Ledger(LINES, lease=30.0, heartbeat=10.0)  # no BORROW line: nothing lends
+    deltas: list[dict[str, Any]] = []
+    records: list[Record] = []
+    for request in [
+        Request("open", sid="s1", req=1, user="ann", host="ann-pc"),
+        Request("borrow", sid="s1", req=2, feature="cad"),
+        Request("return", sid="s1", req=3, feature="cad"),
+        Request("checkout", sid="s1", req=4, feature="cad", count=3),
+        Request("checkin", sid="s1", req=5, grant=9),
+    ]:
+        for delta, _ in led.handle(request, Now(1.0, T0)).decided:
+            got = derive(len(deltas) + 1, 1, delta, led)
+            led.apply(delta)
+            settle(got, led)
+            deltas.append(delta)
+            records += got
+    assert [d.get("op") for d in deltas[1:]] == ["borrow", "return", None, None]
+    denied = [(r["op"], r["reason"], r.get("feature")) for r in records if r["ev"] == "deny"]
+    assert denied == [
+        ("borrow", "not_borrowable", "cad"),
+        ("return", "not_borrowed", "cad"),
+        ("checkout", "no_seats", "cad"),
+        ("checkin", "not_held", None),
+    ]
 
 
 def test_seats_held_while_idle_are_counted_by_feature_and_user() -> None:

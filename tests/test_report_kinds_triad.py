@@ -14,29 +14,17 @@ from typing import Any
 
 import pytest
 
-from zbroker import LicenseClient, LicenseUnavailable, OutcomeUnknown
+from zbroker import LicenseClient
 from zbroker.broker.report_check import compare_nodes
 from zbroker.broker.reportfile import log_files, read_stream
 from zbroker.clients.grant import Grant
-from zbroker.clients.testing import LocalTriad, wait_for
+from zbroker.clients.testing import LocalTriad, settled, wait_for
 
 pytestmark = pytest.mark.integration
 
 LINGER = 2.0
 TIMEOUT = 2.0
 OPTIONS = f"LINGER cad {LINGER:g}\nTIMEOUT viewer {TIMEOUT:g}\n"
-
-
-def settled(call: Callable[[], Any], what: str) -> Any:
-    """A call across a failover: the library settles an unknown outcome itself."""
-
-    def once() -> Any:
-        try:
-            return call() or True
-        except (LicenseUnavailable, OutcomeUnknown):
-            return None
-
-    return wait_for(once, 20, what)
 
 
 def records(triad: LocalTriad) -> list[dict[str, Any]]:

@@ -14,12 +14,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from zbroker import LicenseClient, LicenseUnavailable, OutcomeUnknown
+from zbroker import LicenseClient
 from zbroker.broker.cli import run_command
 from zbroker.broker.license import sign_license_text
 from zbroker.broker.signing import load_private_key
 from zbroker.clients.grant import Grant
-from zbroker.clients.testing import LocalTriad, wait_for
+from zbroker.clients.testing import LocalTriad, settled, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -77,15 +77,11 @@ def node_entry(triad: LocalTriad, name: str) -> dict[str, object]:
 
 
 def checkout(client: LicenseClient, feature: str) -> Grant:
-    """A checkout across a failover: the library settles an unknown outcome itself."""
-
-    def once() -> Grant | None:
-        try:
-            return client.checkout(feature, timeout=5)
-        except (LicenseUnavailable, OutcomeUnknown):
-            return None
-
-    return wait_for(once, 15, f"a checkout of {feature}")
+    """A checkout across a failover (``settled``)."""
+    grant: Grant = settled(
+        lambda: client.checkout(feature, timeout=5), f"a checkout of {feature}", 15
+    )
+    return grant
 
 
 def test_a_node_whose_file_has_another_count_never_changes_the_served_count(

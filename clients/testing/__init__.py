@@ -1,6 +1,7 @@
 """zbroker's test tooling, apart from the client library (``zbroker[testing]``).
 
-- ``kit``: ``LocalTriad``, real node processes on free loopback ports, and ``wait_for``;
+- ``kit``: ``LocalTriad``, real node processes on free loopback ports, ``wait_for`` and
+  ``settled`` (a call retried across a failover);
 - ``pytest_plugin``: the kit's fixtures (``make_triad``, ``triad``, ``single``, ``raw``),
   registered under pytest's ``pytest11`` entry point, so that a project that embeds
   ``clients`` gets them by installing ``zbroker[testing]`` (as ``kazoo.testing`` ships
@@ -14,7 +15,7 @@ LocalTriad``); chaos and bench are not imported here, so that loading the plugin
 light.
 """
 
-from zbroker.clients.testing.kit import LocalTriad, TriadTimeout, wait_for
+from zbroker.clients.testing.kit import LocalTriad, TriadTimeout, settled, wait_for
 from zbroker.clients.testing.raw import RawClient
 
-__all__ = ["LocalTriad", "RawClient", "TriadTimeout", "wait_for"]
+__all__ = ["LocalTriad", "RawClient", "TriadTimeout", "settled", "wait_for"]

@@ -49,6 +49,21 @@ def wait_for(
         time.sleep(every)  # polling interval of a condition with a deadline
 
 
+def settled(call: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+    """``call`` retried across a failover until it answers: the library settles an
+    unknown outcome itself (docs/client.md), so LicenseUnavailable and OutcomeUnknown
+    only mean "not yet". Its result, or True when it returns nothing."""
+    from zbroker.clients.errors import LicenseUnavailable, OutcomeUnknown
+
+    def once() -> Any:
+        try:
+            return call() or True
+        except (LicenseUnavailable, OutcomeUnknown):
+            return None
+
+    return wait_for(once, timeout, what)
+
+
 class LocalTriad:
     def __init__(
         self,
