@@ -594,21 +594,43 @@ def reread(config_path: str, key_path: str | None, timeout: float) -> None:
     file:line:col (exit 2) and no node is asked. Each node then reads its own copy (as
     on SIGHUP); the primary replicates what changed as one delta, so the three switch at
     one point of the log, and a node whose copy does not load logs why and keeps what it
-    had. Exit status: 0 when every node answered, 1 when one refused or did not answer.
+    had. The command then waits (up to --timeout) until the triad serves them: until no
+    node says its files differ from the triad's, which it does from its reread until the
+    primary's reload reaches it (docs/admin.md, "The license the triad serves"). Exit
+    status: 0 when every node answered and serves its files, 1 when one refused, did not
+    answer, or still differs at the deadline (its note is printed).
     """
+    from zbroker.broker.status import query_nodes
+
     # load_config reads the license and the options file: a broken one exits 2 here.
-    endpoints, _, replies = _ask_admin(config_path, key_path, (), "reread", timeout)
+    endpoints, curve, replies = _ask_admin(config_path, key_path, (), "reread", timeout)
     failed = False
-    for name, _ in endpoints:
+    rereading: list[tuple[str, str]] = []
+    for name, endpoint in endpoints:
         reply = replies.get(name)
         if reply is None:
             failed = True
             click.echo(f"{name}: no answer (down, or it refused our key)", err=True)
         elif reply["status"] == "ok":
             click.echo(f"{name}: rereading")
+            rereading.append((name, endpoint))
         else:
             failed = True
             click.echo(f"{name}: refused: {reply.get('code')}: {reply.get('detail')}", err=True)
+
+    def differing() -> dict[str, str]:  # each node's own word, asked after its reread
+        report = query_nodes(rereading, timeout=0.3, curve=curve, holders=False)
+        return {n["name"]: n.get("license") or "no answer" for n in report["nodes"]
+                if n.get("license") or n["role"] == "down"}  # fmt: skip
+
+    deadline = time.monotonic() + timeout
+    while (left := differing() if rereading else {}) and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling a condition until a deadline
+    for name, note in left.items():
+        failed = True
+        click.echo(f"{name}: {note}", err=True)
+    if rereading and not left:
+        click.echo(f"{', '.join(name for name, _ in rereading)}: serving the files read")
     if failed:
         sys.exit(EXIT_REFUSED)
 

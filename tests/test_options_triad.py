@@ -171,7 +171,11 @@ def test_a_reread_switches_counts_and_policy_and_the_next_primary_keeps_them(
         license_path.write_text(sign_license_text(text, key, path=str(license_path)))
         asked = zbroker("reread", "--config", str(triad.config_path))
         assert asked.returncode == 0, asked
-        assert sorted(asked.stdout.split("\n")[:3]) == [f"{n}: rereading" for n in triad.names]
+        said = asked.stdout.splitlines()
+        assert sorted(said[:3]) == [f"{n}: rereading" for n in triad.names]
+        # It returns once every node serves the new files: each node's own ledger at once.
+        assert said[3] == f"{', '.join(sorted(triad.names))}: serving the files read", said
+        assert own_totals(triad, "cad") == dict.fromkeys(triad.names, 8)
         wait_for(lambda: logged_by_all(triad, "serving them", 1), 10, "the reread in every log")
         wait_for(lambda: triad.feature("cad")["total"] == 8, 10, "cad's new count")
         assert denial(bob, "viewer") == "excluded"
