@@ -681,7 +681,7 @@ class NodeCore:
         kind = delta["k"]
         if kind in CHECKINS:  # the features it checks in, read before it applies
             self._tallies.decided(len(self._batch), delta, self.applied.ledger)
-        self.applied.ledger.apply(delta)
+        self.applied.ledger.apply_decided(delta)  # checked as it was decided
         if records is not None:
             settle(records, self.applied.ledger)  # seats in use after it
             self._batch_records.append(records)

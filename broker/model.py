@@ -28,7 +28,9 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+# Not frozen, for the reason Request is not (below): one is made per event. No one
+# changes one once made.
+@dataclass(slots=True)
 class Now:
     """The current time as the shell read it once for one event."""
 

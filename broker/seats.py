@@ -158,14 +158,17 @@ class Catalog:
         return None
 
 
-@dataclass(frozen=True)
+# Choice, Denial and Grant are not frozen: one is made per checkout, and a frozen
+# dataclass's __init__ sets each field through object.__setattr__ (scripts/
+# ab_instructions.py counts it). No one changes them once made.
+@dataclass(slots=True)
 class Choice:
     """The checkout can be served now from ``pool``."""
 
     pool: Pool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Denial:
     """The checkout cannot be served now; ``busy`` means only for lack of free seats."""
 
@@ -335,7 +338,7 @@ def entitlements_from(raw: object, where: str) -> list[Entitlement]:
     return [entitlement_from_map(m) for m in raw]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: see Choice
 class Grant:
     id: int
     sid: str

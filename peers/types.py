@@ -62,7 +62,9 @@ class Timing:
             raise ValueError("timing needs max_batch >= 1 and keep_tail >= 0")
 
 
-@dataclass(frozen=True)
+# Not frozen: one is made per delta on every node, and a frozen dataclass's __init__
+# sets each field through object.__setattr__. No one changes one once made.
+@dataclass(slots=True)
 class Entry:
     """One slot of the replicated log. ``delta`` None is the no-op a new primary appends."""
 
