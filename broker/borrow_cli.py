@@ -10,20 +10,18 @@ console around it: the token lands in the same store the application's library r
 from __future__ import annotations
 
 import datetime
-import os
 from typing import Any
 
 import click
 
 from zbroker.broker.cli import (
-    _CONFIG_ERRORS,
     EXIT_REFUSED,
     _fail,
     _version,
     client_key_option,
+    client_license,
     config_option,
 )
-from zbroker.broker.config import load_config
 from zbroker.broker.wire import MAX_BORROW_HOURS, MAX_COUNT
 
 
@@ -107,14 +105,7 @@ def borrow(
         raise click.UsageError("give --hours or --until, not both")
     if feature is None and not listing:
         raise click.UsageError("name the FEATURE to borrow or return, or give --list")
-    if "ZBROKER_LICENSE" in os.environ:
-        servers = os.environ["ZBROKER_LICENSE"]
-    else:
-        try:
-            config = load_config(config_path)
-        except _CONFIG_ERRORS as exc:
-            _fail(exc)
-        servers = str(config.license_path)  # SERVER lines: the nodes' keys, the borrow key
+    servers = client_license(config_path)
     try:
         with LicenseClient(servers, client_key=key_path) as client:
             if listing:

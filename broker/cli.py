@@ -519,14 +519,7 @@ def checkout(
     from zbroker.clients.client import LicenseClient
     from zbroker.clients.errors import LicenseError as ClientError
 
-    if "ZBROKER_LICENSE" in os.environ:
-        servers = os.environ["ZBROKER_LICENSE"]
-    else:
-        try:
-            config = load_config(config_path)
-        except _CONFIG_ERRORS as exc:
-            _fail(exc)
-        servers = str(config.license_path)  # its SERVER lines carry the nodes' keys
+    servers = client_license(config_path)
     try:
         with LicenseClient(servers, client_key=key_path) as client:
             grant = client.checkout(feature, count=count, version=min_version, wait=wait)
@@ -684,6 +677,17 @@ def remove(
     click.echo(str(answer.get("detail", "")))
     if not answer.get("taken"):
         sys.exit(EXIT_REFUSED)
+
+
+def client_license(config_path: str) -> str:
+    """The license path a command's client uses: ``$ZBROKER_LICENSE``, else the config's
+    license file, whose SERVER lines carry the nodes' keys (and the borrow key)."""
+    if "ZBROKER_LICENSE" in os.environ:
+        return os.environ["ZBROKER_LICENSE"]
+    try:
+        return str(load_config(config_path).license_path)
+    except _CONFIG_ERRORS as exc:
+        _fail(exc)
 
 
 def _ask_admin(
