@@ -299,26 +299,19 @@ def _check_distinct(path: Path, nodes: tuple[NodeConfig, ...]) -> None:
                     f"{path}: the {this} is the {used[where]}: each endpoint needs its own port"
                 )
             used[where] = this
-    data: dict[Path, str] = {}
-    for node in nodes:
-        directory = node.data.resolve()
-        if directory in data:
-            raise ConfigError(
-                f"{path}: [nodes.{node.name}] data is the data directory of node "
-                f"{data[directory]} ({node.data}): each node needs its own"
-            )
-        data[directory] = node.name
-    reports: dict[Path, str] = {}
-    for node in nodes:
-        if node.report_log is None:
-            continue
-        directory = node.report_log.resolve()
-        if directory in reports:
-            raise ConfigError(
-                f"{path}: [nodes.{node.name}] report_log is the report log of node "
-                f"{reports[directory]} ({node.report_log}): each node needs its own"
-            )
-        reports[directory] = node.name
+    for key, what in (("data", "data directory"), ("report_log", "report log")):
+        owners: dict[Path, str] = {}
+        for node in nodes:
+            given: Path | None = getattr(node, key)
+            if given is None:
+                continue
+            directory = given.resolve()
+            if directory in owners:
+                raise ConfigError(
+                    f"{path}: [nodes.{node.name}] {key} is the {what} of node "
+                    f"{owners[directory]} ({given}): each node needs its own"
+                )
+            owners[directory] = node.name
 
 
 def _required_str(path: Path, raw: dict[str, Any], key: str) -> str:

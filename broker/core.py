@@ -595,14 +595,12 @@ class NodeCore:
             decision = handle_admin(
                 request.action, admin=admin, node=self.me.name, secure=self.secure
             )
-            if decision.reply is None:  # remove: the primary's decision (broker/removal.py)
-                self._remove(identity, request, now)
+            if decision.reply is not None:  # else remove: decided below, as a client's
+                self._reply(identity, request.sid or None, request.req, decision.reply)
+                if decision.stop:
+                    self._out.stop = True  # the reply leaves in this cycle
+                self._out.reread |= decision.reread
                 return
-            self._reply(identity, request.sid or None, request.req, decision.reply)
-            if decision.stop:
-                self._out.stop = True  # the reply leaves in this cycle
-            self._out.reread |= decision.reread
-            return
         if self._batch and now.mono != self._batch_now.mono:
             self._propose()  # decided at another reading: propose under its serving check
         if now.mono != self._serving_at:  # else it serves: no call (the hot path)
@@ -613,6 +611,9 @@ class NodeCore:
         key = (request.sid, request.req)
         if self.front.waiting(key):
             self.front.wait(key, identity, now.mono)  # a retry: answer where the client is now
+            return
+        if op == "admin":  # remove (broker/removal.py): the primary's decision
+            self._remove(identity, request, now, key)
             return
         if op == "open":  # the session keeps the address it opened from; no other op reads it
             request = replace(request, address=client_address(event.origin))
@@ -644,19 +645,10 @@ class NodeCore:
             }
         return {"status": "redirect", "primary": self.endpoints.get(primary)}
 
-    def _remove(self, identity: bytes, request: Request, now: Now) -> None:
-        """``zbroker remove``: decided like a client's request, on a serving primary, and
-        answered once the last of its ``take`` deltas commits (at once if there are none)."""
-        if self._batch and now.mono != self._batch_now.mono:
-            self._propose()  # decided at another reading: propose under its serving check
-        refusal = self._refusal(now)
-        if refusal is not None:
-            self._reply(identity, request.sid, request.req, refusal)
-            return
-        key = (request.sid, request.req)
-        if self.front.waiting(key):
-            self.front.wait(key, identity, now.mono)  # a retry: answer where it is now
-            return
+    def _remove(self, identity: bytes, request: Request, now: Now, key: Key) -> None:
+        """``zbroker remove``, admitted as a client's request is (a serving primary, not a
+        retry of one waiting): answered once the last of its ``take`` deltas commits (at
+        once if there are none)."""
         removal = Removal.of(request)
         deltas, reply = decide_removal(self.ledger, removal, now, self.config.min_remove)
         log.warning("administrator asked to remove %s: %s", removal.describe(), reply.get("detail"))
