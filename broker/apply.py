@@ -14,13 +14,13 @@ Pure: no sockets, no clock, no disk.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from zbroker.broker.config import Config
+from zbroker.broker.image import ImageLoader
 from zbroker.broker.ledger import Ledger
 from zbroker.broker.seats import LedgerError
 from zbroker.peers.log import Log
-from zbroker.peers.types import Entry
+from zbroker.peers.types import Entry, Image
 
 
 class Unappliable(Exception):
@@ -39,31 +39,36 @@ class Unappliable(Exception):
 class AppliedLedger:
     """A ledger and the (index, term) of the last log entry it applied.
 
-    Built from a snapshot taken at ``index`` of ``term`` (None: the empty ledger at 0);
-    LedgerError when the snapshot makes no ledger.
+    Built from a snapshot image (None: the empty ledger at 0), all at once: a node's start.
+    LedgerError when the image makes no ledger. A snapshot from a peer, or the node's own
+    once it must rebuild, is installed in steps instead (``start_install``,
+    ``install_step``): a 1,000,000-grant image takes seconds to load, and the loop must
+    answer peers and clients meanwhile. Until the last step the ledger is the one before.
     """
 
-    def __init__(self, config: Config, snapshot: dict[str, Any] | None, index: int, term: int):
+    def __init__(self, config: Config, snapshot: Image | None):
         self._lease = config.lease
         self._limits = config.limits
         self._min_timeout = config.min_timeout
-        self.ledger = self._ledger_from(snapshot)
-        self.index = index  # the ledger holds every delta up to here
-        self.term = term  # and the log's term there (``follows``)
+        self.ledger = self._empty() if snapshot is None else self._loader(snapshot).finish()
+        self.index = 0 if snapshot is None else snapshot.index  # the ledger holds up to here
+        self.term = 0 if snapshot is None else snapshot.term  # and the log's term there
+        self._installing: tuple[ImageLoader, Image] | None = None
 
-    def _ledger_from(self, snap: dict[str, Any] | None) -> Ledger:
-        if snap is None:
-            # Entitlements arrive as a replicated `reload` delta from the primary, so every
-            # node's ledger is built from the log alone.
-            return Ledger(
-                (),
-                lease=self._lease,
-                heartbeat=self._lease / 3,
-                limits=self._limits,
-                min_timeout=self._min_timeout,
-            )
-        return Ledger.from_snapshot(
-            snap,
+    def _empty(self) -> Ledger:
+        # Entitlements arrive as a replicated `reload` delta from the primary, so every
+        # node's ledger is built from the log alone.
+        return Ledger(
+            (),
+            lease=self._lease,
+            heartbeat=self._lease / 3,
+            limits=self._limits,
+            min_timeout=self._min_timeout,
+        )
+
+    def _loader(self, image: Image) -> ImageLoader:
+        return ImageLoader(
+            image,
             lease=self._lease,
             heartbeat=self._lease / 3,
             limits=self._limits,
@@ -98,15 +103,45 @@ class AppliedLedger:
                         raise Unappliable(entry.index, entry.term, str(exc)) from None
                 self.index, self.term = entry.index, entry.term
 
-    def install(self, snapshot: dict[str, Any] | None, index: int, term: int) -> None:
-        """Replace the ledger with ``snapshot``, taken at ``index`` of ``term``."""
+    # --- installing a snapshot, in steps
+
+    @property
+    def installing(self) -> Image | None:
+        """The image being installed, if one is."""
+        return None if self._installing is None else self._installing[1]
+
+    def start_install(self, image: Image | None) -> None:
+        """Replace the ledger with ``image``'s (None: the empty ledger at 0) once the steps
+        are done; an install under way is dropped for it."""
+        if image is None:
+            self._installing = None
+            self.ledger, self.index, self.term = self._empty(), 0, 0
+            return
+        self._installing = (self._loader(image), image)
+
+    def install_step(self) -> bool:
+        """One step of the install under way; True when the ledger is the image's."""
+        if self._installing is None:
+            return True
+        loader, image = self._installing
         try:
-            self.ledger = self._ledger_from(snapshot)
+            ledger = loader.step()
         except LedgerError as exc:
-            raise Unappliable(index, term, f"snapshot: {exc}") from None
-        self.index, self.term = index, term
+            self._installing = None
+            raise Unappliable(image.index, image.term, f"snapshot: {exc}") from None
+        if ledger is None:
+            return False
+        self._installing = None
+        self.ledger, self.index, self.term = ledger, image.index, image.term
+        return True
+
+    def finish_install(self) -> None:
+        """Every step left, at once: only where a decision needs the ledger now."""
+        while not self.install_step():
+            pass
 
     def rebuild(self, log: Log, upto: int) -> None:
-        """Start again from the log's snapshot and apply its entries up to ``upto``."""
-        self.install(log.snapshot, log.snap_index, log.snap_term)
-        self.apply(log.slice(log.snap_index + 1, upto), log)
+        """Start again from the log's snapshot and apply its entries up to ``upto``, at once."""
+        self.start_install(log.snapshot)
+        self.finish_install()
+        self.apply(log.slice(self.index + 1, upto), log)

@@ -45,6 +45,9 @@ refused naming the setting and the range:
 - ``lease`` 0.5 s to a week (``zbroker.broker.wire.MAX_LEASE``): clients heartbeat every lease / 3;
 - ``max_message`` 8,192 to 1,048,576 bytes: the largest honest request is about 5 KB;
 - ``snapshot_every`` 1 to 10,000,000 deltas;
+- ``snapshot_keep`` 0 to 10,000,000 deltas (default 10,000): log entries a node keeps
+  before its snapshot, so that a node lagging by fewer catches up from the log and not
+  from a whole snapshot;
 - ``min_remove`` above 0 up to a week (default 120, RLM's): ``zbroker remove`` leaves
   grants younger than that alone (docs/admin.md, "zbroker remove");
 - ``min_timeout`` above 0 up to a week (default 900, FlexNet's floor): a TIMEOUT line
@@ -119,6 +122,7 @@ RANGES: dict[str, Range] = {
     "lease": Range(0.5, MAX_LEASE),
     "max_message": Range(8192, 1 << 20, whole=True),
     "snapshot_every": Range(1, 10_000_000, whole=True),
+    "snapshot_keep": Range(0, 10_000_000, whole=True),
     "min_remove": Range(0.0, MAX_LEASE, low_open=True),
     "min_timeout": Range(0.0, MAX_LEASE, low_open=True),
     **{name: Range(1, high, whole=True) for name, high in MAXIMA.items()},
@@ -152,6 +156,7 @@ class Config:
     max_message: int
     snapshot_every: int
     nodes: tuple[NodeConfig, ...]
+    snapshot_keep: int = 10_000
     secure: bool = True
     client_allow: Path | None = None  # client allow-list (secure mode); None: any key
     admin_keys: Path | None = None  # admin allow-list (secure mode); None: no admin
@@ -192,6 +197,7 @@ _DEFAULTS: dict[str, Any] = {
     "fsync": True,
     "max_message": 65536,
     "snapshot_every": 10_000,
+    "snapshot_keep": 10_000,
     "secure": True,
     "min_remove": 120.0,
     "min_timeout": DEFAULT_MIN_TIMEOUT,
@@ -270,7 +276,7 @@ def _check_values(path: Path, values: dict[str, Any]) -> None:
     for key in ("failback", "fsync", "secure"):
         if not isinstance(values[key], bool):
             raise ConfigError(f"{path}: {key} must be true or false, not {_shown(values[key])}")
-    for key in ("max_message", "snapshot_every"):
+    for key in ("max_message", "snapshot_every", "snapshot_keep"):
         values[key] = int(_in_range(path, key, values[key]))
     values["min_remove"] = float(_in_range(path, "min_remove", values["min_remove"]))
     values["min_timeout"] = float(_in_range(path, "min_timeout", values["min_timeout"]))

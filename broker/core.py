@@ -82,6 +82,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("zbroker.node")
 
 TICK = 0.01  # seconds between replica ticks: well under heartbeat_interval
+# Committed deltas a backup applies per cycle after its sends: about 3-5 ms of them.
+APPLY_STEP = 1000
 LEDGER_TICK = 0.05  # lease expiry and queue deadlines need no finer grain
 EXPIRY_TICK = 1.0  # the expiry warnings are per day: a look a second is plenty
 _UNAVAILABLE: Reply = {"status": "unavailable", "detail": "this node just lost control"}
@@ -140,7 +142,15 @@ class PeerLost:
     peer: str
 
 
-Event = ClientMessage | PeerMessage | PeerHeartbeat | PeerLost
+@dataclass(frozen=True, slots=True)
+class SnapshotTaken:
+    """The snapshot the shell was asked to take (``Ready.take_snapshot``) is written:
+    ``image`` over its file, or None when taking it failed (the shell said why)."""
+
+    image: rp.Image | None
+
+
+Event = ClientMessage | PeerMessage | PeerHeartbeat | PeerLost | SnapshotTaken
 
 
 # --- what to persist ----------------------------------------------------------------
@@ -167,16 +177,26 @@ class SaveHardState:
 
 
 @dataclass(frozen=True, slots=True)
-class SaveSnapshot:
-    """Write this snapshot and rewrite the log to hold only ``keep`` after it."""
+class SaveSnapshotChunk:
+    """Write this chunk of the snapshot being received from a peer (offset 0 starts one)."""
 
     index: int
     term: int
-    snapshot: dict[str, Any]
-    keep: list[tuple[int, int, Any]]
+    offset: int
+    data: bytes
 
 
-Persist = Append | Truncate | SaveHardState | SaveSnapshot
+@dataclass(frozen=True, slots=True)
+class SaveSnapshot:
+    """Make ``image`` the node's snapshot, then rewrite the log to follow it, keeping every
+    entry after ``image.index`` it holds. ``source``: "taken" (the file the shell's child
+    wrote for ``Ready.take_snapshot``) or "received" (the chunks written as they came)."""
+
+    image: rp.Image
+    source: str
+
+
+Persist = Append | Truncate | SaveHardState | SaveSnapshotChunk | SaveSnapshot
 
 # A peer message: to a peer by name over its DEALER, or published (None) on the PUB.
 Outgoing = tuple[str | None, dict[str, Any]]
@@ -200,6 +220,9 @@ class Ready:
     wake_at: float = 0.0
     report: list[Record] = field(default_factory=list)  # see the module docstring
     report_from: int | None = None
+    # Take a snapshot of the ledger as it is now, at (index, term): in a forked child, so
+    # that the loop goes on (broker/node.py); the child's file comes back as SnapshotTaken.
+    take_snapshot: tuple[int, int] | None = None
 
 
 # A delta of the batch being decided: the delta, the request it answers (None: no client
@@ -267,12 +290,8 @@ class NodeCore:
 
     def _build(self, loaded: Loaded, now: Now) -> str:
         """Everything that follows from what storage loaded; how the node starts, in words."""
-        self.applied = AppliedLedger(
-            self.config, loaded.snapshot, loaded.snapshot_index, loaded.snapshot_term
-        )
-        # The log's last index on disk once this cycle's persist ops are carried out: what
-        # a snapshot written now must keep after it.
-        self._durable_last = loaded.entries[-1][0] if loaded.entries else loaded.snapshot_index
+        self.applied = AppliedLedger(self.config, loaded.snapshot)
+        snap_index = self.applied.index
         self.replica = Replica(
             self.me.name,
             self.config.ranks,
@@ -280,15 +299,14 @@ class NodeCore:
                 heartbeat_interval=self.config.heartbeat_interval,
                 peer_timeout=self.config.peer_timeout,
                 failback=self.config.failback,
+                keep_tail=self.config.snapshot_keep,
             ),
             rp.Durable(
                 term=loaded.term,
                 voted_for=loaded.voted_for,
-                snapshot_index=loaded.snapshot_index,
-                snapshot_term=loaded.snapshot_term,
                 snapshot=loaded.snapshot,
                 entries=[rp.Entry(term=t, index=i, delta=d) for i, t, d in loaded.entries],
-                commit=loaded.snapshot_index,
+                commit=snap_index,
                 fresh=loaded.fresh,
             ),
             now.mono,
@@ -302,10 +320,14 @@ class NodeCore:
         self._batch: list[_Proposal] = []  # decided, applied, not proposed yet
         self._batch_records: list[list[Record]] = []  # the report's, one list per proposal
         self._pending: list[Record] = []  # a primary's, of proposals not committed yet
-        self._reported = loaded.snapshot_index  # every entry up to here has its records
+        self._reported = snap_index  # every entry up to here has its records
         self._batch_now = now  # the clock reading the batch was decided at (serving then)
         self._serving_at = math.nan  # is_serving held at this reading, no replica event since
         self._unapplied: list[rp.Entry] = []  # committed on a backup, applied in advance()
+        # Compaction (``_compact``): a snapshot the shell's child is taking, and one it took
+        # whose index is not committed yet (a primary's ledger runs ahead of its commit).
+        self._taking = False
+        self._taken: rp.Image | None = None
         self._next_ledger_tick = now.mono
         self._next_expiry_tick = now.mono
         # The replica's effects from its construction (a single server's start) come with
@@ -340,6 +362,9 @@ class NodeCore:
                     log.info("connection to %s dropped", peer)
                     self._before_replica()
                     self._take(self.replica.on_peer_lost(peer, now.mono), now)
+                case SnapshotTaken(image=image):
+                    self._taking = False
+                    self._taken = image
                 case _:
                     assert_never(event)
         except Unappliable as exc:
@@ -365,16 +390,24 @@ class NodeCore:
             and all(type(op) is Append for op in out.persist)
         ):
             out.early, out.peer = out.peer, out.early
-        out.wake_at = self._next_tick
+        # An install or a backlog of deltas goes on at once, a step per cycle (advance).
+        busy = self.applied.installing is not None or len(self._unapplied) > APPLY_STEP
+        out.wake_at = now.mono if busy else self._next_tick
         return out
 
     def advance(self) -> None:
-        """After the cycle's sends: a backup applies what it acknowledged this cycle."""
-        if self._unapplied and self._out.start_over is None:
-            try:
-                self._apply_unapplied()
-            except Unappliable as exc:
-                self._give_up(exc)  # the next ready() says start_over
+        """After the cycle's sends: a backup applies what it acknowledged this cycle, or
+        takes the next step of a snapshot's install. Both in bounded steps, so that no
+        cycle's answers and acknowledgements wait long for them."""
+        if self._out.start_over is not None:
+            return
+        try:
+            if self.applied.installing is not None:
+                self._install_step()
+            elif self._unapplied:
+                self._apply_unapplied(APPLY_STEP)
+        except Unappliable as exc:
+            self._give_up(exc)  # the next ready() says start_over
 
     def restart(self, loaded: Loaded, now: Now) -> None:
         """Come back from a ``start_over`` on what storage loaded after setting data aside."""
@@ -390,6 +423,11 @@ class NodeCore:
     def ledger(self) -> Ledger:
         """The ledger as this node holds it (read it; the core alone changes it)."""
         return self.applied.ledger
+
+    @property
+    def applying(self) -> bool:
+        """Whether a snapshot install or committed deltas still wait to reach the ledger."""
+        return self.applied.installing is not None or bool(self._unapplied)
 
     @property
     def tallies(self) -> Mapping[tuple[str, ...], int]:
@@ -506,7 +544,10 @@ class NodeCore:
             self.verdict = verdict
         # Alone, a node serves its own file (``_reload``): nothing to stand against; after
         # a reread it replicates its own if it leads, which it vouches for.
-        self.replica.stands = self.verdict.stands or not self.peers or self._reread_asked
+        # A node installing a snapshot has no ledger to serve from until it is done.
+        self.replica.stands = (
+            self.verdict.stands or not self.peers or self._reread_asked
+        ) and self.applied.installing is None
         return self.verdict
 
     # --- one cycle -----------------------------------------------------------------
@@ -540,6 +581,7 @@ class NodeCore:
                 self._next_expiry_tick = now.mono + EXPIRY_TICK
                 self._expiry_warnings(now)
             self._take(self.replica.on_tick(now.mono), now)
+        self._compact()
 
     def _give_up(self, exc: Unappliable) -> None:
         """Stop serving and voting at once, and have the shell start the node over.
@@ -769,19 +811,16 @@ class NodeCore:
                 case rp.PersistEntries(entries=entries):
                     if entries:
                         out.persist.append(Append([(e.index, e.term, e.delta) for e in entries]))
-                        self._durable_last = entries[-1].index
                 case rp.TruncateLog(from_index=from_index):
                     out.persist.append(Truncate(from_index))
-                    self._durable_last = min(self._durable_last, from_index - 1)
                 case rp.PersistHardState(term=term, voted_for=voted_for):
                     out.persist.append(SaveHardState(term, voted_for))
-                case rp.PersistSnapshot(index=index, term=term, snapshot=snapshot):
-                    self._save_snapshot(index, term, snapshot)
-                case rp.InstallSnapshot(index=index, term=term, snapshot=snapshot):
-                    self.applied.install(snapshot, index, term)
-                    if self._reporting and index > self._reported:
-                        self._reported = index
-                        self._out.report_from = index
+                case rp.PersistSnapshotChunk(index=index, term=term, offset=offset, data=data):
+                    out.persist.append(SaveSnapshotChunk(index, term, offset, data))
+                case rp.PersistSnapshot(image=image):
+                    out.persist.append(SaveSnapshot(image, "received"))
+                case rp.InstallSnapshot(image=image):
+                    self._start_install(image)
                 case rp.Committed():
                     self._on_committed(effect, now)
                 case rp.RoleChanged():
@@ -790,13 +829,6 @@ class NodeCore:
                     log.debug("dropped a message from %s: %s", sender, reason)
                 case _:
                     assert_never(effect)
-
-    def _save_snapshot(self, index: int, term: int, snapshot: dict[str, Any]) -> None:
-        keep = self.replica.entries(index + 1, self._durable_last)
-        self._out.persist.append(
-            SaveSnapshot(index, term, snapshot, [(e.index, e.term, e.delta) for e in keep])
-        )
-        self._durable_last = keep[-1].index if keep else index
 
     def _on_committed(self, effect: rp.Committed, now: Now) -> None:
         if self.replica.role is rp.Role.PRIMARY:
@@ -823,7 +855,6 @@ class NodeCore:
             self._apply_reporting(entries)
         else:
             self.applied.apply(entries, self.replica.log)
-        self._maybe_compact()
 
     def _apply_reporting(self, entries: Sequence[rp.Entry]) -> None:
         """Apply as ``AppliedLedger.apply`` does, one entry at a time, each entry's records
@@ -857,10 +888,67 @@ class NodeCore:
             del pending[:k]
         self._reported = max(self._reported, upto)
 
-    def _apply_unapplied(self) -> None:
-        if self._unapplied:
-            entries, self._unapplied = self._unapplied, []
+    def _apply_unapplied(self, limit: int | None = None) -> None:
+        """Apply the committed deltas waiting (``limit``: at most that many); none while a
+        snapshot is being installed: they follow it."""
+        if self._unapplied and self.applied.installing is None:
+            entries = self._unapplied if limit is None else self._unapplied[:limit]
+            self._unapplied = self._unapplied[len(entries) :]
             self._apply(entries)
+
+    # --- snapshots ---------------------------------------------------------------------
+
+    def _start_install(self, image: rp.Image | None) -> None:
+        """Install ``image`` in steps (None: start from the empty ledger); the committed
+        deltas after it wait in ``_unapplied``."""
+        self.applied.start_install(image)
+        index = 0 if image is None else image.index
+        self._unapplied = [e for e in self._unapplied if e.index > index]
+        if image is None:
+            self._installed(0)
+
+    def _install_step(self) -> None:
+        if self.applied.install_step():
+            self._installed(self.applied.index)
+
+    def _finish_install(self) -> None:
+        """Every step of the install left, at once: the one place a node blocks for it, a
+        candidate that adopted a snapshot in its view change and is primary now."""
+        if self.applied.installing is not None:
+            self.applied.finish_install()
+            self._installed(self.applied.index)
+
+    def _installed(self, index: int) -> None:
+        log.info("snapshot at %d installed", index)
+        if self._reporting and index > self._reported:
+            self._reported = index
+            self._out.report_from = index
+
+    def _compact(self) -> None:
+        """Ask for a snapshot every ``snapshot_every`` committed deltas, and adopt the one
+        taken once its index is committed.
+
+        The shell's child snapshots the ledger as it is when asked: on a primary that may
+        hold deltas not committed yet (``applied.index`` past the commit). Such a snapshot
+        waits until they commit, and is dropped if the log cut them (a lost reign) or a
+        newer snapshot came first (one received from the primary).
+        """
+        log_, taken = self.replica.log, self._taken
+        if taken is not None:
+            if taken.index <= log_.snap_index or log_.term_at(taken.index) != taken.term:
+                self._taken = None
+            elif taken.index <= self.replica.commit:
+                self._taken = None
+                self._out.persist.append(SaveSnapshot(taken, "taken"))
+                self.replica.compacted(taken)
+            return
+        if self._taking or self.applied.installing is not None:
+            return
+        if self.replica.commit - log_.snap_index < self.config.snapshot_every:
+            return
+        if self.applied.index > log_.snap_index and self.applied.follows(log_):
+            self._taking = True
+            self._out.take_snapshot = (self.applied.index, self.applied.term)
 
     def _on_role_changed(self, effect: rp.RoleChanged) -> None:
         log.info(
@@ -872,6 +960,8 @@ class NodeCore:
         if self.was_recovering and effect.role is not rp.Role.RECOVERING:
             self._out.mark_recovered = True  # the marker, once this cycle's state is on disk
         self.was_recovering = effect.role is rp.Role.RECOVERING
+        if effect.role is rp.Role.PRIMARY:
+            self._finish_install()
         self._apply_unapplied()  # before any decision of the new role reads the ledger
         # Leases and waiters are the primary's alone; a new reign starts them afresh.
         self.ledger.forget_volatile()
@@ -886,20 +976,18 @@ class NodeCore:
         if self._pending and applied.index <= self.replica.commit and applied.follows(log_):
             self._release_reports(self.replica.commit)  # committed: the log vouches for them
         self._pending.clear()  # the rest may never commit: rederived if they do
-        if applied.index > self.replica.commit or not applied.follows(log_):
+        if applied.installing is None and (
+            applied.index > self.replica.commit or not applied.follows(log_)
+        ):
             # As primary we applied deltas that may never commit, or that the event which
             # deposed us has already replaced (an append of the next primary, read after a
             # pause or a loss, can cut them and commit past them at once; the issue 11
             # next_grant crash): rebuild from what is certain, the snapshot and the
-            # committed log. No compaction here: a role change rebuilds before the same
-            # event's truncation and appends reach the disk, which a log rewritten under
-            # them would contradict.
-            if self._reporting:  # the records of the entries rebuilt past _reported
-                applied.install(log_.snapshot, log_.snap_index, log_.snap_term)
-                self._reported = max(self._reported, log_.snap_index)
-                self._apply_reporting(log_.slice(log_.snap_index + 1, self.replica.commit))
-            else:
-                applied.rebuild(log_, self.replica.commit)
+            # committed log, in steps as a snapshot from a peer is installed (the report
+            # log's records come as the entries past ``_reported`` apply). The snapshot
+            # being taken, if any, may hold the deltas cut: ``_compact`` drops it then.
+            self._start_install(log_.snapshot)
+            self._unapplied = log_.slice(log_.snap_index + 1, self.replica.commit)
         self._abandon(self.endpoints.get(effect.primary or ""))
 
     def _abandon(self, primary: str | None) -> None:
@@ -909,19 +997,6 @@ class NodeCore:
         abandoned: Reply = {"status": "redirect", "primary": primary, "outcome": "unknown"}
         for identity, (sid, req) in self.front.abandon():
             self._reply(identity, sid, req, abandoned)
-
-    def _maybe_compact(self) -> None:
-        commit = self.replica.commit
-        if commit - self.replica.log.snap_index < self.config.snapshot_every:
-            return
-        if self.applied.index != commit:
-            return  # a primary's ledger holding uncommitted deltas cannot be snapshotted
-        term = self.replica.log.term_at(commit)
-        if term is None:
-            return
-        snap = self.ledger.snapshot()  # fresh maps: later deltas of this cycle leave it be
-        self._save_snapshot(commit, term, snap)
-        self.replica.compacted(commit, term, snap)
 
     # --- status ----------------------------------------------------------------------
 

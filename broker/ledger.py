@@ -548,38 +548,15 @@ class Ledger:
         min_timeout: float = DEFAULT_MIN_TIMEOUT,
     ) -> Ledger:
         """A ledger from ``snapshot()``; LedgerError when the snapshot is malformed."""
-        if not isinstance(snap, dict) or snap.get("v") != SNAPSHOT_VERSION:
-            raise LedgerError(f"snapshot must be a map with v={SNAPSHOT_VERSION}")
-        ledger = cls(
-            entitlements_from(snap.get("entitlements"), "snapshot"),
-            lease=lease,
-            heartbeat=heartbeat,
-            limits=limits,
-            options=_options_from(snap.get("options"), "snapshot"),
-            min_timeout=min_timeout,
+        builder = LedgerBuilder(
+            snap, lease=lease, heartbeat=heartbeat, limits=limits, min_timeout=min_timeout
         )
-        ledger._license = _license_from(snap.get("license"), "snapshot")
         sessions, grants = snap.get("sessions"), snap.get("grants")
         if not isinstance(sessions, list) or not isinstance(grants, list):
             raise LedgerError("snapshot: 'sessions' and 'grants' must be lists")
-        for s in sessions:
-            session = session_from_snapshot(s)
-            if session.sid in ledger._sessions:
-                raise LedgerError(f"snapshot: session {session.sid} appears twice")
-            ledger._add_session(session)
-        ledger._next_grant = field_int(snap, "next_grant", 1)
-        for g in grants:
-            if not isinstance(g, dict):
-                raise LedgerError("snapshot: a grant must be a map")
-            grant = grant_from(g)
-            if (
-                grant.sid not in ledger._sessions
-                or grant.id in ledger._grants
-                or grant.id >= ledger._next_grant
-            ):
-                raise LedgerError(f"snapshot: grant {grant.id} is duplicated, orphaned or too new")
-            ledger._add_grant(grant)
-        return ledger
+        builder.sessions(sessions)
+        builder.grants(grants)
+        return builder.done()
 
     def reload_delta(
         self,
@@ -1228,6 +1205,79 @@ class Ledger:
 
     def _open_reply(self) -> Reply:
         return reply_ok(lease=self.lease, heartbeat=self.heartbeat)
+
+
+class LedgerBuilder:
+    """A ledger built from the maps of ``Ledger.snapshot()``: its head (the map without
+    ``sessions`` and ``grants``), then its sessions, then its grants, in as many calls as
+    the caller likes (``broker/image.py`` loads a snapshot in steps with it). The one way a
+    ledger is built from a snapshot; LedgerError when the maps are malformed, and the
+    builder is then of no further use.
+    """
+
+    def __init__(
+        self,
+        head: dict[str, Any],
+        *,
+        lease: float,
+        heartbeat: float,
+        limits: Limits | None = None,
+        min_timeout: float = DEFAULT_MIN_TIMEOUT,
+    ) -> None:
+        if not isinstance(head, dict) or head.get("v") != SNAPSHOT_VERSION:
+            raise LedgerError(f"snapshot must be a map with v={SNAPSHOT_VERSION}")
+        ledger = Ledger(
+            entitlements_from(head.get("entitlements"), "snapshot"),
+            lease=lease,
+            heartbeat=heartbeat,
+            limits=limits,
+            options=_options_from(head.get("options"), "snapshot"),
+            min_timeout=min_timeout,
+        )
+        ledger._license = _license_from(head.get("license"), "snapshot")
+        ledger._next_grant = field_int(head, "next_grant", 1)
+        self._ledger = ledger
+        self._granting = False  # grants started: a session now would come too late
+        # One str object per distinct name: unpacked maps hold a new one per field, which
+        # at 1,000,000 grants cost a quarter of the ledger's heap (its sid, feature and
+        # version, and each session's user, host and the like).
+        self._names: dict[str, str] = {}
+
+    def sessions(self, maps: Sequence[object]) -> None:
+        ledger, names = self._ledger, self._names
+        if self._granting:
+            raise LedgerError("snapshot: sessions must come before the grants")
+        for s in maps:
+            session = session_from_snapshot(s)
+            if session.sid in ledger._sessions:
+                raise LedgerError(f"snapshot: session {session.sid} appears twice")
+            session.user = names.setdefault(session.user, session.user)
+            session.host = names.setdefault(session.host, session.host)
+            session.display = names.setdefault(session.display, session.display)
+            session.client_version = names.setdefault(
+                session.client_version, session.client_version
+            )
+            session.address = names.setdefault(session.address, session.address)
+            session.project = names.setdefault(session.project, session.project)
+            ledger._add_session(session)
+
+    def grants(self, maps: Sequence[object]) -> None:
+        ledger, names = self._ledger, self._names
+        self._granting = True
+        for g in maps:
+            if not isinstance(g, dict):
+                raise LedgerError("snapshot: a grant must be a map")
+            grant = grant_from(g)
+            session = ledger._sessions.get(grant.sid)
+            if session is None or grant.id in ledger._grants or grant.id >= ledger._next_grant:
+                raise LedgerError(f"snapshot: grant {grant.id} is duplicated, orphaned or too new")
+            grant.sid = session.sid
+            grant.feature = names.setdefault(grant.feature, grant.feature)
+            grant.version = names.setdefault(grant.version, grant.version)
+            ledger._add_grant(grant)
+
+    def done(self) -> Ledger:
+        return self._ledger
 
 
 # ---------------------------------------------------------------- helpers

@@ -20,10 +20,39 @@ Files, all in the node's data directory:
   snapshot the log follows (``[0, 0]`` before any). Then an entries record ``{"e":
   [[index, term, delta], ...]}`` per persistence effect (a batch: one pack, one checksum
   and one write for all its entries), or a truncation ``{"x": from_index}`` (cheaper than
-  rewriting the file). The file is grown ahead with zeros and records overwrite them
-  (see ``_extend``); at least one zero header always follows the last record.
-- ``snapshot``: one record ``{"index", "term", "ledger"}`` of a committed index, replaced
-  atomically; after it, the log is rewritten to start at that index.
+  rewriting the file). The first entries record after the base may begin at or before
+  the base (see the rewrite below): those entries are covered by the snapshot and skipped.
+  The file is grown ahead with zeros and records overwrite them (see ``_extend``); at
+  least one zero header always follows the last record.
+- ``snapshot``: one record framed as the log's are, whose body is a snapshot image (the
+  stream of msgpack objects ``broker/image.py`` writes: a head naming the committed index
+  and term it was taken at, then records of sessions and of grants); the header's crc32
+  is the image's (``Image.crc``). Its temporary forms, each renamed to ``snapshot`` once
+  complete: ``snapshot.taken.tmp``, written whole by a forked child (``write_taken``: the
+  body, then the end byte, then the header, then fsync), and ``snapshot.received.tmp``,
+  written chunk by chunk as a peer sends it (``save_snapshot_chunk``: each chunk at 12 +
+  its offset, fdatasynced as it comes, so that finishing it never syncs 100 MB at once)
+  and finished by ``save_snapshot`` (header and end byte, sync). A node serves the file
+  through an ``mmap`` of it (``image()``): an image of a million grants is about 110 MB,
+  and is never read into the heap. These files are never truncated in place, only
+  unlinked and written anew or replaced by a rename: an Image still maps the old one
+  (a read past the end of a mapping whose file shrank is a SIGBUS).
+
+Compaction
+----------
+``save_snapshot`` renames the finished file to ``snapshot``, fsyncs the directory, then
+rewrites the log to follow it: a new base record, then the bytes of every record from the
+one that holds entry ``index + 1`` on, copied as they are in the kernel
+(``copy_file_range``: never unpacked and packed again, nor read into the heap), then
+zeros; the new log replaces the old one atomically. The storage keeps, for
+each entries record of the log, its first and last index and its offset, so finding
+where to copy from costs nothing; entries of that first record at or before the base are
+skipped when the log is read. The rewrite costs the bytes of the entries kept (the tail
+the log holds after the snapshot), never the size of the ledger. The entries after the
+index are kept only when the log holds entry ``index`` of the snapshot's term (as
+``peers.log.Log.install`` keeps them): otherwise they are no continuation of the
+snapshot, and the log ends at its base. A crash between the rename and the rewrite
+leaves a log that follows an older snapshot: ``load`` finishes the rewrite.
 
 Torn tails and damage
 ---------------------
@@ -47,10 +76,13 @@ zero bytes after the last record (the file was cut short); a record whose checks
 match but whose content has the wrong shape (not a map, missing keys, wrong types,
 entries that do not follow each other, terms that go down, a truncation outside the
 log); a log that does not start with its base or follows a snapshot the directory does
-not hold; a hardstate below the terms of the log; a missing, cut or garbled hardstate,
-snapshot or marker. (A marker naming another node of the triad is a mistake of
-configuration, not damage: ``StorageError``.) The header's own checksum is what keeps a
-damaged length from passing for a torn record that swallowed the records after it.
+not hold, or of a term other than the snapshot's at the base; a hardstate below the
+terms of the log; a missing, cut or garbled hardstate, snapshot or marker (a snapshot
+whose body fails its crc32, or whose head names no index and term). A snapshot file
+whose image makes no ledger is found by the node, which calls ``set_aside``. (A marker
+naming another node of the triad is a mistake of configuration, not damage:
+``StorageError``.) The header's own checksum is what keeps a damaged length from passing
+for a torn record that swallowed the records after it.
 
 ``load`` then moves the directory's files into ``damaged-<UTC time>/`` beside them, for
 an administrator to inspect, and returns a fresh state (``Loaded.damaged``; the file,
@@ -70,9 +102,12 @@ a power loss may then lose acknowledged deltas, a process crash does not.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import errno
 import fcntl
 import json
+import mmap
 import os
 import struct
 import time
@@ -80,9 +115,15 @@ import zlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
+from zbroker.broker.image import head_of, write_image
+from zbroker.broker.seats import LedgerError
 from zbroker.broker.wire import pack, unpack
+from zbroker.peers.types import Image
+
+if TYPE_CHECKING:
+    from zbroker.broker.ledger import Ledger
 
 _HEADER = struct.Struct("<III")  # length, crc32 of the body, crc32 of those 8 bytes
 _LENGTH_CRC, _CRC = struct.Struct("<II"), struct.Struct("<I")  # _HEADER's two parts
@@ -93,7 +134,10 @@ MARKER = "node.json"
 LOCK = "node.lock"
 HARDSTATE = "hardstate"
 SNAPSHOT = "snapshot"
+TAKEN = "snapshot.taken.tmp"  # written by a forked child (write_taken)
+RECEIVED = "snapshot.received.tmp"  # written chunk by chunk from a peer
 LOG = "log"
+_WRITE_BUFFER = 1 << 20  # the child's writes of a snapshot image
 _STATE = (MARKER, HARDSTATE, SNAPSHOT, LOG)  # what a load reads; the lock is not state
 DAMAGED = "damaged-"  # prefix of the folders that damaged files are moved into
 
@@ -125,12 +169,33 @@ class Loaded:
     fresh: bool
     term: int = 0
     voted_for: str | None = None
-    snapshot_index: int = 0
-    snapshot_term: int = 0
-    snapshot: dict[str, Any] | None = None
+    snapshot: Image | None = None  # over an mmap of the snapshot file; the log follows it
     entries: list[tuple[int, int, Any]] = field(default_factory=list)  # (index, term, delta)
     damaged: bool = False
     why: str = ""  # why the state is fresh: a new or wiped directory, or the damage found
+
+    @property
+    def snapshot_index(self) -> int:
+        return 0 if self.snapshot is None else self.snapshot.index
+
+    @property
+    def snapshot_term(self) -> int:
+        return 0 if self.snapshot is None else self.snapshot.term
+
+
+# An entries record of the log: its first and last index (entries cut by a later
+# truncation are not counted) and its offset in the file.
+_Span = tuple[int, int, int]
+
+
+@dataclass
+class _Receiving:
+    """The snapshot being received into RECEIVED: which one, and the bytes written."""
+
+    index: int
+    term: int
+    fd: int
+    size: int = 0
 
 
 def write_marker(data_dir: Path, node: str) -> None:
@@ -140,7 +205,8 @@ def write_marker(data_dir: Path, node: str) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / HARDSTATE).exists() and not (data_dir / LOG).exists():
         _replace(data_dir / HARDSTATE, _frame({"term": 0, "voted_for": None}))
-        _write_log(data_dir, 0, 0, [], fsync=True)
+        _replace(data_dir / LOG, _frame({"base": [0, 0]}) + bytes(_ZERO_CHUNK))
+        _fsync_dir(data_dir)
     _replace(data_dir / MARKER, json.dumps({"node": node}).encode())
 
 
@@ -178,6 +244,10 @@ class Storage:
         self._dirty = False
         self._failed = False  # a write or sync failed: the node stops, close() skips the sync
         self.last = 0  # index of the last entry written (durable after the next sync)
+        self._base = (0, 0)  # the log's base record: the (index, term) it follows
+        self._spans: list[_Span] = []  # the log's entries records that hold entries, in order
+        self._image: Image | None = None  # the snapshot file, mapped
+        self._receiving: _Receiving | None = None
 
     # --- start-up
     def lock(self) -> None:
@@ -241,6 +311,7 @@ class Storage:
         if self._log is not None:
             self._log.close()
             self._log = None
+        self._drop_received()
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())  # for the administrator
         try:
             target = self.dir / f"{DAMAGED}{stamp}"
@@ -273,41 +344,36 @@ class Storage:
         hard = self._read_record_file(HARDSTATE, _hard_state)
         if hard is None:
             raise _Damage(self.dir / HARDSTATE, None, "missing (a marked directory has one)")
-        snap = self._read_record_file(SNAPSHOT, _snapshot)
+        snap = _map_snapshot(self.dir / SNAPSHOT, check=True) if self._has(SNAPSHOT) else None
         path = self.dir / LOG
         if not path.exists():
             raise _Damage(path, None, "missing (a marked directory has one)")
         term, voted_for = hard
         data = path.read_bytes()
         records, good_end, torn_end = _scan(path, data)
-        base, entries = _replay(path, records)
-        snap_index, snap_term, ledger = snap if snap is not None else (0, 0, None)
-        _check_snapshot(path, base, entries, snap_index, snap_term, snap is not None)
+        base, entries, spans = _replay(path, records)
+        snap_index, snap_term = (snap.index, snap.term) if snap is not None else (0, 0)
+        _check_snapshot(path, base, snap_index, snap_term, snap is not None)
         top = max(snap_term, entries[-1][1] if entries else base[1])
         if term < top:
             raise _Damage(
                 self.dir / HARDSTATE, None, f"term {term} is below the log's last term {top}"
             )
-        kept = [e for e in entries if e[0] > snap_index]
+        self._open_log(good_end, len(data), torn_end)
+        self._base, self._spans, self._image = base, spans, snap
+        self.last = entries[-1][0] if entries else base[0]
         if snap_index != base[0]:
             # A compaction stored its snapshot, then stopped before it rewrote the log:
             # finish it, so that the entries appended next follow the snapshot on disk too.
-            self._rewrite_log(snap_index, snap_term, kept)
-        else:
-            self._open_log(good_end, len(data), torn_end)
-            self.last = kept[-1][0] if kept else snap_index
-        return Loaded(
-            fresh=False,
-            term=term,
-            voted_for=voted_for,
-            snapshot_index=snap_index,
-            snapshot_term=snap_term,
-            snapshot=ledger,
-            entries=kept,
-        )
+            self._compact_log(snap_index, snap_term)
+        kept = [e for e in entries if e[0] > snap_index] if self.last > snap_index else []
+        return Loaded(fresh=False, term=term, voted_for=voted_for, snapshot=snap, entries=kept)
+
+    def _has(self, name: str) -> bool:
+        return (self.dir / name).exists()
 
     def _start_fresh(self) -> Loaded:
-        left = [n for n in (HARDSTATE, SNAPSHOT, LOG) if (self.dir / n).exists()]
+        left = [n for n in (HARDSTATE, SNAPSHOT, LOG) if self._has(n)]
         for name in left:
             os.unlink(self.dir / name)  # they vouch for nothing without the marker
         self._empty_state()
@@ -337,25 +403,144 @@ class Storage:
     # --- persistence effects
     def append(self, entries: list[tuple[int, int, Any]]) -> None:
         if entries:
-            self._write({"e": entries})
+            offset = self._write({"e": entries})
+            self._spans.append((entries[0][0], entries[-1][0], offset))
             self.last = entries[-1][0]
 
     def truncate(self, from_index: int) -> None:
+        if from_index > self.last:
+            return  # nothing to cut (a compaction may have dropped the tail already)
         self._write({"x": from_index})
-        self.last = min(self.last, from_index - 1)
+        self.last = from_index - 1
+        spans = self._spans
+        while spans and spans[-1][0] >= from_index:
+            spans.pop()
+        if spans and spans[-1][1] >= from_index:
+            spans[-1] = (spans[-1][0], from_index - 1, spans[-1][2])
 
     def save_hard_state(self, term: int, voted_for: str | None) -> None:
         self._replace_record(HARDSTATE, {"term": term, "voted_for": voted_for})
 
-    def save_snapshot(
-        self, index: int, term: int, ledger: dict[str, Any], keep: list[tuple[int, int, Any]]
-    ) -> None:
-        """Store a snapshot, then rewrite the log to hold only ``keep`` (entries after it)."""
-        self._replace_record(SNAPSHOT, {"index": index, "term": term, "ledger": ledger})
+    # --- snapshots
+    def write_taken(self, ledger: Ledger, index: int, term: int) -> None:
+        """Write ``ledger``'s image (holding every delta up to ``index``, of ``term``) into
+        ``snapshot.taken.tmp``: the body, the end byte, then the header, then fsync.
+
+        For a forked child: plain file I/O on a file of its own, nothing of the parent's
+        touched (the log's buffer, the lock), no logging. DiskError when it cannot.
+        """
+        path = self.dir / TAKEN
         try:
-            self._rewrite_log(index, term, keep)
+            _unlink(path)
+            with open(path, "xb", buffering=_WRITE_BUFFER) as out:
+                out.write(bytes(_HEADER.size))
+                size, crc = write_image(ledger, index, term, out)
+                out.write(_END_BYTE)
+                out.flush()
+                _pwrite_all(out.fileno(), _header(size, crc), 0)
+                if self.fsync:
+                    os.fsync(out.fileno())
+        except OSError as exc:
+            raise DiskError(f"{path}: cannot write: {_os(exc)}") from None
+
+    def taken_image(self, index: int, term: int) -> Image:
+        """The image a child wrote by ``write_taken``, over an mmap of its file (its crc is
+        the header's: a child that exited 0 wrote it whole). StorageError when the file is
+        not that snapshot."""
+        path = self.dir / TAKEN
+        try:
+            image = _map_snapshot(path, check=False)
+        except _Damage as damage:
+            raise StorageError(f"the snapshot taken is unusable: {damage}") from None
+        except OSError as exc:
+            raise DiskError(f"{path}: cannot read: {_os(exc)}") from None
+        if (image.index, image.term) != (index, term):
+            raise StorageError(
+                f"{path}: holds the snapshot at {image.index} of term {image.term},"
+                f" not the one at {index} of term {term}"
+            )
+        return image
+
+    def save_snapshot_chunk(self, index: int, term: int, offset: int, data: bytes) -> None:
+        """Write a chunk of the snapshot a peer sends into ``snapshot.received.tmp``, at
+        12 + ``offset``; offset 0 starts it afresh. Chunks come in order, without gaps:
+        StorageError for one that does not follow. Synced as it is written when fsync
+        is on, so that completing a 100 MB image syncs only its last chunk."""
+        path = self.dir / RECEIVED
+        try:
+            if offset == 0:
+                self._drop_received()
+                _unlink(path)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                self._receiving = _Receiving(index, term, fd)
+            got = self._receiving
+            if got is None or (got.index, got.term, got.size) != (index, term, offset):
+                had = "none" if got is None else f"{got.size} bytes of {got.index}/{got.term}"
+                raise StorageError(
+                    f"{path}: a chunk at {offset} of the snapshot at {index} of term {term}"
+                    f" does not follow what was received ({had})"
+                )
+            _pwrite_all(got.fd, data, _HEADER.size + offset)
+            if self.fsync:
+                os.fdatasync(got.fd)
+            got.size += len(data)
+        except OSError as exc:
+            raise self._disk_error(RECEIVED, exc) from None
+
+    def save_snapshot(self, image: Image, source: str) -> None:
+        """Make ``image`` the node's snapshot: finish its file (``source``: "taken", a
+        child's ``snapshot.taken.tmp``; "received", the chunks of
+        ``snapshot.received.tmp``), rename it to ``snapshot``, then rewrite the log to
+        follow it (the module docstring)."""
+        if source not in ("taken", "received"):
+            raise ValueError(f"source {source!r}: 'taken' or 'received'")
+        if image.index < self._base[0]:
+            raise StorageError(
+                f"{self.dir / SNAPSHOT}: a snapshot at {image.index} is older than the"
+                f" log's base {self._base[0]}"
+            )
+        name = TAKEN if source == "taken" else RECEIVED
+        try:
+            if source == "received":
+                self._finish_received(image)
+            os.replace(self.dir / name, self.dir / SNAPSHOT)
+            if self.fsync:
+                _fsync_dir(self.dir)
+        except OSError as exc:
+            raise self._disk_error(name, exc) from None
+        try:
+            self._image = _map_snapshot(self.dir / SNAPSHOT, check=False)
+        except (_Damage, OSError) as exc:
+            self._failed = True
+            raise DiskError(f"{self.dir / SNAPSHOT}: cannot read back: {exc}") from None
+        try:
+            self._compact_log(image.index, image.term)
         except OSError as exc:
             raise self._disk_error(LOG, exc) from None
+
+    def image(self) -> Image | None:
+        """The node's snapshot, over an mmap of its file (None before any)."""
+        return self._image
+
+    def _finish_received(self, image: Image) -> None:
+        got = self._receiving
+        if got is None or (got.index, got.term, got.size) != (image.index, image.term, image.size):
+            had = "nothing" if got is None else f"{got.size} bytes of {got.index}/{got.term}"
+            raise StorageError(
+                f"{self.dir / RECEIVED}: holds {had}, not the {image.size} bytes of the"
+                f" snapshot at {image.index} of term {image.term}"
+            )
+        _pwrite_all(got.fd, _header(image.size, image.crc), 0)
+        _pwrite_all(got.fd, _END_BYTE, _HEADER.size + image.size)
+        if self.fsync:
+            os.fdatasync(got.fd)
+        self._drop_received()
+
+    def _drop_received(self) -> None:
+        if self._receiving is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._receiving.fd)
+            self._receiving = None
 
     def mark_recovered(self) -> None:
         try:
@@ -386,6 +571,7 @@ class Storage:
                 with contextlib.suppress(OSError):
                     self._log.close()
                 self._log = None
+            self._drop_received()
             if self._lock_fd is not None:
                 os.close(self._lock_fd)  # releases the flock
                 self._lock_fd = None
@@ -394,13 +580,71 @@ class Storage:
     def _empty_state(self) -> None:
         """Term 0, no vote, an empty log: where a fresh node starts, unmarked."""
         _replace(self.dir / HARDSTATE, _frame({"term": 0, "voted_for": None}), fsync=self.fsync)
-        self._rewrite_log(0, 0, [])
+        self._image = None
+        self._new_log(0, 0)
 
-    def _rewrite_log(self, base: int, term: int, keep: list[tuple[int, int, Any]]) -> None:
-        """Replace the log with its base record, ``keep``, and zeros to write over."""
-        end = _write_log(self.dir, base, term, keep, fsync=self.fsync)
+    def _compact_log(self, index: int, term: int) -> None:
+        """Rewrite the log to follow the snapshot at ``index`` (of ``term``): the records
+        from the one holding entry index + 1 on, copied byte for byte; none when the log
+        does not hold entry ``index`` of ``term`` (see the module docstring)."""
+        assert self._log is not None
+        self._log.flush()
+        end = start = self._log.tell()
+        held = self._span_of(index + 1)
+        if held is not None and self._term_at(index) == term:
+            start = held[2]
+        spans, last = self._spans, self.last
+        shift = self._new_log(index, term, (self._log.fileno(), start, end)) - start
+        self._spans = [(first, upto, at + shift) for first, upto, at in spans if at >= start]
+        if self._spans:
+            self.last = last
+
+    def _new_log(self, base: int, term: int, copy: tuple[int, int, int] | None = None) -> int:
+        """Replace the log with its base record, the bytes ``copy`` names (a file, from,
+        to), and zeros to write over; the offset the copied bytes start at."""
+        head = _frame({"base": [base, term]})
+        path = self.dir / LOG
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as out:
+            out.write(head)
+            out.flush()
+            if copy is not None:
+                _copy_range(copy[0], out.fileno(), copy[1], copy[2] - copy[1], len(head))
+                out.seek(0, os.SEEK_END)
+            end = out.tell()
+            out.write(bytes(_ZERO_CHUNK))
+            out.flush()
+            if self.fsync:
+                os.fsync(out.fileno())
+        os.replace(tmp, path)
+        if self.fsync:
+            _fsync_dir(self.dir)
         self._open_log(end, end + _ZERO_CHUNK, end)
-        self.last = keep[-1][0] if keep else base
+        self._base = (base, term)
+        self._spans = []
+        self.last = base
+        return len(head)
+
+    def _span_of(self, index: int) -> _Span | None:
+        """The entries record that holds entry ``index``, if the log holds it."""
+        at = bisect.bisect_right(self._spans, index, key=lambda span: span[0]) - 1
+        if at >= 0 and self._spans[at][1] >= index:
+            return self._spans[at]
+        return None
+
+    def _term_at(self, index: int) -> int | None:
+        """The term of entry ``index`` in the log (the base's at the base), read back
+        from its record; None when the log does not hold it."""
+        if index == self._base[0]:
+            return self._base[1]
+        span = self._span_of(index)
+        if span is None or self._log is None:
+            return None
+        fd = self._log.fileno()
+        length = _HEADER.unpack(_pread_all(fd, _HEADER.size, span[2]))[0]
+        record = unpack(_pread_all(fd, length, span[2] + _HEADER.size))
+        term: int = record["e"][index - span[0]][1]
+        return term
 
     def _open_log(self, end: int, size: int, torn_end: int) -> None:
         """Hold the log open for writing at ``end``; zero a torn tail up to ``torn_end``."""
@@ -430,16 +674,19 @@ class Storage:
         _pwrite_all(log.fileno(), bytes(grow), self._zeroed)  # leaves the file position
         self._zeroed += grow
 
-    def _write(self, record: dict[str, Any]) -> None:
+    def _write(self, record: dict[str, Any]) -> int:
+        """Append ``record`` to the log; the offset it starts at."""
         if self._log is None:
             raise StorageError(f"{self.dir}: the data directory was not loaded before a write")
         data = _frame(record)
         try:
             self._extend(self._log, len(data))
+            offset = self._log.tell()
             self._log.write(data)
         except OSError as exc:
             raise self._disk_error(LOG, exc) from None
         self._dirty = True
+        return offset
 
     def _replace_record(self, name: str, record: dict[str, Any]) -> None:
         try:
@@ -509,8 +756,11 @@ def _scan(path: Path, data: bytes) -> tuple[list[tuple[int, Any]], int, int]:
         raise _Damage(path, pos, "checksum mismatch in a record written to its end")
 
 
-def _replay(path: Path, records: list[tuple[int, Any]]) -> tuple[tuple[int, int], list[Any]]:
-    """The log's base (index, term) and its entries, once every record is checked."""
+def _replay(
+    path: Path, records: list[tuple[int, Any]]
+) -> tuple[tuple[int, int], list[Any], list[_Span]]:
+    """The log's base (index, term), its entries after the base, and the spans of its
+    entries records (``_Span``), once every record is checked."""
     if not records:
         raise _Damage(path, 0, "no base record: every log starts with one")
     first_off, first = records[0]
@@ -518,18 +768,23 @@ def _replay(path: Path, records: list[tuple[int, Any]]) -> tuple[tuple[int, int]
     if not (isinstance(base, list) and len(base) == 2 and all(_count(v) for v in base)):
         raise _Damage(path, first_off, 'the first record is not {"base": [index, term]}')
     entries: list[tuple[int, int, Any]] = []
+    spans: list[_Span] = []
     last, last_term = base
-    for offset, record in records[1:]:
+    for n, (offset, record) in enumerate(records[1:]):
         if not isinstance(record, dict) or len(record) != 1:
             raise _Damage(path, offset, "a record must be a map of one kind")
         if "e" in record:
             batch = record["e"]
             if not isinstance(batch, list) or not batch:
                 raise _Damage(path, offset, "an entries record needs a list of entries")
-            for item in batch:
+            # A compaction copies the record holding the entry after its snapshot whole:
+            # the entries of it up to the base are the snapshot's.
+            covered = _covered(path, offset, batch, base[0]) if n == 0 else 0
+            for item in batch[covered:]:
                 index, term = _entry(path, offset, item, last, last_term)
                 entries.append((index, term, item[2]))
                 last, last_term = index, term
+            spans.append((batch[0][0], last, offset))
         elif "x" in record:
             cut = record["x"]
             if not (_count(cut) and base[0] < cut <= last + 1):
@@ -537,9 +792,28 @@ def _replay(path: Path, records: list[tuple[int, Any]]) -> tuple[tuple[int, int]
             del entries[cut - base[0] - 1 :]
             last = cut - 1
             last_term = entries[-1][1] if entries else base[1]
+            while spans and spans[-1][0] >= cut:
+                spans.pop()
+            if spans and spans[-1][1] >= cut:
+                spans[-1] = (spans[-1][0], cut - 1, spans[-1][2])
         else:
             raise _Damage(path, offset, f"unknown record kind {next(iter(record))!r}")
-    return (base[0], base[1]), entries
+    return (base[0], base[1]), entries, spans
+
+
+def _covered(path: Path, offset: int, batch: list[Any], base: int) -> int:
+    """How many entries at the start of ``batch`` are at or before ``base``: consecutive
+    entries ending at the base, whose terms the snapshot vouches for."""
+    first = batch[0]
+    if not (isinstance(first, list) and len(first) == 3 and _count(first[0])):
+        raise _Damage(path, offset, "an entry must be [index, term, delta]")
+    covered = max(0, min(base - first[0] + 1, len(batch)))
+    for i, item in enumerate(batch[:covered]):
+        if not (isinstance(item, list) and len(item) == 3 and item[0] == first[0] + i):
+            raise _Damage(path, offset, "entries before the base that do not follow each other")
+    if covered == len(batch):
+        raise _Damage(path, offset, f"entries {first[0]}.. are all at or before the base {base}")
+    return covered
 
 
 def _entry(path: Path, offset: int, item: Any, last: int, last_term: int) -> tuple[int, int]:
@@ -556,12 +830,7 @@ def _entry(path: Path, offset: int, item: Any, last: int, last_term: int) -> tup
 
 
 def _check_snapshot(
-    path: Path,
-    base: tuple[int, int],
-    entries: list[tuple[int, int, Any]],
-    snap_index: int,
-    snap_term: int,
-    have: bool,
+    path: Path, base: tuple[int, int], snap_index: int, snap_term: int, have: bool
 ) -> None:
     """The log follows the snapshot the directory holds (or an older one: a compaction
     stores its snapshot before it rewrites the log)."""
@@ -572,12 +841,32 @@ def _check_snapshot(
         raise _Damage(snapshot, 0, f"at index {snap_index}, older than the log's base {base[0]}")
     if have and snap_index == base[0] and snap_term != base[1]:
         raise _Damage(snapshot, 0, f"of term {snap_term}, the log's base of term {base[1]}")
-    if base[0] < snap_index <= base[0] + len(entries):
-        term = entries[snap_index - base[0] - 1][1]
-        if term != snap_term:
-            raise _Damage(
-                snapshot, 0, f"at index {snap_index} of term {snap_term}, the log's of {term}"
-            )
+
+
+def _map_snapshot(path: Path, *, check: bool) -> Image:
+    """The snapshot file at ``path`` as an Image over a read-only mmap of it; ``check``:
+    its body's crc32 checked too (at load: a child's or a peer's was checked as made)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < _HEADER.size + 1:
+            raise _Damage(path, 0, f"cut short: {size} bytes, not even a record header")
+        header = f.read(_HEADER.size)
+        length, crc, header_crc = _HEADER.unpack(header)
+        if zlib.crc32(header[:8]) != header_crc:
+            raise _Damage(path, 0, "the record header fails its checksum")
+        if size != _HEADER.size + length + 1:
+            raise _Damage(path, 0, f"the record says {length} bytes, the file has {size}")
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if mapped[-1] not in (_END, 0):
+        raise _Damage(path, size - 1, f"end byte {mapped[-1]:#x}, not {_END:#x}")
+    body = memoryview(mapped)[_HEADER.size : _HEADER.size + length]
+    if check and zlib.crc32(body) != crc:
+        raise _Damage(path, 0, "checksum mismatch")
+    try:
+        index, term = head_of(body)
+    except LedgerError as exc:
+        raise _Damage(path, _HEADER.size, str(exc)) from None
+    return Image(index, term, body, crc)
 
 
 # --- shapes of the small files
@@ -589,14 +878,6 @@ def _hard_state(path: Path, record: Any) -> tuple[int, str | None]:
         if _count(term) and (vote is None or isinstance(vote, str)):
             return term, vote
     raise _Damage(path, 0, 'not {"term": int >= 0, "voted_for": name or nil}')
-
-
-def _snapshot(path: Path, record: Any) -> tuple[int, int, dict[str, Any]]:
-    if isinstance(record, dict) and set(record) == {"index", "term", "ledger"}:
-        index, term, ledger = record["index"], record["term"], record["ledger"]
-        if _count(index) and index > 0 and _count(term) and isinstance(ledger, dict):
-            return index, term, ledger
-    raise _Damage(path, 0, 'not {"index": int > 0, "term": int >= 0, "ledger": map}')
 
 
 def _count(value: Any) -> bool:
@@ -615,30 +896,60 @@ def _decode(path: Path, offset: int, body: bytes) -> Any:
 
 def _frame(record: Any) -> bytes:
     body = pack(record)
-    head = _LENGTH_CRC.pack(len(body), zlib.crc32(body))
-    return b"".join((head, _CRC.pack(zlib.crc32(head)), body, _END_BYTE))
+    return b"".join((_header(len(body), zlib.crc32(body)), body, _END_BYTE))
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    """``os.pwrite`` until all of ``data`` is written: it may write less than asked."""
+def _header(length: int, crc: int) -> bytes:
+    head = _LENGTH_CRC.pack(length, crc)
+    return head + _CRC.pack(zlib.crc32(head))
+
+
+def _pread_all(fd: int, size: int, offset: int) -> bytes:
+    """``size`` bytes at ``offset``: ``os.pread`` may read less than asked."""
+    parts = []
+    while size > 0:
+        part = os.pread(fd, size, offset)
+        if not part:
+            raise OSError(f"pread found the end of the file at offset {offset}")
+        parts.append(part)
+        size, offset = size - len(part), offset + len(part)
+    return b"".join(parts)
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    """``os.pwrite`` until all of ``data`` is written (it may write less than asked);
+    how many bytes that was."""
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
         if written <= 0:
             raise OSError(f"pwrite wrote nothing at offset {offset}")
         view, offset = view[written:], offset + written
+    return len(data)
 
 
-def _write_log(
-    data_dir: Path, base: int, term: int, keep: list[tuple[int, int, Any]], *, fsync: bool
-) -> int:
-    """Replace the log atomically with its base record, ``keep`` and a chunk of zeros;
-    returns where the next record goes."""
-    records = _frame({"base": [base, term]}) + (_frame({"e": keep}) if keep else b"")
-    _replace(data_dir / LOG, records + bytes(_ZERO_CHUNK), fsync=fsync)
-    if fsync:
-        _fsync_dir(data_dir)
-    return len(records)
+def _copy_range(src: int, dst: int, start: int, size: int, to: int) -> None:
+    """Copy ``size`` bytes of ``src`` from ``start`` into ``dst`` at ``to``, in the kernel
+    (``copy_file_range``: no copy through this process), or by reads and writes where the
+    file system cannot."""
+    while size > 0:
+        try:
+            done = os.copy_file_range(src, dst, size, start, to)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            done = _pwrite_all(dst, _pread_all(src, min(size, _ZERO_CHUNK), start), to)
+        if done <= 0:
+            raise OSError(f"copy_file_range copied nothing at offset {start}")
+        start, to, size = start + done, to + done, size - done
+
+
+def _unlink(path: Path) -> None:
+    """Remove a snapshot's temporary file before writing it anew: never truncate it in
+    place, since an Image may still map it (a read past the end of a mapping whose file
+    shrank is a SIGBUS), and the mapping keeps the old file for as long as it lives."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def _fsync_dir(path: Path) -> None:

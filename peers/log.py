@@ -11,6 +11,11 @@ catches up from entries instead of a whole snapshot. The term of the entry at
 ``base_index`` is remembered (``base_term``) so that an append right after it can
 still be checked.
 
+The snapshot is an ``Image`` (bytes the shell wrote; ``snap_index`` and ``snap_term``
+are its index and term). A compaction keeps more than the tail when an older image is
+still being sent to a backup (``hold``): that backup will continue from the entry after
+that image's index, so the log holds the entries after it until a later compaction.
+
 Invariants (checked by explicit raises, a broken one is a bug, not bad input):
 
 - entries are contiguous and their terms never decrease;
@@ -23,24 +28,15 @@ what to append and truncate, the log only keeps the shape.
 
 from __future__ import annotations
 
-from typing import Any
-
-from zbroker.peers.types import CorruptState, Entry, ReplicaError
+from zbroker.peers.types import CorruptState, Entry, Image, ReplicaError
 
 
 class Log:
     """A snapshot plus the entries after ``base_index``."""
 
-    def __init__(
-        self,
-        snap_index: int = 0,
-        snap_term: int = 0,
-        snapshot: dict[str, Any] | None = None,
-        entries: list[Entry] | None = None,
-    ) -> None:
-        self.snap_index = snap_index
-        self.snap_term = snap_term
+    def __init__(self, snapshot: Image | None = None, entries: list[Entry] | None = None) -> None:
         self.snapshot = snapshot
+        snap_index, snap_term = self.snap_index, self.snap_term
         self.base_index = snap_index
         self.base_term = snap_term
         self.entries: list[Entry] = []
@@ -55,6 +51,14 @@ class Log:
         self.entries = tail
 
     # --- reading ----------------------------------------------------------------------
+
+    @property
+    def snap_index(self) -> int:
+        return 0 if self.snapshot is None else self.snapshot.index
+
+    @property
+    def snap_term(self) -> int:
+        return 0 if self.snapshot is None else self.snapshot.term
 
     @property
     def last(self) -> int:
@@ -131,15 +135,18 @@ class Log:
         self.append(fresh)
         return cut, fresh
 
-    def compact(self, index: int, term: int, snapshot: dict[str, Any], keep_tail: int) -> None:
-        """The shell took a snapshot at ``index``; drop entries older than the tail kept."""
+    def compact(self, image: Image, keep_tail: int, hold: int | None = None) -> None:
+        """The shell took ``image``; drop entries older than the tail kept and ``hold``
+        (the lowest index of an image still being sent: the entries after it stay)."""
+        index, term = image.index, image.term
         if index <= self.snap_index:
             return
         known = self.term_at(index)
         if index > self.last or known != term:
             raise ReplicaError(f"snapshot at {index} term {term} does not match the log")
-        self.snap_index, self.snap_term, self.snapshot = index, term, snapshot
-        new_base = max(self.base_index, index - keep_tail)
+        self.snapshot = image
+        new_base = index - keep_tail if hold is None else min(index - keep_tail, hold)
+        new_base = max(self.base_index, new_base)
         if new_base > self.base_index:
             base_term = self.term_at(new_base)
             if base_term is None:
@@ -147,7 +154,7 @@ class Log:
             del self.entries[: new_base - self.base_index]
             self.base_index, self.base_term = new_base, base_term
 
-    def install(self, index: int, term: int, snapshot: dict[str, Any]) -> bool:
+    def install(self, image: Image) -> bool:
         """Replace the log's start with a snapshot from a peer.
 
         Keeps the entries after ``index`` when the log holds the snapshot's last entry
@@ -155,11 +162,12 @@ class Log:
         emptied. Returns True when entries after ``index`` were discarded, which the disk
         must drop too (entries at or before ``index`` are covered by the snapshot anyway).
         """
+        index, term = image.index, image.term
         keep = index <= self.last and self.term_at(index) == term
         had_after = self.last > index
         if keep:
             del self.entries[: max(0, index - self.base_index)]
-        self.snap_index, self.snap_term, self.snapshot = index, term, snapshot
+        self.snapshot = image
         self.base_index, self.base_term = index, term
         if not keep:
             self.entries = []

@@ -15,13 +15,23 @@ to the replica.
 | vote_req | term, candidate, last, last_term, transfer, pre | candidate (pre: a pre-vote) |
 | vote | term, req_term, granted, pre, last, last_term, commit | voter, answering vote_req |
 | append | term, prev_index, prev_term, entries, commit | primary, to each backup |
-| append_ack | term, ok, match, prev_index, last, commit | backup, answering append or snapshot |
-| snapshot | term, index, term_at, data | primary, to a backup behind its log |
+| append_ack | term, ok, match, prev_index, last, commit | backup, answering append or last chunk |
+| snapshot | term, index, term_at, offset, size, crc, data | primary, to a backup behind its log |
+| snapshot_ack | term, index, offset | backup: it holds [0, offset) of it |
 | timeout_now | term | primary handing over to a higher-ranked backup |
-| fetch | term, from_index | new primary-elect, to a voter with a better log |
+| fetch | term, from_index, offset, snap_index | new primary-elect, to a voter with a better log |
 | fetch_reply | term, prev_index, prev_term, entries, last, snapshot | that voter |
 
 An entry is ``{term, index, delta}`` with ``delta`` a map (opaque here) or None.
+
+A snapshot travels as chunks of its image's bytes (``types.Image``): each ``data`` (bin)
+is at most ``MAX_SNAPSHOT_CHUNK`` bytes (a sender sends ``Timing.snapshot_chunk``),
+``offset + len(data) <= size``, ``crc`` is the crc32 of all ``size`` bytes.
+``fetch_reply.snapshot`` is None or one such chunk ``{offset, size, crc, data}`` of the
+image at ``prev_index`` (term ``prev_term``), entries only with its last chunk;
+``fetch``'s ``snap_index`` names the image whose first ``offset`` bytes the candidate
+holds (0 and 0: none). These shapes are not those of nodes from before chunked
+snapshots: the two cannot replicate a snapshot to each other.
 """
 
 from __future__ import annotations
@@ -30,11 +40,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from zbroker.peers.types import Entry, Role
+from zbroker.peers.types import MAX_SNAPSHOT_CHUNK, Entry, Role
 
 MAX_INDEX = 2**62  # far beyond any real log; rejects overflow games
 MAX_NAME = 256
 MAX_ENTRIES = 65_536  # per message; the primary batches far below this
+MAX_IMAGE = 2**40  # bytes; far beyond any real ledger's image
 
 
 class Invalid(Exception):
@@ -62,6 +73,25 @@ def _name(m: Mapping[str, Any], key: str, *, optional: bool = False) -> str | No
     if not isinstance(v, str) or not 0 < len(v) <= MAX_NAME:
         raise Invalid(f"{key} must be a node name")
     return v
+
+
+def _crc(m: Mapping[str, Any]) -> int:
+    v = m.get("crc")
+    if type(v) is not int or not 0 <= v < 2**32:
+        raise Invalid("crc must be a crc32")
+    return v
+
+
+def _chunk(m: Mapping[str, Any]) -> tuple[int, int, int, bytes]:
+    """(offset, size, crc, data) of one chunk of an image, checked against each other."""
+    offset, size, crc, data = _int(m, "offset"), _int(m, "size"), _crc(m), m.get("data")
+    if not 0 < size <= MAX_IMAGE:
+        raise Invalid("size must be 1 .. MAX_IMAGE bytes")
+    if type(data) is not bytes or not 0 < len(data) <= MAX_SNAPSHOT_CHUNK:
+        raise Invalid("data must be 1 .. MAX_SNAPSHOT_CHUNK bytes")
+    if offset + len(data) > size:
+        raise Invalid("chunk runs past the image's size")
+    return offset, size, crc, data
 
 
 def _map(v: object, what: str) -> dict[str, Any]:
@@ -202,10 +232,15 @@ class AppendAck:
 
 @dataclass(frozen=True)
 class Snapshot:
+    """One chunk of the image at ``index`` (of term ``term_at``): ``size`` bytes in all."""
+
     term: int
     index: int
     term_at: int
-    data: dict[str, Any]
+    offset: int
+    size: int
+    crc: int
+    data: bytes
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -213,8 +248,34 @@ class Snapshot:
             "term": self.term,
             "index": self.index,
             "term_at": self.term_at,
+            "offset": self.offset,
+            "size": self.size,
+            "crc": self.crc,
             "data": self.data,
         }
+
+
+@dataclass(frozen=True)
+class SnapshotAck:
+    term: int
+    index: int  # the image this answers
+    offset: int  # the backup holds its bytes [0, offset), in order
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "snapshot_ack", "term": self.term, "index": self.index, "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A chunk of an image in a fetch reply (the image is the reply's prev_index/prev_term)."""
+
+    offset: int
+    size: int
+    crc: int
+    data: bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"offset": self.offset, "size": self.size, "crc": self.crc, "data": self.data}
 
 
 @dataclass(frozen=True)
@@ -229,9 +290,17 @@ class TimeoutNow:
 class Fetch:
     term: int
     from_index: int
+    offset: int = 0  # bytes the candidate holds of the image at snap_index
+    snap_index: int = 0  # 0: no image being assembled
 
     def to_wire(self) -> dict[str, Any]:
-        return {"t": "fetch", "term": self.term, "from_index": self.from_index}
+        return {
+            "t": "fetch",
+            "term": self.term,
+            "from_index": self.from_index,
+            "offset": self.offset,
+            "snap_index": self.snap_index,
+        }
 
 
 @dataclass(frozen=True)
@@ -241,7 +310,7 @@ class FetchReply:
     prev_term: int
     entries: tuple[Entry, ...]
     last: int  # the voter's last index: fetch again until reached
-    snapshot: dict[str, Any] | None
+    snapshot: Chunk | None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -251,12 +320,21 @@ class FetchReply:
             "prev_term": self.prev_term,
             "entries": [e.to_wire() for e in self.entries],
             "last": self.last,
-            "snapshot": self.snapshot,
+            "snapshot": None if self.snapshot is None else self.snapshot.to_wire(),
         }
 
 
 Message = (
-    Heartbeat | VoteRequest | Vote | Append | AppendAck | Snapshot | TimeoutNow | Fetch | FetchReply
+    Heartbeat
+    | VoteRequest
+    | Vote
+    | Append
+    | AppendAck
+    | Snapshot
+    | SnapshotAck
+    | TimeoutNow
+    | Fetch
+    | FetchReply
 )
 
 _ROLES = {r.value: r for r in Role}
@@ -329,10 +407,19 @@ def _append_ack(m: Mapping[str, Any]) -> Message:
 
 
 def _snapshot(m: Mapping[str, Any]) -> Message:
-    term, term_at = _int(m, "term"), _int(m, "term_at")
+    term, index, term_at = _int(m, "term"), _int(m, "index"), _int(m, "term_at")
     if term_at > term:
         raise Invalid("term_at beyond the message term")
-    return Snapshot(term, _int(m, "index"), term_at, _map(m.get("data"), "data"))
+    if index < 1:
+        raise Invalid("a snapshot's index starts at 1")
+    return Snapshot(term, index, term_at, *_chunk(m))
+
+
+def _snapshot_ack(m: Mapping[str, Any]) -> Message:
+    index, offset = _int(m, "index"), _int(m, "offset")
+    if index < 1 or offset > MAX_IMAGE:
+        raise Invalid("snapshot_ack needs index >= 1 and offset <= MAX_IMAGE")
+    return SnapshotAck(_int(m, "term"), index, offset)
 
 
 def _timeout_now(m: Mapping[str, Any]) -> Message:
@@ -340,24 +427,34 @@ def _timeout_now(m: Mapping[str, Any]) -> Message:
 
 
 def _fetch(m: Mapping[str, Any]) -> Message:
-    from_index = _int(m, "from_index")
+    from_index, offset, snap_index = _int(m, "from_index"), _int(m, "offset"), _int(m, "snap_index")
     if from_index < 1:
         raise Invalid("from_index starts at 1")
-    return Fetch(_int(m, "term"), from_index)
+    if offset > MAX_IMAGE or (snap_index == 0 and offset != 0):
+        raise Invalid("offset must be 0 without snap_index, and at most MAX_IMAGE")
+    return Fetch(_int(m, "term"), from_index, offset, snap_index)
 
 
 def _fetch_reply(m: Mapping[str, Any]) -> Message:
     term, prev_index, prev_term = _int(m, "term"), _int(m, "prev_index"), _int(m, "prev_term")
     if prev_term > term:
         raise Invalid("prev_term beyond the message term")
-    snap = m.get("snapshot")
+    raw = m.get("snapshot")
     entries = _entries(m, term, prev_index, prev_term)
     last = _int(m, "last")
     if last < prev_index + len(entries):
         raise Invalid("last before the entries sent")
-    return FetchReply(
-        term, prev_index, prev_term, entries, last, None if snap is None else _map(snap, "snapshot")
-    )
+    chunk = None
+    if raw is not None:
+        fields = _map(raw, "snapshot")
+        if fields.keys() != {"offset", "size", "crc", "data"}:
+            raise Invalid("snapshot must be a chunk {offset, size, crc, data}")
+        chunk = Chunk(*_chunk(fields))
+        if prev_index < 1:
+            raise Invalid("a snapshot's index starts at 1")
+        if entries and chunk.offset + len(chunk.data) != chunk.size:
+            raise Invalid("entries come only with the last chunk of a snapshot")
+    return FetchReply(term, prev_index, prev_term, entries, last, chunk)
 
 
 _PARSERS: dict[str, Callable[[Mapping[str, Any]], Message]] = {
@@ -367,6 +464,7 @@ _PARSERS: dict[str, Callable[[Mapping[str, Any]], Message]] = {
     "append": _append,
     "append_ack": _append_ack,
     "snapshot": _snapshot,
+    "snapshot_ack": _snapshot_ack,
     "timeout_now": _timeout_now,
     "fetch": _fetch,
     "fetch_reply": _fetch_reply,

@@ -8,7 +8,7 @@ entry point returns the effects to carry out, in order (``peers/types.py``)::
     on_message(sender, msg, now, wall) -> list[Effect] # a decoded peer map; never raises
     on_peer_lost(peer, now) -> list[Effect]            # the connection to a peer dropped
     propose(deltas, now) -> (indexes, list[Effect])    # serving primary only
-    compacted(index, term, snapshot) -> None           # the shell snapshotted a committed index
+    compacted(image) -> None                           # the shell imaged a committed index
     role, term, primary, commit, last, serving, transferring, is_serving(now), peers_alive(now)
 
 Theory of operation
@@ -45,8 +45,9 @@ waits for it; it still votes and replicates.
 View change (Viewstamped Replication): votes are not restricted by log length, which
 is what lets the highest-ranked node win with a shorter log. Instead the winner adopts
 the most up-to-date log (by (last_term, last)) among itself and its voters: if a voter
-has a better one, the winner fetches it (entries after its own commit, or a snapshot
-and entries), replaces its uncommitted tail with it, and only then becomes PRIMARY and
+has a better one, the winner fetches it (entries after its own commit, or the voter's
+image chunk by chunk, one per round trip, then entries), replaces its uncommitted tail
+with it, and only then becomes PRIMARY and
 appends a no-op of its term. Every committed entry is on a majority, which meets the
 voting majority, so the adopted log holds every committed entry. The no-op names its
 primary and the wall time (``{"k": "term", "primary": me, "at": wall}``, for the report
@@ -97,6 +98,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from zbroker.peers import messages as m
+from zbroker.peers.assembly import Piece, Receiver
 from zbroker.peers.log import Log
 from zbroker.peers.progress import Progress
 from zbroker.peers.replication import Replication
@@ -106,6 +108,7 @@ from zbroker.peers.types import (
     Durable,
     Effect,
     Entry,
+    Image,
     NotServing,
     PersistEntries,
     PersistHardState,
@@ -149,9 +152,7 @@ class Replica(Replication):
         self.timing = timing
         self.term = durable.term
         self.voted_for = durable.voted_for
-        self.log = Log(
-            durable.snapshot_index, durable.snapshot_term, durable.snapshot, durable.entries
-        )
+        self.log = Log(durable.snapshot, durable.entries)
         if self.log.last_term > self.term:
             raise CorruptState(f"log term {self.log.last_term} is beyond hard state {self.term}")
         self.commit = max(self.log.snap_index, min(durable.commit, self.log.last))
@@ -175,6 +176,8 @@ class Replica(Replication):
         self._next_hb = now
         # backup: highest index known to match the primary of this term
         self._verified = 0
+        # backup, recovering or candidate: the image being received, chunk by chunk
+        self._receiver = Receiver()
         # candidate
         self._pre = False
         self._transfer_vote = False
@@ -312,11 +315,14 @@ class Replica(Replication):
             self._commit_to(self.log.last, out)
         return [e.index for e in new], out
 
-    def compacted(self, index: int, term: int, snapshot: dict[str, Any]) -> None:
-        """The shell snapshotted its ledger at committed ``index``; keep only a tail."""
-        if index > self.commit:
-            raise ReplicaError(f"snapshot at {index} is beyond the commit index {self.commit}")
-        self.log.compact(index, term, snapshot, self.timing.keep_tail)
+    def compacted(self, image: Image) -> None:
+        """The shell took ``image`` of its ledger at a committed index; keep only a tail
+        (and the entries after any older image still being sent to a backup)."""
+        if image.index > self.commit:
+            raise ReplicaError(
+                f"snapshot at {image.index} is beyond the commit index {self.commit}"
+            )
+        self.log.compact(image, self.timing.keep_tail, self._held_images())
 
     # --- dispatch ---------------------------------------------------------------------
 
@@ -330,7 +336,7 @@ class Replica(Replication):
             return
         if msg.term > self.term and self._adopts(msg, now):
             self._adopt_term(msg.term, now, out)
-        if (msg.term == self.term and isinstance(msg, m.AppendAck)) or (
+        if (msg.term == self.term and isinstance(msg, m.AppendAck | m.SnapshotAck)) or (
             isinstance(msg, m.Vote) and msg.granted and not msg.pre and msg.req_term == self.term
         ):
             # only answers to what we sent prove that a backup hears us; its heartbeats
@@ -342,10 +348,14 @@ class Replica(Replication):
             self._on_vote_request(sender, msg, now, out)
         elif isinstance(msg, m.Vote):
             self._on_vote(sender, msg, now, out)
-        elif isinstance(msg, m.Append | m.Snapshot):
+        elif isinstance(msg, m.Append):
             self._on_append(sender, msg, now, out)
+        elif isinstance(msg, m.Snapshot):
+            self._on_snapshot(sender, msg, now, out)
         elif isinstance(msg, m.AppendAck):
             self._on_append_ack(sender, msg, now, out)
+        elif isinstance(msg, m.SnapshotAck):
+            self._on_snapshot_ack(sender, msg, out)
         elif isinstance(msg, m.TimeoutNow):
             if (
                 msg.term == self.term
@@ -374,6 +384,8 @@ class Replica(Replication):
         if self.role is Role.PRIMARY:
             self._progress = {}
             self._transfer_to = None
+        if role is Role.PRIMARY:
+            self._receiver.drop()  # a primary receives no image: free its bytes
         if role is not Role.CANDIDATE:
             self._fetch_from = None
             self._votes = {}
@@ -530,7 +542,7 @@ class Replica(Replication):
         if now >= self._deadline:
             self._start_pre_vote(now, out)
         elif beat and self._fetch_from is not None:
-            out.append(Send(self._fetch_from, m.Fetch(self.term, self._fetch_pos).to_wire()))
+            self._send_fetch(out)
         elif beat:
             self._ask_votes(out, only_missing=True)
 
@@ -588,7 +600,16 @@ class Replica(Replication):
         self._fetch_last = best[1][1]
         self._fetch_pos = self.commit + 1
         self._deadline = now + self._candidate_wait()
-        out.append(Send(best[0], m.Fetch(self.term, self._fetch_pos).to_wire()))
+        if self._receiver.held_from(best[0]) == (0, 0):
+            self._receiver.drop()  # another node's image: the voter sends its own
+        self._send_fetch(out)
+
+    def _send_fetch(self, out: list[Effect]) -> None:
+        if self._fetch_from is None:
+            return
+        offset, snap_index = self._receiver.held_from(self._fetch_from)
+        req = m.Fetch(self.term, self._fetch_pos, offset, snap_index)
+        out.append(Send(self._fetch_from, req.to_wire()))
 
     def _on_fetch(self, sender: str, req: m.Fetch, now: float, out: list[Effect]) -> None:
         if req.term < self.term:
@@ -599,20 +620,27 @@ class Replica(Replication):
             return
         self._leaderless_since = now  # the candidate is making progress
         prev = req.from_index - 1
+        if prev > self.log.last:
+            return  # asks beyond my log: not from a candidate that saw my vote
         prev_term = self.log.term_at(prev) if prev >= self.log.base_index else None
-        snapshot = None
-        if prev_term is None or prev > self.log.last:
-            if prev <= self.log.last and self.log.snapshot is not None:
-                prev, prev_term, snapshot = (
-                    self.log.snap_index,
-                    self.log.snap_term,
-                    self.log.snapshot,
-                )
-            else:
-                return  # asks beyond my log: not from a candidate that saw my vote
+        chunk = None
+        if prev_term is None:
+            image = self.log.snapshot
+            if image is None:
+                return  # cannot be: entries before the base are covered by a snapshot
+            # the candidate's offset counts only in this very image (mine may be newer)
+            same = req.snap_index == image.index and req.offset < image.size
+            offset = req.offset if same else 0
+            data = image.chunk(offset, self.timing.snapshot_chunk)
+            chunk = m.Chunk(offset, image.size, image.crc, data)
+            prev, prev_term = image.index, image.term
+            if offset + len(data) < image.size:
+                reply = m.FetchReply(self.term, prev, prev_term, (), self.log.last, chunk)
+                out.append(Send(sender, reply.to_wire()))
+                return
         # a view change waits on this transfer: send more per round trip than an append
         batch = tuple(self.log.slice(prev + 1, prev + FETCH_BATCHES * self.timing.max_batch))
-        reply = m.FetchReply(self.term, prev, prev_term, batch, self.log.last, snapshot)
+        reply = m.FetchReply(self.term, prev, prev_term, batch, self.log.last, chunk)
         out.append(Send(sender, reply.to_wire()))
 
     def _on_fetch_reply(
@@ -622,10 +650,20 @@ class Replica(Replication):
             return
         self._acked[sender] = now  # a voter answering this term's fetch hears us
         if rep.snapshot is not None:
-            if rep.prev_index < self._fetch_pos - 1:
-                return
-            if rep.prev_index > self.commit:
-                self._install(rep.prev_index, rep.prev_term, rep.snapshot, out)
+            if rep.prev_index <= self.commit:
+                return  # a duplicate: that image is installed (or not needed)
+            c = rep.snapshot
+            piece = Piece(rep.prev_index, rep.prev_term, c.offset, c.size, c.crc, c.data)
+            got = self._receiver.offer(sender, rep.term, piece, out)
+            if got.image is None:
+                if got.taken:  # ask for the next chunk (or from 0 after a bad crc)
+                    self._deadline = now + self._candidate_wait()
+                    self._send_fetch(out)
+                elif not self._receiver.holds(piece):
+                    self._receiver.drop()  # another image than the one held: from 0
+                    self._send_fetch(out)
+                return  # a duplicate: the next beat asks again if the answer was lost
+            self._install(got.image, out)
         elif rep.prev_index != self._fetch_pos - 1:
             return  # a duplicate of an earlier batch
         if not self._holds(rep.prev_index, rep.prev_term):
@@ -635,7 +673,7 @@ class Replica(Replication):
         self._fetch_last = rep.last
         self._deadline = now + self._candidate_wait()
         if self._fetch_pos <= self._fetch_last:
-            out.append(Send(sender, m.Fetch(self.term, self._fetch_pos).to_wire()))
+            self._send_fetch(out)
             return
         if self.log.last > self._fetch_last:
             self.log.truncate_from(self._fetch_last + 1)

@@ -8,15 +8,19 @@ by ``Replica.__init__`` and declared here.
 Primary side: per backup a ``Progress`` (probing, then pipelined streaming). Every
 heartbeat each backup gets an append from its ``next_index`` (empty when it has
 everything: that carries the commit index and keeps the quorum check fed). A backup
-whose ``next_index`` falls at or before the log's base gets the snapshot instead,
-at most once per ``peer_timeout`` since snapshots are large. The commit index moves
-to the highest index held by a majority, only if that entry is of the current term.
+whose ``next_index`` falls at or before the log's base gets the primary's image
+instead, in ``snapshot`` chunks with flow control (``progress.Transfer``: a window of
+chunks, acknowledged by ``snapshot_ack``, resent on a refusal or a stall). The backup
+answers the last chunk with an ok append ack at the image's index and streams from
+there. The commit index moves to the highest index held by a majority, only if that
+entry is of the current term.
 
 Backup side: an append is taken only if the backup holds ``prev``; entries before
 its base count as held, since they are committed and committed prefixes agree.
 Matching entries are never rewritten; the log is cut at the first entry whose term
 differs, and never at or before the commit index (that would be a hostile or broken
-primary: the append is refused and nothing changes).
+primary: the append is refused and nothing changes). Snapshot chunks are assembled in
+order (``peers/assembly.py``); a complete, sound image is installed.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from __future__ import annotations
 from typing import Any
 
 from zbroker.peers import messages as m
+from zbroker.peers.assembly import Piece, Receiver
 from zbroker.peers.log import Log
-from zbroker.peers.progress import Progress
+from zbroker.peers.progress import Progress, Transfer
 from zbroker.peers.types import (
     Committed,
     Effect,
     Entry,
+    Image,
     InstallSnapshot,
     PersistEntries,
     PersistSnapshot,
@@ -61,6 +67,7 @@ class Replication:
     _verified: int
     _recover_target: int | None
     _progress: dict[str, Progress]
+    _receiver: Receiver
     _last_append: tuple[tuple[int, ...], dict[str, Any]] | None
     _peer_role: dict[str, Role]
     _peer_stands: dict[str, bool]  # what each peer's heartbeat says (Replica.stands)
@@ -113,43 +120,68 @@ class Replication:
         if fresh:
             out.append(PersistEntries(tuple(fresh)))
 
-    def _install(self, index: int, term: int, data: dict[str, Any], out: list[Effect]) -> None:
-        if index <= self.commit:
-            raise ReplicaError(f"snapshot at {index} is not past my commit {self.commit}")
-        dropped_tail = self.log.install(index, term, data)
-        out.append(PersistSnapshot(index, term, data))
+    def _install(self, image: Image, out: list[Effect]) -> None:
+        if image.index <= self.commit:
+            raise ReplicaError(f"snapshot at {image.index} is not past my commit {self.commit}")
+        dropped_tail = self.log.install(image)
+        out.append(PersistSnapshot(image))
         if dropped_tail:
-            out.append(TruncateLog(index + 1))
-        out.append(InstallSnapshot(index, term, data))
-        self.commit = index
+            out.append(TruncateLog(image.index + 1))
+        out.append(InstallSnapshot(image))
+        self.commit = image.index
 
     # --- backup side ------------------------------------------------------------------
 
-    def _on_append(
-        self, sender: str, msg: m.Append | m.Snapshot, now: float, out: list[Effect]
-    ) -> None:
-        prev = msg.prev_index if isinstance(msg, m.Append) else msg.index
-        if msg.term < self.term:
-            refuse = m.AppendAck(self.term, False, 0, prev, self.log.last, self.commit)
-            out.append(Send(sender, refuse.to_wire()))
+    def _on_append(self, sender: str, msg: m.Append, now: float, out: list[Effect]) -> None:
+        if not self._primary_of_my_term(sender, msg.term, msg.prev_index, now, out):
             return
-        self._follow(sender, now, out)
         if self.role is Role.RECOVERING and self._recover_target is None:
-            self._recover_target = msg.commit if isinstance(msg, m.Append) else msg.index
-        if isinstance(msg, m.Snapshot):
-            if msg.index > self.commit:
-                self._install(msg.index, msg.term_at, msg.data, out)
-            match = msg.index
-        elif not self._holds(msg.prev_index, msg.prev_term):
-            refuse = m.AppendAck(self.term, False, 0, prev, self.log.last, self.commit)
+            self._recover_target = msg.commit
+        if not self._holds(msg.prev_index, msg.prev_term):
+            refuse = m.AppendAck(self.term, False, 0, msg.prev_index, self.log.last, self.commit)
             out.append(Send(sender, refuse.to_wire()))
             return
-        else:
-            self._merge(list(msg.entries), out)
-            match = msg.prev_index + len(msg.entries)
+        self._merge(list(msg.entries), out)
+        match = msg.prev_index + len(msg.entries)
         self._verified = max(self._verified, match)
-        if isinstance(msg, m.Append):
-            self._commit_as_backup(msg.commit, out)
+        self._commit_as_backup(msg.commit, out)
+        self._ack(sender, match, msg.prev_index, out)
+
+    def _on_snapshot(self, sender: str, msg: m.Snapshot, now: float, out: list[Effect]) -> None:
+        """One chunk of the primary's image: taken in order; the last one installs it."""
+        if not self._primary_of_my_term(sender, msg.term, msg.index, now, out):
+            return
+        if self.role is Role.RECOVERING and self._recover_target is None:
+            self._recover_target = msg.index
+        if msg.index <= self.commit:
+            # installed already (the ack was lost), or the log caught up past it
+            current = self._receiver.current
+            if current is not None and current.index <= self.commit:
+                self._receiver.drop()
+        else:
+            piece = Piece(msg.index, msg.term_at, msg.offset, msg.size, msg.crc, msg.data)
+            got = self._receiver.offer(sender, msg.term, piece, out)
+            if got.image is None:
+                ack = m.SnapshotAck(self.term, msg.index, got.held)
+                out.append(Send(sender, ack.to_wire()))
+                return
+            self._install(got.image, out)
+        self._verified = max(self._verified, msg.index)
+        self._ack(sender, msg.index, msg.index, out)
+
+    def _primary_of_my_term(
+        self, sender: str, term: int, prev: int, now: float, out: list[Effect]
+    ) -> bool:
+        """Whether ``sender`` may append to me: the primary of my term (followed from now
+        on). An older term is refused with mine, so that a deposed primary steps down."""
+        if term < self.term:
+            refuse = m.AppendAck(self.term, False, 0, prev, self.log.last, self.commit)
+            out.append(Send(sender, refuse.to_wire()))
+            return False
+        self._follow(sender, now, out)
+        return True
+
+    def _ack(self, sender: str, match: int, prev: int, out: list[Effect]) -> None:
         ack = m.AppendAck(self.term, True, match, prev, self.log.last, self.commit)
         out.append(Send(sender, ack.to_wire()))
         self._check_recovered(out)
@@ -176,6 +208,15 @@ class Replication:
         elif pr.rejected(ack.prev_index, ack.last, ack.commit):
             pr.next_index = min(pr.next_index, self.log.last + 1)
             self._send_append(sender, out)
+
+    def _on_snapshot_ack(self, sender: str, ack: m.SnapshotAck, out: list[Effect]) -> None:
+        if self.role is not Role.PRIMARY or ack.term != self.term:
+            return
+        pr = self._progress[sender]
+        if pr.transfer is None or pr.transfer.image.index != ack.index:
+            return  # a transfer that ended (or another image's): the stream goes on
+        pr.transfer.on_ack(ack.offset, self._now, self.timing.heartbeat_interval)
+        self._send_chunks(sender, pr, out)
 
     def _primary_commit(self, out: list[Effect]) -> None:
         held = sorted([self.log.last, *(p.match for p in self._progress.values())], reverse=True)
@@ -205,6 +246,7 @@ class Replication:
         if prev_term is None:
             self._send_snapshot(peer, pr, out)
             return
+        pr.transfer = None  # the log serves it now (a reject placed it after the base)
         batch: tuple[Entry, ...] = ()
         if not streaming_beat:
             batch = tuple(self.log.slice(prev + 1, prev + self.timing.max_batch))
@@ -231,15 +273,32 @@ class Replication:
         return wire
 
     def _send_snapshot(self, peer: str, pr: Progress, out: list[Effect]) -> None:
-        if self.log.snapshot is None:
-            raise ReplicaError(f"{peer} needs entries before {self.log.base_index} and no snapshot")
+        """``peer`` needs entries the log no longer holds: send it the image, or go on."""
+        if pr.transfer is None:
+            if self.log.snapshot is None:
+                raise ReplicaError(
+                    f"{peer} needs entries before {self.log.base_index} and no snapshot"
+                )
+            pr.transfer = Transfer(
+                self.log.snapshot, self.timing.snapshot_chunk, progress_at=self._now
+            )
         pr.probing = True
-        pr.probe_prev = self.log.snap_index
-        if self._now - pr.snapshot_sent_at < self.timing.peer_timeout:
+        pr.probe_prev = pr.transfer.image.index
+        self._send_chunks(peer, pr, out)
+
+    def _send_chunks(self, peer: str, pr: Progress, out: list[Effect]) -> None:
+        t = pr.transfer
+        if t is None:
             return
-        pr.snapshot_sent_at = self._now
-        snap = m.Snapshot(self.term, self.log.snap_index, self.log.snap_term, self.log.snapshot)
-        out.append(Send(peer, snap.to_wire()))
+        img = t.image
+        for offset, data in t.due(self._now, self.timing.peer_timeout):
+            chunk = m.Snapshot(self.term, img.index, img.term, offset, img.size, img.crc, data)
+            out.append(Send(peer, chunk.to_wire()))
+
+    def _held_images(self) -> int | None:
+        """The lowest index of an image being sent: the log keeps the entries after it."""
+        sending = [pr.transfer.image.index for pr in self._progress.values() if pr.transfer]
+        return min(sending, default=None)
 
     def _primary_tick(self, now: float, beat: bool, out: list[Effect]) -> None:
         if not self._quorum_heard(now):

@@ -4,10 +4,10 @@ Nothing here has behaviour beyond validation of its own fields. The replica
 (``peers/replica.py``) consumes ``Timing`` and ``Durable`` and returns lists of
 the effect dataclasses below; the shell executes them in order, except that all
 persistence effects of one poll cycle (``PersistEntries``, ``TruncateLog``,
-``PersistHardState``, ``PersistSnapshot``) are made durable before any ``Send``
-or ``Publish`` of that cycle and before any client answer released by
-``Committed`` (group commit: one fsync per cycle, and nothing leaves the node
-that claims state the disk does not hold yet).
+``PersistHardState``, ``PersistSnapshotChunk``, ``PersistSnapshot``) are made durable
+before any ``Send`` or ``Publish`` of that cycle and before any client answer released
+by ``Committed`` (group commit: one fsync per cycle, and nothing leaves the node that
+claims state the disk does not hold yet).
 
 One exception: in a cycle whose only persistence effects are ``PersistEntries``, a
 primary's sends may leave before the sync, so that its fsync and the backups' overlap
@@ -18,9 +18,13 @@ that cycle's sync: the shell syncs before it hands the replica any further event
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+SNAPSHOT_CHUNK = 256 * 1024  # bytes of an image per snapshot message, by default
+MAX_SNAPSHOT_CHUNK = 1024 * 1024  # the most a peer's snapshot message may carry
 
 
 class ReplicaError(Exception):
@@ -54,12 +58,16 @@ class Timing:
     max_batch: int = 256
     # entries kept before a snapshot so that a lagging backup can catch up from the log
     keep_tail: int = 10_000
+    # bytes of an image per snapshot message sent (tests make it small: many chunks)
+    snapshot_chunk: int = SNAPSHOT_CHUNK
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_interval < self.peer_timeout:
             raise ValueError("timing needs 0 < heartbeat_interval < peer_timeout")
         if self.max_batch < 1 or self.keep_tail < 0:
             raise ValueError("timing needs max_batch >= 1 and keep_tail >= 0")
+        if not 1 <= self.snapshot_chunk <= MAX_SNAPSHOT_CHUNK:
+            raise ValueError(f"timing needs 1 <= snapshot_chunk <= {MAX_SNAPSHOT_CHUNK}")
 
 
 # Not frozen: one is made per delta on every node, and a frozen dataclass's __init__
@@ -76,23 +84,50 @@ class Entry:
         return {"term": self.term, "index": self.index, "delta": self.delta}
 
 
+@dataclass(frozen=True, slots=True)
+class Image:
+    """A snapshot of the ledger at committed ``index`` (of ``term``), as bytes.
+
+    The bytes are the shell's (``broker/image.py`` writes and reads them); the replica only
+    keeps the latest, sends it in chunks and checks a received one against ``crc``.
+    ``buf`` is ``bytes``, a read-only ``memoryview`` (of a received ``bytearray``) or of an
+    ``mmap`` of the snapshot file: never changed once made. Slicing it gives the chunks.
+    """
+
+    index: int
+    term: int
+    buf: Any  # bytes-like: len() and slicing
+    crc: int  # zlib.crc32 of buf
+
+    @property
+    def size(self) -> int:
+        return len(self.buf)
+
+    def chunk(self, offset: int, limit: int) -> bytes:
+        """The bytes from ``offset``, at most ``limit`` of them (a copy: it leaves the node)."""
+        return bytes(self.buf[offset : offset + limit])
+
+    @classmethod
+    def of(cls, index: int, term: int, data: bytes) -> Image:
+        """An image of ``data`` held in memory (tests and the simulation)."""
+        return cls(index, term, data, zlib.crc32(data))
+
+
 @dataclass
 class Durable:
     """What the shell loaded from its data directory at start.
 
-    ``entries`` must be contiguous; entries at or before ``snapshot_index`` are
+    ``entries`` must be contiguous; entries at or before ``snapshot.index`` are
     ignored (they are covered by the snapshot). ``commit`` is the highest index the
     shell knows to be committed and has applied to its ledger (at least
-    ``snapshot_index``; the shell may simply pass ``snapshot_index``).
+    ``snapshot.index``; the shell may simply pass ``snapshot.index``).
     ``fresh`` means the data directory was wiped or never initialised: the node
     starts RECOVERING.
     """
 
     term: int = 0
     voted_for: str | None = None
-    snapshot_index: int = 0
-    snapshot_term: int = 0
-    snapshot: dict[str, Any] | None = None
+    snapshot: Image | None = None  # its index and term are where the log starts
     entries: list[Entry] = field(default_factory=list)
     commit: int = 0
     fresh: bool = False
@@ -139,12 +174,24 @@ class PersistHardState:
 
 
 @dataclass(frozen=True)
-class PersistSnapshot:
-    """Durably store a snapshot received from a peer; log entries <= index become moot."""
+class PersistSnapshotChunk:
+    """Write this chunk of the snapshot being received from a peer at ``offset`` of its
+    bytes. Offset 0 starts a new one (any partial one is discarded). Chunks come in order,
+    without gaps: each starts where the one before ended."""
 
     index: int
     term: int
-    snapshot: dict[str, Any]
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PersistSnapshot:
+    """The snapshot received from a peer is complete and its crc checked: make it the
+    node's durable snapshot (its bytes were written by ``PersistSnapshotChunk``); log
+    entries at or before ``image.index`` become moot."""
+
+    image: Image
 
 
 @dataclass(frozen=True)
@@ -162,11 +209,9 @@ class Committed:
 
 @dataclass(frozen=True)
 class InstallSnapshot:
-    """Replace the ledger with ``snapshot``, taken at committed ``index`` (of ``term``)."""
+    """Replace the ledger with the image's, taken at committed ``image.index``."""
 
-    index: int
-    term: int
-    snapshot: dict[str, Any]
+    image: Image
 
 
 @dataclass(frozen=True)
@@ -196,6 +241,7 @@ Effect = (
     | PersistEntries
     | TruncateLog
     | PersistHardState
+    | PersistSnapshotChunk
     | PersistSnapshot
     | Committed
     | InstallSnapshot

@@ -57,6 +57,7 @@ from sim_node import STAGES, SimNode
 
 from zbroker.broker.config import Config, NodeConfig
 from zbroker.broker.core import PeerLost
+from zbroker.broker.image import load_image
 from zbroker.broker.ledger import Ledger
 from zbroker.broker.model import Entitlement, Now
 from zbroker.broker.storage import Loaded
@@ -64,7 +65,7 @@ from zbroker.broker.wire import pack, unpack
 from zbroker.clients.link import Link
 from zbroker.clients.testing.chaos.checker import check
 from zbroker.clients.testing.chaos.verdict import CheckOptions, Report
-from zbroker.peers.types import Role, RoleChanged
+from zbroker.peers.types import Image, Role, RoleChanged
 
 NAMES = ("alpha", "beta", "gamma")
 WALL = 1_767_225_600.0 - 1000.0  # wall = WALL + the simulated clock: 2026-01-01 at the start
@@ -102,7 +103,9 @@ class Stats:
     heal_seconds: float = 0.0
 
 
-def sim_config(*, lease: float, snapshot_every: int, failback: bool) -> Config:
+def sim_config(
+    *, lease: float, snapshot_every: int, failback: bool, snapshot_keep: int = 10_000
+) -> Config:
     """The triad's config: plain mode, endpoints that name the nodes, no files read."""
     nodes = tuple(
         NodeConfig(
@@ -126,6 +129,7 @@ def sim_config(*, lease: float, snapshot_every: int, failback: bool) -> Config:
         fsync=True,
         max_message=65536,
         snapshot_every=snapshot_every,
+        snapshot_keep=snapshot_keep,
         nodes=nodes,
         secure=False,
     )
@@ -163,6 +167,8 @@ class Simulation:
                 lease=rng.choice([1.0, 2.0, 5.0]),
                 snapshot_every=rng.choice([3, 10, 50, 10_000]),
                 failback=rng.random() < 0.8,
+                # a small log tail: lagging nodes catch up from snapshots, not the log
+                snapshot_keep=rng.choice([0, 5, 10_000]),
             )
             self.net = Network(
                 rng,
@@ -220,7 +226,8 @@ class Simulation:
         """The seed's draw, for a replay's first line."""
         c, n = self.config, self.net
         return (
-            f"seed {self.seed}: lease {c.lease}s, snapshot_every {c.snapshot_every}, failback"
+            f"seed {self.seed}: lease {c.lease}s, snapshot_every {c.snapshot_every}"
+            f" (keep {c.snapshot_keep}), failback"
             f" {c.failback}; {len(self.clients)} clients; drop {n.drop} dup {n.dup} delay <="
             f" {n.max_delay}s; fault rate {self.fault_rate} of {', '.join(self.fault_kinds)};"
             f" hostile rate {self.hostile_rate}"
@@ -315,10 +322,12 @@ class Simulation:
 
     def check_disk(self, node: SimNode, loaded: Loaded) -> None:
         """At a start from a marked directory: it holds what the node committed and synced."""
-        if loaded.snapshot_index:
-            self.check_snapshot(node.name, loaded.snapshot_index, loaded.snapshot)
+        snap_index = 0
+        if loaded.snapshot is not None:
+            self.check_snapshot(node.name, loaded.snapshot)
+            snap_index = loaded.snapshot.index
         entries = {i: (t, d) for i, t, d in loaded.entries}
-        for i in range(loaded.snapshot_index + 1, node.max_commit + 1):
+        for i in range(snap_index + 1, node.max_commit + 1):
             if i not in entries:
                 raise self.violation(f"{node.name} lost committed entry {i} across a restart")
             self.check_committed(node.name, i, *entries[i])
@@ -335,9 +344,13 @@ class Simulation:
                 ledger.apply(delta)
         return ledger
 
-    def check_snapshot(self, name: str, index: int, snap: dict[str, Any] | None) -> None:
-        if snap != self.replay(index).snapshot():
-            raise self.violation(f"{name}: the snapshot at {index} is not the committed state")
+    def check_snapshot(self, name: str, image: Image) -> None:
+        lease = self.config.lease
+        held = load_image(image, lease=lease, heartbeat=lease / 3, limits=self.config.limits)
+        if held.snapshot() != self.replay(image.index).snapshot():
+            raise self.violation(
+                f"{name}: the snapshot at {image.index} is not the committed state"
+            )
 
     def check_ledgers(self) -> None:
         """Seats in use of each pool within its count, on every node's ledger."""
@@ -507,7 +520,8 @@ class Simulation:
         if len(serving) != 1 or not marker.answered:
             return False
         p = serving[0]
-        return all(
+        applying = any(n.core is not None and n.core.applying for n in self.nodes.values())
+        return not applying and all(
             r is not None and r.role is not Role.RECOVERING and r.commit == p.last for r in reps
         )
 

@@ -22,8 +22,16 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from zbroker.broker.core import Append, Persist, SaveHardState, SaveSnapshot, Truncate
+from zbroker.broker.core import (
+    Append,
+    Persist,
+    SaveHardState,
+    SaveSnapshot,
+    SaveSnapshotChunk,
+    Truncate,
+)
 from zbroker.broker.storage import Loaded
+from zbroker.peers.types import Image
 
 Record = tuple[int, int, Any]  # (index, term, delta), as storage keeps log entries
 
@@ -39,10 +47,13 @@ class _Durable:
     marked: bool = False  # node.json: absent, the next start is fresh
     term: int = 0
     voted_for: str | None = None
-    snapshot_index: int = 0
-    snapshot_term: int = 0
-    snapshot: dict[str, Any] | None = None
+    snapshot: Image | None = None
     entries: list[Record] = field(default_factory=list)  # contiguous, after the snapshot
+    receiving: tuple[int, int, int] | None = None  # a received snapshot's (index, term, bytes)
+
+    @property
+    def snapshot_index(self) -> int:
+        return 0 if self.snapshot is None else self.snapshot.index
 
     @property
     def last(self) -> int:
@@ -65,11 +76,23 @@ class _Durable:
                 if term < self.term:
                     raise DiskViolation(f"hard state term went back {self.term} -> {term}")
                 self.term, self.voted_for = term, voted_for
-            case SaveSnapshot(index=index, term=term, snapshot=snap, keep=keep):
-                if keep and keep[0][0] != index + 1:
-                    raise DiskViolation(f"snapshot at {index} keeps entries from {keep[0][0]}")
-                self.snapshot_index, self.snapshot_term, self.snapshot = index, term, snap
-                self.entries = list(keep)
+            case SaveSnapshotChunk(index=index, term=term, offset=offset, data=data):
+                # chunks follow each other; offset 0 starts a snapshot afresh
+                held = (index, term, offset) if offset == 0 else self.receiving
+                if held != (index, term, offset):
+                    raise DiskViolation(f"snapshot chunk {index}@{offset} after {held}")
+                self.receiving = (index, term, offset + len(data))
+            case SaveSnapshot(image=image, source=source):
+                if source == "received" and self.receiving != (image.index, image.term, image.size):
+                    raise DiskViolation(f"received snapshot {image.index} saved before its chunks")
+                if image.index <= self.snapshot_index:
+                    raise DiskViolation(f"snapshot at {image.index} after {self.snapshot_index}")
+                if source == "received":  # a snapshot taken meanwhile has its own file
+                    self.receiving = None
+                self.snapshot = image
+                self.entries = [e for e in self.entries if e[0] > image.index]
+                if self.entries and self.entries[0][0] != image.index + 1:
+                    raise DiskViolation(f"snapshot at {image.index} keeps {self.entries[0][0]}")
 
 
 @dataclass
@@ -133,12 +156,11 @@ class SimDisk:
             self.durable = _Durable()
             return Loaded(fresh=True, why="no node.json: a new or wiped data directory")
         d = self.durable
+        d.receiving = None  # storage drops a received snapshot's file cut short (.tmp)
         return Loaded(
             fresh=False,
             term=d.term,
             voted_for=d.voted_for,
-            snapshot_index=d.snapshot_index,
-            snapshot_term=d.snapshot_term,
             snapshot=d.snapshot,
             entries=list(d.entries),
         )

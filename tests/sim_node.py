@@ -16,6 +16,7 @@ commit index, which only grows while the node is up.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from sim_disk import SimDisk
@@ -28,7 +29,9 @@ from zbroker.broker.core import (
     PeerHeartbeat,
     PeerMessage,
     Ready,
+    SnapshotTaken,
 )
+from zbroker.broker.image import image_of
 from zbroker.broker.model import Now
 from zbroker.broker.wire import pack
 from zbroker.peers.replica import Replica
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
 
 # Where a crash may cut a cycle: after these stages of carrying out its Ready.
 STAGES = ("written", "early", "synced", "sent")
+SIM_CHUNK = 300  # bytes of a snapshot per peer message
 NEVER = float("-inf")
 
 
@@ -71,6 +75,10 @@ class SimNode:
         self.hostile = False  # the event being handled is one of the simulation's junk
         self.starts_over: list[str] = []  # why, each time the core asked to start over
         self.ledger_checked: tuple[int, int, int] | None = None  # see Simulation.check_ledgers
+        # A snapshot the "child" is taking: (the cycle it is done at, its image). Made at
+        # once from the ledger as ready() left it, as a fork would; handed back later.
+        self.taking: tuple[int, Event] | None = None
+        self.cycles = 0
 
     @property
     def up(self) -> bool:
@@ -106,6 +114,7 @@ class SimNode:
         """The process dies: its unsynced writes may be lost, its queued input is."""
         self.core = self.replica = None
         self.inbox = []
+        self.taking = None  # the child dies with its node
         self.paused_until = NEVER
         self.crash_after, self.crash_on_write = None, False
         lost = self.disk.crash(self.sim.rng)
@@ -120,6 +129,8 @@ class SimNode:
         if replica is self.replica:
             return
         self.replica = replica
+        # Chunks of a few hundred bytes: the simulation's small images travel in several.
+        replica.timing = replace(replica.timing, snapshot_chunk=SIM_CHUNK)
         watch = self._watch
         for entry in ("on_tick", "on_message", "on_peer_lost"):
             inner = getattr(replica, entry)
@@ -142,8 +153,8 @@ class SimNode:
                 case Committed():
                     for entry in effect.entries:
                         sim.check_committed(self.name, entry.index, entry.term, entry.delta)
-                case InstallSnapshot(index=index, snapshot=snapshot):
-                    sim.check_snapshot(self.name, index, snapshot)
+                case InstallSnapshot(image=image):
+                    sim.check_snapshot(self.name, image)
                 case Dropped() if not self.hostile:
                     raise sim.violation(f"{self.name} refused a correct peer's message: {effect}")
                 case _:
@@ -160,6 +171,10 @@ class SimNode:
         if core is None or self.paused:
             return
         now = self.now()
+        self.cycles += 1
+        if self.taking is not None and self.taking[0] <= self.cycles:
+            self.inbox.append((self.taking[1], False))
+            self.taking = None
         events, self.inbox = self.inbox, []
         for event, hostile in events:
             self.hostile = hostile
@@ -176,6 +191,10 @@ class SimNode:
             # only a primary's appends may leave before the sync: a vote, a term or a
             # truncation must be on disk before anything claims it (broker/core.py)
             raise sim.violation(f"{self.name} sends before the sync of {ready.persist}")
+        if ready.take_snapshot is not None and self.taking is None:
+            index, term = ready.take_snapshot
+            image = image_of(core.ledger, index, term)
+            self.taking = (self.cycles + sim.rng.randint(0, 5), SnapshotTaken(image))
         for op in ready.persist:
             self.disk.write(op)
         if cut == "written":

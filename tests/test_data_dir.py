@@ -23,8 +23,11 @@ from hypothesis import strategies as st
 from test_storage import corrupt, corruptions, record_spans
 
 from zbroker import Grant, LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
+from zbroker.broker.image import load_image
 from zbroker.broker.storage import Storage
+from zbroker.broker.wire import pack
 from zbroker.clients.testing import LocalTriad, TriadTimeout, wait_for
+from zbroker.peers.types import Image
 
 pytestmark = pytest.mark.integration
 
@@ -129,6 +132,42 @@ def test_a_second_start_is_refused_at_once_and_a_full_restart_keeps_every_grant(
         assert _grant_ids(triad, "viewer") == told
         for name in triad.names:  # every node at once, without a clean stop
             triad.kill(name)
+        triad.start()
+        triad.wait_for_primary(timeout=10)
+        assert _grant_ids(triad, "viewer") == told
+        for grant in held:
+            client.checkin(grant)
+
+
+def test_a_triad_restarts_from_its_snapshot_files_taken_and_received(make_triad: Any) -> None:
+    # Compactions every 40 deltas, no log kept before a snapshot: a wiped backup can only
+    # catch up from the primary's snapshot file (taken by a child), which it stores as
+    # its own (received in chunks); a full stop and start then reads both kinds back.
+    triad: LocalTriad = make_triad(lease=60.0, settings={"snapshot_every": 40, "snapshot_keep": 0})
+    primary = triad.wait_for_primary()
+    backup = next(n for n in triad.names if n != primary)
+    with LicenseClient(triad.license, user="keeper") as client:
+        held = [client.checkout("viewer", timeout=5) for _ in range(5)]
+        triad.kill(backup)
+        triad.wipe(backup)
+        for _ in range(60):
+            client.checkin(client.checkout("viewer", timeout=5), timeout=5)
+        snapshot = triad.config.node(primary).data / "snapshot"
+        wait_for(snapshot.exists, 10, "the primary's snapshot")
+        offset = _log_size(triad, backup)
+        triad.start(backup)
+        wait_for(lambda: _caught_up(triad, backup), 20, f"{backup} to catch up")
+        wait_for((triad.config.node(backup).data / "snapshot").exists, 10, "its snapshot")
+        assert " installed" in _log_from(triad, backup, offset)  # the primary's, received
+        told = sorted(g.id for g in held)
+        assert _grant_ids(triad, "viewer") == told
+        for name in triad.names:  # every node at once, without a clean stop
+            triad.kill(name)
+        for name in triad.names:
+            loaded = _load(triad.config.node(name).data, name, triad.names)
+            assert not loaded.fresh and loaded.snapshot_index > 0, (name, loaded)
+            assert not list(triad.config.node(name).data.glob("*.tmp"))
+            load_image(loaded.snapshot, lease=60.0, heartbeat=20.0)  # a ledger, not damage
         triad.start()
         triad.wait_for_primary(timeout=10)
         assert _grant_ids(triad, "viewer") == told
@@ -353,7 +392,9 @@ def test_a_snapshot_whose_ledger_does_not_load_is_damage_and_status_says_why(
     store.load()
     store.save_hard_state(1, None)
     store.append([(1, 1, None)])
-    store.save_snapshot(1, 1, {"v": 99}, keep=[])  # a ledger of a version no node writes
+    image = Image.of(1, 1, pack({"v": 99, "index": 1, "term": 1}))  # a version no node writes
+    store.save_snapshot_chunk(1, 1, 0, image.chunk(0, image.size))
+    store.save_snapshot(image, "received")
     store.close()
     node = Node(triad.config, name)
     try:
@@ -361,7 +402,9 @@ def test_a_snapshot_whose_ledger_does_not_load_is_damage_and_status_says_why(
         why = node.core.report(Now(time.monotonic(), time.time()))["nodes"][0]["recovering"]
     finally:
         node.storage.close()
-    assert why.startswith(f"data directory damaged: {data / 'snapshot'}: snapshot must be")
+    assert why.startswith(
+        f"data directory damaged: {data / 'snapshot'}: snapshot image: version 99"
+    )
     assert "waiting for a primary to catch up from" in why
     assert (data / "hardstate").exists() and not (data / "node.json").exists()
     assert len(list(data.glob("damaged-*/snapshot"))) == 1

@@ -127,7 +127,9 @@ def _number_cases() -> list[tuple[str, str, str]]:
     cases = []
     for key, allowed in RANGES.items():
         past = str(int(allowed.high) + 1) if allowed.whole else repr(allowed.high * 10)
-        values = ['"1"', "true", "nan", "inf", "-inf", "-1", "0", past, "[1]"]
+        values = ['"1"', "true", "nan", "inf", "-inf", "-1", past, "[1]"]
+        if allowed.low > 0 or allowed.low_open:
+            values.append("0")  # snapshot_keep = 0 is a setting: keep no log before it
         if allowed.whole:
             values.append("1.5")
         elif allowed.low > 0:

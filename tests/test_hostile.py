@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -313,7 +314,8 @@ def peer_templates(term: int, last: int) -> list[dict[str, Any]]:
         "count": 11,
         "at": time.time(),
     }
-    snap = {"v": 1, "next_grant": 1, "entitlements": [], "sessions": [], "grants": []}
+    blob = b"\x00" * 64  # a whole image in one chunk: its bytes are opaque to the replica
+    chunk = {"offset": 0, "size": len(blob), "crc": zlib.crc32(blob), "data": blob}
     return [
         {"t": "hb", "term": term, "node": "gamma", "role": "backup", "last": last,
          "last_term": term, "commit": last, "primary": "alpha"},
@@ -327,11 +329,13 @@ def peer_templates(term: int, last: int) -> list[dict[str, Any]]:
          "entries": [{"term": term, "index": last + 1, "delta": grant}], "commit": last + 1},
         {"t": "append_ack", "term": term, "ok": True, "match": last + 500,
          "prev_index": last, "last": last + 500, "commit": last + 500},
-        {"t": "snapshot", "term": term, "index": last + 40, "term_at": term, "data": snap},
+        {"t": "snapshot", "term": term, "index": last + 40, "term_at": term, **chunk},
+        {"t": "snapshot_ack", "term": term, "index": last + 40, "offset": 0},
         {"t": "timeout_now", "term": term},
-        {"t": "fetch", "term": term, "from_index": 1},
-        {"t": "fetch_reply", "term": term, "prev_index": 0, "prev_term": 0,
-         "entries": [{"term": term, "index": 1, "delta": grant}], "last": 1, "snapshot": snap},
+        {"t": "fetch", "term": term, "from_index": 1, "offset": 0, "snap_index": 0},
+        {"t": "fetch_reply", "term": term, "prev_index": last + 40, "prev_term": term,
+         "entries": [{"term": term, "index": last + 41, "delta": grant}], "last": last + 41,
+         "snapshot": chunk},
     ]  # fmt: skip
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -10,17 +12,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zbroker.peers import messages
+from zbroker.peers.log import Log
+from zbroker.peers.progress import SNAPSHOT_WINDOW
 from zbroker.peers.replica import Replica
 from zbroker.peers.types import (
+    MAX_SNAPSHOT_CHUNK,
+    SNAPSHOT_CHUNK,
     Committed,
     Dropped,
     Durable,
     Effect,
     Entry,
+    Image,
     InstallSnapshot,
     NotServing,
     PersistEntries,
     PersistHardState,
+    PersistSnapshot,
+    PersistSnapshotChunk,
     Publish,
     Role,
     RoleChanged,
@@ -35,8 +44,16 @@ NAMES = ("alpha", "beta", "gamma")
 T = Timing(heartbeat_interval=0.1, peer_timeout=0.5)
 
 
+# What a hook does to a message on its way: the maps to deliver instead (none: lost; two:
+# duplicated; another: changed in transit).
+Hook = Callable[[str, str, dict[str, Any]], list[dict[str, Any]]]
+
+
 class Triad:
-    """Replicas wired by an instant, lossless network; ``down`` and ``blocked`` cut links."""
+    """Replicas wired by an instant, lossless network; ``down`` and ``blocked`` cut links,
+    ``hook`` loses, duplicates or changes messages. Every snapshot chunk sent is checked
+    against the window: it ends at most ``SNAPSHOT_WINDOW`` chunks past the highest offset
+    its receiver acknowledged so far."""
 
     def __init__(
         self,
@@ -52,6 +69,9 @@ class Triad:
         self.reps = {n: self._make(n) for n in NAMES}
         self.queue: deque[tuple[str, str, dict[str, Any]]] = deque()
         self.seen: dict[str, list[Effect]] = {n: [] for n in NAMES}
+        self.hook: Hook | None = None
+        self.acked: dict[tuple[str, str, int], int] = {}  # (primary, backup, index) -> offset
+        self.chunks: list[tuple[str, str, dict[str, Any]]] = []  # every chunk sent, in order
 
     def _make(self, name: str) -> Replica:
         return Replica(name, NAMES, self.timing, self.durables.get(name, Durable()), self.now)
@@ -65,11 +85,25 @@ class Triad:
         self.seen[name].extend(effects)
         for e in effects:
             if isinstance(e, Send):
+                if e.msg["t"] == "snapshot":
+                    self._check_window(name, e.to, e.msg)
                 self.queue.append((name, e.to, e.msg))
             elif isinstance(e, Publish):
                 for peer in NAMES:
                     if peer != name:
                         self.queue.append((name, peer, e.msg))
+
+    def _check_window(self, src: str, dst: str, msg: dict[str, Any]) -> None:
+        self.chunks.append((src, dst, msg))
+        acked = self.acked.get((src, dst, msg["index"]), 0)
+        chunk = self.timing.snapshot_chunk
+        assert len(msg["data"]) <= chunk
+        assert msg["offset"] + len(msg["data"]) <= acked + SNAPSHOT_WINDOW * chunk
+
+    def _note_ack(self, src: str, dst: str, msg: dict[str, Any]) -> None:
+        if msg["t"] == "snapshot_ack":
+            key = (dst, src, msg["index"])
+            self.acked[key] = max(self.acked.get(key, 0), msg["offset"])
 
     def step(self, dt: float = 0.01) -> None:
         self.now += dt
@@ -82,7 +116,9 @@ class Triad:
             src, dst, msg = self.queue.popleft()
             if dst in self.down or src in self.down or (src, dst) in self.blocked:
                 continue
-            self.do(dst, self.reps[dst].on_message(src, msg, self.now))
+            for delivered in [msg] if self.hook is None else self.hook(src, dst, msg):
+                self._note_ack(src, dst, delivered)
+                self.do(dst, self.reps[dst].on_message(src, delivered, self.now))
 
     def run(self, seconds: float) -> None:
         end = self.now + seconds
@@ -345,23 +381,428 @@ def test_two_nodes_with_one_recovering_cannot_elect() -> None:
 
 # --- snapshots and catch-up -----------------------------------------------------------
 
+SIZE = 10 * SNAPSHOT_CHUNK + 12_345  # 11 chunks, the last one short
+OFFSETS = list(range(0, SIZE, SNAPSHOT_CHUNK))
 
-def test_lagging_backup_catches_up_from_a_snapshot() -> None:
-    triad = Triad(timing=Timing(keep_tail=2, max_batch=4))
+
+def image_at(rep: Replica, index: int, seed: int = 1, size: int = SIZE) -> Image:
+    """An image of arbitrary bytes at ``index`` of ``rep``'s log: the replica treats an
+    image's bytes as opaque."""
+    term = rep.log.term_at(index)
+    assert term is not None
+    return Image.of(index, term, random.Random(seed).randbytes(size))
+
+
+def lagging(chunk: int = SNAPSHOT_CHUNK) -> Triad:
+    """A triad whose primary, alpha, committed 60 entries while gamma was down."""
+    triad = Triad(timing=Timing(keep_tail=2, max_batch=4, snapshot_chunk=chunk))
     triad.run(1.5)
     triad.down.add("gamma")
     for _ in range(30):
         triad.propose("alpha", 2)
         triad.step()
+    return triad
+
+
+def written(effects: list[Effect]) -> list[tuple[int, int]]:
+    """(index, offset) of every chunk a node wrote, in order."""
+    return [(e.index, e.offset) for e in effects if isinstance(e, PersistSnapshotChunk)]
+
+
+def sent(triad: Triad, src: str = "alpha", dst: str = "gamma") -> list[int]:
+    """The offsets of the chunks ``src`` sent ``dst``, in order."""
+    return [msg["offset"] for s, d, msg in triad.chunks if (s, d) == (src, dst)]
+
+
+def installed(effects: list[Effect]) -> Image:
+    (image,) = [e.image for e in effects if isinstance(e, InstallSnapshot)]
+    return image
+
+
+def once(match: Callable[[str, str, dict[str, Any]], bool], then: Hook) -> Hook:
+    """A hook that applies ``then`` to the first message ``match`` picks, once."""
+    done: list[bool] = []
+
+    def hook(src: str, dst: str, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        if not done and match(src, dst, msg):
+            done.append(True)
+            return then(src, dst, msg)
+        return [msg]
+
+    return hook
+
+
+def chunk_at(offset: int) -> Callable[[str, str, dict[str, Any]], bool]:
+    return lambda src, dst, msg: msg["t"] == "snapshot" and msg["offset"] == offset
+
+
+def test_a_wiped_backup_catches_up_from_a_many_chunk_image_within_the_window() -> None:
+    triad = lagging()
     alpha = triad.reps["alpha"]
-    term = alpha.log.term_at(alpha.commit)
-    assert term is not None
-    alpha.compacted(alpha.commit, term, {"state": alpha.commit})
-    triad.restart("gamma", Durable())
+    image = image_at(alpha, alpha.commit)
+    alpha.compacted(image)
+    assert alpha.log.base_index == image.index - 2
+    more = triad.propose("alpha", 3)  # after the image: streamed once it is installed
+    triad.step()
+    triad.restart("gamma", Durable(fresh=True))
     triad.run(1.0)
-    installs = [e for e in triad.seen["gamma"] if isinstance(e, InstallSnapshot)]
-    assert installs and installs[0].snapshot == {"state": installs[0].index}
-    assert triad.reps["gamma"].commit == alpha.commit == alpha.last
+    gamma = triad.reps["gamma"]
+    assert gamma.role is Role.BACKUP
+    assert gamma.commit == alpha.commit == alpha.last == more[-1]
+    # every chunk sent once, written once, in order; the harness checked the window
+    assert sent(triad) == OFFSETS
+    assert written(triad.seen["gamma"]) == [(image.index, o) for o in OFFSETS]
+    got = installed(triad.seen["gamma"])
+    assert isinstance(got.buf, memoryview) and got.buf.readonly  # the bytes, not a copy
+    assert (got.index, got.term, got.crc, bytes(got.buf)) == (
+        image.index,
+        image.term,
+        image.crc,
+        image.buf,
+    )
+    kinds = [type(e) for e in triad.seen["gamma"]]
+    assert kinds.index(PersistSnapshot) < kinds.index(InstallSnapshot)
+    assert gamma.log.snapshot is got
+    assert [e.index for e in gamma.entries(1, gamma.last)] == list(
+        range(image.index + 1, alpha.last + 1)
+    )
+
+
+def test_a_lost_chunk_is_resent_at_the_backups_refusal() -> None:
+    triad = lagging()
+    alpha = triad.reps["alpha"]
+    image = image_at(alpha, alpha.commit)
+    alpha.compacted(image)
+    triad.hook = once(chunk_at(3 * SNAPSHOT_CHUNK), lambda src, dst, msg: [])
+    triad.restart("gamma", Durable(fresh=True))
+    triad.run(0.3)  # under peer_timeout: the chunks after the gap, refused, brought it
+    assert triad.reps["gamma"].commit == alpha.commit
+    assert written(triad.seen["gamma"]) == [(image.index, o) for o in OFFSETS]
+    assert sent(triad).count(3 * SNAPSHOT_CHUNK) == 2
+    assert len(sent(triad)) <= len(OFFSETS) + SNAPSHOT_WINDOW
+
+
+def test_a_duplicated_chunk_is_written_once_and_answered_with_the_offset_held() -> None:
+    triad = lagging()
+    alpha = triad.reps["alpha"]
+    image = image_at(alpha, alpha.commit)
+    alpha.compacted(image)
+    triad.hook = once(chunk_at(2 * SNAPSHOT_CHUNK), lambda src, dst, msg: [msg, msg])
+    triad.restart("gamma", Durable(fresh=True))
+    triad.run(1.0)
+    assert triad.reps["gamma"].commit == alpha.commit
+    assert written(triad.seen["gamma"]) == [(image.index, o) for o in OFFSETS]
+    held = [
+        e.msg["offset"]
+        for e in triad.seen["gamma"]
+        if isinstance(e, Send) and e.msg["t"] == "snapshot_ack"
+    ]
+    assert held.count(3 * SNAPSHOT_CHUNK) == 2  # the chunk, then its duplicate
+    # the refusal costs one window resent at most, not a resend of every later window
+    assert len(sent(triad)) <= len(OFFSETS) + SNAPSHOT_WINDOW
+    assert bytes(installed(triad.seen["gamma"]).buf) == image.buf
+
+
+def test_a_chunk_changed_in_transit_fails_the_crc_and_the_transfer_starts_over() -> None:
+    triad = lagging()
+    alpha = triad.reps["alpha"]
+    image = image_at(alpha, alpha.commit)
+    alpha.compacted(image)
+
+    def flip(src: str, dst: str, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        data = bytearray(msg["data"])
+        data[100] ^= 0xFF
+        return [{**msg, "data": bytes(data)}]
+
+    triad.hook = once(chunk_at(5 * SNAPSHOT_CHUNK), flip)
+    triad.restart("gamma", Durable(fresh=True))
+    triad.run(1.0)
+    effects = triad.seen["gamma"]
+    (drop,) = [e for e in effects if isinstance(e, Dropped)]
+    assert drop.sender == "alpha" and "crc" in drop.reason
+    # all of it written, refused at the end, then all of it again from 0
+    assert written(effects) == [(image.index, o) for o in OFFSETS + OFFSETS]
+    kinds = [type(e) for e in effects]
+    assert kinds.index(Dropped) < kinds.index(PersistSnapshot)
+    assert kinds.count(PersistSnapshot) == kinds.count(InstallSnapshot) == 1
+    assert bytes(installed(effects).buf) == image.buf
+    assert triad.reps["gamma"].commit == alpha.commit
+
+
+def test_a_compaction_mid_transfer_neither_restarts_it_nor_drops_the_entries_it_needs() -> None:
+    triad = lagging()
+    alpha = triad.reps["alpha"]
+    first = image_at(alpha, alpha.commit - 20)
+    second = image_at(alpha, alpha.commit, seed=2)
+    alpha.compacted(first)
+    bases: list[int] = []
+
+    def compact(src: str, dst: str, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        alpha.compacted(second)
+        bases.append(alpha.log.base_index)
+        return [msg]
+
+    triad.hook = once(chunk_at(4 * SNAPSHOT_CHUNK), compact)
+    triad.restart("gamma", Durable(fresh=True))
+    triad.run(1.0)
+    # the log kept the entries after the image in flight, though a newer one was taken
+    assert alpha.log.snapshot is second and bases == [first.index]
+    # the transfer went on with its image to the end, never from 0 again
+    assert {msg["index"] for _, _, msg in triad.chunks} == {first.index}
+    assert sent(triad) == OFFSETS
+    gamma = triad.reps["gamma"]
+    assert installed(triad.seen["gamma"]).index == first.index
+    assert gamma.commit == alpha.commit and gamma.role is Role.BACKUP
+    assert [e.index for e in gamma.entries(1, gamma.last)] == list(
+        range(first.index + 1, alpha.last + 1)
+    )
+    # with no transfer left, the next compaction keeps the tail only
+    triad.propose("alpha", 4)
+    triad.step()
+    alpha.compacted(image_at(alpha, alpha.commit, seed=3))
+    assert alpha.log.base_index == alpha.commit - 2
+
+
+def test_the_log_keeps_the_entries_after_an_image_still_being_sent() -> None:
+    log = Log(None, log_of([(1, i) for i in range(1, 21)]))
+    log.compact(Image.of(15, 1, b"a"), keep_tail=2, hold=5)
+    assert (log.snap_index, log.snap_term, log.base_index, log.last) == (15, 1, 5, 20)
+    assert log.slice(1, 6) == log_of([(1, 6)])
+    log.compact(Image.of(18, 1, b"b"), keep_tail=2, hold=None)
+    assert (log.snap_index, log.base_index) == (18, 16)
+    log.compact(Image.of(19, 1, b"c"), keep_tail=0, hold=7)  # base never moves back
+    assert log.base_index == 16
+
+
+def test_a_backup_takes_chunks_in_order_only_and_a_newer_image_from_0() -> None:
+    gamma = Replica("gamma", NAMES, T, Durable(term=2), 0.0)
+    older = Image.of(10, 1, bytes(range(250)) * 3)  # 750 bytes: chunks of 300, 300, 150
+    newer = Image.of(12, 2, bytes(range(150)) * 5)
+
+    def chunk(image: Image, offset: int) -> list[Effect]:
+        data = image.buf[offset : offset + 300]
+        msg = messages.Snapshot(2, image.index, image.term, offset, image.size, image.crc, data)
+        return gamma.on_message("alpha", msg.to_wire(), 1.0)
+
+    def answer(effects: list[Effect]) -> tuple[str, int, int]:
+        """The snapshot_ack sent: (kind, index, offset held)."""
+        (send,) = [e for e in effects if isinstance(e, Send)]
+        return send.msg["t"], send.msg["index"], send.msg["offset"]
+
+    first = chunk(older, 0)
+    assert written(first) == [(10, 0)] and answer(first) == ("snapshot_ack", 10, 300)
+    for offset in (600, 0):  # a gap, then a duplicate: neither written, the offset held
+        refused = chunk(older, offset)
+        assert written(refused) == [] and answer(refused) == ("snapshot_ack", 10, 300)
+    restart = chunk(newer, 0)  # a newer image starts over
+    assert written(restart) == [(12, 0)] and answer(restart) == ("snapshot_ack", 12, 300)
+    for offset in (300, 0):  # the older one's chunks are refused now, even at 0
+        late = chunk(older, offset)
+        assert written(late) == [] and answer(late) == ("snapshot_ack", 10, 0)
+    assert written(chunk(newer, 300)) == [(12, 300)]
+    done = chunk(newer, 600)
+    assert written(done) == [(12, 600)]
+    assert [type(e) for e in done] == [
+        PersistSnapshotChunk,
+        PersistSnapshot,
+        InstallSnapshot,
+        Send,
+    ]
+    assert bytes(installed(done).buf) == newer.buf and gamma.commit == 12
+    assert done[-1] == Send("alpha", messages.AppendAck(2, True, 12, 12, 12, 12).to_wire())
+
+
+def test_a_stalled_transfer_resends_from_what_was_acknowledged() -> None:
+    triad = lagging()
+    alpha = triad.reps["alpha"]
+    image = image_at(alpha, alpha.commit)
+    alpha.compacted(image)
+    cut = [True]
+
+    def lose_from_two(src: str, dst: str, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        lost = cut[0] and msg["t"] == "snapshot" and msg["offset"] >= 2 * SNAPSHOT_CHUNK
+        return [] if lost else [msg]
+
+    triad.hook = lose_from_two
+    triad.restart("gamma", Durable(fresh=True))
+    triad.run(0.3)
+    started = sent(triad)
+    assert started == OFFSETS[: 2 + SNAPSHOT_WINDOW]  # two taken, then a window lost
+    assert written(triad.seen["gamma"]) == [(image.index, o) for o in OFFSETS[:2]]
+    cut[0] = False
+    triad.run(0.4)
+    assert sent(triad)[len(started)] == 2 * SNAPSHOT_CHUNK  # from what gamma acknowledged
+    triad.run(0.3)
+    assert written(triad.seen["gamma"]) == [(image.index, o) for o in OFFSETS]
+    assert triad.reps["gamma"].commit == alpha.commit
+
+
+def test_a_backup_that_restarts_mid_transfer_is_sent_the_image_again_from_0() -> None:
+    triad = lagging()
+    alpha = triad.reps["alpha"]
+    image = image_at(alpha, alpha.commit)
+    alpha.compacted(image)
+    before: list[int] = []
+
+    def restart(src: str, dst: str, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        before.append(len(triad.seen["gamma"]))
+        triad.restart("gamma", Durable(fresh=True))  # it lost the chunks it held
+        return [msg]
+
+    triad.hook = once(chunk_at(5 * SNAPSHOT_CHUNK), restart)
+    triad.restart("gamma", Durable(fresh=True))
+    triad.run(0.3)  # under peer_timeout: its refusals (it holds 0) brought the resend
+    (cut,) = before
+    assert written(triad.seen["gamma"][:cut]) == [(image.index, o) for o in OFFSETS[:5]]
+    assert written(triad.seen["gamma"][cut:]) == [(image.index, o) for o in OFFSETS]
+    assert sent(triad).count(0) == 2
+    assert triad.reps["gamma"].commit == alpha.commit
+    assert bytes(installed(triad.seen["gamma"]).buf) == image.buf
+
+
+def test_the_chunk_size_is_a_timing_setting_within_what_a_peer_may_send() -> None:
+    assert Timing().snapshot_chunk == SNAPSHOT_CHUNK == 256 * 1024
+    assert Timing(snapshot_chunk=MAX_SNAPSHOT_CHUNK).snapshot_chunk == MAX_SNAPSHOT_CHUNK
+    for bad in (0, MAX_SNAPSHOT_CHUNK + 1):
+        with pytest.raises(ValueError, match="snapshot_chunk"):
+            Timing(snapshot_chunk=bad)
+
+
+def test_a_small_chunk_size_sends_an_image_in_many_chunks() -> None:
+    triad = lagging(chunk=1000)
+    alpha = triad.reps["alpha"]
+    image = image_at(alpha, alpha.commit, size=99_999)
+    alpha.compacted(image)
+    triad.restart("gamma", Durable(fresh=True))
+    triad.run(1.0)
+    assert sent(triad) == list(range(0, 99_999, 1000))  # 100 chunks, each once
+    assert bytes(installed(triad.seen["gamma"]).buf) == image.buf
+    assert triad.reps["gamma"].commit == alpha.commit
+
+
+def fetching(image: Image) -> Triad:
+    """beta holds ``image`` (at 30) and entries to 35, committed to 33; alpha only 1..5.
+    gamma is down: alpha, elected first, must adopt beta's log."""
+    durables = {
+        "alpha": Durable(term=1, entries=log_of([(1, i) for i in range(1, 6)]), commit=5),
+        "beta": Durable(
+            term=1, snapshot=image, entries=log_of([(1, i) for i in range(31, 36)]), commit=33
+        ),
+    }
+    return Triad(durables, down={"gamma"})
+
+
+def fetched(triad: Triad) -> list[tuple[int, int]]:
+    """(snap_index, offset) of alpha's fetches."""
+    return [
+        (e.msg["snap_index"], e.msg["offset"])
+        for e in triad.seen["alpha"]
+        if isinstance(e, Send) and e.msg["t"] == "fetch"
+    ]
+
+
+def test_a_candidate_fetches_a_voters_image_chunk_by_chunk_then_its_entries() -> None:
+    image = Image.of(30, 1, random.Random(4).randbytes(SIZE))
+    triad = fetching(image)
+    triad.run(2.0)
+    alpha = triad.reps["alpha"]
+    assert triad.serving() == ["alpha"]
+    assert written(triad.seen["alpha"]) == [(30, o) for o in OFFSETS]
+    assert fetched(triad) == [(0, 0)] + [(30, o) for o in OFFSETS[1:]]
+    got = installed(triad.seen["alpha"])
+    assert (got.index, got.term, bytes(got.buf)) == (30, 1, image.buf)
+    assert [e.index for e in alpha.entries(1, alpha.last)] == [31, 32, 33, 34, 35, 36]
+    assert alpha.entries(36, 36) == [Entry(alpha.term, 36, None)]  # the no-op
+    assert alpha.commit == 36 and triad.reps["beta"].commit == 36
+
+
+def test_a_lost_fetch_reply_is_asked_for_again_at_the_next_beat() -> None:
+    image = Image.of(30, 1, random.Random(4).randbytes(SIZE))
+    triad = fetching(image)
+
+    def fourth_reply(src: str, dst: str, msg: dict[str, Any]) -> bool:
+        chunk = msg.get("snapshot") if msg["t"] == "fetch_reply" else None
+        return chunk is not None and chunk["offset"] == 3 * SNAPSHOT_CHUNK
+
+    triad.hook = once(fourth_reply, lambda src, dst, msg: [])
+    triad.run(2.0)
+    assert triad.serving() == ["alpha"]
+    asked = fetched(triad)
+    assert asked.count((30, 3 * SNAPSHOT_CHUNK)) == 2 and len(asked) == len(OFFSETS) + 1
+    assert written(triad.seen["alpha"]) == [(30, o) for o in OFFSETS]
+    assert bytes(installed(triad.seen["alpha"]).buf) == image.buf
+
+
+def test_a_voter_whose_image_changes_mid_fetch_sends_its_new_one_from_0() -> None:
+    image = Image.of(30, 1, random.Random(4).randbytes(SIZE))
+    newer = Image.of(33, 1, random.Random(5).randbytes(SIZE))
+    triad = fetching(image)
+    beta = triad.reps["beta"]
+
+    def compact(src: str, dst: str, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        beta.compacted(newer)
+        return [msg]
+
+    def third_reply(src: str, dst: str, msg: dict[str, Any]) -> bool:
+        chunk = msg.get("snapshot") if msg["t"] == "fetch_reply" else None
+        return chunk is not None and chunk["offset"] == 2 * SNAPSHOT_CHUNK
+
+    triad.hook = once(third_reply, compact)
+    triad.run(2.0)
+    alpha = triad.reps["alpha"]
+    assert triad.serving() == ["alpha"]
+    assert written(triad.seen["alpha"]) == [(30, o) for o in OFFSETS[:3]] + [
+        (33, o) for o in OFFSETS
+    ]
+    got = installed(triad.seen["alpha"])
+    assert (got.index, bytes(got.buf)) == (33, newer.buf)
+    assert [e.index for e in alpha.entries(1, alpha.last)] == [34, 35, 36]
+    assert alpha.commit == 36
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    drop=st.sampled_from([0.0, 0.05, 0.2]),
+    dup=st.sampled_from([0.0, 0.05, 0.2]),
+    swap=st.sampled_from([0.0, 0.1, 0.3]),
+)
+def test_a_transfer_over_a_lossy_network_delivers_the_image_exactly(
+    seed: int, drop: float, dup: float, swap: float
+) -> None:
+    """Chunks and their acks lost, duplicated and reordered: the backup writes each run
+    of chunks in order from 0 without gaps, and installs the image's very bytes."""
+    triad = lagging(chunk=1000)
+    alpha = triad.reps["alpha"]
+    image = image_at(alpha, alpha.commit, size=40_007)  # 41 chunks
+    alpha.compacted(image)
+    rng = random.Random(seed)
+    held: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+    def network(src: str, dst: str, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        if msg["t"] not in ("snapshot", "snapshot_ack"):
+            return [msg]
+        out = [] if rng.random() < drop else [msg, msg] if rng.random() < dup else [msg]
+        back = held.setdefault((src, dst), [])
+        if back:
+            out.append(back.pop())  # a message held back goes after this one
+        if out and rng.random() < swap:
+            back.append(out.pop(0))
+        return out
+
+    triad.hook = network
+    triad.restart("gamma", Durable(fresh=True))
+    for _ in range(6000):  # a minute: at the worst rates, most windows end in a stall
+        triad.step()
+        if triad.reps["gamma"].commit == alpha.commit:
+            break
+    assert triad.reps["gamma"].commit == alpha.commit
+    end = 0
+    for e in triad.seen["gamma"]:
+        if isinstance(e, PersistSnapshotChunk):
+            assert e.offset in (0, end)  # each chunk follows the last, or starts over
+            end = e.offset + len(e.data)
+    assert bytes(installed(triad.seen["gamma"]).buf) == image.buf
 
 
 def test_pipelined_backup_recovers_from_lost_appends() -> None:
@@ -471,7 +912,16 @@ JUNK: list[Any] = [
         "commit": 0,
         "entries": [{"term": 9, "index": 1, "delta": [1, 2]}],
     },
-    {"t": "snapshot", "term": 9, "index": 3, "term_at": 10, "data": {}},
+    {
+        "t": "snapshot",
+        "term": 9,
+        "index": 3,
+        "term_at": 10,
+        "offset": 0,
+        "size": 1,
+        "crc": 0,
+        "data": b"x",
+    },  # term_at beyond the message's term
     {
         "t": "fetch_reply",
         "term": 9,
@@ -481,7 +931,7 @@ JUNK: list[Any] = [
         "last": 0,
         "snapshot": "x",
     },
-    {"t": "fetch", "term": 1, "from_index": 0},
+    {"t": "fetch", "term": 1, "from_index": 0, "offset": 0, "snap_index": 0},
 ]
 
 
@@ -496,6 +946,109 @@ def test_hostile_messages_are_dropped_and_change_nothing(junk: Any) -> None:
     assert (beta.role, beta.term, beta.voted_for, beta.primary, beta.last, beta.commit) == before
 
 
+# Well-formed messages of the chunked snapshot protocol, then each field made wrong.
+GOOD: dict[str, dict[str, Any]] = {
+    "snapshot": {
+        "t": "snapshot",
+        "term": 3,
+        "index": 10,
+        "term_at": 2,
+        "offset": 0,
+        "size": 10,
+        "crc": 7,
+        "data": b"0123456789",
+    },
+    "snapshot_ack": {"t": "snapshot_ack", "term": 3, "index": 10, "offset": 5},
+    "fetch": {"t": "fetch", "term": 3, "from_index": 4, "offset": 5, "snap_index": 10},
+    "fetch_reply": {
+        "t": "fetch_reply",
+        "term": 3,
+        "prev_index": 10,
+        "prev_term": 2,
+        "entries": [{"term": 3, "index": 11, "delta": None}],
+        "last": 11,
+        "snapshot": {"offset": 5, "size": 10, "crc": 7, "data": b"56789"},
+    },
+}
+BIG = 2**41  # past MAX_IMAGE
+MISSING = object()
+BAD: list[tuple[str, str, Any]] = [
+    ("snapshot", "index", 0),
+    ("snapshot", "term_at", 4),
+    ("snapshot", "offset", -1),
+    ("snapshot", "offset", True),
+    ("snapshot", "offset", 1),  # then the data runs past the size
+    ("snapshot", "offset", 11),  # past the size
+    ("snapshot", "offset", MISSING),
+    ("snapshot", "size", 0),
+    ("snapshot", "size", 9),
+    ("snapshot", "size", BIG),
+    ("snapshot", "size", "10"),
+    ("snapshot", "size", MISSING),
+    ("snapshot", "crc", -1),
+    ("snapshot", "crc", 2**32),
+    ("snapshot", "crc", 7.0),
+    ("snapshot", "crc", MISSING),
+    ("snapshot", "data", "0123456789"),
+    ("snapshot", "data", bytearray(b"0123456789")),
+    ("snapshot", "data", [48, 49]),
+    ("snapshot", "data", b""),
+    ("snapshot", "data", None),
+    ("snapshot", "data", MISSING),
+    ("snapshot", "data", b"x" * (MAX_SNAPSHOT_CHUNK + 1)),  # with a size that fits it, below
+    ("snapshot_ack", "index", 0),
+    ("snapshot_ack", "offset", -1),
+    ("snapshot_ack", "offset", BIG),
+    ("snapshot_ack", "offset", False),
+    ("snapshot_ack", "offset", MISSING),
+    ("snapshot_ack", "term", MISSING),
+    ("fetch", "offset", MISSING),
+    ("fetch", "offset", -5),
+    ("fetch", "offset", BIG),
+    ("fetch", "offset", "5"),
+    ("fetch", "snap_index", MISSING),
+    ("fetch", "snap_index", 0),  # an offset into no image
+    ("fetch", "snap_index", True),
+    ("fetch_reply", "snapshot", "x"),
+    ("fetch_reply", "snapshot", {}),
+    ("fetch_reply", "snapshot", {"offset": 5, "size": 10, "crc": 7}),
+    ("fetch_reply", "snapshot", {"offset": 5, "size": 10, "crc": 7, "data": b"5678", "x": 1}),
+    ("fetch_reply", "snapshot", {"offset": 5, "size": 10, "crc": 7, "data": "56789"}),
+    ("fetch_reply", "snapshot", {"offset": 6, "size": 10, "crc": 7, "data": b"56789"}),
+    ("fetch_reply", "snapshot", {"offset": 5, "size": 10, "crc": -7, "data": b"56789"}),
+    ("fetch_reply", "snapshot", {"offset": 5, "size": 0, "crc": 7, "data": b"56789"}),
+    ("fetch_reply", "snapshot", {"offset": 0, "size": 10, "crc": 7, "data": b"56789"}),  # not last
+    ("fetch_reply", "snapshot", {"offset": 0, "size": 10, "crc": 7, "data": b""}),
+    ("fetch_reply", "prev_index", 0),  # a chunk of an image at 0
+]
+
+
+@pytest.mark.parametrize("kind", sorted(GOOD))
+def test_the_chunked_snapshot_messages_are_well_formed(kind: str) -> None:
+    assert messages.validate(GOOD[kind]) is not None
+
+
+@pytest.mark.parametrize(("kind", "field", "value"), BAD)
+def test_snapshot_messages_malformed_in_any_field_are_refused(
+    kind: str, field: str, value: Any
+) -> None:
+    msg = {k: v for k, v in GOOD[kind].items() if k != field}
+    if value is not MISSING:
+        msg[field] = value
+    if field == "data" and isinstance(value, bytes) and len(value) > MAX_SNAPSHOT_CHUNK:
+        msg["size"] = len(value)
+    if field == "prev_index":
+        msg["entries"] = []
+    assert messages.validate(msg) is None
+    triad = Triad()
+    triad.run(1.5)
+    beta = triad.reps["beta"]
+    before = (beta.role, beta.term, beta.primary, beta.last, beta.commit)
+    effects = beta.on_message("alpha", msg, triad.now)
+    assert effects and all(isinstance(e, Dropped) for e in effects)
+    assert (beta.role, beta.term, beta.primary, beta.last, beta.commit) == before
+
+
 def test_unknown_sender_is_dropped() -> None:
     beta = Replica("beta", NAMES, T, Durable(), 0.0)
     hb = messages.Heartbeat(5, "mallory", Role.PRIMARY, 0, 0, 0, "mallory").to_wire()
@@ -504,7 +1057,11 @@ def test_unknown_sender_is_dropped() -> None:
 
 
 _wire = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.text(max_size=8),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**64)
+    | st.text(max_size=8)
+    | st.binary(max_size=8),
     lambda kids: (
         st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=10), kids, max_size=6)
     ),
@@ -534,6 +1091,10 @@ _fields = st.sampled_from(
         "data",
         "from_index",
         "snapshot",
+        "offset",
+        "size",
+        "crc",
+        "snap_index",
     ]
 )
 
@@ -548,6 +1109,7 @@ _fields = st.sampled_from(
             "append",
             "append_ack",
             "snapshot",
+            "snapshot_ack",
             "timeout_now",
             "fetch",
             "fetch_reply",

@@ -353,8 +353,8 @@ def _forgeries(term: int, last: int, sender: str) -> list[dict[str, Any]]:
         {"t": "hb", "term": high, "node": sender, "role": "primary", "last": last + 5,
          "last_term": high, "commit": last + 5, "primary": sender},
         {"t": "timeout_now", "term": high},
-        {"t": "snapshot", "term": high, "index": last + 50, "term_at": high,
-         "data": {"v": 1, "next_grant": 1, "entitlements": [], "sessions": [], "grants": []}},
+        {"t": "snapshot", "term": high, "index": last + 50, "term_at": high, "offset": 0,
+         "size": 64, "crc": 0x758D6336, "data": b"\x00" * 64},  # crc32 of the data
     ]  # fmt: skip
 
 

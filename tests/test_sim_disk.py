@@ -7,7 +7,8 @@ import random
 import pytest
 from sim_disk import DiskViolation, SimDisk
 
-from zbroker.broker.core import Append, SaveHardState, SaveSnapshot, Truncate
+from zbroker.broker.core import Append, SaveHardState, SaveSnapshot, SaveSnapshotChunk, Truncate
+from zbroker.peers.types import Image
 
 pytestmark = pytest.mark.sim
 
@@ -50,11 +51,12 @@ def test_a_crash_before_the_sync_keeps_a_prefix_of_the_writes() -> None:
 def test_a_snapshot_replaces_the_log_it_covers() -> None:
     disk = SimDisk.initialised()
     disk.write(Append(_entries(1, 5, 1)))
-    disk.write(SaveSnapshot(3, 1, {"ledger": 1}, _entries(4, 5, 1)))
+    image = Image.of(3, 1, b"the ledger at 3")
+    disk.write(SaveSnapshot(image, "taken"))
     disk.write(Truncate(5))
     disk.sync()
     loaded = disk.load()
-    assert (loaded.snapshot_index, loaded.snapshot) == (3, {"ledger": 1})
+    assert loaded.snapshot is image
     assert [i for i, _, _ in loaded.entries] == [4]
     assert disk.entry(4) is not None and disk.entry(3) is None
 
@@ -88,4 +90,18 @@ def test_writes_the_data_directory_would_hold_as_damage_are_refused() -> None:
     disk.write(SaveHardState(3, None))
     disk.write(SaveHardState(2, None))
     with pytest.raises(DiskViolation, match="went back"):
+        disk.sync()
+
+
+def test_a_received_snapshot_is_saved_only_after_all_its_chunks() -> None:
+    disk = SimDisk.initialised()
+    image = Image.of(7, 2, b"0123456789")
+    disk.write(SaveSnapshotChunk(7, 2, 0, b"01234"))
+    disk.write(SaveSnapshotChunk(7, 2, 5, b"56789"))
+    disk.write(SaveSnapshot(image, "received"))
+    disk.sync()
+    assert disk.load().snapshot is image
+    with pytest.raises(DiskViolation, match="chunk"):
+        disk.write(SaveSnapshotChunk(9, 2, 0, b"01"))
+        disk.write(SaveSnapshotChunk(9, 2, 3, b"34"))  # a gap
         disk.sync()

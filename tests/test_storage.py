@@ -7,6 +7,7 @@ import os
 import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zbroker.broker import storage as storage_module
+from zbroker.broker.image import image_of, load_image
+from zbroker.broker.ledger import Ledger
+from zbroker.broker.model import Entitlement
 from zbroker.broker.storage import (
     DataDirLocked,
     DiskError,
@@ -24,6 +28,7 @@ from zbroker.broker.storage import (
     StorageError,
     write_marker,
 )
+from zbroker.peers.types import Image
 
 pytestmark = pytest.mark.unit
 
@@ -77,6 +82,39 @@ def record_spans(data: Path) -> list[tuple[int, int]]:
             return out
         out.append((pos, pos + 12 + length + 1))
         pos += 12 + length + 1
+
+
+def ledger_of(seats: int) -> Ledger:
+    """A small ledger that says which it is: a pool of ``seats`` seats."""
+    ledger = Ledger((), lease=30.0, heartbeat=10.0)
+    line = Entitlement("cad", "1.0", seats, None, None, None, source="t.lic:1")
+    ledger.apply(ledger.reload_delta([line]))
+    return ledger
+
+
+def seats_of(image: Image | None) -> int:
+    assert image is not None
+    (line,) = load_image(image, lease=30.0, heartbeat=10.0).entitlements
+    return line.count
+
+
+def take(store: Storage, index: int, term: int, seats: int | None = None) -> Image:
+    """Store a snapshot as a node's own: written by ``write_taken``, then saved."""
+    store.write_taken(ledger_of(seats or index), index, term)
+    image = store.taken_image(index, term)
+    store.save_snapshot(image, "taken")
+    return image
+
+
+def receive(
+    store: Storage, index: int, term: int, seats: int | None = None, chunk: int = 7
+) -> Image:
+    """Store a snapshot as one received from a peer: chunk by chunk, then saved."""
+    image = image_of(ledger_of(seats or index), index, term)
+    for offset in range(0, image.size, chunk):
+        store.save_snapshot_chunk(index, term, offset, image.chunk(offset, chunk))
+    store.save_snapshot(image, "received")
+    return image
 
 
 def _state(loaded: Loaded) -> tuple[Any, ...]:
@@ -141,43 +179,238 @@ def test_log_hard_state_and_truncation_round_trip(tmp_path: Path) -> None:
     assert (loaded.term, loaded.voted_for, loaded.damaged) == (2, "beta", False)
 
 
-def test_snapshot_compacts_the_log(tmp_path: Path, opened: Callable[[Path], Storage]) -> None:
+@pytest.mark.parametrize("source", ["taken", "received"])
+def test_snapshot_compacts_the_log(
+    tmp_path: Path, opened: Callable[[Path], Storage], source: str
+) -> None:
     data = tmp_path / "data"
     write_marker(data, "alpha")
     store = opened(data)
     store.load()
     store.save_hard_state(1, None)
-    store.append([(i, 1, {"k": i}) for i in range(1, 11)])
-    store.save_snapshot(
-        8, 1, {"ledger": "state"}, keep=[(9, 1, {"k": "d9"}), (10, 1, {"k": "d10"})]
-    )
+    store.append([(i, 1, {"k": f"d{i}"}) for i in range(1, 6)])
+    store.append([(i, 1, {"k": f"d{i}"}) for i in range(6, 11)])
+    image = (take if source == "taken" else receive)(store, 8, 1)
+    assert store.image() == image and isinstance(store.image().buf, memoryview)  # type: ignore[union-attr]
     store.append([(11, 1, {"k": "d11"})])
     store.close()
     loaded = _reload(data)
-    assert (loaded.snapshot_index, loaded.snapshot_term, loaded.snapshot) == (
-        8,
-        1,
-        {"ledger": "state"},
+    assert (loaded.snapshot_index, loaded.snapshot_term, loaded.snapshot) == (8, 1, image)
+    assert seats_of(loaded.snapshot) == 8
+    assert loaded.entries == [(i, 1, {"k": f"d{i}"}) for i in range(9, 12)]
+    assert sorted(p.name for p in data.iterdir()) == [
+        "hardstate", "log", "node.json", "node.lock", "snapshot"
+    ]  # fmt: skip
+
+
+def test_the_rewrite_copies_the_records_bytes_from_the_one_holding_the_next_entry(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    data = tmp_path / "data"
+    write_marker(data, "alpha")
+    store = opened(data)
+    store.load()
+    store.save_hard_state(3, None)
+    store.append([(i, 1, {"k": f"a{i}"}) for i in range(1, 5)])  # 1-4
+    store.append([(i, 1, {"k": f"b{i}"}) for i in range(5, 9)])  # 5-8: holds 7, 8
+    store.append([(9, 1, {"k": "c9"}), (10, 1, {"k": "c10"})])  # cut at 10 below
+    store.truncate(10)
+    store.append([(10, 3, {"k": "d10"}), (11, 3, {"k": "d11"})])
+    store.truncate(11)
+    store.sync()
+    spans = record_spans(data)
+    raw = (data / "log").read_bytes()
+    tail = raw[spans[2][0] : spans[-1][1]]  # from the record holding entry 7 to the last
+    take(store, 6, 1)
+    spans = record_spans(data)
+    raw = (data / "log").read_bytes()
+    assert raw[spans[1][0] : spans[-1][1]] == tail  # the same bytes, after the new base
+    assert storage_module.unpack(raw[12 : spans[0][1] - 1]) == {"base": [6, 1]}
+    store.append([(11, 3, {"k": "e11"})])
+    store.close()
+    loaded = _reload(data)
+    assert loaded.snapshot_index == 6
+    assert loaded.entries == [
+        (7, 1, {"k": "b7"}), (8, 1, {"k": "b8"}), (9, 1, {"k": "c9"}),
+        (10, 3, {"k": "d10"}), (11, 3, {"k": "e11"}),
+    ]  # fmt: skip
+    store = opened(data)  # a second compaction of a log that begins before its base
+    store.load()
+    take(store, 9, 1)
+    store.append([(12, 3, {"k": "e12"})])
+    store.close()
+    assert [e[0] for e in _reload(data).entries] == [10, 11, 12]
+
+
+def test_a_compaction_past_the_log_or_of_another_term_keeps_no_entries(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)  # entries 1-4, entry 4 of term 2
+    store = opened(data)
+    store.load()
+    store.save_hard_state(3, None)
+    receive(store, 4, 3)  # the log's entry 4 is of term 2: its entries are not the snapshot's
+    assert store.last == 4
+    store.truncate(5)  # as the replica's TruncateLog: nothing left to cut, nothing written
+    store.append([(5, 3, {"k": "e"})])
+    receive(store, 9, 3)  # past the log's end
+    store.append([(10, 3, {"k": "j"})])
+    store.close()
+    loaded = _reload(data)
+    assert (loaded.snapshot_index, loaded.snapshot_term, loaded.entries) == (
+        9,
+        3,
+        [(10, 3, {"k": "j"})],
     )
-    assert [e[0] for e in loaded.entries] == [9, 10, 11]
 
 
-def test_a_compaction_cut_between_snapshot_and_log_is_finished_at_load(tmp_path: Path) -> None:
+@pytest.mark.parametrize("source", ["taken", "received"])
+def test_a_compaction_cut_between_snapshot_and_log_is_finished_at_load(
+    tmp_path: Path, source: str
+) -> None:
     data = tmp_path / "data"
     _populated(data)
-    old_log = (data / "log").read_bytes()
     store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
     store.load()
     store.append([(5, 2, {"k": "e"}), (6, 2, {"k": "f"})])
-    store.save_snapshot(6, 2, {"ledger": 6}, keep=[])
+    store.append([(7, 2, {"k": "g"})])
+    store.sync()
+    old_log = (data / "log").read_bytes()
+    (take if source == "taken" else receive)(store, 6, 2)
     store.close()
     (data / "log").write_bytes(old_log)  # as if the process died before the log's rewrite
     store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
     loaded = store.load()
-    assert (loaded.snapshot_index, loaded.entries, loaded.damaged) == (6, [], False)
-    store.append([(7, 2, {"k": "g"})])  # follows the snapshot, not the old log's entry 4
+    assert (loaded.snapshot_index, loaded.entries, loaded.damaged) == (
+        6,
+        [(7, 2, {"k": "g"})],
+        False,
+    )
+    base_record = record_spans(data)[0]
+    raw = (data / "log").read_bytes()
+    assert storage_module.unpack(raw[12 : base_record[1] - 1]) == {"base": [6, 2]}
+    store.append([(8, 2, {"k": "h"})])
     store.close()
-    assert _reload(data).entries == [(7, 2, {"k": "g"})]
+    assert [e[0] for e in _reload(data).entries] == [7, 8]
+
+
+def test_a_received_snapshot_over_a_log_of_another_term_cut_before_the_rewrite_loads(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)  # entry 4 of term 2
+    old_log = (data / "log").read_bytes()
+    store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
+    store.load()
+    store.save_hard_state(3, None)
+    receive(store, 4, 3)
+    store.close()
+    (data / "log").write_bytes(old_log)
+    loaded = _reload(data)
+    assert (loaded.snapshot_index, loaded.entries, loaded.damaged) == (4, [], False)
+
+
+def test_a_received_file_cut_short_is_discarded_at_load(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    store = opened(data)
+    store.load()
+    image = image_of(ledger_of(9), 9, 2)
+    store.save_snapshot_chunk(9, 2, 0, image.chunk(0, 100))  # the node dies here
+    store.close()
+    assert (data / "snapshot.received.tmp").exists()
+    loaded = _reload(data)
+    assert (loaded.snapshot, loaded.damaged, len(loaded.entries)) == (None, False, 4)
+    assert not list(data.glob("*.tmp"))
+
+
+def test_chunks_must_follow_each_other_and_a_new_start_discards_the_old(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    store = opened(data)
+    store.load()
+    image = image_of(ledger_of(9), 9, 2)
+    with pytest.raises(StorageError, match="does not follow"):
+        store.save_snapshot_chunk(9, 2, 5, image.chunk(5, 5))  # nothing started
+    store.save_snapshot_chunk(9, 2, 0, image.chunk(0, 5))
+    with pytest.raises(StorageError, match="does not follow"):
+        store.save_snapshot_chunk(9, 2, 10, image.chunk(10, 5))  # a gap
+    with pytest.raises(StorageError, match="does not follow"):
+        store.save_snapshot_chunk(8, 2, 5, image.chunk(5, 5))  # another snapshot's
+    with pytest.raises(StorageError, match="not the"):
+        store.save_snapshot(image, "received")  # incomplete
+    other = image_of(ledger_of(5), 9, 2)
+    store.save_snapshot_chunk(9, 2, 0, b"x" * 1000)  # a start over: offset 0 truncates
+    for offset in range(0, other.size, 64):
+        store.save_snapshot_chunk(9, 2, offset, other.chunk(offset, 64))
+    store.save_snapshot(other, "received")
+    assert (data / "snapshot").stat().st_size == other.size + 13
+    assert seats_of(store.image()) == 5
+    store.close()
+    assert seats_of(_reload(data).snapshot) == 5
+
+
+def test_a_snapshot_older_than_the_log_base_is_refused(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    store = opened(data)
+    store.load()
+    take(store, 4, 2)
+    store.write_taken(ledger_of(3), 3, 2)
+    with pytest.raises(StorageError, match="older than the log's base 4"):
+        store.save_snapshot(store.taken_image(3, 2), "taken")
+
+
+def test_a_taken_file_that_is_not_the_snapshot_asked_for_is_refused(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    store = opened(data)
+    store.load()
+    with pytest.raises(DiskError, match=r"snapshot\.taken\.tmp"):
+        store.taken_image(3, 2)  # no child wrote one
+    store.write_taken(ledger_of(3), 3, 2)
+    with pytest.raises(StorageError, match="not the one at 4 of term 2"):
+        store.taken_image(4, 2)
+    raw = bytearray((data / "snapshot.taken.tmp").read_bytes())
+    (data / "snapshot.taken.tmp").write_bytes(raw[:-9])  # a child killed as it wrote
+    with pytest.raises(StorageError, match="the record says"):
+        store.taken_image(3, 2)
+
+
+@pytest.mark.integration
+def test_write_taken_writes_in_a_forked_child(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    data = tmp_path / "data"
+    _populated(data)
+    store = opened(data)
+    store.load()
+    store.append([(5, 2, {"k": "e"})])  # buffered in the parent: the child must not flush it
+    ledger = ledger_of(5)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            store.write_taken(ledger, 5, 2)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    store.save_snapshot(store.taken_image(5, 2), "taken")
+    store.append([(6, 2, {"k": "f"})])
+    store.close()
+    loaded = _reload(data)
+    assert seats_of(loaded.snapshot) == 5 and loaded.entries == [(6, 2, {"k": "f"})]
 
 
 def test_the_log_is_grown_with_zeros_and_reopened_at_its_last_record(tmp_path: Path) -> None:
@@ -322,6 +555,17 @@ SHAPES: dict[str, list[Any]] = {
     "delta_without_kind": [{"base": [0, 0]}, {"e": [[1, 1, {"sid": "x"}]]}],
     "truncation_past_the_end": [{"base": [0, 0]}, {"e": [[1, 1, None]]}, {"x": 5}],
     "truncation_of_the_base": [{"base": [0, 0]}, {"e": [[1, 1, None]]}, {"x": 0}],
+    # the first record may begin before the base (a compaction copies it whole), no other
+    "covered_entries_with_a_gap": [
+        {"base": [3, 1]},
+        {"e": [[1, 1, None], [3, 1, None], [4, 1, None]]},
+    ],
+    "only_covered_entries": [{"base": [3, 1]}, {"e": [[2, 1, None], [3, 1, None]]}],
+    "covered_entries_later": [
+        {"base": [3, 1]},
+        {"e": [[4, 1, None]]},
+        {"e": [[3, 1, None], [4, 1, None]]},
+    ],
 }
 
 
@@ -347,9 +591,10 @@ def test_a_log_of_a_term_beyond_the_hardstate_is_damage(tmp_path: Path) -> None:
         ("hardstate", {"term": 2}),
         ("hardstate", {"term": 2, "voted_for": 7}),
         ("hardstate", [2, "beta"]),
-        ("snapshot", {"index": 0, "term": 1, "ledger": {}}),
-        ("snapshot", {"index": 4, "term": 2, "ledger": []}),
-        ("snapshot", {"index": 4, "term": 1, "ledger": {}}),  # the log's entry 4 is of term 2
+        ("snapshot", {"v": 1, "index": 0, "term": 1}),  # its head, and nothing after it
+        ("snapshot", {"v": 1, "index": "4", "term": 2}),
+        ("snapshot", {"v": 1, "index": 4, "term": -1}),
+        ("snapshot", {"v": 1, "index": 4}),
         ("snapshot", "ledger"),
     ],
 )
@@ -365,9 +610,52 @@ def test_a_snapshot_deleted_after_a_compaction_is_damage(tmp_path: Path) -> None
     _populated(data)
     store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
     store.load()
-    store.save_snapshot(4, 2, {"ledger": 4}, keep=[])  # the log is now empty after it
+    take(store, 4, 2)  # the log is now empty after it
     store.close()
     (data / "snapshot").unlink()
+    _damaged(data, _reload(data), "snapshot")
+
+
+def _snapshot_at_4(data: Path) -> int:
+    """A directory whose log follows its snapshot at 4 (of term 2); the snapshot's size."""
+    _populated(data)
+    store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
+    store.load()
+    image = take(store, 4, 2)
+    store.close()
+    return image.size
+
+
+def _replace_snapshot(data: Path, index: int, term: int) -> None:
+    body = image_of(ledger_of(1), index, term).buf
+    (data / "snapshot").write_bytes(
+        storage_module._header(len(body), zlib.crc32(body)) + body + b"\xa5"
+    )
+
+
+SNAPSHOT_DAMAGE: dict[str, Callable[[Path, int], object]] = {
+    "a_flip_in_its_body": lambda d, size: _flip(d, "snapshot", 12 + size // 2),
+    "a_flip_in_its_header": lambda d, size: _flip(d, "snapshot", 3),
+    "a_flip_in_its_end_byte": lambda d, size: _flip(d, "snapshot", 12 + size),
+    "cut_short": lambda d, size: _cut(d, "snapshot", 12 + size),
+    "cut_in_its_header": lambda d, size: _cut(d, "snapshot", 8),
+    "a_byte_after_it": lambda d, size: (d / "snapshot").write_bytes(
+        (d / "snapshot").read_bytes() + b"\0"
+    ),
+    "undecodable": lambda d, size: (d / "snapshot").write_bytes(
+        storage_module._header(1, zlib.crc32(b"\xc1")) + b"\xc1\xa5"
+    ),
+    "older_than_the_log_base": lambda d, size: _replace_snapshot(d, 3, 2),
+    "of_another_term_than_the_log_base": lambda d, size: _replace_snapshot(d, 4, 1),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SNAPSHOT_DAMAGE))
+def test_a_damaged_snapshot_file_is_damage(tmp_path: Path, kind: str) -> None:
+    data = tmp_path / "data"
+    size = _snapshot_at_4(data)
+    assert _reload(data).snapshot_index == 4
+    SNAPSHOT_DAMAGE[kind](data, size)
     _damaged(data, _reload(data), "snapshot")
 
 
@@ -436,9 +724,10 @@ def test_any_corruption_loads_the_same_state_or_is_damage(
     if snapshot:
         store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
         store.load()
-        store.save_snapshot(3, 2, {"ledger": 3}, keep=[(4, 2, {"k": "d", "at": 0})])
+        take(store, 3, 2)
         store.close()
         before = _reload(data)
+        assert before.entries == [(4, 2, {"k": "d", "at": 0})]
     corrupt(data, ops)
     after = _reload(data)
     if after.damaged:
@@ -622,3 +911,29 @@ except DiskError as exc:
     assert done.stdout.startswith(f"{data / 'log'}: cannot write: File too large"), done.stdout
     entries = _reload(data).entries  # everything synced before the error is there, whole
     assert entries and [e[0] for e in entries] == list(range(1, len(entries) + 1))
+
+
+def test_an_image_mapped_stays_whole_when_its_file_is_written_anew(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    # A taken image dropped (or one still being sent) keeps its file: the next child
+    # writes a new one instead of truncating the one mapped (a read past its end: SIGBUS).
+    data = tmp_path / "data"
+    _populated(data)
+    store = opened(data)
+    store.load()
+    store.write_taken(many_sessions(300), 3, 2)
+    dropped = store.taken_image(3, 2)
+    store.write_taken(ledger_of(4), 4, 2)
+    assert load_image(dropped, lease=30.0, heartbeat=10.0).session_count == 300
+    sent = take(store, 4, 2)
+    receive(store, 4, 2, seats=1, chunk=4096)  # the same index again, from a peer
+    assert seats_of(sent) == 4 and seats_of(store.image()) == 1
+
+
+def many_sessions(count: int) -> Ledger:
+    ledger = ledger_of(1)
+    for i in range(count):
+        ledger.apply({"k": "open", "sid": f"s{i}", "req": 1, "ack": 0, "user": "u",
+                      "host": "h", "display": "", "client_version": "1", "at": 1.0})  # fmt: skip
+    return ledger

@@ -35,8 +35,10 @@ from sim import Simulation
 from sim_node import SimNode
 
 from zbroker import LicenseClient
+from zbroker.broker import apply
 from zbroker.broker.cli import config_curve
 from zbroker.broker.core import PeerHeartbeat, PeerMessage
+from zbroker.broker.image import STEP_ITEMS, ImageLoader
 from zbroker.broker.ledger import Ledger
 from zbroker.broker.seats import LedgerError
 from zbroker.broker.status import query_nodes
@@ -363,7 +365,7 @@ def test_a_node_whose_ledger_refuses_an_installed_snapshot_starts_over(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A wiped gamma catches up from a primary that compacted: the snapshot it installs
-    does not load the first time (Ledger.from_snapshot refuses it); gamma starts over."""
+    does not load the first time (its loader refuses it); gamma starts over."""
     cluster = Cluster(snapshot_every=4)
     alpha, gamma = cluster["alpha"], cluster["gamma"]
     cluster.boot("alpha", "beta")
@@ -378,15 +380,17 @@ def test_a_node_whose_ledger_refuses_an_installed_snapshot_starts_over(
     cluster.run_until(alpha.serving, 3, "alpha serving again")
 
     loads = {"n": 0}
-    from_snapshot = Ledger.from_snapshot
 
-    def refusing(cls: type[Ledger], snap: dict[str, Any], **kw: Any) -> Ledger:
-        loads["n"] += 1
-        if loads["n"] == 1:
-            raise LedgerError("snapshot refused by the test")
-        return from_snapshot(snap, **kw)
+    class Refusing(ImageLoader):
+        """The node's loader (broker/apply.py's): its first install is refused."""
 
-    monkeypatch.setattr(Ledger, "from_snapshot", classmethod(refusing))
+        def step(self, budget: int = STEP_ITEMS) -> Ledger | None:
+            loads["n"] += 1
+            if loads["n"] == 1:
+                raise LedgerError("snapshot refused by the test")
+            return super().step(budget)
+
+    monkeypatch.setattr(apply, "ImageLoader", Refusing)
     gamma.boot()  # a new member: its directory holds no snapshot to load
     cluster.run_until(lambda: loads["n"] >= 1, 3, "gamma installing alpha's snapshot")
     cluster.step()  # the cycle after: the core asks its shell to start it over
