@@ -38,7 +38,7 @@ import io
 import sys
 import zlib
 from collections.abc import Callable, Iterator
-from typing import Any, BinaryIO
+from typing import Any, Protocol
 
 import msgpack
 
@@ -61,7 +61,13 @@ _FEED = 64 * 1024  # bytes handed to the unpacker at a time
 _KINDS = {"s": "sessions", "g": "grants"}
 
 
-def write_image(ledger: Ledger, index: int, term: int, out: BinaryIO) -> tuple[int, int]:
+class Sink(Protocol):
+    """Where an image is written: a file, or storage's synced-in-steps writer."""
+
+    def write(self, data: bytes, /) -> int: ...
+
+
+def write_image(ledger: Ledger, index: int, term: int, out: Sink) -> tuple[int, int]:
     """Write the image of ``ledger`` (holding every delta up to ``index``, of ``term``)
     into ``out``; return its size and crc32. Slow at scale: a forked child's work."""
     snap = ledger.snapshot()

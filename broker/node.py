@@ -265,6 +265,7 @@ class Node:
             code = 1
             try:
                 gc.disable()  # collections would touch (and copy) every page of the heap
+                os.nice(19)  # the loops of this host's nodes come first: they answer clients
                 _die_with_parent()
                 self.storage.write_taken(self.core.ledger, index, term)
                 code = 0

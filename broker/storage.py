@@ -109,8 +109,11 @@ import fcntl
 import json
 import mmap
 import os
+import queue
 import struct
+import threading
 import time
+import weakref
 import zlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -434,7 +437,8 @@ class Storage:
             _unlink(path)
             with open(path, "xb", buffering=_WRITE_BUFFER) as out:
                 out.write(bytes(_HEADER.size))
-                size, crc = write_image(ledger, index, term, out)
+                paced = _Paced(out, sync=self.fsync)
+                size, crc = write_image(ledger, index, term, paced)
                 out.write(_END_BYTE)
                 out.flush()
                 _pwrite_all(out.fileno(), _header(size, crc), 0)
@@ -843,6 +847,48 @@ def _check_snapshot(
         raise _Damage(snapshot, 0, f"of term {snap_term}, the log's base of term {base[1]}")
 
 
+class _Unmapper:
+    """Unmaps the snapshot files that no image uses any more, on a thread of its own.
+
+    Unmapping a 110 MB snapshot whose file was renamed over (a compaction) frees its
+    blocks and its page cache: about 25 ms here with nothing else running, more on a busy
+    disk, and it would happen in the node's loop when the last image of it is dropped
+    there. ``mmap.close`` releases the GIL, so on this thread it costs the loop nothing.
+    Each mapping is held here until its image is gone (a weakref callback), so that the
+    loop only ever drops references to it, never the mapping itself.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[weakref.ref[Image], mmap.mmap] = {}
+        self._gone: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def track(self, image: Image, mapped: mmap.mmap) -> None:
+        self._held[weakref.ref(image, self._released)] = mapped
+
+    def _released(self, ref: weakref.ref[Image]) -> None:
+        mapped = self._held.pop(ref, None)
+        if mapped is None:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="unmap", daemon=True)
+            self._thread.start()
+        self._gone.put(mapped)
+
+    def _run(self) -> None:
+        while True:
+            mapped = self._gone.get()
+            while True:
+                try:
+                    mapped.close()
+                    break
+                except BufferError:  # the image's view is released a moment later
+                    time.sleep(0.001)
+
+
+_UNMAPPER = _Unmapper()
+
+
 def _map_snapshot(path: Path, *, check: bool) -> Image:
     """The snapshot file at ``path`` as an Image over a read-only mmap of it; ``check``:
     its body's crc32 checked too (at load: a child's or a peer's was checked as made)."""
@@ -866,7 +912,9 @@ def _map_snapshot(path: Path, *, check: bool) -> Image:
         index, term = head_of(body)
     except LedgerError as exc:
         raise _Damage(path, _HEADER.size, str(exc)) from None
-    return Image(index, term, body, crc)
+    image = Image(index, term, body, crc)
+    _UNMAPPER.track(image, mapped)
+    return image
 
 
 # --- shapes of the small files
@@ -914,6 +962,25 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
         parts.append(part)
         size, offset = size - len(part), offset + len(part)
     return b"".join(parts)
+
+
+class _Paced:
+    """A file written in steps of ``_WRITE_BUFFER`` bytes, each synced as it is written
+    (when ``sync``): a snapshot child's 100 MB would otherwise reach the disk in one burst
+    at its final fsync, and every node's group commit on that disk (its per-cycle
+    fdatasync) would wait behind it, 100-200 ms at 1,000,000 grants here."""
+
+    def __init__(self, out: BinaryIO, *, sync: bool) -> None:
+        self._out, self._sync, self._pending = out, sync, 0
+
+    def write(self, data: bytes) -> int:
+        written = self._out.write(data)
+        self._pending += len(data)
+        if self._sync and self._pending >= _WRITE_BUFFER:
+            self._out.flush()
+            os.fdatasync(self._out.fileno())
+            self._pending = 0
+        return written
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> int:

@@ -235,6 +235,7 @@ class Replica(Replication):
 
     def on_tick(self, now: float) -> list[Effect]:
         self._now = now
+        self.log.trim()  # what a compaction left to drop, a step a tick
         out = self._take_pending()
         if not self.peers:
             return out

@@ -84,7 +84,9 @@ class Entry:
         return {"term": self.term, "index": self.index, "delta": self.delta}
 
 
-@dataclass(frozen=True, slots=True)
+# eq=False: two images are compared by identity, never by their 100 MB of bytes (nor
+# hashed by them); weakref_slot: storage unmaps a file once no image of it is left.
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
 class Image:
     """A snapshot of the ledger at committed ``index`` (of ``term``), as bytes.
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from zbroker.peers import messages
-from zbroker.peers.log import Log
+from zbroker.peers.log import TRIM_STEP, Log
 from zbroker.peers.progress import SNAPSHOT_WINDOW
 from zbroker.peers.replica import Replica
 from zbroker.peers.types import (
@@ -572,6 +572,33 @@ def test_the_log_keeps_the_entries_after_an_image_still_being_sent() -> None:
     assert (log.snap_index, log.base_index) == (18, 16)
     log.compact(Image.of(19, 1, b"c"), keep_tail=0, hold=7)  # base never moves back
     assert log.base_index == 16
+
+
+def test_a_compaction_drops_the_entries_before_its_base_a_step_a_tick() -> None:
+    """Freeing tens of thousands of entries at once held a loop for 50-150 ms: the log
+    drops ``TRIM_STEP`` of them at the compaction and each tick after it."""
+    log = Log(None, log_of([(1, i) for i in range(1, 2 * TRIM_STEP + 501)]))
+    log.compact(Image.of(2 * TRIM_STEP + 400, 1, b"a"), keep_tail=0)
+    assert (log.snap_index, log.base_index) == (2 * TRIM_STEP + 400, TRIM_STEP)
+    assert log.slice(1, TRIM_STEP + 1) == log_of([(1, TRIM_STEP + 1)])  # still held
+    log.trim()
+    assert log.base_index == 2 * TRIM_STEP
+    log.trim()
+    log.trim()
+    assert (log.base_index, log.base_term, log.last) == (
+        2 * TRIM_STEP + 400,
+        1,
+        2 * TRIM_STEP + 500,
+    )
+    # the replica trims at each tick
+    many = log_of([(1, i) for i in range(1, 2 * TRIM_STEP + 1)])
+    timing = Timing(heartbeat_interval=0.1, peer_timeout=0.5, keep_tail=0)
+    solo = Replica("solo", ["solo"], timing, Durable(term=1, voted_for="solo", entries=many), 0.0)
+    solo.on_tick(0.0)
+    solo.compacted(Image.of(2 * TRIM_STEP, 1, b"b"))
+    assert solo.log.base_index == TRIM_STEP
+    solo.on_tick(0.01)
+    assert solo.log.base_index == 2 * TRIM_STEP
 
 
 def test_a_backup_takes_chunks_in_order_only_and_a_newer_image_from_0() -> None:

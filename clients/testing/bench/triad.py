@@ -50,12 +50,21 @@ def _same_code() -> None:
 
 class BenchTriad:
     def __init__(
-        self, directory: Path, *, fsync: bool, lease: float = 30.0, secure: bool = False
+        self,
+        directory: Path,
+        *,
+        fsync: bool,
+        lease: float = 30.0,
+        secure: bool = False,
+        settings: dict[str, Any] | None = None,
     ) -> None:
+        """``settings``: more top-level config settings (the snapshot bench's
+        ``snapshot_every`` and ``max_sessions``)."""
         _same_code()
         # plain TCP by default: the echo baseline has no CURVE either; ``secure`` gives the
         # CURVE triad that the throughput phase measures beside the plain one
-        self.local = LocalTriad(directory, lease=lease, settings={"fsync": fsync}, secure=secure)
+        more = {"fsync": fsync, **(settings or {})}
+        self.local = LocalTriad(directory, lease=lease, settings=more, secure=secure)
         self.fsync = fsync
         config = self.local.config
         text = config.license_path.read_text()
