@@ -215,10 +215,6 @@ class Ledger:
         # ``ack`` pops the oldest instead of scanning all (up to max_unacked of them).
         self._unacked: dict[str, list[int]] = {}
         self._grants: dict[int, Grant] = {}  # ascending id: ids only grow
-        # Each grant's snapshot map, built at the first snapshot that lists it and shared
-        # by the later ones (a grant never changes): at 100,000 grants, building them all
-        # held the loop for about 50 ms of every compaction.
-        self._grant_maps: dict[int, dict[str, Any]] = {}
         self._used: dict[PoolKey, int] = {}  # derived from _grants, kept for speed
         self._groups = Groups()  # duplicate groups of the grants (broker/dup.py)
         self._dup_masks = masks_of(entitlements)  # DUP_GROUP= masks by feature
@@ -399,7 +395,6 @@ class Ledger:
         self._sessions[hold.sid] = hold
         hold.grants.add(gid)
         self._grants[gid] = grant
-        self._grant_maps.pop(gid, None)
         self._holds.add(hold, grant)
         return hold
 
@@ -478,7 +473,6 @@ class Ledger:
     def _drop_grant(self, gid: int) -> None:
         grant = self._grants.pop(gid)
         self._ids = None
-        self._grant_maps.pop(gid, None)
         session = self._sessions[grant.sid]
         session.grants.discard(gid)
         if session.hold:  # a hold holds its one grant: it ends with it
@@ -528,14 +522,10 @@ class Ledger:
             "options": None if self._options is None else self._options.to_map(),
             "license": None if self._license is None else list(self._license),
             "sessions": [self._sessions[sid].to_map() for sid in sorted(self._sessions)],
-            "grants": [self._grant_map(g) for g in self._grants.values()],  # ascending id
+            # ascending id; built in the snapshot's child process (broker/node.py), so
+            # no map is kept between snapshots
+            "grants": [g.to_map() for g in self._grants.values()],
         }
-
-    def _grant_map(self, g: Grant) -> dict[str, Any]:
-        found = self._grant_maps.get(g.id)
-        if found is None:
-            found = self._grant_maps[g.id] = g.to_map()
-        return found
 
     @classmethod
     def from_snapshot(

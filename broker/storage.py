@@ -111,6 +111,7 @@ import mmap
 import os
 import queue
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -864,16 +865,18 @@ class _Unmapper:
         self._thread: threading.Thread | None = None
 
     def track(self, image: Image, mapped: mmap.mmap) -> None:
+        # Started here, never in _released: that may run while the interpreter exits
+        # (its images dropped with its modules), when a thread started would never run
+        # and Thread.start would wait for it forever.
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="unmap", daemon=True)
+            self._thread.start()
         self._held[weakref.ref(image, self._released)] = mapped
 
     def _released(self, ref: weakref.ref[Image]) -> None:
         mapped = self._held.pop(ref, None)
-        if mapped is None:
-            return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="unmap", daemon=True)
-            self._thread.start()
-        self._gone.put(mapped)
+        if mapped is not None and not sys.is_finalizing():
+            self._gone.put(mapped)
 
     def _run(self) -> None:
         while True:
