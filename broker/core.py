@@ -904,8 +904,6 @@ class NodeCore:
         self.applied.start_install(image)
         index = 0 if image is None else image.index
         self._unapplied = [e for e in self._unapplied if e.index > index]
-        if image is None:
-            self._installed(0)
 
     def _install_step(self) -> None:
         if self.applied.install_step():

@@ -338,8 +338,8 @@ class Node:
                 out.report, out.report_from, compacted, self.core.ledger, time.time()
             )
         self.core.advance()
-        if self.core.applied.installing is not None or any(
-            type(op) is SaveSnapshot for op in out.persist
+        if self.core.applied.installing is not None or (
+            out.persist and any(type(op) is SaveSnapshot for op in out.persist)
         ):
             # The ledger and log are long-lived and acyclic: keep the cyclic GC from
             # rescanning them (a list splice: cheap). Full collections of a 100,000-grant
