@@ -14,10 +14,12 @@ Pure: no sockets, no clock, no disk.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from zbroker.broker.config import Config
 from zbroker.broker.image import ImageLoader
 from zbroker.broker.ledger import Ledger
+from zbroker.broker.limits import Limits
 from zbroker.broker.seats import LedgerError
 from zbroker.peers.log import Log
 from zbroker.peers.types import Entry, Image
@@ -36,6 +38,40 @@ class Unappliable(Exception):
         self.term = term
 
 
+@dataclass(frozen=True)
+class LedgerSettings:
+    """What a node's ledgers are built with, from its config: the node's own, and the one
+    its snapshot taker keeps (broker/taker.py)."""
+
+    lease: float
+    limits: Limits
+    min_timeout: float
+
+    @classmethod
+    def of(cls, config: Config) -> LedgerSettings:
+        return cls(config.lease, config.limits, config.min_timeout)
+
+    def empty(self) -> Ledger:
+        # Entitlements arrive as a replicated `reload` delta from the primary, so every
+        # node's ledger is built from the log alone.
+        return Ledger(
+            (),
+            lease=self.lease,
+            heartbeat=self.lease / 3,
+            limits=self.limits,
+            min_timeout=self.min_timeout,
+        )
+
+    def loader(self, image: Image) -> ImageLoader:
+        return ImageLoader(
+            image,
+            lease=self.lease,
+            heartbeat=self.lease / 3,
+            limits=self.limits,
+            min_timeout=self.min_timeout,
+        )
+
+
 class AppliedLedger:
     """A ledger and the (index, term) of the last log entry it applied.
 
@@ -47,33 +83,11 @@ class AppliedLedger:
     """
 
     def __init__(self, config: Config, snapshot: Image | None):
-        self._lease = config.lease
-        self._limits = config.limits
-        self._min_timeout = config.min_timeout
-        self.ledger = self._empty() if snapshot is None else self._loader(snapshot).finish()
+        self._settings = settings = LedgerSettings.of(config)
+        self.ledger = settings.empty() if snapshot is None else settings.loader(snapshot).finish()
         self.index = 0 if snapshot is None else snapshot.index  # the ledger holds up to here
         self.term = 0 if snapshot is None else snapshot.term  # and the log's term there
         self._installing: tuple[ImageLoader, Image] | None = None
-
-    def _empty(self) -> Ledger:
-        # Entitlements arrive as a replicated `reload` delta from the primary, so every
-        # node's ledger is built from the log alone.
-        return Ledger(
-            (),
-            lease=self._lease,
-            heartbeat=self._lease / 3,
-            limits=self._limits,
-            min_timeout=self._min_timeout,
-        )
-
-    def _loader(self, image: Image) -> ImageLoader:
-        return ImageLoader(
-            image,
-            lease=self._lease,
-            heartbeat=self._lease / 3,
-            limits=self._limits,
-            min_timeout=self._min_timeout,
-        )
 
     def follows(self, log: Log) -> bool:
         """Whether the log still holds, where the ledger's history ends, the entry applied
@@ -115,9 +129,9 @@ class AppliedLedger:
         are done; an install under way is dropped for it."""
         if image is None:
             self._installing = None
-            self.ledger, self.index, self.term = self._empty(), 0, 0
+            self.ledger, self.index, self.term = self._settings.empty(), 0, 0
             return
-        self._installing = (self._loader(image), image)
+        self._installing = (self._settings.loader(image), image)
 
     def install_step(self) -> bool:
         """One step of the install under way; True when the ledger is the image's."""

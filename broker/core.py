@@ -6,12 +6,13 @@ The core owns the ledger, the replica and the client front. The shell feeds it e
 
 1. ``persist``: write these to the data directory, in order;
 2. ``early``: peer messages that may leave before the sync (a primary's appends in a
-   cycle that wrote nothing but entries: Raft thesis 10.2.1);
+   cycle that wrote nothing but entries: Raft thesis 10.2.1), and so before the writes
+   of ``persist`` too, which the shell makes after sending them;
 3. sync the data directory (one fsync for the cycle: group commit) when ``persist`` is
    not empty; then, if ``mark_recovered``, write the caught-up marker;
 4. ``peer`` then ``answers``: every other peer message and every client answer;
 5. ``advance()``: the core then does what may wait until the sends have left (a
-   backup applies the deltas it acknowledged this cycle);
+   backup applies the committed deltas, once the oldest has waited ``APPLY_WAIT``);
 6. ``start_over`` (a reason): set the data directory aside with that reason and hand
    what storage then loads to ``restart``; ``stop``: stop after this cycle's sends.
 
@@ -84,6 +85,10 @@ log = logging.getLogger("zbroker.node")
 TICK = 0.01  # seconds between replica ticks: well under heartbeat_interval
 # Committed deltas a backup applies per cycle after its sends: about 3-5 ms of them.
 APPLY_STEP = 1000
+# Seconds committed deltas wait on a backup before advance() applies them, together.
+# Applied in the cycle that acknowledged them, they held the CPU while the ack was still
+# on its way through the ZeroMQ I/O threads (issue 17, item 4: BENCHMARKS.md).
+APPLY_WAIT = 0.01
 LEDGER_TICK = 0.05  # lease expiry and queue deadlines need no finer grain
 EXPIRY_TICK = 1.0  # the expiry warnings are per day: a look a second is plenty
 _UNAVAILABLE: Reply = {"status": "unavailable", "detail": "this node just lost control"}
@@ -189,7 +194,7 @@ class SaveSnapshotChunk:
 @dataclass(frozen=True, slots=True)
 class SaveSnapshot:
     """Make ``image`` the node's snapshot, then rewrite the log to follow it, keeping every
-    entry after ``image.index`` it holds. ``source``: "taken" (the file the shell's child
+    entry after ``image.index`` it holds. ``source``: "taken" (the file the snapshot taker
     wrote for ``Ready.take_snapshot``) or "received" (the chunks written as they came)."""
 
     image: rp.Image
@@ -220,8 +225,9 @@ class Ready:
     wake_at: float = 0.0
     report: list[Record] = field(default_factory=list)  # see the module docstring
     report_from: int | None = None
-    # Take a snapshot of the ledger as it is now, at (index, term): in a forked child, so
-    # that the loop goes on (broker/node.py); the child's file comes back as SnapshotTaken.
+    # Take the snapshot at the committed (index, term), once this cycle is synced: the
+    # snapshot taker process writes it while the loop goes on (broker/taker.py), and its
+    # file comes back as SnapshotTaken.
     take_snapshot: tuple[int, int] | None = None
 
 
@@ -324,8 +330,10 @@ class NodeCore:
         self._batch_now = now  # the clock reading the batch was decided at (serving then)
         self._serving_at = math.nan  # is_serving held at this reading, no replica event since
         self._unapplied: list[rp.Entry] = []  # committed on a backup, applied in advance()
-        # Compaction (``_compact``): a snapshot the shell's child is taking, and one it took
-        # whose index is not committed yet (a primary's ledger runs ahead of its commit).
+        self._unapplied_since = now.mono  # when the first of them committed
+        self._apply_due = False  # advance() applies them (ready)
+        # Compaction (``_compact``): a snapshot the shell's taker is writing, and one it
+        # wrote, adopted at the next ready().
         self._taking = False
         self._taken: rp.Image | None = None
         self._next_ledger_tick = now.mono
@@ -391,20 +399,29 @@ class NodeCore:
         ):
             out.early, out.peer = out.peer, out.early
         # An install or a backlog of deltas goes on at once, a step per cycle (advance).
-        busy = self.applied.installing is not None or len(self._unapplied) > APPLY_STEP
-        out.wake_at = now.mono if busy else self._next_tick
+        unapplied = len(self._unapplied)
+        busy = self.applied.installing is not None or unapplied > APPLY_STEP
+        self._apply_due = unapplied >= APPLY_STEP or (
+            unapplied > 0 and now.mono - self._unapplied_since >= APPLY_WAIT
+        )
+        if busy:
+            out.wake_at = now.mono
+        elif unapplied:  # due within APPLY_WAIT, even if nothing else comes
+            out.wake_at = min(self._next_tick, self._unapplied_since + APPLY_WAIT)
+        else:
+            out.wake_at = self._next_tick
         return out
 
     def advance(self) -> None:
-        """After the cycle's sends: a backup applies what it acknowledged this cycle, or
-        takes the next step of a snapshot's install. Both in bounded steps, so that no
-        cycle's answers and acknowledgements wait long for them."""
+        """After the cycle's sends: a backup applies the committed deltas that are due
+        (``ready``), or takes the next step of a snapshot's install. Both in bounded
+        steps, so that no cycle's answers and acknowledgements wait long for them."""
         if self._out.start_over is not None:
             return
         try:
             if self.applied.installing is not None:
                 self._install_step()
-            elif self._unapplied:
+            elif self._apply_due:
                 self._apply_unapplied(APPLY_STEP)
         except Unappliable as exc:
             self._give_up(exc)  # the next ready() says start_over
@@ -841,6 +858,8 @@ class NodeCore:
             # A backup's acknowledgement of this cycle's appends need not wait for its
             # ledger: apply after the sends (advance). Anything that reads the ledger
             # sooner (a role change, a status) applies them first.
+            if not self._unapplied:
+                self._unapplied_since = now.mono
             self._unapplied.extend(effect.entries)
         released = self.front.committed(effect.upto)
         if released:
@@ -923,30 +942,30 @@ class NodeCore:
             self._out.report_from = index
 
     def _compact(self) -> None:
-        """Ask for a snapshot every ``snapshot_every`` committed deltas, and adopt the one
-        taken once its index is committed.
+        """Ask for a snapshot at the commit index every ``snapshot_every`` committed deltas,
+        and adopt the one taken while the log still holds its entry in its term.
 
-        The shell's child snapshots the ledger as it is when asked: on a primary that may
-        hold deltas not committed yet (``applied.index`` past the commit). Such a snapshot
-        waits until they commit, and is dropped if the log cut them (a lost reign) or a
-        newer snapshot came first (one received from the primary).
+        The shell's snapshot taker builds it from the snapshot file and the committed
+        entries of the log on disk (broker/taker.py), which the cycle's sync wrote; the
+        node's own ledger is never copied (a primary's runs ahead of its commit anyway).
+        It is dropped if a newer snapshot came first (one received from the primary).
         """
         log_, taken = self.replica.log, self._taken
         if taken is not None:
-            if taken.index <= log_.snap_index or log_.term_at(taken.index) != taken.term:
-                self._taken = None
-            elif taken.index <= self.replica.commit:
-                self._taken = None
+            self._taken = None
+            if taken.index > log_.snap_index and log_.term_at(taken.index) == taken.term:
                 self._out.persist.append(SaveSnapshot(taken, "taken"))
                 self.replica.compacted(taken)
             return
         if self._taking or self.applied.installing is not None:
             return
-        if self.replica.commit - log_.snap_index < self.config.snapshot_every:
+        commit = self.replica.commit
+        if commit - log_.snap_index < self.config.snapshot_every:
             return
-        if self.applied.index > log_.snap_index and self.applied.follows(log_):
+        term = log_.term_at(commit)
+        if term is not None:
             self._taking = True
-            self._out.take_snapshot = (self.applied.index, self.applied.term)
+            self._out.take_snapshot = (commit, term)
 
     def _on_role_changed(self, effect: rp.RoleChanged) -> None:
         log.info(

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import gc
 import io
+import itertools
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -69,12 +70,13 @@ class Sink(Protocol):
 
 def write_image(ledger: Ledger, index: int, term: int, out: Sink) -> tuple[int, int]:
     """Write the image of ``ledger`` (holding every delta up to ``index``, of ``term``)
-    into ``out``; return its size and crc32. Slow at scale: a forked child's work."""
-    snap = ledger.snapshot()
-    sessions, grants = snap.pop("sessions"), snap.pop("grants")
-    head = {**snap, "index": index, "term": term, "sessions": len(sessions), "grants": len(grants)}
+    into ``out``; return its size and crc32. Slow at scale: the snapshot taker's work
+    (broker/taker.py)."""
+    state, sessions, grants = ledger.snapshot_parts()
+    counts = {"sessions": sessions.total, "grants": grants.total}
+    head = {**state, "index": index, "term": term, **counts}
     size = crc = 0
-    for record in _records(head, sessions, grants):
+    for record in _records(head, sessions.maps, grants.maps):
         out.write(record)
         size += len(record)
         crc = zlib.crc32(record, crc)
@@ -88,11 +90,13 @@ def image_of(ledger: Ledger, index: int, term: int) -> Image:
     return Image.of(index, term, out.getvalue())
 
 
-def _records(head: dict[str, Any], sessions: list[Any], grants: list[Any]) -> Iterator[bytes]:
+def _records(
+    head: dict[str, Any], sessions: Iterator[dict[str, Any]], grants: Iterator[dict[str, Any]]
+) -> Iterator[bytes]:
     yield pack(head)
     for key, maps in (("s", sessions), ("g", grants)):
-        for start in range(0, len(maps), IMAGE_BATCH):
-            yield pack({key: maps[start : start + IMAGE_BATCH]})
+        while batch := list(itertools.islice(maps, IMAGE_BATCH)):
+            yield pack({key: batch})
 
 
 def head_of(buf: Any) -> tuple[int, int]:

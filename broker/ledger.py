@@ -78,9 +78,11 @@ import datetime
 import heapq
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
+
+from mypy_extensions import mypyc_attr
 
 from zbroker.broker import borrow
 from zbroker.broker.dup import Groups, key_for, masks_of
@@ -175,6 +177,16 @@ class _Waiter:
 _GRANT_EXTRAS = frozenset({"borrow", "token", "reclaims", "dup"})
 
 
+class Maps(NamedTuple):
+    """How many maps, and the maps, made as they are read."""
+
+    total: int
+    maps: Iterator[dict[str, Any]]
+
+
+# Subclassed by tests and tools in plain Python, which a compiled class refuses unless
+# it allows it (the compiled build: setup.py). A no-op when interpreted.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Ledger:
     """Sessions and grants against a license's entitlements (see the module docstring)."""
 
@@ -232,8 +244,10 @@ class Ledger:
 
     # ------------------------------------------------------------ replicated state
 
-    def apply(self, delta: Delta) -> None:
+    def apply(self, delta: object) -> None:
         """Apply one delta; LedgerError (and no change at all) when it does not fit."""
+        # `object`, not Delta: the compiled build checks a parameter's declared type on
+        # entry, and a log's or a peer's non-map must be a LedgerError in both builds.
         if not isinstance(delta, dict):
             raise LedgerError(f"a delta must be a map, got {type(delta).__name__}")
         kind = delta.get("k")
@@ -515,17 +529,28 @@ class Ledger:
 
     def snapshot(self) -> dict[str, Any]:
         """The replicated state as a msgpack-able map, in a deterministic order."""
-        return {
+        head, sessions, grants = self.snapshot_parts()
+        return {**head, "sessions": list(sessions.maps), "grants": list(grants.maps)}
+
+    def snapshot_parts(self) -> tuple[dict[str, Any], Maps, Maps]:
+        """``snapshot()`` without its sessions and grants, and those as maps made one at a
+        time: an image is written from them (broker/image.py) without a million maps held
+        at once. The ledger must not change while they are read."""
+        head = {
             "v": SNAPSHOT_VERSION,
             "next_grant": self._next_grant,
             "entitlements": [entitlement_to_map(e) for e in self._catalog.entitlements],
             "options": None if self._options is None else self._options.to_map(),
             "license": None if self._license is None else list(self._license),
-            "sessions": [self._sessions[sid].to_map() for sid in sorted(self._sessions)],
-            # ascending id; built in the snapshot's child process (broker/node.py), so
-            # no map is kept between snapshots
-            "grants": [g.to_map() for g in self._grants.values()],
         }
+        sessions = self._sessions
+        sids = sorted(sessions)
+        return (
+            head,
+            Maps(len(sids), (sessions[sid].to_map() for sid in sids)),
+            # ascending id: ids only grow
+            Maps(len(self._grants), (g.to_map() for g in self._grants.values())),
+        )
 
     @classmethod
     def from_snapshot(

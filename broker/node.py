@@ -4,7 +4,7 @@ It owns everything the core must not touch: the sockets (``broker/sockets.py``),
 clock, the data directory and the signals, and decides nothing. One thread, one poll
 loop; each cycle reads the clock once, drains the peer ROUTER, the heartbeat SUB, the
 connection monitors and the client ROUTER into the core (``step``), then carries out the core's
-``Ready`` in the order the core's docstring gives: persist, early sends, one sync (group
+``Ready`` in the order the core's docstring gives: early sends, persist, one sync (group
 commit), the caught-up marker, peer sends and client answers, ``advance``, then a start
 over or a stop.
 
@@ -16,17 +16,16 @@ the node (``DiskError``).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import math
-import os
 import signal
 import time
 from typing import assert_never
 
 import zmq
 
+from zbroker.broker.apply import LedgerSettings
 from zbroker.broker.based import restrict
 from zbroker.broker.borrow import load_borrow_key
 from zbroker.broker.config import Config, ConfigError, load_config
@@ -45,20 +44,33 @@ from zbroker.broker.metrics import Metrics
 from zbroker.broker.model import Now
 from zbroker.broker.options import Options, load_options
 from zbroker.broker.reportfile import NodeReportLog
+from zbroker.broker.reportlog import Record
 from zbroker.broker.seats import LedgerError
 from zbroker.broker.security import NodeSecurity
 from zbroker.broker.served import OwnLicense
 from zbroker.broker.signing import load_public_key
 from zbroker.broker.sockets import NodeSockets
 from zbroker.broker.storage import LOG, SNAPSHOT, Loaded, Storage, StorageError
+from zbroker.broker.taker import Taker
 from zbroker.peers.types import CorruptState
 
 log = logging.getLogger("zbroker.node")
+
+FREEZE_EVERY = 1.0  # seconds between two gc.freeze() of what the loop built (_carry_out)
 
 # Signals whose default action would end the node without its "stopped" line and with
 # nothing it asks for: each is logged (with why) and the node serves on. SIGTERM, SIGINT
 # and SIGQUIT stop it cleanly. (Python itself ignores SIGPIPE and SIGXFSZ: a write past
 # the file size limit fails with EFBIG, a disk error like any other.)
+# The report log's records wait in the shell until the oldest is this old (seconds), then
+# are written together. Written in the cycle that answered, they held the CPU (a JSON line
+# and a chained hash each, a write and a flush) while that cycle's answers and acks were
+# still on their way through the ZeroMQ I/O threads: on 2 cores a replicated checkout at
+# one outstanding took 20-25 % longer with the report log on than off (BENCHMARKS.md,
+# issue 17, item 4). A crash loses at most these; the next start writes them again from
+# the log, or marks a gap where a snapshot covers them (broker/reportfile.py).
+REPORT_EVERY = 0.01
+
 _IGNORED_SIGNALS = {
     signal.SIGUSR1: "; still serving",
     signal.SIGUSR2: "; still serving",
@@ -84,7 +96,12 @@ class Node:
         self.report_log = (
             None if self.me.report_log is None else NodeReportLog(self.me.report_log, name)
         )
-        self.taking: tuple[int, int, int] | None = None  # (pid, index, term): see _take_snapshot
+        self.report_waiting: list[Record] = []  # records not written yet (_report)
+        self.report_since = 0.0  # when the first of them came (monotonic)
+        self.frozen_at = 0.0  # the last gc.freeze (monotonic): see _carry_out
+        self.taker = Taker(
+            self.me.data, name, LedgerSettings.of(config), fsync=config.fsync
+        )  # started at the first snapshot the core asks for
 
     def _start(self) -> None:
         """Read the license, own the data directory, read it, and build the core from it.
@@ -151,7 +168,7 @@ class Node:
             log.error("node %s stopping: %s", self.me.name, exc)
             raise
         finally:
-            self._stop_taking()
+            self.taker.stop()
             try:
                 self._close_storage()
             finally:
@@ -159,6 +176,7 @@ class Node:
                 if self.metrics is not None:  # after the sockets: peers see us gone at once
                     self.metrics.close()
                 if self.report_log is not None:
+                    self._write_report()
                     self.report_log.close()
                 log.info("node %s stopped", self.me.name)
 
@@ -236,7 +254,7 @@ class Node:
                 self._log_ignored_signals()
             if self.reread_asked:  # SIGHUP, or an administrator's reread last cycle
                 self._reread(now)
-            if self.taking is not None:
+            if self.taker.asked is not None:
                 self._reap(now)
             sockets.read(ready, self.core.step, now)
             out = self.core.ready(now)
@@ -251,61 +269,29 @@ class Node:
                 self.reread_asked = True
                 wake_at = 0.0  # at once: the reply has left, the files are read next
 
-    # --- snapshots, taken in a child
-    def _take_snapshot(self, index: int, term: int) -> None:
-        """Snapshot the ledger in a forked child, which has it as it is now (copy on
-        write) and writes it while this loop goes on: at 1,000,000 grants building and
-        writing the snapshot takes seconds (BENCHMARKS.md). The fork itself copies the
-        page tables, and that pause grows with the heap: 7 ms per 500 MB on an idle
-        machine here, 34-44 ms at 540 MB on the busy one of the 1,000,000-grant bench.
-        One child at a time; the core asks again later for one it is not given."""
-        if self.taking is not None:
-            return
-        pid = os.fork()
-        if pid == 0:  # the child: no logging, no sockets, no return into the loop
-            code = 1
-            try:
-                gc.disable()  # collections would touch (and copy) every page of the heap
-                os.nice(19)  # the loops of this host's nodes come first: they answer clients
-                _die_with_parent()
-                self.storage.write_taken(self.core.ledger, index, term)
-                code = 0
-            except BaseException as exc:  # whatever it was, the parent must hear of it
-                os.write(2, f"snapshot at {index} not taken: {exc}\n".encode(errors="replace"))
-            finally:
-                os._exit(code)
-        self.taking = (pid, index, term)
-
+    # --- snapshots, taken by the taker process (broker/taker.py)
     def _reap(self, now: Now) -> None:
-        """The child's snapshot, once it exits: handed to the core (None if it failed)."""
-        assert self.taking is not None
-        pid, index, term = self.taking
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if not done:
+        """The taker's snapshot, once it answers: handed to the core (None if not taken)."""
+        asked = self.taker.asked
+        answer = self.taker.answer()
+        if asked is None or answer is None:
             return
-        self.taking = None
+        taken, why = answer
         image = None
-        if os.waitstatus_to_exitcode(status) == 0:
+        if taken:
             try:
-                image = self.storage.taken_image(index, term)
+                image = self.storage.taken_image(*asked)
             except StorageError as exc:
-                log.error("snapshot at %d not taken: %s", index, exc)
-        else:
-            log.error("snapshot at %d not taken: its process ended with %s", index, status)
+                why = str(exc)
+        if image is None:
+            log.error("snapshot at %d not taken: %s", asked[0], why)
         self.core.step(SnapshotTaken(image), now)
-
-    def _stop_taking(self) -> None:
-        if self.taking is not None:
-            pid = self.taking[0]
-            self.taking = None
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
 
     def _carry_out(self, out: Ready) -> None:
         """Carry out one cycle's Ready, in the order the core's contract gives."""
         storage = self.storage
-        if out.take_snapshot is not None:
-            self._take_snapshot(*out.take_snapshot)  # the ledger as ready() left it
+        if out.early:  # before the writes, which vouch for nothing until the sync either
+            self.sockets.send_peers(out.early)
         for op in out.persist:
             match op:
                 case Append(entries=entries):
@@ -320,39 +306,57 @@ class Node:
                     storage.save_snapshot(image, source)
                 case _:
                     assert_never(op)
-        if out.early:
-            self.sockets.send_peers(out.early)
         storage.sync()  # group commit: nothing below may leave before this
+        if out.take_snapshot is not None and self.taker.asked is None:
+            self.taker.ask(*out.take_snapshot)  # the taker reads its entries from the log
         if out.mark_recovered:
             storage.mark_recovered()
         if out.peer:
             self.sockets.send_peers(out.peer)
         self.sockets.send_answers(out.answers)
         if self.report_log is not None:  # after the sends: answers never wait for it
-            compacted = [
-                op.image.index
-                for op in out.persist
-                if type(op) is SaveSnapshot and op.source == "taken"  # received: a gap
-            ]
-            self.report_log.cycle(
-                out.report, out.report_from, compacted, self.core.ledger, time.time()
-            )
+            self._report(out)
         self.core.advance()
-        if self.core.applied.installing is not None or (
-            out.persist and any(type(op) is SaveSnapshot for op in out.persist)
-        ):
+        at = time.monotonic()
+        if self.core.applied.installing is not None or at >= self.frozen_at + FREEZE_EVERY:
             # The ledger and log are long-lived and acyclic: keep the cyclic GC from
-            # rescanning them (a list splice: cheap). Full collections of a 100,000-grant
-            # ledger took 40-200 ms each and freed nothing; an install builds a ledger of
-            # millions of objects, a step at a time.
+            # rescanning them (a list splice: cheap). A full collection scans every object
+            # not frozen: frozen at each compaction only, that was 25-190 ms of objects
+            # at 200,000 grants on a busy machine, and 40-200 ms at 100,000 before
+            # snapshots left the loop, each collecting nothing. An install builds a
+            # ledger of millions of objects, a step at a time. The price: cyclic garbage
+            # that lived past a freeze is never collected (the node makes little).
             gc.freeze()
+            self.frozen_at = at
         if out.start_over is not None:
+            self._write_report()
             now = Now(time.monotonic(), time.time())
             self.core.restart(storage.set_aside(out.start_over), now)
 
+    def _report(self, out: Ready) -> None:
+        """The cycle's report records, written with those waiting once the oldest has
+        waited ``REPORT_EVERY``; at once with an installed or a taken snapshot, whose
+        marks must follow the records before them."""
+        compacted = [
+            op.image.index
+            for op in out.persist
+            if type(op) is SaveSnapshot and op.source == "taken"  # received: a gap
+        ]
+        if out.report_from is not None or compacted:
+            self._write_report()
+            assert self.report_log is not None  # the caller checks
+            ledger = self.core.ledger
+            self.report_log.cycle(out.report, out.report_from, compacted, ledger, time.time())
+            return
+        if out.report:
+            if not self.report_waiting:
+                self.report_since = time.monotonic()
+            self.report_waiting += out.report
+        if self.report_waiting and time.monotonic() - self.report_since >= REPORT_EVERY:
+            self._write_report()
 
-def _die_with_parent() -> None:
-    """Have the kernel kill this child if the node dies first (PR_SET_PDEATHSIG): its
-    snapshot would be of no use, and it would hold CPU and memory for nothing."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    def _write_report(self) -> None:
+        """Write the report records waiting (``_report``)."""
+        if self.report_log is not None and self.report_waiting:
+            records, self.report_waiting = self.report_waiting, []
+            self.report_log.cycle(records, None, [], self.core.ledger, time.time())

@@ -25,34 +25,54 @@ Files, all in the node's data directory:
   The file is grown ahead with zeros and records overwrite them (see ``_extend``); at
   least one zero header always follows the last record.
 - ``snapshot``: one record framed as the log's are, whose body is a snapshot image (the
-  stream of msgpack objects ``broker/image.py`` writes: a head naming the committed index
-  and term it was taken at, then records of sessions and of grants); the header's crc32
-  is the image's (``Image.crc``). Its temporary forms, each renamed to ``snapshot`` once
-  complete: ``snapshot.taken.tmp``, written whole by a forked child (``write_taken``: the
-  body, then the end byte, then the header, then fsync), and ``snapshot.received.tmp``,
-  written chunk by chunk as a peer sends it (``save_snapshot_chunk``: each chunk at 12 +
-  its offset, fdatasynced as it comes, so that finishing it never syncs 100 MB at once)
-  and finished by ``save_snapshot`` (header and end byte, sync). A node serves the file
-  through an ``mmap`` of it (``image()``): an image of a million grants is about 110 MB,
-  and is never read into the heap. These files are never truncated in place, only
-  unlinked and written anew or replaced by a rename: an Image still maps the old one
-  (a read past the end of a mapping whose file shrank is a SIGBUS).
+  stream of msgpack objects ``broker/image.py`` writes: a head naming the committed
+  index and term it was taken at, then records of sessions and of grants); the header's
+  crc32 is the image's (``Image.crc``). Its temporary forms, each renamed to
+  ``snapshot`` once complete: ``snapshot.taken.tmp``, written whole by the node's
+  snapshot taker (broker/taker.py; ``write_taken``: the body, the end byte, the header,
+  fsync), and ``snapshot.received.tmp``, written chunk by chunk as a peer sends it
+  (``save_snapshot_chunk``: each chunk at 12 + its offset, fdatasynced as it comes, so
+  that finishing it never syncs 100 MB at once) and finished by ``save_snapshot``
+  (header and end byte, sync). A node serves the file through an ``mmap`` of it
+  (``image()``): an image of a million grants is about 110 MB, and is never read into
+  the heap. These files are never truncated in place, only unlinked and written anew or
+  replaced by a rename: an Image still maps the old one (a read past the end of a
+  mapping whose file shrank is a SIGBUS). Each mapping keeps its file open with a shared
+  ``flock``, in whichever process maps it; a file with no name left is truncated a step
+  at a time only once no mapping holds it (``_free``).
 
 Compaction
 ----------
-``save_snapshot`` renames the finished file to ``snapshot``, fsyncs the directory, then
-rewrites the log to follow it: a new base record, then the bytes of every record from the
-one that holds entry ``index + 1`` on, copied as they are in the kernel
-(``copy_file_range``: never unpacked and packed again, nor read into the heap), then
-zeros; the new log replaces the old one atomically. The storage keeps, for
-each entries record of the log, its first and last index and its offset, so finding
-where to copy from costs nothing; entries of that first record at or before the base are
-skipped when the log is read. The rewrite costs the bytes of the entries kept (the tail
-the log holds after the snapshot), never the size of the ledger. The entries after the
-index are kept only when the log holds entry ``index`` of the snapshot's term (as
-``peers.log.Log.install`` keeps them): otherwise they are no continuation of the
-snapshot, and the log ends at its base. A crash between the rename and the rewrite
-leaves a log that follows an older snapshot: ``load`` finishes the rewrite.
+``save_snapshot`` renames the finished file to ``snapshot``, then rewrites the log to
+follow it: a new base record, then the bytes of every record from the one that holds
+entry ``index + 1`` on, copied as they are in the kernel (``copy_file_range``: never
+unpacked and packed again, nor read into the heap), then zeros; the new log replaces the
+old one atomically. The storage keeps, for each entries record of the log, its first and
+last index and its offset, so finding where to copy from costs nothing; entries of that
+first record at or before the base are skipped when the log is read. The rewrite costs
+the bytes of the entries kept (the tail the log holds after the snapshot), never the size
+of the ledger. The entries after the index are kept only when the log holds entry
+``index`` of the snapshot's term (as ``peers.log.Log.install`` keeps them): otherwise
+they are no continuation of the snapshot, and the log ends at its base. A crash between
+the rename and the rewrite leaves a log that follows an older snapshot: ``load`` finishes
+the rewrite.
+
+The rewrite runs off the node's loop when the log continues the snapshot (always for a
+snapshot taken; for one received, when the log holds its last entry): a worker thread
+fsyncs the directory (the snapshot's rename), writes ``log.tmp`` (the base record, the
+kept records up to the log's end at the hand-off, zeros) and fsyncs it, while the loop
+goes on appending to and syncing the old log, which stays whole: until the switch a crash
+leaves the old log, which ``load`` compacts again. At the first ``sync`` after the worker
+is done the loop switches: it copies what it appended since the hand-off into
+``log.tmp``, fdatasyncs it (before the rename: a rename kept without its tail would lose
+acknowledged entries), renames it over ``log`` and reopens it, and that ``sync`` also
+fsyncs the directory, so nothing written to the new file is acknowledged before its name
+is durable. One compaction at a time: ``save_snapshot``, ``set_aside``, ``close`` and
+``load`` first wait for one under way. When the log does not continue the snapshot (a
+lagging node given a snapshot past its log), entries after the snapshot cannot go to the
+old log, which does not lead up to them, and the snapshot's acknowledgement leaves with
+this cycle: the rewrite (a base record and zeros) is done at once, with its fsyncs. An OS
+error on the worker is a ``DiskError`` from the ``sync`` that would have switched.
 
 Torn tails and damage
 ---------------------
@@ -61,7 +81,8 @@ what was written since the last sync (a process crash always; a power loss when 
 disk writes back in order). So a *torn tail* is exactly this, after the good records:
 
 - zeros only, at least one header's worth (the normal end);
-- or a header that fails its own checksum with only zeros after its 12 bytes;
+- or a header that fails its own checksum with only zeros after its 12 bytes (and the
+  room the file was grown to for the record it began: a body, an end byte, a zero header);
 - or a record whose header is sound but whose body fails its checksum, and whose end
   byte and everything after it are zeros: a write that never finished.
 
@@ -97,7 +118,9 @@ stops. Nothing it acknowledged is lost: nothing is acknowledged before its sync.
 fsync policy: the shell writes every persistence effect of one poll cycle and then
 calls ``sync()`` once, before it sends any acknowledgement or answer of that cycle
 (group commit). With ``fsync = false`` in the config, ``sync()`` only flushes to the OS:
-a power loss may then lose acknowledged deltas, a process crash does not.
+a power loss may then lose acknowledged deltas, a process crash does not. (Freeing an old
+snapshot file, ``_free``, syncs each step all the same: those syncs pace the disk's work,
+not durability.)
 """
 
 from __future__ import annotations
@@ -134,14 +157,18 @@ _LENGTH_CRC, _CRC = struct.Struct("<II"), struct.Struct("<I")  # _HEADER's two p
 _END = 0xA5  # the last byte of every record: a record that lacks it was never finished
 _END_BYTE = bytes((_END,))
 _ZERO_CHUNK = 1 << 20  # the log grows by this many zeros at a time
+_SYNC_STEP = 1 << 18  # a rewritten log is synced this many bytes at a time (_log_tmp)
+_FREE_STEP = 2 << 20  # a snapshot file no one maps any more is freed this much at a time
+_FREE_PAUSE = 0.005  # seconds between two such steps: 110 MB are freed in about 0.5 s
 MARKER = "node.json"
 LOCK = "node.lock"
 HARDSTATE = "hardstate"
 SNAPSHOT = "snapshot"
-TAKEN = "snapshot.taken.tmp"  # written by a forked child (write_taken)
+TAKEN = "snapshot.taken.tmp"  # written by the snapshot taker (write_taken)
 RECEIVED = "snapshot.received.tmp"  # written chunk by chunk from a peer
 LOG = "log"
-_WRITE_BUFFER = 1 << 20  # the child's writes of a snapshot image
+TMP_LOG = "log.tmp"  # a rewritten log (a compaction's, or a fresh one), renamed over LOG
+_WRITE_BUFFER = 1 << 20  # the taker's writes of a snapshot image
 _STATE = (MARKER, HARDSTATE, SNAPSHOT, LOG)  # what a load reads; the lock is not state
 DAMAGED = "damaged-"  # prefix of the folders that damaged files are moved into
 
@@ -202,6 +229,30 @@ class _Receiving:
     size: int = 0
 
 
+@dataclass
+class _Compaction:
+    """A log rewrite handed to a worker thread (``_rewrite``): the snapshot the new log
+    follows, the old log's bytes it copies, and what it made (or the error it met)."""
+
+    index: int
+    term: int
+    start: int  # the old log's offset of the first record kept
+    end: int  # the old log's end at the hand-off: the worker copies start..end
+    made: _LogTmp | None = None  # set by the worker once log.tmp is written (and synced)
+    error: Exception | None = None  # an OSError, or a bug: the node stops either way
+    done: threading.Event = field(default_factory=threading.Event)  # made or error is set
+
+
+@dataclass
+class _LogTmp:
+    """A new log written into ``log.tmp``, not yet renamed over ``log``."""
+
+    fd: int  # open for reading and writing
+    head: int  # the base record's size: where the copied bytes start
+    end: int  # where the records end
+    size: int  # the file's size: zeros from ``end`` up to here
+
+
 def write_marker(data_dir: Path, node: str) -> None:
     """Mark ``data_dir`` as holding ``node``'s state; a new directory gets an empty state
     first (term 0, an empty log), so that a marked directory always has both files.
@@ -252,6 +303,8 @@ class Storage:
         self._spans: list[_Span] = []  # the log's entries records that hold entries, in order
         self._image: Image | None = None  # the snapshot file, mapped
         self._receiving: _Receiving | None = None
+        self._compaction: _Compaction | None = None  # a log rewrite under way off the loop
+        self._dir_unsynced = False  # a rename the next sync() makes durable
 
     # --- start-up
     def lock(self) -> None:
@@ -299,6 +352,8 @@ class Storage:
         Damage is set aside (see the module docstring) and the state returned is fresh.
         """
         self.lock()
+        self._abandon()
+        _REWRITER.start()  # at start-up, not at the first compaction: see _Rewriter
         try:
             return self._read()
         except _Damage as damage:
@@ -312,6 +367,7 @@ class Storage:
 
         Also for damage the caller finds (a snapshot whose ledger does not load).
         """
+        self._abandon()  # its log.tmp goes aside with the rest
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -430,8 +486,9 @@ class Storage:
         """Write ``ledger``'s image (holding every delta up to ``index``, of ``term``) into
         ``snapshot.taken.tmp``: the body, the end byte, then the header, then fsync.
 
-        For a forked child: plain file I/O on a file of its own, nothing of the parent's
-        touched (the log's buffer, the lock), no logging. DiskError when it cannot.
+        For the snapshot taker, a process of its own (broker/taker.py): plain file I/O on a
+        file of its own, nothing of the node's touched (the log, the lock), no logging.
+        DiskError when it cannot.
         """
         path = self.dir / TAKEN
         try:
@@ -449,8 +506,8 @@ class Storage:
             raise DiskError(f"{path}: cannot write: {_os(exc)}") from None
 
     def taken_image(self, index: int, term: int) -> Image:
-        """The image a child wrote by ``write_taken``, over an mmap of its file (its crc is
-        the header's: a child that exited 0 wrote it whole). StorageError when the file is
+        """The image the taker wrote by ``write_taken``, over an mmap of its file (its crc
+        is the header's: a taker that said it is done wrote it whole). StorageError when the file is
         not that snapshot."""
         path = self.dir / TAKEN
         try:
@@ -494,11 +551,12 @@ class Storage:
 
     def save_snapshot(self, image: Image, source: str) -> None:
         """Make ``image`` the node's snapshot: finish its file (``source``: "taken", a
-        child's ``snapshot.taken.tmp``; "received", the chunks of
+        taker's ``snapshot.taken.tmp``; "received", the chunks of
         ``snapshot.received.tmp``), rename it to ``snapshot``, then rewrite the log to
-        follow it (the module docstring)."""
+        follow it, off the loop when the log continues it (the module docstring)."""
         if source not in ("taken", "received"):
             raise ValueError(f"source {source!r}: 'taken' or 'received'")
+        self._settle()  # one compaction at a time
         if image.index < self._base[0]:
             raise StorageError(
                 f"{self.dir / SNAPSHOT}: a snapshot at {image.index} is older than the"
@@ -508,18 +566,32 @@ class Storage:
         try:
             if source == "received":
                 self._finish_received(image)
+            # On the loop: a rename is cheap (the old file's blocks are freed when its
+            # last mapping goes, on the unmapping thread); its directory fsync is not.
             os.replace(self.dir / name, self.dir / SNAPSHOT)
-            if self.fsync:
-                _fsync_dir(self.dir)
         except OSError as exc:
             raise self._disk_error(name, exc) from None
+        if source == "taken":
+            self._image = image  # a mapping of the file just renamed: the same inode
+        else:  # built in memory from the chunks: serve the file instead (lazily mapped)
+            try:
+                self._image = _map_snapshot(self.dir / SNAPSHOT, check=False)
+            except (_Damage, OSError) as exc:
+                self._failed = True
+                raise DiskError(f"{self.dir / SNAPSHOT}: cannot read back: {exc}") from None
         try:
-            self._image = _map_snapshot(self.dir / SNAPSHOT, check=False)
-        except (_Damage, OSError) as exc:
-            self._failed = True
-            raise DiskError(f"{self.dir / SNAPSHOT}: cannot read back: {exc}") from None
-        try:
-            self._compact_log(image.index, image.term)
+            assert self._log is not None
+            self._log.flush()
+            end = self._log.tell()
+            start = self._kept_from(image.index, image.term, end)
+            if start is None:
+                if self.fsync:
+                    _fsync_dir(self.dir)  # the snapshot's name, before a log that follows it
+                self._compact_log(image.index, image.term)
+                return
+            job = _Compaction(image.index, image.term, start, end)
+            _REWRITER.submit(job, self.dir, os.dup(self._log.fileno()), self.fsync)
+            self._compaction = job
         except OSError as exc:
             raise self._disk_error(LOG, exc) from None
 
@@ -554,23 +626,31 @@ class Storage:
             raise self._disk_error(MARKER, exc) from None
 
     def sync(self) -> None:
-        """Group commit: make everything written since the last sync durable."""
-        if not self._dirty or self._log is None:
-            return
+        """Group commit: make everything written since the last sync durable. First
+        switches to the log a compaction rewrote off the loop, once it is written."""
+        if self._compaction is not None and self._compaction.done.is_set():
+            self._switch()
         try:
-            self._log.flush()
-            if self.fsync:
-                os.fdatasync(self._log.fileno())  # the data and the size: all a reader needs
+            if self._dirty and self._log is not None:
+                self._log.flush()
+                if self.fsync:
+                    os.fdatasync(self._log.fileno())  # the data and the size: all a reader needs
+                self._dirty = False
+            if self._dir_unsynced:
+                _fsync_dir(self.dir)  # the switch's rename: before anything in the new log is acked
+                self._dir_unsynced = False
         except OSError as exc:
             raise self._disk_error(LOG, exc) from None
-        self._dirty = False
 
     def close(self) -> None:
-        """Sync and release the files and the lock; DiskError if that last sync fails."""
+        """Sync and release the files and the lock; DiskError if that last sync fails, or
+        the rewrite of a compaction under way (waited for) failed."""
         try:
             if not self._failed:
+                self._settle()
                 self.sync()
         finally:
+            self._abandon()
             if self._log is not None:
                 # A write that failed already stopped the node and said why.
                 with contextlib.suppress(OSError):
@@ -594,41 +674,100 @@ class Storage:
         does not hold entry ``index`` of ``term`` (see the module docstring)."""
         assert self._log is not None
         self._log.flush()
-        end = start = self._log.tell()
-        held = self._span_of(index + 1)
-        if held is not None and self._term_at(index) == term:
-            start = held[2]
+        end = self._log.tell()
+        start = self._kept_from(index, term, end)
+        start = end if start is None else start
         spans, last = self._spans, self.last
-        shift = self._new_log(index, term, (self._log.fileno(), start, end)) - start
+        made = _log_tmp(self.dir, index, term, (self._log.fileno(), start, end), self.fsync)
+        self._replace_log(made, index, term)
+        if self.fsync:
+            _fsync_dir(self.dir)
+            self._dir_unsynced = False
+        shift = made.head - start
         self._spans = [(first, upto, at + shift) for first, upto, at in spans if at >= start]
         if self._spans:
             self.last = last
 
-    def _new_log(self, base: int, term: int, copy: tuple[int, int, int] | None = None) -> int:
-        """Replace the log with its base record, the bytes ``copy`` names (a file, from,
-        to), and zeros to write over; the offset the copied bytes start at."""
-        head = _frame({"base": [base, term]})
-        path = self.dir / LOG
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as out:
-            out.write(head)
-            out.flush()
-            if copy is not None:
-                _copy_range(copy[0], out.fileno(), copy[1], copy[2] - copy[1], len(head))
-                out.seek(0, os.SEEK_END)
-            end = out.tell()
-            out.write(bytes(_ZERO_CHUNK))
-            out.flush()
-            if self.fsync:
-                os.fsync(out.fileno())
-        os.replace(tmp, path)
+    def _kept_from(self, index: int, term: int, end: int) -> int | None:
+        """Where the records a compaction to ``index`` (of ``term``) keeps start in the
+        log (``end``, the log's end, when none follow it); None when the log does not hold
+        entry ``index`` of ``term``: what follows is no continuation of the snapshot."""
+        if self._term_at(index) != term:
+            return None
+        held = self._span_of(index + 1)
+        return end if held is None else held[2]
+
+    def _new_log(self, base: int, term: int) -> None:
+        """Replace the log with its base record and zeros to write over."""
+        self._replace_log(_log_tmp(self.dir, base, term, None, self.fsync), base, term)
         if self.fsync:
             _fsync_dir(self.dir)
-        self._open_log(end, end + _ZERO_CHUNK, end)
+            self._dir_unsynced = False
+
+    def _replace_log(self, made: _LogTmp, base: int, term: int) -> None:
+        """Rename ``log.tmp`` (written whole, and synced when fsync is on) over the log
+        and write on at its end; the directory's fsync is the caller's."""
+        try:
+            os.replace(self.dir / TMP_LOG, self.dir / LOG)
+        finally:
+            os.close(made.fd)
+        self._open_log(made.end, made.size, made.end)
         self._base = (base, term)
         self._spans = []
         self.last = base
-        return len(head)
+        self._dirty = False  # what the old log held unsynced was copied, and synced with it
+
+    def _switch(self) -> None:
+        """Finish the compaction the worker did (the module docstring): the records the
+        loop appended since the hand-off copied after the worker's, ``log.tmp`` synced,
+        then renamed over the log; the next sync() fsyncs the directory."""
+        job, log = self._compaction, self._log
+        assert job is not None and log is not None
+        job.done.wait()
+        self._compaction = None
+        made = job.made
+        if made is None:
+            self._failed = True
+            why = _os(job.error) if isinstance(job.error, OSError) else repr(job.error)
+            raise DiskError(f"{self.dir / TMP_LOG}: cannot write: {why}")
+        try:
+            log.flush()
+            added = log.tell() - job.end
+            _copy_range(log.fileno(), made.fd, job.end, added, made.end)
+            made.end += added
+            if made.end + _HEADER.size > made.size:  # more than the worker's zeros came
+                _pwrite_all(made.fd, bytes(_ZERO_CHUNK), made.end)
+                made.size = made.end + _ZERO_CHUNK
+            if self.fsync:
+                os.fdatasync(made.fd)
+        except OSError as exc:
+            os.close(made.fd)
+            raise self._disk_error(TMP_LOG, exc) from None
+        spans, last = self._spans, self.last
+        try:
+            self._replace_log(made, job.index, job.term)
+        except OSError as exc:
+            raise self._disk_error(LOG, exc) from None
+        shift = made.head - job.start
+        self._spans = [(first, upto, at + shift) for first, upto, at in spans if at >= job.start]
+        if self._spans:
+            self.last = last
+        self._dir_unsynced = self.fsync
+
+    def _settle(self) -> None:
+        """Wait for the compaction under way, if any, and switch to its log."""
+        if self._compaction is not None:
+            self._switch()
+
+    def _abandon(self) -> None:
+        """Wait for the compaction under way, if any, and drop what it made: the old log
+        stays (``load`` compacts it again), ``log.tmp`` is removed at the next load."""
+        job, self._compaction = self._compaction, None
+        if job is not None:
+            job.done.wait()
+            if job.made is not None:
+                with contextlib.suppress(OSError):
+                    os.close(job.made.fd)
 
     def _span_of(self, index: int) -> _Span | None:
         """The entries record that holds entry ``index``, if the log holds it."""
@@ -752,7 +891,11 @@ def _scan(path: Path, data: bytes) -> tuple[list[tuple[int, Any]], int, int]:
             return records, pos, pos  # zeros to the end: the normal end of the log
         if not header_ok:
             if tail <= pos + _HEADER.size:
-                return records, pos, tail  # a header never finished: a torn tail
+                # A header never finished: a torn tail, if the file still has the room
+                # it was grown to for that record (a body, an end byte, a zero header).
+                if size - pos < 2 * _HEADER.size + 2:
+                    raise _Damage(path, pos, f"cut short: {size - pos} bytes from a torn header")
+                return records, pos, tail
             raise _Damage(path, pos, "a record header that fails its checksum, data after it")
         if end > size:
             raise _Damage(path, pos, f"a record of {length} bytes reaches past the end of the file")
@@ -848,6 +991,32 @@ def _check_snapshot(
         raise _Damage(snapshot, 0, f"of term {snap_term}, the log's base of term {base[1]}")
 
 
+def read_log(data_dir: Path) -> tuple[Image | None, list[tuple[int, int, Any]]]:
+    """The snapshot and the log's entries after the log's base, as another process reads
+    them while the node runs (its snapshot taker, broker/taker.py).
+
+    The node appends meanwhile, and may replace either file by a rename: each is read
+    whole through one open, so it is one version of it; the log's end may be a record
+    being written, read as a torn tail. The snapshot may be newer than the log's base (a
+    compaction between its two renames): the entries then include some it covers.
+    Committed entries are what the caller may rely on: a record not yet flushed is
+    simply not there yet. StorageError when the files do not read as a log.
+    """
+    path = data_dir / LOG
+    try:
+        snapshot = _map_snapshot(data_dir / SNAPSHOT, check=False)
+    except FileNotFoundError:
+        snapshot = None
+    except (_Damage, OSError) as exc:
+        raise StorageError(f"{data_dir / SNAPSHOT}: cannot read: {exc}") from None
+    try:
+        records = _scan(path, path.read_bytes())[0]
+        _, entries, _ = _replay(path, records)
+    except (_Damage, OSError) as exc:
+        raise StorageError(f"{path}: cannot read: {exc}") from None
+    return snapshot, entries
+
+
 class _Unmapper:
     """Unmaps the snapshot files that no image uses any more, on a thread of its own.
 
@@ -857,36 +1026,61 @@ class _Unmapper:
     there. ``mmap.close`` releases the GIL, so on this thread it costs the loop nothing.
     Each mapping is held here until its image is gone (a weakref callback), so that the
     loop only ever drops references to it, never the mapping itself.
+
+    The blocks themselves are freed a step at a time (``_free``): freed at once, 110 MB
+    made one journal commit that held the loop's next fdatasync about 20-25 ms here (a
+    file system mounted with ``discard`` trims them in that commit).
     """
 
     def __init__(self) -> None:
-        self._held: dict[weakref.ref[Image], mmap.mmap] = {}
-        self._gone: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._held: dict[weakref.ref[Image], tuple[mmap.mmap, int]] = {}
+        self._gone: queue.SimpleQueue[tuple[mmap.mmap, int]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def track(self, image: Image, mapped: mmap.mmap) -> None:
+    def track(self, image: Image, mapped: mmap.mmap, fd: int) -> None:
         # Started here, never in _released: that may run while the interpreter exits
         # (its images dropped with its modules), when a thread started would never run
         # and Thread.start would wait for it forever.
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="unmap", daemon=True)
             self._thread.start()
-        self._held[weakref.ref(image, self._released)] = mapped
+        self._held[weakref.ref(image, self._released)] = (mapped, fd)
 
     def _released(self, ref: weakref.ref[Image]) -> None:
-        mapped = self._held.pop(ref, None)
-        if mapped is not None and not sys.is_finalizing():
-            self._gone.put(mapped)
+        held = self._held.pop(ref, None)
+        if held is not None and not sys.is_finalizing():
+            self._gone.put(held)
 
     def _run(self) -> None:
         while True:
-            mapped = self._gone.get()
+            mapped, fd = self._gone.get()
             while True:
                 try:
                     mapped.close()
                     break
                 except BufferError:  # the image's view is released a moment later
                     time.sleep(0.001)
+            _free(fd)
+
+
+def _free(fd: int) -> None:
+    """Close a snapshot file no mapping of this process uses any more. If it has no name
+    left (renamed over, unlinked) and no other process maps it (each mapping holds a
+    shared ``flock``: ``_map_snapshot``), its blocks are freed ``_FREE_STEP`` bytes at a
+    time, each step committed: truncating a file that is still mapped would be a SIGBUS
+    for the reader."""
+    try:
+        stat = os.fstat(fd)
+        if stat.st_nlink == 0 and stat.st_size > _FREE_STEP:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: mapped elsewhere
+            for size in range(stat.st_size - _FREE_STEP, 0, -_FREE_STEP):
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+                time.sleep(_FREE_PAUSE)  # back to back, the commits would queue the loop's
+    except OSError:
+        pass  # freed whole when its last holder closes it, as any file
+    finally:
+        os.close(fd)
 
 
 _UNMAPPER = _Unmapper()
@@ -894,30 +1088,52 @@ _UNMAPPER = _Unmapper()
 
 def _map_snapshot(path: Path, *, check: bool) -> Image:
     """The snapshot file at ``path`` as an Image over a read-only mmap of it; ``check``:
-    its body's crc32 checked too (at load: a child's or a peer's was checked as made)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    its body's crc32 checked too (at load: a taker's or a peer's was checked as made).
+
+    The file stays open (for writing: see ``_free``) with a shared ``flock`` for as long
+    as the mapping lives, in whichever process maps it (the node, its snapshot taker)."""
+    fd = _open_shared(path)
+    try:
+        size = os.fstat(fd).st_size
         if size < _HEADER.size + 1:
             raise _Damage(path, 0, f"cut short: {size} bytes, not even a record header")
-        header = f.read(_HEADER.size)
+        header = _pread_all(fd, _HEADER.size, 0)
         length, crc, header_crc = _HEADER.unpack(header)
         if zlib.crc32(header[:8]) != header_crc:
             raise _Damage(path, 0, "the record header fails its checksum")
         if size != _HEADER.size + length + 1:
             raise _Damage(path, 0, f"the record says {length} bytes, the file has {size}")
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    if mapped[-1] not in (_END, 0):
-        raise _Damage(path, size - 1, f"end byte {mapped[-1]:#x}, not {_END:#x}")
-    body = memoryview(mapped)[_HEADER.size : _HEADER.size + length]
-    if check and zlib.crc32(body) != crc:
-        raise _Damage(path, 0, "checksum mismatch")
-    try:
-        index, term = head_of(body)
-    except LedgerError as exc:
-        raise _Damage(path, _HEADER.size, str(exc)) from None
+        end = _pread_all(fd, 1, size - 1)[0]
+        if end not in (_END, 0):
+            raise _Damage(path, size - 1, f"end byte {end:#x}, not {_END:#x}")
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        body = memoryview(mapped)[_HEADER.size : _HEADER.size + length]
+        if check and zlib.crc32(body) != crc:
+            raise _Damage(path, 0, "checksum mismatch")
+        try:
+            index, term = head_of(body)
+        except LedgerError as exc:
+            raise _Damage(path, _HEADER.size, str(exc)) from None
+    except BaseException:
+        os.close(fd)  # a mapping made is closed with its last view
+        raise
     image = Image(index, term, body, crc)
-    _UNMAPPER.track(image, mapped)
+    _UNMAPPER.track(image, mapped, fd)
     return image
+
+
+def _open_shared(path: Path) -> int:
+    """``path`` opened with a shared ``flock``: no one frees it while it is held."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            if os.fstat(fd).st_nlink:
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # renamed over before it was locked, and perhaps freed since: again
 
 
 # --- shapes of the small files
@@ -969,7 +1185,7 @@ def _pread_all(fd: int, size: int, offset: int) -> bytes:
 
 class _Paced:
     """A file written in steps of ``_WRITE_BUFFER`` bytes, each synced as it is written
-    (when ``sync``): a snapshot child's 100 MB would otherwise reach the disk in one burst
+    (when ``sync``): a snapshot taker's 100 MB would otherwise reach the disk in one burst
     at its final fsync, and every node's group commit on that disk (its per-cycle
     fdatasync) would wait behind it, 100-200 ms at 1,000,000 grants here."""
 
@@ -1012,6 +1228,88 @@ def _copy_range(src: int, dst: int, start: int, size: int, to: int) -> None:
         if done <= 0:
             raise OSError(f"copy_file_range copied nothing at offset {start}")
         start, to, size = start + done, to + done, size - done
+
+
+def _log_tmp(
+    data_dir: Path,
+    base: int,
+    term: int,
+    copy: tuple[int, int, int] | None,
+    fsync: bool,
+    *,
+    paced: bool = False,
+) -> _LogTmp:
+    """Write ``log.tmp``: the base record, the bytes ``copy`` names (a file, from, to),
+    and zeros to write over; synced when ``fsync``. ``paced`` (off the loop): synced a
+    step of ``_SYNC_STEP`` bytes at a time, since megabytes synced at once would hold the
+    loop's own syncs of its log, on the same disk, behind them."""
+    head = _frame({"base": [base, term]})
+    path = data_dir / TMP_LOG
+    step = _SYNC_STEP if paced and fsync else None  # None: written whole, synced once
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        end = _pwrite_all(fd, head, 0)
+        src, at, upto = copy if copy is not None else (-1, 0, 0)
+        while at < upto:
+            size = upto - at if step is None else min(step, upto - at)
+            _copy_range(src, fd, at, size, end)
+            at, end = at + size, end + size
+            if step is not None:
+                os.fdatasync(fd)
+        zeros = bytes(step or _ZERO_CHUNK)
+        for offset in range(end, end + _ZERO_CHUNK, len(zeros)):
+            _pwrite_all(fd, zeros, offset)
+            if step is not None:
+                os.fdatasync(fd)
+        size = end + _ZERO_CHUNK
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _LogTmp(fd, len(head), end, size)
+
+
+def _rewrite(job: _Compaction, data_dir: Path, log_fd: int, fsync: bool) -> None:
+    """A compaction's slow part, on its worker thread (fsync and copy_file_range release
+    the GIL): the snapshot's rename made durable before a log that follows it can be,
+    then ``log.tmp`` written from ``log_fd`` (a dup of the old log's, closed here)."""
+    try:
+        if fsync:
+            _fsync_dir(data_dir)
+        copy = (log_fd, job.start, job.end)
+        job.made = _log_tmp(data_dir, job.index, job.term, copy, fsync, paced=True)
+    except Exception as exc:  # raised on the loop (_switch); the thread lives on
+        job.error = exc
+    finally:
+        os.close(log_fd)
+        job.done.set()
+
+
+class _Rewriter:
+    """Runs the compactions' rewrites (``_rewrite``) on a thread of its own, started
+    once: a thread started per compaction cost the loop up to 8 ms here (``start`` waits
+    for the new thread to run, which competes for the GIL)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[_Compaction, Path, int, bool]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():  # none yet, or forked
+            self._thread = threading.Thread(target=self._run, name="compaction", daemon=True)
+            self._thread.start()
+
+    def submit(self, job: _Compaction, data_dir: Path, log_fd: int, fsync: bool) -> None:
+        self.start()
+        self._jobs.put((job, data_dir, log_fd, fsync))
+
+    def _run(self) -> None:
+        while True:
+            _rewrite(*self._jobs.get())
+
+
+_REWRITER = _Rewriter()
 
 
 def _unlink(path: Path) -> None:

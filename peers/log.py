@@ -155,7 +155,7 @@ class Log:
     def trim(self, limit: int = TRIM_STEP) -> None:
         """Drop up to ``limit`` of the entries before the base the last ``compact`` set.
 
-        A compaction can leave 80,000 entries to drop (its child took seconds, and the
+        A compaction can leave 80,000 entries to drop (its taker took seconds, and the
         log grew meanwhile); freeing them at once held a loop for 50-150 ms at 1,000,000
         grants (BENCHMARKS.md). The replica trims a step every tick instead: until then
         the log just holds more of its committed past than it must.

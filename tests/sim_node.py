@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from sim_disk import SimDisk
 
+from zbroker.broker.apply import LedgerSettings
 from zbroker.broker.core import (
     Append,
     ClientMessage,
@@ -33,6 +34,7 @@ from zbroker.broker.core import (
 )
 from zbroker.broker.image import image_of
 from zbroker.broker.model import Now
+from zbroker.broker.taker import NotYet, ShadowLedger
 from zbroker.broker.wire import pack
 from zbroker.peers.replica import Replica
 from zbroker.peers.types import Committed, Dropped, Effect, InstallSnapshot, Role, RoleChanged
@@ -75,9 +77,10 @@ class SimNode:
         self.hostile = False  # the event being handled is one of the simulation's junk
         self.starts_over: list[str] = []  # why, each time the core asked to start over
         self.ledger_checked: tuple[int, int, int] | None = None  # see Simulation.check_ledgers
-        # A snapshot the "child" is taking: (the cycle it is done at, its image). Made at
-        # once from the ledger as ready() left it, as a fork would; handed back later.
+        # A snapshot the taker is writing: (the cycle it is done at, its SnapshotTaken),
+        # made at once from the synced disk, as the taker reads it; handed back later.
         self.taking: tuple[int, Event] | None = None
+        self.shadow = ShadowLedger(LedgerSettings.of(sim.config))  # the taker's ledger
         self.cycles = 0
 
     @property
@@ -191,10 +194,6 @@ class SimNode:
             # only a primary's appends may leave before the sync: a vote, a term or a
             # truncation must be on disk before anything claims it (broker/core.py)
             raise sim.violation(f"{self.name} sends before the sync of {ready.persist}")
-        if ready.take_snapshot is not None and self.taking is None:
-            index, term = ready.take_snapshot
-            image = image_of(core.ledger, index, term)
-            self.taking = (self.cycles + sim.rng.randint(0, 5), SnapshotTaken(image))
         for op in ready.persist:
             self.disk.write(op)
         if cut == "written":
@@ -204,6 +203,8 @@ class SimNode:
             return self._cut(cut)
         if ready.persist:
             self.disk.sync()
+        if ready.take_snapshot is not None and self.taking is None:
+            self.taking = (self.cycles + sim.rng.randint(0, 5), self._take(*ready.take_snapshot))
         if ready.mark_recovered:
             self.disk.mark_recovered()
         if self.replica is not None:
@@ -229,6 +230,17 @@ class SimNode:
         if ready.stop:
             raise sim.violation(f"{self.name} stops, though nobody asked it to")
         self._after_cycle()
+
+    def _take(self, index: int, term: int) -> Event:
+        """What the node's snapshot taker does (broker/taker.py): the ledger at ``index``
+        from what the disk holds, kept from one snapshot to the next. Failing as it does
+        when the disk lacks the entry, the image comes back None."""
+        durable = self.disk.durable
+        try:
+            ledger = self.shadow.at(durable.snapshot, durable.entries, index, term)
+        except NotYet:
+            return SnapshotTaken(None)
+        return SnapshotTaken(image_of(ledger, index, term))
 
     def _cut(self, stage: str) -> None:
         self.sim.trace(f"{self.name} crashes after the cycle's {stage} stage")

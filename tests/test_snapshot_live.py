@@ -1,8 +1,9 @@
 """Snapshots taken off the loop and sent in chunks, on real nodes (issue 16, item 4).
 
 Every node here compacts every 500 deltas and keeps no log before its snapshot, so a
-node that lost its disk can only catch up from a snapshot: the primary's, taken by a
-forked child, sent in 256 KiB chunks with acknowledgements, and installed in steps.
+node that lost its disk can only catch up from a snapshot: the primary's, written by
+its snapshot taker (broker/taker.py), sent in 256 KiB chunks with acknowledgements, and
+installed in steps.
 """
 
 from __future__ import annotations

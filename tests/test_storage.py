@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -230,6 +232,7 @@ def test_the_rewrite_copies_the_records_bytes_from_the_one_holding_the_next_entr
     raw = (data / "log").read_bytes()
     tail = raw[spans[2][0] : spans[-1][1]]  # from the record holding entry 7 to the last
     take(store, 6, 1)
+    store._settle()  # the rewrite runs off the loop: wait for it and switch to its log
     spans = record_spans(data)
     raw = (data / "log").read_bytes()
     assert raw[spans[1][0] : spans[-1][1]] == tail  # the same bytes, after the new base
@@ -961,3 +964,389 @@ def test_a_snapshot_file_no_image_uses_is_unmapped_off_the_loop(
     del first
     wait_for(lambda: mapped.closed, 5, "the first snapshot file unmapped")
     assert store.image() is not None and store.image().index == 6
+
+
+# --- the log rewrite off the loop
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[threading.Event]:
+    """Hold each compaction's worker before it writes ``log.tmp`` until the event is set
+    (the loop's own rewrites, at load or for a log that does not continue, go by)."""
+    release = threading.Event()
+    real = storage_module._log_tmp
+
+    def held(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "compaction":
+            assert release.wait(30), "the test never let the compaction go on"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage_module, "_log_tmp", held)
+    yield release
+    release.set()  # a test that failed first: its storages close after this
+
+
+def _pending(store: Storage) -> bool:
+    return store._compaction is not None
+
+
+def _finished(store: Storage) -> bool:
+    """The worker is done: the next sync() switches to its log."""
+    job = store._compaction
+    return job is None or job.done.is_set()
+
+
+def _copy_of(data: Path, into: Path) -> Path:
+    """The data directory's files as they are now: what a crash at this point leaves
+    (page cache and disk alike, once the syncs the storage made are done)."""
+    into.mkdir()
+    for path in data.iterdir():
+        if path.is_file() and path.name != "node.lock":
+            shutil.copyfile(path, into / path.name)
+    return into
+
+
+def _at_7_of_10(data: Path, store: Storage) -> None:
+    """Entries 1-10 of term 1 in three records, synced."""
+    write_marker(data, "alpha")
+    store.load()
+    store.save_hard_state(1, None)
+    store.append([(i, 1, {"k": f"a{i}"}) for i in range(1, 4)])
+    store.append([(i, 1, {"k": f"b{i}"}) for i in range(4, 9)])  # holds 7 and 8
+    store.append([(9, 1, {"k": "c9"}), (10, 1, {"k": "c10"})])
+    store.sync()
+
+
+def _loaded_entries(data: Path) -> tuple[int, list[int]]:
+    loaded = _reload(data)
+    assert not loaded.damaged, loaded.why
+    return loaded.snapshot_index, [e[0] for e in loaded.entries]
+
+
+def test_appends_and_truncations_during_the_rewrite_follow_it_into_the_new_log(
+    tmp_path: Path, opened: Callable[[Path], Storage], gate: threading.Event
+) -> None:
+    data = tmp_path / "data"
+    store = opened(data)
+    _at_7_of_10(data, store)
+    take(store, 7, 1)
+    assert _pending(store) and (data / "snapshot").exists()  # renamed at once
+    assert seats_of(store.image()) == 7
+    store.append([(11, 1, {"k": "d11"}), (12, 1, {"k": "d12"})])
+    store.save_hard_state(2, None)
+    store.truncate(12)
+    store.append([(12, 2, {"k": "e12"})])
+    store.sync()  # the worker is held: the loop syncs the old log
+    assert _pending(store)
+    assert [e[0] for e in _reload_copy(data, tmp_path / "before")] == list(range(8, 13))
+    gate.set()
+    wait_for(lambda: _finished(store), 10, "the rewrite written")
+    store.append([(13, 2, {"k": "f13"})])  # in the old log still: copied at the switch
+    store.sync()
+    assert not _pending(store)
+    raw = (data / "log").read_bytes()
+    first = record_spans(data)[0]
+    assert storage_module.unpack(raw[12 : first[1] - 1]) == {"base": [7, 1]}
+    store.append([(14, 2, {"k": "g14"})])  # in the new log
+    take(store, 12, 2)  # a second compaction finds its records in the new log
+    store.close()
+    loaded = _reload(data)
+    assert (loaded.snapshot_index, loaded.entries) == (
+        12,
+        [(13, 2, {"k": "f13"}), (14, 2, {"k": "g14"})],
+    )
+
+
+def _reload_copy(data: Path, into: Path) -> list[tuple[int, int, Any]]:
+    """The entries a crash now would leave, with the snapshot it would leave."""
+    loaded = _reload(_copy_of(data, into))
+    assert not loaded.damaged, loaded.why
+    return loaded.entries
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_a_crash_anywhere_in_a_compaction_loses_nothing_synced(
+    tmp_path: Path, gate: threading.Event, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    data = tmp_path / "data"
+    store = Storage(data, "alpha", fsync=fsync, nodes=TRIAD)
+    _at_7_of_10(data, store)
+    old_snapshot = _copy_of(data, tmp_path / "old")  # no snapshot yet: the log alone
+    take(store, 7, 1)
+    store.append([(11, 1, {"k": "d11"})])
+    store.sync()
+    crashes: dict[str, Path] = {
+        # the snapshot's rename not yet durable either: the old files
+        "rename lost": old_snapshot,
+        "before the switch": _copy_of(data, tmp_path / "worker"),
+    }
+    real = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(src).name == "log.tmp" and not crashes.get("log.tmp written"):
+            crashes["log.tmp written"] = _copy_of(data, tmp_path / "written")
+            real(src, dst)
+            crashes["log renamed"] = _copy_of(data, tmp_path / "renamed")
+            return
+        real(src, dst)
+
+    monkeypatch.setattr(storage_module.os, "replace", replace)
+    (tmp_path / "old" / "log").write_bytes((data / "log").read_bytes())  # with entry 11
+    gate.set()
+    wait_for(lambda: _finished(store), 10, "the rewrite written")
+    store.append([(12, 1, {"k": "e12"})])
+    store.sync()  # the switch
+    assert not _pending(store)
+    store.close()
+    crashes["after"] = data
+    for when, copy in crashes.items():
+        expected = (0, list(range(1, 13))) if when == "rename lost" else (7, [8, 9, 10, 11, 12])
+        if when in ("rename lost", "before the switch"):
+            expected = (expected[0], expected[1][:-1])  # entry 12 came after these points
+        assert _loaded_entries(copy) == expected, when
+        assert not list(copy.glob("*.tmp")), when
+
+
+def test_a_second_snapshot_or_a_close_waits_for_the_rewrite_under_way(
+    tmp_path: Path, opened: Callable[[Path], Storage], gate: threading.Event
+) -> None:
+    data = tmp_path / "data"
+    store = opened(data)
+    _at_7_of_10(data, store)
+    take(store, 5, 1)
+    store.append([(11, 1, {"k": "d11"})])
+    assert _pending(store)
+    gate.set()
+    take(store, 9, 1)  # waits for the first, switches to its log, then rewrites it again
+    store.append([(12, 1, {"k": "e12"})])
+    store.close()  # waits for the second
+    assert _loaded_entries(data) == (9, [10, 11, 12])
+    assert not list(data.glob("*.tmp"))
+    assert storage_module.unpack((data / "log").read_bytes()[12:][:20].split(b"\xa5")[0])
+
+
+def test_a_snapshot_the_log_does_not_lead_to_is_adopted_at_once(
+    tmp_path: Path, opened: Callable[[Path], Storage], gate: threading.Event
+) -> None:
+    data = tmp_path / "data"
+    store = opened(data)
+    _at_7_of_10(data, store)
+    store.save_hard_state(2, None)
+    receive(store, 15, 2)  # past the log: entries 16.. could not follow it in the old log
+    assert not _pending(store)
+    store.append([(16, 2, {"k": "p16"})])
+    receive(store, 16, 2)  # the log holds 16 of term 2 now: off the loop
+    assert _pending(store)
+    store.append([(17, 2, {"k": "p17"})])
+    gate.set()
+    store.close()
+    assert _loaded_entries(data) == (16, [17])
+
+
+def test_more_appended_during_the_rewrite_than_its_zeros_hold(
+    tmp_path: Path, opened: Callable[[Path], Storage], gate: threading.Event
+) -> None:
+    data = tmp_path / "data"
+    store = opened(data)
+    _at_7_of_10(data, store)
+    take(store, 7, 1)
+    store.append([(11, 1, {"k": "big", "pad": "x" * (3 << 20)})])
+    store.sync()
+    gate.set()
+    wait_for(lambda: _finished(store), 10, "the rewrite written")
+    store.sync()
+    assert not _pending(store)
+    store.append([(12, 1, {"k": "e12"})])
+    store.close()
+    assert _loaded_entries(data) == (7, [8, 9, 10, 11, 12])
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_the_switch_syncs_the_new_log_before_its_rename_and_the_directory_after(
+    tmp_path: Path, gate: threading.Event, monkeypatch: pytest.MonkeyPatch, fsync: bool
+) -> None:
+    data = tmp_path / "data"
+    store = Storage(data, "alpha", fsync=fsync, nodes=TRIAD)
+    _at_7_of_10(data, store)
+    calls: list[tuple[str, str]] = []
+    names: dict[int, str] = {}
+    real_open, real_fsync, real_fdatasync = os.open, os.fsync, os.fdatasync
+    real_replace, real_dir = os.replace, storage_module._fsync_dir
+
+    def record(what: str, fd: int) -> None:
+        if names.get(fd) == data.name:
+            return  # fsync_dir's own
+        calls.append((threading.current_thread().name, f"{what} {names.get(fd, fd)}"))
+
+    def opening(path: Any, *args: Any, **kwargs: Any) -> int:
+        fd = real_open(path, *args, **kwargs)
+        names[fd] = Path(path).name
+        return fd
+
+    def replace(src: Any, dst: Any) -> None:
+        calls.append((threading.current_thread().name, f"replace {Path(src).name}"))
+        real_replace(src, dst)
+
+    def fsync_dir(path: Path) -> None:
+        calls.append((threading.current_thread().name, "fsync the directory"))
+        real_dir(path)
+
+    def fsync_file(fd: int) -> None:
+        record("fsync", fd)
+        real_fsync(fd)
+
+    def fdatasync(fd: int) -> None:
+        record("fdatasync", fd)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(storage_module.os, "open", opening)
+    monkeypatch.setattr(storage_module.os, "fsync", fsync_file)
+    monkeypatch.setattr(storage_module.os, "fdatasync", fdatasync)
+    monkeypatch.setattr(storage_module.os, "replace", replace)
+    monkeypatch.setattr(storage_module, "_fsync_dir", fsync_dir)
+    store.write_taken(ledger_of(7), 7, 1)
+    image = store.taken_image(7, 1)
+    assert store._log is not None
+    names[store._log.fileno()] = "log"
+    calls.clear()
+    store.save_snapshot(image, "taken")
+    assert calls == [("MainThread", "replace snapshot.taken.tmp")]  # no sync on the loop
+    store.append([(11, 1, {"k": "d11"})])
+    store.sync()
+    gate.set()
+    wait_for(lambda: _finished(store), 10, "the rewrite written")
+    store.sync()
+    store.sync()  # nothing more to sync
+    store.close()
+    loop = [what for thread, what in calls if thread == "MainThread"]
+    worker = [what for thread, what in calls if thread == "compaction"]
+    if not fsync:
+        assert loop == ["replace snapshot.taken.tmp", "replace log.tmp"], calls
+        assert worker == []
+        return
+    assert worker[0] == "fsync the directory"  # the snapshot's name, before any log.tmp
+    assert set(worker[1:-1]) == {"fdatasync log.tmp"} and worker[-1] == "fsync log.tmp"
+    assert loop == [
+        "replace snapshot.taken.tmp",
+        "fdatasync log",  # the old log, while the worker runs
+        "fdatasync log.tmp",  # the switch: entry 11 copied in, synced before the rename
+        "replace log.tmp",
+        "fsync the directory",  # the rename, before anything in the new log is acked
+    ], calls
+    assert _loaded_entries(data) == (7, [8, 9, 10, 11])
+
+
+def test_an_error_in_the_rewrite_is_a_disk_error_at_the_next_sync(
+    tmp_path: Path, opened: Callable[[Path], Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    store = opened(data)
+    _at_7_of_10(data, store)
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage_module, "_log_tmp", full)
+    take(store, 7, 1)
+    store.append([(11, 1, {"k": "d11"})])
+    wait_for(lambda: _finished(store), 10, "the rewrite tried")
+    with pytest.raises(DiskError, match=f"{data / 'log.tmp'}: cannot write: No space left"):
+        store.sync()
+    store.close()  # the node already said why it stops: no second error
+    monkeypatch.undo()
+    assert _loaded_entries(data) == (7, [8, 9, 10, 11])  # the old log, whole
+
+
+def _big_taken(store: Storage, index: int, term: int, size: int) -> Image:
+    """A taken snapshot file of about ``size`` bytes: an image head, then padding (the
+    storage reads only the head; its crc is the header's)."""
+    body = bytes(image_of(ledger_of(index), index, term).buf) + bytes(size)
+    path = store.dir / "snapshot.taken.tmp"
+    path.write_bytes(storage_module._header(len(body), zlib.crc32(body)) + body + b"\xa5")
+    return store.taken_image(index, term)
+
+
+@pytest.fixture
+def frees(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:
+    """The sizes snapshot files are truncated to, and the inode of each file closed by
+    the unmapping thread (of earlier tests' images too), as they happen."""
+    truncated: list[int] = []
+    closed: list[int] = []
+    real_truncate, real_free = os.ftruncate, storage_module._free
+
+    def ftruncate(fd: int, size: int) -> None:
+        if size:  # not the lock file's
+            truncated.append(size)
+        real_truncate(fd, size)
+
+    def free(fd: int) -> None:
+        inode = os.fstat(fd).st_ino
+        real_free(fd)
+        closed.append(inode)
+
+    monkeypatch.setattr(storage_module.os, "ftruncate", ftruncate)
+    monkeypatch.setattr(storage_module, "_free", free)
+    return truncated, closed
+
+
+def test_a_snapshot_file_renamed_over_is_freed_a_step_at_a_time(
+    tmp_path: Path, opened: Callable[[Path], Storage], frees: tuple[list[int], list[int]]
+) -> None:
+    truncated, closed = frees
+    data = tmp_path / "data"
+    _populated(data)
+    store = opened(data)
+    store.load()
+    big = _big_taken(store, 3, 2, 5 << 20)
+    file = (data / "snapshot.taken.tmp").stat()
+    store.save_snapshot(big, "taken")
+    del big
+    take(store, 4, 2)  # renamed over the big one, whose last image goes
+    wait_for(lambda: file.st_ino in closed, 5, "the big file closed by the unmapping thread")
+    size = file.st_size
+    step = storage_module._FREE_STEP
+    assert truncated == list(range(size - step, 0, -step))
+    store.close()
+    assert seats_of(_reload(data).snapshot) == 4
+
+
+def test_a_snapshot_file_mapped_elsewhere_is_left_whole(
+    tmp_path: Path, opened: Callable[[Path], Storage], frees: tuple[list[int], list[int]]
+) -> None:
+    """Another mapping of the file (the snapshot taker's, in its own process) holds it:
+    truncated under it, the reader would die of a SIGBUS."""
+    truncated, closed = frees
+    data = tmp_path / "data"
+    _populated(data)
+    store = opened(data)
+    store.load()
+    store.save_snapshot(_big_taken(store, 3, 2, 5 << 20), "taken")
+    inode = (data / "snapshot").stat().st_ino
+    reader = storage_module._map_snapshot(data / "snapshot", check=False)  # as read_log
+    take(store, 4, 2)
+    wait_for(lambda: inode in closed, 5, "the node's mapping closed")
+    assert truncated == []
+    assert bytes(reader.buf[-(1 << 20) :]) == bytes(1 << 20)  # the file whole under it
+    del reader
+    wait_for(lambda: closed.count(inode) >= 2, 5, "the reader's mapping closed")
+    assert truncated  # the last holder freed it a step at a time
+
+
+def test_setting_aside_waits_for_the_rewrite_under_way_and_sets_its_file_aside(
+    tmp_path: Path, opened: Callable[[Path], Storage], gate: threading.Event
+) -> None:
+    data = tmp_path / "data"
+    store = opened(data)
+    _at_7_of_10(data, store)
+    take(store, 7, 1)
+    assert _pending(store)
+    gate.set()
+    loaded = store.set_aside("the test's")  # as for a snapshot whose ledger does not load
+    assert loaded.fresh and not _pending(store)
+    (aside,) = data.glob("damaged-*")
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "hardstate", "log", "log.tmp", "node.json", "snapshot"
+    ]  # fmt: skip
+    store.append([(1, 1, {"k": "new"})])
+    store.close()
+    assert _reload(data).fresh  # unmarked until it catches up

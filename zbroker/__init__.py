@@ -20,7 +20,15 @@ The API is imported on first use (PEP 562), not with this package: a node import
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# A compiled build (setup.py, ZBROKER_COMPILE=1) left its record here: refuse a compiled
+# core whose source changed since, before any core is imported. A pure install: one stat.
+if os.path.exists(os.path.join(os.path.dirname(__file__), "compiled.json")):
+    from zbroker.compiled import check as _check_compiled
+
+    _check_compiled()
 
 if TYPE_CHECKING:  # what the names are, for type checkers; at run time see __getattr__
     from zbroker.clients.borrow import BorrowToken

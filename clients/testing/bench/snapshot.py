@@ -30,7 +30,8 @@ node processes on loopback, with the demo's timing (heartbeat 100 ms, peer_timeo
    their time in the phase, failed and redirected probe requests, the slowest gap
    between two probe replies; elections (the highest term in any heartbeat before and
    after; and the "now <role> in term <n>" lines of the node logs); compactions per node;
-   each node's RSS (``/proc/<pid>/status`` VmRSS every 0.2 s: peak and final). A node
+   each node's RSS (``/proc/<pid>/status`` VmRSS every 0.2 s: peak and final), and its
+   snapshot taker's (the node's child process, broker/taker.py: peak). A node
    past ``abort_mb`` is killed (SIGKILL), to spare the shared machine, and the run says so.
 
 The probe classifies a checkout by the time it was sent, as the other phases do; the
@@ -347,6 +348,17 @@ class Probe(Child):
 # --- what the bench watches: RSS and snapshot files (a thread), heartbeats (the caller's)
 
 
+def _children_rss(pid: int) -> int:
+    """The RSS of ``pid``'s child processes together: a node's is its snapshot taker."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    total = 0
+    for child in children:
+        with contextlib.suppress(OSError):
+            total += sample(child).rss
+    return total
+
+
 class Sampler(threading.Thread):
     """Every node's RSS and snapshot file, every SAMPLE_EVERY s, until stopped.
 
@@ -359,6 +371,8 @@ class Sampler(threading.Thread):
         self.abort = abort_mb * 2**20
         self.killed: dict[str, tuple[float, int]] = {}  # node: (when, RSS) past ``abort``
         self.rss: dict[str, list[tuple[float, int]]] = {n: [] for n in triad.names}
+        # the node's snapshot taker (broker/taker.py), a child process of the node
+        self.taker_rss: dict[str, list[tuple[float, int]]] = {n: [] for n in triad.names}
         self.snapshots: dict[str, list[tuple[float, int]]] = {n: [] for n in triad.names}
         self._inode: dict[str, int | None] = dict.fromkeys(triad.names)
         self._lock = threading.Lock()  # ``once`` is also called by the runner's thread
@@ -380,6 +394,7 @@ class Sampler(threading.Thread):
                 with contextlib.suppress(OSError):
                     rss = sample(proc.pid).rss
                     self.rss[name].append((now, rss))
+                    self.taker_rss[name].append((now, _children_rss(proc.pid)))
                     if rss > self.abort:
                         os.kill(proc.pid, signal.SIGKILL)
                         self.killed[name] = (now, rss)
@@ -404,10 +419,12 @@ class Sampler(threading.Thread):
         out: dict[str, Any] = {}
         for name in self.triad.names:
             rss = [r for t, r in self.rss[name] if t0 <= t <= t1]
+            taker = [r for t, r in self.taker_rss[name] if t0 <= t <= t1]
             snaps = [(t, size) for t, size in self.snapshots[name] if t0 <= t <= t1]
             out[name] = {
                 "rss_peak_mb": _mb(max(rss)) if rss else None,
                 "rss_final_mb": _mb(rss[-1]) if rss else None,
+                "taker_rss_peak_mb": _mb(max(taker)) if taker else None,
                 "compactions": len(snaps),
                 "compaction_at_s": [round(t - t0, 2) for t, _ in snaps],
                 "snapshot_mb": _mb(snaps[-1][1]) if snaps else None,
@@ -878,6 +895,10 @@ def render(r: dict[str, Any]) -> str:
         cells = "".join(
             f"{_f(n['rss_peak_mb']):>7} / {_f(n['rss_final_mb']):<6}" for n in p["nodes"].values()
         )
+        lines.append(f"  {name:<20}{cells}")
+    lines += ["", f"  {'taker RSS MB, peak':<20}" + "".join(f"{n:>16}" for n in names)]
+    for name, p in phases.items():
+        cells = "".join(f"{_f(n['taker_rss_peak_mb']):>16}" for n in p["nodes"].values())
         lines.append(f"  {name:<20}{cells}")
     cu = phases.get("catch_up")
     if cu:
