@@ -88,7 +88,7 @@ APPLY_STEP = 1000
 # Seconds committed deltas wait on a backup before advance() applies them, together.
 # Applied in the cycle that acknowledged them, they held the CPU while the ack was still
 # on its way through the ZeroMQ I/O threads (issue 17, item 4: BENCHMARKS.md).
-APPLY_WAIT = 0.01
+APPLY_WAIT = 0.01  # at least TICK: the replica's tick is what wakes the loop for them
 LEDGER_TICK = 0.05  # lease expiry and queue deadlines need no finer grain
 EXPIRY_TICK = 1.0  # the expiry warnings are per day: a look a second is plenty
 _UNAVAILABLE: Reply = {"status": "unavailable", "detail": "this node just lost control"}
@@ -404,12 +404,8 @@ class NodeCore:
         self._apply_due = unapplied >= APPLY_STEP or (
             unapplied > 0 and now.mono - self._unapplied_since >= APPLY_WAIT
         )
-        if busy:
-            out.wake_at = now.mono
-        elif unapplied:  # due within APPLY_WAIT, even if nothing else comes
-            out.wake_at = min(self._next_tick, self._unapplied_since + APPLY_WAIT)
-        else:
-            out.wake_at = self._next_tick
+        # The replica's TICK (no longer than APPLY_WAIT) wakes it for deltas waiting.
+        out.wake_at = now.mono if busy else self._next_tick
         return out
 
     def advance(self) -> None:

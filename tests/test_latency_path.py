@@ -7,8 +7,8 @@ the cycle that acknowledged them; a status query or a role change applies them a
 from __future__ import annotations
 
 import pytest
-from test_core import NAMES, WALL, opened, request, triad
 
+from tests.test_core import NAMES, WALL, opened, request, triad
 from zbroker.broker.core import APPLY_WAIT, NodeCore
 from zbroker.broker.model import Now
 

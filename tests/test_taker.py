@@ -124,6 +124,17 @@ def test_a_delta_it_cannot_apply_makes_it_start_again_from_the_snapshot() -> Non
     assert shadow.at(None, entries, 6, 1).snapshot() == maps[6]
 
 
+def stored(tmp_path: Path, entries: list[tuple[int, int, Any]]) -> tuple[Path, Storage]:
+    """Node alpha's data directory, its log holding ``entries`` (synced), and its storage."""
+    data = tmp_path / "alpha"
+    bootstrap(data, "alpha")
+    storage = Storage(data, "alpha")
+    storage.load()
+    storage.append(entries)
+    storage.sync()
+    return data, storage
+
+
 def _wait_answer(taker: Taker, timeout: float = 30.0) -> tuple[bool, str]:
     deadline = time.monotonic() + timeout
     while (answer := taker.answer()) is None:
@@ -135,12 +146,7 @@ def _wait_answer(taker: Taker, timeout: float = 30.0) -> tuple[bool, str]:
 @pytest.mark.integration
 def test_the_taker_process_writes_the_snapshot_a_node_asks_for(tmp_path: Path) -> None:
     entries, maps = history()
-    data = tmp_path / "alpha"
-    bootstrap(data, "alpha")
-    storage = Storage(data, "alpha")
-    storage.load()
-    storage.append(entries[:10])
-    storage.sync()
+    data, storage = stored(tmp_path, entries[:10])
     taker = Taker(data, "alpha", SETTINGS, fsync=True)
     try:
         taker.ask(7, 1)
@@ -167,12 +173,7 @@ def test_the_taker_process_writes_the_snapshot_a_node_asks_for(tmp_path: Path) -
 @pytest.mark.integration
 def test_a_taker_that_died_is_said_so_and_started_again_at_the_next_ask(tmp_path: Path) -> None:
     entries, maps = history()
-    data = tmp_path / "alpha"
-    bootstrap(data, "alpha")
-    storage = Storage(data, "alpha")
-    storage.load()
-    storage.append(entries)
-    storage.sync()
+    data, storage = stored(tmp_path, entries)
     taker = Taker(data, "alpha", SETTINGS, fsync=False)
     try:
         taker.ask(3, 1)
