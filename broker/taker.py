@@ -173,6 +173,21 @@ def _die_with(parent: int) -> None:
 # --- the node's side
 
 
+def answer_of(line: bytes, asked: tuple[int, int]) -> tuple[bool, str]:
+    """The taker's answer line to the snapshot ``asked`` (index, term): (taken, why not).
+    A line of anything else (a library that printed) is a failure, never an exception
+    in the node's loop."""
+    try:
+        answer = json.loads(line)
+        said, taken = (answer["index"], answer["term"]), answer["ok"] is True
+        why = str(answer.get("why", ""))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False, f"the taker answered {line[:80]!r}"
+    if said != asked:
+        return False, f"the taker answered for the snapshot at {said[0]}, not {asked[0]}"
+    return taken, why
+
+
 class Taker:
     """The node's handle on its taker process: started at the first snapshot asked for,
     asked one snapshot at a time, read without blocking the loop."""
@@ -225,10 +240,7 @@ class Taker:
         asked = self.asked
         if newline:
             self.asked = None
-            answer = json.loads(line)
-            if (answer["index"], answer["term"]) != asked:
-                return False, f"the taker answered for {answer['index']}, not {asked[0]}"
-            return answer["ok"], answer.get("why", "")
+            return answer_of(line, asked)
         self._read = line
         if got != b"":
             return None

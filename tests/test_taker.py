@@ -18,7 +18,7 @@ from zbroker.broker.image import image_of
 from zbroker.broker.ledger import Ledger, LedgerError
 from zbroker.broker.limits import Limits
 from zbroker.broker.storage import Storage, bootstrap, read_log
-from zbroker.broker.taker import NotYet, ShadowLedger, Taker
+from zbroker.broker.taker import NotYet, ShadowLedger, Taker, answer_of
 
 SETTINGS = LedgerSettings(LEASE, Limits(), 60.0)
 
@@ -122,6 +122,20 @@ def test_a_delta_it_cannot_apply_makes_it_start_again_from_the_snapshot() -> Non
         shadow.at(None, bad, 6, 1)
     assert shadow.ledger is None
     assert shadow.at(None, entries, 6, 1).snapshot() == maps[6]
+
+
+@pytest.mark.unit
+def test_the_node_reads_the_takers_answer_and_nothing_else_as_one() -> None:
+    assert answer_of(b'{"index": 7, "term": 2, "ok": true}', (7, 2)) == (True, "")
+    refused = b'{"index": 7, "term": 2, "ok": false, "why": "the log does not hold it"}'
+    assert answer_of(refused, (7, 2)) == (False, "the log does not hold it")
+    assert answer_of(b'{"index": 6, "term": 2, "ok": true}', (7, 2)) == (
+        False,
+        "the taker answered for the snapshot at 6, not 7",
+    )
+    for junk in (b"DeprecationWarning: something", b"[1, 2]", b'{"index": 7}', b"\xff"):
+        taken, why = answer_of(junk, (7, 2))
+        assert not taken and why.startswith("the taker answered b")
 
 
 def stored(tmp_path: Path, entries: list[tuple[int, int, Any]]) -> tuple[Path, Storage]:
