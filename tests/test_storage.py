@@ -1006,15 +1006,16 @@ def _copy_of(data: Path, into: Path) -> Path:
     return into
 
 
-def _at_7_of_10(data: Path, store: Storage) -> None:
-    """Entries 1-10 of term 1 in three records, synced."""
-    write_marker(data, "alpha")
+def _at_7_of_10(store: Storage) -> Storage:
+    """``store`` loaded with entries 1-10 of term 1 in three records, synced."""
+    write_marker(store.dir, "alpha")
     store.load()
     store.save_hard_state(1, None)
     store.append([(i, 1, {"k": f"a{i}"}) for i in range(1, 4)])
     store.append([(i, 1, {"k": f"b{i}"}) for i in range(4, 9)])  # holds 7 and 8
     store.append([(9, 1, {"k": "c9"}), (10, 1, {"k": "c10"})])
     store.sync()
+    return store
 
 
 def _loaded_entries(data: Path) -> tuple[int, list[int]]:
@@ -1026,9 +1027,8 @@ def _loaded_entries(data: Path) -> tuple[int, list[int]]:
 def test_appends_and_truncations_during_the_rewrite_follow_it_into_the_new_log(
     tmp_path: Path, opened: Callable[[Path], Storage], gate: threading.Event
 ) -> None:
-    data = tmp_path / "data"
-    store = opened(data)
-    _at_7_of_10(data, store)
+    store = _at_7_of_10(opened(tmp_path / "data"))
+    data = store.dir
     take(store, 7, 1)
     assert _pending(store) and (data / "snapshot").exists()  # renamed at once
     assert seats_of(store.image()) == 7
@@ -1068,9 +1068,8 @@ def _reload_copy(data: Path, into: Path) -> list[tuple[int, int, Any]]:
 def test_a_crash_anywhere_in_a_compaction_loses_nothing_synced(
     tmp_path: Path, gate: threading.Event, monkeypatch: pytest.MonkeyPatch, fsync: bool
 ) -> None:
-    data = tmp_path / "data"
-    store = Storage(data, "alpha", fsync=fsync, nodes=TRIAD)
-    _at_7_of_10(data, store)
+    store = _at_7_of_10(Storage(tmp_path / "data", "alpha", fsync=fsync, nodes=TRIAD))
+    data = store.dir
     old_snapshot = _copy_of(data, tmp_path / "old")  # no snapshot yet: the log alone
     take(store, 7, 1)
     store.append([(11, 1, {"k": "d11"})])
@@ -1110,9 +1109,8 @@ def test_a_crash_anywhere_in_a_compaction_loses_nothing_synced(
 def test_a_second_snapshot_or_a_close_waits_for_the_rewrite_under_way(
     tmp_path: Path, opened: Callable[[Path], Storage], gate: threading.Event
 ) -> None:
-    data = tmp_path / "data"
-    store = opened(data)
-    _at_7_of_10(data, store)
+    store = _at_7_of_10(opened(tmp_path / "data"))
+    data = store.dir
     take(store, 5, 1)
     store.append([(11, 1, {"k": "d11"})])
     assert _pending(store)
@@ -1128,9 +1126,8 @@ def test_a_second_snapshot_or_a_close_waits_for_the_rewrite_under_way(
 def test_a_snapshot_the_log_does_not_lead_to_is_adopted_at_once(
     tmp_path: Path, opened: Callable[[Path], Storage], gate: threading.Event
 ) -> None:
-    data = tmp_path / "data"
-    store = opened(data)
-    _at_7_of_10(data, store)
+    store = _at_7_of_10(opened(tmp_path / "data"))
+    data = store.dir
     store.save_hard_state(2, None)
     receive(store, 15, 2)  # past the log: entries 16.. could not follow it in the old log
     assert not _pending(store)
@@ -1146,9 +1143,8 @@ def test_a_snapshot_the_log_does_not_lead_to_is_adopted_at_once(
 def test_more_appended_during_the_rewrite_than_its_zeros_hold(
     tmp_path: Path, opened: Callable[[Path], Storage], gate: threading.Event
 ) -> None:
-    data = tmp_path / "data"
-    store = opened(data)
-    _at_7_of_10(data, store)
+    store = _at_7_of_10(opened(tmp_path / "data"))
+    data = store.dir
     take(store, 7, 1)
     store.append([(11, 1, {"k": "big", "pad": "x" * (3 << 20)})])
     store.sync()
@@ -1165,9 +1161,8 @@ def test_more_appended_during_the_rewrite_than_its_zeros_hold(
 def test_the_switch_syncs_the_new_log_before_its_rename_and_the_directory_after(
     tmp_path: Path, gate: threading.Event, monkeypatch: pytest.MonkeyPatch, fsync: bool
 ) -> None:
-    data = tmp_path / "data"
-    store = Storage(data, "alpha", fsync=fsync, nodes=TRIAD)
-    _at_7_of_10(data, store)
+    store = _at_7_of_10(Storage(tmp_path / "data", "alpha", fsync=fsync, nodes=TRIAD))
+    data = store.dir
     calls: list[tuple[str, str]] = []
     names: dict[int, str] = {}
     real_open, real_fsync, real_fdatasync = os.open, os.fsync, os.fdatasync
@@ -1239,9 +1234,8 @@ def test_the_switch_syncs_the_new_log_before_its_rename_and_the_directory_after(
 def test_an_error_in_the_rewrite_is_a_disk_error_at_the_next_sync(
     tmp_path: Path, opened: Callable[[Path], Storage], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    data = tmp_path / "data"
-    store = opened(data)
-    _at_7_of_10(data, store)
+    store = _at_7_of_10(opened(tmp_path / "data"))
+    data = store.dir
 
     def full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -1335,9 +1329,8 @@ def test_a_snapshot_file_mapped_elsewhere_is_left_whole(
 def test_setting_aside_waits_for_the_rewrite_under_way_and_sets_its_file_aside(
     tmp_path: Path, opened: Callable[[Path], Storage], gate: threading.Event
 ) -> None:
-    data = tmp_path / "data"
-    store = opened(data)
-    _at_7_of_10(data, store)
+    store = _at_7_of_10(opened(tmp_path / "data"))
+    data = store.dir
     take(store, 7, 1)
     assert _pending(store)
     gate.set()
