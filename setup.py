@@ -3,6 +3,14 @@
     python -m pip install -e .                     # pure Python: no compiler, no mypy
     ZBROKER_COMPILE=1 python -m pip install -e .   # the cores compiled (a C compiler needed)
 
+``MYPYC_OPT_LEVEL`` (0 to 3, 3 when unset; the variable mypy's and black's own setup.py
+read) is mypyc's ``opt_level``, the C compiler's ``-O``; nothing else of the build depends
+on it. 3 is the build to run and to measure. CI's check that the compiled cores behave as
+the pure ones (.ci/run, scripts/compiled.sh) builds at 0, in half the time: mypyc writes
+the same C at every level, and gcc's level changes how fast that C runs, not what it does
+(at 0 mypyc also turns on the C ``assert``s of its runtime and of Python's headers: the
+check is, if anything, stricter).
+
 Everything else about the package is in pyproject.toml; this file only adds the compiled
 cores, the way mypy and black build themselves with mypyc. The build backend
 (build_backend/zbroker_build.py) asks for mypy, which ships mypyc, only when the switch is
@@ -30,6 +38,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 PACKAGE = ROOT / "zbroker"
 SWITCH = "ZBROKER_COMPILE"
+OPT_LEVEL = "MYPYC_OPT_LEVEL"
 
 # The pure cores: state machines with no sockets and no clock, on the path of every request
 # (issue 17). Paths are relative to the package (zbroker/broker is the tree's broker/).
@@ -54,6 +63,16 @@ def _record_module() -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _opt_level() -> str:
+    value = os.environ.get(OPT_LEVEL, "").strip() or "3"
+    if value not in ("0", "1", "2", "3"):
+        sys.exit(
+            f"{OPT_LEVEL}={os.environ[OPT_LEVEL]!r}: the C compiler's optimisation level "
+            "of the compiled cores, 0 to 3; unset it for the build to run and measure (3)"
+        )
+    return value
 
 
 def _compile_requested() -> bool:
@@ -81,7 +100,7 @@ class BuildCores(build_ext):
         # Where the extensions went: the tree for an in-place (editable) build, else build/lib.
         package = Path(self.get_ext_fullpath(f"{GROUP}__mypyc")).parent
         modules = {"zbroker." + rel[: -len(".py")].replace("/", "."): rel for rel in CORES}
-        _record_module().write(package, modules, f"{GROUP}__mypyc")
+        _record_module().write(package, modules, f"{GROUP}__mypyc", opt_level=_opt_level())
 
 
 METADATA_ONLY = {"egg_info", "dist_info", "sdist"}
@@ -97,7 +116,7 @@ def _mypycify() -> list[Extension]:
             "or `python -m pip install mypy` first"
         )
     extensions: list[Extension] = mypycify(
-        [str(Path("zbroker") / rel) for rel in CORES], group_name=GROUP, opt_level="3"
+        [str(Path("zbroker") / rel) for rel in CORES], group_name=GROUP, opt_level=_opt_level()
     )
     return extensions
 

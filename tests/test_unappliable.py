@@ -210,20 +210,42 @@ def _grant_id(reply: dict[str, Any]) -> int:
     return gid
 
 
+class _RefusingLedger(Ledger):
+    """A node's ledger that, once armed (``_refuse_once``), refuses the first delta of one
+    kind and feature it is asked to apply, as a ledger that has drifted from the log
+    would. A subclass, built by the node itself (the ``refusable`` fixture): the compiled
+    build's Ledger refuses a method replaced on one instance."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.refuse: tuple[str, str] | None = None  # (kind, feature)
+        self.refused: list[dict[str, Any]] = []
+
+    def apply(self, delta: object) -> None:
+        if (
+            self.refuse is not None
+            and not self.refused
+            and isinstance(delta, dict)
+            and (delta.get("k"), delta.get("feature")) == self.refuse
+        ):
+            self.refused.append(delta)
+            raise LedgerError(f"{self.refuse[0]} delta refused by the test")
+        super().apply(delta)
+
+
+@pytest.fixture
+def refusable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ledger a node builds from nothing (its start on an empty directory, a start
+    over) is a ``_RefusingLedger``, which refuses nothing until ``_refuse_once`` arms it."""
+    monkeypatch.setattr(apply, "Ledger", _RefusingLedger)
+
+
 def _refuse_once(ledger: Ledger, kind: str, feature: str) -> list[dict[str, Any]]:
-    """Make ``ledger`` refuse the first ``kind`` delta of ``feature`` it is asked to apply,
-    as a ledger that has drifted from the log would; returns the deltas it refused."""
-    refused: list[dict[str, Any]] = []
-    apply = ledger.apply
-
-    def refusing(delta: dict[str, Any]) -> None:
-        if not refused and delta.get("k") == kind and delta.get("feature") == feature:
-            refused.append(delta)
-            raise LedgerError(f"{kind} delta refused by the test")
-        apply(delta)
-
-    ledger.apply = refusing  # type: ignore[method-assign]
-    return refused
+    """Make ``ledger`` (a node's, under the ``refusable`` fixture) refuse the first
+    ``kind`` delta of ``feature`` it is asked to apply; returns the deltas it refused."""
+    assert isinstance(ledger, _RefusingLedger), "use the refusable fixture"
+    ledger.refuse = (kind, feature)
+    return ledger.refused
 
 
 def _start_overs(caplog: pytest.LogCaptureFixture, name: str) -> list[str]:
@@ -292,6 +314,7 @@ def test_a_deposed_primary_whose_proposals_were_replaced_at_once_rebuilds(
 # --- the safety net: a committed delta or snapshot that the ledger refuses
 
 
+@pytest.mark.usefixtures("refusable")
 def test_a_backup_whose_ledger_refuses_a_committed_delta_starts_over_as_a_wiped_node(
     cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -321,6 +344,7 @@ def test_a_backup_whose_ledger_refuses_a_committed_delta_starts_over_as_a_wiped_
     assert len(_start_overs(caplog, "gamma")) == 1
 
 
+@pytest.mark.usefixtures("refusable")
 def test_a_primary_whose_ledger_refuses_an_adopted_delta_steps_down_and_waits_for_a_quorum(
     cluster: Cluster, caplog: pytest.LogCaptureFixture
 ) -> None:

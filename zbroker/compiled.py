@@ -47,12 +47,14 @@ def compiled_file(source: Path) -> Path | None:
     return None
 
 
-def write(package: Path, modules: dict[str, str], group_lib: str) -> Path:
+def write(package: Path, modules: dict[str, str], group_lib: str, opt_level: str = "3") -> Path:
     """Record what was compiled: ``modules`` maps each module's name to its source file
-    relative to ``package`` (the sources are hashed now, as they were compiled), and
-    ``group_lib`` names mypyc's shared library module."""
+    relative to ``package`` (the sources are hashed now, as they were compiled),
+    ``group_lib`` names mypyc's shared library module, and ``opt_level`` is the C
+    compiler's ``-O`` (3 unless a quick check asked for less: setup.py)."""
     record = {
         "group_lib": group_lib,
+        "opt_level": opt_level,
         "modules": {
             name: {"source": rel, "sha256": source_hash(package / rel)}
             for name, rel in sorted(modules.items())

@@ -61,6 +61,13 @@ MAX_FLOOD = 1_000_000  # status requests never read
 @click.option("--procs", type=click.IntRange(1, MAX_PROCS), default=None, help="load processes")
 @click.option("--no-fsync-off", is_flag=True, help="skip the fsync = false triad")
 @click.option(
+    "--compiled",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="also measure a triad (fsync on) whose nodes run this compiled tree, built by "
+    "`scripts/compiled.sh --keep DIR --build-only`",
+)
+@click.option(
     "--storm-clients",
     type=click.IntRange(1, MAX_CLIENTS),
     default=None,
@@ -89,11 +96,13 @@ def bench(
     grants_per_session: int | None,
     procs: int | None,
     no_fsync_off: bool,
+    compiled: Path | None,
     storm_clients: int | None,
     flood_requests: int | None,
     only: tuple[str, ...],
 ) -> None:
     """Measure the triad against a bare ZeroMQ echo, in one run (SPEC section 7)."""
+    from zbroker.clients.testing.bench.compiled import NotCompiled, check_tree
     from zbroker.clients.testing.bench.plan import plan_named
     from zbroker.clients.testing.bench.report import render
     from zbroker.clients.testing.bench.runner import run
@@ -106,10 +115,18 @@ def bench(
         grants_per_session=grants_per_session,
         procs=procs,
         fsync_off=False if no_fsync_off else None,
+        compiled=None if compiled is None else str(compiled.resolve()),
         storm_clients=storm_clients,
         flood_requests=flood_requests,
         phases=tuple(p for p in PHASES if p in only) or None,
     )
+    if plan.compiled is not None:  # refused now rather than after the phases before it
+        if "throughput" not in plan.phases:
+            raise click.UsageError("--compiled adds a triad to the throughput phase: run it")
+        try:
+            check_tree(Path(plan.compiled))
+        except NotCompiled as exc:
+            raise click.ClickException(str(exc)) from None
     result = run(plan, json_path, say=lambda line: click.echo(line, err=True))
     click.echo(render(result))
     click.echo(f"\nwrote {json_path}")

@@ -18,6 +18,8 @@ class Plan:
     fsync_off: bool = True  # also measure a triad with fsync = false
     tuned_echo: bool = True  # also measure the tuned echo (echo.py), a stricter baseline
     curve: bool = True  # also measure a triad in secure mode (CURVE + ZAP), fsync on
+    # also measure a triad whose nodes run this compiled tree, fsync on (bench/compiled.py)
+    compiled: str | None = None
     kills: int = 20
     sessions: int = 10_000
     grants_per_session: int = 10

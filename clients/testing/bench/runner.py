@@ -5,7 +5,9 @@ Phases, in order (each says what it measures in the JSON it writes):
 1. ``throughput``: an echo server and one triad per fsync setting run side by side;
    for each concurrency level the same load processes drive the echo, then each
    triad (level by level, so a baseline is never more than seconds older than its
-   triad figure). Figures: checkout+checkin pairs a second, checkout latency.
+   triad figure). Figures: checkout+checkin pairs a second, checkout latency. With
+   ``Plan.compiled``, ``triad_compiled`` is the fsync triad again, its nodes running a
+   compiled build of the cores (``compiled.py``).
 2. ``failover``: on the fsync triad, ``kills`` times: SIGKILL the primary, time the
    first grant by the new primary as a prober sees it, restart the killed node and
    wait until the triad is whole and the failback done.
@@ -54,6 +56,7 @@ from zbroker.clients.testing.bench.common import (
     ratio,
     sample,
 )
+from zbroker.clients.testing.bench.compiled import check_tree
 from zbroker.clients.testing.bench.failover import Prober
 from zbroker.clients.testing.bench.fleet import Fleet
 from zbroker.clients.testing.bench.flood import run_flood
@@ -94,17 +97,20 @@ def _loadavg() -> list[float]:
 
 
 def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, Any]:
-    settings = [("triad", True, False)]
-    settings += [("triad_nofsync", False, False)] if plan.fsync_off else []
-    settings += [("triad_curve", True, True)] if plan.curve else []
+    compiled = None if plan.compiled is None else check_tree(Path(plan.compiled))
+    tree = None if compiled is None else Path(compiled["dir"])
+    settings: list[tuple[str, bool, bool, Path | None]] = [("triad", True, False, None)]
+    settings += [("triad_compiled", True, False, tree)] if tree is not None else []
+    settings += [("triad_nofsync", False, False, None)] if plan.fsync_off else []
+    settings += [("triad_curve", True, True, None)] if plan.curve else []
     echoes = ["echo"] + (["echo_tuned"] if plan.tuned_echo else [])
     endpoints = {
         name: f"tcp://127.0.0.1:{port}" for name, port in zip(echoes, free_ports(2), strict=False)
     }
     procs = [echo.start(endpoints[name], tuned=name == "echo_tuned") for name in echoes]
     triads = {
-        name: BenchTriad(base / name, fsync=fsync, secure=secure)
-        for name, fsync, secure in settings
+        name: BenchTriad(base / name, fsync=fsync, secure=secure, code=code)
+        for name, fsync, secure, code in settings
     }
     levels: dict[str, dict[str, LevelResult]] = {t: {} for t in [*echoes, *triads]}
     try:
@@ -112,6 +118,7 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
             triad.local.start()
         for triad in triads.values():
             triad.wait_serving(30)
+            triad.check_compiled()
         for c in plan.levels:
             for target in levels:
                 key = None
@@ -138,6 +145,8 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
         "ratios": {},
         "latency": {},
     }
+    if compiled is not None:
+        out["compiled"] = compiled  # the tree triad_compiled's nodes ran, and its cores
     for target in triads:
         out["ratios"][target] = {
             f"vs_{e}": {

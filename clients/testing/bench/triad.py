@@ -34,6 +34,7 @@ from zbroker.clients.testing.bench.common import (
     reply_of,
     sample,
 )
+from zbroker.clients.testing.bench.compiled import NotCompiled, maps_compiled, node_command
 from zbroker.clients.testing.kit import LocalTriad
 
 
@@ -48,6 +49,18 @@ def _same_code() -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join([root, *paths])
 
 
+class _NodesFrom(LocalTriad):
+    """A ``LocalTriad`` whose nodes run the code of another tree: a compiled build
+    (bench/compiled.py)."""
+
+    def __init__(self, code: Path, directory: Path, **kwargs: Any) -> None:
+        super().__init__(directory, **kwargs)
+        self.code = code
+
+    def command(self, name: str) -> list[str]:
+        return node_command(self.code, super().command(name))
+
+
 class BenchTriad:
     def __init__(
         self,
@@ -57,14 +70,21 @@ class BenchTriad:
         lease: float = 30.0,
         secure: bool = False,
         settings: dict[str, Any] | None = None,
+        code: Path | None = None,
     ) -> None:
         """``settings``: more top-level config settings (the snapshot bench's
-        ``snapshot_every`` and ``max_sessions``)."""
+        ``snapshot_every`` and ``max_sessions``); ``code``: a compiled tree for the nodes
+        to run (``check_compiled`` says whether they do), else this process's own code."""
         _same_code()
         # plain TCP by default: the echo baseline has no CURVE either; ``secure`` gives the
         # CURVE triad that the throughput phase measures beside the plain one
         more = {"fsync": fsync, **(settings or {})}
-        self.local = LocalTriad(directory, lease=lease, settings=more, secure=secure)
+        self.code = code
+        self.local = (
+            LocalTriad(directory, lease=lease, settings=more, secure=secure)
+            if code is None
+            else _NodesFrom(code, directory, lease=lease, settings=more, secure=secure)
+        )
         self.fsync = fsync
         config = self.local.config
         text = config.license_path.read_text()
@@ -96,6 +116,14 @@ class BenchTriad:
         self.ctx.destroy(linger=0)
 
     # --- observing
+    def check_compiled(self) -> None:
+        """NotCompiled unless every live node has the compiled tree's cores mapped."""
+        if self.code is None:
+            return
+        for name in self.names:
+            if self.local.alive(name) and not maps_compiled(self.pid(name), self.code):
+                raise NotCompiled(f"node {name} does not run the compiled cores of {self.code}")
+
     def pid(self, name: str) -> int:
         return self.local.procs[name].pid
 
