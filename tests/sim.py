@@ -200,6 +200,7 @@ class Simulation:
         self.endpoints = tuple(self.config.node(n).client for n in NAMES)
         self.primaries: dict[int, str] = {}
         self.committed: dict[int, tuple[int, Any]] = {}
+        self.on_quorum = 0  # every entry committed up to here was on a quorum (check_on_quorum)
         self.decided: set[tuple[str, int]] = set()  # (sid, req) of the committed deltas
         self.requests: dict[tuple[Any, Any], Any] = {}  # (sid, req) -> op, as clients sent
         self.stats = Stats()
@@ -311,6 +312,29 @@ class Simulation:
             )
         if delta is not None and "req" in delta:
             self.decided.add((delta["sid"], delta["req"]))
+
+    def check_on_quorum(self, name: str, commit: int) -> None:
+        """Once the cycle that committed them has sent its answers: no majority of the
+        disks that may vote lacks an entry first committed there (synced, or under a
+        synced snapshot). A disk lost or damaged may not vote until its node has caught
+        up (RECOVERING). What keeps it: a backup acknowledges only what it has synced, and
+        the primary's entries leave before its own sync but count only after it."""
+        majority = len(self.nodes) // 2 + 1
+        for index in range(self.on_quorum + 1, commit + 1):
+            seen = self.committed.get(index)
+            if seen is None:  # installed from an image, not committed entry by entry
+                continue
+            term = seen[0]
+            lacking = [
+                n
+                for n, node in self.nodes.items()
+                if node.disk.marked and not node.disk.damaged and not node.disk.holds(index, term)
+            ]
+            if len(lacking) >= majority:
+                raise self.violation(
+                    f"{name} committed {index} (term {term}), missing from the disks of {lacking}"
+                )
+        self.on_quorum = max(self.on_quorum, commit)
 
     def check_answer(self, node: str, reply: dict[str, Any]) -> None:
         """An answer that says a request changed the ledger (or was refused for good)

@@ -171,6 +171,14 @@ class SimDisk:
         self.durable, self.unsynced, self.damaged = _Durable(), [], ""
         return Loaded(fresh=True, damaged=True, why=f"data directory damaged: {why}")
 
+    def holds(self, index: int, term: int) -> bool:
+        """Whether the durable state holds entry ``index`` of ``term``: in the log, or
+        under the snapshot (which only ever covers committed entries)."""
+        if index <= self.durable.snapshot_index:
+            return True
+        entry = self.entry(index)
+        return entry is not None and entry[1] == term
+
     def entry(self, index: int) -> Record | None:
         """The durable log entry at ``index``, if the log (not the snapshot) holds it."""
         d = self.durable

@@ -214,6 +214,8 @@ class SimNode:
         self._send_peers(ready.peer)
         for frames in ready.answers:
             sim.answer(self.name, frames)
+        if self.replica is not None:
+            sim.check_on_quorum(self.name, self.replica.commit)
         if cut == "sent":
             return self._cut(cut)
         core.advance()
