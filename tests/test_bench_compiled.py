@@ -6,6 +6,7 @@ runs do it, with ``scripts/compiled.sh --keep DIR --build-only``."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -77,6 +78,14 @@ def test_a_node_runs_from_the_tree_with_only_the_tree_on_its_path(tmp_path: Path
 
 
 @pytest.mark.unit
-def test_this_process_maps_no_compiled_tree_of_an_empty_directory(tmp_path: Path) -> None:
+def test_a_process_runs_a_compiled_tree_when_it_maps_that_trees_core_library(
+    tmp_path: Path,
+) -> None:
     assert not maps_compiled(os.getpid(), tmp_path)
     assert not maps_compiled(2**22 + 1, tmp_path)  # no such process: not mapped
+    library = tmp_path / "zbroker" / "cores__mypyc.cpython-311-x86_64-linux-gnu.so"
+    library.parent.mkdir()
+    library.write_bytes(bytes(4096))
+    with library.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ):
+        assert maps_compiled(os.getpid(), tmp_path)  # a mapping of it, as the loader makes
+    assert not maps_compiled(os.getpid(), tmp_path / "zbroker")  # another tree's path
