@@ -940,6 +940,22 @@ JUNK: list[Any] = [
         "entries": [{"term": 9, "index": 1, "delta": [1, 2]}],
     },
     {
+        "t": "append",
+        "term": 9,
+        "prev_index": 0,
+        "prev_term": 0,
+        "commit": 0,
+        "entries": [{"term": 9, "index": 1, "delta": {"k": "open", b"sid": "s1"}}],
+    },  # a delta with a key that is not a string
+    {
+        "t": "append",
+        "term": 9,
+        "prev_index": 0,
+        "prev_term": 0,
+        "commit": 0,
+        "entries": [{"term": 9, "index": 1, "delta": None, 7: 1}],
+    },  # an entry with a key that is not a string
+    {
         "t": "snapshot",
         "term": 9,
         "index": 3,
