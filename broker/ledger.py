@@ -228,6 +228,9 @@ class Ledger:
         self._unacked: dict[str, list[int]] = {}
         self._grants: dict[int, Grant] = {}  # ascending id: ids only grow
         self._used: dict[PoolKey, int] = {}  # derived from _grants, kept for speed
+        # ``_used`` summed by feature: every report record asks (``in_use``), on every
+        # node, and a license of hundreds of features made the sum cost 10 µs a record.
+        self._used_of_feature: dict[str, int] = {}
         self._groups = Groups()  # duplicate groups of the grants (broker/dup.py)
         self._dup_masks = masks_of(entitlements)  # DUP_GROUP= masks by feature
         self._ids: list[int] | None = []  # sorted ids of _grants for ``holders``; None: stale
@@ -482,7 +485,9 @@ class Ledger:
             of_feature = self._by_feature[g.feature] = set()
         of_feature.add(g.id)
         key = g.pool_key
-        self._used[key] = self._used.get(key, 0) + (self._groups.add(g) if g.dup else g.count)
+        seats = self._groups.add(g) if g.dup else g.count
+        self._used[key] = self._used.get(key, 0) + seats
+        self._used_of_feature[g.feature] = self._used_of_feature.get(g.feature, 0) + seats
 
     def _drop_grant(self, gid: int) -> None:
         grant = self._grants.pop(gid)
@@ -496,7 +501,9 @@ class Ledger:
         of_feature.discard(gid)
         if not of_feature:
             del self._by_feature[grant.feature]
-        self._used[grant.pool_key] -= self._groups.drop(grant) if grant.dup else grant.count
+        seats = self._groups.drop(grant) if grant.dup else grant.count
+        self._used[grant.pool_key] -= seats
+        self._used_of_feature[grant.feature] -= seats
 
     def _add_session(self, session: Session) -> None:
         self._sessions[session.sid] = session
@@ -1132,10 +1139,9 @@ class Ledger:
 
     def in_use(self, feature: str, version: str | None = None) -> int:
         """Seats of ``feature`` held, in the pool of ``version`` or in all of them."""
-        key = parse_version(version) if version is not None else None
-        return sum(
-            n for (f, v), n in self._used.items() if f == feature and (key is None or key == v)
-        )
+        if version is None:
+            return self._used_of_feature.get(feature, 0)
+        return self._used.get((feature, parse_version(version)), 0)
 
     def queued(self, feature: str) -> int:
         """Requests waiting for ``feature``."""

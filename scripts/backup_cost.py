@@ -9,9 +9,10 @@ What a backup does with each entry of a checkout+checkin load, without sockets o
 delta applies, ``settle`` after, ``seal`` each record: the report log's work short of
 the write), and ``pack`` (the entries framed for the log file, as ``Storage.append``
 does). The deltas are a primary's own, decided by a ``Ledger`` for 64 sessions (the
-bench's 64 outstanding), in appends of ``--batch`` entries (the waves a live triad
-makes at 64 outstanding hold 30-40). What the sum leaves out of a live backup's CPU per
-entry is the shell's share of each wave: poll, receive, sync, acknowledge (BENCHMARKS.md).
+bench's 64 outstanding) checking out ``--features`` features in turn (a site's license
+has tens to hundreds), in appends of ``--batch`` entries (the waves a live triad makes
+at 64 outstanding hold 30-40). What the sum leaves out of a live backup's CPU per entry
+is the shell's share of each wave: poll, receive, sync, acknowledge (BENCHMARKS.md).
 
 Each tree runs in a child whose ``PYTHONPATH`` is that tree.
 """
@@ -30,7 +31,7 @@ from typing import Any
 STAGES = ("decode", "apply", "report", "pack")
 
 
-def measure(rounds: int, pairs_per_session: int, batch: int) -> dict[str, float]:
+def measure(rounds: int, pairs_per_session: int, batch: int, features: int = 1) -> dict[str, float]:
     """Best µs per entry of each stage, for the tree on ``sys.path``; run in the child."""
     from zbroker.broker import wire
     from zbroker.broker.ledger import Ledger
@@ -41,9 +42,12 @@ def measure(rounds: int, pairs_per_session: int, batch: int) -> dict[str, float]
 
     noon = 1_780_315_200.0  # 2026-06-01 12:00 UTC: no day boundary within the run
 
+    names = [f"bench{n}" for n in range(features)]
+
     def ledger() -> Ledger:
-        bench = Entitlement("bench", "1.0", 1_000_000, None, source="bench.lic:1")
-        return Ledger([bench], lease=30.0, heartbeat=10.0)
+        lines = [Entitlement(name, "1.0", 1_000, None, source=f"bench.lic:{n + 1}")
+                 for n, name in enumerate(names)]  # fmt: skip
+        return Ledger(lines, lease=30.0, heartbeat=10.0)
 
     primary, deltas = ledger(), list[dict[str, Any]]()
 
@@ -58,9 +62,10 @@ def measure(rounds: int, pairs_per_session: int, batch: int) -> dict[str, float]
     opens, req, held = len(deltas), dict.fromkeys(sids, 1), dict.fromkeys(sids, 0)
     for wave in range(pairs_per_session):
         at = wave / 100
-        for sid in sids:
+        for n, sid in enumerate(sids):
             req[sid] += 1
-            decide(Request("checkout", sid, req[sid], req[sid] - 1, feature="bench"), at)
+            feature = names[(wave * len(sids) + n) % features]  # each in use, in turn
+            decide(Request("checkout", sid, req[sid], req[sid] - 1, feature=feature), at)
             held[sid] = deltas[-1]["grant"]
         for sid in sids:
             req[sid] += 1
@@ -119,16 +124,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=100, help="checkout+checkin per session")
     parser.add_argument("--batch", type=int, default=36, help="entries per append")
+    parser.add_argument("--features", type=int, default=1, help="features on the license")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.rounds, args.pairs, args.batch)))
+        print(json.dumps(measure(args.rounds, args.pairs, args.batch, args.features)))
         return
     trees = args.trees or [Path(__file__).resolve().parent.parent]
     print(f"{'tree':40s}" + "".join(f"{s:>9s}" for s in STAGES) + f"{'sum':>9s}   µs/entry")
     for tree in trees:
         flags = ["--rounds", str(args.rounds), "--pairs", str(args.pairs)]
-        flags += ["--batch", str(args.batch)]
+        flags += ["--batch", str(args.batch), "--features", str(args.features)]
         child = subprocess.run(
             [sys.executable, __file__, "--measure", *flags],
             env={**os.environ, "PYTHONPATH": str(tree.resolve())},

@@ -165,6 +165,9 @@ class DupMachine(RuleBasedStateMachine):
             used = plain.get(pool, 0)
             assert self.primary.in_use(line.feature, line.version) == used
             assert used <= line.count
+        for feature in {line.feature for line in LINES}:
+            held = sum(n for (f, _), n in plain.items() if f == feature)
+            assert self.primary.in_use(feature) == self.backup.in_use(feature) == held
 
 
 TestDupGroups = DupMachine.TestCase

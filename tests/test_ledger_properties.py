@@ -265,6 +265,18 @@ class LedgerMachine(RuleBasedStateMachine):
         assert again == snap
 
     @invariant()
+    def seats_in_use_of_each_feature_and_pool_agree_with_the_grants(self) -> None:
+        snap = self.ledger.snapshot()
+        by_pool = in_use(snap)
+        features = {e["feature"] for e in snap["entitlements"]} | {f for f, _ in by_pool}
+        for feature in features:
+            held = sum(n for (f, _), n in by_pool.items() if f == feature)
+            assert self.ledger.in_use(feature) == held, feature
+        for e in snap["entitlements"]:
+            pool = (e["feature"], parse_version(e["version"]))
+            assert self.ledger.in_use(e["feature"], e["version"]) == by_pool.get(pool, 0)
+
+    @invariant()
     def status_agrees_with_the_grants(self) -> None:
         snap = self.ledger.snapshot()
         held = sum(g["count"] for g in snap["grants"])
