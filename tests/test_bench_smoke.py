@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from zbroker.broker.demo import NODE_NAMES
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +44,14 @@ def test_bench_tiny_writes_every_figure(tmp_path: Path) -> None:
     assert set(tp["ratios"]["triad"]["vs_echo"]) == set(levels)
     assert set(tp["latency"]["triad"]) == {"low", "high"}
     assert set(tp["latency"]["triad"]["low"]["ratio"]) == {"p50_ms", "p99_ms", "max_ms"}
+    assert "CPU per request" in done.stdout
+    for target, processes in (("echo", {"echo", "load"}), ("triad", {*NODE_NAMES, "load"})):
+        spent = tp["cpu_us_per_request"][target][levels[-1]]
+        assert set(spent) == processes and all(v >= 0 for v in spent.values())
+        assert spent["load"] > 0 and sum(spent.values()) > spent["load"], spent
+    bound = tp["cpu_bound"]["triad"]
+    assert bound["concurrency"] == int(levels[-1]) and bound["pairs_per_s"] > 0
+    assert bound["vs_echo"] > 0
 
     failover = result["failover"]
     assert failover["kills"] == result["plan"]["kills"] == len(failover["trials"])

@@ -58,6 +58,19 @@ def _throughput(tp: dict[str, Any]) -> list[str]:
             row += f"{tp['levels'][t][c]['pairs_per_s']:>15.0f}"
             row += "".join(f" {_f(tp['ratios'][t][f'vs_{e}'][c], '{:.2f}'):>6}" for e in echoes)
         lines.append(f"  {c:>11}{row}")
+    high = list(tp["levels"]["echo"])[-1]
+    lines += ["", f"CPU per request at {high} outstanding, µs (user + system, each process)"]
+    for t in [*echoes, *triads]:
+        spent = tp["cpu_us_per_request"][t][high]
+        each = ", ".join(f"{n} {v:.1f}" for n, v in spent.items())
+        line = f"  {t:<14} {each} = {sum(spent.values()):.1f}"
+        bound = tp["cpu_bound"].get(t)
+        if bound is not None and bound["pairs_per_s"] is not None:
+            line += (
+                f"; every core busy at that: {bound['pairs_per_s']} pairs/s,"
+                f" {_f(bound['vs_echo'], '{:.2f}')} of the echo"
+            )
+        lines.append(line)
     lines += ["", "Checkout latency, ms p50/p99/max (ratio: triad / echo)"]
     for t in triads:
         for load, d in tp["latency"][t].items():

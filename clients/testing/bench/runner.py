@@ -108,11 +108,13 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
         name: f"tcp://127.0.0.1:{port}" for name, port in zip(echoes, free_ports(2), strict=False)
     }
     procs = [echo.start(endpoints[name], tuned=name == "echo_tuned") for name in echoes]
+    loaders = {f"load{i}": c.proc.pid or 0 for i, c in enumerate(pool.children)}
     triads = {
         name: BenchTriad(base / name, fsync=fsync, secure=secure, code=code)
         for name, fsync, secure, code in settings
     }
     levels: dict[str, dict[str, LevelResult]] = {t: {} for t in [*echoes, *triads]}
+    cpu: dict[str, dict[str, dict[str, float]]] = {t: {} for t in levels}
     try:
         for triad in triads.values():
             triad.local.start()
@@ -126,10 +128,16 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
                     triad = triads[target]
                     primary = triad.wait_serving(30)
                     endpoint, key = triad.endpoint[primary], triad.server_key.get(primary)
+                    servers = {n: triad.pid(n) for n in triad.names}
                 else:
                     endpoint = endpoints[target]
+                    servers = {target: procs[echoes.index(target)].pid or 0}
+                before = _samples({**servers, **loaders})
                 got = pool.run(endpoint, c, plan.warmup, plan.duration, server_key=key)
                 levels[target][str(c)] = got
+                # the warm-up's requests spent CPU too: counted at the measured rate
+                requests = got.answered * (plan.warmup + plan.duration) / plan.duration
+                cpu[target][str(c)] = _cpu_us(before, _samples({**servers, **loaders}), requests)
                 say(
                     f"  {target:<14} {c:>3} outstanding: {got.pairs_per_s:>9.0f} pairs/s, "
                     f"checkout p50 {got.latency['p50_ms']} ms"
@@ -144,6 +152,8 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
         "levels": {t: {c: r.to_json() for c, r in by.items()} for t, by in levels.items()},
         "ratios": {},
         "latency": {},
+        "cpu_us_per_request": cpu,
+        "cpu_bound": {},
     }
     if compiled is not None:
         out["compiled"] = compiled  # the tree triad_compiled's nodes ran, and its cores
@@ -155,6 +165,18 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
             for e in echoes
         }
     low, high = str(plan.levels[0]), str(plan.levels[-1])
+    cores = os.cpu_count() or 1
+    for target in triads:
+        # The most pairs/s the machine's cores could carry at this CPU per request (the
+        # nodes' and the load's), all busy and nothing waiting: a ceiling, not a forecast.
+        spent = sum(cpu[target][high].values())
+        bound = cores * 1e6 / spent / 2 if spent > 0 else None
+        echo_pairs = levels["echo"][high].pairs_per_s
+        out["cpu_bound"][target] = {
+            "concurrency": int(high),
+            "pairs_per_s": None if bound is None else round(bound),
+            "vs_echo": None if bound is None else ratio(bound, echo_pairs),
+        }
     keys = ("p50_ms", "p99_ms", "max_ms")
     for target in triads:
         out["latency"][target] = {}
@@ -428,6 +450,17 @@ def _served_line(wave: dict[str, Any]) -> str:
 
 def _samples(pids: dict[str, int]) -> dict[str, ProcSample]:
     return {name: sample(pid) for name, pid in pids.items()}
+
+
+def _cpu_us(
+    before: dict[str, ProcSample], after: dict[str, ProcSample], requests: float
+) -> dict[str, float]:
+    """µs of CPU each process spent per request between the samples; the load processes
+    (``load0``, ``load1``, ...) as one, ``load``."""
+    out = {n: (after[n].cpu - before[n].cpu) * 1e6 / max(requests, 1.0) for n in before}
+    loads = [n for n in out if n.startswith("load")]
+    out["load"] = sum(out.pop(n) for n in loads)
+    return {n: round(v, 1) for n, v in out.items()}
 
 
 def _cpu_ms(before: dict[str, ProcSample], after: dict[str, ProcSample]) -> dict[str, int]:
