@@ -5,7 +5,9 @@ Phases, in order (each says what it measures in the JSON it writes):
 1. ``throughput``: an echo server and one triad per fsync setting run side by side;
    for each concurrency level the same load processes drive the echo, then each
    triad (level by level, so a baseline is never more than seconds older than its
-   triad figure). Figures: checkout+checkin pairs a second, checkout latency. With
+   triad figure). Figures: checkout+checkin pairs a second, checkout latency, the CPU
+   each process (servers, load) spent per request, and for each triad the pairs a
+   second that CPU would allow with every core busy (``cpu_bound``: a ceiling). With
    ``Plan.compiled``, ``triad_compiled`` is the fsync triad again, its nodes running a
    compiled build of the cores (``compiled.py``).
 2. ``failover``: on the fsync triad, ``kills`` times: SIGKILL the primary, time the
