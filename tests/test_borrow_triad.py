@@ -119,7 +119,8 @@ def test_a_borrow_runs_out_on_whichever_node_is_primary_then(
     with LicenseClient(
         triad.license, user="ann", host="laptop", borrow_dir=tmp_path / "tokens"
     ) as client:
-        token = borrow(client, hours=8 / 3600)  # eight seconds of the server's clock
+        # Five seconds of the server's clock: the failover below takes well under one.
+        token = borrow(client, hours=5 / 3600)
     triad.kill(first)
     second = triad.wait_for_primary(not_=first)
     assert counted(triad, token) and time.time() < token.end, "lapsed before its end"
@@ -171,7 +172,8 @@ def test_a_borrowed_seat_serves_with_every_node_stopped_and_bad_tokens_do_not(
         triad.kill(name)
 
     def offline(host: str = "laptop") -> LicenseClient:
-        return LicenseClient(triad.license, user="ann", host=host, borrow_dir=tokens, timeout=1.0)
+        # Each refusal below waits out this timeout on the stopped servers.
+        return LicenseClient(triad.license, user="ann", host=host, borrow_dir=tokens, timeout=0.3)
 
     patient = 30.0  # a checkout that asked the servers first would wait all of it
     with LicenseClient(

@@ -41,7 +41,8 @@ CLIENT = textwrap.dedent(
 )
 
 
-def test_expired_client_checks_out_again_and_reports_what_it_lost(triad: LocalTriad) -> None:
+def test_expired_client_checks_out_again_and_reports_what_it_lost(make_triad: Any) -> None:
+    triad: LocalTriad = make_triad(servers=3, lease=3.0)
     triad.wait_for_primary()
     proc = subprocess.Popen(
         [sys.executable, "-c", CLIENT, *triad.endpoints],
@@ -59,7 +60,7 @@ def test_expired_client_checks_out_again_and_reports_what_it_lost(triad: LocalTr
     try:
         wait_for(lambda: "held" in lines, 15, "the client to hold its grants")
         os.kill(proc.pid, signal.SIGSTOP)
-        # The triad's lease is 5 s: wait until it has given the seats back.
+        # The triad's lease is 3 s: wait until it has given the seats back.
         wait_for(lambda: triad.holders("solver") == [], 15, "the frozen session to expire")
         with LicenseClient(triad.endpoints, user="rival") as rival:
             taken: Any = rival.checkout("solver", count=2)

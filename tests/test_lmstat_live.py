@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from test_lmstat_parsers import (
 )
 
 from zbroker import LicenseClient
-from zbroker.clients.testing.kit import wait_for
+from zbroker.clients.testing.kit import LocalTriad, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -74,17 +74,21 @@ INCLUDE solver USER erin
 """
 
 
-@pytest.fixture
-def busy(make_triad: Callable[..., Any], tmp_path: Path) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module")
+def busy(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     """A triad under OPTIONS with ann (3 cad), bob (2 cad), carol (1 viewer), dave (all 2
-    solver), erin queued for solver, and the viewer seat gina checked in lingering."""
-    options = tmp_path / "site.opt"
+    solver), erin queued for solver, and the viewer seat gina checked in lingering.
+
+    One for the module: its tests only read it (lmstat and the parsers), none changes it.
+    Its nodes' logs are printed at the end if a test of the module failed.
+    """
+    folder = tmp_path_factory.mktemp("lmstat")
+    options = folder / "site.opt"
     options.write_text(OPTIONS)
-    triad = make_triad(servers=3, lease=10.0, settings={"options": f'"{options}"'})
-    # With failback, the first-ranked node takes control back from whichever node led
-    # while it started (a loaded machine starts nodes slowly): the tests below compare
-    # lmstat's MASTER with the primary they read, so it must not move under them.
-    wait_for(lambda: triad.primary() == triad.names[0], 20, "the first-ranked node to lead")
+    triad = LocalTriad(folder / "triad", lease=10.0, settings={"options": f'"{options}"'})
+    failed = request.session.testsfailed
     clients: list[LicenseClient] = []
 
     def client(user: str, host: str, display: str) -> LicenseClient:
@@ -92,28 +96,38 @@ def busy(make_triad: Callable[..., Any], tmp_path: Path) -> Iterator[dict[str, A
         clients.append(made)
         return made
 
-    client("ann", "ws1", ":0").checkout("cad", count=3)
-    bob = client("bob", "ws2", ":1")
-    bob.checkout("cad", count=2)
-    client("carol", "ws3", "/dev/pts/2").checkout("viewer")
-    gina = client("gina", "ws6", ":0")
-    gina.checkin(gina.checkout("viewer"))  # LINGER holds the seat on
-    dave = client("dave", "ws4", ":0")
-    solver = dave.checkout("solver", count=2)
-    erin = client("erin", "ws5", ":0")
-    waited: list[Any] = []
-    queued = threading.Thread(target=lambda: waited.append(erin.checkout("solver", wait=30)))
-    queued.start()
-    wait_for(lambda: triad.feature("solver", triad.status(holders=False))["queued"] == 1, 10,
-             "erin queued for solver")  # fmt: skip
-    primary = next(n for n in triad.status(holders=False)["nodes"] if n["role"] == "primary")
-    try:
-        yield {"triad": triad, "primary": primary}
-    finally:
-        dave.checkin(solver)  # erin is served, and her thread ends
-        queued.join(timeout=30)
-        for made in clients:
-            made.close()
+    with triad:
+        # With failback, the first-ranked node takes control back from whichever node led
+        # while it started (a loaded machine starts nodes slowly): the tests below compare
+        # lmstat's MASTER with the primary they read, so it must not move under them.
+        wait_for(lambda: triad.primary() == triad.names[0], 20, "the first-ranked node to lead")
+        client("ann", "ws1", ":0").checkout("cad", count=3)
+        bob = client("bob", "ws2", ":1")
+        bob.checkout("cad", count=2)
+        client("carol", "ws3", "/dev/pts/2").checkout("viewer")
+        gina = client("gina", "ws6", ":0")
+        gina.checkin(gina.checkout("viewer"))  # LINGER holds the seat on
+        dave = client("dave", "ws4", ":0")
+        solver = dave.checkout("solver", count=2)
+        erin = client("erin", "ws5", ":0")
+        waited: list[Any] = []
+        # Queued for as long as the module's tests take: until dave's checkin at the end.
+        queued = threading.Thread(
+            target=lambda: waited.append(erin.checkout("solver", wait=600)), daemon=True
+        )
+        queued.start()
+        wait_for(lambda: triad.feature("solver", triad.status(holders=False))["queued"] == 1, 10,
+                 "erin queued for solver")  # fmt: skip
+        primary = next(n for n in triad.status(holders=False)["nodes"] if n["role"] == "primary")
+        try:
+            yield {"triad": triad, "primary": primary}
+        finally:
+            dave.checkin(solver)  # erin is served, and her thread ends
+            queued.join(timeout=30)
+            for made in clients:
+                made.close()
+            if request.session.testsfailed > failed:
+                print(triad.log_text())
 
 
 def _path(triad: Any) -> str:

@@ -98,6 +98,7 @@ class LocalTriad:
         for name in names or self.names:
             if name in self.procs and self.procs[name].poll() is None:
                 continue
+            self._paused().discard(name)
             logfile = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
             self.procs[name] = subprocess.Popen(
                 self.command(name),
@@ -118,9 +119,14 @@ class LocalTriad:
         proc = self.procs[name]
         if sig in (signal.SIGSTOP, signal.SIGCONT):
             os.kill(proc.pid, sig)
+            if sig == signal.SIGSTOP:
+                self._paused().add(name)
+            else:
+                self._paused().discard(name)
             return
         proc.send_signal(sig)
         proc.wait(timeout=10)
+        self._paused().discard(name)
 
     def pause(self, name: str) -> None:
         self.kill(name, signal.SIGSTOP)
@@ -151,6 +157,7 @@ class LocalTriad:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGCONT)  # a paused node cannot act on SIGTERM
                 proc.terminate()
+        self._paused().clear()
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=5)
@@ -164,6 +171,12 @@ class LocalTriad:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def _paused(self) -> set[str]:
+        """The nodes paused by ``pause`` (SIGSTOP) and not resumed, killed or started
+        since. Made on first use: subclasses may skip ``__init__`` (chaos's ConfigTriad)."""
+        paused: set[str] = self.__dict__.setdefault("_paused_nodes", set())
+        return paused
 
     def _share_keys(self, on: bool = True) -> None:
         """Put this triad's license on ZBROKER_SERVER_KEYS (or take it off)."""
@@ -186,16 +199,33 @@ class LocalTriad:
 
     # --- observing
     def status(self, timeout: float = 0.5, holders: bool = True) -> dict[str, Any]:
-        """``zbroker.broker.status.query_nodes``: holders too unless ``holders`` is False."""
-        from zbroker.broker.cli import config_curve
-        from zbroker.broker.status import query_nodes
+        """``zbroker.broker.status.query_nodes``: holders too unless ``holders`` is False.
 
-        return query_nodes(
-            [(n.name, n.client) for n in self.config.nodes],
+        A node whose process this triad started and that has exited, or that it paused
+        and has not resumed, cannot answer: it is not asked, and shows as down at once,
+        as a silent node does after ``timeout`` (every poll of a wait with a node down or
+        paused would otherwise last the whole timeout).
+        """
+        from zbroker.broker.cli import config_curve
+        from zbroker.broker.status import merge, query_nodes
+
+        nodes = [(n.name, n.client) for n in self.config.nodes]
+        silent = set(self._paused())  # a copy: the chaos sampler asks from its own thread
+        silent |= {name for name, proc in list(self.procs.items()) if proc.poll() is not None}
+        report = query_nodes(
+            [(name, client) for name, client in nodes if name not in silent],
             timeout=timeout,
             curve=config_curve(self.config, admin=False),
             holders=holders,
         )
+        if silent:
+            # In the config's order, each silent node as query_nodes shows one.
+            answered = {n["name"]: n for n in report["nodes"]}
+            report["nodes"] = [
+                answered[name] if name in answered else merge([(name, client)], {})["nodes"][0]
+                for name, client in nodes
+            ]
+        return report
 
     def feature(self, name: str, report: dict[str, Any] | None = None) -> dict[str, Any]:
         """One feature of a status report: total, in use, queued, holders."""
