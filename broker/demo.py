@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+from collections.abc import Collection
 from pathlib import Path
 
 from zbroker.broker.borrow import borrow_key_hex, load_borrow_key, write_borrow_key
@@ -34,15 +35,21 @@ class DemoError(Exception):
     """The demo folder cannot be written; the message says why."""
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports the OS reports free now; all sockets stay open until all are chosen."""
+def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> list[int]:
+    """Ports the OS reports free now, none of ``avoid``; all sockets stay open until all
+    are chosen. ``avoid``: the ports of a config whose nodes are stopped, which the OS
+    sees as free and would hand out again."""
     sockets = []
+    chosen: list[int] = []
     try:
-        for _ in range(count):
+        while len(chosen) < count:  # each refused port stays bound: never offered twice
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((host, 0))
             sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
+            port = s.getsockname()[1]
+            if port not in avoid:
+                chosen.append(port)
+        return chosen
     finally:
         for s in sockets:
             s.close()
