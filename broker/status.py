@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import time
+from collections.abc import Collection
 from typing import Any
 
 import zmq
@@ -74,6 +75,7 @@ def query_nodes(
     *,
     holders: bool = True,
     feature: str | None = None,
+    silent: Collection[str] = (),
 ) -> dict[str, Any]:
     """Status of a triad: ``{"nodes": [...], "features": [...], "primary": name|None}``.
 
@@ -81,11 +83,13 @@ def query_nodes(
     ``holders``, read page by page from the node whose features are shown; if they
     could not all be read, or the ledger kept changing while they were, ``holders_partial``
     says why. Without ``curve``, the keys come from ``ZBROKER_SERVER_KEYS`` (plain TCP if
-    none).
+    none). ``silent``: nodes known not to answer (a caller that stopped them): not asked,
+    and shown down at once rather than after ``timeout``.
     """
     if curve is None:
         curve = default_curve([e for _, e in endpoints])
-    replies = ask(endpoints, {"op": "status"}, timeout=timeout, curve=curve)
+    asked = [(name, endpoint) for name, endpoint in endpoints if name not in silent]
+    replies = ask(asked, {"op": "status"}, timeout=timeout, curve=curve)
     answers = {
         name: dict(reply["report"])
         for name, reply in replies.items()

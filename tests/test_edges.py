@@ -35,6 +35,7 @@ from typing import Any
 
 import click
 import pytest
+import zmq
 from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import event, given, settings
@@ -44,7 +45,7 @@ from zbroker import LicenseClient
 from zbroker import LicenseError as ClientError
 from zbroker.broker.cli import EXIT_DATA, Seconds, main
 from zbroker.broker.config import NODE_SETTINGS, RANGES, SETTINGS, ConfigError, load_config
-from zbroker.broker.demo import write_demo
+from zbroker.broker.demo import free_ports, write_demo
 from zbroker.broker.ledger import Ledger
 from zbroker.broker.license import (
     LicenseSyntaxError,
@@ -521,6 +522,25 @@ def test_up_stops_its_nodes_on_sighup(tmp_path: Path) -> None:
     assert up.returncode == 0, output
     assert "node alpha stopped" in output and "Traceback" not in output
     assert query_nodes(endpoints, 0.3)["nodes"][0]["role"] == "down"
+
+
+def test_a_node_known_silent_is_not_asked_and_shows_down() -> None:
+    """``query_nodes(silent=...)``: the test kit's stopped and paused nodes."""
+    (port,) = free_ports(1)
+    endpoint = f"tcp://127.0.0.1:{port}"
+    ctx = zmq.Context.instance()
+    listener = ctx.socket(zmq.ROUTER)  # where the node would be: it must hear nothing
+    listener.setsockopt(zmq.LINGER, 0)
+    listener.bind(endpoint)
+    try:
+        status = query_nodes([("alpha", endpoint)], 0.3, holders=False, silent={"alpha"})
+        assert status["nodes"] == [
+            {"name": "alpha", "endpoint": endpoint, "role": "down", "term": None}
+        ]
+        assert status["primary"] is None
+        assert not listener.poll(300)
+    finally:
+        listener.close()
 
 
 # --- the wire's bounds -------------------------------------------------------------------

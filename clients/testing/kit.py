@@ -89,6 +89,7 @@ class LocalTriad:
         self.license = str(self.config.license_path)  # what a client needs, keys and all
         self._share_keys()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.paused: set[str] = set()  # by ``pause``, and not resumed, killed or started since
         self.logs = self.dir / "logs"
         self.logs.mkdir(exist_ok=True)
 
@@ -98,7 +99,7 @@ class LocalTriad:
         for name in names or self.names:
             if name in self.procs and self.procs[name].poll() is None:
                 continue
-            self._paused().discard(name)
+            self.paused.discard(name)
             logfile = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
             self.procs[name] = subprocess.Popen(
                 self.command(name),
@@ -120,13 +121,13 @@ class LocalTriad:
         if sig in (signal.SIGSTOP, signal.SIGCONT):
             os.kill(proc.pid, sig)
             if sig == signal.SIGSTOP:
-                self._paused().add(name)
+                self.paused.add(name)
             else:
-                self._paused().discard(name)
+                self.paused.discard(name)
             return
         proc.send_signal(sig)
         proc.wait(timeout=10)
-        self._paused().discard(name)
+        self.paused.discard(name)
 
     def pause(self, name: str) -> None:
         self.kill(name, signal.SIGSTOP)
@@ -157,7 +158,7 @@ class LocalTriad:
             if proc.poll() is None:
                 os.kill(proc.pid, signal.SIGCONT)  # a paused node cannot act on SIGTERM
                 proc.terminate()
-        self._paused().clear()
+        self.paused.clear()
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=5)
@@ -171,12 +172,6 @@ class LocalTriad:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-    def _paused(self) -> set[str]:
-        """The nodes paused by ``pause`` (SIGSTOP) and not resumed, killed or started
-        since. Made on first use: subclasses may skip ``__init__`` (chaos's ConfigTriad)."""
-        paused: set[str] = self.__dict__.setdefault("_paused_nodes", set())
-        return paused
 
     def _share_keys(self, on: bool = True) -> None:
         """Put this triad's license on ZBROKER_SERVER_KEYS (or take it off)."""
@@ -207,25 +202,17 @@ class LocalTriad:
         paused would otherwise last the whole timeout).
         """
         from zbroker.broker.cli import config_curve
-        from zbroker.broker.status import merge, query_nodes
+        from zbroker.broker.status import query_nodes
 
-        nodes = [(n.name, n.client) for n in self.config.nodes]
-        silent = set(self._paused())  # a copy: the chaos sampler asks from its own thread
+        silent = set(self.paused)  # a copy: the chaos sampler asks from its own thread
         silent |= {name for name, proc in list(self.procs.items()) if proc.poll() is not None}
-        report = query_nodes(
-            [(name, client) for name, client in nodes if name not in silent],
+        return query_nodes(
+            [(n.name, n.client) for n in self.config.nodes],
             timeout=timeout,
             curve=config_curve(self.config, admin=False),
             holders=holders,
+            silent=silent,
         )
-        if silent:
-            # In the config's order, each silent node as query_nodes shows one.
-            answered = {n["name"]: n for n in report["nodes"]}
-            report["nodes"] = [
-                answered[name] if name in answered else merge([(name, client)], {})["nodes"][0]
-                for name, client in nodes
-            ]
-        return report
 
     def feature(self, name: str, report: dict[str, Any] | None = None) -> dict[str, Any]:
         """One feature of a status report: total, in use, queued, holders."""

@@ -116,6 +116,7 @@ class ConfigTriad(LocalTriad):
         self.endpoints = [n.client for n in self.config.nodes]
         self.license = str(self.config.license_path)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.paused: set[str] = set()
         self.logs = logs
         self.logs.mkdir(parents=True, exist_ok=True)
 
