@@ -50,7 +50,18 @@ CORES = [
     "peers/replica.py",
     "peers/log.py",
     "peers/messages.py",
+    "broker/model.py",
+    "broker/core.py",
+    "broker/holds.py",
+    "broker/dup.py",
+    "broker/reportlog.py",
+    "broker/tallies.py",
+    "peers/progress.py",
+    "peers/replication.py",
 ]
+# Left pure: broker/apply.py, policy.py and limits.py, on no request's hot path, which
+# tests replace parts of (apply.Ledger, Policy.timeout), and whose Limits must refuse a
+# bool (a compiled int field would take True as 1 before __post_init__ could look).
 # mypyc's shared library of the cores, inside the package (not a top-level module of its
 # own, which an editable install's finder would not map).
 GROUP = "zbroker.cores"

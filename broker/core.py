@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 
@@ -288,6 +288,10 @@ class NodeCore:
         self._reservations = Reservations()  # the features' reservations, for status
         self._reporting = self.me.report_log is not None
         self._out = Ready()  # the cycle being decided
+        # Sees every effect the replica returns before the core acts on it; None in a
+        # node. The simulation's checker (tests/sim_node.py) watches the triad here: a
+        # compiled core calls the replica's methods directly, past any wrapper set on it.
+        self.watch: Callable[[list[rp.Effect]], None] | None = None
         how = self._build(loaded, now)
         if loaded.fresh:
             (log.warning if loaded.damaged else log.info)(
@@ -813,6 +817,8 @@ class NodeCore:
     def _take(self, effects: list[rp.Effect], now: Now) -> None:
         """The replica's effects, in order: persist ops and sends go into the cycle's
         Ready; the ledger follows commits at once, so it is current for the next decision."""
+        if self.watch is not None:
+            self.watch(effects)
         out = self._out
         self._serving_at = math.nan
         for effect in effects:

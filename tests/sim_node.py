@@ -8,14 +8,13 @@ stages (``crash_after``): what was sent has left, what was written but not synce
 lost in any suffix. A start is a new ``NodeCore`` built from what the disk loads.
 
 The node also watches its replica for the simulation's checks: every effect the replica
-hands the core passes through ``_watch`` (a primary per term, what commits, the snapshots
-installed, messages a correct peer sent that were refused), and after each cycle the
-commit index, which only grows while the node is up.
+hands the core passes through ``_watch``, set as the core's ``watch`` (a primary per
+term, what commits, the snapshots installed, messages a correct peer sent that were
+refused), and after each cycle the commit index, which only grows while the node is up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -128,24 +127,13 @@ class SimNode:
         """Watch every effect the core's replica returns (see the module docstring)."""
         core = self.core
         assert core is not None
+        core.watch = self._watch
         replica: Replica = core.replica
         if replica is self.replica:
             return
         self.replica = replica
         # Chunks of a few hundred bytes: the simulation's small images travel in several.
         replica.timing = replace(replica.timing, snapshot_chunk=SIM_CHUNK)
-        watch = self._watch
-        for entry in ("on_tick", "on_message", "on_peer_lost"):
-            inner = getattr(replica, entry)
-            setattr(replica, entry, _tapped(inner, watch))
-        propose = replica.propose
-
-        def proposing(deltas: list[dict[str, Any]], now: float) -> tuple[list[int], list[Effect]]:
-            indexes, effects = propose(deltas, now)
-            watch(effects)
-            return indexes, effects
-
-        replica.propose = proposing  # type: ignore[method-assign]
 
     def _watch(self, effects: list[Effect]) -> None:
         sim = self.sim
@@ -278,14 +266,3 @@ class SimNode:
         if kind == "hb":
             return PeerHeartbeat(frames)
         return ClientMessage(frames, PLAIN)
-
-
-def _tapped(
-    inner: Callable[..., list[Effect]], watch: Callable[[list[Effect]], None]
-) -> Callable[..., list[Effect]]:
-    def tapped(*args: Any) -> list[Effect]:
-        effects = inner(*args)
-        watch(effects)
-        return effects
-
-    return tapped

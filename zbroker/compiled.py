@@ -6,8 +6,8 @@ mypyc and writes ``compiled.json`` beside this file: each compiled module, its s
 imports an extension module in preference to the ``.py`` beside it, so in an editable
 install a core edited after the build would silently run its old compiled code. The
 package's ``__init__`` calls :func:`check` once, before any core is imported: it hashes the
-recorded sources whose compiled file is still there (seven small files, well under a
-millisecond) and raises :class:`StaleBuild` naming the first that changed.
+recorded sources whose compiled file is still there (fifteen files, 286 KB: about
+half a millisecond) and raises :class:`StaleBuild` naming the first that changed.
 
 A pure build (``python -m pip install -e .``) removes the compiled files and this record
 (:func:`remove`), so there is nothing to check and the check costs one ``stat``.
