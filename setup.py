@@ -59,9 +59,10 @@ CORES = [
     "peers/progress.py",
     "peers/replication.py",
 ]
-# Left pure: broker/apply.py, policy.py and limits.py, on no request's hot path, which
-# tests replace parts of (apply.Ledger, Policy.timeout), and whose Limits must refuse a
-# bool (a compiled int field would take True as 1 before __post_init__ could look).
+# Left pure: broker/apply.py (a test makes it build a refusing ledger by replacing
+# apply.Ledger; its loop is short, the compiled Ledger.apply does the work), policy.py (a
+# test replaces Policy.timeout; off the path of a checkout) and limits.py (Limits must
+# refuse a bool, which a compiled int field would take as 1 before __post_init__ looks).
 # mypyc's shared library of the cores, inside the package (not a top-level module of its
 # own, which an editable install's finder would not map).
 GROUP = "zbroker.cores"
