@@ -110,6 +110,22 @@ def sample(pid: int) -> ProcSample:
     return ProcSample(time.monotonic(), cpu, rss)
 
 
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (a node's: its snapshot taker, broker/taker.py)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(child) for child in f.read().split()]
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+    return found
+
+
 def cpu_percent(before: ProcSample, after: ProcSample) -> float:
     elapsed = after.at - before.at
     return round(100 * (after.cpu - before.cpu) / elapsed, 1) if elapsed > 0 else 0.0

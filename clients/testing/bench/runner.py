@@ -54,6 +54,7 @@ from zbroker.clients.testing.bench import echo
 from zbroker.clients.testing.bench.common import (
     BENCH_FEATURE,
     ProcSample,
+    children,
     cpu_percent,
     ratio,
     sample,
@@ -134,12 +135,14 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
                 else:
                     endpoint = endpoints[target]
                     servers = {target: procs[echoes.index(target)].pid or 0}
-                before = _samples({**servers, **loaders})
+                is_triad = target in triads
+                before = _samples(_watched(servers, loaders, takers=is_triad))
                 got = pool.run(endpoint, c, plan.warmup, plan.duration, server_key=key)
                 levels[target][str(c)] = got
+                after = _samples(_watched(servers, loaders, takers=is_triad))
                 # the warm-up's requests spent CPU too: counted at the measured rate
                 requests = got.answered * (plan.warmup + plan.duration) / plan.duration
-                cpu[target][str(c)] = _cpu_us(before, _samples({**servers, **loaders}), requests)
+                cpu[target][str(c)] = _cpu_us(before, after, requests, triad=is_triad)
                 say(
                     f"  {target:<14} {c:>3} outstanding: {got.pairs_per_s:>9.0f} pairs/s, "
                     f"checkout p50 {got.latency['p50_ms']} ms"
@@ -454,14 +457,29 @@ def _samples(pids: dict[str, int]) -> dict[str, ProcSample]:
     return {name: sample(pid) for name, pid in pids.items()}
 
 
+def _watched(servers: dict[str, int], loaders: dict[str, int], *, takers: bool) -> dict[str, int]:
+    """The processes whose CPU a level counts: the servers, the load processes and, for a
+    triad, its snapshot takers (each node's child process, ``taker<pid>``), which start
+    at a node's first snapshot, in whichever level that falls."""
+    watched = {**servers, **loaders}
+    if takers:
+        watched |= {f"taker{pid}": pid for node in servers.values() for pid in children(node)}
+    return watched
+
+
 def _cpu_us(
-    before: dict[str, ProcSample], after: dict[str, ProcSample], requests: float
+    before: dict[str, ProcSample], after: dict[str, ProcSample], requests: float, *, triad: bool
 ) -> dict[str, float]:
     """µs of CPU each process spent per request between the samples; the load processes
-    (``load0``, ``load1``, ...) as one, ``load``."""
-    out = {n: (after[n].cpu - before[n].cpu) * 1e6 / max(requests, 1.0) for n in before}
-    loads = [n for n in out if n.startswith("load")]
-    out["load"] = sum(out.pop(n) for n in loads)
+    (``load0``, ``load1``, ...) as one, ``load``; a triad's snapshot takers as one,
+    ``takers`` (one started between the samples spent all of its CPU within them)."""
+    out = {
+        n: (after[n].cpu - (before[n].cpu if n in before else 0.0)) * 1e6 / max(requests, 1.0)
+        for n in after
+    }
+    out["load"] = sum(out.pop(n) for n in [n for n in out if n.startswith("load")])
+    if triad:
+        out["takers"] = sum(out.pop(n) for n in [n for n in out if n.startswith("taker")])
     return {n: round(v, 1) for n, v in out.items()}
 
 
