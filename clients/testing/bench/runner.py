@@ -477,17 +477,21 @@ def _cpu_us(
         n: (after[n].cpu - (before[n].cpu if n in before else 0.0)) * 1e6 / max(requests, 1.0)
         for n in after
     }
-    out["load"] = sum(out.pop(n) for n in [n for n in out if n.startswith("load")])
+    _as_one(out, "load", "load")
     if triad:
-        out["takers"] = sum(out.pop(n) for n in [n for n in out if n.startswith("taker")])
+        _as_one(out, "taker", "takers")
     return {n: round(v, 1) for n, v in out.items()}
+
+
+def _as_one(figures: dict[str, Any], prefix: str, name: str) -> None:
+    """Replace the figures of the processes named ``prefix...`` by their sum, as ``name``."""
+    figures[name] = sum(figures.pop(n) for n in [n for n in figures if n.startswith(prefix)])
 
 
 def _cpu_ms(before: dict[str, ProcSample], after: dict[str, ProcSample]) -> dict[str, int]:
     """CPU ms each process used between the samples (clock ticks: 10 ms), and the wall ms."""
     out = {n: round((after[n].cpu - before[n].cpu) * 1000) for n in before if n in after}
-    clients = [n for n in out if n.startswith("clients")]
-    out["clients"] = sum(out.pop(n) for n in clients)
+    _as_one(out, "clients", "clients")
     wall = [after[n].at - before[n].at for n in before if n in after]
     out["wall"] = round(max(wall) * 1000) if wall else 0
     return out
