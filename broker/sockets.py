@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import TypeVar, cast
 
 import zmq
 
@@ -44,6 +44,8 @@ _POLLIN = int(zmq.POLLIN)
 PEER_MAX_MESSAGE = 256 * 1024 * 1024  # a snapshot of 100,000 grants is about 9 MB
 
 Step = Callable[[Event, Now], None]  # NodeCore.step
+E = TypeVar("E")  # what drain makes of a message: a node's Event
+N = TypeVar("N")  # what drain hands step with it: a node's Now
 
 
 class NodeSockets:
@@ -110,9 +112,9 @@ class NodeSockets:
     def read(self, ready: dict[zmq.Socket[bytes], int], step: Step, now: Now) -> None:
         """Every ready socket's messages as events: peers first, clients last."""
         if self.peer_in in ready:
-            _drain(self.peer_in, PeerMessage, step, now)
+            drain(self.peer_in, PeerMessage, step, now)
         if self.sub in ready:
-            _drain(self.sub, _heartbeat, step, now)
+            drain(self.sub, _heartbeat, step, now)
         for monitor, peer in self.monitors.items():
             if monitor in ready:
                 while True:
@@ -122,7 +124,7 @@ class NodeSockets:
                         break
                     step(PeerLost(peer), now)
         if self.clients in ready:
-            _drain(self.clients, ClientMessage, step, now)
+            drain(self.clients, ClientMessage, step, now)
 
     def send_peers(self, messages: list[Outgoing]) -> None:
         packed: dict[int, bytes] = {}  # by id: the backups often get the same append map
@@ -151,12 +153,14 @@ class NodeSockets:
                 pass  # a client whose pipe is full drops it; it will retry the request
 
 
-def _drain(
+def drain(
     sock: zmq.Socket[bytes],
-    event: Callable[[list[bytes], zmq.Frame], Event],
-    step: Step,
-    now: Now,
+    event: Callable[[list[bytes], zmq.Frame], E],
+    step: Callable[[E, N], None],
+    now: N,
 ) -> None:
+    """Read ``sock``'s waiting messages, at most ``MAX_DRAIN``, each handed to ``step`` as
+    ``event(frames, last frame)``. Also the bench's replication floor's (floor.py)."""
     recv = sock.recv
     for n in range(MAX_DRAIN):
         # One message is the common case at low load, where a recv that raises Again

@@ -36,17 +36,27 @@ def test_bench_tiny_writes_every_figure(tmp_path: Path) -> None:
     assert result["machine"]["nproc"] >= 1 and result["machine"]["libzmq"]
     levels = [str(c) for c in result["plan"]["levels"]]
     tp = result["throughput"]
-    for target in ("echo", "triad"):
+    for target in ("echo", "floor", "triad"):
         for c in levels:
             figures = tp["levels"][target][c]
             assert figures["pairs_per_s"] > 0
             assert set(figures["checkout_latency"]) == {"n", "p50_ms", "p99_ms", "max_ms"}
     assert set(tp["ratios"]["triad"]["vs_echo"]) == set(levels)
+    # the triad is set against the floor as well; the floor against the echo only
+    assert set(tp["ratios"]["triad"]) == {"vs_echo", "vs_floor"}
+    assert set(tp["ratios"]["floor"]) == {"vs_echo"}
+    assert all(r > 0 for r in tp["ratios"]["triad"]["vs_floor"].values())
+    assert set(tp["latency"]["floor"]) == {"low", "high"}
     assert set(tp["latency"]["triad"]) == {"low", "high"}
     assert set(tp["latency"]["triad"]["low"]["ratio"]) == {"p50_ms", "p99_ms", "max_ms"}
     assert "CPU per request" in done.stdout
     triad_processes = {*NODE_NAMES, "load", "takers"}  # takers: 0 until a node's first snapshot
-    for target, processes in (("echo", {"echo", "load"}), ("triad", triad_processes)):
+    floor_processes = {"lead", "f1", "f2", "load"}
+    for target, processes in (
+        ("echo", {"echo", "load"}),
+        ("floor", floor_processes),
+        ("triad", triad_processes),
+    ):
         spent = tp["cpu_us_per_request"][target][levels[-1]]
         assert set(spent) == processes and all(v >= 0 for v in spent.values())
         assert spent["load"] > 0 and sum(spent.values()) > spent["load"], spent

@@ -18,6 +18,7 @@ class Plan:
     fsync_off: bool = True  # also measure a triad with fsync = false
     tuned_echo: bool = True  # also measure the tuned echo (echo.py), a stricter baseline
     curve: bool = True  # also measure a triad in secure mode (CURVE + ZAP), fsync on
+    floor: bool = True  # also measure the replication floor (floor.py), fsync on
     # also measure a triad whose nodes run this compiled tree, fsync on (bench/compiled.py)
     compiled: str | None = None
     kills: int = 20

@@ -42,21 +42,23 @@ def render(r: dict[str, Any]) -> str:
 def _throughput(tp: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     echoes = [t for t in tp["levels"] if t.startswith("echo")]
-    triads = [t for t in tp["levels"] if t not in echoes]
+    triads = [t for t in tp["levels"] if t not in echoes]  # and the floor, if measured
+    columns = {"vs_echo": "ratio", "vs_echo_tuned": "tuned", "vs_floor": "floor"}
     head = "".join(f"{e:>11}" for e in echoes)
     head += "".join(
-        f"{t:>15} {'ratio':>6}" + (f" {'tuned':>6}" if len(echoes) > 1 else "") for t in triads
+        f"{t:>15}" + "".join(f" {columns[k]:>6}" for k in tp["ratios"][t]) for t in triads
     )
     lines += [
         "Throughput, checkout+checkin pairs/s (triad: each answered after quorum commit;",
-        "ratio: triad / echo; tuned: triad / echo_tuned)",
+        "ratio: / echo; tuned: / echo_tuned; floor: triad / floor, the replication floor:",
+        "a triad's processes, hops and syncs without its decisions)",
         f"  {'outstanding':>11}{head}",
     ]
     for c in tp["levels"]["echo"]:
         row = "".join(f"{tp['levels'][e][c]['pairs_per_s']:>11.0f}" for e in echoes)
         for t in triads:
             row += f"{tp['levels'][t][c]['pairs_per_s']:>15.0f}"
-            row += "".join(f" {_f(tp['ratios'][t][f'vs_{e}'][c], '{:.2f}'):>6}" for e in echoes)
+            row += "".join(f" {_f(by[c], '{:.2f}'):>6}" for by in tp["ratios"][t].values())
         lines.append(f"  {c:>11}{row}")
     high = list(tp["levels"]["echo"])[-1]
     lines += ["", f"CPU per request at {high} outstanding, µs (user + system, each process)"]

@@ -9,7 +9,9 @@ Phases, in order (each says what it measures in the JSON it writes):
    each process (servers, load) spent per request, and for each triad the pairs a
    second that CPU would allow with every core busy (``cpu_bound``: a ceiling). With
    ``Plan.compiled``, ``triad_compiled`` is the fsync triad again, its nodes running a
-   compiled build of the cores (``compiled.py``).
+   compiled build of the cores (``compiled.py``). With ``Plan.floor``, the replication
+   floor (``floor.py``: a triad's processes, hops and syncs without its decisions) is
+   measured beside the echo, and each triad is also set against it (``vs_floor``).
 2. ``failover``: on the fsync triad, ``kills`` times: SIGKILL the primary, time the
    first grant by the new primary as a prober sees it, restart the killed node and
    wait until the triad is whole and the failback done.
@@ -50,7 +52,7 @@ import msgpack
 import zmq
 
 from zbroker.broker.demo import free_ports
-from zbroker.clients.testing.bench import echo
+from zbroker.clients.testing.bench import echo, floor
 from zbroker.clients.testing.bench.common import (
     BENCH_FEATURE,
     ProcSample,
@@ -107,16 +109,25 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
     settings += [("triad_nofsync", False, False, None)] if plan.fsync_off else []
     settings += [("triad_curve", True, True, None)] if plan.curve else []
     echoes = ["echo"] + (["echo_tuned"] if plan.tuned_echo else [])
-    endpoints = {
-        name: f"tcp://127.0.0.1:{port}" for name, port in zip(echoes, free_ports(2), strict=False)
-    }
-    procs = [echo.start(endpoints[name], tuned=name == "echo_tuned") for name in echoes]
+    bases = [*echoes, *(["floor"] if plan.floor else [])]  # the processes that are no triad
+    ports = free_ports(len(bases) + (3 if plan.floor else 0))  # the floor's peers: 3 more
+    endpoints = [f"tcp://127.0.0.1:{port}" for port in ports]
+    endpoint_of = dict(zip(bases, endpoints, strict=False))
+    procs = {name: [echo.start(endpoint_of[name], tuned=name == "echo_tuned")] for name in echoes}
+    if plan.floor:
+        procs["floor"] = floor.start(endpoint_of["floor"], endpoints[-3:], base / "floor")
+    servers_of = {name: {name: procs[name][0].pid or 0} for name in echoes}
+    if plan.floor:
+        pids = [p.pid or 0 for p in procs["floor"]]
+        servers_of["floor"] = dict(zip(floor.NAMES, pids, strict=True))
     loaders = {f"load{i}": c.proc.pid or 0 for i, c in enumerate(pool.children)}
     triads = {
         name: BenchTriad(base / name, fsync=fsync, secure=secure, code=code)
         for name, fsync, secure, code in settings
     }
-    levels: dict[str, dict[str, LevelResult]] = {t: {} for t in [*echoes, *triads]}
+    # what is set against the echo: the floor (floor.py), then each triad
+    compared = [*(["floor"] if plan.floor else []), *triads]
+    levels: dict[str, dict[str, LevelResult]] = {t: {} for t in [*echoes, *compared]}
     cpu: dict[str, dict[str, dict[str, float]]] = {t: {} for t in levels}
     try:
         for triad in triads.values():
@@ -133,8 +144,7 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
                     endpoint, key = triad.endpoint[primary], triad.server_key.get(primary)
                     servers = {n: triad.pid(n) for n in triad.names}
                 else:
-                    endpoint = endpoints[target]
-                    servers = {target: procs[echoes.index(target)].pid or 0}
+                    endpoint, servers = endpoint_of[target], servers_of[target]
                 is_triad = target in triads
                 before = _samples(_watched(servers, loaders, takers=is_triad))
                 got = pool.run(endpoint, c, plan.warmup, plan.duration, server_key=key)
@@ -148,7 +158,7 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
                     f"checkout p50 {got.latency['p50_ms']} ms"
                 )
     finally:
-        for proc in procs:
+        for proc in (p for ps in procs.values() for p in ps):
             proc.terminate()
             proc.join(5)
         for triad in triads.values():
@@ -162,16 +172,16 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
     }
     if compiled is not None:
         out["compiled"] = compiled  # the tree triad_compiled's nodes ran, and its cores
-    for target in triads:
+    for target in compared:
         out["ratios"][target] = {
             f"vs_{e}": {
                 c: ratio(levels[target][c].pairs_per_s, levels[e][c].pairs_per_s) for c in levels[e]
             }
-            for e in echoes
+            for e in [*echoes, *(["floor"] if plan.floor and target in triads else [])]
         }
     low, high = str(plan.levels[0]), str(plan.levels[-1])
     cores = os.cpu_count() or 1
-    for target in triads:
+    for target in compared:
         # The most pairs/s the machine's cores could carry at this CPU per request (the
         # nodes' and the load's), all busy and nothing waiting: a ceiling, not a forecast.
         spent = sum(cpu[target][high].values())
@@ -183,7 +193,7 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
             "vs_echo": None if bound is None else ratio(bound, echo_pairs),
         }
     keys = ("p50_ms", "p99_ms", "max_ms")
-    for target in triads:
+    for target in compared:
         out["latency"][target] = {}
         for load, level in (("low", low), ("high", high)):
             mine, base_ = levels[target][level].latency, levels["echo"][level].latency
