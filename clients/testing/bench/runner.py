@@ -109,15 +109,14 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
     settings += [("triad_nofsync", False, False, None)] if plan.fsync_off else []
     settings += [("triad_curve", True, True, None)] if plan.curve else []
     echoes = ["echo"] + (["echo_tuned"] if plan.tuned_echo else [])
-    bases = [*echoes, *(["floor"] if plan.floor else [])]  # the processes that are no triad
-    ports = free_ports(len(bases) + (3 if plan.floor else 0))  # the floor's peers: 3 more
+    baselines = [*echoes, *(["floor"] if plan.floor else [])]
+    ports = free_ports(len(baselines) + (3 if plan.floor else 0))  # the floor's peers: 3 more
     endpoints = [f"tcp://127.0.0.1:{port}" for port in ports]
-    endpoint_of = dict(zip(bases, endpoints, strict=False))
+    endpoint_of = dict(zip(baselines, endpoints, strict=False))
     procs = {name: [echo.start(endpoint_of[name], tuned=name == "echo_tuned")] for name in echoes}
-    if plan.floor:
-        procs["floor"] = floor.start(endpoint_of["floor"], endpoints[-3:], base / "floor")
     servers_of = {name: {name: procs[name][0].pid or 0} for name in echoes}
     if plan.floor:
+        procs["floor"] = floor.start(endpoint_of["floor"], endpoints[-3:], base / "floor")
         pids = [p.pid or 0 for p in procs["floor"]]
         servers_of["floor"] = dict(zip(floor.NAMES, pids, strict=True))
     loaders = {f"load{i}": c.proc.pid or 0 for i, c in enumerate(pool.children)}
