@@ -47,6 +47,8 @@ def test_bench_tiny_writes_every_figure(tmp_path: Path) -> None:
     assert set(tp["ratios"]["floor"]) == {"vs_echo"}
     assert all(r > 0 for r in tp["ratios"]["triad"]["vs_floor"].values())
     assert set(tp["latency"]["floor"]) == {"low", "high"}
+    assert set(tp["latency"]["triad"]["low"]["vs_floor"]) == {"p50_ms", "p99_ms", "max_ms"}
+    assert "vs_floor" not in tp["latency"]["floor"]["low"]
     assert set(tp["latency"]["triad"]) == {"low", "high"}
     assert set(tp["latency"]["triad"]["low"]["ratio"]) == {"p50_ms", "p99_ms", "max_ms"}
     assert "CPU per request" in done.stdout

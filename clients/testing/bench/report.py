@@ -73,15 +73,21 @@ def _throughput(tp: dict[str, Any]) -> list[str]:
                 f" {_f(bound['vs_echo'], '{:.2f}')} of the echo"
             )
         lines.append(line)
-    lines += ["", "Checkout latency, ms p50/p99/max (ratio: triad / echo)"]
+    lines += ["", "Checkout latency, ms p50/p99/max (ratio: triad / echo; floor: triad / floor)"]
     for t in triads:
         for load, d in tp["latency"][t].items():
-            ratios = "/".join(_f(d["ratio"][k], "{:.1f}") for k in ("p50_ms", "p99_ms", "max_ms"))
-            lines.append(
+            line = (
                 f"  {t:<14} {load:<4} ({d['concurrency']:>2} out): triad {_lat(d['triad_ms']):<20}"
-                f" echo {_lat(d['echo_ms']):<18} ratio {ratios}"
+                f" echo {_lat(d['echo_ms']):<18} ratio {_ratios(d['ratio'])}"
             )
+            if "vs_floor" in d:
+                line += f" floor {_ratios(d['vs_floor'])}"
+            lines.append(line)
     return lines
+
+
+def _ratios(d: dict[str, float | None]) -> str:
+    return "/".join(_f(d[k], "{:.1f}") for k in ("p50_ms", "p99_ms", "max_ms"))
 
 
 def _failover(fo: dict[str, Any]) -> list[str]:
@@ -143,7 +149,7 @@ def _storm(st: dict[str, Any]) -> list[str]:
             f"all clients had tried by {_f(w['issued_ms'])})"
         )
 
-    ratios = "/".join(_f(st["ratio_vs_warm"][k], "{:.1f}") for k in ("p50_ms", "p99_ms", "max_ms"))
+    ratios = _ratios(st["ratio_vs_warm"])
     return [
         f"Reconnect storm: {n} clients, each with its own connections, session and grants; "
         f"SIGKILL of {st['killed']}",

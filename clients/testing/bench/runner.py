@@ -202,6 +202,11 @@ def throughput(plan: Plan, base: Path, pool: LoadPool, say: Say) -> dict[str, An
                 "echo_ms": {k: base_[k] for k in keys},
                 "ratio": {k: ratio(mine[k], base_[k]) for k in keys},
             }
+            if plan.floor and target in triads:
+                floor_ = levels["floor"][level].latency
+                out["latency"][target][load]["vs_floor"] = {
+                    k: ratio(mine[k], floor_[k]) for k in keys
+                }
     return out
 
 
