@@ -35,10 +35,17 @@ class DemoError(Exception):
     """The demo folder cannot be written; the message says why."""
 
 
+# Every port free_ports chose in this process. Whoever asked may not have bound it yet:
+# a triad's ports are chosen when its config is written and bound when its nodes start,
+# so two triads written before either starts would be given the same port (the second
+# node to bind it exits), as a bench or a test that makes several triads does.
+_HANDED_OUT: set[int] = set()
+
+
 def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> list[int]:
-    """Ports the OS reports free now, none of ``avoid``; all sockets stay open until all
-    are chosen. ``avoid``: the ports of a config whose nodes are stopped, which the OS
-    sees as free and would hand out again."""
+    """Ports the OS reports free now, none of ``avoid`` and none this process chose
+    before; all sockets stay open until all are chosen. ``avoid``: the ports of a config
+    whose nodes are stopped, which the OS sees as free and would hand out again."""
     sockets = []
     chosen: list[int] = []
     try:
@@ -47,8 +54,9 @@ def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ())
             s.bind((host, 0))
             sockets.append(s)
             port = s.getsockname()[1]
-            if port not in avoid:
+            if port not in avoid and port not in _HANDED_OUT:
                 chosen.append(port)
+        _HANDED_OUT.update(chosen)
         return chosen
     finally:
         for s in sockets:
