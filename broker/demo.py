@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime
 import socket
-from collections.abc import Collection
 from pathlib import Path
 
 from zbroker.broker.borrow import borrow_key_hex, load_borrow_key, write_borrow_key
@@ -42,10 +41,10 @@ class DemoError(Exception):
 _HANDED_OUT: set[int] = set()
 
 
-def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> list[int]:
-    """Ports the OS reports free now, none of ``avoid`` and none this process chose
-    before; all sockets stay open until all are chosen. ``avoid``: the ports of a config
-    whose nodes are stopped, which the OS sees as free and would hand out again."""
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the OS reports free now and this process never chose before (the ports of a
+    triad whose nodes are not started yet, or are stopped, which the OS sees as free);
+    all sockets stay open until all are chosen."""
     sockets = []
     chosen: list[int] = []
     try:
@@ -54,7 +53,7 @@ def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ())
             s.bind((host, 0))
             sockets.append(s)
             port = s.getsockname()[1]
-            if port not in avoid and port not in _HANDED_OUT:
+            if port not in _HANDED_OUT:
                 chosen.append(port)
         _HANDED_OUT.update(chosen)
         return chosen

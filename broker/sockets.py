@@ -62,11 +62,8 @@ class NodeSockets:
         self.zap = security.start(ctx)
         self.clients = ctx.socket(zmq.ROUTER)
         security.server(self.clients, CLIENT_DOMAIN)
-        self.clients.setsockopt(zmq.LINGER, 0)
+        client_options(self.clients)
         self.clients.setsockopt(zmq.MAXMSGSIZE, config.max_message)
-        self.clients.setsockopt(zmq.BACKLOG, 1024)  # a failover is a reconnect storm
-        self.clients.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
-        self.clients.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
         self.clients.bind(me.client)
         self.peer_in = ctx.socket(zmq.ROUTER)
         self.peer_in.setsockopt(zmq.LINGER, 0)
@@ -90,12 +87,7 @@ class NodeSockets:
             self.sub.connect(other.pub)
             out = ctx.socket(zmq.DEALER)
             security.client(out, other.name)
-            out.setsockopt(zmq.LINGER, 0)
-            out.setsockopt(zmq.ROUTING_ID, me.name.encode())
-            # Queue nothing for a peer that is not connected: a dead peer's backlog would
-            # arrive stale and late; the replica re-sends what a peer still needs.
-            out.setsockopt(zmq.IMMEDIATE, 1)
-            out.setsockopt(zmq.SNDHWM, 100_000)
+            peer_options(out, me.name)
             out.connect(other.peer)
             self.peer_sockets[other.name] = out
             # A killed peer's kernel closes its connections at once: seeing that drop
@@ -151,6 +143,24 @@ class NodeSockets:
                     self.clients.send_multipart(frames, _NOBLOCK)
             except zmq.Again:
                 pass  # a client whose pipe is full drops it; it will retry the request
+
+
+def client_options(sock: zmq.Socket[bytes]) -> None:
+    """A node's client ROUTER, as the bench's replication floor sets its own (floor.py)."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.BACKLOG, 1024)  # a failover is a reconnect storm
+    sock.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
+    sock.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
+
+
+def peer_options(out: zmq.Socket[bytes], me: str) -> None:
+    """A node's DEALER to a peer, named ``me`` to the peer's ROUTER (also floor.py's)."""
+    out.setsockopt(zmq.LINGER, 0)
+    out.setsockopt(zmq.ROUTING_ID, me.encode())
+    # Queue nothing for a peer that is not connected: a dead peer's backlog would
+    # arrive stale and late; the replica re-sends what a peer still needs.
+    out.setsockopt(zmq.IMMEDIATE, 1)
+    out.setsockopt(zmq.SNDHWM, 100_000)
 
 
 def drain(

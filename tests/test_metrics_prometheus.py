@@ -68,10 +68,9 @@ def _with_metrics(triad: LocalTriad) -> dict[str, str]:
     its config when it starts, so a stop, an edit and a start give them listeners.
     """
     triad.stop()
-    # Not one of the stopped nodes' own ports, which the OS now sees as free.
-    nodes = triad.config.nodes
-    taken = [int(e.rsplit(":", 1)[1]) for n in nodes for e in (n.client, n.peer, n.pub)]
-    ports = free_ports(len(triad.names), avoid=taken)
+    # Never one of the stopped nodes' own ports, which the OS now sees as free:
+    # free_ports chose those for this triad's config, and never hands a port out twice.
+    ports = free_ports(len(triad.names))
     listeners = {name: f"127.0.0.1:{port}" for name, port in zip(triad.names, ports, strict=True)}
     _add_metrics(triad.config_path, listeners)
     triad.start()

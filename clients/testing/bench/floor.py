@@ -32,7 +32,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from zbroker.broker.sockets import CLIENT_RCVHWM, CLIENT_SNDHWM, drain
+from zbroker.broker.sockets import client_options, drain, peer_options
 from zbroker.broker.storage import Storage
 
 FOLLOWERS = ("f1", "f2")
@@ -55,11 +55,8 @@ def _log(data: Path, name: str, fsync: bool) -> Storage:
 
 
 def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], me: str, endpoint: str) -> zmq.Socket[bytes]:
-    out = ctx.socket(zmq.DEALER)  # the options of a node's socket to a peer
-    out.setsockopt(zmq.LINGER, 0)
-    out.setsockopt(zmq.ROUTING_ID, me.encode())
-    out.setsockopt(zmq.IMMEDIATE, 1)
-    out.setsockopt(zmq.SNDHWM, 100_000)
+    out = ctx.socket(zmq.DEALER)
+    peer_options(out, me)
     out.connect(endpoint)
     return out
 
@@ -69,10 +66,7 @@ def lead(
 ) -> None:
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     clients = ctx.socket(zmq.ROUTER)
-    clients.setsockopt(zmq.LINGER, 0)
-    clients.setsockopt(zmq.BACKLOG, 1024)
-    clients.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)
-    clients.setsockopt(zmq.RCVHWM, CLIENT_RCVHWM)
+    client_options(clients)
     clients.bind(client)
     acks = ctx.socket(zmq.ROUTER)
     acks.setsockopt(zmq.LINGER, 0)
