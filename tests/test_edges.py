@@ -338,6 +338,25 @@ def test_other_mistakes_are_one_line_and_exit_2(
     assert expected in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [("{missing}", "cannot read config"), ("{license}", "Expected '='"), ("/dev/null", "missing")],
+)
+def test_chaos_on_a_config_it_cannot_read_is_one_line_and_exit_2(
+    demo: Path, tmp_path: Path, config: str, expected: str
+) -> None:
+    license = load_config(demo).license_path
+    path = config.format(missing=tmp_path / "missing.toml", license=license)
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        main, ["chaos", "--duration", "5", "--out", str(out)] + ["--config", path]
+    )
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith("chaos: ") and result.stderr.count("\n") == 1
+    assert expected in result.stderr
+
+
 # --- the real command, in a subprocess ---------------------------------------------------
 
 

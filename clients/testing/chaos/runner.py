@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from zbroker.broker.config import load_config
+from zbroker.broker.config import ConfigError, load_config
 from zbroker.broker.status import query_nodes
 from zbroker.clients.testing.chaos.history import Recorder, merge_files
 from zbroker.clients.testing.chaos.nemesis import (
@@ -111,7 +111,10 @@ class ConfigTriad(LocalTriad):
         # LocalTriad.__init__ writes a demo; everything else of it works on these fields.
         self.config_path = config_path.resolve()
         self.dir = self.config_path.parent
-        self.config = load_config(self.config_path)
+        try:
+            self.config = load_config(self.config_path)
+        except ConfigError as exc:
+            raise RunError(str(exc)) from None
         self.names = [n.name for n in self.config.nodes]
         self.endpoints = [n.client for n in self.config.nodes]
         self.license = str(self.config.license_path)
