@@ -17,6 +17,7 @@ import click
 from zbroker.broker.cli import (
     EXIT_REFUSED,
     _fail,
+    _feature,
     _version,
     client_key_option,
     client_license,
@@ -61,7 +62,7 @@ class Hours(click.ParamType):
 
 
 @click.command()
-@click.argument("feature", required=False)
+@click.argument("feature", required=False, callback=_feature)
 @config_option
 @click.option(
     "--hours",

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,7 +38,14 @@ from zbroker.broker.license import LicenseError
 from zbroker.broker.signing import LicenseKeyError
 from zbroker.broker.storage import StorageError, bootstrap
 from zbroker.broker.vendor_cli import vendor
-from zbroker.broker.wire import MAX_COUNT, MAX_REQ, MAX_TEXT, MAX_WAIT, check_version
+from zbroker.broker.wire import (
+    MAX_COUNT,
+    MAX_REQ,
+    MAX_TEXT,
+    MAX_WAIT,
+    check_feature,
+    check_version,
+)
 from zbroker.clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
 
 EXIT_REFUSED = 1
@@ -75,13 +83,22 @@ class Seconds(click.ParamType):
             self.fail(f"{value!r} is not {exc}", param, ctx)
 
 
-def _version(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None:
-        try:
-            check_version(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc)) from None
-    return value
+def _checked(check: Callable[[str], object]) -> Callable[..., str | None]:
+    """A click callback refusing, as bad usage, a value ``check`` raises ValueError on."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc)) from None
+        return value
+
+    return callback
+
+
+_version = _checked(check_version)
+_feature = _checked(check_feature)
 
 
 class _Commands(click.Group):
@@ -341,7 +358,7 @@ def up(config_path: str) -> None:
 @click.option(
     "--feature",
     type=click.STRING,
-    callback=lambda ctx, param, value: _feature_name(value),
+    callback=_feature,
     default=None,
     help="list the holders of this feature only",
 )
@@ -458,12 +475,6 @@ def web(
     serve(app, sock, lambda line: click.echo(line))
 
 
-def _feature_name(value: str | None) -> str | None:
-    if value is not None and not 0 < len(value) <= MAX_TEXT:
-        raise click.BadParameter(f"a feature name has 1 to {MAX_TEXT} characters")
-    return value
-
-
 @main.command(
     context_settings={"ignore_unknown_options": True, "help_option_names": []},
     add_help_option=False,
@@ -482,7 +493,7 @@ def lmstat(args: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.argument("feature")
+@click.argument("feature", callback=_feature)
 @config_option
 @click.option("--count", type=click.IntRange(1, MAX_COUNT), default=1, show_default=True)
 @click.option(

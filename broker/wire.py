@@ -34,6 +34,7 @@ from zbroker.clients.protocol import (  # the protocol's words: declared once, f
     MAX_WAIT,
     OPS,
     PROTOCOL_VERSION,
+    check_feature,
     check_version,
     parse_dup_mask,
 )
@@ -50,6 +51,7 @@ __all__ = [  # the bounds other node modules and tools import from the node's co
     "MAX_WAIT",
     "PROTOCOL_VERSION",
     "RemoteProtocolError",
+    "check_feature",
     "check_version",
     "decode_request",
     "encode_reply",

@@ -67,7 +67,14 @@ from zbroker.clients.licpath import (
     server_keys,
 )
 from zbroker.clients.link import Link
-from zbroker.clients.protocol import MAX_COUNT, MAX_TEXT, Reason, parse_dup_mask, parse_version
+from zbroker.clients.protocol import (
+    MAX_COUNT,
+    MAX_TEXT,
+    Reason,
+    check_feature,
+    parse_dup_mask,
+    parse_version,
+)
 
 log = logging.getLogger("zbroker.client")
 
@@ -192,8 +199,7 @@ class LicenseClient:
         (``grant.borrowed_until``; docs/client.md, "Borrowing").
         Raises LicenseDenied, LicenseUnavailable, OutcomeUnknown, LeaseLost, ClientClosed.
         """
-        if not isinstance(feature, str) or not feature:
-            raise ValueError(f"feature must be a non-empty string, not {feature!r}")
+        check_feature(feature)
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
             raise ValueError(f"count must be an int from 1 to {MAX_COUNT}, not {count!r}")
         if version is not None and not isinstance(version, str):
@@ -326,8 +332,7 @@ class LicenseClient:
         timeout: float | None,
         next_on: tuple[type[LicenseError], ...],
     ) -> dict[str, Any]:
-        if not isinstance(fields.get("feature"), str) or not fields["feature"]:
-            raise ValueError(f"feature must be a non-empty string, not {fields.get('feature')!r}")
+        check_feature(fields.get("feature"))
         self._check_usable()
 
         def start(link: Link, fut: Future[Any], now: float, deadline: float) -> None:

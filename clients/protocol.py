@@ -128,6 +128,15 @@ def parse_version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def check_feature(name: object) -> str:
+    """``name`` if it can name a feature on the wire; ValueError saying why not. A longer
+    name would only be refused by the node (or, past the message cap, never answered)."""
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_TEXT:
+        shown = name[:40] + "..." if isinstance(name, str) and len(name) > 40 else name
+        raise ValueError(f"feature must be a string of 1 to {MAX_TEXT} characters, not {shown!r}")
+    return name
+
+
 def check_version(text: str) -> tuple[int, ...]:
     """``text`` parsed as a version within the bounds above; ValueError saying which."""
     if len(text) > MAX_VERSION:

@@ -231,6 +231,22 @@ def test_denials_are_definite_with_reasons(make_node: Callable[..., FakeNode]) -
         client.checkin(held)
 
 
+@pytest.mark.parametrize("feature", ["", "f" * 257, "f" * 100_000, None, b"cad"])
+def test_a_feature_name_the_wire_cannot_carry_is_refused_before_sending(
+    make_node: Callable[..., FakeNode], feature: Any
+) -> None:
+    # A 100 KB name is past the node's message cap: sent, it would never be answered.
+    node = make_node(FakeLedger({"cad": 1}))
+    with LicenseClient([node.endpoint]) as client:
+        for call in (client.checkout, client.borrow, client.return_borrow):
+            with pytest.raises(ValueError, match="feature must be a string of 1 to 256"):
+                call(feature)
+        assert not node.ops("checkout") and not node.ops("borrow") and not node.ops("return")
+        with pytest.raises(LicenseDenied) as denied:  # the longest name is sent and answered
+            client.checkout("f" * 256)
+        assert denied.value.reason == "no_such_feature"
+
+
 def test_status_needs_no_session(make_node: Callable[..., FakeNode]) -> None:
     node = make_node(FakeLedger({"cad": 4}))
     with LicenseClient([node.endpoint]) as client:

@@ -241,6 +241,8 @@ CLI_CASES = [
     *[(["checkout", "cad", "--config", "{config}", "--version", v], "--version")
       for v in ["x", "", "2.x", "1." + str(MAX_VERSION_PART + 1), "1" * 40, "-1"]],
     *[(["status", "--config", "{config}", "--feature", v], "--feature") for v in ["", "f" * 257]],
+    *[(["checkout", v, "--config", "{config}"], "FEATURE") for v in ["", "f" * 257]],
+    *[(["borrow", v, "--config", "{config}"], "FEATURE") for v in ["", "f" * 257]],
     *[(["chaos", option, v, "--dry-run"], option)
       for option in ("--duration", "--op-timeout") for v in [*NOT_SECONDS, "0"]],
     *[(["chaos", option, v, "--dry-run"], option)
@@ -348,9 +350,8 @@ def test_chaos_on_a_config_it_cannot_read_is_one_line_and_exit_2(
     license = load_config(demo).license_path
     path = config.format(missing=tmp_path / "missing.toml", license=license)
     out = tmp_path / "run"
-    result = CliRunner().invoke(
-        main, ["chaos", "--duration", "5", "--out", str(out)] + ["--config", path]
-    )
+    args = ["chaos", "--duration", "5", "--out", str(out), "--config", path]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit)
     assert result.stderr.startswith("chaos: ") and result.stderr.count("\n") == 1
