@@ -26,6 +26,13 @@ from zbroker.broker.wire import pack
 from zbroker.broker.zap_policy import CLIENT_DOMAIN, PEER_DOMAIN
 
 MAX_DRAIN = 512  # messages read from one socket per cycle, so no socket starves the others
+# Frames of any message the node reads: a client's envelope (wire.MAX_ENVELOPE) and body,
+# a peer's two. One with more is dropped, at most DROP_FRAMES of it a cycle: libzmq hands
+# over a message whole, and no socket option bounds its frames, so one message of a
+# million empty frames (2 MB on the wire) read at once would hold the loop for seconds
+# and cost an election; spread over cycles, the peers are heard meanwhile.
+MAX_FRAMES = 64
+DROP_FRAMES = 20_000
 # Per client connection, in messages (docs/security.md has the bounds): a client that
 # never reads has its replies dropped past CLIENT_SNDHWM, never buffered without limit
 # (the largest reply is a status page of 64 KiB: 16 MiB at most); one that sends faster
@@ -172,6 +179,8 @@ def drain(
     """Read ``sock``'s waiting messages, at most ``MAX_DRAIN``, each handed to ``step`` as
     ``event(frames, last frame)``. Also the bench's replication floor's (floor.py)."""
     recv = sock.recv
+    if _dropping and sock in _dropping and not _drop(sock):
+        return
     for n in range(MAX_DRAIN):
         # One message is the common case at low load, where a recv that raises Again
         # (3-4 us) is the dearest way to learn there is no second: ask first (1.5 us).
@@ -182,11 +191,30 @@ def drain(
         except zmq.Again:
             return
         frames = [frame.bytes]
-        while frame.more:
+        while frame.more and len(frames) < MAX_FRAMES:
             frame = recv(_NOBLOCK, copy=False)
             frames.append(frame.bytes)
+        if frame.more:
+            _dropping.add(sock)
+            if not _drop(sock):
+                return
+            continue
         # The last frame carries the connection's metadata: User-Id, Peer-Address.
         step(event(frames, frame), now)
+
+
+# The sockets in the middle of dropping a message of more than MAX_FRAMES frames.
+_dropping: set[zmq.Socket[bytes]] = set()
+
+
+def _drop(sock: zmq.Socket[bytes]) -> bool:
+    """Read and drop up to DROP_FRAMES frames of the message ``sock`` is in the middle of:
+    whether its last frame was among them."""
+    for _ in range(DROP_FRAMES):
+        if not sock.recv(_NOBLOCK, copy=False).more:
+            _dropping.discard(sock)
+            return True
+    return False
 
 
 def _heartbeat(frames: list[bytes], frame: zmq.Frame) -> PeerHeartbeat:

@@ -606,3 +606,37 @@ def test_holders_are_read_page_by_page_by_status_and_the_cli(busy_triad: BenchTr
     assert all("holders" not in f for f in summary["features"])
     only = zbroker("--feature", "cad")
     assert [f["name"] for f in only["features"] if "holders" in f] == ["cad"]
+
+
+@pytest.mark.integration
+def test_a_message_of_a_million_frames_is_dropped_without_an_election(
+    busy_triad: BenchTriad,
+) -> None:
+    # libzmq hands a message over whole and bounds neither its frames nor (for empty
+    # ones) its bytes: read at once, this one held the loop for seconds (SPEC 6).
+    triad = busy_triad
+    primary = _settled(triad)
+    before = {name: _own(triad, name) for name in triad.names}
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    attacker = ctx.socket(zmq.DEALER)
+    attacker.connect(triad.endpoint[primary])
+    try:
+        for _ in range(1_000_000 - 1):
+            attacker.send(b"", zmq.SNDMORE)
+        attacker.send(frame("status", "", 1, 0))
+        # Positive control: one connection is read in order, so the marker's answer
+        # comes once the node has read past the big message.
+        attacker.send(frame("status", "", 2, 0))
+        replies = []
+        deadline = time.monotonic() + 60
+        while not any(r.get("req") == 2 for r in replies) and time.monotonic() < deadline:
+            if attacker.poll(200):
+                replies.append(reply_of(attacker.recv()))
+        assert [r.get("req") for r in replies] == [2], "the big message is dropped unanswered"
+        assert replies[0]["status"] == "ok"
+        after = {name: _own(triad, name) for name in triad.names}
+        assert {n: (o["role"], o["term"]) for n, o in after.items()} == {
+            n: (o["role"], o["term"]) for n, o in before.items()
+        }, "an election happened while the node read the message"
+    finally:
+        ctx.destroy(linger=0)
