@@ -7,7 +7,10 @@ value; what the lines decide is ``zbroker.broker.policy``'s.
 
 Layout. As the license file's (``zbroker.clients.licfile.logical_lines``): UTF-8 text, a
 ``\\`` at the end of a physical line continues the logical line, a ``#`` that starts a
-logical line makes it a comment, words are separated by blanks. One keyword a line;
+logical line makes it a comment, words are separated by blanks. Unlike FlexNet, a word
+that starts with ``#`` after a line's first also starts a comment, to the end of the line
+(``GROUP eng ann bob  # the team``): read as names, such a comment's words would become
+members. A comment inside a continued line is refused (``_uncommented``). One keyword a line;
 keywords and principal types are case-insensitive, every name is case-sensitive (except
 group members under ``GROUPCASEINSENSITIVE ON``).
 
@@ -117,6 +120,7 @@ _FEATURE_NUMBER = ("TIMEOUT", "LINGER", "MAX_BORROW_HOURS", "BORROW_LOWWATER")
 _TYPES_EXPECTED = "a principal type (" + ", ".join(TYPES) + ")"
 _COUNT = re.compile(r"[0-9]+\Z")
 _IP_PATTERN = re.compile(r"[0-9A-Fa-f:.*]*[0-9*][0-9A-Fa-f:.*]*\Z")
+_MISPLACED = "a comment: put it on a line of its own before the continued line"
 _FEATURE = f"a feature name (at most {MAX_TEXT} characters), optionally :VERSION=v"
 
 
@@ -513,12 +517,32 @@ class _Reader:
         )
 
 
+def _uncommented(path: str, words: list[Word]) -> list[Word]:
+    """The words of a logical line before its trailing comment: a word that starts with
+    ``#`` after the first starts a comment to the end of its physical line. FlexNet knows
+    only whole-line comments, and a ``#`` word read as a name would make a comment's words
+    group members; a comment that a ``\\`` continuation would run on from, either way,
+    is refused, as it is unclear which words it ends."""
+    for i, word in enumerate(words[1:], start=1):
+        if not word.text.startswith("#"):
+            continue
+        if words[i - 1].line != word.line:
+            expected = f"the rest of the line continued by the \\ of line {word.line - 1}"
+            raise OptionsSyntaxError(path, word.line, word.column, expected, _MISPLACED)
+        after = next((w for w in words[i:] if w.line != word.line), None)
+        if after is not None:
+            expected = "no comment on a line continued by \\"
+            raise OptionsSyntaxError(path, word.line, word.column, expected, _MISPLACED)
+        return words[:i]
+    return words
+
+
 def parse_options(text: str, *, path: str) -> Options:
     """Parse an options file's text; ``OptionsSyntaxError`` on a malformed line."""
     reader = _Reader(path)
     try:
         for words, _ in logical_lines(text):
-            reader.read(Cursor(path, words))
+            reader.read(Cursor(path, _uncommented(path, words)))
     except OptionsSyntaxError:
         raise
     except LicenseSyntaxError as exc:  # the shared Cursor's: say it of the options file

@@ -97,10 +97,48 @@ def test_comments_continuations_and_blank_lines() -> None:
     assert o.lines == (OptionLine("EXCLUDE", 4, "f1", None, "USER", "hank"),)
 
 
+def test_a_comment_after_a_lines_words_ends_it_on_every_kind_of_line() -> None:
+    text = (
+        "GROUP eng ann bob     # lines of one name add up\n"
+        "HOST_GROUP lab ws1 #ws2 was sold\n"
+        "EXCLUDE f1 GROUP eng  # no engineer on f1\n"
+        "MAX 2 f1 USER ALL_USERS #each\n"
+        "TIMEOUTALL 3600 # an hour\n"
+        "GROUPCASEINSENSITIVE OFF # as FlexNet\n"
+        "GROUP eng a#b\n"  # a # inside a word is part of the name
+    )
+    o = parse_options(text, path="c.opt")
+    assert o.groups == (("eng", ("ann", "bob", "a#b")),)
+    assert o.host_groups == (("lab", ("ws1",)),)
+    assert [(ln.keyword, ln.feature, ln.kind, ln.name, ln.number) for ln in o.lines] == [
+        ("EXCLUDE", "f1", "GROUP", "eng", None),
+        ("MAX", "f1", "USER", "ALL_USERS", 2),
+        ("TIMEOUTALL", None, None, None, 3600),
+    ]
+    assert o.warnings() == []
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column"),
+    [
+        ("GROUP eng ann \\\n# former staff below\n   bob\n", 2, 1),
+        ("GROUP eng ann \\\n   # former staff below\n", 2, 4),
+        ("GROUP eng ann # the team \\\n   bob\n", 1, 15),
+    ],
+)
+def test_a_comment_inside_a_continued_line_is_refused(text: str, line: int, column: int) -> None:
+    # read on, its words (or the next line's) would become members or rules of their own
+    with pytest.raises(OptionsSyntaxError) as caught:
+        parse_options(text, path="c.opt")
+    assert (caught.value.line, caught.value.column) == (line, column), str(caught.value)
+    assert "put it on a line of its own" in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("text", "line", "column", "expected", "found"),
     [
         ("INCLUDE f1 USR bob", 1, 12, "a principal type", "'USR'"),
+        ("GROUP lonely # nobody yet", 1, 13, "a member name", "end of line"),
         ("INCLUDE f1 USER", 1, 16, "a USER name", "end of line"),
         ("INCLUDE f1 USER bob extra", 1, 21, "the end of the line", "'extra'"),
         ("\n\nRESERVE x f1 USER bob", 3, 9, "a count of seats", "'x'"),
