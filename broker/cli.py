@@ -41,7 +41,6 @@ from zbroker.broker.vendor_cli import vendor
 from zbroker.broker.wire import (
     MAX_COUNT,
     MAX_REQ,
-    MAX_TEXT,
     MAX_WAIT,
     check_feature,
     check_version,
@@ -663,9 +662,12 @@ def remove(
     By --user (and --host, and --display), or one --grant id; --feature narrows either.
     The primary takes every matching grant at least min_remove seconds old (the node
     setting, 120 s by default) and leaves younger ones, listing them; the holder's
-    library hears the grant was removed. Exit status: 0 when a grant was taken, 1 when
-    none was (or no primary answered), 2 on bad usage.
+    library hears the grant was removed. A borrowed seat is left too (its token serves
+    offline: only a return or its end frees it), listed with its end. Exit status: 0
+    when a grant was taken, 1 when none was (or no primary answered), 2 on bad usage.
     """
+    from zbroker.clients.borrow import when
+
     if grant is None and not user:
         _fail(click.UsageError("name a --user (with --host, --display) or a --grant id"))
     fields = {"sid": f"admin-{os.getpid()}-{time.time_ns()}", "user": user, "host": host,
@@ -685,6 +687,10 @@ def remove(
             f"left grant {young.get('grant')}: {young.get('age')} s old, under min_remove "
             f"({answer.get('min_remove')} s)"
         )
+    for lent in answer.get("borrowed", []):  # absent from a node of an earlier version
+        until = lent.get("until")
+        end = when(until) if isinstance(until, int | float) else "its end"
+        click.echo(f"left grant {lent.get('grant')} of {lent.get('feature')}: borrowed until {end}")
     click.echo(str(answer.get("detail", "")))
     if not answer.get("taken"):
         sys.exit(EXIT_REFUSED)

@@ -91,6 +91,9 @@ APPLY_STEP = 1000
 APPLY_WAIT = 0.01  # at least TICK: the replica's tick is what wakes the loop for them
 LEDGER_TICK = 0.05  # lease expiry and queue deadlines need no finer grain
 EXPIRY_TICK = 1.0  # the expiry warnings are per day: a look a second is plenty
+# After a snapshot that failed (a full disk, no file descriptor left), the next is asked
+# for no sooner than this: each cycle, it would log and spawn or write for nothing.
+SNAPSHOT_RETRY = 5.0
 _UNAVAILABLE: Reply = {"status": "unavailable", "detail": "this node just lost control"}
 _FREES_SEATS = frozenset({"release", "close", "expire", "return", "take", "lapse"})
 
@@ -340,6 +343,7 @@ class NodeCore:
         # wrote, adopted at the next ready().
         self._taking = False
         self._taken: rp.Image | None = None
+        self._snapshot_not_before = 0.0  # after a snapshot that failed
         self._next_ledger_tick = now.mono
         self._next_expiry_tick = now.mono
         # The replica's effects from its construction (a single server's start) come with
@@ -377,6 +381,8 @@ class NodeCore:
                 case SnapshotTaken(image=image):
                     self._taking = False
                     self._taken = image
+                    if image is None:  # a fault that may last (a full disk): not each cycle
+                        self._snapshot_not_before = now.mono + SNAPSHOT_RETRY
                 case _:
                     assert_never(event)
         except Unappliable as exc:
@@ -598,7 +604,7 @@ class NodeCore:
                 self._next_expiry_tick = now.mono + EXPIRY_TICK
                 self._expiry_warnings(now)
             self._take(self.replica.on_tick(now.mono), now)
-        self._compact()
+        self._compact(now)
 
     def _give_up(self, exc: Unappliable) -> None:
         """Stop serving and voting at once, and have the shell start the node over.
@@ -943,7 +949,7 @@ class NodeCore:
             self._reported = index
             self._out.report_from = index
 
-    def _compact(self) -> None:
+    def _compact(self, now: Now) -> None:
         """Ask for a snapshot at the commit index every ``snapshot_every`` committed deltas,
         and adopt the one taken while the log still holds its entry in its term.
 
@@ -960,6 +966,8 @@ class NodeCore:
                 self.replica.compacted(taken)
             return
         if self._taking or self.applied.installing is not None:
+            return
+        if now.mono < self._snapshot_not_before:
             return
         commit = self.replica.commit
         if commit - log_.snap_index < self.config.snapshot_every:

@@ -204,6 +204,7 @@ class Taker:
         self._process: subprocess.Popen[bytes] | None = None
         self._read = b""
         self.asked: tuple[int, int] | None = None  # (index, term) of the snapshot asked for
+        self._unstarted = ""  # why the taker asked for could not start
 
     def ask(self, index: int, term: int) -> None:
         """Ask for the snapshot at ``index`` (of ``term``); one at a time."""
@@ -215,9 +216,13 @@ class Taker:
             command = [sys.executable, "-m", "zbroker.broker.taker", args]
             # It imports zbroker as this process did, however that was (an install, a path).
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-            process = self._process = subprocess.Popen(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env
-            )
+            try:
+                process = self._process = subprocess.Popen(
+                    command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env
+                )
+            except OSError as exc:  # no descriptor or process left (a connection flood)
+                self.asked, self._unstarted = (index, term), f"cannot start the taker: {exc}"
+                return
             assert process.stdout is not None
             os.set_blocking(process.stdout.fileno(), False)
             self._read = b""
@@ -228,7 +233,11 @@ class Taker:
 
     def answer(self) -> tuple[bool, str] | None:
         """The answer to the snapshot asked for, once there is one: (taken, why not)."""
-        assert self.asked is not None and self._process is not None
+        assert self.asked is not None
+        if self._unstarted:
+            self.asked, why, self._unstarted = None, self._unstarted, ""
+            return False, why
+        assert self._process is not None
         process = self._process
         assert process.stdout is not None
         try:

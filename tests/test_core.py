@@ -15,6 +15,7 @@ import pytest
 
 from zbroker.broker.config import Config, NodeConfig
 from zbroker.broker.core import (
+    SNAPSHOT_RETRY,
     Append,
     ClientMessage,
     NodeCore,
@@ -22,6 +23,7 @@ from zbroker.broker.core import (
     PeerMessage,
     Ready,
     SaveHardState,
+    SnapshotTaken,
 )
 from zbroker.broker.ledger import Ledger
 from zbroker.broker.model import Entitlement, Now
@@ -343,3 +345,34 @@ def test_a_single_server_whose_log_its_ledger_refuses_starts_over_at_once() -> N
     assert not ready.persist and not ready.early and not ready.peer
     core.restart(Loaded(fresh=True, damaged=True, why="set aside"), Now(2.0, WALL))
     assert core.ready(Now(2.0, WALL)).mark_recovered  # alone: nothing to catch up from
+
+
+def test_a_snapshot_that_failed_is_asked_for_again_after_a_pause_not_each_cycle() -> None:
+    # A taker that cannot start (no descriptor left) or a disk that is full fails again at
+    # once: asked each cycle, the node would log and spawn a hundred times a second.
+    cfg = config(NAMES[:1], snapshot_every=2)
+    core = NodeCore(cfg, "n1", CAD, Loaded(fresh=True), Now(1.0, WALL), mode="plain")
+    mono = 1.0
+    asked: list[float] = []
+
+    def cycle(*events: SnapshotTaken | ClientMessage) -> None:
+        nonlocal mono
+        mono += STEP
+        for event in events:
+            core.step(event, Now(mono, WALL))
+        if core.ready(Now(mono, WALL)).take_snapshot is not None:
+            asked.append(mono)
+        core.advance()
+
+    for _ in range(20):  # the license's reload commits
+        cycle()
+    cycle(request(b"c", op="open", sid="s", req=1, user="ann", host="ws1"))
+    cycle(request(b"c", op="checkout", sid="s", req=2, ack=1, feature="cad"))
+    assert len(asked) == 1, asked
+    cycle(SnapshotTaken(None))
+    while mono < asked[0] + SNAPSHOT_RETRY - 2 * STEP:
+        cycle()
+    assert len(asked) == 1, "asked again before the pause was over"
+    for _ in range(5):
+        cycle()
+    assert len(asked) == 2 and asked[1] >= asked[0] + SNAPSHOT_RETRY, asked

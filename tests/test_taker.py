@@ -5,6 +5,7 @@ for it; and the process a node asks, through its data directory."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -202,6 +203,30 @@ def test_a_taker_that_died_is_said_so_and_started_again_at_the_next_ask(tmp_path
         assert taker.pid not in (None, first)
         image = storage.taken_image(5, 1)
         assert SETTINGS.loader(image).finish().snapshot() == maps[5]
+    finally:
+        taker.stop()
+        storage.close()
+
+
+@pytest.mark.integration
+def test_a_taker_that_cannot_start_is_a_snapshot_not_taken_not_a_crash(tmp_path: Path) -> None:
+    # A flood of connections can leave the node no descriptor for the taker's pipes.
+    entries, maps = history()
+    data, storage = stored(tmp_path, entries)
+    taker = Taker(data, "alpha", SETTINGS, fsync=False)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")), hard))
+        try:
+            taker.ask(3, 1)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        taken, why = _wait_answer(taker)
+        assert not taken and why.startswith("cannot start the taker: [Errno 24]"), why
+        assert taker.asked is None and taker.pid is None
+        taker.ask(3, 1)  # descriptors again: it starts
+        assert _wait_answer(taker) == (True, "")
+        assert SETTINGS.loader(storage.taken_image(3, 1)).finish().snapshot() == maps[3]
     finally:
         taker.stop()
         storage.close()
