@@ -301,6 +301,7 @@ def up(config_path: str) -> None:
     """
     try:
         config = load_config(config_path)
+        _check_files(config)
     except _CONFIG_ERRORS as exc:
         _fail(exc)
     stopping = False
@@ -605,7 +606,10 @@ def reread(config_path: str, key_path: str | None, timeout: float) -> None:
     """
     from zbroker.broker.status import query_nodes
 
-    # load_config reads the license and the options file: a broken one exits 2 here.
+    try:  # a broken file exits 2 here, no node asked; its warnings are printed
+        _check_files(load_config(config_path))
+    except _CONFIG_ERRORS as exc:
+        _fail(exc)
     endpoints, curve, replies = _ask_admin(config_path, key_path, (), "reread", timeout)
     failed = False
     rereading: list[tuple[str, str]] = []
@@ -705,6 +709,16 @@ def client_license(config_path: str) -> str:
         return str(load_config(config_path).license_path)
     except _CONFIG_ERRORS as exc:
         _fail(exc)
+
+
+def _check_files(config: Config) -> None:
+    """Read ``config``'s license and options file as its nodes will, and print their
+    warnings (lines refused, options lines ignored or naming no licensed feature): a
+    node only logs them. LicenseError when one does not load."""
+    from zbroker.broker.node import read_files
+
+    for line in read_files(config)[2]:
+        click.echo(f"zbroker: warning: {line}", err=True)
 
 
 def _ask_admin(

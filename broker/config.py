@@ -72,7 +72,6 @@ from typing import Any
 
 from zbroker.broker.license import ServerLine, load_license, tcp_host_port
 from zbroker.broker.limits import MAXIMA, Limits
-from zbroker.broker.options import load_options
 from zbroker.broker.policy import DEFAULT_MIN_TIMEOUT
 from zbroker.broker.signing import load_public_key
 from zbroker.broker.wire import MAX_LEASE
@@ -161,7 +160,10 @@ class Config:
     client_allow: Path | None = None  # client allow-list (secure mode); None: any key
     admin_keys: Path | None = None  # admin allow-list (secure mode); None: no admin
     admin_key: Path | None = None  # the admin's secret certificate, for the CLI
-    options: Path | None = None  # the options file (docs/admin.md); None: no options
+    # The options file (docs/admin.md); None: no options. Read by the node when it starts
+    # and by `zbroker up` and `zbroker reread` (node.read_files), never here: a typo in it
+    # while an administrator edits must not keep status, remove or down from the triad.
+    options: Path | None = None
     # The triad's borrow key (Ed25519 PKCS8 PEM, the same file on every node): signs
     # borrow tokens (docs/admin.md, "Borrowing"); None: borrows are refused. Read by the
     # node when it starts (a bad key: exit 2), never here: the commands that read this
@@ -242,8 +244,6 @@ def load_config(path: str | Path) -> Config:
         if value is not None and (not isinstance(value, str) or not value):
             raise ConfigError(f"{path}: {key} must be a path, not {_shown(value)}")
         paths[key] = None if value is None else base / value
-    if paths["options"] is not None:
-        load_options(paths["options"])  # refused here as a broken license is: exit 2
     limits = {}
     for key, default in _LIMITS.items():
         limits[key] = int(_in_range(path, key, raw.get(key, default)))

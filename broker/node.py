@@ -210,27 +210,12 @@ class Node:
         self.core.reread(own.entitlements, options, own.signed, own.key, now)
 
     def _read_license(self, config: Config) -> tuple[OwnLicense, Options | None]:
-        """``config``'s license (its verified lines and the vendor key) and options file, as
-        at start and on a reread; their warnings are logged. LicenseError when either does
-        not load, or when no line of the license verifies: a node with nothing to vouch
-        for could only serve, or refuse, what another node says (broker/served.py)."""
-        vendor_key = load_public_key(config.vendor_key)
-        license_file = load_license(config.license_path, vendor_key)
-        path = config.options
-        options = None if path is None else load_options(path)
-        warnings = () if options is None else options.warnings()
-        entitlements = tuple(license_file.entitlements)
-        _, based = restrict(entitlements, options)  # USER_BASED/HOST_BASED INCLUDEs ignored
-        for line in (*license_file.refused, *warnings, *based):
+        """``config``'s license and options file, as at start and on a reread (``read_files``);
+        their warnings are logged."""
+        own, options, warnings = read_files(config)
+        for line in warnings:
             log.warning("%s", line)
-        if not entitlements:
-            raise LicenseError(
-                f"{config.license_path}: no FEATURE/INCREMENT line verifies against the vendor "
-                f"key {config.vendor_key} ({len(license_file.refused)} refused, above): check "
-                "that the file and the key are the vendor's, the same as on the other nodes"
-            )
-        signed = tuple(license_file.signed)
-        return OwnLicense(str(config.license_path), entitlements, signed, vendor_key), options
+        return own, options
 
     def _on_ignored_signal(self, signum: int, frame: object) -> None:
         self.ignored_signals.append(signum)  # logging inside a handler could deadlock
@@ -360,3 +345,30 @@ class Node:
         if self.report_log is not None and self.report_waiting:
             records, self.report_waiting = self.report_waiting, []
             self.report_log.cycle(records, None, [], self.core.ledger, time.time())
+
+
+def read_files(config: Config) -> tuple[OwnLicense, Options | None, list[str]]:
+    """``config``'s license (its verified lines and the vendor key) and options file, as a
+    node serves them, and the warnings a person should read: lines refused, options lines
+    ignored or naming a feature the license lacks. LicenseError when either does not load,
+    or when no line of the license verifies: a node with nothing to vouch for could only
+    serve, or refuse, what another node says (broker/served.py). Read by a node at start
+    and on a reread, and by ``zbroker up`` and ``zbroker reread`` before they act."""
+    vendor_key = load_public_key(config.vendor_key)
+    license_file = load_license(config.license_path, vendor_key)
+    path = config.options
+    options = None if path is None else load_options(path)
+    entitlements = tuple(license_file.entitlements)
+    features = {e.feature for e in entitlements}
+    warnings = [] if options is None else options.warnings(features)
+    _, based = restrict(entitlements, options)  # USER_BASED/HOST_BASED INCLUDEs ignored
+    if not entitlements:
+        first = f"; the first: {license_file.refused[0]}" if license_file.refused else ""
+        raise LicenseError(
+            f"{config.license_path}: no FEATURE/INCREMENT line verifies against the vendor "
+            f"key {config.vendor_key} ({len(license_file.refused)} refused{first}): check "
+            "that the file and the key are the vendor's, the same as on the other nodes"
+        )
+    signed = tuple(license_file.signed)
+    own = OwnLicense(str(config.license_path), entitlements, signed, vendor_key)
+    return own, options, [*map(str, license_file.refused), *warnings, *based]

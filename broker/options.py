@@ -56,7 +56,9 @@ checks every field (a delta is input from outside) and raises ``OptionsMapError`
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,8 @@ RULES = (
     "MAX_BORROW_HOURS",
     "BORROW_LOWWATER",
 )
+# Every keyword zbroker acts on: a near miss of one is likely a typo (a warning says so).
+_KEYWORDS = ("GROUP", "USER_GROUP", "HOST_GROUP", "GROUPCASEINSENSITIVE", *RULES)
 # Lines that name a feature and a number after it, and no principal.
 _FEATURE_NUMBER = ("TIMEOUT", "LINGER", "MAX_BORROW_HOURS", "BORROW_LOWWATER")
 _TYPES_EXPECTED = "a principal type (" + ", ".join(TYPES) + ")"
@@ -199,8 +203,11 @@ class Options:
     case_insensitive: bool = False
     ignored: tuple[Ignored, ...] = ()
 
-    def warnings(self) -> list[str]:
-        """One line per keyword ignored, naming where (the node logs these at load)."""
+    def warnings(self, features: Collection[str] | None = None) -> list[str]:
+        """One line per keyword ignored, naming where, and, given the license's
+        ``features``, one per feature the lines name that it lacks (a misspelt name makes
+        a rule that never applies). The node logs these at load; ``zbroker reread`` and
+        ``zbroker up`` print them."""
         by_keyword: dict[tuple[str, str], list[Ignored]] = {}
         for item in self.ignored:
             by_keyword.setdefault((item.keyword, item.why), []).append(item)
@@ -213,6 +220,21 @@ class Options:
                 also = f" (also line{'s' if len(items) > 2 else ''} {more}"
                 also += ", ...)" if len(items) > 6 else ")"
             out.append(f"{self.path}:{first.line}: {keyword} {first.why}: ignored{also}")
+        if features is not None:
+            unknown: dict[str, list[OptionLine]] = {}
+            for ln in self.lines:
+                if ln.feature is not None and ln.feature not in features:
+                    unknown.setdefault(ln.feature, []).append(ln)
+            for name, lines in unknown.items():
+                near = difflib.get_close_matches(name, sorted(features), n=1)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                where = ", ".join(str(ln.line) for ln in lines[:5])
+                where += ", ..." if len(lines) > 5 else ""
+                many = "s" if len(lines) > 1 else ""
+                out.append(
+                    f"{self.path}:{lines[0].line}: no license line serves feature {name!r}"
+                    f"{hint}: the line{many} naming it ({where}) apply to nothing"
+                )
         return out
 
     def to_map(self) -> dict[str, Any]:
@@ -396,7 +418,9 @@ class _Reader:
             if line is not None:
                 self.lines.append(line)
         else:
-            self.ignored.append(Ignored(keyword.line, kw, "is not implemented by zbroker"))
+            near = difflib.get_close_matches(kw, _KEYWORDS, n=1, cutoff=0.8)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            self.ignored.append(Ignored(keyword.line, kw, f"is not implemented by zbroker{hint}"))
 
     def _group(self, cur: Cursor, into: _Groups) -> None:
         name = self._name(cur, "a group name")

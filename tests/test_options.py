@@ -238,14 +238,54 @@ def test_a_bad_map_is_refused_naming_the_field(mutate: object, message: str) -> 
         Options.from_map(["not", "a", "map"])
 
 
-def test_the_config_refuses_a_broken_options_file(tmp_path: Path) -> None:
-    from zbroker.broker.config import load_config
+def _demo_with_options(tmp_path: Path, text: str) -> Path:
     from zbroker.broker.demo import write_demo
 
     config = write_demo(tmp_path / "demo", secure=False)
-    (tmp_path / "demo" / "site.opt").write_text("NOLOG QUEUED\nEXCLUDE cad USR bob\n")
+    (tmp_path / "demo" / "site.opt").write_text(text)
     config.write_text('options = "site.opt"\n' + config.read_text())
-    with pytest.raises(OptionsSyntaxError, match=r"site\.opt:2:13: expected a principal type"):
-        load_config(config)
-    (tmp_path / "demo" / "site.opt").write_text("NOLOG QUEUED\nEXCLUDE cad USER bob\n")
+    return config
+
+
+def test_a_broken_options_file_stops_up_and_reread_but_not_the_other_commands(
+    tmp_path: Path,
+) -> None:
+    # An administrator half-way through an edit must still see, remove from and stop the
+    # triad: only what reads the file for the nodes refuses it.
+    from click.testing import CliRunner
+
+    from zbroker.broker.cli import main
+    from zbroker.broker.config import load_config
+
+    config = _demo_with_options(tmp_path, "NOLOG QUEUED\nEXCLUDE cad USR bob\n")
     assert load_config(config).options == tmp_path / "demo" / "site.opt"
+    for command in (["up"], ["reread", "--timeout", "0.2"]):
+        result = CliRunner().invoke(main, [*command, "--config", str(config)])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("\n") == 1  # one line; no node started or asked
+        assert "site.opt:2:13: expected a principal type" in result.stderr
+    result = CliRunner().invoke(main, ["status", "--config", str(config), "--timeout", "0.2"])
+    assert result.exit_code == 1 and "site.opt" not in result.output  # no node up: 1
+
+
+def test_reread_prints_the_warnings_a_node_would_only_log(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from zbroker.broker.cli import main
+    from zbroker.broker.config import load_config
+    from zbroker.broker.node import read_files
+
+    text = "EXCLUDEE viewer USER mallory\nEXCLUDE veiwer USER mallory\nMAX 1 veiwer USER ann\n"
+    config = _demo_with_options(tmp_path, text)
+    _, options, warnings = read_files(load_config(config))
+    assert options is not None and len(options.lines) == 2
+    site = tmp_path / "demo" / "site.opt"
+    assert warnings == [
+        f"{site}:1: EXCLUDEE is not implemented by zbroker (did you mean EXCLUDE?): ignored",
+        f"{site}:2: no license line serves feature 'veiwer' (did you mean viewer?): the "
+        "lines naming it (2, 3) apply to nothing",
+    ]
+    result = CliRunner().invoke(main, ["reread", "--config", str(config), "--timeout", "0.2"])
+    assert result.exit_code == 1  # no node answered
+    for line in warnings:
+        assert f"zbroker: warning: {line}\n" in result.stderr
