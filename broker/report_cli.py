@@ -202,10 +202,23 @@ def _counts(c: Any, top: int = TOP) -> str:
     return text + (f", ... ({len(items) - top} more)" if len(items) > top else "") or "none"
 
 
+def _end_count(rep: Report, name: str) -> int:
+    """The count in force at the window's end (the end of the log when it has none)."""
+    return rep.total(name, rep.window()[1])
+
+
+def _percent(share: float | None) -> float:
+    return math.nan if share is None else share * 100
+
+
 def _feature_text(rep: Report, f: Feature) -> list[str]:
-    total = rep.total(f.name, rep.clock)
-    util = f.average() / total * 100 if total else math.nan
-    out = ["", f"feature {f.name}: count {total}"]
+    total = _end_count(rep, f.name)
+    util = _percent(f.utilisation())
+    head = f"feature {f.name}: count {total}"
+    weighted = f.count_average()
+    if weighted is not None and not math.isclose(weighted, total):
+        head += f" at the window's end, {weighted:.2f} on average over it (the count changed)"
+    out = ["", head]
     out.append(
         f"  peak {f.peak} at {_t(f.peak_at)}; average {f.average():.2f}, p95 {f.p95()} "
         f"(time-weighted); utilisation {util:.1f} %"
@@ -239,17 +252,21 @@ def _feature_text(rep: Report, f: Feature) -> list[str]:
         idle = sorted(f.idle.items(), key=lambda kv: (-kv[1], kv[0]))
         shown = ", ".join(f"{k} {_hours(v)}" for k, v in idle[:TOP])
         out.append(f"  seat-hours held while idle: {_hours(sum(f.idle.values()))} ({shown})")
-    out += _over_time(rep, f, total)
+    out += _over_time(rep, f)
     return out
 
 
-def _over_time(rep: Report, f: Feature, total: int, rows: int = 12) -> list[str]:
-    """Use over time in at most ``rows`` rows: the buckets added up."""
+def _over_time(rep: Report, f: Feature, rows: int = 12) -> list[str]:
+    """Use over time in at most ``rows`` rows: the buckets added up, each row held against
+    the count in force during it."""
     keys = sorted(k for k, row in rep.buckets.items() if f.name in row)
     if not keys:
         return []
     per = max(1, math.ceil((keys[-1] - keys[0] + 1) / rows))
-    out = [f"  use over time ({_span(rep.bucket * per)} a row): start, average, peak, denials"]
+    out = [
+        f"  use over time ({_span(rep.bucket * per)} a row): start, average (utilisation), "
+        "peak, count at its end, denials"
+    ]
     for first in range(keys[0], keys[-1] + 1, per):
         bs = [
             rep.buckets[k][f.name]
@@ -259,9 +276,13 @@ def _over_time(rep: Report, f: Feature, total: int, rows: int = 12) -> list[str]
         seat_s = sum(b.seat_seconds for b in bs)
         avg = seat_s / max(1e-9, _covered(rep, first * rep.bucket, rep.bucket * per))
         peak = max((b.peak for b in bs), default=0)
-        pct = f" ({avg / total * 100:.0f} %)" if total else ""
+        count_s = sum(b.count_seconds for b in bs)
+        pct = f" ({seat_s / count_s * 100:.0f} %)" if count_s > 0 else ""
+        count = next((b.count for b in reversed(bs) if b.count is not None), 0)
         denials = sum(b.denials for b in bs)
-        out.append(f"    {_t(first * rep.bucket)}  {avg:8.2f}{pct}  {peak:6d}  {denials:6d}")
+        out.append(
+            f"    {_t(first * rep.bucket)}  {avg:8.2f}{pct}  {peak:6d}  {count:6d}  {denials:6d}"
+        )
     return out
 
 
@@ -288,9 +309,9 @@ def write_csv(rep: Report, directory: Path) -> None:
                     "idle_seat_hours"])  # fmt: skip
         for name in names:
             f = rep.features[name]
-            total = rep.total(name, rep.clock)
-            w.writerow([name, total, f.peak, _t(f.peak_at), f"{f.average():.4f}", f.p95(),
-                        f"{f.average() / total:.4f}" if total else "", f"{f.full_seconds:.1f}",
+            util = f.utilisation()
+            w.writerow([name, _end_count(rep, name), f.peak, _t(f.peak_at), f"{f.average():.4f}",
+                        f.p95(), "" if util is None else f"{util:.4f}", f"{f.full_seconds:.1f}",
                         f.full_windows, f.checkouts, sum(f.checkins.values()),
                         sum(f.denials.values()), f.wait_quantile(0.5) or "",
                         f.wait_quantile(0.95) or "", f.queued, f.borrows,
@@ -298,13 +319,16 @@ def write_csv(rep: Report, directory: Path) -> None:
                         f"{sum(f.idle.values()) / 3600:.6f}"])  # fmt: skip
     with (directory / "use_over_time.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["start", "seconds", "feature", "average", "peak", "count", "denials"])
+        w.writerow(["start", "seconds", "feature", "average", "peak", "count", "denials",
+                    "utilisation"])  # fmt: skip
         for k in sorted(rep.buckets):
             for name, b in sorted(rep.buckets[k].items()):
                 t = k * rep.bucket
                 covered = max(1e-9, _covered(rep, t, rep.bucket))
-                w.writerow([_t(t), rep.bucket, name, f"{b.seat_seconds / covered:.4f}",
-                            b.peak, rep.total(name, t), b.denials])  # fmt: skip
+                util = b.utilisation()
+                w.writerow([_t(t), rep.bucket, name, f"{b.seat_seconds / covered:.4f}", b.peak,
+                            rep.total(name, t) if b.count is None else b.count, b.denials,
+                            "" if util is None else f"{util:.4f}"])  # fmt: skip
     with (directory / "denials.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["feature", "kind", "name", "denials"])
@@ -356,7 +380,8 @@ def draw(rep: Report, directory: Path) -> list[Path]:
             for k, b in zip(keys, rows, strict=True)
         ]
         peak = [b.peak if b else 0 for b in rows]
-        count = [rep.total(name, k * width) for k in keys]
+        count = [rep.total(name, k * width) if b is None or b.count is None else b.count
+                 for k, b in zip(keys, rows, strict=True)]  # fmt: skip
         ax.step(when, peak, where="post", color="tab:orange", lw=0.8, label="peak")
         ax.step(when, avg, where="post", color="tab:blue", label="average in use")
         ax.step(when, count, where="post", color="black", ls="--", lw=1, label="count")

@@ -6,8 +6,18 @@ time buckets, never with the number of records:
 
 - Use over time is integrated exactly: between two events a feature's seats in use are
   constant, so the time-weighted average, the p95 (seconds spent at each level) and the
-  time at 100 % ("out of licenses" windows) are sums over those intervals. The count a
-  feature is held against is its live lines' total on the day (``reread`` records).
+  time at 100 % ("out of licenses" windows) are sums over those intervals.
+- The count: each interval is held against the count in force during it, its live lines'
+  total on the day (a line counts through its ``expires`` date) as the last ``reread`` (or
+  file header, or gap) before it set them; the first lines known hold for any time before
+  them. An interval is cut where the count changes (a reread, a UTC midnight), so
+  utilisation is seat-seconds over count-seconds (the time-weighted count), exact across
+  a count lowered or raised, a feature added (count 0 before) or removed (0 after). A
+  bucket in which the count changed holds its time-weighted count (``count_seconds``)
+  for utilisation, and as its ``count`` the one in force at its end (within the window);
+  ``total(name, t)`` is the count in force at ``t``. A reread checks the 100 % window
+  at once: a count lowered to the seats in use is full from there. The lines of each
+  reread are kept (memory grows with the rereads, not the records).
 - Time buckets (for the table over time, the CSV and the charts) start at one second
   and widen along ``LADDER`` when more than ``MAX_BUCKETS`` would be needed; each width
   divides the next, so wider buckets are sums of narrower ones.
@@ -35,6 +45,7 @@ Pure: no I/O.
 
 from __future__ import annotations
 
+import bisect
 import datetime
 import heapq
 import math
@@ -55,6 +66,7 @@ UNKNOWN = "(not recorded)"
 OTHERS = "(others)"
 STACK_KEYS = 12
 MAX_IDLE = 100_000  # idle sessions kept before those holding nothing are forgotten
+DAY = 86400  # a line's expiry changes the count at a UTC midnight
 
 
 @dataclass
@@ -62,6 +74,11 @@ class Bucket:
     seat_seconds: float = 0.0
     peak: int = 0
     denials: int = 0
+    count_seconds: float = 0.0  # the count over the bucket's time: utilisation's denominator
+    count: int | None = None  # the count in force at its end (None: no time observed yet)
+
+    def utilisation(self) -> float | None:
+        return self.seat_seconds / self.count_seconds if self.count_seconds > 0 else None
 
 
 @dataclass(slots=True)
@@ -88,6 +105,7 @@ class Feature:
     peak_at: float | None = None
     seconds: float = 0.0  # time observed inside the window
     seat_seconds: float = 0.0
+    count_seconds: float = 0.0  # the count in force, over the same time
     at_level: dict[int, float] = field(default_factory=dict)  # seconds at each level
     full_seconds: float = 0.0
     full_since: float | None = None  # an open window at 100 %
@@ -110,6 +128,14 @@ class Feature:
 
     def average(self) -> float:
         return self.seat_seconds / self.seconds if self.seconds > 0 else float(self.in_use)
+
+    def count_average(self) -> float | None:
+        """The time-weighted count over the time observed (None: no time observed)."""
+        return self.count_seconds / self.seconds if self.seconds > 0 else None
+
+    def utilisation(self) -> float | None:
+        """Seats in use against the count in force at the time (None: no count then)."""
+        return self.seat_seconds / self.count_seconds if self.count_seconds > 0 else None
 
     def p95(self) -> int:
         return _quantile_levels(self.at_level, 0.95, self.in_use)
@@ -162,8 +188,12 @@ class Report:
         self.by = by
         self.groups = groups or {}
         self.features: dict[str, Feature] = {}
-        self.lines: list[dict[str, Any]] = []
-        self._totals: dict[tuple[str, str], int] = {}  # (feature, day) -> count
+        self.lines: list[dict[str, Any]] = []  # in force now
+        # Every set of lines and from when it held (the first from -inf): the count of a
+        # time before the last reread is its era's. One entry a reread, not a record.
+        self._eras: list[list[dict[str, Any]]] = []
+        self._era_at: list[float] = []
+        self._totals: dict[tuple[int, str, int], int] = {}  # (era, feature, UTC day) -> count
         self.clock: float | None = None  # the last time seen
         self.first_at: float | None = None
         self.records = 0
@@ -191,7 +221,7 @@ class Report:
         """A file header or gap: the entitlements and seats in use at that point."""
         lines = record.get("lines")
         if isinstance(lines, list) and lines:
-            self._set_lines(lines)
+            self._set_lines(lines, self.clock)
         for name, n in (record.get("in_use") or {}).items():
             if self._wanted(name) and isinstance(n, int):
                 self._move(self._feature(name), n, self.clock)
@@ -227,7 +257,7 @@ class Report:
             self._idleness(record, ev == "idle", t_now)
         elif ev == "reread":
             self.rereads += 1
-            self._set_lines(record.get("lines") or [])
+            self._set_lines(record.get("lines") or [], t_now)
         elif ev == "term":
             self.terms += 1
             if record.get("primary"):
@@ -392,28 +422,62 @@ class Report:
         return f
 
     def total(self, name: str, t: float | None) -> int:
-        """The feature's count on the day of ``t``: its lines not expired then."""
-        day = _day(t) if t is not None else ""
-        got = self._totals.get((name, day))
+        """The feature's count in force at ``t``: its lines of then, not expired on that
+        day (None: the lines in force now, expiry ignored)."""
+        era = len(self._eras) - 1 if t is None else max(0, bisect.bisect_right(self._era_at, t) - 1)
+        day_no = -1 if t is None else int(t // DAY)
+        got = self._totals.get((era, name, day_no))
         if got is None:
+            day = _day(t) if t is not None else ""
             got = sum(
                 int(line.get("count") or 0)
-                for line in self.lines
+                for line in (self._eras[era] if self._eras else ())
                 if line.get("feature") == name
                 and (not day or line.get("expires") is None or str(line["expires"]) >= day)
             )
             if len(self._totals) > 10_000:
                 self._totals.clear()
-            self._totals[(name, day)] = got
+            self._totals[(era, name, day_no)] = got
         return got
 
-    def _set_lines(self, lines: list[dict[str, Any]]) -> None:
-        self.lines = [line for line in lines if isinstance(line, dict)]
+    def _counts(self, name: str, lo: float, hi: float) -> list[tuple[float, float, int]]:
+        """[lo, hi] cut where the feature's count changes (a reread; a UTC midnight, when
+        a line may expire), each piece with the count in force during it."""
+        if lo // DAY == hi // DAY and (not self._era_at or self._era_at[-1] <= lo):
+            return [(lo, hi, self.total(name, lo))]  # the usual case: one day, one era
+        pieces: list[tuple[float, float, int]] = []
+        while lo < hi:
+            cut = min(hi, (lo // DAY + 1) * DAY)
+            later = bisect.bisect_right(self._era_at, lo)
+            if later < len(self._era_at):
+                cut = min(cut, self._era_at[later])
+            count = self.total(name, lo)
+            if pieces and pieces[-1][2] == count:
+                pieces[-1] = (pieces[-1][0], cut, count)
+            else:
+                pieces.append((lo, cut, count))
+            lo = cut
+        return pieces
+
+    def _set_lines(self, lines: list[dict[str, Any]], t: float | None) -> None:
+        """The lines in force from ``t`` on (None: from before the first record)."""
+        new = [line for line in lines if isinstance(line, dict)]
+        if self._eras and new == self._eras[-1]:
+            return  # a file header saying again what holds
+        at = -math.inf if t is None else t
+        if self._era_at and self._era_at[-1] >= at:  # the same moment: the later lines hold
+            self._eras[-1] = new
+        else:
+            self._eras.append(new)
+            self._era_at.append(at)
+        self.lines = new
         self._totals.clear()
         for line in self.lines:  # a feature nobody used is still in the report
             name = str(line.get("feature"))
             if self._wanted(name):
                 self._feature(name)
+        for f in self.features.values():  # the time so far counts against the old count,
+            self._move(f, f.in_use, t)  # and a count lowered to the seats in use is full
 
     def _move(self, f: Feature, in_use: int, t: float | None) -> None:
         """The feature's seats in use become ``in_use`` at ``t``."""
@@ -448,7 +512,9 @@ class Report:
         f.seat_seconds += f.in_use * span
         f.at_level[f.in_use] = f.at_level.get(f.in_use, 0.0) + span
         level = f.in_use
-        self._spread(f.name, lo, hi, lambda b, s: _fill(b, level, s))
+        for a, b, count in self._counts(f.name, lo, hi):
+            f.count_seconds += count * (b - a)
+            self._spread(f.name, a, b, _filler(level, count))
 
     def _close_window(self, f: Feature, t: float) -> None:
         start = f.full_since
@@ -497,13 +563,16 @@ class Report:
             raise ValueError("the report's window is too long for its time buckets")
         old, self.bucket = self.bucket, LADDER[i + 1]
         merged: dict[int, dict[str, Bucket]] = {}
-        for k, row in self.buckets.items():
+        for k, row in sorted(self.buckets.items()):  # in time order: the last count holds
             into = merged.setdefault(k * old // self.bucket, {})
             for name, b in row.items():
                 m = into.setdefault(name, Bucket())
                 m.seat_seconds += b.seat_seconds
                 m.peak = max(m.peak, b.peak)
                 m.denials += b.denials
+                m.count_seconds += b.count_seconds
+                if b.count is not None:
+                    m.count = b.count
         self.buckets = merged
         stack: dict[int, dict[str, float]] = {}
         for k, shares in self.stack.items():
@@ -557,9 +626,16 @@ def _add(d: dict[str, float], key: str, value: float) -> None:
     d[key] = d.get(key, 0.0) + value
 
 
-def _fill(b: Bucket, level: int, seconds: float) -> None:
-    b.seat_seconds += level * seconds
-    b.peak = max(b.peak, level)
+def _filler(level: int, count: int) -> Callable[[Bucket, float], None]:
+    """What a bucket gets for its seconds of an interval at ``level`` and ``count``."""
+
+    def fill(b: Bucket, seconds: float) -> None:
+        b.seat_seconds += level * seconds
+        b.peak = max(b.peak, level)
+        b.count_seconds += count * seconds
+        b.count = count  # intervals come in time order: the last is the bucket's end
+
+    return fill
 
 
 def _day(t: float) -> str:
