@@ -220,7 +220,9 @@ def decide(
         )
         return Denial(first.reason, first.detail)
     open_pools = {p.pool_key for p, r in zip(borrowable, refusals, strict=True) if r is None}
-    short: list[str] = []
+    # Why each pool lends too few, once per pool: the checkout asks a pool's room more
+    # than once (to choose, then to word its busy denial).
+    short: dict[PoolKey, str] = {}
 
     def room_used(key: PoolKey) -> int:
         # A pool that may not lend looks full; one that may looks as full as its limit.
@@ -230,7 +232,7 @@ def decide(
             return total
         limit = lendable(pool, day) - lowwater(policy, *key) - lent(key)
         if limit < count and used(key) + count <= total:
-            short.append(
+            short[key] = (
                 f"{feature} {pool.version} lends at most {lendable(pool, day)} seats, "
                 f"{lowwater(policy, *key)} kept by BORROW_LOWWATER, {lent(key)} lent now"
             )
@@ -239,7 +241,7 @@ def decide(
     choice = choose_under(policy, catalog, feature, version, count, who, day, room_used, holdings)
     if isinstance(choice, Denial):
         if choice.busy and short and choice.reason == Reason.NO_SEATS:
-            return Denial(BorrowReason.LOWWATER, "; ".join(short))
+            return Denial(BorrowReason.LOWWATER, "; ".join(short.values()))
         if choice.busy and choice.reason == Reason.NO_SEATS:  # name the lending pools only
             lenders = [p for p in borrowable if p.pool_key in open_pools]
             return Denial(Reason.NO_SEATS, busy_detail(lenders, count, day, used))

@@ -22,7 +22,11 @@ public parsers were written against show it (docs/integration.md names them):
   ``floating license``, reservations (``\\tN RESERVATIONs for GROUP g (h/port)``), one
   line per holder (``user host display (v2.0) (h/port grant), start Mon 11/30 9:05``
   with ``, N licenses`` past one seat and ``  (linger: LEFT / LINGER)`` while a seat
-  lingers), and queued requests (``... (h/port handle) queued for N licenses``).
+  lingers), and queued requests (``... (h/port handle) queued for N licenses``);
+- for ``-f F`` of a feature the triad does not serve, FlexNet's error where the totals
+  would be: ``Users of F:  (Error: No such feature exists. (-5) (zbroker: it serves
+  cad, viewer))``; and for an entry none of whose nodes answered, the server block
+  (each node ``Cannot connect``) even with ``-f`` and ``-S``, which leave it out otherwise.
 
 Reservations, lingering and borrowed seats and the queue's entries are printed when the
 status carries them: a feature's ``reservations`` (the seats each RESERVE line still
@@ -296,7 +300,9 @@ def render(
     ]
     for entry, status in entries:
         lines.append("")
-        if opts.servers:
+        # -f and -S leave the server block out, but for servers that did not answer it
+        # is all there is to say: without it, the reader sees no users and no reason.
+        if opts.servers or not _answered(status):
             lines += _servers(entry, status, opts)
         if opts.features and _answered(status):
             lines += _features(entry, status, opts, clock)
@@ -305,6 +311,18 @@ def render(
 
 def _answered(status: dict[str, Any]) -> bool:
     return any(n["role"] != "down" for n in status["nodes"])
+
+
+def unknown_feature(entries: Sequence[tuple[Entry, dict[str, Any]]], opts: Options) -> bool:
+    """``-f F`` of a feature that no server that answered serves (a typo, most often)."""
+    if opts.feature is None or not opts.features:
+        return False
+    answered = [status for _, status in entries if _answered(status)]
+    return bool(answered) and not any(_serves_feature(s, opts.feature) for s in answered)
+
+
+def _serves_feature(status: dict[str, Any], name: str) -> bool:
+    return any(f["name"] == name for f in status["features"])
 
 
 def _serves(node: dict[str, Any]) -> bool:
@@ -382,7 +400,24 @@ def _features(entry: Entry, status: dict[str, Any], opts: Options, clock: Clock)
         if opts.active and not feature["in_use"]:
             continue
         lines += _feature(feature, vendor, master, opts, clock)
+    if opts.feature is not None and not _serves_feature(status, opts.feature):
+        lines += _no_such_feature(opts.feature, status)
     return lines
+
+
+# FlexNet's words for error -5 (LM_NOFEATURE), in the place lmstat prints a feature's
+# totals; parsers that read totals do not match it (no "Total of").
+NO_SUCH_FEATURE = "No such feature exists. (-5)"
+_NAMED_AT_MOST = 10  # features named in the error; a site's license may have hundreds
+
+
+def _no_such_feature(name: str, status: dict[str, Any]) -> list[str]:
+    served = sorted(clean(f["name"]) for f in status["features"])
+    shown = ", ".join(served[:_NAMED_AT_MOST])
+    if len(served) > _NAMED_AT_MOST:
+        shown += f" and {len(served) - _NAMED_AT_MOST} more"
+    why = f"it serves {shown}" if served else "it serves no feature"
+    return [f"Users of {clean(name)}:  (Error: {NO_SUCH_FEATURE} (zbroker: {why}))", ""]
 
 
 def _feature(

@@ -12,8 +12,9 @@ script or the FlexLM exporter at a directory holding an ``lmutil`` symlink to it
 The other lmutil tools answer with one line naming what zbroker offers instead.
 
 Exit codes: 0 when every entry's servers were asked (a server that does not answer is
-printed as lmstat prints it); 1 when no server of any entry answered; 2 bad usage or a
-license path that cannot be used. Errors are one line on stderr, never a traceback.
+printed as lmstat prints it); 1 when no server of any entry answered, or ``-f F`` names
+a feature that none of those that answered serves; 2 bad usage or a license path that
+cannot be used. Errors are one line on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from zbroker.broker.lmstat import (
     parse_args,
     render,
     render_info,
+    unknown_feature,
     version_lines,
 )
 
@@ -131,7 +133,9 @@ def _report(prog: str, opts: Options, entries: list[Entry], curve: Any) -> int:
         sys.stdout.write(render_info(prog, _version(), rows, opts.feature))
     else:
         sys.stdout.write(render(prog, _version(), asked, opts, Clock(time.time())))
-    return 0 if answered else EXIT_REFUSED
+    # A feature no server serves is an error, as in FlexNet: a script that asks for a
+    # misspelt feature must not read "nobody uses it" from an exit status of 0.
+    return 0 if answered and not unknown_feature(asked, opts) else EXIT_REFUSED
 
 
 Named = tuple[Entry, list[tuple[str, str]], frozenset[str]]  # entry, (name, endpoint)s, triad

@@ -10,7 +10,10 @@ A grant younger than ``min_remove`` seconds (a node setting, 120 by default, as 
 is left alone, and the answer lists it with its age: a user who has only just got a
 seat must not lose it to an administrator's slip (RLM's reasoning; FlexNet has no
 such floor). A lingering seat may be taken like any grant; a borrowed one may not (as in
-FlexNet): its holder uses it offline on a signed token, so only its end frees the seat.
+FlexNet's lmremove): its holder uses it offline on a signed token, which nothing here can
+reach, so only a return from the borrowing machine or its end frees the seat. The answer
+lists each borrowed grant that matched, with its end, so that the administrator learns
+why it stays and how it goes.
 
 Pure: reads the ledger, returns deltas and the answer; no clock of its own.
 """
@@ -51,12 +54,31 @@ class Removal:
 
     def describe(self) -> str:
         if self.grant:
-            return f"grant {self.grant}"
+            return f"grant {self.grant}" + (f" of feature {self.feature!r}" if self.feature else "")
         names = [f"user {self.user!r}"]
         names += [f"host {self.host!r}"] if self.host else []
         names += [f"display {self.display!r}"] if self.display else []
         names += [f"feature {self.feature!r}"] if self.feature else []
         return " ".join(names)
+
+    def removed(self, taken: int) -> str:
+        """The answer's opening: what was taken of what this names."""
+        if self.grant:
+            return f"{self.describe()} {'removed' if taken else 'not removed'}"
+        return f"{taken} grant(s) of {self.describe()} removed"
+
+    def nothing_out(self) -> str:
+        """The answer when no grant matches at all."""
+        if self.grant:
+            return f"{self.describe()} is not out"
+        return f"no grant of {self.describe()} is out"
+
+
+# How a borrowed seat goes, since remove cannot take it (docs/admin.md, "Borrowing").
+BORROWED_GOES = (
+    "a borrowed seat is freed by `zbroker borrow FEATURE --return` on the machine that "
+    "borrowed it, or at its end"
+)
 
 
 def decide_removal(
@@ -66,8 +88,9 @@ def decide_removal(
     they commit (at once when there are none).
 
     The answer: ``taken`` (grant ids), ``young`` (``{grant, age}`` of matching grants
-    younger than ``min_remove``), ``min_remove``; an ``error`` ``bad_request`` when the
-    removal names nothing.
+    younger than ``min_remove``), ``borrowed`` (``{grant, feature, until}`` of matching
+    borrowed grants, left with their end), ``min_remove``; an ``error`` ``bad_request``
+    when the removal names nothing.
     """
     problem = removal.problem()
     if problem is not None:
@@ -80,17 +103,19 @@ def decide_removal(
     deltas: list[Delta] = []
     taken: list[int] = []
     young: list[dict[str, object]] = []
+    borrowed: list[dict[str, object]] = []
     for g in grants:
         session = ledger.session(g.sid)
         if session is None or (removal.feature and g.feature != removal.feature):
             continue
-        if session.hold == "borrow":
-            continue  # its holder uses it offline on a signed token: only its end frees it
         if not removal.grant and not (
             session.user == removal.user
             and (not removal.host or session.host == removal.host)
             and (not removal.display or session.display == removal.display)
         ):
+            continue
+        if session.hold == "borrow":  # used offline on a signed token this cannot reach
+            borrowed.append({"grant": g.id, "feature": g.feature, "until": session.until})
             continue
         age = now.wall - g.at
         if age < min_remove:
@@ -98,9 +123,13 @@ def decide_removal(
             continue
         deltas.append({"k": "take", "grant": g.id, "reason": "removed", "at": now.wall})
         taken.append(g.id)
-    detail = f"{len(taken)} grant(s) of {removal.describe()} removed"
+    detail = removal.removed(len(taken))
     if young:
         detail += f"; {len(young)} younger than min_remove ({min_remove:g} s) left alone"
-    if not taken and not young:
-        detail = f"no grant of {removal.describe()} is out"
-    return deltas, reply_ok(taken=taken, young=young, min_remove=min_remove, detail=detail)
+    if borrowed:
+        detail += f"; {len(borrowed)} borrowed left alone: {BORROWED_GOES}"
+    if not (taken or young or borrowed):
+        detail = removal.nothing_out()
+    return deltas, reply_ok(
+        taken=taken, young=young, borrowed=borrowed, min_remove=min_remove, detail=detail
+    )

@@ -216,6 +216,26 @@ def test_borrow_lowwater(case: Case) -> None:
     _check(case, decide(case))
 
 
+def test_a_lowwater_denial_says_why_once_per_pool() -> None:
+    # cad 2.0 is one pool of two lines (FEATURE 10, INCREMENT 5 BORROW=72); the checkout
+    # asks its room once to choose and once more to word its denial.
+    got = decide(Case("", "BORROW_LOWWATER cad 5", BorrowReason.LOWWATER, lent=1))
+    assert isinstance(got, Denial) and got.reason == BorrowReason.LOWWATER
+    assert got.detail == "cad 2.0 lends at most 5 seats, 5 kept by BORROW_LOWWATER, 1 lent now"
+    # Two pools short: each said once, in the order of the pools.
+    lines = [*LINES, Entitlement("cad", "3.0", 4, None, borrow=24.0)]
+    policy = Policy(parse_options("BORROW_LOWWATER cad 4", path="site.opt"))
+    got = borrow.decide(
+        Catalog(lines), policy, feature="cad", version=None, count=2, until=None, hours=None,
+        who=Principal("ann", "lap"), now=WALL, day=DAY, used=lambda key: 0,
+        lent=lambda key: 0, holdings=lambda: [], already=False,
+    )  # fmt: skip
+    assert isinstance(got, Denial) and got.detail == (
+        "cad 2.0 lends at most 5 seats, 4 kept by BORROW_LOWWATER, 0 lent now; "
+        "cad 3.0 lends at most 4 seats, 4 kept by BORROW_LOWWATER, 0 lent now"
+    )
+
+
 @pytest.mark.parametrize("case", MAX_HOURS, ids=lambda c: c.why)
 def test_max_borrow_hours(case: Case) -> None:
     _check(case, decide(case))

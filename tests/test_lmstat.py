@@ -30,6 +30,7 @@ from zbroker.broker.lmstat import (
     parse_args,
     render,
     render_info,
+    unknown_feature,
     version_lines,
 )
 from zbroker.broker.lmutil import _triads, entries_of, main
@@ -333,3 +334,66 @@ def test_entries_of_reads_lists_files_and_directories(tmp_path: Any) -> None:
         ("tcp://h9:9",),
     ]
     assert entries[1].license_file == str(tmp_path / "a.lic") and not entries[1].own_file
+
+
+def _down() -> dict[str, Any]:
+    """The status of an entry none of whose nodes answered (no server, or no CURVE key)."""
+    nodes = [{"name": f"{e[-5:]}@h", "endpoint": e, "role": "down", "term": None}
+             for e in ENDPOINTS]  # fmt: skip
+    return {"primary": None, "nodes": nodes, "features": []}
+
+
+def test_features_of_servers_that_do_not_answer_say_so_as_all_does() -> None:
+    for args in (["-f", "cad"], ["-f"], ["-S", "acme"]):
+        text = _render(args, _down())
+        assert text == _render(["-a"], _down()), args  # the server block, nothing more
+        cannot = [ln for ln in text.splitlines() if "Cannot connect" in ln]
+        assert cannot == [
+            f"{h}: Cannot connect to license server system. (zbroker: no answer within 3 s)"
+            for h in ("h1.example.com", "h2.example.com", "h3.example.com")
+        ], args
+        assert "    acme: DOWN v11.19.0" in text
+        assert not exporter_parse(text).servers["h1"]["status"]
+    # Where a node answered, -f still leaves the server block out.
+    assert "Cannot connect" not in _render(["-f", "cad"])
+
+
+def test_an_unknown_feature_is_flexnet_s_error_that_no_totals_parser_reads() -> None:
+    text = _render(["-f", "nosuch"])
+    assert text.splitlines()[3:] == [
+        "Users of features served by acme:",
+        "",
+        "Users of nosuch:  (Error: No such feature exists. (-5) "
+        "(zbroker: it serves cad, solver, viewer))",
+        "",
+    ]
+    assert exporter_parse(text).features == {}
+    assert vsc_parse(text) == {} and omnivector_parse(text) == {}
+    served = _render(["-f", "viewer"])
+    assert "Error" not in served and "Users of viewer:  (Total of 1 license" in served
+    idle = _render(["-A", "-f", "solver"])  # served, not in use: -A leaves it out, no error
+    assert "Users of solver" not in idle and "Error" not in idle
+
+
+def test_an_unknown_feature_names_at_most_ten_that_are_served() -> None:
+    status = _status()
+    status["features"] = [
+        {"name": f"f{n:02d}", "total": 1, "in_use": 0, "queued": 0} for n in range(12)
+    ]
+    (line,) = [ln for ln in _render(["-f", "nosuch"], status).splitlines() if "Error" in ln]
+    assert line.endswith("(zbroker: it serves f00, f01, f02, f03, f04, f05, f06, f07, f08, "
+                         "f09 and 2 more))")  # fmt: skip
+    status["features"] = []
+    assert "(zbroker: it serves no feature))" in _render(["-f", "nosuch"], status)
+
+
+def test_unknown_feature_is_what_no_server_that_answered_serves() -> None:
+    named = parse_args(["-f", "nosuch"], 60)
+    assert unknown_feature([(ENTRY, _status())], named)
+    assert not unknown_feature([(ENTRY, _status())], parse_args(["-f", "cad"], 60))
+    assert not unknown_feature([(ENTRY, _status())], parse_args(["-f"], 60))
+    assert not unknown_feature([(ENTRY, _status())], parse_args(["-i", "nosuch"], 60))
+    assert not unknown_feature([(ENTRY, _down())], named)  # nobody asked: exit 1 anyway
+    other = _status()
+    other["features"] = [{"name": "nosuch", "total": 1, "in_use": 0, "queued": 0}]
+    assert not unknown_feature([(ENTRY, _status()), (ENTRY, other)], named)  # 2nd entry has it

@@ -242,6 +242,13 @@ def test_slurm_license_manager_agent_reads_one_feature(busy: dict[str, Any], too
         ("bob", 2),
     ]
 
+    unknown = _run([str(tools / "lmutil"), "lmstat", "-c", _path(busy["triad"]), "-f", "cda"])
+    assert unknown.returncode == 1  # a misspelt feature is not "nobody uses it"
+    assert "Users of cda:  (Error: No such feature exists. (-5) (zbroker: it serves cad," in (
+        unknown.stdout
+    )
+    assert omnivector_parse(unknown.stdout) == {}
+
 
 def test_vsc_slurm_sync_reads_totals_through_its_fake_license_file(
     busy: dict[str, Any], tools: Path, tmp_path: Path
@@ -299,5 +306,9 @@ def test_no_server_answering_exits_1_with_lmstat_s_message(tools: Path) -> None:
     assert result.returncode == 1
     assert f"License server status: {port}@127.0.0.1" in result.stdout
     assert "127.0.0.1: Cannot connect to license server system." in result.stdout
+    # -f leaves the server block out, but not when it is the only thing to say.
+    one = _run([str(tools / "lmstat"), "-f", "cad", "-c", f"{port}@127.0.0.1", "-t", "0.3"])
+    assert one.returncode == 1
+    assert "127.0.0.1: Cannot connect to license server system." in one.stdout
     usage = _zbroker_lmstat("-a", "-c", "notaport@host")
     assert usage.returncode == 2 and "port@host" in usage.stderr

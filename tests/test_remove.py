@@ -93,7 +93,7 @@ def test_remove_by_grant_id_takes_that_grant_only() -> None:
     assert reply["taken"] == [ids["ann2"]]
     assert held(w)["ann2"] == set() and held(w)["ann1"] == {ids["ann1"]}
     _, again = remove(w, grant=ids["ann2"])
-    assert again["taken"] == [] and "no grant" in again["detail"]
+    assert again["taken"] == [] and again["detail"] == f"grant {ids['ann2']} is not out"
 
 
 def test_a_feature_narrows_a_removal() -> None:
@@ -251,13 +251,44 @@ def test_a_lingering_seat_is_removed_like_any_grant() -> None:
     assert w.ledger.status()[0]["lingering"] == 0
 
 
-def test_a_borrowed_seat_is_never_removed() -> None:
+def test_a_borrowed_seat_is_never_removed_and_the_answer_says_why_and_until_when() -> None:
     w = held_world("")
     reply = w.send("borrow", "s1", feature="cad", count=1, hours=24.0)
     assert reply is not None and reply["status"] == "ok", reply
+    gid = grant_of(reply)["id"]
+    until = w.wall + 24 * 3600.0
+    w.open("s2", user="bob")
+    bobs = w.send("borrow", "s2", feature="cad", count=1, hours=1.0)
+    assert bobs is not None and bobs["status"] == "ok", bobs
     w.advance(MIN)
-    deltas, answer = remove(w, user="ann")
-    assert deltas == [] and answer["taken"] == [] and w.ledger.in_use("cad") == 1
+    for what in ({"user": "ann"}, {"grant": gid}, {"user": "ann", "host": "ws1", "feature": "cad"}):
+        deltas, answer = remove(w, **what)
+        assert deltas == [] and answer["taken"] == [] and answer["young"] == [], what
+        assert answer["borrowed"] == [{"grant": gid, "feature": "cad", "until": until}], what
+        assert answer["detail"].endswith(  # what a person needs to free it
+            "; 1 borrowed left alone: a borrowed seat is freed by `zbroker borrow FEATURE "
+            "--return` on the machine that borrowed it, or at its end"
+        ), what
+        assert "is out" not in answer["detail"], what
+    assert remove(w, user="ann")[1]["detail"].startswith("0 grant(s) of user 'ann' removed;")
+    assert remove(w, grant=gid)[1]["detail"].startswith(f"grant {gid} not removed;")
+    assert w.ledger.in_use("cad") == 2
+    # Not what the removal names: another feature, or another host's.
+    for what in ({"user": "ann", "feature": "viewer"}, {"user": "ann", "host": "ws9"}):
+        _, answer = remove(w, **what)
+        assert answer["borrowed"] == [] and "is out" in answer["detail"], what
+
+
+def test_a_removal_that_matches_nothing_says_so_plainly() -> None:
+    w = world()
+    out_four(w)
+    assert remove(w, grant=999)[1]["detail"] == "grant 999 is not out"
+    assert remove(w, grant=1, feature="solver")[1]["detail"] == (
+        "grant 1 of feature 'solver' is not out"
+    )
+    assert remove(w, user="carl")[1]["detail"] == "no grant of user 'carl' is out"
+    _, one = remove(w, grant=1)
+    assert one["taken"] == [1] and one["detail"] == "grant 1 removed"
 
 
 # ---------------------------------------------------------------- the node core
@@ -288,7 +319,7 @@ def test_the_core_removes_on_the_primary_only_and_answers_once_committed() -> No
         if answers:
             break
     assert answers == [{"v": PROTOCOL_VERSION, "sid": "admin-1", "req": 1, "status": "ok",
-                        "taken": [1], "young": [], "min_remove": 0.001,
+                        "taken": [1], "young": [], "borrowed": [], "min_remove": 0.001,
                         "detail": "1 grant(s) of user 'ann' removed"}]  # fmt: skip
     net.run(0.2)
     for core in net.cores.values():
@@ -300,6 +331,29 @@ def test_the_command_needs_a_user_or_a_grant(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["remove", "--config", str(tmp_path / "none.toml")])
     assert result.exit_code == 2
     assert "name a --user (with --host, --display) or a --grant id" in result.stderr
+
+
+def test_the_command_lists_the_borrowed_grants_it_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer = {"status": "ok", "taken": [], "young": [], "min_remove": 120.0,
+              "borrowed": [{"grant": 3, "feature": "cad", "until": 1_764_553_011.0}],
+              "detail": "0 grant(s) of user 'kim' removed; 1 borrowed left alone: ..."}  # fmt: skip
+    asked: list[dict[str, Any]] = []
+
+    def ask_admin(*args: Any) -> tuple[list[Any], None, dict[str, Any]]:
+        asked.append(args[-1])
+        return [], None, {"alpha": answer}
+
+    monkeypatch.setattr("zbroker.broker.cli._ask_admin", ask_admin)
+    config = str(tmp_path / "zbroker.toml")
+    result = CliRunner().invoke(main, ["remove", "--config", config, "--user", "kim"])
+    assert result.exit_code == 1  # nothing taken
+    assert result.stdout.splitlines() == [
+        "left grant 3 of cad: borrowed until 2025-12-01 01:36:51 UTC",
+        "0 grant(s) of user 'kim' removed; 1 borrowed left alone: ...",
+    ]
+    assert asked[0]["user"] == "kim"
 
 
 def test_lease_lost_names_why_each_taken_grant_went() -> None:
