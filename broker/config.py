@@ -24,6 +24,7 @@ Layout::
     max_sessions_per_host = 10000
     max_queue = 10000
     max_unacked = 10000
+    max_replies = 1000000        # every session's unacknowledged replies together
 
     [nodes.alpha]
     peer = "tcp://127.0.0.1:27101"   # ROUTER: votes, deltas, acks, catch-up

@@ -226,6 +226,7 @@ class Ledger:
         # Each session's recorded reqs as a min-heap: forgetting the replies below a new
         # ``ack`` pops the oldest instead of scanning all (up to max_unacked of them).
         self._unacked: dict[str, list[int]] = {}
+        self._replies = 0  # the replies of every session's table: for max_replies
         self._grants: dict[int, Grant] = {}  # ascending id: ids only grow
         self._used: dict[PoolKey, int] = {}  # derived from _grants, kept for speed
         # ``_used`` summed by feature: every report record asks (``in_use``), on every
@@ -456,8 +457,10 @@ class Ledger:
             # The client promised never to retry these: forgetting them bounds memory.
             while unacked and unacked[0] < ack:
                 del session.replies[heapq.heappop(unacked)]
+                self._replies -= 1
         session.replies[req] = reply
         heapq.heappush(unacked, req)
+        self._replies += 1
 
     def _kept(self, session: Session, ack: int) -> int:
         """How many replies of a full table stay once ``ack`` applies, without a scan.
@@ -512,6 +515,7 @@ class Ledger:
         if session.idle_since is not None:
             self._idle.went_idle(session)
         self._unacked[session.sid] = sorted(session.replies)  # a sorted list is a heap
+        self._replies += len(session.replies)
         if session.sid not in self._leases:
             self._unleased.add(session.sid)  # a backup's, or one adopted by a new primary
         self._per_host[session.host] = self._per_host.get(session.host, 0) + 1
@@ -525,7 +529,7 @@ class Ledger:
         if session.idle_since is not None:
             self._idle.busy(session.sid)
         del self._sessions[session.sid]
-        del self._unacked[session.sid]
+        self._replies -= len(self._unacked.pop(session.sid))
         self._leases.pop(session.sid, None)  # volatile, but moot once the session is gone
         self._unleased.discard(session.sid)
         left = self._per_host[session.host] - 1
@@ -640,6 +644,16 @@ class Ledger:
             return Outcome([], _stale(req, ack))
         if request.op in _RECORDING and len(session.replies) >= self.limits.max_unacked:
             refusal = self.limits.refuse_unacked(sid, self._kept(session, ack))
+            if refusal is not None:
+                return Outcome([], refusal)
+        if request.op in _RECORDING and self._replies >= self.limits.max_replies:
+            # Exact, unlike _kept's shortcut: an ack that forgets many must count. A scan
+            # only when the ack forgets some, which shrinks the tables it scans.
+            unacked = self._unacked[sid]
+            kept = len(unacked)
+            if unacked and unacked[0] < ack:
+                kept = sum(1 for r in unacked if r >= ack)
+            refusal = self.limits.refuse_replies(sid, kept, self._replies, self.session_count)
             if refusal is not None:
                 return Outcome([], refusal)
         ids = _ids(request, ack)

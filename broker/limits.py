@@ -13,15 +13,23 @@ request; nothing is recorded for a refusal, so a retry later is decided afresh.
 - ``max_queue`` (10,000): a checkout that would wait behind this many waiters of its
   feature;
 - ``max_unacked`` (10,000): a request that records a reply, in a session holding this
-  many replies it has not acknowledged.
+  many replies it has not acknowledged;
+- ``max_replies`` (1,000,000): a request that records a reply while the sessions
+  together hold this many unacknowledged, from a session holding at least its share of
+  them (``max_replies`` over the sessions open).
 
-Each may be set from 1 to ``MAXIMA`` (1,000,000).
+Each may be set from 1 to ``MAXIMA`` (1,000,000; ``max_replies`` 100,000,000).
 
 The host is what the client says in ``open``: the per-host limit keeps an honest but
 runaway host (a build farm spawning jobs) from taking every session; ``max_sessions``
 is the bound that holds whatever a hostile client claims. ``max_unacked`` bounds the
 per-session table of recorded replies, which a client that never advances ``ack``
-would otherwise grow without end (the Python library acks as it goes).
+would otherwise grow without end (the Python library acks as it goes); ``max_replies``
+bounds all the tables together, which ``max_sessions`` times ``max_unacked`` (10^9
+replies of a few hundred bytes each, on every node) does not. Only sessions at or past
+their share are refused, so a client that fills the tables from many sessions stops
+itself, not the sessions that ack as they go: once the total is reached, it grows only
+through sessions under their share, so it stays under twice ``max_replies``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ MAXIMA = {
     "max_sessions_per_host": 1_000_000,
     "max_queue": 1_000_000,
     "max_unacked": 1_000_000,
+    "max_replies": 100_000_000,
 }
 
 
@@ -46,6 +55,7 @@ class Limits:
     max_sessions_per_host: int = 10_000
     max_queue: int = 10_000
     max_unacked: int = 10_000
+    max_replies: int = 1_000_000
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
@@ -85,6 +95,17 @@ class Limits:
             return _limit(
                 f"session {sid} holds {unacked} replies it has not acknowledged "
                 "(max_unacked); send ack with the lowest request you may still retry"
+            )
+        return None
+
+    def refuse_replies(self, sid: str, unacked: int, total: int, sessions: int) -> Reply | None:
+        """The same request, with ``total`` replies unacknowledged over ``sessions``."""
+        share = max(1, self.max_replies // max(1, sessions))
+        if total >= self.max_replies and unacked >= share:
+            return _limit(
+                f"the sessions hold {total} replies they have not acknowledged (max_replies), "
+                f"and session {sid} holds {unacked}, at least its share ({share}); send ack "
+                "with the lowest request you may still retry"
             )
         return None
 

@@ -103,6 +103,36 @@ def test_unacknowledged_replies_per_session() -> None:
     grant_of(reply)
 
 
+def test_unacknowledged_replies_of_all_sessions_together() -> None:
+    # max_sessions x max_unacked is 10^9 replies: many sessions that never ack would
+    # fill every node. Past max_replies, a session at its share (6 // 3 open) stops.
+    w = limited(max_replies=6)
+    for sid in ("s1", "s2", "s3"):
+        w.open(sid)  # one recorded reply each
+    for _ in range(3):
+        assert w.checkout("s1", feature="none")["reason"] == "no_such_feature"
+    assert sum(len(w.ledger.session(s).replies) for s in ("s1", "s2", "s3")) == 6  # type: ignore[union-attr]
+    is_limit(w.checkout("s1", feature="none"), "session s1 holds 4, at least its share (2)")
+    assert w.send("heartbeat", "s1")["status"] == "ok"  # type: ignore[index] - not recorded
+    grant_of(w.checkout("s2"))  # under its share: the sessions that ack still work
+    is_limit(w.checkout("s2", feature="none"), "the sessions hold 7 replies")
+    copy = Ledger.from_snapshot(  # the count is rebuilt from a snapshot
+        w.ledger.snapshot(), lease=LEASE, heartbeat=HEARTBEAT, limits=Limits(max_replies=6)
+    )
+    out = copy.handle(Request("checkout", "s2", 4, ack=1, feature="none", count=1), w.now)
+    assert out.reply is not None and out.reply["code"] == "limit"
+    # An ack that forgets its table frees the session, whatever it held (req 6 is next),
+    # and the others with it: the sessions hold 4 again.
+    grant_of(w.send("checkout", "s1", feature="cad", count=1, version=None, ack=6))
+    assert w.checkout("s2", feature="none")["reason"] == "no_such_feature"
+    w.send("close", "s2", ack=5)  # a session's end forgets its table too
+    while (reply := w.checkout("s3", feature="none"))["status"] == "denied":
+        pass
+    tables = sum(len(w.ledger.session(s).replies) for s in ("s1", "s3"))  # type: ignore[union-attr]
+    is_limit(reply, f"the sessions hold {tables} replies")
+    assert tables == 6
+
+
 @pytest.mark.integration
 def test_a_node_answers_limit_errors_from_its_config(tmp_path: Path, raw: Any) -> None:
     settings = {"max_sessions_per_host": 2, "max_queue": 1}
