@@ -2,11 +2,13 @@
 
 Files, all in the node's data directory:
 
-- ``node.lock``: locked with ``flock`` for the life of the node's process and holding its
-  pid. It is taken before anything else is read, so a second process for the same
-  directory leaves at once without touching a file (``DataDirLocked``, naming the
-  holder). The kernel drops the lock when the holder dies, even by SIGKILL: it is never
-  stale.
+- ``node.lock``: holds the pid of the node's process, which locks it and the directory
+  itself with ``flock`` for its life. The locks are taken before anything else is read,
+  so a second process for the same directory leaves at once without touching a file
+  (``DataDirLocked``, naming the holder). The kernel drops them when the holder dies,
+  even by SIGKILL: they are never stale. The directory's lock is the one that holds when
+  an administrator deletes the "stale" ``node.lock`` of a running node: a second process
+  would lock a new file, then read the live log mid-write as damage and set it aside.
 - ``node.json``: the marker ``{"node": name}``. Written by ``zbroker init`` (a brand-new
   triad) or when a node that lost its data has caught up again. A directory without it is
   *fresh*: the node may have voted or acknowledged deltas before its disk was lost, so it
@@ -293,7 +295,8 @@ class Storage:
         self.node = node
         self.nodes = frozenset(nodes)  # the triad's names: a marker naming one is no damage
         self.fsync = fsync
-        self._lock_fd: int | None = None
+        self._lock_fd: int | None = None  # node.lock's
+        self._dir_lock_fd: int | None = None  # the directory's
         self._log: BinaryIO | None = None  # opened by load(), at the end of the good records
         self._zeroed = 0  # the file's size: zeros from the write position up to here
         self._dirty = False
@@ -323,28 +326,35 @@ class Storage:
             raise StorageError(f"{self.dir}: the data directory is not writable by this user")
         path = self.dir / LOCK
         try:
+            dir_fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             raise StorageError(f"{path}: cannot open the lock file: {_os(exc)}") from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The directory first: a node.lock deleted under a running node is a new
+            # file, free to lock; the directory stays the same.
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a node of an older version
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
+            os.close(dir_fd)
             raise DataDirLocked(
                 f"{self.dir}: the data directory is in use by another process (pid {holder});"
                 f" is node {self.node} already running? One process per data directory"
             ) from None
         except OSError as exc:
             os.close(fd)
+            os.close(dir_fd)
             raise StorageError(f"{path}: cannot lock the data directory: {_os(exc)}") from None
         try:
             os.ftruncate(fd, 0)
             _pwrite_all(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError as exc:
             os.close(fd)
+            os.close(dir_fd)
             raise DiskError(f"{path}: cannot write: {_os(exc)}") from None
-        self._lock_fd = fd
+        self._lock_fd, self._dir_lock_fd = fd, dir_fd
 
     def load(self) -> Loaded:
         """Lock, then read the data directory; call once, before any write.
@@ -657,9 +667,10 @@ class Storage:
                     self._log.close()
                 self._log = None
             self._drop_received()
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)  # releases the flock
-                self._lock_fd = None
+            for fd in (self._lock_fd, self._dir_lock_fd):
+                if fd is not None:
+                    os.close(fd)  # releases its flock
+            self._lock_fd = self._dir_lock_fd = None
 
     # --- internals
     def _empty_state(self) -> None:

@@ -23,6 +23,7 @@ from zbroker.broker.image import image_of, load_image
 from zbroker.broker.ledger import Ledger
 from zbroker.broker.model import Entitlement
 from zbroker.broker.storage import (
+    LOCK,
     DataDirLocked,
     DiskError,
     Loaded,
@@ -767,6 +768,26 @@ def test_a_second_process_for_the_directory_is_refused_and_touches_nothing(
     assert str(data) in str(refused.value) and f"pid {os.getpid()}" in str(refused.value)
     assert {p.name: p.read_bytes() for p in data.iterdir()} == files
     first.close()  # released with the process (or at close): the next one may start
+    assert [e[0] for e in _reload(data).entries] == [1, 2, 3, 4, 5]
+
+
+def test_a_lock_file_deleted_under_a_running_node_still_keeps_a_second_one_out(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    # Administrators delete "stale" lock files. A second process that locked a new
+    # node.lock read the live log mid-write as damage and moved the node's files aside.
+    data = tmp_path / "data"
+    _populated(data)
+    first = opened(data)
+    first.load()
+    first.append([(5, 2, {"k": "e"})])
+    first.sync()
+    (data / LOCK).unlink()
+    files = {p.name: p.read_bytes() for p in data.iterdir()}
+    with pytest.raises(DataDirLocked, match="is node alpha already running"):
+        opened(data).load()
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.name != LOCK} == files
+    first.close()
     assert [e[0] for e in _reload(data).entries] == [1, 2, 3, 4, 5]
 
 
