@@ -57,6 +57,9 @@ from zbroker.peers.types import CorruptState
 log = logging.getLogger("zbroker.node")
 
 FREEZE_EVERY = 1.0  # seconds between two gc.freeze() of what the loop built (_carry_out)
+# Seconds between two records of the directory's progress beside it (Storage.save_progress):
+# a small write a second, none of it on a client's path.
+PROGRESS_EVERY = 1.0
 
 # Signals whose default action would end the node without its "stopped" line and with
 # nothing it asks for: each is logged (with why) and the node serves on. SIGTERM, SIGINT
@@ -99,6 +102,8 @@ class Node:
         self.report_waiting: list[Record] = []  # records not written yet (_report)
         self.report_since = 0.0  # when the first of them came (monotonic)
         self.frozen_at = 0.0  # the last gc.freeze (monotonic): see _carry_out
+        self.progress_at = 0.0  # the last save_progress (monotonic)
+        self.progress_failed = False  # said once, until it works again
         self.taker = Taker(
             self.me.data, name, LedgerSettings.of(config), fsync=config.fsync
         )  # started at the first snapshot the core asks for
@@ -254,6 +259,15 @@ class Node:
                 self.reread_asked = True
                 wake_at = 0.0  # at once: the reply has left, the files are read next
 
+    def _save_progress(self, at: float) -> None:
+        """The term and committed index this directory holds, beside it (a restored copy
+        is found older at the next start: Storage.save_progress)."""
+        self.progress_at = at
+        why = self.storage.save_progress(self.core.replica.commit)
+        if why is not None and not self.progress_failed:
+            log.warning("%s; a copy of the data directory restored later goes unnoticed", why)
+        self.progress_failed = why is not None
+
     # --- snapshots, taken by the taker process (broker/taker.py)
     def _reap(self, now: Now) -> None:
         """The taker's snapshot, once it answers: handed to the core (None if not taken)."""
@@ -303,6 +317,8 @@ class Node:
             self._report(out)
         self.core.advance()
         at = time.monotonic()
+        if at >= self.progress_at + PROGRESS_EVERY:
+            self._save_progress(at)
         if self.core.applied.installing is not None or at >= self.frozen_at + FREEZE_EVERY:
             # The ledger and log are long-lived and acyclic: keep the cyclic GC from
             # rescanning them (a list splice: cheap). A full collection scans every object

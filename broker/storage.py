@@ -9,6 +9,9 @@ Files, all in the node's data directory:
   even by SIGKILL: they are never stale. The directory's lock is the one that holds when
   an administrator deletes the "stale" ``node.lock`` of a running node: a second process
   would lock a new file, then read the live log mid-write as damage and set it aside.
+- ``DATA.progress``, beside the directory, not in it: the term and committed index the
+  directory held, recorded each second (``save_progress``); a directory found below it
+  was restored from an older copy, and is damage (``_check_progress``).
 - ``node.json``: the marker ``{"node": name}``. Written by ``zbroker init`` (a brand-new
   triad) or when a node that lost its data has caught up again. A directory without it is
   *fresh*: the node may have voted or acknowledged deltas before its disk was lost, so it
@@ -172,6 +175,7 @@ LOG = "log"
 TMP_LOG = "log.tmp"  # a rewritten log (a compaction's, or a fresh one), renamed over LOG
 _WRITE_BUFFER = 1 << 20  # the taker's writes of a snapshot image
 _STATE = (MARKER, HARDSTATE, SNAPSHOT, LOG)  # what a load reads; the lock is not state
+PROGRESS = ".progress"  # DATA.progress, beside the directory: see Storage.save_progress
 DAMAGED = "damaged-"  # prefix of the folders that damaged files are moved into
 
 
@@ -308,6 +312,7 @@ class Storage:
         self._receiving: _Receiving | None = None
         self._compaction: _Compaction | None = None  # a log rewrite under way off the loop
         self._dir_unsynced = False  # a rename the next sync() makes durable
+        self._term = 0  # the hard state's, as last written or read
 
     # --- start-up
     def lock(self) -> None:
@@ -419,6 +424,7 @@ class Storage:
         if not path.exists():
             raise _Damage(path, None, "missing (a marked directory has one)")
         term, voted_for = hard
+        self._term = term
         data = path.read_bytes()
         records, good_end, torn_end = _scan(path, data)
         base, entries, spans = _replay(path, records)
@@ -432,6 +438,7 @@ class Storage:
         self._open_log(good_end, len(data), torn_end)
         self._base, self._spans, self._image = base, spans, snap
         self.last = entries[-1][0] if entries else base[0]
+        self._check_progress(term, max(self.last, snap_index))
         if snap_index != base[0]:
             # A compaction stored its snapshot, then stopped before it rewrote the log:
             # finish it, so that the entries appended next follow the snapshot on disk too.
@@ -441,6 +448,49 @@ class Storage:
 
     def _has(self, name: str) -> bool:
         return (self.dir / name).exists()
+
+    @property
+    def progress_path(self) -> Path:
+        return self.dir.with_name(self.dir.name + PROGRESS)
+
+    def save_progress(self, commit: int) -> str | None:
+        """Record beside the directory, after a sync, that it held its term and the
+        committed entries up to ``commit`` (as far as it holds them): a copy of the
+        directory restored later (a backup, a copy taken before an upgrade) is consistent,
+        only old, and would vote with grants it lost; ``load`` finds it older than this.
+        Beside, not in it, to outlive such a restore (not a whole machine's, which takes
+        this file back too). No fsync: a record lost or older only weakens the check.
+        Why it could not be written, if so: the node serves on without the check (the
+        directory's parent may not be writable)."""
+        image = self._image.index if self._image is not None else 0
+        index = min(commit, max(self.last, image))
+        record = {"node": self.node, "term": self._term, "index": index}
+        try:
+            _replace(self.progress_path, json.dumps(record).encode(), fsync=False)
+        except OSError as exc:
+            return f"{self.progress_path}: cannot write: {_os(exc)}"
+        return None
+
+    def _check_progress(self, term: int, last: int) -> None:
+        """_Damage when the directory is older than its progress record says it was. A
+        single server's directory is its only copy: better served old than emptied."""
+        if len(self.nodes) < 2:
+            return
+        try:
+            seen = json.loads(self.progress_path.read_bytes())
+            then, index = int(seen["term"]), int(seen["index"])
+            mine = seen["node"] == self.node
+        except (OSError, ValueError, TypeError, KeyError):
+            return  # none yet, or unreadable: nothing to compare with
+        if mine and (then > term or index > last):
+            raise _Damage(
+                self.dir,
+                None,
+                f"older than this node has been: it held term {then} and entry {index} "
+                f"({self.progress_path}), the directory holds term {term} and entries to "
+                f"{last}. A copy restored from a backup? It must not vote with grants it "
+                "lost: it recovers from its peers",
+            )
 
     def _start_fresh(self) -> Loaded:
         left = [n for n in (HARDSTATE, SNAPSHOT, LOG) if self._has(n)]
@@ -490,6 +540,7 @@ class Storage:
 
     def save_hard_state(self, term: int, voted_for: str | None) -> None:
         self._replace_record(HARDSTATE, {"term": term, "voted_for": voted_for})
+        self._term = term
 
     # --- snapshots
     def write_taken(self, ledger: Ledger, index: int, term: int) -> None:
@@ -676,6 +727,7 @@ class Storage:
     def _empty_state(self) -> None:
         """Term 0, no vote, an empty log: where a fresh node starts, unmarked."""
         _replace(self.dir / HARDSTATE, _frame({"term": 0, "voted_for": None}), fsync=self.fsync)
+        self._term = 0
         self._image = None
         self._new_log(0, 0)
 

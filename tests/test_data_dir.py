@@ -3,6 +3,8 @@ nodes: a second start, corrupted files restarted in a live triad, a disk that fi
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import resource
@@ -210,6 +212,12 @@ def test_corrupted_data_directories_restart_in_a_live_triad_as_wiped_nodes(
         shutil.copytree(data, pre)
         corrupt(data, ops)
         shutil.copytree(data, post)
+        # The node's record of what its directory held (Storage.save_progress), beside
+        # the copy too: a cut that reads as a torn tail but lost synced entries is damage.
+        progress, beside_post = Storage(data, victim).progress_path, Storage(post, victim)
+        beside_post.progress_path.unlink(missing_ok=True)
+        if progress.exists():
+            shutil.copy(progress, beside_post.progress_path)
         expected = _load(post, victim, triad.names)
         if not expected.fresh:  # the node comes back with exactly the state it had
             original = _load(pre, victim, triad.names)
@@ -408,3 +416,49 @@ def test_a_snapshot_whose_ledger_does_not_load_is_damage_and_status_says_why(
     assert "waiting for a primary to catch up from" in why
     assert (data / "hardstate").exists() and not (data / "node.json").exists()
     assert len(list(data.glob("damaged-*/snapshot"))) == 1
+
+
+def test_a_data_directory_restored_from_an_older_copy_recovers_and_loses_no_grant(
+    make_triad: Any, tmp_path: Path
+) -> None:
+    # The probe's case: a backup of alpha's directory, a grant that alpha and beta
+    # committed while gamma was down, then alpha restored and started with gamma alone.
+    # As it was, the copy voted with what it lost: the grant vanished, its seats were
+    # granted again, and the logs diverged.
+    triad: LocalTriad = make_triad(lease=60.0)
+    data = triad.config.node("alpha").data
+    with contextlib.ExitStack() as clients:
+        first = clients.enter_context(LicenseClient(triad.license, user="ann"))
+        first.checkout("viewer", timeout=10)
+        for name in triad.names:
+            triad.kill(name, signal.SIGTERM)
+        shutil.copytree(data, tmp_path / "backup")
+        triad.start("alpha", "beta")
+        second = clients.enter_context(LicenseClient(triad.license, user="bob"))
+        second.checkout("viewer", timeout=10)  # acknowledged: alpha and beta hold it
+        told = _grant_ids(triad, "viewer")
+        assert len(told) == 2
+        progress = Storage(data, "alpha").progress_path
+
+        def recorded() -> bool:  # alpha records each second what its directory holds
+            alpha = next(n for n in triad.status()["nodes"] if n["name"] == "alpha")
+            seen = json.loads(progress.read_bytes()) if progress.exists() else {}
+            return bool(seen) and seen["index"] >= alpha["commit"] > 0
+
+        wait_for(recorded, 10, "alpha's progress record")
+        for name in ("alpha", "beta"):
+            triad.kill(name, signal.SIGTERM)
+        shutil.rmtree(data)
+        shutil.copytree(tmp_path / "backup", data)
+        offset = _log_size(triad, "alpha")
+        triad.start("alpha", "gamma")
+        wait_for(
+            lambda: "older than this node has been" in _log_from(triad, "alpha", offset),
+            15,
+            "alpha to find its directory older than it was",
+        )
+        assert triad.status()["primary"] is None  # gamma never elects a wiped alpha
+        triad.start("beta")
+        triad.wait_for_primary(timeout=15)
+        assert _grant_ids(triad, "viewer") == told
+        wait_for(lambda: _caught_up(triad, "alpha"), 20, "alpha to catch up")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import struct
@@ -789,6 +790,64 @@ def test_a_lock_file_deleted_under_a_running_node_still_keeps_a_second_one_out(
     assert {p.name: p.read_bytes() for p in data.iterdir() if p.name != LOCK} == files
     first.close()
     assert [e[0] for e in _reload(data).entries] == [1, 2, 3, 4, 5]
+
+
+# --- a directory restored from an older copy
+
+
+def test_a_directory_older_than_its_progress_record_is_set_aside(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    # Consistent but old (a restored backup), it would vote with grants it lost.
+    data = tmp_path / "alpha"
+    _populated(data)  # term 2, entries 1-4
+    backup = tmp_path / "backup"
+    shutil.copytree(data, backup)
+    store = opened(data)
+    store.load()
+    store.save_hard_state(3, None)
+    store.append([(5, 3, {"k": "e"})])
+    store.sync()
+    assert store.save_progress(commit=9) is None  # held up to 5: 5 is recorded
+    assert json.loads(store.progress_path.read_text()) == {"node": "alpha", "term": 3, "index": 5}
+    store.close()
+    assert not _reload(data).fresh  # the directory itself is as recorded
+    shutil.rmtree(data)
+    shutil.copytree(backup, data)
+    loaded = _reload(data)
+    assert loaded.fresh and loaded.damaged, loaded
+    assert "older than this node has been: it held term 3 and entry 5" in loaded.why
+    assert "holds term 2 and entries to 4" in loaded.why
+
+
+def test_a_progress_record_that_cannot_vouch_changes_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "alpha"
+    _populated(data)
+    progress = tmp_path / "alpha.progress"
+    for text in ("", "{", '{"node": "beta", "term": 9, "index": 99}', '{"term": "x"}'):
+        progress.write_text(text)
+        assert not _reload(data).fresh, text
+    progress.write_text('{"node": "alpha", "term": 9, "index": 99}')
+    alone = Storage(data, "alpha", fsync=False, nodes=("alpha",))  # a single server's only copy
+    try:
+        assert not alone.load().fresh
+    finally:
+        alone.close()
+    assert _reload(data).damaged  # the same record, in a triad
+
+
+def test_a_progress_record_that_cannot_be_written_is_said_not_raised(
+    tmp_path: Path, opened: Callable[[Path], Storage]
+) -> None:
+    data = tmp_path / "alpha"
+    _populated(data)
+    (tmp_path / "alpha.progress.tmp").mkdir()  # the write's temporary name is taken
+    store = opened(data)
+    store.load()
+    why = store.save_progress(commit=4)
+    assert why is not None and why.startswith(f"{tmp_path / 'alpha.progress'}: cannot write")
+    store.append([(5, 2, {"k": "e"})])  # the node goes on
+    store.sync()
 
 
 @pytest.mark.integration
