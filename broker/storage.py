@@ -488,8 +488,8 @@ class Storage:
                 None,
                 f"older than this node has been: it held term {then} and entry {index} "
                 f"({self.progress_path}), the directory holds term {term} and entries to "
-                f"{last}. A copy restored from a backup? It must not vote with grants it "
-                "lost: it recovers from its peers",
+                f"{last}: a copy restored from a backup, or a log whose end was lost? It "
+                "must not vote with grants it lost: it recovers from its peers",
             )
 
     def _start_fresh(self) -> Loaded:
