@@ -505,6 +505,13 @@ def _own(triad: BenchTriad, name: str) -> dict[str, Any]:
     return node
 
 
+def _roles(triad: BenchTriad) -> dict[str, tuple[str, int]]:
+    """Each node's own role and term: compared before and after, no election between."""
+    return {
+        name: (node["role"], node["term"]) for name in triad.names if (node := _own(triad, name))
+    }
+
+
 def _in_use(triad: BenchTriad, name: str, feature: str) -> int:
     features = triad.status(name, timeout=5)[2]["features"]
     return int(next(f for f in features if f["name"] == feature)["in_use"])
@@ -527,8 +534,8 @@ def test_a_flood_never_read_costs_bounded_memory_no_election_and_no_service(
     triad = busy_triad
     primary = _settled(triad)
     _check_out_many(triad.endpoint[primary], GRANTS)
-    before = {name: _own(triad, name) for name in triad.names}
-    assert before[primary]["role"] == "primary"
+    before = _roles(triad)
+    assert before[primary][0] == "primary"
     pid = triad.pid(primary)
     rss = RssWatch(pid, abort_bytes=2 * 2**30)  # past 2 GiB the machine needs it back
     rss.start()
@@ -567,10 +574,7 @@ def test_a_flood_never_read_costs_bounded_memory_no_election_and_no_service(
         assert len(honest) >= 5 and max(honest) < 5.0, honest
         assert memory["killed_past_mb"] is None and triad.local.alive(primary)
         assert grown < RSS_BOUND and memory["rss_extra_mb"] < RSS_BOUND / 2**20, (grown, memory)
-        after = {name: _own(triad, name) for name in triad.names}
-        assert {n: (o["role"], o["term"]) for n, o in after.items()} == {
-            n: (o["role"], o["term"]) for n, o in before.items()
-        }, "an election happened during the flood"
+        assert _roles(triad) == before, "an election happened during the flood"
         assert _in_use(triad, primary, BENCH_FEATURE) == GRANTS
     finally:
         stop.set()
@@ -616,7 +620,7 @@ def test_a_message_of_a_million_frames_is_dropped_without_an_election(
     # ones) its bytes: read at once, this one held the loop for seconds (SPEC 6).
     triad = busy_triad
     primary = _settled(triad)
-    before = {name: _own(triad, name) for name in triad.names}
+    before = _roles(triad)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     attacker = ctx.socket(zmq.DEALER)
     attacker.connect(triad.endpoint[primary])
@@ -634,9 +638,6 @@ def test_a_message_of_a_million_frames_is_dropped_without_an_election(
                 replies.append(reply_of(attacker.recv()))
         assert [r.get("req") for r in replies] == [2], "the big message is dropped unanswered"
         assert replies[0]["status"] == "ok"
-        after = {name: _own(triad, name) for name in triad.names}
-        assert {n: (o["role"], o["term"]) for n, o in after.items()} == {
-            n: (o["role"], o["term"]) for n, o in before.items()
-        }, "an election happened while the node read the message"
+        assert _roles(triad) == before, "an election happened while the node read the message"
     finally:
         ctx.destroy(linger=0)
