@@ -242,7 +242,7 @@ class LicenseClient:
             raise ValueError(f"idle must be True or False, not {idle!r}")
         self._check_open()
         engine, links = self._joined()
-        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        deadline = time.monotonic() + self._budget(timeout)
         marked: list[Future[Any]] = [Future() for _ in links]
 
         def job(now: float) -> None:
@@ -413,7 +413,7 @@ class LicenseClient:
         self._check_open()
         engine, links = self._joined()
         link = links[grant._entry]
-        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
+        deadline = time.monotonic() + self._budget(timeout)
 
         def job(now: float, fut: Future[Any]) -> None:
             link.checkin(fut, now, grant, deadline)
@@ -443,7 +443,7 @@ class LicenseClient:
         (a checkout's queueing time); a failure of a kind in ``next_on`` moves on to the
         next entry, as FlexLM clients do.
         """
-        budget = self._timeout if timeout is None else timeout
+        budget = self._budget(timeout)
         engine, links = self._joined()
         failures: list[LicenseError] = []
         for i, link in enumerate(links):
@@ -476,7 +476,7 @@ class LicenseClient:
             engine, links = self._engine, self._links
         if engine is None or os.getpid() != self._pid:
             return
-        budget = min(self._timeout, CLOSE_TIMEOUT) if timeout is None else timeout
+        budget = min(self._timeout, CLOSE_TIMEOUT) if timeout is None else self._budget(timeout)
         deadline = time.monotonic() + budget
         closing: list[Future[Any]] = [Future() for _ in links]
 
@@ -551,6 +551,22 @@ class LicenseClient:
         except TimeoutError:
             # The I/O thread always answers by the deadline; this means it is stuck.
             raise OutcomeUnknown("the client's I/O thread did not answer in time") from None
+        except (OutcomeUnknown, LicenseUnavailable) as exc:
+            if self._closed:  # close() ended it, not its deadline nor the servers
+                raise ClientClosed(
+                    "the client was closed during the call; closing its sessions (or their "
+                    f"lease's end) frees whatever it got ({exc})"
+                ) from None
+            raise
+
+    def _budget(self, timeout: float | None) -> float:
+        """A call's ``timeout``, the client's when None; ValueError unless above 0 (a call
+        given none would be sent, and end unknown at once)."""
+        if timeout is None:
+            return self._timeout
+        if isinstance(timeout, bool) or not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, not {timeout!r}")
+        return float(timeout)
 
     def _check_open(self) -> None:
         if os.getpid() != self._pid:  # before anything: the parent's engine is not here

@@ -58,6 +58,7 @@ class Exchange:
     misses: int = 0
     round_connected: bool = False  # some send of the current round reached a connection
     cause: str | None = None  # why a send was refused locally, for the error it may end in
+    said: str | None = None  # the last node's own word for not serving it ("no quorum")
     starved: int = 0  # sends refused because the process had no descriptor for a connection
     redirected: int | None = None  # the node a redirect named, until a try went to it
     sent: dict[int, int] = field(default_factory=dict)  # node -> copies sent

@@ -238,7 +238,7 @@ class Link:
 
         def done(ex: Exchange, reply: Reply | None) -> None:
             if reply is None:
-                _fail(fut, self._unavailable(f"could serve the {op}", ex))
+                _fail(fut, self._unavailable(f"could serve the {op} request", ex))
             elif reply.status == Status.OK:
                 _resolve(fut, dict(reply.body))
             elif _is_unknown_session(reply):
@@ -340,6 +340,9 @@ class Link:
             # nothing about its fate: that copy still counts as unanswered.
             ex.record_reply(node)
         if reply.status in (Status.REDIRECT, Status.UNAVAILABLE):
+            detail = reply.body.get("detail")
+            if reply.status == Status.UNAVAILABLE and isinstance(detail, str) and detail:
+                ex.said = f"{self.endpoints[node]}: {detail[:200]}"
             if ex.in_flight and node != ex.node:
                 return True  # an older try's answer: the current try may still succeed
             to = None
@@ -392,6 +395,7 @@ class Link:
             self._waiting.remove(ex)
             if self._opening is not None:  # why the session it waited for did not open
                 ex.cause = ex.cause or self._opening.cause
+                ex.said = ex.said or self._opening.said
             ex.done(ex, None)  # never sent: definitely nothing happened
         for ex in list(self._table.values()):
             if ex.key not in self._table:
@@ -482,9 +486,12 @@ class Link:
         ex.done(ex, reply)
 
     def _unavailable(self, what: str, ex: Exchange) -> LicenseUnavailable:
-        """The error of a request that no node acted on, with the local cause if any."""
+        """The error of a request that no node acted on, with the local cause if any and
+        the last node's word (no quorum, an election) if one answered: the application
+        tells "nothing is running" from "the triad is between primaries"."""
         cause = f": {ex.cause}" if ex.cause else ""
-        return LicenseUnavailable(f"no server of {self.name} {what}{cause}")
+        said = f" (last answer: {ex.said})" if ex.said else " (no node answered)"
+        return LicenseUnavailable(f"no server of {self.name} {what}{cause}{said}")
 
     def _node_for(self, endpoint: str) -> int | None:
         if endpoint in self.endpoints:
@@ -542,7 +549,7 @@ class Link:
         self.sid = None
         waiting, self._waiting = self._waiting, []
         for w in waiting:
-            w.cause = w.cause or ex.cause
+            w.cause, w.said = w.cause or ex.cause, w.said or ex.said
             w.done(w, reply)
         lost = [g for g in self.held if g.state is GrantState.RECOVERING]
         for grant in lost:

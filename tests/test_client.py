@@ -29,7 +29,7 @@ from zbroker import (
     LicenseUnavailable,
     OutcomeUnknown,
 )
-from zbroker.clients.errors import ClientClosed
+from zbroker.clients.errors import ClientClosed, LicenseError
 
 pytestmark = pytest.mark.unit
 
@@ -231,6 +231,52 @@ def test_denials_are_definite_with_reasons(make_node: Callable[..., FakeNode]) -
         client.checkin(held)
 
 
+@pytest.mark.parametrize("timeout", [0, -5, 0.0, float("nan"), True])
+def test_a_call_given_no_time_is_refused_before_sending(
+    make_node: Callable[..., FakeNode], timeout: Any
+) -> None:
+    node = make_node(FakeLedger({"cad": 1}))
+    with LicenseClient([node.endpoint]) as client:
+        grant = client.checkout("cad")
+        for call in (
+            lambda: client.checkout("cad", timeout=timeout),
+            lambda: client.checkin(grant, timeout=timeout),
+            lambda: client.status(timeout=timeout),
+            lambda: client.set_idle(timeout=timeout),
+        ):
+            with pytest.raises(ValueError, match="timeout must be > 0 seconds"):
+                call()
+        assert len(node.ops("checkout")) == 1 and not node.ops("checkin")
+
+
+def test_a_call_in_flight_when_the_client_is_closed_says_so(
+    make_node: Callable[..., FakeNode],
+) -> None:
+    # It is not "no answer before the deadline": the deadline was far, and close() ended it.
+    ledger = FakeLedger({"cad": 1})
+    node = make_node(ledger)
+    node.swallow = lambda msg: msg.get("op") == "checkout"  # decided, never answered
+    client = LicenseClient([node.endpoint], timeout=30)
+    failed: list[BaseException] = []
+
+    def checkout() -> None:
+        try:
+            client.checkout("cad")
+        except LicenseError as exc:
+            failed.append(exc)
+
+    caller = threading.Thread(target=checkout)
+    caller.start()
+    wait_until(lambda: node.ops("checkout"), what="the checkout to be sent")
+    started = time.monotonic()
+    client.close()
+    caller.join(5)
+    assert not caller.is_alive() and time.monotonic() - started < 3
+    assert len(failed) == 1 and isinstance(failed[0], ClientClosed), failed
+    assert "closed during the call" in str(failed[0])
+    assert ledger.in_use("cad") == 0  # the close released what the checkout got
+
+
 @pytest.mark.parametrize("feature", ["", "f" * 257, "f" * 100_000, None, b"cad"])
 def test_a_feature_name_the_wire_cannot_carry_is_refused_before_sending(
     make_node: Callable[..., FakeNode], feature: Any
@@ -298,15 +344,17 @@ def test_only_unavailable_replies_is_definite(make_node: Callable[..., FakeNode]
     a, b = make_node(ledger, "unavailable"), make_node(ledger, "redirect")
     with LicenseClient([a.endpoint, b.endpoint], timeout=0.6) as client:
         start = time.monotonic()
-        with pytest.raises(LicenseUnavailable):
+        with pytest.raises(LicenseUnavailable) as unavailable:
             client.checkout("cad")
         assert time.monotonic() - start < 0.6 + 0.3
+        # the node's own word: "between primaries", not "nothing is running"
+        assert f"(last answer: {a.endpoint}: no quorum)" in str(unavailable.value)
 
 
 def test_no_server_at_all_fails_within_the_deadline() -> None:
     client = LicenseClient([free_endpoint(), free_endpoint(), free_endpoint()], timeout=0.5)
     start = time.monotonic()
-    with pytest.raises(LicenseUnavailable):
+    with pytest.raises(LicenseUnavailable, match=r"\(no node answered\)"):
         client.checkout("cad")
     assert time.monotonic() - start < 0.5 + 0.3
     start = time.monotonic()
