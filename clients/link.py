@@ -70,6 +70,11 @@ from zbroker.clients.wire import Reply, decode_reply, encode_request, failure_of
 log = logging.getLogger("zbroker.client")
 
 MAX_NODES = 6  # the triad's three, plus endpoints learned from redirects (other spellings)
+# While a checkout waits in a queue, the session heartbeats at least this often: a frozen
+# primary (SIGSTOP, a paused VM) breaks no connection, and the waiting checkout, which
+# gets no answer until a seat frees, would stay on it for its whole wait. The heartbeat
+# finds the new primary, and the checkout follows it (_follow).
+WAIT_CHECK = 1.0
 ACTIVE = (GrantState.HELD, GrantState.UNSAFE)
 
 # (link, node index, frame) -> handed to zmq? Raises LicenseUnavailable (with the cause)
@@ -150,6 +155,7 @@ class Link:
         self.heartbeat = 0.0
         self.lease_deadline = 0.0
         self.next_heartbeat = 0.0
+        self.heartbeat_sent = 0.0  # when the last heartbeat started
         self.held: list[Grant] = []  # grants of this link not yet released or lost
         self.idle = False  # the application said it is idle (TIMEOUT): a new session says so too
         self._hello = dict(hello)
@@ -349,12 +355,17 @@ class Link:
             target = reply.body.get("primary")
             if reply.status == Status.REDIRECT and isinstance(target, str):
                 to = self._node_for(target)
-                if to is not None:
-                    self.primary = to
+            moved = to is not None and to != self.primary
+            if to is not None:
+                self.primary = to
             self._missed(ex, to)
+            if moved:
+                self._follow()
             return True
         if ex.op != "status" and reply.status in (Status.OK, Status.DENIED):
-            self.primary = node  # only the primary gives those
+            if node != self.primary:  # only the primary gives those
+                self.primary = node
+                self._follow()
             if ex.sid == self.sid:
                 self._renewed(ex)
         # After the renewal, before the completion: a grant this reply gives is judged
@@ -415,7 +426,7 @@ class Link:
         if self.state is SessionState.OPEN:
             times.append(self.lease_deadline)
         if self.state in (SessionState.OPEN, SessionState.LAPSED) and self._hb is None:
-            times.append(self.next_heartbeat)
+            times.append(self._heartbeat_due())
         return min(times, default=float("inf"))
 
     # --- sending
@@ -465,6 +476,21 @@ class Link:
                 return
             if ex.resend_at > self._now:
                 return  # backing off: tick sends it
+
+    def _follow(self) -> None:
+        """A new primary: checkouts waiting in a queue on another node go to it (the same
+        request: a waiter already in its line stays one)."""
+        for ex in list(self._table.values()):
+            if ex.in_flight and ex.extra_try > 0 and ex.node != self.primary:
+                self._missed(ex, self.primary)
+
+    def _waiting_in_queue(self) -> bool:
+        return any(ex.in_flight and ex.extra_try > 0 for ex in self._table.values())
+
+    def _heartbeat_due(self) -> float:
+        if self._waiting_in_queue():
+            return min(self.next_heartbeat, self.heartbeat_sent + WAIT_CHECK)
+        return self.next_heartbeat
 
     def _missed(self, ex: Exchange, to: int | None) -> None:
         if not ex.miss(self._now, len(self.endpoints), to):
@@ -584,9 +610,9 @@ class Link:
         if (
             self.state in (SessionState.OPEN, SessionState.LAPSED)
             and self._hb is None
-            and now >= self.next_heartbeat
+            and now >= self._heartbeat_due()
         ):
-            self.next_heartbeat = now + self.heartbeat
+            self.next_heartbeat, self.heartbeat_sent = now + self.heartbeat, now
             deadline = now + max(self.heartbeat, 3 * self._try_timeout)
             self._hb = Exchange(
                 "heartbeat", {"op": "heartbeat"}, deadline, done=self._heartbeat_done, sid=self.sid

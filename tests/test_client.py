@@ -351,6 +351,33 @@ def test_only_unavailable_replies_is_definite(make_node: Callable[..., FakeNode]
         assert f"(last answer: {a.endpoint}: no quorum)" in str(unavailable.value)
 
 
+def test_a_checkout_waiting_on_a_frozen_primary_follows_the_new_one(
+    make_node: Callable[..., FakeNode],
+) -> None:
+    # A frozen primary (SIGSTOP) breaks no connection, and a queued checkout gets no
+    # answer until a seat frees: it sat on the frozen node for its whole wait (8 s in the
+    # probe) while the new primary had seats. The 1 s heartbeat of a waiting session finds
+    # the new primary, and the checkout goes to it: the same request, answered there.
+    ledger = FakeLedger({"cad": 5}, lease=30.0, heartbeat=10.0)
+    a, b = make_node(ledger), make_node(ledger, "redirect")
+    b.redirect_to = a.endpoint
+    a.swallow = lambda msg: msg.get("op") == "checkout"  # decided, waiting: no answer yet
+    with LicenseClient([a.endpoint, b.endpoint], timeout=5) as client:
+        client.status()  # the session opens on a first call: this one is unrelated
+        got: list[Grant] = []
+        waiter = threading.Thread(target=lambda: got.append(client.checkout("cad", wait=30)))
+        waiter.start()
+        wait_until(lambda: a.ops("checkout"), what="the checkout to reach a")
+        a.mode, b.mode = "silent", "primary"  # a freezes; b takes over
+        started = time.monotonic()
+        waiter.join(10)
+        assert got and got[0].feature == "cad", "the checkout waited out its wait on a"
+        assert time.monotonic() - started < 5
+        (sent,) = {(m["sid"], m["req"]) for m in a.ops("checkout")}
+        assert {(m["sid"], m["req"]) for m in b.ops("checkout")} == {sent}  # the same one
+        assert ledger.in_use("cad") == 1
+
+
 def test_no_server_at_all_fails_within_the_deadline() -> None:
     client = LicenseClient([free_endpoint(), free_endpoint(), free_endpoint()], timeout=0.5)
     start = time.monotonic()
