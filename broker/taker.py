@@ -209,6 +209,7 @@ class Taker:
     def ask(self, index: int, term: int) -> None:
         """Ask for the snapshot at ``index`` (of ``term``); one at a time."""
         assert self.asked is None
+        self._unstarted = ""  # a failed start that stop() cut short says nothing of this one
         process = self._process
         if process is None or process.poll() is not None:
             # subprocess starts it with vfork: nothing of the node's memory is copied.
