@@ -30,9 +30,11 @@ from __future__ import annotations
 import bisect
 import datetime
 import logging
+import socket
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Protocol
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -41,7 +43,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from zbroker.broker.config import ConfigError
 from zbroker.broker.model import Now, Reason
@@ -49,6 +51,14 @@ from zbroker.broker.tallies import CHECKIN_HOWS
 
 log = logging.getLogger("zbroker.metrics")
 REFRESH_EVERY = 1.0  # seconds between two snapshots
+# Scrapes answered at once, each in a thread of the node's process, and how long one
+# connection may take. prometheus_client's own server gives every connection a thread
+# for as long as it stays open: 400 connections at once to the metrics port (which needs
+# no key) took the GIL from the node's loop long enough to cost an election, and 800 slow
+# ones held 800 threads. Past MAX_SCRAPES a connection is closed unanswered (a scraper
+# tries again at its next interval); a slow one is dropped after SCRAPE_TIMEOUT.
+MAX_SCRAPES = 4
+SCRAPE_TIMEOUT = 5.0
 # Upper bounds of the latency buckets, seconds: a checkout takes about a millisecond at
 # low load (ZMQ-NOTES.md) and p99 targets are tens of milliseconds; above a second is a
 # failover or a stalled disk.
@@ -132,7 +142,7 @@ class Metrics:
         """
         host, port = self.listen
         try:
-            self._server, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+            self._server = _serve(host.strip("[]"), port, make_wsgi_app(self.registry))
         except OSError as exc:
             raise MetricsError(
                 f"node {self.node} cannot serve its metrics on {host}:{port}: {exc.strerror}; "
@@ -374,3 +384,54 @@ def _tally_families(
     for (feature, reason), count in denied.items():
         denials.add_metric([node, feature, reason], count)
     yield from (checkouts, checkins, denials)
+
+
+class _ScrapeHandler(WSGIRequestHandler):
+    timeout = SCRAPE_TIMEOUT  # the connection's socket timeout: a slow client is dropped
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Nothing: a scrape a second would fill the node's log."""
+
+
+class _ScrapeServer(ThreadingWSGIServer):
+    """prometheus_client's threading server, with at most MAX_SCRAPES handled at once."""
+
+    request_queue_size = 128  # the listen backlog: past socketserver's 5, a burst is refused
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_SCRAPES)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)  # closed unanswered: every slot is busy
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Nothing: socketserver prints a traceback for each scrape that timed out or
+        hung up, which a flood of them would pour into the node's log."""
+
+
+def _serve(host: str, port: int, app: Any) -> WSGIServer:
+    """``app`` served on ``host:port`` from a daemon thread; OSError when it cannot bind."""
+    family, _, _, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+
+    class Server(_ScrapeServer):
+        address_family = family  # IPv6 hosts too: HTTPServer binds AF_INET otherwise
+
+    server = make_server(str(address[0]), port, app, Server, handler_class=_ScrapeHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

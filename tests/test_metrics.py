@@ -8,6 +8,9 @@ driven directly: values come out as the report says, a refresh happens at most o
 from __future__ import annotations
 
 import datetime
+import socket
+import threading
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -15,9 +18,10 @@ from typing import Any
 import pytest
 from prometheus_client import generate_latest
 
+from zbroker.broker import metrics as metrics_module
 from zbroker.broker.config import ConfigError, load_config
-from zbroker.broker.demo import write_demo
-from zbroker.broker.metrics import DENIAL_REASONS, LATENCY_BUCKETS, ROLES, Metrics
+from zbroker.broker.demo import free_ports, write_demo
+from zbroker.broker.metrics import DENIAL_REASONS, LATENCY_BUCKETS, MAX_SCRAPES, ROLES, Metrics
 from zbroker.broker.model import Now
 from zbroker.broker.tallies import CHECKIN_HOWS
 
@@ -280,3 +284,30 @@ def test_a_metrics_listener_on_another_endpoints_port_is_refused(demo: Path) -> 
         message = str(info.value)
         assert all(word in message for word in words), message
         assert "each endpoint needs its own port" in message and "\n" not in message
+
+
+def test_scrapes_are_answered_a_few_at_a_time_and_slow_ones_are_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The metrics port needs no key: 400 connections at once, each given a thread of the
+    # node's process for as long as it stayed open, took the loop's GIL and an election.
+    monkeypatch.setattr(metrics_module._ScrapeHandler, "timeout", 0.5)
+    (port,) = free_ports(1)
+    m = Metrics("alpha", ("127.0.0.1", port))
+    m.serve()
+    before = threading.active_count()
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(50)]
+    try:
+        # Each is either given one of the few slots or closed unanswered at once.
+        for conn in slow[MAX_SCRAPES:]:
+            assert conn.recv(1) == b""
+        assert threading.active_count() <= before + MAX_SCRAPES
+        # The slow ones holding slots are dropped at their timeout; then a scrape is served.
+        for conn in slow[:MAX_SCRAPES]:
+            assert conn.recv(1) == b""
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            assert b"process_resident_memory_bytes" in answer.read()
+    finally:
+        for conn in slow:
+            conn.close()
+        m.close()
