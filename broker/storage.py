@@ -265,6 +265,9 @@ def write_marker(data_dir: Path, node: str) -> None:
     OSError when it cannot be written."""
     data_dir.mkdir(parents=True, exist_ok=True)
     if not (data_dir / HARDSTATE).exists() and not (data_dir / LOG).exists():
+        # A brand-new node: a progress record beside it is an earlier triad's, and would
+        # make its first load set the new state aside (all three: none left to recover).
+        data_dir.with_name(data_dir.name + PROGRESS).unlink(missing_ok=True)
         _replace(data_dir / HARDSTATE, _frame({"term": 0, "voted_for": None}))
         _replace(data_dir / LOG, _frame({"base": [0, 0]}) + bytes(_ZERO_CHUNK))
         _fsync_dir(data_dir)

@@ -30,6 +30,7 @@ from zbroker.broker.storage import (
     Loaded,
     Storage,
     StorageError,
+    bootstrap,
     write_marker,
 )
 from zbroker.clients.testing import wait_for
@@ -822,6 +823,20 @@ def test_a_progress_record_that_cannot_vouch_changes_nothing(tmp_path: Path) -> 
     finally:
         alone.close()
     assert _reload(data).damaged  # the same record, in a triad
+
+
+def test_a_brand_new_node_forgets_an_earlier_triads_progress_record(tmp_path: Path) -> None:
+    # A site that starts over (data directories deleted, zbroker bootstrap) would else
+    # find all three new directories "older" than the old records, and none could vote.
+    data = tmp_path / "alpha"
+    _populated(data)
+    progress = tmp_path / "alpha.progress"
+    progress.write_text('{"node": "alpha", "term": 9, "index": 99}')
+    shutil.rmtree(data)
+    bootstrap(data, "alpha")
+    assert not progress.exists()
+    loaded = _reload(data)
+    assert not loaded.fresh and not loaded.damaged
 
 
 def test_a_progress_record_that_cannot_be_written_is_said_not_raised(
