@@ -23,7 +23,16 @@ from typing import Any, NoReturn
 
 import click
 
-from zbroker.broker.report_stats import BY, OTHERS, UNKNOWN, Feature, Report
+from zbroker.broker.lmstat import clean
+from zbroker.broker.report_stats import (
+    BY,
+    NO_GROUP,
+    OTHERS,
+    UNKNOWN,
+    Feature,
+    Report,
+    ReportSpanError,
+)
 from zbroker.broker.reportfile import Merged, ReportFileError, merge, stream_files, verify
 
 TOP = 10  # rows of the "by user" tables printed; the CSV has them all
@@ -99,37 +108,54 @@ def report(
         sys.exit(_verify(streams))
     if by == "group" and options_path is None:
         _fail("--by group needs --options FILE: the options file's GROUP lines")
+    lo, hi = _when(start, "--from"), _when(end, "--to")
+    if lo is not None and hi is not None and hi <= lo:
+        _fail(f"--to {end} is not after --from {start}: the window would be empty")
     rep = Report(
-        start=_when(start, "--from"),
-        end=_when(end, "--to"),
+        start=lo,
+        end=hi,
         features=frozenset(features) or None,
         by=by,
         groups=_groups(options_path),
     )
     merged = Merged()
+    line = None
     try:
         for k, line in enumerate(merge(streams, merged)):
             if k == 0:
                 for header in merged.headers:  # what was so when the logs begin
                     rep.header(header.record)
             rep.add(line.record)
+        rep.finish()
     except ReportFileError as exc:
         _fail(str(exc))
-    rep.finish()
-    click.echo(render(rep, merged))
-    if csv_dir is not None:
-        write_csv(rep, csv_dir)
-    if png_dir is not None:
-        draw(rep, png_dir)
-    if merged.conflicts:
+    except ReportSpanError as exc:  # the record that stretched the span too far, if any
+        _fail(f"{line.path}:{line.number}: {exc}" if line is not None else str(exc))
+    if rep.outside_log():
+        _fail(f"the log has no records in the window {_t(rep.start)} to {_t(rep.end)}: "
+              f"its records run from {_t(rep.first_at)} to {_t(rep.clock)}")  # fmt: skip
+    click.echo(render(rep, merged, logs))
+    for flag, directory, write in (("--csv", csv_dir, write_csv), ("--png", png_dir, draw)):
+        if directory is not None:
+            try:
+                write(rep, directory)
+            except OSError as exc:
+                where = exc.filename or directory
+                _fail(f"{flag} {directory}: cannot write {where}: {exc.strerror or exc}")
+    if merged.conflicts or merged.missing_count:
         sys.exit(1)
+
+
+def _where(files: Sequence[Path]) -> Path:
+    """How a node's log is named: its directory, or its one file as given."""
+    return files[0].parent if len(files) > 1 else files[0]
 
 
 def _verify(streams: Sequence[Sequence[Path]]) -> int:
     bad = 0
     for files in streams:
         findings = verify(files)
-        where = files[0].parent if len(files) > 1 else files[0]
+        where = _where(files)
         if not findings:
             click.echo(f"{where}: {len(files)} file(s), the hash chain holds")
         for finding in findings:
@@ -142,7 +168,7 @@ def _verify(streams: Sequence[Sequence[Path]]) -> int:
 
 
 def _t(t: float | None) -> str:
-    if t is None:
+    if t is None or not math.isfinite(t):
         return "-"
     return datetime.datetime.fromtimestamp(t, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
@@ -156,7 +182,19 @@ def _hours(seat_seconds: float) -> str:
     return f"{seat_seconds / 3600:.2f}"
 
 
-def render(rep: Report, merged: Merged) -> str:
+def _name(text: Any) -> str:
+    """Text from the log as printed: a client chose it (a user, host, feature...), and a
+    control character in it must not reach the terminal (``\\x1b]0;...`` sets its title)."""
+    return text if text in (UNKNOWN, NO_GROUP, OTHERS) else clean(text)
+
+
+def _words(text: Any) -> str:
+    """Text from the log that is a phrase (a gap's why): each word through ``clean``."""
+    return " ".join(clean(word) for word in str(text).split())
+
+
+def render(rep: Report, merged: Merged, names: Sequence[Path] = ()) -> str:
+    """The text report; ``names``: each merged log's, as ``merged.spans`` orders them."""
     lo, hi = rep.window()
     primaries = f" ({_counts(rep.primaries)})" if rep.primaries else ""
     out = [
@@ -170,11 +208,14 @@ def render(rep: Report, merged: Merged) -> str:
         )
     for line in merged.gaps:
         r = line.record
-        out.append(f"  gap in {line.path}: indexes {r.get('from')}-{r.get('to')} ({r.get('why')})")
+        out.append(
+            f"  gap in {line.path}: indexes {r.get('from')}-{r.get('to')} ({_words(r.get('why'))})"
+        )
     for a, b in merged.conflicts:
         out.append(f"  DISAGREE: {a.path}:{a.number} and {b.path}:{b.number} (same index)")
+    out += _coverage(merged, names)
     if rep.unknown:
-        out.append(f"  deltas of kinds this schema does not know: {dict(rep.unknown)}")
+        out.append(f"  deltas of kinds this schema does not know: {_counts(rep.unknown)}")
     for name in sorted(rep.features):
         if name == UNKNOWN:
             continue
@@ -196,9 +237,43 @@ def render(rep: Report, merged: Merged) -> str:
     return "\n".join(out)
 
 
+def _coverage(merged: Merged, names: Sequence[Path]) -> list[str]:
+    """Several nodes' logs: how many records each holds and over which indexes, when they
+    differ, and each record one lacks inside its own span (a deleted line: exit 1). A log
+    that starts later or ends sooner lacks nothing: retention, or its node was down or
+    behind when it was read; but a deleted last line looks the same, so it is said."""
+    if len(merged.spans) < 2 or len(names) != len(merged.spans):
+        return []
+    out = []
+    if len(set(merged.counts)) > 1 or len(set(merged.spans)) > 1:
+        holed = {k for k, _, _ in merged.missing}
+        start = min(first for first, _ in merged.spans)
+        end = max(merged.ends)
+        for k, name in enumerate(names):
+            (first, last), count = merged.spans[k], merged.counts[k]
+            notes = []
+            if first > start:
+                notes.append("starts after the others (retention, or its node began later)")
+            if merged.ends[k] < end:
+                notes.append("ends before the others: its node down or behind when read, "
+                             "or its last lines deleted")  # fmt: skip
+            if k in holed:
+                notes.append("lacks records that another log holds (below)")
+            note = f": {'; '.join(notes)}" if notes else ""
+            out.append(f"  {name}: {count} records, indexes {first}-{last}{note}")
+    for k, ix, n in merged.missing:
+        out.append(
+            f"  MISSING: {names[k]} lacks record {ix}/{n} that another log holds, inside its "
+            "own span and no gap of its own: a deleted line"
+        )
+    if merged.missing_count > len(merged.missing):
+        out.append(f"  MISSING: ... {merged.missing_count - len(merged.missing)} more")
+    return out
+
+
 def _counts(c: Any, top: int = TOP) -> str:
     items = sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))
-    text = ", ".join(f"{k} {v}" for k, v in items[:top])
+    text = ", ".join(f"{_name(k)} {v}" for k, v in items[:top])
     return text + (f", ... ({len(items) - top} more)" if len(items) > top else "") or "none"
 
 
@@ -214,7 +289,7 @@ def _percent(share: float | None) -> float:
 def _feature_text(rep: Report, f: Feature) -> list[str]:
     total = _end_count(rep, f.name)
     util = _percent(f.utilisation())
-    head = f"feature {f.name}: count {total}"
+    head = f"feature {_name(f.name)}: count {total}"
     weighted = f.count_average()
     if weighted is not None and not math.isclose(weighted, total):
         head += f" at the window's end, {weighted:.2f} on average over it (the count changed)"
@@ -246,11 +321,11 @@ def _feature_text(rep: Report, f: Feature) -> list[str]:
     else:
         out.append("  queue waits: none (no checkout waited, or the log predates `waited`)")
     hours = sorted(f.hours.items(), key=lambda kv: (-kv[1], kv[0]))
-    shown = ", ".join(f"{k} {_hours(v)}" for k, v in hours[:TOP])
+    shown = ", ".join(f"{_name(k)} {_hours(v)}" for k, v in hours[:TOP])
     out.append(f"  seat-hours by {rep.by}: {shown or 'none'}")
     if f.idle:
         idle = sorted(f.idle.items(), key=lambda kv: (-kv[1], kv[0]))
-        shown = ", ".join(f"{k} {_hours(v)}" for k, v in idle[:TOP])
+        shown = ", ".join(f"{_name(k)} {_hours(v)}" for k, v in idle[:TOP])
         out.append(f"  seat-hours held while idle: {_hours(sum(f.idle.values()))} ({shown})")
     out += _over_time(rep, f)
     return out
@@ -298,11 +373,31 @@ def _covered(rep: Report, start: float, width: float) -> float:
 # --- CSV ---------------------------------------------------------------------------------
 
 
+FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet may run as a formula
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a client-chosen name (a user, a feature)
+    starting like a formula gets a single quote before it (OWASP, "CSV injection"). Our
+    own figures never start so: no number the report writes is negative."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA) else value
+
+
+class _SafeWriter:
+    """``csv.writer`` whose every cell goes through ``_cell``."""
+
+    def __init__(self, fh: Any) -> None:
+        self._w = csv.writer(fh)
+
+    def writerow(self, row: Sequence[Any]) -> None:
+        self._w.writerow([_cell(v) for v in row])
+
+
 def write_csv(rep: Report, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     names = sorted(rep.features)
     with (directory / "features.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
+        w = _SafeWriter(fh)
         w.writerow(["feature", "count", "peak", "peak_at", "average", "p95", "utilisation",
                     "seconds_at_100", "windows_at_100", "checkouts", "checkins", "denials",
                     "wait_p50", "wait_p95", "queued", "borrows", "linger_seat_hours",
@@ -318,7 +413,7 @@ def write_csv(rep: Report, directory: Path) -> None:
                         f"{f.linger_seconds / 3600:.6f}",
                         f"{sum(f.idle.values()) / 3600:.6f}"])  # fmt: skip
     with (directory / "use_over_time.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
+        w = _SafeWriter(fh)
         w.writerow(["start", "seconds", "feature", "average", "peak", "count", "denials",
                     "utilisation"])  # fmt: skip
         for k in sorted(rep.buckets):
@@ -330,7 +425,7 @@ def write_csv(rep: Report, directory: Path) -> None:
                             rep.total(name, t) if b.count is None else b.count, b.denials,
                             "" if util is None else f"{util:.4f}"])  # fmt: skip
     with (directory / "denials.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
+        w = _SafeWriter(fh)
         w.writerow(["feature", "kind", "name", "denials"])
         for name in names:
             f = rep.features[name]
@@ -339,13 +434,13 @@ def write_csv(rep: Report, directory: Path) -> None:
             for user, n in sorted(f.denied_users.items()):
                 w.writerow([name, "user", user, n])
     with (directory / f"hours_by_{rep.by}.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
+        w = _SafeWriter(fh)
         w.writerow(["feature", rep.by, "seat_hours"])
         for name in names:
             for key, v in sorted(rep.features[name].hours.items()):
                 w.writerow([name, key, f"{v / 3600:.6f}"])
     with (directory / "idle_hours.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
+        w = _SafeWriter(fh)
         w.writerow(["feature", "user", "seat_hours_idle"])
         for name in names:
             for key, v in sorted(rep.features[name].idle.items()):

@@ -69,6 +69,10 @@ MAX_IDLE = 100_000  # idle sessions kept before those holding nothing are forgot
 DAY = 86400  # a line's expiry changes the count at a UTC midnight
 
 
+class ReportSpanError(ValueError):
+    """The records span more time than the widest time buckets can hold."""
+
+
 @dataclass
 class Bucket:
     seat_seconds: float = 0.0
@@ -508,6 +512,8 @@ class Report:
         if hi <= lo:
             return
         span = hi - lo
+        if f.in_use > f.peak:  # a level held into the window is in use in it: from its start
+            f.peak, f.peak_at = f.in_use, lo
         f.seconds += span
         f.seat_seconds += f.in_use * span
         f.at_level[f.in_use] = f.at_level.get(f.in_use, 0.0) + span
@@ -560,7 +566,11 @@ class Report:
     def _widen(self) -> None:
         i = LADDER.index(self.bucket)
         if i + 1 >= len(LADDER):
-            raise ValueError("the report's window is too long for its time buckets")
+            years = MAX_BUCKETS * LADDER[-1] / (365 * DAY)
+            raise ReportSpanError(
+                f"the records span more than {years:.0f} years, more than the report's time "
+                "buckets hold: a wrong time in the log, or give a shorter --from/--to window"
+            )
         old, self.bucket = self.bucket, LADDER[i + 1]
         merged: dict[int, dict[str, Bucket]] = {}
         for k, row in sorted(self.buckets.items()):  # in time order: the last count holds
@@ -606,6 +616,15 @@ class Report:
             if f.full_since is not None:
                 self._close_window(f, t)
                 f.full_since = None
+
+    def outside_log(self) -> bool:
+        """The window (given with --from or --to) holds no record of the log: it ends before
+        the first record's time or starts after the last one's; or no record has a time."""
+        if self.start == -math.inf and self.end == math.inf:
+            return False
+        if self.first_at is None or self.clock is None:
+            return True
+        return self.end < self.first_at or self.start > self.clock
 
     def window(self) -> tuple[float | None, float | None]:
         lo = self.first_at if self.start == -math.inf else self.start

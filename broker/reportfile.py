@@ -345,7 +345,115 @@ def read_stream(files: Iterable[Path]) -> Iterator[Line]:
                     raise ReportFileError(f"{path}:{number}: not a JSON record") from None
                 if not isinstance(record, dict) or "ev" not in record:
                     raise ReportFileError(f"{path}:{number}: not a report record")
+                problem = check_record(record)
+                if problem is not None:
+                    raise ReportFileError(f"{path}:{number}: {problem}")
                 yield Line(path, number, record)
+
+
+# --- what a record must hold -------------------------------------------------------------
+#
+# A line can hold a valid hash and still lack what the report needs (a writer's bug, a
+# hand-made log, a line sealed by whoever can write the file): the reader checks every
+# field the report reads of each event it knows, so that such a line is one error naming
+# it, never a crash deep in the figures. Fields and events it does not know stay ignored
+# (docs/reportlog.md: a reader ignores them).
+
+MAX_INT = 2**53  # counts, indexes and grant ids past this are no real log's (and overflow floats)
+MAX_TIME = 253_402_300_799.0  # 9999-12-31T23:59:59Z: the last second a date can print
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < MAX_INT
+
+
+def _is_time(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= MAX_TIME
+
+
+_INT = ("a whole number from 0 to 2**53", _is_int)
+_TIME = ("a Unix time from 1970 to 9999", _is_time)
+_TEXT = ("a string", lambda v: isinstance(v, str))
+_SEAT = {"feature": _TEXT, "count": _INT, "grant": _INT, "in_use": _INT}
+_ENTRY = ("term", "reread", "out", "borrow", "in", "linger", "return", "deny", "queued",
+          "dequeued", "idle", "busy", "unknown")  # fmt: skip
+# Fields each event needs (the value must pass the check), and fields it may lack but
+# that, when present and not null, must pass it.
+_NEEDS: dict[str, dict[str, tuple[str, Any]]] = {
+    "out": _SEAT,
+    "borrow": _SEAT,
+    "in": _SEAT,
+    "linger": _SEAT,
+    "return": _SEAT,
+    "gap": {"from": _INT, "to": _INT},
+    "upto": {"to": _INT},
+}
+_MAY: dict[str, dict[str, tuple[str, Any]]] = {
+    "in": {"since": _TIME},
+    "linger": {"since": _TIME},
+    "return": {"since": _TIME},
+    "deny": {"feature": _TEXT},
+    "queued": {"feature": _TEXT},
+    "dequeued": {"feature": _TEXT},
+}
+
+
+def check_record(record: Record) -> str | None:
+    """What a record lacks or holds wrongly for the report, in words (None: nothing).
+
+    Checks the fields of the events the report knows: ``ix`` and ``n`` of every entry's
+    record, ``at``, the seat fields, a reread's or header's ``lines`` and ``in_use``."""
+    ev = record["ev"]
+    if not isinstance(ev, str):
+        return "a record whose 'ev' is not a string"
+    what = f"{ev!r} record"
+    if ev in _ENTRY or "ix" in record:  # an entry's record, or one the merge orders by index
+        for name in ("ix", "n"):
+            if not _is_int(record.get(name)):
+                return _wrong(what, name, record, _INT[0])
+    at = record.get("at")
+    if at is not None and not _is_time(at):
+        return _wrong(what, "at", record, _TIME[0] + ", or null")
+    for name, (kind, ok) in _NEEDS.get(ev, {}).items():
+        if not ok(record.get(name)):
+            return _wrong(what, name, record, kind)
+    for name, (kind, ok) in _MAY.get(ev, {}).items():
+        value = record.get(name)
+        if value is not None and not ok(value):
+            return _wrong(what, name, record, kind + " when present")
+    if ev == "reread" or (ev in ("file", "gap") and "lines" in record):
+        problem = _lines_problem(record.get("lines"))
+        if problem is not None:
+            return f"{what}: 'lines' {problem}"
+    if ev in ("file", "gap") and record.get("in_use") is not None:
+        in_use = record["in_use"]
+        if not isinstance(in_use, dict) or not all(_is_int(n) for n in in_use.values()):
+            return f"{what}: 'in_use' must map features to {_INT[0]}"
+    return None
+
+
+def _wrong(what: str, name: str, record: Record, kind: str) -> str:
+    if name not in record:
+        return f"{what} without {name!r} ({kind})"
+    return f"{what} whose {name!r} is not {kind}"
+
+
+def _lines_problem(lines: Any) -> str | None:
+    """A reread's or header's entitlement lines: a list of {feature, count, expires?}."""
+    if not isinstance(lines, list):
+        return "must be a list of entitlement lines"
+    for k, line in enumerate(lines, 1):
+        if not isinstance(line, dict):
+            return f"line {k} is not an object"
+        if not isinstance(line.get("feature"), str):
+            return f"line {k} has no 'feature' string"
+        count = line.get("count")
+        if count is not None and not _is_int(count):  # null reads as 0, as before
+            return f"line {k}: 'count' is not {_INT[0]}"
+        expires = line.get("expires")
+        if expires is not None and not isinstance(expires, str):
+            return f"line {k}: 'expires' is not a date string or null"
+    return None
 
 
 @dataclass
@@ -356,20 +464,35 @@ class Merged:
     gaps: list[Line] = field(default_factory=list)
     conflicts: list[tuple[Line, Line]] = field(default_factory=list)  # same index, not equal
     spans: list[tuple[int, int]] = field(default_factory=list)  # each stream's first, last ix
+    counts: list[int] = field(default_factory=list)  # each stream's records (with an index)
+    ends: list[tuple[int, int]] = field(default_factory=list)  # each stream's last (ix, n)
+    # (stream, ix, n): a record others hold that a stream lacks inside its own span and
+    # outside its gaps. A node writes every record in log order and marks with a gap what it
+    # cannot write, so such a hole is a deleted line (or a writer's bug), never normal.
+    missing: list[tuple[int, int, int]] = field(default_factory=list)
+    missing_count: int = 0
 
 
-MAX_KEPT = 100  # gaps and conflicts kept for the report: memory stays bounded
+MAX_KEPT = 100  # gaps, conflicts and missing records kept for the report: memory stays bounded
 
 
 def merge(streams: Sequence[Sequence[Path]], merged: Merged) -> Iterator[Line]:
     """The records of several nodes' logs, merged by (index, n), each once.
 
     Records of one index that differ between nodes are counted in ``merged.conflicts``
-    (the first one read is kept); headers and gaps go to ``merged`` instead of out.
+    (the first one read is kept); a record that a stream lacks although it holds records
+    before and after it, and no gap of its own covers it, in ``merged.missing``; headers
+    and gaps go to ``merged`` instead of out. A stream that starts later or ends sooner
+    than the others (retention, a node down or behind) lacks nothing: ``spans`` and
+    ``counts`` say how far each one goes.
     """
-    firsts: list[int | None] = [None] * len(streams)
-    lasts = [0] * len(streams)
-    headed = [False] * len(streams)
+    n = len(streams)
+    firsts: list[int | None] = [None] * n
+    lasts = [0] * n
+    ends = [(0, 0)] * n
+    counts = [0] * n
+    headed = [False] * n
+    gaps: list[list[range]] = [[] for _ in range(n)]  # every gap of each stream (few)
 
     def keyed(k: int, files: Sequence[Path]) -> Iterator[tuple[int, int, int, Line]]:
         for line in read_stream(files):
@@ -378,23 +501,52 @@ def merge(streams: Sequence[Sequence[Path]], merged: Merged) -> Iterator[Line]:
                 if r["ev"] == "file" and not headed[k]:
                     headed[k] = True
                     merged.headers.append(line)
-                elif r["ev"] == "gap" and len(merged.gaps) < MAX_KEPT:
-                    merged.gaps.append(line)
+                elif r["ev"] == "gap":
+                    gaps[k].append(range(r["from"], r["to"] + 1))
+                    if len(merged.gaps) < MAX_KEPT:
+                        merged.gaps.append(line)
                 continue
-            if firsts[k] is None:
-                firsts[k] = r["ix"]
-            lasts[k] = r["ix"]
             yield r["ix"], r["n"], k, line
 
-    last: tuple[int, int, int, Line] | None = None
-    for item in heapq.merge(*(keyed(k, files) for k, files in enumerate(streams))):
-        if last is not None and item[:2] == last[:2]:
-            if _same(item[3].record, last[3].record) is False and len(merged.conflicts) < MAX_KEPT:
-                merged.conflicts.append((last[3], item[3]))
-            continue
-        last = item
-        yield item[3]
+    # One head per stream, by (ix, n, stream): a stream's next record (and the gaps
+    # before it) is read before any later key is looked at, so when a key is done every
+    # stream that lacks it has its head past it and its gaps up to there known.
+    iters = [keyed(k, files) for k, files in enumerate(streams)]
+    heap = [head for it in iters if (head := next(it, None)) is not None]
+    heapq.heapify(heap)
+    alive = {head[2] for head in heap}
+    while heap:
+        ix, number, _, first = heap[0]
+        holders: list[int] = []
+        while heap and heap[0][:2] == (ix, number):
+            _, _, k, line = heap[0]
+            holders.append(k)
+            if firsts[k] is None:
+                firsts[k] = ix
+            lasts[k] = ix
+            ends[k] = (ix, number)
+            counts[k] += 1
+            differs = line is not first and not _same(line.record, first.record)
+            if differs and len(merged.conflicts) < MAX_KEPT:
+                merged.conflicts.append((first, line))
+            head = next(iters[k], None)
+            if head is None:
+                heapq.heappop(heap)
+                alive.discard(k)
+            else:
+                heapq.heapreplace(heap, head)
+        for k in range(n):
+            # begun before this key, records after it, no gap over it: a hole
+            if k in holders or firsts[k] is None or k not in alive:
+                continue
+            if not any(ix in g for g in gaps[k]):
+                merged.missing_count += 1
+                if len(merged.missing) < MAX_KEPT:
+                    merged.missing.append((k, ix, number))
+        yield first
     merged.spans = [(f or 0, lasts[k]) for k, f in enumerate(firsts)]
+    merged.counts = counts
+    merged.ends = ends
 
 
 def _same(a: Record, b: Record) -> bool:
