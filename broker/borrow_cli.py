@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from zbroker.broker.cli import (
+    EXIT_CONFIG,
     EXIT_REFUSED,
     _fail,
     _feature,
@@ -97,8 +98,11 @@ def borrow(
 
     The triad counts a borrowed seat until its end through any failover or restart;
     this computer keeps the signed token, and checkouts of FEATURE are served from it
-    first, with or without a server in reach. Exit 1 when refused (the reason is printed).
+    first, with or without a server in reach. Exit 1 when refused (the reason is printed);
+    2 when the token store (ZBROKER_BORROW_DIR) cannot be written: checked before asking,
+    and a borrow whose token could not be saved is given back where the line allows.
     """
+    from zbroker.clients.borrow import StoreError
     from zbroker.clients.client import LicenseClient
     from zbroker.clients.errors import LicenseError as ClientError
 
@@ -127,6 +131,8 @@ def borrow(
             token = client.borrow(
                 feature, until=until, hours=hours, version=min_version, count=count
             )
+    except StoreError as exc:  # the store is this computer's setup, not the triad's answer
+        _fail(exc, EXIT_CONFIG)
     except ClientError as exc:
         _fail(exc, EXIT_REFUSED)
     click.echo(

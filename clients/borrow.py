@@ -22,16 +22,29 @@ another host) no longer verifies.
 Trust. A token is only as good as the key that checks it: the library takes the
 borrow public keys from the license files it reads (``BORROW_KEY=`` on SERVER lines,
 ``zbroker.clients.licfile``), never from the token. ``refusal`` says why a token may not
-be used: unknown key, bad signature, other user or host, not started or ended.
+be used (unknown key, bad signature, other user or host, a start too far ahead of this
+clock, ended) and whether to keep it.
+
+Clocks. ``start`` and ``end`` are the triad's clock; the laptop's may be off, and a clock
+must never destroy a token the triad still counts. A token exists only once the triad
+signed it, so a ``start`` after this computer's time proves this clock is behind: up to
+``CLOCK_SLACK`` it serves (it serves past the triad's end by at most as much); further
+behind it is kept, not served, until the clock reaches ``start - CLOCK_SLACK``, since
+serving it would stretch its end by the whole skew. Past its ``end`` by this clock a
+token no longer serves (stopping early is the safe side of a fast clock), but it is
+deleted only ``ENDED_KEPT`` after its end: a clock that fast (a wrong time zone) deletes
+nothing the triad still counts, and set right, the token serves again until its end.
 
 Store. One file per token, ``<dir>/<triad key prefix>-<feature>.json``, written
 atomically (a temporary file renamed over it), mode 0600. The directory is
 ``ZBROKER_BORROW_DIR`` when set (tests point it at a temporary directory), else
 ``$XDG_DATA_HOME/zbroker/borrow`` (``~/.local/share/zbroker/borrow``); ``%APPDATA%``
-on Windows.
+on Windows. ``check`` proves the directory can take a token before a borrow asks the
+triad: a seat lent whose token cannot be kept serves nobody offline.
 
-This module is a leaf of the library: the standard library and ``cryptography`` only,
-so that the node (which signs) and the library (which verifies) share one format.
+This module is a leaf of the library: the standard library, ``cryptography`` and the
+library's errors only, so that the node (which signs) and the library (which verifies)
+share one format.
 """
 
 from __future__ import annotations
@@ -50,6 +63,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from zbroker.clients.errors import LicenseError
+
 TOKEN_VERSION = 1
 STORE_ENV = "ZBROKER_BORROW_DIR"
 KEY_HEX = 64  # an Ed25519 public key is 32 bytes
@@ -57,10 +72,53 @@ SIG_HEX = 128  # an Ed25519 signature is 64 bytes
 MAX_TOKEN_BYTES = 4096  # a token is a few hundred bytes: anything larger is not one
 _HEX = re.compile(r"[0-9a-f]+\Z")
 _SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+# How far behind the triad's this computer's clock may be and a token still serve: a
+# laptop without NTP is seconds off, Kerberos allows 5 minutes for the same reason.
+CLOCK_SLACK = 300.0
+# How long after its end (by this clock) a token is kept: a day covers any time zone
+# set wrong (UTC-12 to UTC+14), the largest mistake a clock commonly makes.
+ENDED_KEPT = 86_400.0
 
 
 class TokenError(ValueError):
     """A token (a map, a file) that is not a well-formed borrow token: says what is wrong."""
+
+
+class StoreError(LicenseError):
+    """The token store cannot keep a token: ``directory`` and the OS's ``reason``.
+
+    Raised by ``borrow`` before it asks the triad: nothing was borrowed (``TokenNotKept``
+    when saving fails after). The CLI exits 2.
+    """
+
+    def __init__(self, directory: Path, reason: str) -> None:
+        super().__init__(f"cannot keep borrow tokens in {directory}: {reason}; {self.fix()}")
+        self.directory = directory
+        self.reason = reason
+
+    @staticmethod
+    def fix() -> str:
+        return f"make it a directory this user can write, or point {STORE_ENV} (borrow_dir=) at one"
+
+
+class TokenNotKept(StoreError):
+    """The triad lent the seats, then the token could not be saved.
+
+    ``token`` is the token lost; ``returned``: the seats were given back (nothing is
+    borrowed), else they stay lent with no token until ``token.end`` unless returned
+    (``no_early_return`` lines cannot be), and ``detail`` says which.
+    """
+
+    def __init__(self, cause: StoreError, token: Token, returned: bool, after: str) -> None:
+        LicenseError.__init__(
+            self,
+            f"borrowed {token.count} seat(s) of {token.feature} (grant {token.grant}), but "
+            f"cannot keep its token in {cause.directory}: {cause.reason}; {after}; {self.fix()}",
+        )
+        self.directory = cause.directory
+        self.reason = cause.reason
+        self.token = token
+        self.returned = returned
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,33 +205,63 @@ def signature_ok(token: Token) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Why a token may not serve now, and what to do with it."""
+
+    why: str
+    keep: bool = False  # it may serve later (a clock) or on another path (its key): keep it
+    clock: bool = False  # this computer's clock is off: worth a warning, once
+
+
 def refusal(
     token: Token, *, trusted: frozenset[str], user: str, host: str, now: float
-) -> str | None:
+) -> Refused | None:
     """Why ``token`` may not serve ``user`` on ``host`` at wall time ``now``; None: it may.
 
-    ``trusted`` are the borrow public keys (hex) the license files of the path name.
+    ``trusted`` are the borrow public keys (hex) the license files of the path name. Only
+    what no clock can change deletes a token (see "Clocks" in the module docstring).
     """
+    name = f"borrow token of {token.feature}"
     if token.triad not in trusted:
-        return (
-            f"borrow token of {token.feature} is signed by borrow key {token.triad[:16]}..., "
-            "which no license file of the path names (BORROW_KEY= on its SERVER lines)"
+        return Refused(
+            f"{name} is signed by borrow key {token.triad[:16]}..., which no license file "
+            "of the path names (BORROW_KEY= on its SERVER lines)",
+            keep=True,
         )
     if not signature_ok(token):
-        return f"borrow token of {token.feature} does not verify: forged or altered"
+        return Refused(f"{name} does not verify: forged or altered")
     if token.user != user or token.host != host:
-        return (
-            f"borrow token of {token.feature} is for user {token.user!r} on host "
-            f"{token.host!r}, not {user!r} on {host!r}"
+        return Refused(
+            f"{name} is for user {token.user!r} on host {token.host!r}, not {user!r} on {host!r}"
         )
     if now >= token.end:
-        return f"borrow token of {token.feature} ended at {when(token.end)}"
-    if now < token.start:
-        return (
-            f"borrow token of {token.feature} starts at {when(token.start)}, after this "
-            "computer's time: is its clock right?"
+        ended = f"{name} ended at {when(token.end)} by this computer's clock"
+        if now >= token.end + ENDED_KEPT:
+            return Refused(ended)
+        return Refused(
+            f"{ended}; kept until {when(token.end + ENDED_KEPT)} in case this clock is fast",
+            keep=True,
+        )
+    if now < token.start - CLOCK_SLACK:
+        return Refused(
+            f"{name} was signed by the triad at {when(token.start)}, {_span(token.start - now)}"
+            f" after this computer's time: this clock is behind the triad's by at least that "
+            f"(more than the {_span(CLOCK_SLACK)} allowed); the token is kept and serves from "
+            f"{when(token.start - CLOCK_SLACK)} by this clock: set the clock right",
+            keep=True,
+            clock=True,
         )
     return None
+
+
+def _span(seconds: float) -> str:
+    """A length of time as a person reads it in a refusal."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def when(wall: float) -> str:
@@ -204,25 +292,57 @@ class TokenStore:
 
     def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
         self.directory = Path(directory) if directory is not None else default_dir()
+        # Signatures of tokens a clock keeps from serving that were warned about: a clock
+        # that is off is said once per token, not on every checkout.
+        self.warned: set[str] = set()
 
     def path_of(self, triad: str, feature: str) -> Path:
         return self.directory / f"{triad[:16]}-{_SAFE.sub('_', feature)}.json"
 
+    def check(self) -> None:
+        """Make the directory if need be and prove a token can be written in it now, as
+        ``save`` writes one; StoreError naming the directory and the cause if not."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(prefix=".check-", dir=self.directory)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as exc:
+            raise self._error(exc) from None
+
     def save(self, token: Token) -> Path:
-        """Write ``token`` (replacing one of the same triad and feature); its path."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        """Write ``token`` (replacing one of the same triad and feature); its path.
+        StoreError when it cannot be written (nothing is left behind)."""
         path = self.path_of(token.triad, token.feature)
-        fd, tmp = tempfile.mkstemp(prefix=".token-", dir=self.directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(prefix=".token-", dir=self.directory)
+        except OSError as exc:
+            raise self._error(exc) from None
         try:
             with os.fdopen(fd, "w", encoding="ascii") as f:
                 json.dump(token.to_map(), f, sort_keys=True, indent=1)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise self._error(exc) from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+    def _error(self, exc: OSError) -> StoreError:
+        # The OS says "File exists" of a file where the directory should be, and "Not a
+        # directory" of one under a file: name the file in the way instead.
+        for at in (self.directory, *self.directory.parents):
+            try:
+                if at.exists() and not at.is_dir():
+                    return StoreError(self.directory, f"{at} is a file, not a directory")
+            except OSError:  # not even that can be seen: the OS's words are all there is
+                break
+        return StoreError(self.directory, exc.strerror or str(exc))
 
     def files(self) -> Iterator[Path]:
         if self.directory.is_dir():

@@ -45,7 +45,17 @@ from types import TracebackType
 from typing import Any, cast
 
 from zbroker.clients import engine as shared
-from zbroker.clients.borrow import Token, TokenError, TokenStore, refusal
+from zbroker.clients.borrow import (
+    CLOCK_SLACK,
+    Refused,
+    StoreError,
+    Token,
+    TokenError,
+    TokenNotKept,
+    TokenStore,
+    refusal,
+    when,
+)
 from zbroker.clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
 from zbroker.clients.engine import Engine
 from zbroker.clients.errors import (
@@ -282,7 +292,9 @@ class LicenseClient:
         signed token it returns is kept in the token store, and ``checkout`` uses it
         while no server of the path answers. Raises LicenseDenied (``not_borrowable``,
         ``borrow_end``, ``already_borrowed``, ``lowwater``, or a checkout's reasons),
-        LicenseUnavailable, OutcomeUnknown, ProtocolError (a malformed token).
+        LicenseUnavailable, OutcomeUnknown, ProtocolError (a malformed token), StoreError
+        (the token store cannot be written: checked before the triad is asked), and
+        TokenNotKept (saving failed after the triad lent the seats: given back if it can).
         """
         if until is not None and hours is not None:
             raise ValueError("give until or hours, not both")
@@ -293,19 +305,46 @@ class LicenseClient:
                 raise ValueError(f"{name} must be a finite number above 0 or None, not {value!r}")
         fields = {"feature": feature, "count": count, "version": version, "until": until,
                   "hours": hours}  # fmt: skip
+        check_feature(feature)
+        # Before the triad lends anything: a seat lent whose token cannot be kept is
+        # counted until its end and serves nobody offline.
+        self._tokens.check()
         body = self._ask_path("borrow", fields, timeout, (LicenseDenied, LicenseUnavailable))
         try:
             token = Token.from_map(body.get("token"))
         except TokenError as exc:
             raise ProtocolError(f"the triad's borrow reply holds no usable token: {exc}") from None
-        if token.triad not in self._trusted():
+        try:
+            self._tokens.save(token)
+        except StoreError as exc:  # the store broke since the check (a full disk, ...)
+            # The seats are lent and no token holds them: give them back if the line allows.
+            try:
+                self.return_borrow(feature, timeout)
+            except LicenseError as failed:
+                lent = f"the seats stay lent, with no token, until {when(token.end)}"
+                if isinstance(failed, LicenseDenied) and failed.reason == "no_early_return":
+                    after = f"its line forbids returning them early (NO_EARLY_RETURN): {lent}"
+                else:
+                    after = (
+                        f"giving them back failed ({failed}): {lent} unless returned "
+                        f"(return_borrow, zbroker borrow {feature} --return)"
+                    )
+                raise TokenNotKept(exc, token, False, after) from None
+            raise TokenNotKept(
+                exc, token, True, "the seats were given back: nothing is borrowed"
+            ) from None
+        now = time.time()
+        why = refusal(token, trusted=self._trusted(), user=token.user, host=token.host, now=now)
+        if why is not None:
+            log.warning("borrowed %s, but its token cannot serve offline now: %s", feature, why.why)
+            self._tokens.warned.add(token.sig)  # said now: checkouts need not say it again
+        elif now - token.start > CLOCK_SLACK:  # a fast clock: it ends early here, say so now
             log.warning(
-                "borrowed %s, but no license file of the path names its borrow key %s "
-                "(BORROW_KEY=): the token cannot serve offline",
+                "borrowed %s: this computer's clock is %.0f s ahead of the triad's, so its "
+                "token stops serving that much before its end: set the clock right",
                 feature,
-                token.triad,
+                now - token.start,
             )
-        self._tokens.save(token)
         return token
 
     def return_borrow(self, feature: str, timeout: float | None = None) -> None:
@@ -349,8 +388,9 @@ class LicenseClient:
 
     def _usable(self, feature: str) -> list[Token]:
         """The tokens of ``feature`` that may serve now; deletes the ones that never will
-        (unreadable, forged, altered, ended, another user's or host's), keeps those of a
-        borrow key the path does not name (another license path's)."""
+        (unreadable, forged, altered, ended a day ago, another user's or host's), keeps
+        those a clock that is off holds back, and those of a borrow key the path does not
+        name (another license path's): see ``refusal``."""
         found = list(self._tokens.tokens(feature))
         if not found:
             return []  # no license file read for nothing
@@ -358,17 +398,22 @@ class LicenseClient:
         user, host = self._hello["user"], self._hello["host"]
         out = []
         for path, token in found:
-            why = str(token) if isinstance(token, TokenError) else None
-            if isinstance(token, Token):
-                why = refusal(token, trusted=trusted, user=user, host=host, now=now)
-                if why is None:
+            if isinstance(token, TokenError):
+                why = Refused(str(token))
+            else:
+                refused = refusal(token, trusted=trusted, user=user, host=host, now=now)
+                if refused is None:
                     out.append(token)
                     continue
-                if token.triad not in trusted:
-                    log.info("%s: not used: %s", path, why)
-                    continue
-            log.warning("%s: deleted: %s", path, why)
-            self._tokens.delete(path)
+                why = refused
+            if not why.keep:
+                log.warning("%s: deleted: %s", path, why.why)
+                self._tokens.delete(path)
+            elif isinstance(token, Token) and why.clock and token.sig not in self._tokens.warned:
+                self._tokens.warned.add(token.sig)
+                log.warning("%s: not used: %s", path, why.why)
+            else:
+                log.info("%s: not used: %s", path, why.why)
         return out
 
     def _from_token(self, feature: str, count: int, version: str | None) -> Grant | None:

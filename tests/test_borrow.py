@@ -8,15 +8,17 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from zbroker import LicenseClient
+from zbroker import LicenseClient, LicenseDenied, LicenseUnavailable
 from zbroker.broker import borrow
 from zbroker.broker.borrow import BorrowReason, Lent, sign, sign_facts
 from zbroker.broker.ledger import Ledger
@@ -26,7 +28,18 @@ from zbroker.broker.options import OptionsSyntaxError, parse_options
 from zbroker.broker.policy import Policy, Principal
 from zbroker.broker.seats import Catalog, Denial, LedgerError, entitlement_from_map
 from zbroker.broker.wire import RemoteProtocolError, decode_request, pack
-from zbroker.clients.borrow import Token, TokenError, TokenStore, refusal, signature_ok
+from zbroker.clients.borrow import (
+    CLOCK_SLACK,
+    ENDED_KEPT,
+    Refused,
+    StoreError,
+    Token,
+    TokenError,
+    TokenNotKept,
+    TokenStore,
+    refusal,
+    signature_ok,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -458,35 +471,64 @@ TRUSTED = frozenset({HEX})
 
 def refused(
     t: Token, *, user: str = "ann", host: str = "lap", now: float = WALL + 60
-) -> str | None:
+) -> Refused | None:
     return refusal(t, trusted=TRUSTED, user=user, host=host, now=now)
 
 
-def test_a_good_token_serves() -> None:
-    assert refused(token()) is None
+@pytest.mark.parametrize(
+    "now",
+    [
+        WALL + 60,
+        WALL - 2,  # this clock 2 s behind the triad's: the token is newer than this clock
+        WALL - CLOCK_SLACK + 1,  # as far behind as allowed
+        WALL + 24 * HOUR - 1,  # the last second
+    ],
+)
+def test_a_good_token_serves(now: float) -> None:
+    assert refused(token(), now=now) is None
+
+
+END = WALL + 24 * HOUR
 
 
 @pytest.mark.parametrize(
-    ("what", "t", "kw", "why"),
+    ("what", "t", "kw", "why", "keep"),
     [
-        ("altered end", token(end=WALL + 240 * HOUR), {}, "forged or altered"),
-        ("altered count", token(count=5), {}, "forged or altered"),
-        ("altered host", token(host="desk"), {"host": "desk"}, "forged or altered"),
-        ("forged with a trusted key's name", token(sig="ab" * 64), {}, "forged or altered"),
+        ("altered end", token(end=WALL + 240 * HOUR), {}, "forged or altered", False),
+        ("altered count", token(count=5), {}, "forged or altered", False),
+        ("altered host", token(host="desk"), {"host": "desk"}, "forged or altered", False),
+        ("forged with a trusted key's name", token(sig="ab" * 64), {}, "forged or altered", False),
         (
             "forged with the forger's key",
             sign(Ed25519PrivateKey.generate(), token()),
             {},
             "no license file of the path names",
+            True,  # it may be another license path's
         ),
-        ("expired", token(), {"now": WALL + 24 * HOUR}, "ended at"),
-        ("another host", token(), {"host": "desk"}, "not 'ann' on 'desk'"),
-        ("another user", token(), {"user": "bob"}, "not 'bob' on 'lap'"),
-        ("before its start: this clock is off", token(), {"now": WALL - 3600}, "clock"),
+        ("another host", token(), {"host": "desk"}, "not 'ann' on 'desk'", False),
+        ("another user", token(), {"user": "bob"}, "not 'bob' on 'lap'", False),
+        # Ended by this clock, which may be fast: not served, kept a day after its end.
+        ("ended", token(), {"now": END}, "kept until", True),
+        ("ended nearly a day ago", token(), {"now": END + ENDED_KEPT - 1}, "ended at", True),
+        ("ended a day ago", token(), {"now": END + ENDED_KEPT}, "ended at", False),
+        # Newer than this clock by more than the slack: the clock is behind; kept.
+        ("this clock far behind", token(), {"now": WALL - 3600}, "behind the triad's", True),
+        ("this clock just too far behind", token(), {"now": WALL - CLOCK_SLACK - 1}, "", True),
     ],
 )
-def test_a_token_is_refused(what: str, t: Token, kw: dict[str, object], why: str) -> None:
-    assert why in (refused(t, **kw) or ""), what  # type: ignore[arg-type]
+def test_a_token_is_refused(
+    what: str, t: Token, kw: dict[str, object], why: str, keep: bool
+) -> None:
+    got = refused(t, **kw)  # type: ignore[arg-type]
+    assert got is not None and why in got.why, what
+    assert got.keep == keep, what
+
+
+def test_a_clock_far_behind_says_by_how_much_and_when_the_token_serves() -> None:
+    got = refused(token(), now=WALL - 2 * HOUR)
+    assert got is not None and got.keep and got.clock
+    assert "2.0 h after this computer's time" in got.why
+    assert "serves from 2025-11-30 10:48:20 UTC by this clock" in got.why
 
 
 def test_the_store_keeps_and_deletes_tokens(tmp_path: Path) -> None:
@@ -545,6 +587,184 @@ def test_a_borrowed_seat_serves_first_without_asking_a_server(tmp_path: Path) ->
     assert [p.name for p, _ in TokenStore(tmp_path / "tokens").tokens()] == [
         TokenStore(tmp_path / "tokens").path_of(t.triad, "cad").name
     ]  # the borrow goes on: its token stays
+
+
+def _offline_license(tmp_path: Path) -> Path:
+    """A license naming the test key and a server that is never dialled."""
+    with socket.socket() as s:  # a port of the OS's, never dialled: nothing is asked
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    lic = tmp_path / "site.lic"
+    lic.write_text(f"SERVER alpha ANY {endpoint} BORROW_KEY={HEX}\nVENDOR demo\n")
+    return lic
+
+
+def test_a_clock_that_is_off_deletes_no_valid_token(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The laptop's clock behind the triad's (the token's start after this clock) or fast
+    (its end passed here first): a valid token is never deleted for it. A little behind,
+    it serves; far behind, it is kept and said once; ended here, kept for a day."""
+    lic, now = _offline_license(tmp_path), time.time()
+    stores = {
+        name: TokenStore(tmp_path / name)
+        for name in ("skewed", "far_behind", "ended", "long_ended")
+    }
+    facts = {  # a token signed by the triad at start (its clock)
+        "skewed": (now + 2, now + HOUR),  # this clock 2 s behind
+        "far_behind": (now + HOUR, now + 2 * HOUR),  # an hour behind
+        "ended": (now - HOUR, now - 60),  # ended by this clock, which may be fast
+        "long_ended": (now - 3 * ENDED_KEPT, now - ENDED_KEPT - 60),
+    }
+    paths = {
+        name: stores[name].save(sign(KEY, Token("cad", "2.0", 1, "ann", "lap", *se, 7, triad="")))
+        for name, se in facts.items()
+    }
+
+    def client(name: str) -> LicenseClient:
+        return LicenseClient(str(lic), user="ann", host="lap", borrow_dir=tmp_path / name)
+
+    with client("skewed") as c:
+        grant = c.checkout("cad")
+        assert grant.borrowed_until == facts["skewed"][1] and c._engine is None
+        assert [t.start for t in c.borrowed()] == [facts["skewed"][0]]
+    with client("far_behind") as c, caplog.at_level(logging.INFO, logger="zbroker.client"):
+        assert c._from_token("cad", 1, None) is None
+        assert c._from_token("cad", 1, None) is None
+        assert c.borrowed() == []
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == 1 and "behind the triad's by at least" in warned[0], warned
+        assert "60 min after this computer's time" in warned[0]
+    with client("ended") as c:
+        assert c._from_token("cad", 1, None) is None
+    with client("long_ended") as c:
+        assert c._from_token("cad", 1, None) is None
+    assert [name for name, path in paths.items() if path.exists()] == [
+        "skewed",
+        "far_behind",
+        "ended",
+    ]
+
+
+def _fake_triad(
+    client: LicenseClient,
+    monkeypatch: pytest.MonkeyPatch,
+    on_borrow: Callable[[], None] = lambda: None,
+    returned: Exception | None = None,
+    ahead: float = 0.0,
+) -> list[str]:
+    """Stands in for the triad's answers to ``borrow`` (a token of grant 7, after
+    ``on_borrow``; the triad's clock ``ahead`` of this one) and ``return`` (``returned``
+    raised, if given): what was asked."""
+    asked: list[str] = []
+    now = time.time() + ahead
+
+    def ask(op: str, fields: dict[str, object], *args: object) -> dict[str, object]:
+        asked.append(op)
+        if op == "borrow":
+            on_borrow()
+            t = sign(KEY, Token("cad", "2.0", 1, "ann", "lap", now, now + 24 * HOUR, 7, triad=""))
+            return {"token": t.to_map()}
+        if returned is not None:
+            raise returned
+        return {"grant": 7}
+
+    monkeypatch.setattr(client, "_ask_path", ask)
+    return asked
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "cannot be made"])
+def test_a_store_that_cannot_be_written_is_found_before_the_triad_is_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    lic = _offline_license(tmp_path)
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory\n")
+    store = {
+        "a file": blocker,
+        "under a file": blocker / "borrow",
+        "cannot be made": Path("/proc/no/such/borrow"),  # refused to root as well
+    }[where]
+    with LicenseClient(str(lic), user="ann", host="lap", borrow_dir=store) as client:
+        asked = _fake_triad(client, monkeypatch)
+        with pytest.raises(StoreError) as raised:
+            client.borrow("cad", hours=1)
+    assert asked == []  # nothing lent
+    assert raised.value.directory == store and str(store) in str(raised.value)
+    assert "ZBROKER_BORROW_DIR" in str(raised.value)
+    if where != "cannot be made":
+        assert f"{blocker} is a file, not a directory" in str(raised.value)
+    else:
+        assert "No such file or directory" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("ahead", "says"),
+    [
+        (HOUR, "60 min after this computer's time: this clock is behind the triad's"),
+        (-HOUR, "this computer's clock is 3600 s ahead of the triad's"),
+    ],
+)
+def test_a_borrow_says_at_once_when_this_clock_is_off(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    ahead: float,
+    says: str,
+) -> None:
+    lic, store = _offline_license(tmp_path), tmp_path / "tokens"
+    with LicenseClient(str(lic), user="ann", host="lap", borrow_dir=store) as client:
+        _fake_triad(client, monkeypatch, ahead=ahead)
+        with caplog.at_level(logging.WARNING, logger="zbroker.client"):
+            token = client.borrow("cad", hours=1)
+            served = client._from_token("cad", 1, None)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and says in warned[0], warned  # and not again at the checkout
+    assert (served is not None) == (ahead < 0)  # a fast clock serves, until the end here
+    assert [t for _, t in TokenStore(store).tokens()] == [token]  # kept either way
+
+
+def _break_store(store: Path) -> None:
+    """The store fails between the check and the save (a disk filled, a mount gone)."""
+    if store.is_dir():  # made by the check (a client that does not check never made it)
+        store.rmdir()
+    store.write_text("in the way\n")
+
+
+@pytest.mark.parametrize(
+    ("returned", "given_back", "says"),
+    [
+        (None, True, "the seats were given back: nothing is borrowed"),
+        (
+            LicenseDenied("no_early_return", "cad 2.0 may not be returned before its end"),
+            False,
+            "forbids returning them early (NO_EARLY_RETURN): the seats stay lent, with no token,",
+        ),
+        (
+            LicenseUnavailable("no server answered"),
+            False,
+            "giving them back failed (no server answered): the seats stay lent",
+        ),
+    ],
+)
+def test_a_token_that_cannot_be_saved_gives_its_seat_back(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    returned: Exception | None,
+    given_back: bool,
+    says: str,
+) -> None:
+    lic, store = _offline_license(tmp_path), tmp_path / "tokens"
+    with LicenseClient(str(lic), user="ann", host="lap", borrow_dir=store) as client:
+        asked = _fake_triad(client, monkeypatch, lambda: _break_store(store), returned)
+        with pytest.raises(TokenNotKept) as raised:
+            client.borrow("cad", hours=1)
+    assert asked == ["borrow", "return"]
+    error = raised.value
+    assert isinstance(error, StoreError) and error.returned == given_back
+    assert error.token.grant == 7 and error.directory == store
+    assert str(error).startswith("borrowed 1 seat(s) of cad (grant 7), but cannot keep its token")
+    assert f"{store} is a file, not a directory" in str(error) and says in str(error)
 
 
 # --------------------------------------------------------------- under random histories

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from zbroker import LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
 from zbroker.broker.borrow import load_borrow_key, sign
-from zbroker.clients.borrow import Token, TokenStore
+from zbroker.clients.borrow import ENDED_KEPT, Token, TokenStore
 from zbroker.clients.testing import LocalTriad, wait_for
 
 pytestmark = pytest.mark.integration
@@ -202,8 +202,13 @@ def test_a_borrowed_seat_serves_with_every_node_stopped_and_bad_tokens_do_not(
     key = load_borrow_key(triad.config.borrow_key)  # type: ignore[arg-type]
     bad = {
         "altered": dataclasses.replace(token, end=token.end + 30 * 86400),
+        # Ended a day ago by this clock: no clock that fast is allowed for (a just-ended
+        # one is kept a day: tests/test_borrow.py).
         "expired": sign(
-            key, dataclasses.replace(token, start=time.time() - 7200, end=time.time() - 60)
+            key,
+            dataclasses.replace(
+                token, start=time.time() - 3 * ENDED_KEPT, end=time.time() - ENDED_KEPT - 60
+            ),
         ),
         "forged": dataclasses.replace(
             token, sig=Ed25519PrivateKey.generate().sign(token.payload()).hex()
@@ -252,6 +257,18 @@ def test_the_borrow_command(make_triad: Callable[..., LocalTriad], tmp_path: Pat
     late = zbroker("cad", "--until", "2001-01-01T00:00")
     assert late.returncode == 1 and "is this computer's clock right?" in late.stderr
     assert "Traceback" not in late.stderr
+
+    # A token store that cannot be written: found before the triad is asked; nothing lent.
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory\n")
+    for store in (blocker, blocker / "borrow"):
+        env["ZBROKER_BORROW_DIR"] = str(store)
+        bad = zbroker("cad", "--hours", "1")
+        assert bad.returncode == 2, bad.stderr
+        assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+        assert f"cannot keep borrow tokens in {store}: {blocker} is a file" in bad.stderr
+        assert "ZBROKER_BORROW_DIR" in bad.stderr
+        assert borrows(triad) == []  # nothing lent
 
 
 def test_a_node_whose_borrow_key_cannot_be_read_exits_2_with_one_line(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ if os.path.exists(os.path.join(os.path.dirname(__file__), "compiled.json")):
     _check_compiled()
 
 if TYPE_CHECKING:  # what the names are, for type checkers; at run time see __getattr__
-    from zbroker.clients.borrow import BorrowToken
+    from zbroker.clients.borrow import BorrowToken, StoreError, TokenNotKept
     from zbroker.clients.client import LicenseClient
     from zbroker.clients.errors import (
         ClientClosed,
@@ -60,6 +60,8 @@ __all__ = [
     "LicenseUnavailable",
     "OutcomeUnknown",
     "ProtocolError",
+    "StoreError",
+    "TokenNotKept",
 ]
 
 
@@ -68,6 +70,8 @@ _HOMES = {
     "Grant": "grant",
     "GrantState": "grant",
     "BorrowToken": "borrow",
+    "StoreError": "borrow",
+    "TokenNotKept": "borrow",
 }  # else errors
 
 
