@@ -102,9 +102,9 @@ def borrow(
     2 when the token store (ZBROKER_BORROW_DIR) cannot be written: checked before asking,
     and a borrow whose token could not be saved is given back where the line allows.
     """
-    from zbroker.clients.borrow import StoreError
     from zbroker.clients.client import LicenseClient
     from zbroker.clients.errors import LicenseError as ClientError
+    from zbroker.clients.tokens import StoreError
 
     if hours is not None and until is not None:
         raise click.UsageError("give --hours or --until, not both")

@@ -21,6 +21,7 @@ from typing import Any
 
 import zmq
 
+from zbroker.broker.lmstat import clean
 from zbroker.clients.curve import ClientCurve, process_keypair
 from zbroker.clients.licpath import server_keys
 from zbroker.clients.wire import Reply, decode_reply, encode_request
@@ -306,8 +307,10 @@ def render(status: dict[str, Any]) -> str:
                 f"{r['unused']} unused"
             )
         for h in f.get("holders", ()):
+            # what a client chose to call itself: no escape sequence reaches the terminal
+            who = " ".join(clean(h[k]) for k in ("user", "host", "display"))
             lines.append(
-                f"    {h['user']} {h['host']} {h['display']} v{h['version']}, "
+                f"    {who} v{h['version']}, "
                 f"{h['count']} seat(s), grant {h['grant']}, since {_local(h['since'])}"
                 + _held_on(h)
             )

@@ -1,4 +1,5 @@
-"""Borrow tokens: a borrowed seat's facts as the triad signed them, and the library's store.
+"""Borrow tokens: a borrowed seat's facts as the triad signed them (the library's store of
+them: ``clients/tokens.py``).
 
 A borrow (docs/admin.md, "Borrowing") is a grant that no lease expires, counted on the
 triad until its end. When it commits, the primary signs its facts with the triad's
@@ -52,18 +53,13 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import re
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from zbroker.clients.errors import LicenseError
 
 TOKEN_VERSION = 1
 STORE_ENV = "ZBROKER_BORROW_DIR"
@@ -71,7 +67,7 @@ KEY_HEX = 64  # an Ed25519 public key is 32 bytes
 SIG_HEX = 128  # an Ed25519 signature is 64 bytes
 MAX_TOKEN_BYTES = 4096  # a token is a few hundred bytes: anything larger is not one
 _HEX = re.compile(r"[0-9a-f]+\Z")
-_SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+SAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 # How far behind the triad's this computer's clock may be and a token still serve: a
 # laptop without NTP is seconds off, Kerberos allows 5 minutes for the same reason.
 CLOCK_SLACK = 300.0
@@ -82,43 +78,6 @@ ENDED_KEPT = 86_400.0
 
 class TokenError(ValueError):
     """A token (a map, a file) that is not a well-formed borrow token: says what is wrong."""
-
-
-class StoreError(LicenseError):
-    """The token store cannot keep a token: ``directory`` and the OS's ``reason``.
-
-    Raised by ``borrow`` before it asks the triad: nothing was borrowed (``TokenNotKept``
-    when saving fails after). The CLI exits 2.
-    """
-
-    def __init__(self, directory: Path, reason: str) -> None:
-        super().__init__(f"cannot keep borrow tokens in {directory}: {reason}; {self.fix()}")
-        self.directory = directory
-        self.reason = reason
-
-    @staticmethod
-    def fix() -> str:
-        return f"make it a directory this user can write, or point {STORE_ENV} (borrow_dir=) at one"
-
-
-class TokenNotKept(StoreError):
-    """The triad lent the seats, then the token could not be saved.
-
-    ``token`` is the token lost; ``returned``: the seats were given back (nothing is
-    borrowed), else they stay lent with no token until ``token.end`` unless returned
-    (``no_early_return`` lines cannot be), and ``detail`` says which.
-    """
-
-    def __init__(self, cause: StoreError, token: Token, returned: bool, after: str) -> None:
-        LicenseError.__init__(
-            self,
-            f"borrowed {token.count} seat(s) of {token.feature} (grant {token.grant}), but "
-            f"cannot keep its token in {cause.directory}: {cause.reason}; {after}; {self.fix()}",
-        )
-        self.directory = cause.directory
-        self.reason = cause.reason
-        self.token = token
-        self.returned = returned
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,110 +230,3 @@ def when(wall: float) -> str:
     except (OverflowError, OSError, ValueError):
         return f"{wall:.0f} s"
     return at.strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-# --- the store ---------------------------------------------------------------------------
-
-
-def default_dir() -> Path:
-    """Where tokens live: ``ZBROKER_BORROW_DIR``, else the user's data directory."""
-    given = os.environ.get(STORE_ENV)
-    if given:
-        return Path(given)
-    if os.name == "nt" and os.environ.get("APPDATA"):
-        return Path(os.environ["APPDATA"]) / "zbroker" / "borrow"
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "zbroker" / "borrow"
-
-
-class TokenStore:
-    """The borrow tokens of one user, one file each (see the module docstring)."""
-
-    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
-        self.directory = Path(directory) if directory is not None else default_dir()
-        # Signatures of tokens a clock keeps from serving that were warned about: a clock
-        # that is off is said once per token, not on every checkout.
-        self.warned: set[str] = set()
-
-    def path_of(self, triad: str, feature: str) -> Path:
-        return self.directory / f"{triad[:16]}-{_SAFE.sub('_', feature)}.json"
-
-    def check(self) -> None:
-        """Make the directory if need be and prove a token can be written in it now, as
-        ``save`` writes one; StoreError naming the directory and the cause if not."""
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(prefix=".check-", dir=self.directory)
-            os.close(fd)
-            os.unlink(tmp)
-        except OSError as exc:
-            raise self._error(exc) from None
-
-    def save(self, token: Token) -> Path:
-        """Write ``token`` (replacing one of the same triad and feature); its path.
-        StoreError when it cannot be written (nothing is left behind)."""
-        path = self.path_of(token.triad, token.feature)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(prefix=".token-", dir=self.directory)
-        except OSError as exc:
-            raise self._error(exc) from None
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as f:
-                json.dump(token.to_map(), f, sort_keys=True, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
-            raise self._error(exc) from None
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
-
-    def _error(self, exc: OSError) -> StoreError:
-        # The OS says "File exists" of a file where the directory should be, and "Not a
-        # directory" of one under a file: name the file in the way instead.
-        for at in (self.directory, *self.directory.parents):
-            try:
-                if at.exists() and not at.is_dir():
-                    return StoreError(self.directory, f"{at} is a file, not a directory")
-            except OSError:  # not even that can be seen: the OS's words are all there is
-                break
-        return StoreError(self.directory, exc.strerror or str(exc))
-
-    def files(self) -> Iterator[Path]:
-        if self.directory.is_dir():
-            yield from sorted(self.directory.glob("*.json"))
-
-    def load(self, path: Path) -> Token:
-        """The token in ``path``; TokenError when it is no token, OSError when unreadable."""
-        with path.open("rb") as f:
-            data = f.read(MAX_TOKEN_BYTES + 1)
-        if len(data) > MAX_TOKEN_BYTES:
-            raise TokenError(f"{path}: larger than {MAX_TOKEN_BYTES} bytes: not a borrow token")
-        try:
-            m = json.loads(data.decode("ascii"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise TokenError(f"{path}: not a borrow token ({exc})") from None
-        try:
-            return Token.from_map(m)
-        except TokenError as exc:
-            raise TokenError(f"{path}: {exc}") from None
-
-    def tokens(self, feature: str | None = None) -> Iterator[tuple[Path, Token | TokenError]]:
-        """Every file of the store (of ``feature`` only, when given) and its token, or the
-        TokenError that says why it is none."""
-        for path in self.files():
-            try:
-                token: Token | TokenError = self.load(path)
-            except TokenError as exc:
-                token = exc
-            except OSError as exc:
-                token = TokenError(f"{path}: cannot read: {exc.strerror}")
-            if feature is None or isinstance(token, TokenError) or token.feature == feature:
-                yield path, token
-
-    def delete(self, path: Path) -> None:
-        path.unlink(missing_ok=True)

@@ -45,17 +45,7 @@ from types import TracebackType
 from typing import Any, cast
 
 from zbroker.clients import engine as shared
-from zbroker.clients.borrow import (
-    CLOCK_SLACK,
-    Refused,
-    StoreError,
-    Token,
-    TokenError,
-    TokenNotKept,
-    TokenStore,
-    refusal,
-    when,
-)
+from zbroker.clients.borrow import CLOCK_SLACK, Refused, Token, TokenError, refusal, when
 from zbroker.clients.curve import ClientCurve, SecurityError, load_keypair, process_keypair
 from zbroker.clients.engine import Engine
 from zbroker.clients.errors import (
@@ -85,6 +75,7 @@ from zbroker.clients.protocol import (
     parse_dup_mask,
     parse_version,
 )
+from zbroker.clients.tokens import StoreError, TokenNotKept, TokenStore
 
 log = logging.getLogger("zbroker.client")
 

@@ -32,14 +32,12 @@ from zbroker.clients.borrow import (
     CLOCK_SLACK,
     ENDED_KEPT,
     Refused,
-    StoreError,
     Token,
     TokenError,
-    TokenNotKept,
-    TokenStore,
     refusal,
     signature_ok,
 )
+from zbroker.clients.tokens import StoreError, TokenNotKept, TokenStore
 
 pytestmark = pytest.mark.unit
 

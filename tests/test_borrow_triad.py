@@ -21,8 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from zbroker import LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
 from zbroker.broker.borrow import load_borrow_key, sign
-from zbroker.clients.borrow import ENDED_KEPT, Token, TokenStore
+from zbroker.clients.borrow import ENDED_KEPT, Token
 from zbroker.clients.testing import LocalTriad, wait_for
+from zbroker.clients.tokens import TokenStore
 
 pytestmark = pytest.mark.integration
 

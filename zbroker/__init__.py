@@ -31,7 +31,7 @@ if os.path.exists(os.path.join(os.path.dirname(__file__), "compiled.json")):
     _check_compiled()
 
 if TYPE_CHECKING:  # what the names are, for type checkers; at run time see __getattr__
-    from zbroker.clients.borrow import BorrowToken, StoreError, TokenNotKept
+    from zbroker.clients.borrow import BorrowToken
     from zbroker.clients.client import LicenseClient
     from zbroker.clients.errors import (
         ClientClosed,
@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers; at run time see __ge
         ProtocolError,
     )
     from zbroker.clients.grant import Grant, GrantState
+    from zbroker.clients.tokens import StoreError, TokenNotKept
 
 __all__ = [
     "BorrowToken",
@@ -70,8 +71,8 @@ _HOMES = {
     "Grant": "grant",
     "GrantState": "grant",
     "BorrowToken": "borrow",
-    "StoreError": "borrow",
-    "TokenNotKept": "borrow",
+    "StoreError": "tokens",
+    "TokenNotKept": "tokens",
 }  # else errors
 
 
