@@ -138,6 +138,10 @@ def test_zbroker_status_shows_reservations_and_held_seats() -> None:
     assert next(ln for ln in text if "grant 10" in ln).endswith(
         ", sharing its seat with grant(s) 4"
     )
+    # names a client chose reach the terminal as words, never as escape sequences
+    status["features"][0]["holders"] = [holder | {"user": "\x1b]0;TITLE\x07x y", "host": ""}]
+    (line,) = [ln for ln in render(status).splitlines() if "grant 7" in ln]
+    assert line.startswith("    ?]0;TITLE?x_y - :0 v2.0, 1 seat(s), grant 7")
 
 
 @settings(max_examples=200, deadline=None)
