@@ -4,6 +4,8 @@ the figures belong in BENCHMARKS.md, measured on a quiet machine, not in a test.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from zbroker.broker.demo import NODE_NAMES
+from zbroker.clients.testing import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -106,3 +109,42 @@ def test_bench_tiny_writes_every_figure(tmp_path: Path) -> None:
         assert figures["honest"]["checkout_latency"]["n"] > 0
         assert figures["rss_extra_mb"] is not None and figures["killed_past_mb"] is None
         assert window == "baseline" or figures["drained_s"] is not None  # the flood was read
+
+
+def test_bench_stopped_by_sigterm_leaves_no_node_running(tmp_path: Path) -> None:
+    # Its triads run in sessions of their own: killed by SIGTERM's default action, the
+    # bench left their nine nodes running (a timeout, a CI job cancelled).
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    bench = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--json", "b.json"],
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(temp)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert bench.stderr is not None
+        for line in bench.stderr:  # the first level measured: every triad is up by then
+            if "outstanding:" in line:
+                break
+        assert _running_under(temp), "the triads were not started"
+        bench.send_signal(signal.SIGTERM)
+        bench.wait(60)
+        wait_for(lambda: not _running_under(temp), 15, "the bench's nodes to stop")
+    finally:
+        bench.kill()
+        bench.wait()
+
+
+def _running_under(directory: Path) -> list[int]:
+    """The processes whose command line names ``directory`` (a bench's triads)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(directory) in (proc / "cmdline").read_text():
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found

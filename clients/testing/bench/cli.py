@@ -7,7 +7,9 @@ help) stays quick.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from types import FrameType
 
 import click
 
@@ -127,6 +129,15 @@ def bench(
             check_tree(Path(plan.compiled))
         except NotCompiled as exc:
             raise click.ClickException(str(exc)) from None
+    # A SIGTERM or a closed terminal ends the run as Ctrl-C does, through the runner's
+    # cleanup: by default it killed this process alone, and its triads (sessions of
+    # their own) ran on, nine nodes busy for nothing.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     result = run(plan, json_path, say=lambda line: click.echo(line, err=True))
     click.echo(render(result))
     click.echo(f"\nwrote {json_path}")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
