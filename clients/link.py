@@ -156,6 +156,7 @@ class Link:
         self.lease_deadline = 0.0
         self.next_heartbeat = 0.0
         self.heartbeat_sent = 0.0  # when the last heartbeat started
+        self._queued = 0  # exchanges in the table that may wait in a queue (extra_try)
         self.held: list[Grant] = []  # grants of this link not yet released or lost
         self.idle = False  # the application said it is idle (TIMEOUT): a new session says so too
         self._hello = dict(hello)
@@ -322,6 +323,7 @@ class Link:
             if ex.deadline is not None:  # background ones have nobody to tell
                 self._expire(ex)
         self._table.clear()
+        self._queued = 0
 
     # --- events
     def on_frame(self, node: int, frame: bytes, now: float) -> None:
@@ -371,7 +373,7 @@ class Link:
         # After the renewal, before the completion: a grant this reply gives is judged
         # by a lease copy that is up to date, even when no tick ran since it ran out.
         self._lapse(now)
-        self._table.pop(ex.key, None)
+        self._untable(ex)
         if ex is self._hb:
             self._hb = None
         if (
@@ -445,7 +447,12 @@ class Link:
         self._next_req = next(self._reqs)
         ex.node = self.primary
         self._table[ex.key] = ex
+        self._queued += ex.extra_try > 0
         self._try(ex)
+
+    def _untable(self, ex: Exchange) -> None:
+        if self._table.pop(ex.key, None) is not None:
+            self._queued -= ex.extra_try > 0
 
     def _ack(self, sid: str | None) -> int:
         if sid is None:
@@ -484,11 +491,8 @@ class Link:
             if ex.in_flight and ex.extra_try > 0 and ex.node != self.primary:
                 self._missed(ex, self.primary)
 
-    def _waiting_in_queue(self) -> bool:
-        return any(ex.in_flight and ex.extra_try > 0 for ex in self._table.values())
-
     def _heartbeat_due(self) -> float:
-        if self._waiting_in_queue():
+        if self._queued:  # a checkout that may wait in a queue is out (no scan: each cycle)
             return min(self.next_heartbeat, self.heartbeat_sent + WAIT_CHECK)
         return self.next_heartbeat
 
@@ -506,7 +510,7 @@ class Link:
             self._finish(ex, None)
 
     def _finish(self, ex: Exchange, reply: Reply | None) -> None:
-        self._table.pop(ex.key, None)
+        self._untable(ex)
         if ex is self._hb:
             self._hb = None
         ex.done(ex, reply)
