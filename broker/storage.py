@@ -378,7 +378,14 @@ class Storage:
             return self.set_aside(str(damage))
         except OSError as exc:
             where = exc.filename or self.dir
-            raise DiskError(f"{where}: cannot use the data directory: {_os(exc)}") from None
+            room = ""
+            if exc.errno == errno.ENOSPC:  # what the disk needs beyond the node's data
+                room = (
+                    f"; free {2 * _ZERO_CHUNK >> 20} MiB beyond the data on its disk: the log "
+                    "is laid ahead in 1 MiB of zeros, and finishing a compaction at start "
+                    "writes a second log beside it"
+                )
+            raise DiskError(f"{where}: cannot use the data directory: {_os(exc)}{room}") from None
 
     def set_aside(self, why: str) -> Loaded:
         """Move the directory's state into ``damaged-<UTC time>/``; start it afresh.
@@ -1330,8 +1337,10 @@ def _log_tmp(
         size = end + _ZERO_CHUNK
         if fsync:
             os.fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # a write names no file: the message must
         raise
     return _LogTmp(fd, len(head), end, size)
 

@@ -309,6 +309,35 @@ def test_a_compaction_cut_between_snapshot_and_log_is_finished_at_load(
     assert [e[0] for e in _reload(data).entries] == [7, 8]
 
 
+def test_a_full_disk_at_load_names_the_file_and_the_room_it_needs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The probe's node stopped by a full disk could not start again: finishing a
+    # compaction at load writes log.tmp, and the message named only the directory.
+    data = tmp_path / "data"
+    _populated(data)
+    store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
+    store.load()
+    store.append([(5, 2, {"k": "e"}), (6, 2, {"k": "f"})])
+    store.sync()
+    old_log = (data / "log").read_bytes()
+    take(store, 6, 2)
+    store.close()
+    (data / "log").write_bytes(old_log)  # the compaction was cut before the log's rewrite
+    real = storage_module._pwrite_all
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        if len(data) == storage_module._ZERO_CHUNK:  # the zeros laid ahead of the records
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(storage_module, "_pwrite_all", full)
+    with pytest.raises(DiskError) as failed:
+        Storage(data, "alpha", fsync=False, nodes=TRIAD).load()
+    assert str(failed.value).startswith(f"{data / 'log.tmp'}: cannot use the data directory")
+    assert "free 2 MiB beyond the data on its disk" in str(failed.value)
+
+
 def test_a_received_snapshot_over_a_log_of_another_term_cut_before_the_rewrite_loads(
     tmp_path: Path,
 ) -> None:
