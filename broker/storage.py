@@ -259,6 +259,11 @@ class _LogTmp:
     size: int  # the file's size: zeros from ``end`` up to here
 
 
+def progress_path(data_dir: Path) -> Path:
+    """Where the node of ``data_dir`` records its progress: beside it (``save_progress``)."""
+    return data_dir.with_name(data_dir.name + PROGRESS)
+
+
 def write_marker(data_dir: Path, node: str) -> None:
     """Mark ``data_dir`` as holding ``node``'s state; a new directory gets an empty state
     first (term 0, an empty log), so that a marked directory always has both files.
@@ -267,7 +272,7 @@ def write_marker(data_dir: Path, node: str) -> None:
     if not (data_dir / HARDSTATE).exists() and not (data_dir / LOG).exists():
         # A brand-new node: a progress record beside it is an earlier triad's, and would
         # make its first load set the new state aside (all three: none left to recover).
-        data_dir.with_name(data_dir.name + PROGRESS).unlink(missing_ok=True)
+        progress_path(data_dir).unlink(missing_ok=True)
         _replace(data_dir / HARDSTATE, _frame({"term": 0, "voted_for": None}))
         _replace(data_dir / LOG, _frame({"base": [0, 0]}) + bytes(_ZERO_CHUNK))
         _fsync_dir(data_dir)
@@ -461,7 +466,7 @@ class Storage:
 
     @property
     def progress_path(self) -> Path:
-        return self.dir.with_name(self.dir.name + PROGRESS)
+        return progress_path(self.dir)
 
     def save_progress(self, commit: int) -> str | None:
         """Record beside the directory, after a sync, that it held its term and the

@@ -26,7 +26,7 @@ from test_storage import corrupt, corruptions, image_values, record_spans
 
 from zbroker import Grant, LicenseClient, LicenseDenied, LicenseUnavailable, OutcomeUnknown
 from zbroker.broker.image import load_image
-from zbroker.broker.storage import Storage
+from zbroker.broker.storage import Storage, progress_path
 from zbroker.broker.wire import pack
 from zbroker.clients.testing import LocalTriad, TriadTimeout, wait_for
 from zbroker.peers.types import Image
@@ -214,10 +214,9 @@ def test_corrupted_data_directories_restart_in_a_live_triad_as_wiped_nodes(
         shutil.copytree(data, post)
         # The node's record of what its directory held (Storage.save_progress), beside
         # the copy too: a cut that reads as a torn tail but lost synced entries is damage.
-        progress, beside_post = Storage(data, victim).progress_path, Storage(post, victim)
-        beside_post.progress_path.unlink(missing_ok=True)
-        if progress.exists():
-            shutil.copy(progress, beside_post.progress_path)
+        progress_path(post).unlink(missing_ok=True)
+        if progress_path(data).exists():
+            shutil.copy(progress_path(data), progress_path(post))
         expected = _load(post, victim, triad.names)
         if not expected.fresh:  # the node comes back with exactly the state it had
             original = _load(pre, victim, triad.names)
@@ -438,7 +437,7 @@ def test_a_data_directory_restored_from_an_older_copy_recovers_and_loses_no_gran
         second.checkout("viewer", timeout=10)  # acknowledged: alpha and beta hold it
         told = _grant_ids(triad, "viewer")
         assert len(told) == 2
-        progress = Storage(data, "alpha").progress_path
+        progress = progress_path(data)
 
         def recorded() -> bool:  # alpha records each second what its directory holds
             alpha = next(n for n in triad.status()["nodes"] if n["name"] == "alpha")

@@ -279,11 +279,9 @@ def test_a_compaction_past_the_log_or_of_another_term_keeps_no_entries(
     )
 
 
-@pytest.mark.parametrize("source", ["taken", "received"])
-def test_a_compaction_cut_between_snapshot_and_log_is_finished_at_load(
-    tmp_path: Path, source: str
-) -> None:
-    data = tmp_path / "data"
+def _compaction_cut(data: Path, snapshot: Callable[[Storage, int, int], Image]) -> None:
+    """Entries 1-7 and a snapshot at 6 (``take`` or ``receive``), the log as it was before
+    the compaction's rewrite: as if the process died between the two."""
     _populated(data)
     store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
     store.load()
@@ -291,9 +289,17 @@ def test_a_compaction_cut_between_snapshot_and_log_is_finished_at_load(
     store.append([(7, 2, {"k": "g"})])
     store.sync()
     old_log = (data / "log").read_bytes()
-    (take if source == "taken" else receive)(store, 6, 2)
+    snapshot(store, 6, 2)
     store.close()
-    (data / "log").write_bytes(old_log)  # as if the process died before the log's rewrite
+    (data / "log").write_bytes(old_log)
+
+
+@pytest.mark.parametrize("source", ["taken", "received"])
+def test_a_compaction_cut_between_snapshot_and_log_is_finished_at_load(
+    tmp_path: Path, source: str
+) -> None:
+    data = tmp_path / "data"
+    _compaction_cut(data, take if source == "taken" else receive)
     store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
     loaded = store.load()
     assert (loaded.snapshot_index, loaded.entries, loaded.damaged) == (
@@ -315,15 +321,7 @@ def test_a_full_disk_at_load_names_the_file_and_the_room_it_needs(
     # The probe's node stopped by a full disk could not start again: finishing a
     # compaction at load writes log.tmp, and the message named only the directory.
     data = tmp_path / "data"
-    _populated(data)
-    store = Storage(data, "alpha", fsync=False, nodes=TRIAD)
-    store.load()
-    store.append([(5, 2, {"k": "e"}), (6, 2, {"k": "f"})])
-    store.sync()
-    old_log = (data / "log").read_bytes()
-    take(store, 6, 2)
-    store.close()
-    (data / "log").write_bytes(old_log)  # the compaction was cut before the log's rewrite
+    _compaction_cut(data, take)
     real = storage_module._pwrite_all
 
     def full(fd: int, data: bytes, offset: int) -> int:
