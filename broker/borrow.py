@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from zbroker.broker.model import Reason
 from zbroker.broker.options import OptionLine
-from zbroker.broker.policy import Holding, Policy, Principal, Refusal, choose_under
+from zbroker.broker.policy import Holding, Policy, Principal, Refusal, choose_under, line_numbers
 from zbroker.broker.seats import (
     Catalog,
     Choice,
@@ -122,11 +122,10 @@ def admits(
             )
     includes = _lines(policy, feature, key, "INCLUDE_BORROW")
     if includes and not any(policy.matches(ln, who) for ln in includes):
-        listed = ", ".join(str(ln.line) for ln in includes[:5])
         return Refusal(
             Reason.NOT_INCLUDED,
             f"user {who.user!r:.80} on host {who.host!r:.80} is not on the INCLUDE_BORROW "
-            f"list of {feature} ({path} lines {listed})",
+            f"list of {feature} ({path} {line_numbers(includes)})",
         )
     return None
 

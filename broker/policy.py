@@ -199,12 +199,10 @@ class Policy:
                 )
         includes = self._lines(feature, version, "INCLUDE") + self._all.get("INCLUDEALL", [])
         if includes and not any(self.matches(ln, who) for ln in includes):
-            listed = ", ".join(str(ln.line) for ln in includes[:5])
-            more = ", ..." if len(includes) > 5 else ""
             return Refusal(
                 Reason.NOT_INCLUDED,
                 f"user {who.user!r:.80} on host {who.host!r:.80} is not on the INCLUDE list "
-                f"of {feature} ({path} lines {listed}{more})",
+                f"of {feature} ({path} {line_numbers(includes)})",
             )
         return None
 
@@ -470,6 +468,12 @@ def _with(ln: OptionLine, kind: str, name: str) -> OptionLine:
     return OptionLine(ln.keyword, ln.line, ln.feature, ln.version, kind, name, ln.number)
 
 
+def line_numbers(lines: Sequence[OptionLine]) -> str:
+    """``line 4`` or ``lines 4, 9, ...``: where in the options file a refusal's list is."""
+    listed = ", ".join(str(ln.line) for ln in lines[:5]) + (", ..." if len(lines) > 5 else "")
+    return f"line {listed}" if len(lines) == 1 else f"lines {listed}"
+
+
 def _describe(who: Principal, ln: OptionLine) -> str:
     kind = (ln.kind or "").lower().replace("_", " ")
     seen = {
@@ -482,6 +486,8 @@ def _describe(who: Principal, ln: OptionLine) -> str:
         "host group": who.host,
     }.get(kind, who.user)
     noun = {"group": "user", "host group": "host", "internet": "address"}.get(kind, kind)
+    if noun == "host" and who.address:  # a HOST line may have matched the address instead
+        return f"host {seen!r:.80} (address {who.address})"
     return f"{noun} {seen!r:.80}"
 
 

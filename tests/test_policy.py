@@ -201,6 +201,29 @@ def test_an_exclusion_detail_says_who_and_which_line() -> None:
     assert refusal.detail == "user 'hank' may not use f1: EXCLUDE f1 USER hank (site.opt:3)"
 
 
+def test_a_host_line_matched_by_address_names_the_address() -> None:
+    # FlexNet's HOST type takes an IP address too: the detail must show what matched,
+    # not only the host name the client gave.
+    refusal = policy("EXCLUDE f1 HOST 10.1.2.3").admits(who("ann", address="10.1.2.3"), "f1", V1)
+    assert refusal is not None
+    assert refusal.detail == (
+        "host 'ws1' (address 10.1.2.3) may not use f1: EXCLUDE f1 HOST 10.1.2.3 (site.opt:1)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "where"),
+    [
+        ("INCLUDE f1 USER bob", "(site.opt line 1)"),
+        ("INCLUDE f1 USER bob\nINCLUDE f1 USER ann", "(site.opt lines 1, 2)"),
+    ],
+)
+def test_an_include_refusal_names_its_line_or_lines(options: str, where: str) -> None:
+    refusal = policy(options).admits(who("frank"), "f1", V1)
+    assert refusal is not None
+    assert refusal.detail.endswith(f"is not on the INCLUDE list of f1 {where}")
+
+
 # --- counts ----------------------------------------------------------------------------
 
 
