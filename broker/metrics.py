@@ -47,7 +47,7 @@ from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
 from zbroker.broker.config import ConfigError
 from zbroker.broker.model import Now, Reason
-from zbroker.broker.tallies import CHECKIN_HOWS
+from zbroker.broker.tallies import CHECKIN_HOWS, UNKNOWN_FEATURE
 
 log = logging.getLogger("zbroker.metrics")
 REFRESH_EVERY = 1.0  # seconds between two snapshots
@@ -370,6 +370,7 @@ def _tally_families(
     out = dict.fromkeys(features, 0)
     ins = {(f, how): 0 for f in out for how in CHECKIN_HOWS}
     denied = {(f, reason): 0 for f in out for reason in DENIAL_REASONS}
+    denied[UNKNOWN_FEATURE, Reason.NO_SUCH_FEATURE] = 0
     for key, count in tallies.items():
         if key[0] == "checkout" and len(key) == 2:
             out[key[1]] = count

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from zbroker.broker.ledger import Ledger
+from zbroker.broker.model import Reason
 from zbroker.peers.types import Entry
 
 # Every way a grant comes back, as the counters label it (metrics list them all from
@@ -42,6 +43,9 @@ CHECKIN_HOWS = ("release", "close", "expire", "return", "timeout", "removed")
 # deltas name the feature; scripts/ab_instructions.py measured the calls).
 CHECKINS = frozenset({"close", "expire", "return", "take"})
 _BY_SESSION = frozenset({"close", "expire"})
+# The feature label of every denial of a feature the license does not have (the report
+# log keeps the name asked for).
+UNKNOWN_FEATURE = "(unknown)"
 Key = tuple[str, ...]
 
 
@@ -99,7 +103,14 @@ class Tallies:
             elif kind == "answer":
                 reason = delta["reply"].get("reason")
                 if reason is not None:  # a denial (no other reply has a reason)
-                    counts["denied", str(reason), str(delta.get("feature", ""))] += 1
+                    # A name the license lacks is the client's to choose: one label for
+                    # all of them, or a client's typos grow every counter without bound.
+                    feature = (
+                        UNKNOWN_FEATURE
+                        if reason == Reason.NO_SUCH_FEATURE
+                        else str(delta.get("feature", ""))
+                    )
+                    counts["denied", str(reason), feature] += 1
             elif kind == "release":  # it names its grant's feature (ledger.handle)
                 counts["checkin", "release", delta["feature"]] += 1
             elif proposed:

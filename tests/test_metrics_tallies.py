@@ -77,12 +77,22 @@ def test_checkouts_checkins_and_denials_are_counted_per_feature() -> None:
         ("checkout", "cad"): 3,
         ("checkout", "solver"): 1,
         ("denied", "no_seats", "solver"): 1,
-        ("denied", "no_such_feature", "nope"): 1,
+        ("denied", "no_such_feature", "(unknown)"): 1,
         ("denied", "not_held", ""): 1,
         ("checkin", "release", "cad"): 1,
         ("checkin", "close", "cad"): 2,
         ("checkin", "expire", "solver"): 1,
     }
+
+
+def test_names_the_license_lacks_share_one_label() -> None:
+    # A client chooses the feature name: 1,000 typos must not make 1,000 counters.
+    p = Primary()
+    p.opened("s1")
+    for n in range(1000):
+        reply = p.ask("checkout", "s1", 2 + n, feature=f"typo{n}", count=1)
+        assert reply["reason"] == "no_such_feature"
+    assert dict(p.tallies.counts) == {("denied", "no_such_feature", "(unknown)"): 1000}
 
 
 def test_nothing_counts_before_it_commits_and_a_change_of_role_forgets_it() -> None:
