@@ -46,7 +46,8 @@ def due(
         key = (line.source, line.feature, line.version, line.count, line.expires, threshold)
         if key in warned:
             continue
-        what = f"{line.feature} {line.version} ({line.count} seats, {line.source or 'license'})"
+        seats = "1 seat" if line.count == 1 else f"{line.count} seats"
+        what = f"{line.feature} {line.version} ({seats}, {line.source or 'license'})"
         if left < 0:
             message = (
                 f"license line {what} expired on {line.expires.isoformat()}: it grants no new "

@@ -21,8 +21,17 @@ FEATURE/INCREMENT line must name its vendor. A version is dotted decimal
 (``31-dec-2027``), a count a whole number >= 1. ``USERS=a,b`` and ``HOSTS=a,b`` restrict
 who may check out; ``USER_BASED[=n]`` and ``HOST_BASED[=n]`` (flag, or n a count) give
 the line to the users or hosts the options file's INCLUDE lines name (``zbroker.broker.based``);
-``SIGN=`` is the vendor's signature (``zbroker.broker.signing``). An attribute key or flag
-may appear once per line. ``License.signed`` keeps each verified line as its canonical form
+``SIGN=`` is the vendor's signature (``zbroker.broker.signing``): 128 hex digits, which
+in quotes may be grouped with blanks and run over continuation lines, as FlexNet writes
+them (``SIGN="0a1b 2c3d \\`` then ``4e5f ..."``). An attribute key or flag may appear once
+per line.
+
+FEATURE and INCREMENT. As in FlexNet, only the first FEATURE line of a feature serves
+(the first that verifies); a later FEATURE line of that feature is left out with a
+warning naming both lines (a renewal pasted below the old line must not add its seats
+to it), and every INCREMENT line adds its seats. ``unserved`` is that judgement, with
+the signature checks: the one the nodes, ``zbroker vendor verify`` and
+``sign_license_text`` make. ``License.signed`` keeps each verified line as its canonical form
 and signature (``FeatureLine.signed_text``): what a primary replicates for every node to
 verify with its own key (``zbroker.broker.served``).
 
@@ -37,8 +46,9 @@ outside is a syntax error naming the range, so ``zbroker vendor sign`` refuses t
 Errors. Anything malformed raises ``LicenseSyntaxError`` naming the file, the 1-based
 physical line and column of the offending word, what was expected and what was found:
 the file must be fixed. A well-formed FEATURE/INCREMENT line whose signature is
-missing or does not verify is not an error of the file: it becomes a
-``LicenseLineRefused`` in ``License.refused`` and the other lines serve.
+missing or does not verify, that copies an earlier line, or that is a second FEATURE
+line of a feature, is not an error of the file: it becomes a ``LicenseLineRefused`` in
+``License.refused`` (the node logs each as a warning) and the other lines serve.
 
 The parser is pure (text in, values out); ``load_license`` is the one function that
 reads a file. It keeps expired lines: whether a line grants today is the ledger's call
@@ -47,8 +57,10 @@ reads a file. It keeps expired lines: whether a line grants today is the ledger'
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +90,7 @@ from zbroker.clients.licfile import (
     logical_lines,
     read_license_text,
     read_servers,
+    rows,
     tcp_host_port,
 )
 from zbroker.clients.protocol import parse_dup_mask
@@ -92,6 +105,7 @@ __all__ = [
     "LicenseLineRefused",
     "LicenseSyntax",
     "LicenseSyntaxError",
+    "LicenseUnservedError",
     "ServerLine",
     "check_signature",
     "load_license",
@@ -101,6 +115,7 @@ __all__ = [
     "read_servers",
     "sign_license_text",
     "tcp_host_port",
+    "unserved",
 ]
 
 _COUNT = re.compile(r"[0-9]+\Z")
@@ -141,6 +156,19 @@ class LicenseLineRefused:
         return f"{self.path}:{self.line}: {self.keyword} {self.feature} refused: {self.why}"
 
 
+class LicenseUnservedError(LicenseError):
+    """Lines a vendor asked to sign that the nodes would not serve (``unserved``)."""
+
+    def __init__(self, path: str, refused: list[LicenseLineRefused]) -> None:
+        self.path = path
+        self.refused = refused
+        lines = "".join(f"\n  {line}" for line in refused)
+        super().__init__(
+            f"{path}: not signed: the nodes would not serve {len(refused)} of its lines; "
+            f"fix them and sign again:{lines}"
+        )
+
+
 # --- values ----------------------------------------------------------------------------
 
 
@@ -160,7 +188,8 @@ class FeatureLine:
     signature: str | None  # the SIGN= value as written
     line: int  # physical line of the keyword
     last_line: int  # last physical line of the logical line
-    sign_at: tuple[int, int, int] | None  # (line, column, length) of the SIGN= word
+    # (line, column, last line, end column) of the SIGN= word: a quoted one may span lines
+    sign_at: tuple[int, int, int, int] | None
 
     def canonical(self) -> bytes:
         return canonical_form(
@@ -297,6 +326,8 @@ def _feature(cur: Cursor, keyword: Word, last_line: int) -> tuple[FeatureLine, W
             if not _COUNT.match(attrs[based]) or len(n) > 7 or not 1 <= int(n or "0") <= MAX_COUNT:
                 raise cur.error(where[based], f"{based}=n, n a whole number from 1 to {MAX_COUNT}")
     signature = attrs.pop("SIGN", None)
+    if signature is not None:  # FlexNet groups a quoted signature's digits with blanks
+        signature = "".join(signature.split())
     sign_word = where.get("SIGN")
     line = FeatureLine(
         keyword=keyword.text.upper(),
@@ -313,7 +344,7 @@ def _feature(cur: Cursor, keyword: Word, last_line: int) -> tuple[FeatureLine, W
         last_line=last_line,
         sign_at=None
         if sign_word is None
-        else (sign_word.line, sign_word.column, len(sign_word.text)),
+        else (sign_word.line, sign_word.column, sign_word.end_line, sign_word.end),
     )
     return line, vendor
 
@@ -345,7 +376,7 @@ def parse_syntax(text: str, *, path: str, servers_required: bool = True) -> Lice
     servers = Servers(path)
     vendor: Word | None = None
     features: list[tuple[FeatureLine, Word]] = []
-    for words, last_line in logical_lines(text):
+    for words, last_line in logical_lines(text, path=path, quotes=True):
         cur = Cursor(path, words)
         keyword = cur.take(KEYWORDS)
         kind = keyword.text.upper()
@@ -390,6 +421,39 @@ def check_signature(line: FeatureLine, key: Ed25519PublicKey) -> str | None:
     return None
 
 
+def unserved(lines: Sequence[FeatureLine], key: Ed25519PublicKey | None) -> list[str | None]:
+    """Why the nodes do not serve each of ``lines`` (None: it serves), in file order: the
+    one judgement of ``parse_license``, ``zbroker vendor verify`` and ``sign_license_text``.
+
+    A line is not served when its signature does not verify under ``key`` (None: none is
+    checked); when it is a copy of an earlier verified line (its canonical form again: a
+    signed line cannot be forged, so copying it is the one way to add its seats twice);
+    and when it is a FEATURE line of a feature an earlier served FEATURE line defines.
+    As in FlexNet, only the first FEATURE line of a feature serves: FEATURE says how many
+    seats there are, INCREMENT adds to them (a renewal pasted below the old FEATURE line
+    does not add its seats to it).
+    """
+    whys: list[str | None] = []
+    first_copy: dict[bytes, int] = {}  # canonical form -> the line it first verified on
+    first_feature: dict[str, int] = {}  # feature -> its FEATURE line that serves
+    for line in lines:
+        why = None if key is None else check_signature(line, key)
+        if why is None and key is not None:
+            first = first_copy.setdefault(line.canonical(), line.line)
+            if first != line.line:
+                why = f"a copy of line {first}: a signed line counts once"
+        if why is None and line.keyword == "FEATURE":
+            first = first_feature.setdefault(line.name, line.line)
+            if first != line.line:
+                why = (
+                    f"FEATURE line {first} already gives {line.name} its seats: only the "
+                    "first FEATURE line of a feature serves; to add seats, make this an "
+                    "INCREMENT line"
+                )
+        whys.append(why)
+    return whys
+
+
 def parse_license(
     text: str,
     *,
@@ -407,14 +471,7 @@ def parse_license(
     entitlements: list[Entitlement] = []
     refused: list[LicenseLineRefused] = []
     signed: list[str] = []
-    first_of: dict[bytes, int] = {}  # canonical form -> the line it first verified on
-    for line in syntax.lines:
-        why = None if public_key is None else check_signature(line, public_key)
-        if why is None and public_key is not None:
-            # A copy of a signed line verifies too: counted twice it would add seats.
-            first = first_of.setdefault(line.canonical(), line.line)
-            if first != line.line:
-                why = f"a copy of line {first}: a signed line counts once"
+    for line, why in zip(syntax.lines, unserved(syntax.lines, public_key), strict=True):
         if why is None:
             entitlements.append(line.entitlement(path))
             if public_key is not None:
@@ -446,16 +503,26 @@ def sign_license_text(text: str, key: Ed25519PrivateKey, *, path: str = "<licens
     absent (vendors often sign before the customer fills them in).
     """
     syntax = parse_syntax(text, path=path, servers_required=False)
-    rows = text.split("\n")
-    for line in syntax.lines:
+    physical = rows(text)
+    newline = next((end for _, end in physical if end), "\n")  # for a line added at the end
+    # Last line first: a rewrite that adds or joins physical lines moves only those below.
+    for line in reversed(syntax.lines):
         token = f"SIGN={sign_canonical(key, line.canonical())}"
         if line.sign_at is not None:
-            row_no, column, length = line.sign_at
-            row = rows[row_no - 1]
-            rows[row_no - 1] = row[: column - 1] + token + row[column - 1 + length :]
+            first, column, last, end = line.sign_at
+            body = physical[first - 1][0][: column - 1] + token + physical[last - 1][0][end - 1 :]
+            physical[first - 1 : last] = [(body, physical[last - 1][1])]
         else:
-            rows[line.last_line - 1] = _append_continued(rows[line.last_line - 1], token)
-    signed = "\n".join(rows)
+            body, ending = physical[line.last_line - 1]
+            head, tail = _append_continued(body, token)
+            if head is None:
+                physical[line.last_line - 1] = (tail, ending)
+            else:
+                physical[line.last_line - 1 : line.last_line] = [
+                    (head, ending or newline),
+                    (tail, ending),
+                ]
+    signed = "".join(body + ending for body, ending in physical)
 
     # The output must parse and verify; if it did not, the rewrite above is wrong.
     check = parse_syntax(signed, path=path, servers_required=False)
@@ -466,15 +533,29 @@ def sign_license_text(text: str, key: Ed25519PrivateKey, *, path: str = "<licens
         why = check_signature(line, public)
         if why is not None:
             raise LicenseError(f"{path}:{line.line}: just-signed line does not verify: {why}")
+    # A line the nodes would leave out is the vendor's mistake: say so now, not at a site,
+    # naming the line where it is in the file as given (signing may add lines above it).
+    given = [
+        dataclasses.replace(line, signature=done.signature)
+        for line, done in zip(syntax.lines, check.lines, strict=True)
+    ]
+    refused = [
+        LicenseLineRefused(path, line.line, line.name, why, line.keyword)
+        for line, why in zip(given, unserved(given, public), strict=True)
+        if why is not None
+    ]
+    if refused:
+        raise LicenseUnservedError(path, refused)
     return signed
 
 
-def _append_continued(row: str, token: str) -> str:
-    ending = "\r" if row.endswith("\r") else ""  # keep CRLF files CRLF
-    body = row.removesuffix("\r").rstrip()
+def _append_continued(body: str, token: str) -> tuple[str | None, str]:
+    """``token`` after the logical line that ends with ``body``: (the line continued, the
+    new line), or (None, the line) when ``body`` is blank."""
+    body = body.rstrip()
     if body.endswith("\\"):
         # Only the last line of the file can end a logical line with a backslash.
         body = body[:-1].rstrip()
     if not body:
-        return f"{_SIGN_INDENT}{token}{ending}"
-    return f"{body} \\{ending}\n{_SIGN_INDENT}{token}{ending}"
+        return None, f"{_SIGN_INDENT}{token}"
+    return f"{body} \\", f"{_SIGN_INDENT}{token}"

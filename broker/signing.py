@@ -6,8 +6,10 @@ PEM, unencrypted, mode 0600); every node holds the matching public key
 ``SIGN=<128 hex digits>``: the 64-byte Ed25519 signature of the line's *canonical
 form* (see ``canonical_form``), which covers every field of the line except the
 signature itself and none of its layout (spacing, continuation lines, attribute
-order, keyword case). SERVER and VENDOR lines are not signed: the customer edits
-SERVER lines for their own hosts, as with FlexLM.
+order, keyword case, quotes). SERVER and VENDOR lines are not signed: the customer
+edits SERVER lines for their own hosts, and so a license is not bound to hosts
+(``docs/security.md``, "SERVER lines are not signed, and a license is not bound to
+hosts").
 
 This module is the lower layer: it knows keys, bytes and signatures. The root of the
 license error tree, ``LicenseError``, is ``zbroker.clients.licfile``'s (the client library reads
@@ -175,17 +177,22 @@ def canonical_form(
     5. the expiry, as written but in lower case: ``permanent`` or ``d-mmm-yyyy``;
     6. the count in decimal, without leading zeros (1 to ``zbroker.broker.wire.MAX_COUNT``);
     7. every attribute except ``SIGN`` as ``KEY=value``, the key in upper case, the
-       value as written, sorted by key (code point order);
+       value as read, sorted by key (code point order); a value with a space is written
+       in double quotes (``VENDOR_STRING="site license"``), any other without, however
+       the file quoted it. As read: quotes are layout, so a run of blanks inside them
+       (a continuation line too) is one space and leading or trailing blanks are none
+       (``zbroker.clients.licfile``);
     8. every flag as written, in the order of the line.
 
     So ``increment solver acme 1.5 PERMANENT 2 user_based users=ann,bob HOSTS=h1 SIGN=..``
     (spread over any number of continuation lines) has the canonical form
     ``INCREMENT solver acme 1.5 permanent 2 HOSTS=h1 USERS=ann,bob user_based``.
 
-    No field may be empty or contain whitespace, keys and flags contain no ``=``: then
-    every field is one space-separated word, attributes and flags are told apart by the
-    ``=``, and different lines always have different canonical forms. Raises ValueError
-    otherwise.
+    No field may be empty or contain whitespace, but an attribute's value, which may hold
+    single spaces between other characters and no ``"``; keys and flags contain no
+    ``=``: then every field is one space-separated word or one quoted value, attributes
+    and flags are told apart by the ``=``, and different lines always have different
+    canonical forms. Raises ValueError otherwise.
     """
     keyword = keyword.upper()
     if keyword not in SIGNED_KEYWORDS:
@@ -195,15 +202,17 @@ def canonical_form(
     attr_words = []
     seen: set[str] = set()
     for key, value in sorted((k.upper(), v) for k, v in attrs.items()):
-        if key in seen or "=" in key or not value:
-            raise ValueError(f"attribute {key!r} is repeated, contains '=' or has no value")
+        if key in seen or "=" in key or not key or any(ch.isspace() for ch in key) or not value:
+            raise ValueError(f"attribute {key!r} is repeated, malformed or has no value")
         seen.add(key)
+        if '"' in value or " ".join(value.split()) != value:
+            raise ValueError(f"value {value!r} of {key} has a quote or blanks not read as such")
         if key != "SIGN":
-            attr_words.append(f"{key}={value}")
+            attr_words.append(f'{key}="{value}"' if " " in value else f"{key}={value}")
     if any("=" in flag for flag in flags):
         raise ValueError(f"a flag contains '=': {list(flags)!r}")
     words = [keyword, name, vendor, version, expiry.lower(), str(count), *attr_words, *flags]
-    for word in words:
+    for word in (keyword, name, vendor, version, expiry, str(count), *flags):
         if not word or any(ch.isspace() for ch in word):
             raise ValueError(f"field {word!r} of a signed line is empty or contains whitespace")
     return " ".join(words).encode("utf-8")

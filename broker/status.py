@@ -266,6 +266,15 @@ _MODES = {
 }
 
 
+def _due(days: int) -> str:
+    """When a dated line expires, ``days`` from today (broker/expiry.py: 0 is tonight)."""
+    if days < 0:
+        return "expired: grants nothing new"
+    if days <= 1:
+        return ("today", "tomorrow")[days]
+    return f"in {days} days"
+
+
 def render(status: dict[str, Any]) -> str:
     mode = status.get("mode")
     lines = [f"Nodes (security: {_MODES.get(mode, mode) if mode else 'unknown'}):"]
@@ -295,11 +304,11 @@ def render(status: dict[str, Any]) -> str:
         for v in f.get("versions", ()):  # each dated line's days to expiry (broker/expiry.py)
             for ln in v.get("lines", ()):
                 if ln.get("days") is not None:
-                    days = ln["days"]
-                    when = f"in {days} day(s)" if days >= 0 else "expired: grants nothing new"
+                    count = ln["count"]
+                    seats = f"{count} seat{'s' if count != 1 else ''}"
                     lines.append(
-                        f"    v{v['version']} line {ln['source']}: {ln['count']} seat(s) "
-                        f"expire {ln['expires']} ({when})"
+                        f"    v{v['version']} line {ln['source']}: {seats} "
+                        f"expire{'s' if count == 1 else ''} {ln['expires']} ({_due(ln['days'])})"
                     )
         for r in f.get("reservations", ()):
             lines.append(

@@ -4,16 +4,23 @@ These commands only parse arguments, call ``zbroker.broker.signing`` /
 ``zbroker.broker.license`` and render the result. What they print is stable, for scripts:
 
 - ``keygen DIR`` prints ``private key: PATH`` then ``public key: PATH``;
-- ``sign FILE`` prints ``signed N lines: PATH``;
+- ``sign FILE`` prints ``signed N lines: PATH``; but when a signed line would not be
+  served by the nodes (as ``verify`` would refuse it: a copy of an earlier line, a
+  second FEATURE line of a feature), it writes nothing and prints each such line as
+  ``verify`` does, on stderr, then ``error: FILE: not signed: ...``;
 - ``verify FILE`` prints one line per FEATURE/INCREMENT line, either
   ``FILE:LINE: KEYWORD NAME ok`` or ``FILE:LINE: KEYWORD NAME refused: WHY``, then
-  ``N verified, M refused``. Refused: no signature, a malformed one, one that does not
-  verify against the vendor key (a changed field, a signature copied from another
-  line, another vendor's key), or a verified line that repeats an earlier one (a copy
-  of a signed INCREMENT would otherwise add its seats again).
+  ``N verified, M refused``. Refused: what the nodes leave out
+  (``zbroker.broker.license.unserved``, the one check the nodes and ``sign`` make too):
+  no signature, a malformed one, one that does not verify against the vendor key (a
+  changed field, a signature copied from another line, another vendor's key), a
+  verified line that repeats an earlier one (a copy of a signed INCREMENT would
+  otherwise add its seats again), or a FEATURE line of a feature an earlier FEATURE
+  line gives seats to (only the first serves; INCREMENT adds seats).
 
 Exit status: 0 on success (for ``verify``: every line verifies), 1 when ``verify``
-refused a line, 2 on a syntax, file or key error, with ``error: MESSAGE`` on stderr. A
+refused a line or ``sign`` would sign one the nodes refuse, 2 on a syntax, file or key
+error, with ``error: MESSAGE`` on stderr. A
 number out of its range (a count past 1,000,000, a version part past 2^31-1, a port past
 65535: see ``zbroker.broker.license``) is a syntax error naming file:line:column and the range,
 so ``sign`` never signs a line the nodes could not serve.
@@ -31,10 +38,11 @@ import click
 from zbroker.broker.license import (
     LicenseError,
     LicenseLineRefused,
-    check_signature,
+    LicenseUnservedError,
     parse_syntax,
     read_license_text,
     sign_license_text,
+    unserved,
 )
 from zbroker.broker.signing import load_private_key, load_public_key, write_keypair
 
@@ -93,6 +101,12 @@ def sign(file: Path, key_path: Path, output: Path | None) -> None:
         text = read_license_text(file)
         signed = sign_license_text(text, key, path=str(file))
         count = len(parse_syntax(signed, path=str(file), servers_required=False).lines)
+    except LicenseUnservedError as exc:
+        # Refused, as verify would: the same lines, and nothing written.
+        for line in exc.refused:
+            click.echo(str(line), err=True)
+        click.echo(f"error: {exc.path}: not signed: fix the lines above and sign again", err=True)
+        raise SystemExit(EXIT_REFUSED) from None
     except LicenseError as exc:
         _fail(exc)
     target = file if output is None else output
@@ -123,13 +137,7 @@ def verify(file: Path, pub_path: Path) -> None:
     except LicenseError as exc:
         _fail(exc)
     refused = 0
-    first_of: dict[bytes, int] = {}  # canonical form -> line it first verified on
-    for line in syntax.lines:
-        why = check_signature(line, key)
-        if why is None:
-            first = first_of.setdefault(line.canonical(), line.line)
-            if first != line.line:
-                why = f"a copy of line {first}: a signed line counts once"
+    for line, why in zip(syntax.lines, unserved(syntax.lines, key), strict=True):
         if why is None:
             click.echo(f"{syntax.path}:{line.line}: {line.keyword} {line.name} ok")
         else:

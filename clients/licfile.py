@@ -8,6 +8,7 @@ the same to both. It lives in the library because the library must not import th
 
 Layout. The file is UTF-8 text (at most ``MAX_LICENSE_BYTES``) read as *logical lines*:
 
+- a physical line ends at LF, CR LF or a lone CR (files from old Macs);
 - a physical line whose last non-blank character is ``\\`` continues on the next
   physical line (the backslash counts as a space); a logical line is its physical
   lines joined;
@@ -15,7 +16,12 @@ Layout. The file is UTF-8 text (at most ``MAX_LICENSE_BYTES``) read as *logical 
   the start of a logical line (there are no trailing comments, and Z85 keys contain
   ``#``); blank lines are ignored;
 - words are separated by spaces or tabs; keywords are case-insensitive, and so are
-  attribute keys (``key=`` is ``KEY=``). Values contain no spaces (there is no quoting).
+  attribute keys (``key=`` is ``KEY=``). A value with spaces is written in double
+  quotes, as FlexNet writes them (``VENDOR_STRING="site license"``; ``SIGN="..."`` may
+  run over continuation lines inside its quotes): the whole value is quoted, it holds no
+  ``"``, and a run of blanks inside (a continuation counts as one) reads as one space,
+  leading and trailing blanks as none. An unterminated quote is an error naming its
+  line and column. Quotes are read in license files only (``logical_lines(quotes=True)``).
 
 ``SERVER name hostid endpoint [KEY=value ...]``: one node, in rank order (the first
 outranks the others); there must be 1 (a single server) or 3 (a triad). The hostid is
@@ -30,12 +36,17 @@ judge (``zbroker.broker.license.parse_syntax``).
 
 from __future__ import annotations
 
+import bisect
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 _WORD = re.compile(r"\S+")
+_QUOTED_WORD = re.compile(r'(?:[^\s"]|"[^"]*")+')
+_LINE_END = re.compile(r"(\r\n|\r|\n)")
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\Z")  # a server, vendor or feature name
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _FLAG = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*\Z")
@@ -101,36 +112,104 @@ class ServerLine:
 # --- lexing ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Word:
-    text: str
+class Word(NamedTuple):  # a tuple: a file makes one per word, and a tuple is made fastest
+    text: str  # as written; a continuation inside double quotes reads as a space
     line: int
     column: int
+    # Where the word ends (the column just past it) on its last physical line; 0: on the
+    # line it starts, ``column + len(text)`` (only a quoted value spans lines).
+    last_line: int = 0
+    end_column: int = 0
+
+    @property
+    def end_line(self) -> int:
+        return self.last_line or self.line
 
     @property
     def end(self) -> int:
-        return self.column + len(self.text)
+        return self.end_column or self.column + len(self.text)
 
 
-def logical_lines(text: str) -> Iterator[tuple[list[Word], int]]:
-    """Each logical line as its words (with physical positions) and its last line."""
-    words: list[Word] = []
+def rows(text: str) -> list[tuple[str, str]]:
+    """The physical lines of ``text``, each as its body and its line end ("" for the last
+    line when the text does not end with one). CR LF, LF and a lone CR (old Mac files)
+    each end a line, as Python's universal newlines read them."""
+    parts = _LINE_END.split(text)
+    return [(parts[i], parts[i + 1] if i + 1 < len(parts) else "") for i in range(0, len(parts), 2)]
+
+
+def logical_lines(
+    text: str, *, path: str = "<license>", quotes: bool = False
+) -> Iterator[tuple[list[Word], int]]:
+    """Each logical line as its words (with physical positions) and its last line.
+
+    ``quotes``: a double-quoted part of a word (``KEY="a b"``) holds spaces, and a
+    continuation inside it reads as a space; an unterminated quote is a
+    ``LicenseSyntaxError`` naming ``path`` and the quote's line and column.
+    """
+    segments: list[tuple[str, int]] = []  # the logical line's rows so far: (body, line)
     continuing = False
     number = 0
-    for number, row in enumerate(text.split("\n"), start=1):
+    for number, (row, _) in enumerate(rows(text), start=1):
         body = row.rstrip()
         if not continuing and body.lstrip().startswith("#"):
             continue
         continuing = body.endswith("\\")
-        if continuing:
-            body = body[:-1]
-        words += [Word(m.group(), number, m.start() + 1) for m in _WORD.finditer(body)]
+        segments.append((body[:-1] if continuing else body, number))
         if not continuing:
+            words = _words(segments, path, quotes)
             if words:
                 yield words, number
-            words = []
-    if words:  # a backslash on the very last line continues into nothing
-        yield words, number
+            segments = []
+    if segments:  # a backslash on the very last line continues into nothing
+        words = _words(segments, path, quotes)
+        if words:
+            yield words, number
+
+
+def _words(segments: list[tuple[str, int]], path: str, quotes: bool) -> list[Word]:
+    """The words of one logical line's rows (a continuation's backslash taken off)."""
+    if not quotes or not any('"' in body for body, _ in segments):
+        # No word spans rows: each row's words where they stand.
+        return [
+            Word(m.group(), number, m.start() + 1)
+            for body, number in segments
+            for m in _WORD.finditer(body)
+        ]
+    # A quoted word may span rows: read the rows joined (a continuation counts as a
+    # space), and map each offset back to its row by where each row starts.
+    starts: list[tuple[int, int]] = []
+    size = 0
+    for body, number in segments:
+        starts.append((size, number))
+        size += len(body) + 1
+    line = " ".join(body for body, _ in segments)
+
+    def at(offset: int) -> tuple[int, int]:  # physical (line, column) of an offset
+        index = bisect.bisect_right(starts, (offset, sys.maxsize)) - 1
+        begin, number = starts[index]
+        return number, offset - begin + 1
+
+    if line.count('"') % 2:
+        # Quotes pair left to right, so the one left open is the last.
+        number, column = at(line.rindex('"'))
+        raise LicenseSyntaxError(
+            path,
+            number,
+            column,
+            'a closing " for the quote here (a quoted value goes on to the next line only '
+            "after a \\ at the end of this one)",
+            "end of line",
+        )
+    words = []
+    for m in _QUOTED_WORD.finditer(line):
+        number, column = at(m.start())
+        last, end = at(m.end() - 1)
+        if last == number:
+            words.append(Word(m.group(), number, column))
+        else:
+            words.append(Word(m.group(), number, column, last, end + 1))
+    return words
 
 
 class Cursor:
@@ -144,7 +223,7 @@ class Cursor:
     def take(self, expected: str, pattern: re.Pattern[str] | None = None) -> Word:
         if self.index >= len(self.words):
             last = self.words[-1]
-            raise LicenseSyntaxError(self.path, last.line, last.end, expected, "end of line")
+            raise LicenseSyntaxError(self.path, last.end_line, last.end, expected, "end of line")
         word = self.words[self.index]
         self.index += 1
         if pattern is not None and not pattern.match(word.text):
@@ -184,6 +263,12 @@ def extras(
             continue
         if not _KEY.match(key):
             raise cur.error(word, expected)
+        if '"' in value:
+            if len(value) < 2 or value[0] != '"' or value[-1] != '"' or '"' in value[1:-1]:
+                raise cur.error(word, f"a value after {key}=, the whole of it in quotes if any")
+            # Quotes are layout, like spacing: a run of blanks inside them reads as one
+            # space, as the canonical form writes it (zbroker.broker.signing).
+            value = " ".join(value[1:-1].split())
         if not value:
             raise cur.error(word, f"a value after {key}=")
         key = key.upper()
@@ -192,8 +277,10 @@ def extras(
             raise cur.error(
                 word, f"each attribute at most once ({key}= is on {first.line}:{first.column})"
             )
-        if key in ("USERS", "HOSTS") and "" in value.split(","):
-            raise cur.error(word, f"a comma-separated list of names after {key}=")
+        if key in ("USERS", "HOSTS") and any(
+            not name or name != name.strip() for name in value.split(",")
+        ):
+            raise cur.error(word, f"a comma-separated list of names after {key}= (no blanks)")
         attrs[key] = value
         where[key] = word
     return attrs, where, flags
@@ -262,7 +349,7 @@ class Servers:
 def parse_servers(text: str, *, path: str) -> list[ServerLine]:
     """The SERVER lines of a license file's text; the other lines are not checked."""
     servers = Servers(path)
-    for words, _ in logical_lines(text):
+    for words, _ in logical_lines(text, path=path, quotes=True):
         cur = Cursor(path, words)
         keyword = cur.take(KEYWORDS)
         if keyword.text.upper() == "SERVER":

@@ -234,5 +234,5 @@ def test_status_shows_the_note_under_its_node_and_each_dated_lines_days() -> Non
            "versions": [{"version": "2.0", "lines": lines}]}  # fmt: skip
     text = render({"mode": "curve", "primary": None, "nodes": [node], "features": [cad]})
     assert f"           {DIFFERS}: node gamma cannot verify the triad's lines" in text
-    assert "    v2.0 line site.lic:7: 10 seat(s) expire 2027-12-31 (in 29 day(s))" in text
+    assert "    v2.0 line site.lic:7: 10 seats expire 2027-12-31 (in 29 days)" in text
     assert "site.lic:8" not in text  # a permanent line has nothing to show
