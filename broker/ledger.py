@@ -18,7 +18,7 @@ touching anything and raises ``LedgerError`` otherwise, so a bad delta leaves th
 as it was.
 
 *Volatile* (the primary's alone, never replicated, empty after a failover): the
-lease deadline of each session and the FIFO wait queue of each feature. A node
+lease deadline of each session and the wait queue of each feature. A node
 whose role changes calls ``forget_volatile()`` so that it never acts on leases or
 waiters from an earlier term (a queued client re-sends to the new primary).
 
@@ -34,11 +34,13 @@ mind:
 - Leases: every request of a known session renews its lease. ``tick`` first gives a
   fresh lease to each session without one (just opened, or every session after a
   failover) and only then expires those whose lease has passed.
-- Queue: a checkout with ``wait`` that finds no free seats waits FIFO per feature;
-  a waiter never overtakes an earlier waiter of its feature, a request without
-  ``wait`` is decided at once. ``tick`` grants from the head while seats fit, and
-  denies waiters whose deadline passed. A checkout that could never fit is denied,
-  never queued.
+- Queue (RLM's EXPRESS rule): a checkout that can be served now is, with ``wait`` or
+  without; one with ``wait`` that finds too few free seats waits in its feature's
+  queue, in arrival order. ``tick`` asks each waiter in order and grants every one
+  that fits, counting the seats granted before it; one that does not fit keeps its
+  place and holds back no one (so a large request can be overtaken by smaller ones:
+  its ``wait`` bounds that). It denies waiters whose deadline passed. A checkout that
+  no release could ever serve (``Denial.busy`` is False) is denied, never queued.
 - Grant ids are consecutive: a call that returns several grants numbers them from
   ``next_grant`` in order, and tentative seat counts keep them from sharing a seat.
 - ``reload`` replaces the entitlements and the options file; grants stay even if a
@@ -50,7 +52,8 @@ mind:
   ``choose_under``, the license's choice under the options file's EXCLUDE/INCLUDE,
   MAX and RESERVE lines, given the grants of the feature (``_by_feature``) and, in a
   tick, the grants decided earlier in it. A ``reserved`` denial may wait like
-  ``no_seats``; the others are answered at once.
+  ``no_seats`` (unless the count is more than the reservations and MAX lines could
+  ever leave it); the others are answered at once.
 - Limits (``broker/limits.py``): opening a session beyond ``max_sessions`` or
   ``max_sessions_per_host``, queueing beyond ``max_queue``, or a request that records a
   reply in a session already holding ``max_unacked`` unacknowledged ones gets an
@@ -164,11 +167,13 @@ class Ticked:
 class _Waiter:
     request: Request
     deadline: float  # monotonic
-    # The catalog and day under which ``tick`` last found it waiting for seats alone:
-    # until either changes no line can deny it, so a waiter behind a blocked head need
-    # not be asked again (10,000 waiters cost each tick ~57 ms when they all were).
+    # The catalog, day and ``_released`` count of its feature under which it was last
+    # found waiting for seats alone: until one of them changes (or a tick frees seats of
+    # the feature) nothing can serve or deny it, so a tick need not ask it again (10,000
+    # waiters cost each tick ~57 ms when they all were).
     catalog: Catalog | None = None
     day: datetime.date | None = None
+    released: int = 0
     since: float = 0.0  # wall time it joined the queue, for status (``queue``)
     arrived: float = 0.0  # monotonic time it joined: the report log's ``waited``
 
@@ -245,6 +250,9 @@ class Ledger:
         self._unleased: set[str] = set()  # sessions that get a fresh lease at the next tick
         self._queues: dict[str, deque[_Waiter]] = {}
         self._queued: set[tuple[str, int]] = set()
+        # Per feature, how often a grant of it went or a duplicate group of it grew: the
+        # only changes (besides the catalog and the day) that can make room for a waiter.
+        self._released: dict[str, int] = {}
 
     # ------------------------------------------------------------ replicated state
 
@@ -489,6 +497,8 @@ class Ledger:
         of_feature.add(g.id)
         key = g.pool_key
         seats = self._groups.add(g) if g.dup else g.count
+        if g.dup:  # a larger group asks less of its members that wait
+            self._released[g.feature] = self._released.get(g.feature, 0) + 1
         self._used[key] = self._used.get(key, 0) + seats
         self._used_of_feature[g.feature] = self._used_of_feature.get(g.feature, 0) + seats
 
@@ -505,6 +515,7 @@ class Ledger:
         if not of_feature:
             del self._by_feature[grant.feature]
         seats = self._groups.drop(grant) if grant.dup else grant.count
+        self._released[grant.feature] = self._released.get(grant.feature, 0) + 1
         self._used[grant.pool_key] -= seats
         self._used_of_feature[grant.feature] -= seats
 
@@ -790,12 +801,10 @@ class Ledger:
         except ValueError as exc:  # an unparsable version
             return Outcome([], reply_error(ErrorCode.BAD_REQUEST, str(exc)))
         wait = request.wait or 0.0
-        waits = wait > 0
-        ahead = bool(self._queues.get(request.feature))
-        if isinstance(choice, Choice) and not (waits and ahead):
+        if isinstance(choice, Choice):  # whoever waits: they wait for seats it does not take
             grant = self._grant_delta(ids, request, choice, self._next_grant, now, dup=dup)
             return Outcome([grant], None)
-        if isinstance(choice, Denial) and not (choice.busy and waits):
+        if not (choice.busy and wait > 0):
             denied = reply_denied(choice.reason, choice.detail)
             return Outcome([_answer(ids, denied, now.wall, _asked(request))], None)
         refusal = self.limits.refuse_queue(
@@ -803,10 +812,11 @@ class Ledger:
         )
         if refusal is not None:
             return Outcome([], refusal)
-        # Judged just now: only seats (its own, or earlier waiters') keep it waiting.
+        # Judged just now: only seats keep it waiting, until some of the feature free.
         waiter = _Waiter(
-            request, now.mono + wait, self._catalog, day_of(now.wall), now.wall, now.mono
-        )
+            request, now.mono + wait, self._catalog, day_of(now.wall),
+            self._released.get(request.feature, 0), now.wall, now.mono,
+        )  # fmt: skip
         self._queues.setdefault(request.feature, deque()).append(waiter)
         self._queued.add((request.sid, request.req))
         return Outcome([], None)
@@ -971,9 +981,15 @@ class Ledger:
             if gone
             else freed
         )
+        # Features this tick frees seats of (or changes the holders of): their waiters
+        # are asked again even if nothing was applied since they were last asked.
+        freeing = {self._grants[g].feature for sid in gone for g in self._sessions[sid].grants}
+        freeing.update(self._grants[g].feature for g in freed)
         for feature in sorted(self._queues):
             keep: deque[_Waiter] = deque()
-            blocked = False
+            released = self._released.get(feature, 0)
+            settled = feature not in freeing
+            most = self._most_free(feature, day, extra)
             for w in self._queues[feature]:
                 r = w.request
                 session = None if r.sid in gone else self._sessions.get(r.sid)
@@ -982,20 +998,30 @@ class Ledger:
                     if session is None:
                         ended.append((r.sid, r.req))
                     continue
-                judged = w.catalog is self._catalog and w.day == day
-                if blocked and judged and now.mono < w.deadline:
-                    keep.append(w)  # still waits for seats only, behind an earlier waiter
+                # Judged under this catalog and day, only seats keep it waiting: while
+                # none of the feature's free (or no pool has as many free as it asks),
+                # asking again would only say so again.
+                judged = w.catalog is self._catalog and w.day == day and now.mono < w.deadline
+                if judged and settled and w.released == released:
+                    keep.append(w)
                     continue
                 ids = _ids(r, max(session.ack, r.ack))
                 dup = self._dup_key(r, session) if self._dup_masks or r.dup else None
-                if dup is not None and expiring:
-                    # Groups shrink as these grants go: judged at the next tick on what
-                    # is applied, so that a group's seats are never counted short.
-                    blocked = True
+                if judged and dup is None and r.count > most:
+                    w.released = released
                     keep.append(w)
                     continue
+                if dup is not None and expiring:
+                    # Groups shrink as these grants go: judged at the next tick on what
+                    # is applied, so that a group's seats are never counted short. It
+                    # keeps its place; those behind it are served by their own needs.
+                    keep.append(w)
+                    continue
+                # Every waiter that can be served now is (RLM's EXPRESS rule): one that
+                # cannot keeps its place without holding back those behind it, whose
+                # choice counts the seats granted before them in this tick (``extra``).
                 choice = self._choose(r, session, day, extra, expiring, pending, dup)
-                if isinstance(choice, Choice) and not blocked:
+                if isinstance(choice, Choice):
                     grant = self._grant_delta(ids, r, choice, gid, now, now.mono - w.arrived, dup)
                     deltas.append(grant)
                     gid += 1
@@ -1004,22 +1030,17 @@ class Ledger:
                     key = choice.pool.pool_key
                     extra[key] = extra.get(key, 0) + max(0, cost)
                     pending.append((r.feature, (_principal(session), key[1], max(0, cost))))
-                elif isinstance(choice, Denial) and not choice.busy:
+                    most = self._most_free(feature, day, extra)
+                elif not choice.busy:
                     denied = reply_denied(choice.reason, choice.detail)
                     deltas.append(_answer(ids, denied, now.wall, _asked(r, now.mono - w.arrived)))
                 elif now.mono >= w.deadline:
-                    why = (
-                        choice.detail
-                        if isinstance(choice, Denial)
-                        else f"{feature}: held for earlier waiters"
-                    )
-                    detail = f"{why}; gave up after waiting {r.wait:g} s"
-                    reason = choice.reason if isinstance(choice, Denial) else Reason.NO_SEATS
-                    denied = reply_denied(reason, detail)
+                    detail = f"{choice.detail}; gave up after waiting {r.wait:g} s"
+                    denied = reply_denied(choice.reason, detail)
                     deltas.append(_answer(ids, denied, now.wall, _asked(r, now.mono - w.arrived)))
                 else:
-                    blocked = True  # strict FIFO: no one behind it may take its seats
-                    w.catalog, w.day = self._catalog, day
+                    # Seats granted later in this tick only take room: still waiting then.
+                    w.catalog, w.day, w.released = self._catalog, day, released
                     keep.append(w)
                     continue
                 self._queued.discard((r.sid, r.req))
@@ -1028,6 +1049,17 @@ class Ledger:
             else:
                 del self._queues[feature]
         return Ticked(deltas, ended)
+
+    def _most_free(self, feature: str, day: datetime.date, extra: dict[PoolKey, int]) -> int:
+        """The most seats free in one pool of ``feature`` with ``extra`` counted: whoever
+        asks for more, in no duplicate group, cannot be served (the options file only
+        ever gives less)."""
+        used = self._used
+        return max(
+            (p.total(day) - used.get(p.pool_key, 0) - extra.get(p.pool_key, 0)
+             for p in self._catalog.pools(feature)),
+            default=0,
+        )  # fmt: skip
 
     def _lapses_and_timeouts(
         self, now: Now, gone: frozenset[str], deltas: list[Decided], extra: dict[PoolKey, int]
@@ -1172,9 +1204,12 @@ class Ledger:
             session = self._sessions.get(r.sid)
             if session is None:
                 continue  # its session ended: the next tick drops it
+            # The handle is no number: one would read as a grant id to whoever runs
+            # ``zbroker remove --grant`` from lmstat's line (where FlexNet has handles).
             out.append(
                 {"user": session.user, "host": session.host, "display": session.display,
-                 "version": r.version, "count": r.count, "handle": r.req, "since": w.since}
+                 "version": r.version, "count": r.count, "handle": f"q{r.req}",
+                 "since": w.since}
             )  # fmt: skip
         return out
 

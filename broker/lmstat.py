@@ -77,7 +77,7 @@ usage: lmstat [-a] [-A] [-asec] [-c license_path] [-f [feature]] [-i [feature]]
   --no-user-info    totals only, no line per user
   -v                version
   -lm, -vd, -old, -proj, -verbose: accepted and ignored (zbroker has one kind of
-                    server and no projects)"""
+                    server, and its status does not list the project of a holder)"""
 
 
 class LmstatUsage(ValueError):
@@ -462,7 +462,7 @@ def _feature(
             if h["version"] == pool["version"] or (n == 0 and h["version"] not in versions)
         ]
         if n == 0:
-            lines += [_queued(q, where) for q in queue]
+            lines += [_queued(q, where, pool["version"]) for q in queue]
         lines.append("")
     return lines
 
@@ -502,9 +502,14 @@ def _held_on(h: dict[str, Any], now: float) -> tuple[int, int] | None:
     return None
 
 
-def _queued(q: dict[str, Any], where: str) -> str:
+def _queued(q: dict[str, Any], where: str, pool: str) -> str:
+    """A waiter's line: the version it asked for, else the pool's it is listed under (the
+    place FlexNet always has one); its handle never a bare number, which would read as a
+    grant id to ``zbroker remove --grant`` (an older node sent the request's number)."""
+    handle = q["handle"]
+    handle = clean(handle) if isinstance(handle, str) else f"q{handle}"
     return (
-        f"    {_who(q)} (v{clean(q.get('version') or '0')}) ({where} {q['handle']}) "
+        f"    {_who(q)} (v{clean(q.get('version') or pool)}) ({where} {handle}) "
         f"queued for {_plural(q['count'], 'license')}"
     )
 

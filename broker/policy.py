@@ -244,9 +244,34 @@ class Policy:
         )
         return Room(seats, Refusal(Reason.RESERVED, detail))
 
+    def most(self, who: Principal, feature: str, version: Version, total: int) -> Room:
+        """The most seats ``who`` could ever take at once from the pool (feature, version)
+        of ``total`` seats, whatever is released: its ``room`` with nothing of the feature
+        held, since holdings only ever take room away (a MAX counts them, a RESERVE
+        fills with them or keeps seats from them). The refusal names the lines that keep
+        it below ``total`` (None: none do)."""
+        if feature not in self._counting:
+            return Room(total)
+        capped = self._max_room(who, feature, version, (), ever=True)
+        kept = self._reserve_room(who, feature, version, total, ())
+        seats = min(total, capped[0], kept[0])
+        if seats >= total:
+            return Room(total)
+        if capped[0] <= kept[0]:
+            return Room(seats, capped[1])
+        lines = kept[1].detail if kept[1] is not None else ""
+        detail = f"{total - seats} of its {total} seats are reserved for others ({lines})"
+        return Room(seats, Refusal(Reason.RESERVED, detail))
+
     def _max_room(
-        self, who: Principal, feature: str, version: Version, holdings: Sequence[Holding]
+        self,
+        who: Principal,
+        feature: str,
+        version: Version,
+        holdings: Sequence[Holding],
+        ever: bool = False,
     ) -> tuple[int, Refusal | None]:
+        """``ever``: the detail says what the cap is, not what is held (``most``)."""
         lines = self._lines(feature, version, "MAX")
         if not lines:
             return _UNLIMITED
@@ -282,6 +307,8 @@ class Policy:
                 if left < best[0]:
                     whose = f"{target.kind} {target.name}".lower().replace("_", " ")
                     detail = f"{whose} holds {held} of {feature}, the most {ln.where(path)} allows"
+                    if ever:
+                        detail = f"{whose} may hold at most {cap} of {feature}: {ln.where(path)}"
                     best = (left, Refusal(Reason.MAX_REACHED, detail))
         return best
 
@@ -400,8 +427,10 @@ def choose_under(
     USERS=/HOSTS=, a count no pool could hold); then a pool serves only whom the policy
     admits and only the seats ``room`` leaves it. When no pool can serve, the denial
     says why: the admission refusal when every pool refused admission (EXCLUDE before
-    INCLUDE), else ``reserved`` (busy: it may wait) when reservations held a pool back,
-    else ``max_reached``, else the license's own busy ``no_seats``. ``holdings`` (every
+    INCLUDE); else, when no release could ever make room for ``count`` (``Policy.most``
+    of every pool it may use), the rule that stands in its way, not busy; else
+    ``reserved`` (busy: it may wait) when reservations held a pool back, else
+    ``max_reached``, else the license's own busy ``no_seats``. ``holdings`` (every
     grant of the feature) is asked at most once, and only when a MAX or RESERVE line
     names the feature.
     """
@@ -431,17 +460,64 @@ def choose_under(
         return total - room.seats
 
     choice = choose(catalog, feature, version, count, who.user, who.host, day, room_used)
-    if isinstance(choice, Choice) or not choice.busy or not refusals:
+    if isinstance(choice, Choice) or not choice.busy:
         return choice
     admission = [r for r in refusals.values() if r.reason in _ADMISSION]
-    if len(admission) == len(asked):
+    if refusals and len(admission) == len(asked):
         first = min(admission, key=lambda r: r.reason != Reason.EXCLUDED)
         return Denial(first.reason, first.detail)
+    # Busy means "a release may serve it": a count no release can ever make room for
+    # would hold a queue place (and the client) to its deadline for nothing.
+    open_to = [k for k in sorted(asked) if k not in refusals or refusals[k] not in admission]
+    never = _never(policy, catalog, feature, count, who, day, open_to)
+    if never is not None:
+        return never
+    if not refusals:
+        return choice
     for reason in (Reason.RESERVED, Reason.MAX_REACHED):
         found = [r for r in refusals.values() if r.reason == reason]
         if found:
             return Denial(reason, found[0].detail, busy=reason == Reason.RESERVED)
     return choice
+
+
+def _never(
+    policy: Policy,
+    catalog: Catalog,
+    feature: str,
+    count: int,
+    who: Principal,
+    day: datetime.date,
+    keys: Sequence[PoolKey],
+) -> Denial | None:
+    """The denial of a checkout of ``count`` that none of the pools ``keys`` could ever
+    serve ``who``, whatever is released (the options file's MAX and RESERVE lines below
+    the pools' seats); None when one could."""
+    best: tuple[int, Refusal | None, str] = (-1, None, "")
+    for key in keys:
+        pool = catalog.pool(key[0], key[1])
+        if pool is None:
+            continue
+        most = policy.most(who, feature, key[1], pool.total(day))
+        if count <= most.seats:
+            return None
+        if most.seats > best[0]:
+            best = (most.seats, most.refusal, pool.version)
+    seats, refusal, version = best
+    if seats < 0:
+        return None
+    asked = f"{count} seat{'s' if count > 1 else ''} of {feature} asked for"
+    if refusal is None:  # a larger pool is there, but not for this principal (EXCLUDE)
+        return Denial(
+            Reason.NO_SEATS,
+            f"{asked}, but the largest pool user {who.user!r:.80} may use "
+            f"({feature} {version}) has {seats}",
+        )
+    return Denial(
+        refusal.reason,
+        f"{asked}, but at most {seats} of {feature} {version} can ever be free for user "
+        f"{who.user!r:.80}: {refusal.detail}",
+    )
 
 
 # ---------------------------------------------------------------- helpers

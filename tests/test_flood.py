@@ -223,14 +223,14 @@ class _CountingLedger(Ledger):
         return super()._choose(request, *args, **kwargs)
 
 
-def test_a_tick_asks_only_the_head_of_a_blocked_queue() -> None:
+def test_a_tick_asks_no_waiter_when_nothing_freed() -> None:
     ledger = _queue(1_000, _CountingLedger)
     assert isinstance(ledger, _CountingLedger)
     asked = ledger.asked
     asked.clear()  # the queue's own decisions: only the ticks' count
     for second in (1.0, 2.0):
         assert ledger.tick(Now(second, AT)).decided == []
-    assert asked == [10, 10]  # not the 999 behind it: nothing that could deny them changed
+    assert asked == []  # none of the 1,000: nothing that could serve them changed
     assert ledger.queued("cad") == 1_000
 
 

@@ -419,23 +419,24 @@ def test_waiter_is_granted_in_fifo_order_as_seats_free() -> None:
     assert w.ledger.queued("cad") == 0
 
 
-def test_strict_fifo_stops_at_the_first_that_does_not_fit() -> None:
+def test_a_waiter_that_does_not_fit_holds_back_no_one_behind_it() -> None:
     w = queued_world(2)
     w.checkout("b", 2, wait=30.0)
     w.checkout("c", 1, wait=30.0)
     w.outcome("checkin", "a", grant=1)
     w.checkout("a", 1)  # a takes one seat back right away: it does not wait
-    assert w.tick() == []  # b needs 2, only 1 free: c may not overtake
-    assert w.ledger.queued("cad") == 2
+    deltas = w.tick()  # b needs 2, only 1 free: c, behind it, takes that one
+    assert [(d["k"], d["sid"], d["count"]) for d in deltas] == [("grant", "c", 1)]
+    assert w.ledger.queued("cad") == 1  # b keeps its place
 
 
-def test_new_waiter_does_not_overtake_earlier_waiters() -> None:
+def test_a_new_waiter_that_fits_is_served_at_once_whoever_waits() -> None:
     w = queued_world(2)
     w.checkout("b", 2, wait=30.0)
     w.send("checkin", "a", grant=1)
     w.checkout("a", 1)  # no wait: served now
-    assert w.checkout("c", 1, wait=30.0) is None  # a seat is free, but b is ahead
-    assert w.ledger.queued("cad") == 2
+    assert grant_of(w.checkout("c", 1, wait=30.0))["count"] == 1  # b cannot use the seat yet
+    assert w.ledger.queued("cad") == 1
 
 
 def test_waiter_past_its_deadline_is_denied_saying_it_waited() -> None:

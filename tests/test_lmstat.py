@@ -20,6 +20,7 @@ from test_lmstat_parsers import (
 )
 
 from zbroker.broker.lmstat import (
+    USAGE,
     Clock,
     Entry,
     LicenseLine,
@@ -81,7 +82,7 @@ def _status(primary: bool = True) -> dict[str, Any]:
                     {"count": 1, "kind": "HOST", "name": "ws9"},
                 ],
                 "queue": [{"user": "carol", "host": "ws3", "display": ":1", "version": "2.0",
-                           "count": 2, "handle": 7}],
+                           "count": 2, "handle": "q7"}],
             },
             {"name": "solver", "total": 2, "in_use": 0, "queued": 0,
              "versions": [{"version": "1.5", "total": 2, "in_use": 0, "expires": None}]},
@@ -127,7 +128,7 @@ Users of cad:  (Total of 15 licenses issued;  Total of 5 licenses in use)
     bob ws2 - (v2.0) (h1.example.com/27001 2), start Mon 11/30 8:02  (linger: 42 / 600)
     x?Users_of_cad:__(Total_of_99_licenses_issued;__Total_of_0_licenses_in_use) ws4 /dev/pts/1 \
 (v2.0) (h1.example.com/27001 3), start Mon 11/30 8:03
-    carol ws3 :1 (v2.0) (h1.example.com/27001 7) queued for 2 licenses
+    carol ws3 :1 (v2.0) (h1.example.com/27001 q7) queued for 2 licenses
 
 Users of solver:  (Total of 2 licenses issued;  Total of 0 licenses in use)
 
@@ -196,6 +197,30 @@ def test_holds_print_as_flexnet_lingering_seats_and_filled_reservations_not_at_a
     assert got.users["cad"] == {"ann": [["(v2.0)", 1.0]], "bob": [["(v2.0)", 2.0]],
                                 "cyd": [["(v2.0)", 1.0]]}  # fmt: skip
     assert got.reservations == {}  # the exporter reads GROUP ones; eng's is filled
+
+
+def test_a_queued_line_names_a_version_and_a_handle_no_grant_can_have() -> None:
+    status = _status()
+    cad = status["features"][0]
+    cad["holders"] = [_holder(2, "dave", "ws2", ":0", 1)]  # grant 2
+    cad["queue"] = [  # an older node's handle is the request's number, 2 as well
+        {"user": "erin", "host": "ws1", "display": "", "version": None, "count": 1, "handle": 2},
+        {"user": "fay", "host": "ws3", "display": ":1", "version": "1.0", "count": 2,
+         "handle": "q5"},
+    ]  # fmt: skip
+    text = render("lmstat", "1.0", [(ENTRY, status)], parse_args(["-a"], 60), CLOCK)
+    lines = [ln for ln in text.splitlines() if "queued for" in ln]
+    assert lines == [  # the version of the pool it is listed under, when it asked none
+        "    erin ws1 - (v2.0) (h1.example.com/27001 q2) queued for 1 license",
+        "    fay ws3 :1 (v1.0) (h1.example.com/27001 q5) queued for 2 licenses",
+    ]
+    assert exporter_parse(text).users["cad"] == {"dave": [["(v2.0)", 1.0]]}
+
+
+def test_the_help_says_why_proj_is_ignored_truly() -> None:
+    # PROJECT lines of the options file are enforced: zbroker has projects
+    assert "no projects" not in USAGE
+    assert "-proj" in USAGE and "project of a holder" in USAGE
 
 
 def test_the_slurm_scripts_read_the_totals() -> None:

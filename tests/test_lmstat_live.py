@@ -175,7 +175,7 @@ def test_parsers_read_the_unused_reservations_and_no_queued_request_as_a_holder(
     assert lines == [
         f"\t1 RESERVATIONs for USER ann ({where}",
         f"\t3 RESERVATIONs for GROUP eng ({where}",
-        f"    erin ws5 :0 (v0) ({where[:-1]} {_handle(text)}) queued for 1 license",
+        f"    erin ws5 :0 (v1.5) ({where[:-1]} {_handle(text)}) queued for 1 license",
         f"\t1 RESERVATIONs for HOST ws9 ({where}",
     ]
     got = exporter_parse(text)

@@ -51,13 +51,12 @@ def test_reserved_seats_wait_and_are_served_when_free() -> None:
     assert [d["k"] for d in ticked] == ["grant"]
 
 
-def test_a_reserved_waiter_that_gives_up_hears_reserved() -> None:
+def test_a_waiter_every_seat_is_reserved_against_hears_reserved_at_once() -> None:
+    # All 4 seats are mel's: no release can ever serve ann, so she is not queued.
     w = world("RESERVE 4 cad USER mel")
     w.open("s1", user="ann")
-    assert w.checkout("s1", wait=1.0) is None
-    w.advance(2.0)
-    (delta,) = w.tick()
-    assert delta["reply"]["reason"] == Reason.RESERVED
+    denied(w.checkout("s1", wait=1.0), Reason.RESERVED)
+    assert w.ledger.queued("cad") == 0
 
 
 def test_a_full_pool_is_no_seats_before_max() -> None:

@@ -50,11 +50,11 @@ def test_the_ledger_lists_waiters_first_in_line_first_with_who_and_what() -> Non
     assert ledger.queued("solver") == 3
     assert ledger.queue("solver", 10) == [
         {"user": "u0", "host": "h0", "display": ":0", "version": None, "count": 1,
-         "handle": 2, "since": WALL},
+         "handle": "q2", "since": WALL},
         {"user": "u1", "host": "h1", "display": ":1", "version": "1.0", "count": 1,
-         "handle": 2, "since": WALL + 1},
+         "handle": "q2", "since": WALL + 1},
         {"user": "u2", "host": "h2", "display": ":2", "version": None, "count": 1,
-         "handle": 2, "since": WALL + 2},
+         "handle": "q2", "since": WALL + 2},
     ]  # fmt: skip
     assert [w["user"] for w in ledger.queue("solver", 2)] == ["u0", "u1"]
     assert ledger.queue("cad", 10) == [] and ledger.queue("nothing", 10) == []
@@ -133,7 +133,7 @@ def test_a_live_node_lists_its_queue_with_the_holders(make_triad: Any) -> None:
             version = "1.5" if i == 2 else None
             req = client.send(op="checkout", feature="solver", count=i % 2 + 1, wait=60,
                               version=version, ack=1)  # fmt: skip
-            asked.append((f"u{i}", version, i % 2 + 1, req))
+            asked.append((f"u{i}", version, i % 2 + 1, f"q{req}"))  # never a grant id
             # one at a time, so that their order in line is the order sent
             wait_for(lambda: _status(holder)["solver"]["queued"] == len(asked), 10, "queued")
         summary = _status(holder)
@@ -152,7 +152,7 @@ def test_a_live_node_lists_its_queue_with_the_holders(make_triad: Any) -> None:
         back = holder.call(op="checkin", grant=got["grant"]["id"], ack=2)
         assert back["status"] == "ok", back
         served = waiters[0].recv(10)
-        assert served["status"] == "ok" and served["req"] == asked[0][3], served
+        assert served["status"] == "ok" and f"q{served['req']}" == asked[0][3], served
         wait_for(lambda: _status(holder)["solver"]["queued"] == 2, 10, "u1 left the queue")
         after = _status(holder, holders=True, feature="solver")["solver"]["queue"]
         assert [w["user"] for w in after] == ["u2", "u3"]
