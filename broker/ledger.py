@@ -308,6 +308,7 @@ class Ledger:
                 None if options is None else Policy(options, min_timeout=self.min_timeout)
             )
             self._idle.rebuild(least_timeout(options, self.min_timeout))
+            self._rehome()
         elif kind == "term":
             pass  # a new primary's no-op naming it, for the report log (docs/reportlog.md)
         elif kind == "return":  # a borrow checked in before its end (broker/borrow.py)
@@ -501,6 +502,34 @@ class Ledger:
             self._released[g.feature] = self._released.get(g.feature, 0) + 1
         self._used[key] = self._used.get(key, 0) + seats
         self._used_of_feature[g.feature] = self._used_of_feature.get(g.feature, 0) + seats
+
+    def _rehome(self) -> None:
+        """Count each grant whose pool the license no longer has in the pool that serves
+        its version now: the lowest at or above it, else the feature's highest. Left
+        where it was, it counted in no pool, and a new license's pool of another version
+        (a vendor's upgrade from 2.0 to 3.0) lent its seats again: 18 of 10 (SPEC §5,
+        invariant 1). A feature the license no longer has keeps its grants uncounted, as
+        a count lowered to 0. In grant order, so that every node does the same."""
+        pools_of = self._catalog.pools
+        orphans = [
+            gid
+            for gid, g in self._grants.items()
+            if pools_of(g.feature)
+            and not any(p.pool_key == g.pool_key for p in pools_of(g.feature))
+        ]
+        for gid in sorted(orphans):
+            g = self._grants[gid]
+            pools = pools_of(g.feature)
+            version = g.pool_key[1]
+            home = next((p for p in pools if p.key >= version), pools[-1])
+            seats = self._groups.drop(g) if g.dup else g.count
+            self._used[g.pool_key] -= seats
+            if not self._used[g.pool_key]:
+                del self._used[g.pool_key]
+            moved = dataclasses.replace(g, version=home.version)
+            self._grants[gid] = moved
+            seats = self._groups.add(moved) if moved.dup else moved.count
+            self._used[moved.pool_key] = self._used.get(moved.pool_key, 0) + seats
 
     def _drop_grant(self, gid: int) -> None:
         grant = self._grants.pop(gid)

@@ -519,6 +519,51 @@ def test_reload_keeps_grants_over_a_shrunk_pool_and_new_checkouts_see_new_counts
     assert w.ledger.status(w.now)[0]["total"] == 5
 
 
+def test_a_grant_whose_pool_a_reload_removes_counts_in_the_pool_serving_its_version() -> None:
+    # The vendor's upgrade: the 2.0 line replaced by a 3.0 line of the same 10 seats. The 8
+    # seats out under 2.0 must count against the 3.0 pool, or it lends them again (probe:
+    # 18 of 10).
+    w = World([ent("2.0", 10)])
+    w.open("s1")
+    w.open("s2", user="bob")
+    held = grant_of(w.checkout("s1", 8))
+    w.ledger.apply(w.ledger.reload_delta([ent("3.0", 10)]))
+    assert "8 of 10 seats in use" in denied(w.checkout("s2", 10), Reason.NO_SEATS)
+    grant_of(w.checkout("s2", 2))
+    assert w.ledger.status(w.now)[0]["in_use"] == 10
+    assert w.ledger.grant(held["id"]).version == "3.0"  # type: ignore[union-attr]
+    # A backup that starts from a snapshot after it counts the same.
+    again = Ledger.from_snapshot(w.ledger.snapshot(), lease=LEASE, heartbeat=HEARTBEAT)
+    assert again.status(w.now) == w.ledger.status(w.now)
+
+
+@pytest.mark.parametrize(
+    ("lines", "home"),
+    [
+        ([ent("1.0", 5), ent("3.0", 5)], "3.0"),  # the lowest at or above 2.0
+        ([ent("1.0", 5)], "1.0"),  # none above: the feature's highest
+    ],
+)
+def test_a_grant_left_without_its_pool_goes_to_one_that_serves_the_feature(
+    lines: list[Entitlement], home: str
+) -> None:
+    w = World([ent("2.0", 10)])
+    w.open("s1")
+    held = grant_of(w.checkout("s1", 4))
+    w.ledger.apply(w.ledger.reload_delta(lines))
+    assert w.ledger.grant(held["id"]).version == home  # type: ignore[union-attr]
+    assert w.ledger.in_use("cad", home) == 4
+
+
+def test_a_feature_a_reload_removes_keeps_its_grants_counting_nowhere() -> None:
+    w = World([ent("2.0", 10), ent("1.0", 2, feature="solver")])
+    w.open("s1")
+    held = grant_of(w.checkout("s1", 4))
+    w.ledger.apply(w.ledger.reload_delta([ent("1.0", 2, feature="solver")]))
+    assert w.ledger.grant(held["id"]).version == "2.0"  # type: ignore[union-attr]
+    assert w.ledger.in_use("cad") == 4  # held until checked in, as a count lowered to 0
+
+
 # ---------------------------------------------------------------- apply and snapshot
 
 
