@@ -7,13 +7,24 @@
 - one DEALER per peer, named ``peer_sockets[name]``, for messages to that peer, each with a
   monitor that says when its connection drops.
 
+libzmq dials a refused connection again by itself, except one the other side's ZAP
+handler refused: that one it never dials again (4.3.5). A node whose key a peer refused
+once (a rotated key that reached one node's license before the other's) would stay cut
+off from that peer until restarted, though the peer accepts its key by then. The
+monitors also watch for that refusal, and ``Redial`` dials such a connection again after
+a delay that doubles with each refusal.
+
 ``read`` drains the ready ones into events in a fixed order (peers first, clients last);
 ``send_peers`` and ``send_answers`` write never blocking: a full pipe drops the message.
 """
 
 from __future__ import annotations
 
+import logging
+import struct
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar, cast
 
 import zmq
@@ -49,10 +60,54 @@ _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 PEER_MAX_MESSAGE = 256 * 1024 * 1024  # a snapshot of 100,000 grants is about 9 MB
+# A connection a peer's ZAP handler refused is dialled again after REFUSED_RETRY seconds,
+# twice that after the next refusal, and so on up to REFUSED_RETRY_MAX: soon enough for a
+# key rotation done node by node, seldom enough not to flood the peer's log.
+REFUSED_RETRY = 1.0
+REFUSED_RETRY_MAX = 30.0
+_REFUSED = int(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_ACCEPTED = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+_DROPPED = int(zmq.EVENT_DISCONNECTED)
+
+log = logging.getLogger("zbroker.node")
 
 Step = Callable[[Event, Now], None]  # NodeCore.step
 E = TypeVar("E")  # what drain makes of a message: a node's Event
 N = TypeVar("N")  # what drain hands step with it: a node's Now
+
+
+@dataclass
+class _Refused:
+    delay: float
+    due: float | None  # None: dialled again, its handshake not over yet
+
+
+class Redial:
+    """The connections a peer refused (by their key: a socket and an endpoint), and when
+    each is to be dialled again. Pure: the caller hands in the time."""
+
+    def __init__(self) -> None:
+        self._refused: dict[tuple[zmq.Socket[bytes], str], _Refused] = {}
+
+    def refused(self, key: tuple[zmq.Socket[bytes], str], now: float) -> tuple[float, bool]:
+        """The connection ``key`` was refused: (seconds until it is dialled again, whether
+        this is the first refusal since it was last accepted)."""
+        entry = self._refused.get(key)
+        first = entry is None
+        delay = REFUSED_RETRY if entry is None else min(entry.delay * 2, REFUSED_RETRY_MAX)
+        self._refused[key] = _Refused(delay, now + delay)
+        return delay, first
+
+    def accepted(self, key: tuple[zmq.Socket[bytes], str]) -> bool:
+        """The connection ``key`` was accepted; True when it had been refused."""
+        return self._refused.pop(key, None) is not None
+
+    def due(self, now: float) -> list[tuple[zmq.Socket[bytes], str]]:
+        """The connections to dial again now (each once until it is refused again)."""
+        out = [k for k, e in self._refused.items() if e.due is not None and e.due <= now]
+        for key in out:
+            self._refused[key].due = None
+        return out
 
 
 class NodeSockets:
@@ -86,26 +141,38 @@ class NodeSockets:
         self.sub.setsockopt(zmq.MAXMSGSIZE, 64 * 1024)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.peer_sockets: dict[str, zmq.Socket[bytes]] = {}
-        self.monitors: dict[zmq.Socket[bytes], str] = {}
+        # monitor -> the socket it watches; (socket, endpoint) -> the peer it dials
+        self.monitors: dict[zmq.Socket[bytes], zmq.Socket[bytes]] = {}
+        self._dialled: dict[tuple[zmq.Socket[bytes], str], str] = {}
+        self._security = security
+        self.redial = Redial()
+        handshakes = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        self.monitors[self.sub.get_monitor_socket(handshakes)] = self.sub
         for other in config.nodes:
             if other.name == me.name:
                 continue
             security.client(self.sub, other.name)  # per connect: each PUB has its key
             self.sub.connect(other.pub)
+            self._dialled[self.sub, other.pub] = other.name
             out = ctx.socket(zmq.DEALER)
             security.client(out, other.name)
             peer_options(out, me.name)
             out.connect(other.peer)
+            self._dialled[out, other.peer] = other.name
             self.peer_sockets[other.name] = out
             # A killed peer's kernel closes its connections at once: seeing that drop
             # starts the election long before peer_timeout would.
-            monitor = out.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-            self.monitors[monitor] = other.name
+            monitor = out.get_monitor_socket(zmq.EVENT_DISCONNECTED | handshakes)
+            self.monitors[monitor] = out
         self.poller = zmq.Poller()
         for sock in (self.clients, self.peer_in, self.sub, *self.monitors):
             self.poller.register(sock, zmq.POLLIN)
 
     def poll(self, timeout_ms: int) -> dict[zmq.Socket[bytes], int]:
+        for sock, endpoint in self.redial.due(time.monotonic()):
+            sock.disconnect(endpoint)
+            self._security.client(sock, self._dialled[sock, endpoint])  # the SUB's differ
+            sock.connect(endpoint)
         return dict(self.poller.poll(timeout_ms))
 
     def read(self, ready: dict[zmq.Socket[bytes], int], step: Step, now: Now) -> None:
@@ -114,16 +181,50 @@ class NodeSockets:
             drain(self.peer_in, PeerMessage, step, now)
         if self.sub in ready:
             drain(self.sub, _heartbeat, step, now)
-        for monitor, peer in self.monitors.items():
+        for monitor, watched in self.monitors.items():
             if monitor in ready:
                 while True:
                     try:
-                        monitor.recv_multipart(zmq.NOBLOCK)  # only DISCONNECTED is asked for
+                        event, where = monitor.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    step(PeerLost(peer), now)
+                    kind = struct.unpack("=hi", event)[0]
+                    key = self._dial_of(watched, where.decode(errors="replace"))
+                    if key is None:
+                        continue
+                    if kind == _DROPPED:
+                        step(PeerLost(self._dialled[key]), now)
+                    else:
+                        self._handshake(key, kind)
         if self.clients in ready:
             drain(self.clients, ClientMessage, step, now)
+
+    def _dial_of(self, sock: zmq.Socket[bytes], where: str) -> tuple[zmq.Socket[bytes], str] | None:
+        """The (socket, endpoint as configured) a monitor's event is about: libzmq names
+        the endpoint as it resolved it, which may differ from the config's spelling."""
+        mine = [key for key in self._dialled if key[0] is sock]
+        if len(mine) == 1:  # a peer's DEALER dials one endpoint
+            return mine[0]
+        port = where.rpartition(":")[2]
+        return next((k for k in mine if k[1] == where), None) or next(
+            (k for k in mine if k[1].rpartition(":")[2] == port), None
+        )
+
+    def _handshake(self, key: tuple[zmq.Socket[bytes], str], kind: int) -> None:
+        peer = self._dialled[key]
+        if kind == _REFUSED:
+            delay, first = self.redial.refused(key, time.monotonic())
+            if first:
+                log.warning(
+                    "%s refused this node's key (its license's SERVER line or its "
+                    "[nodes] keys may still name an older one): dialling %s again, "
+                    "first in %.0f s",
+                    peer,
+                    key[1],
+                    delay,
+                )
+        elif kind == _ACCEPTED and self.redial.accepted(key):
+            log.warning("%s accepts this node's key again at %s", peer, key[1])
 
     def send_peers(self, messages: list[Outgoing]) -> None:
         packed: dict[int, bytes] = {}  # by id: the backups often get the same append map
