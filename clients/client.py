@@ -11,7 +11,10 @@ one.
 A guest in its host process: a client has no thread, socket or descriptor of its own
 (docs/protocol.md, "What a client costs"); a call that would need a descriptor the
 process has not got fails with ``LicenseUnavailable`` naming the cause; a client used in
-a forked child of the process that made it raises ``ClientForked`` at once.
+a forked child of the process that made it raises ``ClientForked`` at once. The engine
+holds a client weakly (its links refer to it through a weak reference): a client the
+application drops unclosed is closed as it is collected (``_close_collected``), unless
+grants it has not checked in keep it alive (each refers to its client).
 
 Timing. ``timeout`` bounds the time spent waiting for answers. With several entries,
 each gets an equal share of what is left of it; a checkout with ``wait`` may also
@@ -29,6 +32,8 @@ session) and again if it could not be checked out again (LOST).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import getpass
 import logging
 import math
@@ -37,6 +42,8 @@ import socket
 import threading
 import time
 import uuid
+import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -77,7 +84,7 @@ from zbroker.clients.protocol import (
 )
 from zbroker.clients.tokens import StoreError, TokenNotKept, TokenStore
 
-log = logging.getLogger("zbroker.client")
+log = logging.getLogger(__name__)  # under "zbroker.clients", which has the NullHandler
 
 CLIENT_VERSION = "zbroker-python/0.1.0"
 CLIENT_KEY_ENV = "ZBROKER_CLIENT_KEY"  # the client's secret certificate (allow-listed triads)
@@ -108,10 +115,11 @@ class LicenseClient:
     """A client of one license path: several independent servers or triads, tried in order.
 
     ``servers``: endpoints of one triad (``["tcp://127.0.0.1:27001", ...]``), or a license
-    path (``"27001@h1,27001@h2,27001@h3:/opt/acme/license.lic"``); default from the
-    ``ZBROKER_LICENSE`` environment variable. ``timeout`` is the default deadline of
-    every call, in seconds. ``on_lost(grants)`` is called when held grants stop being
-    safe to use; see the module docstring.
+    path (``"27001@h1,27001@h2,27001@h3:/opt/acme/license.lic"``, entries separated by
+    ``:`` or ``;``; a path object names one file or directory); default from the
+    ``ZBROKER_LICENSE`` environment variable, else ``LM_LICENSE_FILE``. ``timeout`` is
+    the default deadline of every call, in seconds. ``on_lost(grants)`` is called when
+    held grants stop being safe to use; see the module docstring.
 
     Security: a server whose key is known (``KEY=`` on its SERVER line in a license file
     of the path or of ``ZBROKER_SERVER_KEYS``, or ``server_keys={endpoint: z85}``) is
@@ -131,7 +139,7 @@ class LicenseClient:
 
     def __init__(
         self,
-        servers: str | Sequence[str] | None = None,
+        servers: str | os.PathLike[str] | Sequence[str] | None = None,
         *,
         user: str | None = None,
         host: str | None = None,
@@ -171,6 +179,7 @@ class LicenseClient:
         # Joined by the first call, so that a client that is never used costs nothing.
         self._engine: Engine | None = None
         self._links: list[Link] = []
+        self._finalizer: weakref.finalize[Any, Any] | None = None
 
     @property
     def entries(self) -> list[tuple[str, ...]]:
@@ -456,6 +465,34 @@ class LicenseClient:
 
         self._call(engine, link, job, deadline)
 
+    def _let_go(self, grant: Grant) -> None:
+        """Check ``grant`` in as a ``with`` block ends by an exception, raising nothing of
+        the library's (``Grant.__exit__``): a checkin that found no node goes on in the
+        background, re-sent until a node answers or the triad forgets the session."""
+        try:
+            self.checkin(grant)
+        except LicenseError as exc:
+            engine, links = self._engine, self._links
+            if grant.released or grant.lost or engine is None or os.getpid() != self._pid:
+                return  # settled (or another process's: ClientForked)
+            log.warning(
+                "checkin of grant %d of %s as its with block raised: %s; the library "
+                "checks it in in the background",
+                grant.id, grant.feature, exc,
+            )  # fmt: skip
+            link = links[grant._entry]
+            given: Future[Any] = Future()
+
+            def job(now: float) -> None:
+                link.give_back(grant, now)
+                given.set_result(None)
+
+            # Waited for (a job of the I/O thread: at once) so that the grant reads released
+            # when the block's exception reaches the application.
+            with contextlib.suppress(ClientClosed, TimeoutError):  # closed: its session too
+                engine.post(job, given, (link,))
+                given.result(GRACE)
+
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The status map (docs/protocol.md) of the first entry of the path that answers."""
         self._check_usable()
@@ -505,13 +542,20 @@ class LicenseClient:
         timeout) even when no server answers; the triad then expires the sessions.
         In a forked child it only marks this copy closed: the sessions are the parent's.
         """
+        if os.getpid() != self._pid:
+            # Before any lock: a thread of the parent may have held it across the fork,
+            # and no thread of the child will ever let it go.
+            self._closed = True
+            return
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             engine, links = self._engine, self._links
-        if engine is None or os.getpid() != self._pid:
+        if engine is None:
             return
+        if self._finalizer is not None:
+            self._finalizer.detach()
         budget = min(self._timeout, CLOSE_TIMEOUT) if timeout is None else self._budget(timeout)
         deadline = time.monotonic() + budget
         closing: list[Future[Any]] = [Future() for _ in links]
@@ -522,17 +566,33 @@ class LicenseClient:
 
         detached: Future[Any] = Future()
         try:
-            engine.post(job, Future(), links)
-            wait_futures(closing, timeout=max(0.0, deadline - time.monotonic()))
-            engine.detach(links, detached)
+            try:
+                engine.post(job, Future(), links)
+                wait_futures(closing, timeout=max(0.0, deadline - time.monotonic()))
+            finally:
+                # Interrupted too (KeyboardInterrupt): the close job runs on, and then the
+                # links leave the engine (its jobs run in order), or it would drive them on.
+                try:
+                    engine.detach(links, detached)
+                except ClientClosed:
+                    detached.set_result(None)  # stopped: it drives nothing any more
             detached.result(timeout=max(0.0, deadline - time.monotonic()) + GRACE)
         except (ClientClosed, TimeoutError):
             pass  # the I/O thread stopped or is stuck: nothing more to wait for
+        except BaseException:
+            shared.release(engine, 0.0)  # interrupted: its sessions close in the background
+            raise
         engine.flush_notices(max(0.0, deadline - time.monotonic()))
         shared.release(engine, GRACE)
 
     def __enter__(self) -> LicenseClient:
         return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError(
+            "a LicenseClient cannot be pickled or copied: its sessions and I/O thread belong "
+            "to the process that made it; create a LicenseClient in each process instead"
+        )
 
     def __exit__(
         self,
@@ -556,11 +616,12 @@ class LicenseClient:
                         entry,
                         hello=self._hello,
                         send=engine.send,
-                        report=self._report_lost,
-                        owner=self,
+                        report=functools.partial(_report_to, weakref.ref(self)),
+                        owner=weakref.ref(self),
                         new_sid=lambda: uuid.uuid4().hex,
                         try_timeout=TRY_TIMEOUT,
                         recover_timeout=self._timeout,
+                        clock=time.monotonic,  # the engine's clock: the one leases count by
                     )
                     for i, entry in enumerate(self._entries)
                 ]
@@ -570,6 +631,12 @@ class LicenseClient:
                     shared.release(engine, GRACE)
                     raise
                 self._engine, self._links = engine, links
+                # Collected unclosed: its sessions close then, not at the process's exit.
+                what = ":".join(",".join(entry) for entry in self._entries)
+                self._finalizer = weakref.finalize(
+                    self, _close_collected, engine, links, self._pid, what
+                )
+                self._finalizer.atexit = False  # at exit the triad expires the sessions
             return self._engine, self._links
 
     def _call(
@@ -586,13 +653,20 @@ class LicenseClient:
             return fut.result(timeout=max(0.0, deadline - time.monotonic()) + GRACE)
         except TimeoutError:
             # The I/O thread always answers by the deadline; this means it is stuck.
+            _abandon(engine, link, fut)
             raise OutcomeUnknown("the client's I/O thread did not answer in time") from None
-        except (OutcomeUnknown, LicenseUnavailable) as exc:
+        except (OutcomeUnknown, LicenseUnavailable):
             if self._closed:  # close() ended it, not its deadline nor the servers
                 raise ClientClosed(
                     "the client was closed during the call; closing its sessions (or their "
-                    f"lease's end) frees whatever it got ({exc})"
+                    "lease's end) frees whatever it got"
                 ) from None
+            raise
+        except BaseException as exc:
+            # Not the call's own answer but the wait interrupted (KeyboardInterrupt, a
+            # signal handler's exception): whatever the call gets is given back.
+            if not (fut.done() and fut.exception() is exc):
+                _abandon(engine, link, fut)
             raise
 
     def _budget(self, timeout: float | None) -> float:
@@ -627,6 +701,49 @@ class LicenseClient:
             self._unreported.extend(g for g in grants if g not in self._unreported)
 
 
+def _report_to(client: weakref.ref[LicenseClient], grants: list[Grant]) -> None:
+    """A link's report, to its client if it is still alive (see ``_close_collected``)."""
+    alive = client()
+    if alive is not None:
+        alive._report_lost(grants)
+
+
+def _close_collected(engine: Engine, links: list[Link], pid: int, what: str) -> None:
+    """A client collected unclosed (its ``weakref.finalize``): close its sessions as
+    ``close`` does, on the I/O thread, without blocking the thread that collects."""
+    if os.getpid() != pid:
+        return  # a forked child's copy: the sessions are the parent's
+    warnings.warn(
+        f"LicenseClient of {what} was collected unclosed: its sessions are closed now; "
+        "close() it (or use `with`) so that its seats are freed when you are done",
+        ResourceWarning,
+        stacklevel=2,
+    )
+    deadline = time.monotonic() + CLOSE_TIMEOUT
+
+    def job(now: float) -> None:
+        left = [len(links)]
+
+        def closed(_: Future[Any]) -> None:
+            left[0] -= 1
+            if left[0] == 0:  # then leave: leaving ends the exchanges still going
+                engine.detach(links, Future())
+                shared.release(engine, 0.0)
+
+        for link in links:
+            fut: Future[Any] = Future()
+            fut.add_done_callback(closed)
+            link.close(fut, now, deadline)
+
+    engine.post_from_finalizer(job, links)
+
+
+def _abandon(engine: Engine, link: Link, fut: Future[Any]) -> None:
+    """Tell the I/O thread nobody waits for ``fut`` any more (``Link.abandon``)."""
+    with contextlib.suppress(ClientClosed):  # stopped: the sessions closed with it
+        engine.post(lambda now: link.abandon(fut, now), Future(), (link,))
+
+
 def _grouping(dup: str | None, vendor_string: str | None) -> dict[str, str]:
     """A checkout's duplicate-grouping fields (docs/protocol.md), checked here."""
     out: dict[str, str] = {}
@@ -646,7 +763,7 @@ def _flat(entries: list[tuple[str, ...]]) -> list[str]:
 
 
 def _curve(
-    servers: str | Sequence[str] | None,
+    servers: str | os.PathLike[str] | Sequence[str] | None,
     entries: list[tuple[str, ...]],
     given: Mapping[str, str] | None,
     client_key: str | os.PathLike[str] | None,

@@ -73,7 +73,7 @@ if sys.platform != "win32":
     # Imported now: an import opens files, and descriptor_usage runs when none are left.
     import resource
 
-log = logging.getLogger("zbroker.client")
+log = logging.getLogger(__name__)  # under "zbroker.clients", which has the NullHandler
 
 MAX_REPLY = 64 * 1024 * 1024
 RECV_BATCH = 256  # replies read from one socket per poll, so one node cannot starve others
@@ -210,6 +210,16 @@ class Engine:
             # A full socketpair already holds wake-ups: the loop will run anyway.
             with contextlib.suppress(BlockingIOError):
                 self._wake_w.send(b"\0")
+
+    def post_from_finalizer(self, job: Job, links: Iterable[Link] = ()) -> None:
+        """``post`` for a finalizer, which the collector may run on any thread, even this
+        one inside ``post``: so no lock (SimpleQueue is reentrant); lost once the thread
+        stopped, which closed everything anyway."""
+        if not self._alive:
+            return
+        self._jobs.put((job, Future(), tuple(links)))
+        with contextlib.suppress(OSError):  # full (a wake-up is pending) or closed (stopped)
+            self._wake_w.send(b"\0")
 
     def attach(self, links: Sequence[Link], curve: ClientCurve | None) -> None:
         """Drive ``links`` from now on, dialling with ``curve`` (None: plain TCP)."""

@@ -25,6 +25,7 @@ thread, so no lock is needed to look at a grant.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
@@ -67,15 +68,20 @@ class IllegalTransition(RuntimeError):
 
 
 class _Releaser(Protocol):
+    """What a grant is checked in through: ``LicenseClient``, which also has ``_let_go``
+    (a checkin as a ``with`` block ends by an exception, raising nothing of its own)."""
+
     def checkin(self, grant: Grant, timeout: float | None = None) -> None: ...
 
 
 class Grant:
     """``count`` seats of ``feature`` at ``version``, held from one triad.
 
-    Use it as a context manager to check it in on exit. ``id`` may change (and
-    ``version`` too) when the library had to check the seats out again after the
-    triad expired its session; the object stays the one to check in.
+    Use it as a context manager to check it in on exit. A block left by an exception
+    lets that exception through whatever the checkin meets: a checkin that fails (no
+    node answers) goes on in the background. ``id`` may change (and ``version`` too)
+    when the library had to check the seats out again after the triad expired its
+    session; the object stays the one to check in.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class Grant:
         session: str,
         state: GrantState = GrantState.HELD,
         borrowed_until: float | None = None,
+        lease_valid: Callable[[], bool] | None = None,
     ) -> None:
         if state not in INITIAL:
             raise IllegalTransition(f"grant {id}", None, state)
@@ -104,6 +111,9 @@ class Grant:
         self._session = session  # the sid it was granted under: checkins go there
         self._state = state
         self._borrowed_until = borrowed_until
+        # Judges the link's lease copy by the clock at each read: the I/O thread's move to
+        # UNSAFE comes late after a process stop (SIGSTOP, a paused VM) longer than the lease.
+        self._lease_valid = lease_valid
         self._lost_reason: str | None = None
         self._grouping: dict[str, str] = {}  # dup, vendor_string asked: a re-checkout sends them
 
@@ -135,8 +145,11 @@ class Grant:
 
     @property
     def safe(self) -> bool:
-        """True while the seats are held and the lease is valid: safe to use the feature."""
-        return self._state is GrantState.HELD
+        """True while the seats are held and the lease is valid: safe to use the feature.
+
+        The lease is judged by the clock when read, so this turns False the moment the
+        library's lease copy runs out, even before ``state`` says UNSAFE."""
+        return self._state is GrantState.HELD and (self._lease_valid is None or self._lease_valid())
 
     @property
     def borrowed_until(self) -> float | None:
@@ -172,7 +185,12 @@ class Grant:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._owner.checkin(self)
+        if exc is None:
+            self._owner.checkin(self)
+        else:
+            # The block's own exception is the one the application must see: a checkin
+            # that fails now goes on in the background instead of replacing it.
+            getattr(self._owner, "_let_go", self._owner.checkin)(self)
 
     def __repr__(self) -> str:
         return (

@@ -39,6 +39,10 @@ Rules:
   answered ``OutcomeUnknown`` and goes on in the background with the same req; a
   grant it turns out to have got is checked back in. ``ack`` stays below it until
   then, so the triad keeps the recorded answer.
+- A request whose caller stopped waiting (``abandon``: interrupted, or the I/O thread
+  was late) ends as an unknown one does: a grant it gets, or got already, is checked
+  back in. ``give_back`` checks a grant in with nobody waiting (a ``with`` block left by
+  an exception when the checkin failed): released at once, re-sent in the background.
 - A send the process cannot afford (``send`` raises ``LicenseUnavailable``: no
   descriptors left for a connection) is a miss that records the cause; once a request
   has met as many such refusals as the triad has nodes and no node can have acted on
@@ -51,6 +55,7 @@ import enum
 import functools
 import itertools
 import logging
+import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -67,7 +72,7 @@ from zbroker.clients.grant import Grant, GrantState, IllegalTransition, _Release
 from zbroker.clients.protocol import ErrorCode, Status
 from zbroker.clients.wire import Reply, decode_reply, encode_request, failure_of, grant_of
 
-log = logging.getLogger("zbroker.client")
+log = logging.getLogger(__name__)  # under "zbroker.clients", which has the NullHandler
 
 MAX_NODES = 6  # the triad's three, plus endpoints learned from redirects (other spellings)
 # While a checkout waits in a queue, the session heartbeats at least this often: a frozen
@@ -139,10 +144,11 @@ class Link:
         hello: Mapping[str, str],
         send: Send,
         report: Report,
-        owner: _Releaser,
+        owner: _Releaser | weakref.ref[_Releaser],
         new_sid: Callable[[], str],
         try_timeout: float,
         recover_timeout: float,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.entry = entry
         self.tag = new_sid()  # the sid of this link's status requests: routes their replies
@@ -162,10 +168,13 @@ class Link:
         self._hello = dict(hello)
         self._send = send
         self._report = report
+        # A LicenseClient passes itself weakly: the engine, which holds every link, must not
+        # keep an application's client alive (it is closed when collected).
         self._owner = owner
         self._new_sid = new_sid
         self._try_timeout = try_timeout
         self._recover_timeout = recover_timeout
+        self._clock = clock  # read by grants' ``safe`` on application threads, never here
         self._reqs = itertools.count(1)  # one counter for all sessions: unique in each
         self._next_req = next(self._reqs)
         self._table: dict[tuple[str | None, int], Exchange] = {}
@@ -177,6 +186,11 @@ class Link:
     @property
     def name(self) -> str:
         return ",".join(self.triad)
+
+    def lease_valid(self) -> bool:
+        """Whether the lease copy is still running by the clock now (True without a clock):
+        ``Grant.safe`` asks it at each read, from any thread (one float read)."""
+        return self._clock is None or self._clock() < self.lease_deadline
 
     # --- operations from application threads (run on the I/O thread)
     def checkout(
@@ -312,6 +326,29 @@ class Link:
         self._start(
             Exchange("close", {"op": "close"}, deadline, done=done, sid=self.sid, quick_fail=True)
         )
+
+    def abandon(self, fut: Future[Any], now: float) -> None:
+        """The caller stopped waiting for ``fut`` (interrupted, or the I/O thread
+        answered late): nothing it gets may stay held. A request still going on ends as an
+        unknown outcome does (a grant it gets is checked back in: ``_checkout_done``); a
+        grant it got already, which its caller never saw, is given back."""
+        self._now = now
+        if not fut.done():
+            _fail(fut, OutcomeUnknown("its caller stopped waiting"))
+        elif fut.exception() is None and isinstance(fut.result(), Grant):
+            self.give_back(fut.result(), now)
+
+    def give_back(self, grant: Grant, now: float) -> None:
+        """Check ``grant`` in without anyone waiting: it is released at once for the
+        application, and the checkin is re-sent in the background until a node answers
+        (or the triad forgets the session, which frees the seats too)."""
+        self._now = now
+        if grant not in self.held:
+            return  # already ended
+        recovering = grant.state is GrantState.RECOVERING  # its re-checkout gives it back
+        self._forget(grant, GrantState.RELEASED)
+        if not recovering:
+            self._release_quietly(grant._session, grant.id)
 
     def abort(self, now: float) -> None:
         """The client is stopping: end every exchange as its deadline would."""
@@ -697,11 +734,13 @@ class Link:
             except ProtocolError as exc:
                 _fail(fut, exc)
                 return
-            if fut.done() or ex.sid is None:  # settled after OutcomeUnknown: give it back
+            owner = self._owner() if isinstance(self._owner, weakref.ref) else self._owner
+            # Settled after OutcomeUnknown, abandoned, or its client was collected: give it back.
+            if fut.done() or ex.sid is None or owner is None:
                 self._release_quietly(ex.sid, info.id)
                 return
             grant = Grant(
-                self._owner,
+                owner,
                 id=info.id,
                 feature=info.feature,
                 version=info.version,
@@ -710,6 +749,7 @@ class Link:
                 entry=self.entry,
                 session=ex.sid,
                 state=self._granted_state(),
+                lease_valid=self.lease_valid,
             )
             grant._grouping = {k: ex.fields[k] for k in ("dup", "vendor_string") if k in ex.fields}
             self.held.append(grant)

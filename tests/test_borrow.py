@@ -626,7 +626,7 @@ def test_a_clock_that_is_off_deletes_no_valid_token(
         grant = c.checkout("cad")
         assert grant.borrowed_until == facts["skewed"][1] and c._engine is None
         assert [t.start for t in c.borrowed()] == [facts["skewed"][0]]
-    with client("far_behind") as c, caplog.at_level(logging.INFO, logger="zbroker.client"):
+    with client("far_behind") as c, caplog.at_level(logging.INFO, logger="zbroker.clients"):
         assert c._from_token("cad", 1, None) is None
         assert c._from_token("cad", 1, None) is None
         assert c.borrowed() == []
@@ -713,7 +713,7 @@ def test_a_borrow_says_at_once_when_this_clock_is_off(
     lic, store = _offline_license(tmp_path), tmp_path / "tokens"
     with LicenseClient(str(lic), user="ann", host="lap", borrow_dir=store) as client:
         _fake_triad(client, monkeypatch, ahead=ahead)
-        with caplog.at_level(logging.WARNING, logger="zbroker.client"):
+        with caplog.at_level(logging.WARNING, logger="zbroker.clients"):
             token = client.borrow("cad", hours=1)
             served = client._from_token("cad", 1, None)
     warned = [r.getMessage() for r in caplog.records]

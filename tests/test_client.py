@@ -486,7 +486,8 @@ def test_lease_lapse_without_callback_raises_lease_lost(make_node: Callable[...,
     with LicenseClient([node.endpoint], timeout=1.0) as client:
         grant = client.checkout("cad")
         node.mode = "silent"
-        wait_until(lambda: not grant.safe, what="the lease to lapse")
+        # UNSAFE, not only `not safe` (which the clock turns at the deadline): then reported
+        wait_until(lambda: grant.state is GrantState.UNSAFE, what="the lease to lapse")
         with pytest.raises(LeaseLost) as lost:
             client.checkout("cad")
         assert lost.value.lost == (grant,)
