@@ -191,6 +191,70 @@ class Config:
     def ranks(self) -> list[str]:
         return [n.name for n in self.nodes]
 
+    def contract(self) -> dict[str, str | float]:
+        """What every node's config must say alike, as a node's heartbeats carry it for the
+        others to compare (``contract_notes``): the timings the triad runs by (a failover
+        to a node with another lease or timeout changes them under the clients), and
+        where each node listens for its peers (a node that binds one port while the
+        others' configs name another is heard by none of them)."""
+        terms: dict[str, str | float] = {key: getattr(self, key) for key in CONTRACT}
+        for node in self.nodes:
+            terms[f"peer.{node.name}"] = node.peer
+            terms[f"pub.{node.name}"] = node.pub
+        return terms
+
+
+# The settings of the triad's contract besides the nodes' endpoints (Config.contract):
+# each is the primary's to apply, so a failover must not change it.
+CONTRACT = ("lease", "heartbeat_interval", "peer_timeout", "min_timeout")
+_LISTENS = {"peer": "listens for peers at", "pub": "publishes heartbeats at"}
+
+
+def contract_notes(
+    me: str, peer: str, mine: dict[str, str | float], theirs: dict[str, str | float]
+) -> list[str]:
+    """How ``peer``'s config (``theirs``, from its heartbeats) differs from this node's
+    (``mine``) on the triad's contract, one line per setting, for a person: what each
+    says, and what to fix. Empty when they agree."""
+    notes = []
+    for key in sorted(mine.keys() | theirs.keys()):
+        ours, their = mine.get(key), theirs.get(key)
+        if ours == their:
+            continue
+        kind, _, node = key.partition(".")
+        if not node:
+            notes.append(
+                f"{peer}'s config sets {key} = {_said(their)}; this node's says {_said(ours)}: "
+                f"every node of the triad needs the same {key} (a failover changes it): fix "
+                f"{peer}'s config or this one's"
+            )
+        elif their is None or ours is None:
+            which = f"{peer}'s config" if their is None else "this node's config"
+            notes.append(
+                f"{which} has no node {node} ([nodes.{node}]): every node's config needs "
+                "the same nodes"
+            )
+        elif node == peer:
+            notes.append(
+                f"{peer} {_LISTENS.get(kind, kind)} {their}; this node's config says "
+                f"{ours}: fix {peer}'s [nodes.{peer}] entry or this one's"
+            )
+        elif node == me:
+            notes.append(
+                f"{peer}'s config says this node ({me}) {_LISTENS.get(kind, kind)} {their}; "
+                f"it binds {ours}: fix [nodes.{me}] in {peer}'s config or this one's"
+            )
+        else:
+            notes.append(
+                f"{peer}'s config says {node} {_LISTENS.get(kind, kind)} {their}; this "
+                f"node's says {ours}: fix [nodes.{node}] in {peer}'s config or this one's"
+            )
+    return notes
+
+
+def _said(value: object) -> str:
+    return "nothing" if value is None else str(value)
+
 
 _DEFAULTS: dict[str, Any] = {
     "heartbeat_interval": 0.1,

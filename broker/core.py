@@ -39,14 +39,15 @@ from __future__ import annotations
 import logging
 import math
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 
 from zbroker.broker.admin import handle_admin, is_admin, is_peer
 from zbroker.broker.apply import AppliedLedger, Unappliable
 from zbroker.broker.borrow import BorrowReason, sign_facts
-from zbroker.broker.config import Config
+from zbroker.broker.config import Config, contract_notes
 from zbroker.broker.expiry import ExpiryWarnings
 from zbroker.broker.front import Front, Key
 from zbroker.broker.ledger import Decided, Delta, Ledger
@@ -94,6 +95,23 @@ EXPIRY_TICK = 1.0  # the expiry warnings are per day: a look a second is plenty
 # After a snapshot that failed (a full disk, no file descriptor left), the next is asked
 # for no sooner than this: each cycle, it would log and spawn or write for nothing.
 SNAPSHOT_RETRY = 5.0
+# A node whose wall clock is further than this (seconds) from both others' does not
+# stand for election (``judge_clocks``). The primary decides every wall-time deadline
+# (linger, borrow, TIMEOUT, the report log's times) by its own clock, so a primary whose
+# clock is off ends them early or late. NTP keeps hosts within milliseconds of each
+# other and a heartbeat on a LAN is read within a few: 2 s is far above both, and too
+# little to move any of those deadlines (minutes to days) in a way anyone would notice.
+MAX_CLOCK_SKEW = 2.0
+# A peer's clock reading lower than the ones before it is believed once it has lasted
+# this long (seconds): a heartbeat read late (this node paused, a backlog read at once)
+# looks like a clock behind, for as long as the delay lasts.
+CLOCK_CONFIRM = 1.0
+# The same peer-connection line is logged at most once per peer per this many seconds;
+# the next one says how many were not (a key mismatch drops a connection 7-8 times a second).
+CONNECTION_LOG_EVERY = 10.0
+# No primary for this many peer_timeouts is logged as a loss of quorum: a failover takes
+# up to about 1.5 (broker/design.md, "Election"), which is not worth a warning each time.
+UNSERVED_AFTER = 2.0
 _UNAVAILABLE: Reply = {"status": "unavailable", "detail": "this node just lost control"}
 _FREES_SEATS = frozenset({"release", "close", "expire", "return", "take", "lapse"})
 
@@ -239,6 +257,105 @@ class Ready:
 _Proposal = tuple[Delta, Key | None, Reply | None]
 
 
+class PeerClocks:
+    """Each peer's wall clock as this node sees it, from the ``wall`` of its heartbeats.
+
+    A reading is kept as the peer's wall minus this node's monotonic clock as it read the
+    heartbeat, so that the offset (their wall minus this node's, ``offset``) moves at once
+    when this node's own wall clock steps, before any heartbeat comes. A heartbeat read
+    late only lowers a reading: the offset is taken from the highest of those of the
+    last ``CLOCK_CONFIRM`` seconds and the newest one before them, so a lower one counts
+    once it has lasted that long (the peer's clock was set back).
+    """
+
+    def __init__(self) -> None:
+        self._readings: dict[str, deque[tuple[float, float]]] = {}  # (read at, wall - mono)
+
+    def read(self, peer: str, wall: float, now: Now) -> None:
+        readings = self._readings.setdefault(peer, deque(maxlen=256))
+        readings.append((now.mono, wall - now.mono))
+        while len(readings) > 1 and readings[1][0] <= now.mono - CLOCK_CONFIRM:
+            readings.popleft()
+
+    def forget(self, peer: str) -> None:
+        """The peer's process is gone: another (another clock, perhaps) may come back."""
+        self._readings.pop(peer, None)
+
+    def offset(self, peer: str, now: Now) -> float | None:
+        """The peer's wall clock minus this node's, in seconds; None: never read."""
+        readings = self._readings.get(peer)
+        if not readings:
+            return None
+        return max(r for _, r in readings) - (now.wall - now.mono)
+
+
+@dataclass(frozen=True)
+class ClockVerdict:
+    """What this node makes of the clocks of the peers it hears (``judge_clocks``)."""
+
+    stands: bool = True  # False: its own clock is the odd one out
+    note: str | None = None  # what is wrong, for a person; None: nothing
+    far: frozenset[str] = frozenset()  # peers whose clock is beyond MAX_CLOCK_SKEW of this one
+    key: tuple[object, ...] = ()  # a change of it is logged, not each new offset
+
+
+def judge_clocks(offsets: Mapping[str, float], majority: int) -> ClockVerdict:
+    """This node's standing from the clock offsets of the peers it hears now.
+
+    A majority of the triad against this node (in a triad both others, agreeing with each
+    other) means its own clock is wrong: it does not stand for election. With only one
+    peer heard, or peers that disagree with each other, nobody can tell which clock is
+    wrong: a note, and the node still stands (no outage from a clock problem alone).
+    """
+    far = {p: o for p, o in sorted(offsets.items()) if abs(o) > MAX_CLOCK_SKEW}
+    if not far:
+        return ClockVerdict()
+    names = frozenset(far)
+    key = ("far", tuple(sorted((p, o > 0) for p, o in far.items())))
+    agree = max(far.values()) - min(far.values()) <= MAX_CLOCK_SKEW
+    if len(far) == len(offsets) and len(far) >= majority and agree:
+        mean = sum(far.values()) / len(far)
+        return ClockVerdict(
+            False,
+            f"clock is {abs(mean):.1f} s {_ahead(-mean)} {_and(far)}: this node will not "
+            "stand for election until its clock is set right (wall-time deadlines: linger, "
+            "borrow, TIMEOUT, the report log)",
+            names,
+            ("skewed", *key),
+        )
+    parts = [
+        f"{p}'s clock is {abs(o):.1f} s {_ahead(o)} this node's" for p, o in sorted(far.items())
+    ]
+    if len(offsets) == 1:
+        return ClockVerdict(
+            True,
+            f"{parts[0]}, and no third node is heard to tell which is wrong: this node still "
+            "stands for election; set both clocks right (NTP)",
+            names,
+            key,
+        )
+    near = sorted(set(offsets) - names)
+    why = f"{_and(near)} agrees with this node" if near else "no two clocks agree"
+    return ClockVerdict(
+        True,
+        f"{'; '.join(parts)} ({why}): set {'its' if len(far) == 1 else 'their'} clock right "
+        "(NTP); a node whose clock both others disagree with does not stand for election",
+        names,
+        key,
+    )
+
+
+def _ahead(offset: float) -> str:
+    return "ahead of" if offset > 0 else "behind"
+
+
+def _and(names: Iterable[str]) -> str:
+    listed = sorted(names)
+    return (
+        " and ".join(listed) if len(listed) <= 2 else ", ".join(listed[:-1]) + " and " + listed[-1]
+    )
+
+
 class NodeCore:
     """One node's decisions. Built from what storage loaded; never reads a clock.
 
@@ -288,6 +405,20 @@ class NodeCore:
         # Decisions since start, per feature, for the metrics (``tallies``).
         self._tallies = Tallies()
         self.heard: dict[str, tuple[float, dict[str, Any]]] = {}  # peer heartbeats, for status
+        # The peers' clocks (their heartbeats' wall) and what this node makes of them.
+        self._clocks = PeerClocks()
+        self.clock = ClockVerdict()
+        self._clock_at: Now | None = None  # the reading the verdict was made at
+        # What the triad's configs must agree on (Config.contract), this node's, and how
+        # each peer's differs from it (``_compare_setup``), as last logged.
+        self._contract = config.contract()
+        self._setup_notes: dict[str, list[str]] = {}
+        # Peer-connection lines: when each peer's was last logged, and how many were not.
+        self._connection_logged: dict[str, tuple[float, int]] = {}
+        # Since when this node has known no serving primary (None: it knows one), and
+        # whether that was logged (``_watch_service``).
+        self._unserved_since: float | None = now.mono
+        self._unserved_said = False
         self._reservations = Reservations()  # the features' reservations, for status
         self._reporting = self.me.report_log is not None
         self._out = Ready()  # the cycle being decided
@@ -324,6 +455,7 @@ class NodeCore:
             ),
             now.mono,
         )
+        self.replica.setup = self._contract  # in its heartbeats, for the others to compare
         self._judged = ()
         self._judge()  # before the replica's first tick: whether it may stand
         self.was_recovering = self.replica.role is rp.Role.RECOVERING
@@ -350,7 +482,7 @@ class NodeCore:
         # its first entry point: take them now, before any request is decided.
         self._next_tick = now.mono + TICK
         try:
-            self._take(self.replica.on_tick(now.mono), now)
+            self._take(self.replica.on_tick(now.mono, now.wall), now)
         except Unappliable as exc:  # a single server's log that its ledger refuses
             self._give_up(exc)
         if not loaded.fresh:
@@ -366,6 +498,7 @@ class NodeCore:
         """Decide what ``event`` asks; what to do comes out of the next ``ready``."""
         if self._out.start_over is not None:
             return  # this node starts over at the end of the cycle: nothing else counts
+        self._check_clock(now)  # a step of this node's clock counts before any decision
         try:
             match event:
                 case ClientMessage():
@@ -375,7 +508,8 @@ class NodeCore:
                 case PeerHeartbeat():
                     self._on_heartbeat(event, now)
                 case PeerLost(peer=peer):
-                    log.info("connection to %s dropped", peer)
+                    self._log_connection(f"connection to {peer} dropped", peer, now)
+                    self._clocks.forget(peer)
                     self._before_replica()
                     self._take(self.replica.on_peer_lost(peer, now.mono), now)
                 case SnapshotTaken(image=image):
@@ -568,15 +702,123 @@ class NodeCore:
         # Alone, a node serves its own file (``_reload``): nothing to stand against; after
         # a reread it replicates its own if it leads, which it vouches for.
         # A node installing a snapshot has no ledger to serve from until it is done.
+        # A node whose clock the others agree is wrong would decide wall-time deadlines
+        # by it (``judge_clocks``).
         self.replica.stands = (
-            self.verdict.stands or not self.peers or self._reread_asked
-        ) and self.applied.installing is None
+            (self.verdict.stands or not self.peers or self._reread_asked)
+            and self.applied.installing is None
+            and self.clock.stands
+        )
         return self.verdict
+
+    def _check_clock(self, now: Now) -> None:
+        """Judge the clocks again at a new reading (``judge_clocks``): this node's own may
+        have stepped since the last. A change is logged once, and the replica told at once
+        whether this node stands and which peers it must not hand over to."""
+        if now == self._clock_at:
+            return
+        self._clock_at = now
+        offsets = {}
+        for peer in self.replica.peers_alive(now.mono):
+            offset = self._clocks.offset(peer, now)
+            if offset is not None:
+                offsets[peer] = offset
+        if not offsets:
+            return  # no clock heard to compare with: nothing known changed
+        verdict = judge_clocks(offsets, self.replica.majority)
+        old, self.clock = self.clock, verdict
+        if verdict.key != old.key:
+            if verdict.note is not None:
+                log.warning("%s", verdict.note)
+            else:
+                log.warning(
+                    "clock agrees with %s again (within %.0f s)%s",
+                    _and(offsets),
+                    MAX_CLOCK_SKEW,
+                    "" if old.stands else ": this node stands for election again",
+                )
+        if verdict.far != old.far:
+            self.replica.shunned = verdict.far
+        if verdict.stands != old.stands:
+            self._judge()
+
+    def _compare_setup(self, peer: str, setup: dict[str, str | float]) -> None:
+        """Log how ``peer``'s config differs from this node's on the triad's contract,
+        each difference once (and once when they agree again); never refused over."""
+        notes = (
+            []
+            if setup == self._contract
+            else contract_notes(self.me.name, peer, self._contract, setup)
+        )
+        old = self._setup_notes.get(peer, [])
+        if notes == old:
+            return
+        self._setup_notes[peer] = notes
+        for note in notes:
+            if note not in old:
+                log.warning("%s", note)
+        if not notes:
+            log.warning("%s's config agrees with this node's on the triad's settings again", peer)
+
+    def _log_connection(self, line: str, peer: str, now: Now) -> None:
+        """A peer-connection line, at most once per peer per ``CONNECTION_LOG_EVERY``."""
+        at, quiet = self._connection_logged.get(peer, (-math.inf, 0))
+        if now.mono - at < CONNECTION_LOG_EVERY:
+            self._connection_logged[peer] = (at, quiet + 1)
+            return
+        more = f" ({quiet} more times since the last line, not logged each)" if quiet else ""
+        log.info("%s%s", line, more)
+        self._connection_logged[peer] = (now.mono, 0)
+
+    def _watch_service(self, now: Now) -> None:
+        """Warn once when this node has known no serving primary for ``UNSERVED_AFTER``
+        peer_timeouts (checkouts are unavailable), and once when it knows one again."""
+        replica = self.replica
+        if not self.peers:
+            return
+        alive = replica.peers_alive(now.mono)
+        if replica.role is rp.Role.PRIMARY:
+            served = replica.is_serving(now.mono) or replica.transferring
+        else:
+            served = replica.primary is not None and replica.primary in alive
+        if served:
+            if self._unserved_since is not None and self._unserved_said:
+                log.warning(
+                    "serving again: %s is primary in term %d (checkouts were unavailable "
+                    "for %.1f s)",
+                    "this node" if replica.role is rp.Role.PRIMARY else replica.primary,
+                    replica.term,
+                    now.mono - self._unserved_since,
+                )
+            self._unserved_since, self._unserved_said = None, False
+        elif self._unserved_since is None:
+            self._unserved_since = now.mono
+        elif (
+            not self._unserved_said
+            and now.mono - self._unserved_since > UNSERVED_AFTER * self.config.peer_timeout
+        ):
+            self._unserved_said = True
+            need = replica.majority
+            log.warning(
+                "lost quorum: checkouts unavailable, no primary for %.1f s (this node, %s in "
+                "term %d, hears %s; a primary needs %d of the %d nodes up and reaching "
+                "each other)",
+                now.mono - self._unserved_since,
+                replica.role.value,
+                replica.term,
+                _and(alive) if alive else "no other node",
+                need,
+                len(self.config.nodes),
+            )
 
     # --- one cycle -----------------------------------------------------------------
 
     def _end_cycle(self, now: Now) -> None:
         out = self._out
+        # Before the ledger's tick, which ends wall-time deadlines, and the replica's, which
+        # may hand over: with the peers heard in this cycle's events.
+        self._clock_at = None
+        self._check_clock(now)
         if self.status_asks:  # answered together (broker/status_reply.py)
             out.answers += self.status_asks.answer(self._report(now), self.ledger)
         if self._batch and now.mono != self._batch_now.mono:
@@ -603,7 +845,8 @@ class NodeCore:
             if now.mono >= self._next_expiry_tick:
                 self._next_expiry_tick = now.mono + EXPIRY_TICK
                 self._expiry_warnings(now)
-            self._take(self.replica.on_tick(now.mono), now)
+            self._take(self.replica.on_tick(now.mono, now.wall), now)
+            self._watch_service(now)
         self._compact(now)
 
     def _give_up(self, exc: Unappliable) -> None:
@@ -807,8 +1050,15 @@ class NodeCore:
         msg = _decode_peer(frames[-1]) if len(frames) == 1 else None
         sender = msg.get("node") if msg is not None else None
         if msg is not None and isinstance(sender, str) and sender in self.peers:
-            if isinstance(validate_peer(msg), Heartbeat):  # status shows only well-formed ones
+            hb = validate_peer(msg)
+            if isinstance(hb, Heartbeat):  # status shows only well-formed ones
                 self.heard[sender] = (now.mono, msg)
+                if hb.setup is not None:
+                    self._compare_setup(sender, hb.setup)
+                if hb.wall is not None:
+                    self._clocks.read(sender, hb.wall, now)
+                    self._clock_at = None  # judged with it before the replica reads on
+                    self._check_clock(now)
             self._before_replica()
             self._take(self.replica.on_message(sender, msg, now.mono, now.wall), now)
 
@@ -1037,11 +1287,19 @@ class NodeCore:
             " nodes must be up and hold their data to elect one)"
         )
 
+    def _not_standing(self) -> str:
+        """Why this node does not stand for election, for a person."""
+        if not self.clock.stands:
+            return self.clock.note or "its clock disagrees with the others'"
+        if self.applied.installing is not None:
+            return "it is installing a snapshot from the primary"
+        return self.verdict.note or "it cannot vouch for the license the triad serves"
+
     def _report(self, now: Now) -> dict[str, Any]:
         self._apply_unapplied()
         # Every entry has name, endpoint, role, term, last and commit (nil while a node is
         # not heard); the own entry also what only this node knows (docs/protocol.md).
-        own = {
+        own: dict[str, Any] = {
             "name": self.me.name,
             "endpoint": self.me.client,
             "role": self.replica.role.value,
@@ -1055,6 +1313,19 @@ class NodeCore:
         }
         if self.replica.role is rp.Role.RECOVERING:
             own["recovering"] = self._recovering()
+        # Only when something is wrong (so a healthy triad's report is as before):
+        if not self.replica.stands:
+            own["not_standing"] = self._not_standing()
+        if self.clock.note is not None:
+            own["clock"] = self.clock.note
+            own["clocks"] = {
+                p: round(offset, 3)
+                for p in sorted(self.peers)
+                if (offset := self._clocks.offset(p, now)) is not None
+            }
+        settings = [note for peer in sorted(self._setup_notes) for note in self._setup_notes[peer]]
+        if settings:
+            own["settings"] = settings
         others = []
         for other in self.config.nodes:
             if other.name == self.me.name:

@@ -56,6 +56,11 @@ from zbroker.peers.types import CorruptState
 
 log = logging.getLogger("zbroker.node")
 
+# A change of the wall clock against the monotonic one by more than this (seconds) from
+# one cycle to the next is a step (set by hand, or by NTP after a long drift), logged once:
+# the primary's wall-time deadlines move with it (broker/core.py judges it against the
+# peers' clocks). NTP's slewing moves it by at most half a millisecond a second.
+CLOCK_STEP = 1.0
 FREEZE_EVERY = 1.0  # seconds between two gc.freeze() of what the loop built (_carry_out)
 # Seconds between two records of the directory's progress beside it (Storage.save_progress):
 # a small write a second, none of it on a client's path.
@@ -91,6 +96,7 @@ class Node:
             self.me.data, name, fsync=config.fsync, nodes=[n.name for n in config.nodes]
         )
         self.stopping = False
+        self.stopped_by = ""  # why the loop ended, for the "stopped" line
         self.ignored_signals: list[int] = []  # noted by the handler, logged by the loop
         self.reread_asked = False  # SIGHUP (FlexNet's lmreread): noted by the handler
         # Prometheus metrics when the config asks (broker/metrics.py): served off the loop.
@@ -171,6 +177,10 @@ class Node:
             self._loop()
         except StorageError as exc:  # a disk error: stop; the others fail over
             log.error("node %s stopping: %s", self.me.name, exc)
+            self.stopped_by = " on a disk error"
+            raise
+        except BaseException:
+            self.stopped_by = self.stopped_by or " on an error"
             raise
         finally:
             self.taker.stop()
@@ -183,7 +193,7 @@ class Node:
                 if self.report_log is not None:
                     self._write_report()
                     self.report_log.close()
-                log.info("node %s stopped", self.me.name)
+                log.info("node %s stopped%s", self.me.name, self.stopped_by)
 
     def _close_storage(self) -> None:
         try:
@@ -194,6 +204,7 @@ class Node:
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.stopping = True  # the loop sees it within one poll timeout
+        self.stopped_by = f" on {signal.Signals(signum).name}"
 
     def _on_hup(self, signum: int, frame: object) -> None:
         self.reread_asked = True  # the loop rereads: no I/O inside a handler
@@ -235,11 +246,21 @@ class Node:
     def _loop(self) -> None:
         sockets = self.sockets
         wake_at = 0.0
+        clock = time.time() - time.monotonic()  # the wall clock against the monotonic one
         while not self.stopping:
             timeout = max(0.0, wake_at - time.monotonic())
             # Round up: poll(0) for the last millisecond before a tick would spin the CPU.
             ready = sockets.poll(math.ceil(timeout * 1000))
             now = Now(time.monotonic(), time.time())
+            if abs(now.wall - now.mono - clock) > CLOCK_STEP:
+                log.warning(
+                    "node %s's wall clock stepped %+.1f s: linger, borrow and TIMEOUT "
+                    "deadlines and the report log's times follow it; keep the clock set by "
+                    "NTP (docs/deploy.md, Clocks)",
+                    self.me.name,
+                    now.wall - now.mono - clock,
+                )
+            clock = now.wall - now.mono
             if self.ignored_signals:
                 self._log_ignored_signals()
             if self.reread_asked:  # SIGHUP, or an administrator's reread last cycle
@@ -255,6 +276,7 @@ class Node:
             wake_at = out.wake_at
             if out.stop:
                 self.stopping = True
+                self.stopped_by = " as an administrator asked (zbroker down)"
             if out.reread:
                 self.reread_asked = True
                 wake_at = 0.0  # at once: the reply has left, the files are read next

@@ -292,6 +292,13 @@ def render(status: dict[str, Any]) -> str:
             lines.append(f"           recovering: {n['recovering']}")
         if n.get("license"):  # its files are not the triad's (broker/served.py)
             lines.append(f"           {n['license']}")
+        if n.get("clock"):  # its clock disagrees with a peer's (broker/core.py, judge_clocks)
+            offsets = ", ".join(f"{p} {o:+.1f} s" for p, o in sorted(n.get("clocks", {}).items()))
+            lines.append(f"           clock: {clean(n['clock'])} (offsets: {offsets})")
+        if n.get("not_standing") and n["not_standing"] not in (n.get("clock"), n.get("license")):
+            lines.append(f"           not standing for election: {clean(n['not_standing'])}")
+        for note in n.get("settings", ()):  # its config and a peer's differ (Config.contract)
+            lines.append(f"           settings: {clean(note)}")
     if status["primary"] is None:
         lines.append("  no primary: checkouts are unavailable")
     lines.append("")

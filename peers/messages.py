@@ -11,7 +11,7 @@ to the replica.
 
 | t | fields | sent by |
 | --- | --- | --- |
-| hb | term, node, role, last, last_term, commit, primary, stands | everyone, on PUB, each beat |
+| hb | term, node, role, last, last_term, commit, primary, stands, wall, setup | all, on PUB |
 | vote_req | term, candidate, last, last_term, transfer, pre | candidate (pre: a pre-vote) |
 | vote | term, req_term, granted, pre, last, last_term, commit | voter, answering vote_req |
 | append | term, prev_index, prev_term, entries, commit | primary, to each backup |
@@ -23,6 +23,11 @@ to the replica.
 | fetch_reply | term, prev_index, prev_term, entries, last, snapshot | that voter |
 
 An entry is ``{term, index, delta}`` with ``delta`` a map (opaque here) or None.
+
+A heartbeat's ``wall`` (the sender's wall clock as it beat, seconds since the epoch) and
+``setup`` (the settings the triad must agree on, as the sender's config has them: a flat
+map of names to strings or numbers, ``Config.contract``) are optional: nodes from before
+them send neither, and their clock and settings count as unknown, never as different.
 
 A snapshot travels as chunks of its image's bytes (``types.Image``): each ``data`` (bin)
 is at most ``MAX_SNAPSHOT_CHUNK`` bytes (a sender sends ``Timing.snapshot_chunk``),
@@ -46,6 +51,9 @@ MAX_INDEX = 2**62  # far beyond any real log; rejects overflow games
 MAX_NAME = 256
 MAX_ENTRIES = 65_536  # per message; the primary batches far below this
 MAX_IMAGE = 2**40  # bytes; far beyond any real ledger's image
+MAX_WALL = 2.0**40  # seconds since the epoch: some 35,000 years
+MAX_SETUP = 64  # entries of a heartbeat's setup: a triad's is about ten
+MAX_SETTING = 1024  # characters of one of its strings (an endpoint)
 
 
 class Invalid(Exception):
@@ -72,6 +80,32 @@ def _name(m: Mapping[str, Any], key: str, *, optional: bool = False) -> str | No
         return None
     if not isinstance(v, str) or not 0 < len(v) <= MAX_NAME:
         raise Invalid(f"{key} must be a node name")
+    return v
+
+
+def _wall(m: Mapping[str, Any]) -> float | None:
+    v = m.get("wall")
+    if v is None:
+        return None
+    if type(v) not in (int, float) or not 0 <= v < MAX_WALL:  # nan fails the comparison
+        raise Invalid("wall must be seconds since the epoch")
+    return float(v)
+
+
+def _setup(m: Mapping[str, Any]) -> dict[str, str | float] | None:
+    v = m.get("setup")
+    if v is None:
+        return None
+    if not isinstance(v, dict) or len(v) > MAX_SETUP:
+        raise Invalid(f"setup must be a map of at most {MAX_SETUP} settings")
+    for key, value in v.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_NAME:
+            raise Invalid("a setting's name must be a string")
+        if isinstance(value, str):
+            if len(value) > MAX_SETTING:
+                raise Invalid(f"setting {key[:40]} is too long")
+        elif type(value) not in (int, float) or value != value or abs(value) > MAX_INDEX:
+            raise Invalid(f"setting {key[:40]} must be a string or a number")
     return v
 
 
@@ -134,11 +168,17 @@ class Heartbeat:
     commit: int
     primary: str | None
     # False: the node will not stand for election (it cannot vouch for the license the
-    # triad serves); a primary then never hands over to it. Absent (older nodes): True.
+    # triad serves, or its clock disagrees with the others'); a primary then never hands
+    # over to it. Absent (older nodes): True.
     stands: bool = True
+    # The sender's wall clock as it beat, so that each node sees how far the others'
+    # clocks are from its own (broker/core.py); None: unknown (an older node).
+    wall: float | None = None
+    # What the sender's config says the triad must agree on (Config.contract); None: unknown.
+    setup: dict[str, str | float] | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "t": "hb",
             "term": self.term,
             "node": self.node,
@@ -149,6 +189,11 @@ class Heartbeat:
             "primary": self.primary,
             "stands": self.stands,
         }
+        if self.wall is not None:
+            wire["wall"] = self.wall
+        if self.setup is not None:
+            wire["setup"] = self.setup
+        return wire
 
 
 @dataclass(frozen=True)
@@ -362,6 +407,8 @@ def _hb(m: Mapping[str, Any]) -> Message:
         _int(m, "commit"),
         _name(m, "primary", optional=True),
         _bool(m, "stands") if "stands" in m else True,
+        _wall(m),
+        _setup(m),
     )
 
 

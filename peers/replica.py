@@ -4,7 +4,7 @@ No sockets, no clock, no disk. Events come in with ``now`` (monotonic seconds); 
 entry point returns the effects to carry out, in order (``peers/types.py``)::
 
     Replica(me, ranks, timing, durable, now)
-    on_tick(now) -> list[Effect]                       # call every few ms (<= heartbeat/4)
+    on_tick(now, wall) -> list[Effect]                 # call every few ms (<= heartbeat/4)
     on_message(sender, msg, now, wall) -> list[Effect] # a decoded peer map; never raises
     on_peer_lost(peer, now) -> list[Effect]            # the connection to a peer dropped
     propose(deltas, now) -> (indexes, list[Effect])    # serving primary only
@@ -40,7 +40,12 @@ a rank-staggered timeout, the higher rank first, so split votes resolve.
 A node whose shell sets ``stands`` False (it cannot vouch for what it would serve:
 broker/served.py) never stands, steps back at once if it is primary or candidate, and
 says so in its heartbeats, so that no primary hands over to it and no lower-ranked node
-waits for it; it still votes and replicates.
+waits for it; it still votes and replicates. The shell also names the peers it finds
+unfit to lead (``shunned``: their clock disagrees with this node's, broker/core.py): a
+primary never hands over to one, even before its own heartbeats say it does not stand.
+Heartbeats carry what the shell gives for the others to compare (``wall``: the wall
+clock ``on_tick`` was handed; ``setup``: the settings the triad must agree on); the
+replica neither reads nor judges them.
 
 View change (Viewstamped Replication): votes are not restricted by log length, which
 is what lets the highest-ranked node win with a shorter log. Instead the winner adopts
@@ -171,6 +176,9 @@ class Replica(Replication):
         # for what it would serve: broker/served.py), and what each peer's heartbeat says.
         self.stands = True
         self._peer_stands: dict[str, bool] = {}
+        self.shunned: frozenset[str] = frozenset()  # peers never handed over to (the shell's)
+        self.setup: dict[str, str | float] | None = None  # carried in heartbeats (the shell's)
+        self._tick_wall: float | None = None  # the wall clock at the last on_tick, if given
         self._primary_seen = NEVER
         self._leaderless_since = now
         self._next_hb = now
@@ -233,8 +241,9 @@ class Replica(Replication):
 
     # --- entry points -----------------------------------------------------------------
 
-    def on_tick(self, now: float) -> list[Effect]:
+    def on_tick(self, now: float, wall: float | None = None) -> list[Effect]:
         self._now = now
+        self._tick_wall = wall
         self.log.trim()  # what a compaction left to drop, a step a tick
         out = self._take_pending()
         if not self.peers:
@@ -449,6 +458,8 @@ class Replica(Replication):
             self.commit,
             self.primary,
             self.stands,
+            self._tick_wall,
+            self.setup,
         )
 
     def _stand_down(self, now: float, out: list[Effect]) -> None:

@@ -71,6 +71,7 @@ class Replication:
     _last_append: tuple[tuple[int, ...], dict[str, Any]] | None
     _peer_role: dict[str, Role]
     _peer_stands: dict[str, bool]  # what each peer's heartbeat says (Replica.stands)
+    shunned: frozenset[str]  # peers the shell finds unfit to lead (Replica.shunned)
     _leaderless_since: float
     _transfer_to: str | None
     _transfer_deadline: float
@@ -330,7 +331,8 @@ class Replication:
         alive = self.peers_alive(now)
         for peer in self.ranks[: self.rank]:
             caught_up = self._progress[peer].match >= self.log.last - self.timing.max_batch
-            stands = self._peer_stands.get(peer, True)  # never hand over to who may not lead
+            # never hand over to who may not lead, by its word or by this node's shell's
+            stands = self._peer_stands.get(peer, True) and peer not in self.shunned
             if peer in alive and self._peer_role.get(peer) is Role.BACKUP and caught_up and stands:
                 self._transfer_to = peer
                 self._transfer_deadline = now + self.timing.peer_timeout
@@ -339,5 +341,7 @@ class Replication:
 
     def _send_timeout_now(self, out: list[Effect]) -> None:
         target = self._transfer_to
+        if target in self.shunned:
+            return  # found unfit since: the hand-over lapses at its deadline
         if target is not None and self._progress[target].match >= self.log.last:
             out.append(Send(target, m.TimeoutNow(self.term).to_wire()))
