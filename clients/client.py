@@ -13,8 +13,9 @@ A guest in its host process: a client has no thread, socket or descriptor of its
 process has not got fails with ``LicenseUnavailable`` naming the cause; a client used in
 a forked child of the process that made it raises ``ClientForked`` at once. The engine
 holds a client weakly (its links refer to it through a weak reference): a client the
-application drops unclosed is closed as it is collected (``_close_collected``), unless
-grants it has not checked in keep it alive (each refers to its client).
+application drops unclosed is closed as it is collected (``_close_collected``): once the
+application holds neither the client nor any of its grants (a ``Grant`` refers to its
+client; the links keep only ``GrantRecord``s, which do not).
 
 Timing. ``timeout`` bounds the time spent waiting for answers. With several entries,
 each gets an equal share of what is left of it; a checkout with ``wait`` may also
@@ -32,6 +33,7 @@ session) and again if it could not be checked out again (LOST).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import getpass
@@ -45,7 +47,7 @@ import uuid
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from types import TracebackType
@@ -209,6 +211,58 @@ class LicenseClient:
         (``grant.borrowed_until``; docs/client.md, "Borrowing").
         Raises LicenseDenied, LicenseUnavailable, OutcomeUnknown, LeaseLost, ClientClosed.
         """
+        return self._checkout(feature, count, version, wait, timeout, dup, vendor_string, None)
+
+    async def checkout_async(
+        self,
+        feature: str,
+        count: int = 1,
+        version: str | None = None,
+        wait: float | None = None,
+        timeout: float | None = None,
+        *,
+        dup: str | None = None,
+        vendor_string: str | None = None,
+    ) -> Grant:
+        """``checkout`` for asyncio: runs in the loop's default executor, and a
+        cancellation (``task.cancel()``, ``asyncio.wait_for``'s or ``asyncio.timeout``'s
+        end) abandons the request as an interrupted call does: whatever it gets, now or
+        later, is checked back in (docs/client.md). Raises what ``checkout`` raises."""
+        cancel: Future[Any] = Future()  # set: nobody waits for the checkout any more
+        handoff = threading.Lock()  # the grant goes to the coroutine or back, never both
+        got: list[Grant] = []
+
+        def call() -> Grant:
+            grant = self._checkout(feature, count, version, wait, timeout, dup, vendor_string,
+                                   cancel)  # fmt: skip
+            with handoff:
+                got.append(grant)
+                if cancel.done():  # cancelled as it came: nobody will take it
+                    self._give_back(grant)
+            return grant
+
+        running = asyncio.get_running_loop().run_in_executor(None, call)
+        try:
+            return await running
+        except asyncio.CancelledError:
+            with handoff:
+                cancel.set_result(None)  # the waiting thread abandons the request
+                for grant in got:  # it had come, but the coroutine never took it
+                    self._give_back(grant)
+            raise
+
+    def _checkout(
+        self,
+        feature: str,
+        count: int,
+        version: str | None,
+        wait: float | None,
+        timeout: float | None,
+        dup: str | None,
+        vendor_string: str | None,
+        cancel: Future[Any] | None,
+    ) -> Grant:
+        """``checkout``; ``cancel``, once done, abandons the call (``_call``)."""
         check_feature(feature)
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
             raise ValueError(f"count must be an int from 1 to {MAX_COUNT}, not {count!r}")
@@ -232,7 +286,11 @@ class LicenseClient:
             )  # fmt: skip
 
         grant: Grant = self._over_path(
-            timeout, queue_time, start, (LicenseDenied, LicenseUnavailable, OutcomeUnknown)
+            timeout,
+            queue_time,
+            start,
+            (LicenseDenied, LicenseUnavailable, OutcomeUnknown),
+            cancel,
         )
         return grant
 
@@ -457,7 +515,7 @@ class LicenseClient:
             return
         self._check_open()
         engine, links = self._joined()
-        link = links[grant._entry]
+        link = links[grant._record._entry]
         deadline = time.monotonic() + self._budget(timeout)
 
         def job(now: float, fut: Future[Any]) -> None:
@@ -472,26 +530,38 @@ class LicenseClient:
         try:
             self.checkin(grant)
         except LicenseError as exc:
-            engine, links = self._engine, self._links
-            if grant.released or grant.lost or engine is None or os.getpid() != self._pid:
+            if grant.released or grant.lost or self._engine is None or os.getpid() != self._pid:
                 return  # settled (or another process's: ClientForked)
             log.warning(
                 "checkin of grant %d of %s as its with block raised: %s; the library "
                 "checks it in in the background",
                 grant.id, grant.feature, exc,
             )  # fmt: skip
-            link = links[grant._entry]
-            given: Future[Any] = Future()
-
-            def job(now: float) -> None:
-                link.give_back(grant, now)
-                given.set_result(None)
-
             # Waited for (a job of the I/O thread: at once) so that the grant reads released
             # when the block's exception reaches the application.
-            with contextlib.suppress(ClientClosed, TimeoutError):  # closed: its session too
-                engine.post(job, given, (link,))
-                given.result(GRACE)
+            with contextlib.suppress(TimeoutError):
+                self._give_back(grant).result(GRACE)
+
+    def _give_back(self, grant: Grant) -> Future[Any]:
+        """Have the I/O thread check ``grant`` in with nobody waiting (``Link.give_back``);
+        the future is done once it has (at once, unless the client is closed: then its
+        session closed, which freed the seats)."""
+        given: Future[Any] = Future()
+        engine, links = self._engine, self._links
+        if engine is None or grant.borrowed_until is not None:
+            given.set_result(None)  # nothing got from a server, or its borrow goes on
+            return given
+        link = links[grant._record._entry]
+
+        def job(now: float) -> None:
+            link.give_back(grant, now)
+            given.set_result(None)
+
+        try:
+            engine.post(job, given, (link,))
+        except ClientClosed:
+            given.set_result(None)
+        return given
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The status map (docs/protocol.md) of the first entry of the path that answers."""
@@ -509,6 +579,7 @@ class LicenseClient:
         extra: float,
         start: Callable[[Link, Future[Any], float, float], None],
         next_on: tuple[type[LicenseError], ...],
+        cancel: Future[Any] | None = None,
     ) -> Any:
         """Run one call on each entry of the license path in turn until one succeeds.
 
@@ -529,7 +600,7 @@ class LicenseClient:
                 start(link, fut, now, deadline)
 
             try:
-                return self._call(engine, link, job, deadline)
+                return self._call(engine, link, job, deadline, cancel)
             except next_on as exc:
                 failures.append(exc)
             budget -= max(0.0, time.monotonic() - began - extra)
@@ -645,11 +716,18 @@ class LicenseClient:
         link: Link,
         job: Callable[[float, Future[Any]], None],
         deadline: float,
+        cancel: Future[Any] | None = None,
     ) -> Any:
-        """Hand ``job`` to the I/O thread and wait for its answer until the deadline."""
+        """Hand ``job`` to the I/O thread and wait for its answer until the deadline, or
+        until ``cancel`` is done (``checkout_async`` cancelled: the call is abandoned)."""
         fut: Future[Any] = Future()
         engine.post(lambda now: job(now, fut), fut, (link,))
         try:
+            if cancel is not None:
+                left = max(0.0, deadline - time.monotonic()) + GRACE
+                wait_futures([fut, cancel], timeout=left, return_when=FIRST_COMPLETED)
+                if cancel.done():
+                    raise asyncio.CancelledError  # abandoned below, as an interrupt is
             return fut.result(timeout=max(0.0, deadline - time.monotonic()) + GRACE)
         except TimeoutError:
             # The I/O thread always answers by the deadline; this means it is stuck.

@@ -20,6 +20,15 @@ a dead node is refused at once and the try moves on), ``MAXMSGSIZE`` (a hostile 
 broken peer cannot make us allocate without bound; big enough for a status of 100,000
 holders), and a monitor of its ``DISCONNECTED`` events, passed to every link on it.
 
+Refused keys. libzmq dials a refused connection again by itself, except one the node's
+ZAP handler refused (a client key missing from its ``client_allow`` list): that one it
+never dials again (4.3.5), and every client of the process sharing the connection would
+stay cut off after the administrator listed the key. So the monitor also watches the
+handshakes: a refused connection is dialled again after ``REFUSED_RETRY`` seconds,
+doubling with each refusal up to ``REFUSED_RETRY_MAX`` (broker/sockets.py's ``Redial``
+does the same for a node's peers), and its links learn the refusal (``Link.on_refused``),
+so a call no node served says that the key was refused, and which one.
+
 Timers. Each link's ``next_timer`` sits in a heap (stale entries are skipped), so a
 wake-up ticks only the links that are due, not every client of the process.
 
@@ -53,6 +62,7 @@ import math
 import os
 import queue
 import socket
+import struct
 import sys
 import threading
 import time
@@ -92,6 +102,14 @@ FDS_CONNECTION = 4  # the DEALER's mailbox, its TCP socket, the monitor's two PA
 # Kept free beyond what a step needs: libzmq's reconnects and the host's other threads
 # open descriptors too, between our count and the step.
 FD_MARGIN = 16
+# A connection the node's ZAP handler refused is dialled again after REFUSED_RETRY
+# seconds, twice that after the next refusal, and so on up to REFUSED_RETRY_MAX: soon
+# after an administrator lists the key, seldom enough not to flood the node's log.
+REFUSED_RETRY = 1.0
+REFUSED_RETRY_MAX = 30.0
+_REFUSED = int(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_ACCEPTED = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+_WATCHED = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
 
 Job = Callable[[float], None]
 Notice = Callable[[list[Grant]], None]
@@ -141,6 +159,9 @@ class _Conn:
     sock: zmq.Socket[bytes]
     monitor: zmq.Socket[bytes]
     users: dict[Link, int] = field(default_factory=dict)  # link -> its index of the node
+    refused: str | None = None  # why the node's ZAP handler refused it, until it accepts
+    redial_delay: float = 0.0  # the wait before the last redial (0: never refused)
+    redial_at: float | None = None  # when to dial it again (None: not due, or dialling)
 
 
 class Engine:
@@ -293,11 +314,12 @@ class Engine:
                     if item == self._wake_r.fileno():
                         self._drain_wake()
                     elif item in self._by_monitor:
-                        self._disconnected(self._by_monitor[item])
+                        self._monitored(self._by_monitor[item])
                     else:
                         self._receive(self._by_socket[item])
                 now = time.monotonic()
                 self._run_jobs(now)
+                self._redial(now)
                 self._tick(now)
         except Exception:
             log.exception("client I/O thread failed")
@@ -306,7 +328,10 @@ class Engine:
 
     def _next_wait(self, now: float) -> float:
         due = self._timers[0][0] if self._timers else math.inf
-        return max(0.0, min(due - now, POLL_CAP))
+        redial = min(
+            (c.redial_at for c in self._by_socket.values() if c.redial_at is not None), default=due
+        )
+        return max(0.0, min(due - now, redial - now, POLL_CAP))
 
     def _touch(self, link: Link) -> None:
         """Put ``link``'s next timer in the heap if it is earlier than its live entry."""
@@ -383,16 +408,52 @@ class Engine:
                     self._touch(link)
                     break
 
-    def _disconnected(self, conn: _Conn) -> None:
+    def _monitored(self, conn: _Conn) -> None:
         while True:
             try:
-                conn.monitor.recv_multipart(zmq.NOBLOCK)  # only DISCONNECTED events are asked for
+                event = conn.monitor.recv_multipart(zmq.NOBLOCK)[0]
             except zmq.Again:
                 return
+            kind = struct.unpack("=hi", event[:6])[0]
             now = time.monotonic()
-            for link, node in list(conn.users.items()):
+            if kind == _ACCEPTED:
+                if conn.refused is not None:
+                    log.warning("%s accepts this client's key now", conn.key[0])
+                conn.refused, conn.redial_delay = None, 0.0
+                for link, node in conn.users.items():
+                    link.on_refused(node, None)
+                continue
+            if kind == _REFUSED:
+                self._refused(conn, now)
+            for link, node in list(conn.users.items()):  # refused or dropped: move on
                 link.on_disconnected(node, now)
                 self._touch(link)
+
+    def _refused(self, conn: _Conn, now: float) -> None:
+        """The node's ZAP handler refused the connection: say why to its links, and
+        dial it again later (libzmq never does: module docstring)."""
+        endpoint, _, public = conn.key
+        first = conn.redial_delay == 0.0
+        conn.redial_delay = (
+            REFUSED_RETRY if first else min(conn.redial_delay * 2, REFUSED_RETRY_MAX)
+        )
+        conn.redial_at = now + conn.redial_delay
+        conn.refused = (
+            f"{endpoint}: the node refused this client's key (client_allow): ask the "
+            f"administrator to add {public or '(none: plain TCP)'} to the node's allowed clients"
+        )
+        if first:
+            log.warning("%s; dialling it again, first in %g s", conn.refused, conn.redial_delay)
+        for link, node in conn.users.items():
+            link.on_refused(node, conn.refused)
+
+    def _redial(self, now: float) -> None:
+        for conn in list(self._by_socket.values()):
+            if conn.redial_at is not None and conn.redial_at <= now:
+                conn.redial_at = None  # until refused again
+                with contextlib.suppress(zmq.ZMQError):  # dropped meanwhile: connect anew
+                    conn.sock.disconnect(conn.key[0])
+                conn.sock.connect(conn.key[0])
 
     # --- connections
     def _join(self, link: Link, node: int) -> _Conn | None:
@@ -410,6 +471,8 @@ class Engine:
             pool.append(conn)
         conn.users[link] = node
         self._conns[(link, node)] = conn
+        if conn.refused is not None:  # a connection shared: the refusal holds for it too
+            link.on_refused(node, conn.refused)
         if all(len(c.users) > LINKS_PER_CONNECTION - SPARE_WHEN_FREE for c in pool):
             with contextlib.suppress(LicenseUnavailable):  # the link that needs it will see
                 spare = self._open(key, curve)
@@ -435,7 +498,8 @@ class Engine:
             sock.connect(endpoint)
             # A node killed mid-request closes its connection at once; seeing the drop
             # lets the request move to the next node without waiting out the try.
-            monitor: zmq.Socket[bytes] = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            # The handshakes too: a refused key is dialled again (module docstring).
+            monitor: zmq.Socket[bytes] = sock.get_monitor_socket(_WATCHED)
         except zmq.ZMQError as exc:
             if sock is not None:
                 sock.close(linger=0)

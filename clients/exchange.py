@@ -49,6 +49,10 @@ class Exchange:
     sid: str | None = None  # fixed when assigned to a session (None for status)
     req: int = 0
     extra_try: float = 0.0  # added to the per-try timeout (a checkout that may queue)
+    # A queued checkout's end of wait, by the library's clock: each copy asks for what is
+    # left of it, so a new primary (which counts a wait from when it hears the request)
+    # never restarts it, and the whole wait stays what the application asked.
+    wait_until: float | None = None
     quick_fail: bool = False  # give up after a round in which no node was connected
     node: int = 0
     in_flight: bool = False

@@ -43,6 +43,14 @@ Rules:
   was late) ends as an unknown one does: a grant it gets, or got already, is checked
   back in. ``give_back`` checks a grant in with nobody waiting (a ``with`` block left by
   an exception when the checkin failed): released at once, re-sent in the background.
+- A queued checkout asks each node for what is left of its wait (``Exchange.wait_until``,
+  by the library's clock): a new primary never starts the application's wait over.
+- Every ``ok`` reply of the session that carries the contract (``lease``, ``heartbeat``)
+  is followed (``_adopt``), before it renews the lease copy: a node that takes over with
+  another lease is heeded. The primary's connection dropping brings the next heartbeat
+  forward, so that the new primary's contract is heard before its lease could run out.
+- A node whose ZAP handler refused the client's key (``on_refused``, from the engine)
+  is named as the cause of a call that no node served.
 - A send the process cannot afford (``send`` raises ``LicenseUnavailable``: no
   descriptors left for a connection) is a miss that records the cause; once a request
   has met as many such refusals as the triad has nodes and no node can have acted on
@@ -68,7 +76,7 @@ from zbroker.clients.errors import (
     ProtocolError,
 )
 from zbroker.clients.exchange import Exchange
-from zbroker.clients.grant import Grant, GrantState, IllegalTransition, _Releaser
+from zbroker.clients.grant import Grant, GrantRecord, GrantState, IllegalTransition, _Releaser
 from zbroker.clients.protocol import ErrorCode, Status
 from zbroker.clients.wire import Reply, decode_reply, encode_request, failure_of, grant_of
 
@@ -108,8 +116,8 @@ TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
 class _Recovery:
     """One round of checking grants out again on a new session."""
 
-    waiting: set[Grant] = field(default_factory=set)
-    lost: list[Grant] = field(default_factory=list)
+    waiting: set[GrantRecord] = field(default_factory=set)
+    lost: list[GrantRecord] = field(default_factory=list)
 
 
 def _resolve(fut: Future[Any], value: object) -> None:
@@ -163,7 +171,10 @@ class Link:
         self.next_heartbeat = 0.0
         self.heartbeat_sent = 0.0  # when the last heartbeat started
         self._queued = 0  # exchanges in the table that may wait in a queue (extra_try)
-        self.held: list[Grant] = []  # grants of this link not yet released or lost
+        # Records of this link's grants not yet released or lost: never the application's
+        # Grants, which keep the client alive (grant.py), so the engine holding the link
+        # does not keep an application's client, dropped with its grants, from closing.
+        self.held: list[GrantRecord] = []
         self.idle = False  # the application said it is idle (TIMEOUT): a new session says so too
         self._hello = dict(hello)
         self._send = send
@@ -182,6 +193,7 @@ class Link:
         self._hb: Exchange | None = None
         self._opening: Exchange | None = None  # the open in flight, while OPENING
         self._now = 0.0
+        self._refused: dict[int, str] = {}  # node -> why its ZAP handler refused our key
 
     @property
     def name(self) -> str:
@@ -215,6 +227,7 @@ class Link:
             **(grouping or {}),  # dup, vendor_string: only when the application gave them
         }
         ex = Exchange("checkout", fields, deadline, extra_try=wait or 0.0)
+        ex.wait_until = None if wait is None else now + wait
         ex.done = lambda ex, reply: self._checkout_done(fut, ex, reply)
         ex.unknown = lambda ex: _fail(
             fut,
@@ -225,8 +238,9 @@ class Link:
         )
         self._submit(ex)
 
-    def checkin(self, fut: Future[Any], now: float, grant: Grant, deadline: float) -> None:
+    def checkin(self, fut: Future[Any], now: float, view: Grant, deadline: float) -> None:
         self._now = now
+        grant = view._record  # the exchange keeps the record only: see ``held``
         if grant.state is GrantState.RECOVERING:  # re-checkout in flight: it checks in when done
             self._forget(grant, GrantState.RELEASED)
         if grant.state not in ACTIVE:
@@ -338,11 +352,12 @@ class Link:
         elif fut.exception() is None and isinstance(fut.result(), Grant):
             self.give_back(fut.result(), now)
 
-    def give_back(self, grant: Grant, now: float) -> None:
-        """Check ``grant`` in without anyone waiting: it is released at once for the
+    def give_back(self, view: Grant, now: float) -> None:
+        """Check ``view`` in without anyone waiting: it is released at once for the
         application, and the checkin is re-sent in the background until a node answers
         (or the triad forgets the session, which frees the seats too)."""
         self._now = now
+        grant = view._record
         if grant not in self.held:
             return  # already ended
         recovering = grant.state is GrantState.RECOVERING  # its re-checkout gives it back
@@ -405,7 +420,8 @@ class Link:
             if node != self.primary:  # only the primary gives those
                 self.primary = node
                 self._follow()
-            if ex.sid == self.sid:
+            if ex.sid == self.sid and ex.op != "open":  # an open's values: _open_done
+                self._adopt(reply)  # before the renewal: it counts by the primary's lease
                 self._renewed(ex)
         # After the renewal, before the completion: a grant this reply gives is judged
         # by a lease copy that is up to date, even when no tick ran since it ran out.
@@ -433,11 +449,25 @@ class Link:
         """The connection to ``node`` dropped (its process died): stop waiting on it.
 
         The copies it had stay unanswered, so their outcome stays unknown until another
-        node answers the same request; the next ``tick`` re-sends them elsewhere.
+        node answers the same request; the next ``tick`` re-sends them elsewhere. The
+        primary's drop also brings the next heartbeat forward, to learn the contract of
+        the node that takes over.
         """
         for ex in self._table.values():
             if ex.in_flight and ex.node == node:
                 ex.try_deadline = min(ex.try_deadline, now)
+        if node == self.primary and self.state in (SessionState.OPEN, SessionState.LAPSED):
+            # Heartbeat now: the next primary may ask for a shorter lease, and only its
+            # reply says so (_adopt); waiting out our interval could outlast that lease.
+            self.next_heartbeat = min(self.next_heartbeat, now)
+
+    def on_refused(self, node: int, why: str | None) -> None:
+        """The node's ZAP handler refused this client's key (``why``), or accepts it now
+        (None): a try the node cannot take ends its call with that cause (``_try``)."""
+        if why is None:
+            self._refused.pop(node, None)
+        else:
+            self._refused[node] = why
 
     def tick(self, now: float) -> None:
         self._now = now
@@ -500,6 +530,8 @@ class Link:
         """Send one copy; on a local refusal move on at once, at most one round."""
         for _ in range(len(self.endpoints)):
             fields = {**ex.fields, "req": ex.req, "ack": self._ack(ex.sid)}
+            if ex.wait_until is not None:  # what is left of the wait: see Exchange.wait_until
+                fields["wait"] = max(0.0, ex.wait_until - self._now)
             if ex.sid is not None:
                 fields["sid"] = ex.sid
             connecting = True
@@ -513,6 +545,8 @@ class Link:
             ex.record_send(ex.node, ok, self._now, self._try_timeout)
             if ok:
                 return
+            if ex.node in self._refused:  # not connected, and why: the node refused our key
+                ex.cause = self._refused[ex.node]
             if connecting and ex.await_redirect(self._now):
                 return  # tick sends it
             if not ex.miss(self._now, len(self.endpoints), None):
@@ -557,7 +591,7 @@ class Link:
         the last node's word (no quorum, an election) if one answered: the application
         tells "nothing is running" from "the triad is between primaries"."""
         cause = f": {ex.cause}" if ex.cause else ""
-        said = f" (last answer: {ex.said})" if ex.said else " (no node answered)"
+        said = f" (last answer: {ex.said})" if ex.said else "" if cause else " (no node answered)"
         return LicenseUnavailable(f"no server of {self.name} {what}{cause}{said}")
 
     def _node_for(self, endpoint: str) -> int | None:
@@ -622,7 +656,7 @@ class Link:
         for grant in lost:
             self._forget(grant, GrantState.LOST)
         if lost:
-            self._report(lost)
+            self._tell(lost)
 
     def _renewed(self, ex: Exchange) -> None:
         if ex.first_sent is None or self.state not in (SessionState.OPEN, SessionState.LAPSED):
@@ -644,7 +678,7 @@ class Link:
             for grant in unsafe:
                 grant._set_state(GrantState.UNSAFE)
             if unsafe:
-                self._report(unsafe)
+                self._tell(unsafe)
 
     def _lease_tick(self, now: float) -> None:
         self._lapse(now)
@@ -660,12 +694,31 @@ class Link:
             )
             self._start(self._hb)
 
+    def _adopt(self, reply: Reply) -> None:
+        """Follow the contract of the primary that answered: the lease and heartbeat
+        interval a reply carries (a node restarted with another ``lease`` may take over).
+        A reply with a lease but no interval (a heartbeat's, docs/protocol.md) keeps the
+        interval's share of the lease, as a node derives the one from the other."""
+        if reply.status != Status.OK or "lease" not in reply.body or self.lease <= 0:
+            return
+        try:
+            lease = reply.seconds("lease")
+            if "heartbeat" in reply.body:
+                heartbeat = reply.seconds("heartbeat")
+            else:
+                heartbeat = self.heartbeat * (lease / self.lease)  # same lease: same, exactly
+        except ProtocolError as exc:
+            log.warning("reply from %s: %s", self.name, exc)
+            return
+        if (lease, heartbeat) != (self.lease, self.heartbeat):
+            log.info(
+                "%s asks for a lease of %g s, heartbeats every %g s (was %g s, %g s)",
+                self.name, lease, heartbeat, self.lease, self.heartbeat,
+            )  # fmt: skip
+        self.lease, self.heartbeat = lease, heartbeat
+        self.next_heartbeat = min(self.next_heartbeat, self._now + heartbeat)
+
     def _heartbeat_done(self, ex: Exchange, reply: Reply | None) -> None:
-        if reply is not None and reply.status == Status.OK and "lease" in reply.body:
-            try:
-                self.lease = reply.seconds("lease")
-            except ProtocolError as exc:
-                log.warning("heartbeat reply from %s: %s", self.name, exc)
         if reply is not None and reply.status == Status.OK and "taken" in reply.body:
             self._taken(ex.sid, reply.body["taken"])
 
@@ -694,7 +747,7 @@ class Link:
             grant._taken(reasons[grant.id])
             self.held.remove(grant)
         if lost:
-            self._report(lost)
+            self._tell(lost)
 
     def _session_gone(self) -> None:
         log.warning("%s no longer knows session %s", self.name, self.sid)
@@ -717,7 +770,18 @@ class Link:
             self._forget(grant, GrantState.RELEASED)
 
     # --- grants
-    def _forget(self, grant: Grant, state: GrantState) -> None:
+    def _alive_owner(self) -> _Releaser | None:
+        """The client, or None once it was collected (a LicenseClient passes itself weakly)."""
+        return self._owner() if isinstance(self._owner, weakref.ref) else self._owner
+
+    def _tell(self, records: list[GrantRecord]) -> None:
+        """Report grants to the application, as the Grants it holds (``GrantRecord.grant``);
+        a client collected meanwhile has nobody left to tell."""
+        owner = self._alive_owner()
+        if owner is not None:
+            self._report([record.grant(owner) for record in records])
+
+    def _forget(self, grant: GrantRecord, state: GrantState) -> None:
         """The grant ends (RELEASED or LOST) and leaves ``held``; it ends once: a grant
         not in ``held`` already ended (a checkin settled after OutcomeUnknown)."""
         if grant in self.held:
@@ -734,13 +798,12 @@ class Link:
             except ProtocolError as exc:
                 _fail(fut, exc)
                 return
-            owner = self._owner() if isinstance(self._owner, weakref.ref) else self._owner
+            owner = self._alive_owner()
             # Settled after OutcomeUnknown, abandoned, or its client was collected: give it back.
             if fut.done() or ex.sid is None or owner is None:
                 self._release_quietly(ex.sid, info.id)
                 return
-            grant = Grant(
-                owner,
+            grant = GrantRecord(
                 id=info.id,
                 feature=info.feature,
                 version=info.version,
@@ -753,7 +816,7 @@ class Link:
             )
             grant._grouping = {k: ex.fields[k] for k in ("dup", "vendor_string") if k in ex.fields}
             self.held.append(grant)
-            _resolve(fut, grant)
+            _resolve(fut, grant.grant(owner))
             self._report_if_unsafe(grant)
         elif _is_unknown_session(reply):
             if not fut.done():  # no effect: ask again on the new session
@@ -764,13 +827,14 @@ class Link:
                     done=ex.done,
                     unknown=ex.unknown,
                     extra_try=ex.extra_try,
+                    wait_until=ex.wait_until,
                 )
                 self._submit(again)
         else:
             _fail(fut, failure_of(reply))
 
     def _checkin_done(
-        self, fut: Future[Any], grant: Grant, ex: Exchange, reply: Reply | None
+        self, fut: Future[Any], grant: GrantRecord, ex: Exchange, reply: Reply | None
     ) -> None:
         if reply is None:
             _fail(fut, self._unavailable("took the checkin", ex))
@@ -786,7 +850,7 @@ class Link:
         """The state of a grant got now: HELD only while our lease copy is valid."""
         return GrantState.HELD if self.state is SessionState.OPEN else GrantState.UNSAFE
 
-    def _report_if_unsafe(self, grant: Grant) -> None:
+    def _report_if_unsafe(self, grant: GrantRecord) -> None:
         if grant.state is GrantState.UNSAFE:
             log.warning(
                 "grant %d of %s on %s got while the lease lapsed: not safe until renewed",
@@ -794,7 +858,7 @@ class Link:
                 grant.feature,
                 self.name,
             )
-            self._report([grant])
+            self._tell([grant])
 
     def _release_quietly(self, sid: str | None, grant_id: int) -> None:
         """Check in a grant nobody holds (settled checkout, late re-checkout)."""
@@ -825,7 +889,7 @@ class Link:
             self._start(ex)
 
     def _recovered(
-        self, round_: _Recovery, grant: Grant, ex: Exchange, reply: Reply | None
+        self, round_: _Recovery, grant: GrantRecord, ex: Exchange, reply: Reply | None
     ) -> None:
         counted = grant not in round_.waiting  # already given up at the deadline
         round_.waiting.discard(grant)
@@ -848,4 +912,4 @@ class Link:
             round_.lost.append(grant)
         if not round_.waiting and round_.lost:
             lost, round_.lost = round_.lost, []
-            self._report(lost)
+            self._tell(lost)

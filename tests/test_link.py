@@ -22,7 +22,7 @@ from zbroker.clients import grant as grant_module
 from zbroker.clients import link as link_module
 from zbroker.clients.errors import LicenseDenied, LicenseUnavailable, OutcomeUnknown
 from zbroker.clients.exchange import BACKOFF_CAP, BACKOFF_CAP_BACKGROUND, BACKOFF_FIRST, Exchange
-from zbroker.clients.grant import Grant, GrantState, IllegalTransition
+from zbroker.clients.grant import Grant, GrantRecord, GrantState, IllegalTransition
 from zbroker.clients.link import Link, SessionState
 from zbroker.clients.protocol import PROTOCOL_VERSION, ErrorCode, Status
 from zbroker.clients.wire import pack
@@ -441,19 +441,19 @@ def session_moves(monkeypatch: pytest.MonkeyPatch) -> list[tuple[SessionState, S
 def grant_moves(monkeypatch: pytest.MonkeyPatch) -> list[tuple[GrantState | None, GrantState]]:
     """Every grant's changes, its birth recorded as (None, state)."""
     moves: list[tuple[GrantState | None, GrantState]] = []
-    checked, born = Grant._set_state, Grant.__init__
+    checked, born = GrantRecord._set_state, GrantRecord.__init__
 
-    def recording(self: Grant, state: GrantState) -> None:
+    def recording(self: GrantRecord, state: GrantState) -> None:
         old = self.state
         checked(self, state)
         moves.append((old, state))
 
-    def birth(self: Grant, *args: Any, **kwargs: Any) -> None:
+    def birth(self: GrantRecord, *args: Any, **kwargs: Any) -> None:
         born(self, *args, **kwargs)
         moves.append((None, self.state))
 
-    monkeypatch.setattr(Grant, "_set_state", recording)
-    monkeypatch.setattr(Grant, "__init__", birth)
+    monkeypatch.setattr(GrantRecord, "_set_state", recording)
+    monkeypatch.setattr(GrantRecord, "__init__", birth)
     return moves
 
 
@@ -489,9 +489,8 @@ def test_an_illegal_session_transition_raises_and_is_not_taken(
     assert link.state is old
 
 
-def _grant(state: GrantState = GrantState.HELD) -> Grant:
-    return Grant(
-        Owner(),
+def _grant(state: GrantState = GrantState.HELD) -> GrantRecord:
+    return GrantRecord(
         id=1,
         feature="cad",
         version="1",
@@ -593,7 +592,7 @@ def test_unknown_session_opens_a_new_sid_checks_grants_out_again_and_reports_the
     assert cad.safe and cad.id == 11 and rig.reports == [], "reported once the round is over"
     rig.answer(again["solver"], Status.DENIED, reason="no_seats", detail="taken meanwhile")
     assert solver.lost and rig.reports == [[solver]]
-    assert rig.link.held == [cad]
+    assert rig.link.held == [cad._record]
     fut = rig.checkin(cad)  # goes to the session it was got back on
     checkin = rig.wire.last("checkin").msg
     assert (checkin["sid"], checkin["grant"]) == (rig.link.sid, 11)
