@@ -374,9 +374,13 @@ def status(
         curve = config_curve(config, admin=False)
     except _CONFIG_ERRORS as exc:
         _fail(exc)
+    # A node not at its file's endpoint is shown where the running triad says it serves.
+    endpoints, curve = _triad_endpoints(
+        config, [(n.name, n.client) for n in config.nodes], curve, timeout
+    )
     try:
         report = query_nodes(
-            [(n.name, n.client) for n in config.nodes],
+            endpoints,
             timeout=timeout,
             curve=curve,
             holders=holders or feature is not None,
@@ -602,12 +606,15 @@ def reread(config_path: str, key_path: str | None, timeout: float) -> None:
     node says its files differ from the triad's, which it does from its reread until the
     primary's reload reaches it (docs/admin.md, "The license the triad serves"). Exit
     status: 0 when every node answered and serves its files, 1 when one refused, did not
-    answer, or still differs at the deadline (its note is printed).
+    answer, or still differs at the deadline (its note is printed), when the file has
+    lines the nodes refuse (a broken signature: they serve the others), or when its SERVER
+    lines differ from those the nodes run by (they change only at a restart).
     """
     from zbroker.broker.status import query_nodes
 
     try:  # a broken file exits 2 here, no node asked; its warnings are printed
-        _check_files(load_config(config_path))
+        config = load_config(config_path)
+        refused = _check_files(config)
     except _CONFIG_ERRORS as exc:
         _fail(exc)
     endpoints, curve, replies = _ask_admin(config_path, key_path, (), "reread", timeout)
@@ -636,7 +643,22 @@ def reread(config_path: str, key_path: str | None, timeout: float) -> None:
     for name, note in left.items():
         failed = True
         click.echo(f"{name}: {note}", err=True)
-    if rereading and not left:
+    restart = query_nodes(rereading, timeout=0.3, curve=curve, holders=False) if rereading else {}
+    said: dict[str, list[str]] = {}  # SERVER lines a reread cannot change: by note
+    for node in restart.get("nodes", []):
+        if node.get("restart"):
+            said.setdefault(str(node["restart"]), []).append(str(node["name"]))
+    for note, names in said.items():
+        failed = True
+        click.echo(f"{', '.join(names)}: {note}", err=True)
+    if refused:
+        failed = True
+        click.echo(
+            f"{refused} license line(s) refused (the warnings above): the nodes serve the "
+            "others; restore the vendor's lines, then reread",
+            err=True,
+        )
+    if rereading and not left and not failed:
         click.echo(f"{', '.join(name for name, _ in rereading)}: serving the files read")
     if failed:
         sys.exit(EXIT_REFUSED)
@@ -711,14 +733,59 @@ def client_license(config_path: str) -> str:
         _fail(exc)
 
 
-def _check_files(config: Config) -> None:
+def _check_files(config: Config) -> int:
     """Read ``config``'s license and options file as its nodes will, and print their
     warnings (lines refused, options lines ignored or naming no licensed feature): a
-    node only logs them. LicenseError when one does not load."""
+    node only logs them. The number of license lines refused; LicenseError when one
+    file does not load."""
     from zbroker.broker.node import read_files
 
-    for line in read_files(config)[2]:
+    own, _, warnings = read_files(config)
+    for line in warnings:
         click.echo(f"zbroker: warning: {line}", err=True)
+    return len(own.refused)
+
+
+def _triad_endpoints(
+    config: Config, nodes: list[tuple[str, str]], curve: ClientCurve | None, timeout: float
+) -> tuple[list[tuple[str, str]], ClientCurve | None]:
+    """Where the running triad serves ``nodes``: the file's endpoints, but a node that
+    does not answer at its file's endpoint is looked for where the nodes that answer say
+    it serves (their status lists the others at the endpoints they started with: an
+    endpoint edited in the file takes effect only when the nodes restart with it),
+    saying so. The endpoints, and the CURVE with the node's key at any endpoint so found."""
+    from zbroker.broker.status import ask
+    from zbroker.clients.errors import LicenseError as ClientError
+
+    try:
+        replies = ask(nodes, {"op": "status"}, timeout=min(timeout, 1.0), curve=curve)
+    except ClientError as exc:  # a node's reply we cannot read
+        _fail(exc, EXIT_REFUSED)
+    known: dict[str, str] = {}
+    for reply in replies.values():
+        report = reply.get("report")
+        entries = report.get("nodes") if isinstance(report, dict) else None
+        for entry in entries if isinstance(entries, list) else []:
+            if isinstance(entry, dict) and isinstance(entry.get("endpoint"), str):
+                known.setdefault(str(entry.get("name")), entry["endpoint"])
+    found = []
+    keys: dict[str, str] = {}
+    for name, endpoint in nodes:
+        running = known.get(name, endpoint)
+        if name not in replies and running != endpoint:
+            click.echo(
+                f"{name}: no answer at {endpoint}; the triad's nodes know it at {running}: "
+                "an endpoint change takes effect when the nodes restart with the new file",
+                err=True,
+            )
+            key = config.node(name).public_key
+            if key is not None:
+                keys[running] = key
+            endpoint = running
+        found.append((name, endpoint))
+    if curve is not None and keys:
+        curve = ClientCurve(curve.keys, {**curve.servers, **keys})
+    return found, curve
 
 
 def _ask_admin(
@@ -744,7 +811,7 @@ def _ask_admin(
         curve = config_curve(config, admin=True, key_path=key_path)
     except _CONFIG_ERRORS as exc:
         _fail(exc)
-    endpoints = [(n.name, n.client) for n in nodes]
+    endpoints, curve = _triad_endpoints(config, [(n.name, n.client) for n in nodes], curve, timeout)
     try:
         request = {"op": "admin", "action": action, **(fields or {})}
         replies = ask(endpoints, request, timeout=timeout, curve=curve)

@@ -196,11 +196,14 @@ class Config:
         others to compare (``contract_notes``): the timings the triad runs by (a failover
         to a node with another lease or timeout changes them under the clients), and
         where each node listens for its peers (a node that binds one port while the
-        others' configs name another is heard by none of them)."""
+        others' configs name another is heard by none of them), and the SERVER lines'
+        order (``ORDER``: the rank; two nodes that each rank the other first hand the
+        triad to each other without end: broker/core.py, ``order_note``)."""
         terms: dict[str, str | float] = {key: getattr(self, key) for key in CONTRACT}
         for node in self.nodes:
             terms[f"peer.{node.name}"] = node.peer
             terms[f"pub.{node.name}"] = node.pub
+        terms[ORDER] = " ".join(self.ranks)
         return terms
 
 
@@ -208,6 +211,28 @@ class Config:
 # each is the primary's to apply, so a failover must not change it.
 CONTRACT = ("lease", "heartbeat_interval", "peer_timeout", "min_timeout")
 _LISTENS = {"peer": "listens for peers at", "pub": "publishes heartbeats at"}
+# The contract's key for the SERVER lines' order, names apart by spaces; judged by
+# ``order_note`` (one line for all the peers), never by ``contract_notes``.
+ORDER = "ranks"
+
+
+def order_note(me: str, mine: str, theirs: dict[str, str]) -> str:
+    """The line a person reads while peers' license files (``theirs``, by peer: the
+    orders that differ from ``mine``) order the SERVER lines otherwise than this node's:
+    both orders, what the triad does meanwhile, and what to fix."""
+    by_order: dict[str, list[str]] = {}
+    for peer in sorted(theirs):
+        by_order.setdefault(theirs[peer], []).append(peer)
+    said = "; ".join(
+        f"{' and '.join(peers)}'s: {', '.join(order.split())}" for order, peers in by_order.items()
+    )
+    return (
+        f"the nodes' license files order the SERVER lines differently (the rank): this "
+        f"node's ({me}): {', '.join(mine.split())}; {said}: put the same license file on "
+        "every node and restart the nodes one at a time (a reread does not change the "
+        "order); until they agree no node hands over by failback and elections rank the "
+        f"nodes by name ({', '.join(sorted(mine.split()))})"
+    )
 
 
 def contract_notes(
@@ -219,7 +244,7 @@ def contract_notes(
     notes = []
     for key in sorted(mine.keys() | theirs.keys()):
         ours, their = mine.get(key), theirs.get(key)
-        if ours == their:
+        if ours == their or key == ORDER:
             continue
         kind, _, node = key.partition(".")
         if not node:
@@ -250,6 +275,28 @@ def contract_notes(
                 f"node's says {ours}: fix [nodes.{node}] in {peer}'s config or this one's"
             )
     return notes
+
+
+def server_changes(running: Config, read: Config) -> str | None:
+    """How the SERVER lines of a config read again (``read``: a reread) differ from those
+    the node runs by (``running``), for a person, or None: a reread changes none of them
+    (the rank, the endpoints bound, the keys ZAP checks); the nodes take them at a restart."""
+    what = []
+    if running.ranks != read.ranks:
+        what.append(f"the order {', '.join(read.ranks)} (it runs by {', '.join(running.ranks)})")
+    old = {n.name: n for n in running.nodes}
+    for node in read.nodes:
+        was = old.get(node.name)
+        if was is not None and was.client != node.client:
+            what.append(f"{node.name}'s endpoint {node.client} (it runs by {was.client})")
+        if was is not None and was.public_key != node.public_key:
+            what.append(f"{node.name}'s KEY=")
+    if not what:
+        return None
+    return (
+        f"the license file's SERVER lines change {'; '.join(what)}: a reread does not change "
+        "them; they take effect when the nodes restart with the new file, one at a time"
+    )
 
 
 def _said(value: object) -> str:

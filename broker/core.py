@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol, assert_never, cast
 from zbroker.broker.admin import handle_admin, is_admin, is_peer
 from zbroker.broker.apply import AppliedLedger, Unappliable
 from zbroker.broker.borrow import BorrowReason, sign_facts
-from zbroker.broker.config import Config, contract_notes
+from zbroker.broker.config import ORDER, Config, contract_notes, order_note
 from zbroker.broker.expiry import ExpiryWarnings
 from zbroker.broker.front import Front, Key
 from zbroker.broker.ledger import Decided, Delta, Ledger
@@ -82,6 +82,7 @@ if TYPE_CHECKING:
     )
 
 log = logging.getLogger("zbroker.node")
+REFUSED_SHOWN = 20  # refused license lines a status reply names (the rest are counted)
 
 TICK = 0.01  # seconds between replica ticks: well under heartbeat_interval
 # Committed deltas a backup applies per cycle after its sends: about 3-5 ms of them.
@@ -102,6 +103,10 @@ SNAPSHOT_RETRY = 5.0
 # other and a heartbeat on a LAN is read within a few: 2 s is far above both, and too
 # little to move any of those deadlines (minutes to days) in a way anyone would notice.
 MAX_CLOCK_SKEW = 2.0
+# A move of this node's wall clock against its monotonic one that is judged at once,
+# before the next TICK: NTP slews far slower; a step (by hand, or NTP after a long drift)
+# is larger.
+CLOCK_MOVED = 0.5
 # A peer's clock reading lower than the ones before it is believed once it has lasted
 # this long (seconds): a heartbeat read late (this node paused, a backlog read at once)
 # looks like a clock behind, for as long as the delay lasts.
@@ -382,6 +387,7 @@ class NodeCore:
         borrow_key: Ed25519PrivateKey | None = None,
         signed: tuple[str, ...] = (),
         vendor_key: Ed25519PublicKey | None = None,
+        refused: tuple[str, ...] = (),
     ) -> None:
         self.config = config
         # The triad's borrow key (broker/borrow.py): the primary signs borrow tokens with
@@ -394,7 +400,7 @@ class NodeCore:
         self.options = options  # the options file this node read (broker/options.py)
         # What this node read, to check the triad's license against (broker/served.py):
         # ``signed`` its file's verified lines (License.signed), ``vendor_key`` its key.
-        self._own = OwnLicense(str(config.license_path), entitlements, signed, vendor_key)
+        self._own = OwnLicense(str(config.license_path), entitlements, signed, vendor_key, refused)
         self.verdict = Verdict()  # whether it vouches for the triad's license (``_judge``)
         self._judged: tuple[object, ...] = ()  # what the verdict was judged on
         self._reload_checked: tuple[object, ...] = ()  # what ``_reload`` last compared
@@ -408,11 +414,20 @@ class NodeCore:
         # The peers' clocks (their heartbeats' wall) and what this node makes of them.
         self._clocks = PeerClocks()
         self.clock = ClockVerdict()
-        self._clock_at: Now | None = None  # the reading the verdict was made at
+        self._clock_at: Now | None = None  # the cycle's reading the clocks were checked at
+        self._clock_own = math.nan  # this node's wall minus monotonic at the last judgment
         # What the triad's configs must agree on (Config.contract), this node's, and how
         # each peer's differs from it (``_compare_setup``), as last logged.
         self._contract = config.contract()
         self._setup_notes: dict[str, list[str]] = {}
+        # The SERVER lines' order each peer's heartbeats last gave (kept while it is down:
+        # every node then ranks alike), and what this node made of them (``_order``).
+        self._peer_orders: dict[str, str] = {}
+        self._order_note: str | None = None
+        self._order_key: frozenset[str] = frozenset()
+        # How the SERVER lines of the file last reread differ from those this node runs
+        # by (config.server_changes), for status; None: they do not.
+        self._restart: str | None = None
         # Peer-connection lines: when each peer's was last logged, and how many were not.
         self._connection_logged: dict[str, tuple[float, int]] = {}
         # Since when this node has known no serving primary (None: it knows one), and
@@ -456,6 +471,7 @@ class NodeCore:
             now.mono,
         )
         self.replica.setup = self._contract  # in its heartbeats, for the others to compare
+        self._order(logged=False)
         self._judged = ()
         self._judge()  # before the replica's first tick: whether it may stand
         self.was_recovering = self.replica.role is rp.Role.RECOVERING
@@ -498,7 +514,9 @@ class NodeCore:
         """Decide what ``event`` asks; what to do comes out of the next ``ready``."""
         if self._out.start_over is not None:
             return  # this node starts over at the end of the cycle: nothing else counts
-        self._check_clock(now)  # a step of this node's clock counts before any decision
+        if now is not self._clock_at:  # the shell hands every event of a cycle one Now
+            self._clock_at = now
+            self._check_clock(now)  # a step of this node's clock counts before any decision
         try:
             match event:
                 case ClientMessage():
@@ -612,6 +630,9 @@ class NodeCore:
         signed: tuple[str, ...] = (),
         vendor_key: Ed25519PublicKey | None = None,
         now: Now | None = None,
+        refused: tuple[str, ...] = (),
+        *,
+        restart: str | None = None,
     ) -> None:
         """The shell read the license and options files again (SIGHUP, ``zbroker reread``).
         A primary replicates them at its next ledger tick (``_reload``) as one reload delta
@@ -623,13 +644,16 @@ class NodeCore:
         with a new vendor key), until it hears another primary."""
         same = entitlements == self.entitlements and options == self.options
         self.entitlements, self.options = entitlements, options
-        self._own = OwnLicense(self._own.path, entitlements, signed, vendor_key)
+        self._own = OwnLicense(self._own.path, entitlements, signed, vendor_key, refused)
         primary = self.replica.primary
         self._reread_asked = self.replica.role is rp.Role.PRIMARY or (
             now is not None
             and (primary is None or primary not in self.replica.peers_alive(now.mono))
         )
         self._judged = ()  # judge again, standing as the reread says
+        if restart is not None and restart != self._restart:
+            log.warning("%s", restart)
+        self._restart = restart
         log.info(
             "reread: %d license lines, %s; %s",
             len(entitlements),
@@ -711,13 +735,18 @@ class NodeCore:
         )
         return self.verdict
 
-    def _check_clock(self, now: Now) -> None:
-        """Judge the clocks again at a new reading (``judge_clocks``): this node's own may
-        have stepped since the last. A change is logged once, and the replica told at once
-        whether this node stands and which peers it must not hand over to."""
-        if now == self._clock_at:
+    def _check_clock(self, now: Now, *, again: bool = False) -> None:
+        """Judge the clocks (``judge_clocks``) when ``again`` (a heartbeat read, each
+        ``TICK``) or when this node's own wall clock moved against its monotonic one by
+        more than ``CLOCK_MOVED`` since the last judgment (a step): in between, nothing
+        judged can change, and a judgment each cycle cost a tenth of a primary's
+        instructions per request (scripts/ab_instructions.py). A change is logged once,
+        and the replica told at once whether this node stands and which peers it must not
+        hand over to."""
+        own = now.wall - now.mono
+        if not again and abs(own - self._clock_own) <= CLOCK_MOVED:  # NaN at first: judged
             return
-        self._clock_at = now
+        self._clock_own = own
         offsets = {}
         for peer in self.replica.peers_alive(now.mono):
             offset = self._clocks.offset(peer, now)
@@ -745,6 +774,10 @@ class NodeCore:
     def _compare_setup(self, peer: str, setup: dict[str, str | float]) -> None:
         """Log how ``peer``'s config differs from this node's on the triad's contract,
         each difference once (and once when they agree again); never refused over."""
+        order = setup.get(ORDER)
+        if isinstance(order, str) and order != self._peer_orders.get(peer):  # else unknown
+            self._peer_orders[peer] = order
+            self._order()
         notes = (
             []
             if setup == self._contract
@@ -759,6 +792,29 @@ class NodeCore:
                 log.warning("%s", note)
         if not notes:
             log.warning("%s's config agrees with this node's on the triad's settings again", peer)
+
+    def _order(self, *, logged: bool = True) -> None:
+        """Rank the nodes as the config's SERVER lines do while every peer heard agrees;
+        while one differs, by name, the same on every node (each has heard the odd one
+        out), and no failback: a hand-over toward a node this one ranks first, which
+        ranks another first, is handed on without end (SPEC §6: nodes given different
+        license files). One WARNING when they start to differ, one when they agree."""
+        mine = str(self._contract[ORDER])
+        differ = {p: o for p, o in self._peer_orders.items() if o != mine}
+        self._order_note = order_note(self.me.name, mine, differ) if differ else None
+        key = frozenset(differ.values())
+        if logged and key != self._order_key:
+            if self._order_note is not None:
+                log.warning("%s", self._order_note)
+            else:
+                log.warning(
+                    "the nodes' license files order the SERVER lines alike again (%s): "
+                    "failback resumes",
+                    ", ".join(mine.split()),
+                )
+        self._order_key = key
+        ranks = self.config.ranks if not differ else sorted(self.config.ranks)
+        self.replica.set_order(ranks, agreed=not differ)
 
     def _log_connection(self, line: str, peer: str, now: Now) -> None:
         """A peer-connection line, at most once per peer per ``CONNECTION_LOG_EVERY``."""
@@ -817,8 +873,7 @@ class NodeCore:
         out = self._out
         # Before the ledger's tick, which ends wall-time deadlines, and the replica's, which
         # may hand over: with the peers heard in this cycle's events.
-        self._clock_at = None
-        self._check_clock(now)
+        self._check_clock(now, again=now.mono >= self._next_tick)
         if self.status_asks:  # answered together (broker/status_reply.py)
             out.answers += self.status_asks.answer(self._report(now), self.ledger)
         if self._batch and now.mono != self._batch_now.mono:
@@ -1057,8 +1112,7 @@ class NodeCore:
                     self._compare_setup(sender, hb.setup)
                 if hb.wall is not None:
                     self._clocks.read(sender, hb.wall, now)
-                    self._clock_at = None  # judged with it before the replica reads on
-                    self._check_clock(now)
+                    self._check_clock(now, again=True)  # before the replica reads on
             self._before_replica()
             self._take(self.replica.on_message(sender, msg, now.mono, now.wall), now)
 
@@ -1311,6 +1365,12 @@ class NodeCore:
             # how this node's files differ from the triad's, or None (broker/served.py)
             "license": self._judge().note,
         }
+        if self._restart is not None:
+            own["restart"] = self._restart
+        refused = self._own.refused  # its license file's lines it refused, as last read
+        if refused:  # a few: a reply must fit max_message
+            more = len(refused) - REFUSED_SHOWN
+            own["refused"] = [*refused[:REFUSED_SHOWN], *([f"and {more} more"] if more > 0 else [])]
         if self.replica.role is rp.Role.RECOVERING:
             own["recovering"] = self._recovering()
         # Only when something is wrong (so a healthy triad's report is as before):
@@ -1324,6 +1384,8 @@ class NodeCore:
                 if (offset := self._clocks.offset(p, now)) is not None
             }
         settings = [note for peer in sorted(self._setup_notes) for note in self._setup_notes[peer]]
+        if self._order_note is not None:
+            settings.insert(0, self._order_note)
         if settings:
             own["settings"] = settings
         others = []

@@ -410,14 +410,27 @@ def parse_syntax(text: str, *, path: str, servers_required: bool = True) -> Lice
     )
 
 
+# Lines that verified, by (key, canonical form, signature): a reread of a large license
+# verifies only the lines that changed (0.2 ms a line: 4 s at 20,000). Only successes are
+# kept, so a hostile file cannot fill it; cleared whole past the bound.
+_VERIFIED: set[tuple[bytes, bytes, str]] = set()
+_VERIFIED_MAX = 200_000
+
+
 def check_signature(line: FeatureLine, key: Ed25519PublicKey) -> str | None:
     """Why ``line`` is refused under the vendor's ``key``, or None when it verifies."""
     if line.signature is None:
         return "no signature (SIGN= is missing)"
     if len(line.signature) != SIGNATURE_HEX_LENGTH or not _HEX.match(line.signature):
         return f"signature is not {SIGNATURE_HEX_LENGTH} hex digits"
-    if not verify_signature(key, line.canonical(), line.signature):
+    seen = (key.public_bytes_raw(), line.canonical(), line.signature.lower())
+    if seen in _VERIFIED:
+        return None
+    if not verify_signature(key, seen[1], line.signature):
         return "signature does not verify against the vendor key"
+    if len(_VERIFIED) >= _VERIFIED_MAX:
+        _VERIFIED.clear()
+    _VERIFIED.add(seen)
     return None
 
 

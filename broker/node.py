@@ -2,8 +2,9 @@
 
 It owns everything the core must not touch: the sockets (``broker/sockets.py``), the
 clock, the data directory and the signals, and decides nothing. One thread, one poll
-loop; each cycle reads the clock once, drains the peer ROUTER, the heartbeat SUB, the
-connection monitors and the client ROUTER into the core (``step``), then carries out the core's
+loop (a reread's files are read on a thread of their own: ``Rereader``); each cycle
+reads the clock once, drains the peer ROUTER, the heartbeat SUB, the connection monitors
+and the client ROUTER into the core (``step``), then carries out the core's
 ``Ready`` in the order the core's docstring gives: early sends, persist, one sync (group
 commit), the caught-up marker, peer sends and client answers, ``advance``, then a start
 over or a stop.
@@ -19,16 +20,19 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import queue
 import signal
+import threading
 import time
-from typing import assert_never
+from pathlib import Path
+from typing import TypeAlias, assert_never
 
 import zmq
 
 from zbroker.broker.apply import LedgerSettings
 from zbroker.broker.based import restrict
 from zbroker.broker.borrow import load_borrow_key
-from zbroker.broker.config import Config, ConfigError, load_config
+from zbroker.broker.config import Config, ConfigError, load_config, server_changes
 from zbroker.broker.core import (
     Append,
     NodeCore,
@@ -99,6 +103,7 @@ class Node:
         self.stopped_by = ""  # why the loop ended, for the "stopped" line
         self.ignored_signals: list[int] = []  # noted by the handler, logged by the loop
         self.reread_asked = False  # SIGHUP (FlexNet's lmreread): noted by the handler
+        self.rereader = Rereader(config.path)  # reads the files off the loop (_reread)
         # Prometheus metrics when the config asks (broker/metrics.py): served off the loop.
         self.metrics = None if self.me.metrics is None else Metrics(name, self.me.metrics)
         # The report log (docs/reportlog.md): written after each cycle's sends.
@@ -145,7 +150,7 @@ class Node:
         return NodeCore(
             self.config, self.me.name, own.entitlements, loaded, now, mode=mode, options=options,
             borrow_key=None if key is None else load_borrow_key(key),
-            signed=own.signed, vendor_key=own.key,
+            signed=own.signed, vendor_key=own.key, refused=own.refused,
         )  # fmt: skip
 
     # --- life cycle
@@ -209,25 +214,27 @@ class Node:
     def _on_hup(self, signum: int, frame: object) -> None:
         self.reread_asked = True  # the loop rereads: no I/O inside a handler
 
-    def _reread(self, now: Now) -> None:
-        """SIGHUP: read the license and options files again, as at start. A primary
-        replicates them (one reload delta, so every node switches at the same point of the
-        log); a backup compares them with the triad's (broker/served.py). A file that does
-        not load changes nothing."""
-        self.reread_asked = False
-        log.info("node %s rereads the license and options", self.me.name)
-        try:
-            # The config again for the files it names now (an options file newly set);
-            # its other settings take effect at the next start only.
-            own, options = self._read_license(load_config(self.config.path))
-        except (ConfigError, LicenseError) as exc:  # an options file's errors are LicenseErrors
-            log.error("reread refused, nothing changed: %s", exc)
+    def _reread(self, read: Reread, now: Now) -> None:
+        """SIGHUP: the license and options files read again, as at start (``Rereader``). A
+        primary replicates them (one reload delta, so every node switches at the same point
+        of the log); a backup compares them with the triad's (broker/served.py). A file
+        that does not load changes nothing."""
+        if isinstance(read, ConfigError | LicenseError):  # an options file's: LicenseErrors
+            log.error("reread refused, nothing changed: %s", read)
             return
-        self.core.reread(own.entitlements, options, own.signed, own.key, now)
+        if isinstance(read, BaseException):
+            raise read  # a bug in the reading: as if it had failed on the loop
+        config, own, options, warnings = read
+        for line in warnings:
+            log.warning("%s", line)
+        self.core.reread(
+            own.entitlements, options, own.signed, own.key, now, own.refused,
+            restart=server_changes(self.config, config),
+        )  # fmt: skip
 
     def _read_license(self, config: Config) -> tuple[OwnLicense, Options | None]:
-        """``config``'s license and options file, as at start and on a reread (``read_files``);
-        their warnings are logged."""
+        """``config``'s license and options file at start (``read_files``); their warnings
+        are logged. A reread reads them off the loop (``Rereader``)."""
         own, options, warnings = read_files(config)
         for line in warnings:
             log.warning("%s", line)
@@ -264,7 +271,11 @@ class Node:
             if self.ignored_signals:
                 self._log_ignored_signals()
             if self.reread_asked:  # SIGHUP, or an administrator's reread last cycle
-                self._reread(now)
+                self.reread_asked = False
+                log.info("node %s rereads the license and options", self.me.name)
+                self.rereader.ask()
+            for read in self.rereader.done():
+                self._reread(read, now)
             if self.taker.asked is not None:
                 self._reap(now)
             sockets.read(ready, self.core.step, now)
@@ -385,6 +396,60 @@ class Node:
             self.report_log.cycle(records, None, [], self.core.ledger, time.time())
 
 
+# What a reread gives the loop: the files read (``read_files``), or why not.
+Reread: TypeAlias = tuple[Config, OwnLicense, Options | None, list[str]] | BaseException
+
+
+class Rereader:
+    """Reads the config's license and options files again (a reread) on a thread of its
+    own, and hands the result to the loop (``done``, read each cycle). Parsing and
+    verifying a large license takes seconds (0.2 ms a line): on the loop it stalled
+    heartbeats past peer_timeout and cost an election (SPEC §6). The thread touches no
+    socket and no state of the node's. A reread asked while one runs is done once more
+    after it (the files may have changed since it read them), however often asked."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._results: queue.SimpleQueue[Reread] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running = False
+        self._again = False
+
+    def ask(self) -> None:
+        with self._lock:
+            if self._running:
+                self._again = True
+                return
+            self._running = True
+        threading.Thread(target=self._run, name="zbroker-reread", daemon=True).start()
+
+    def done(self) -> list[Reread]:
+        """The rereads finished since the last call, oldest first (never waits)."""
+        out = []
+        while True:
+            try:
+                out.append(self._results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _run(self) -> None:
+        while True:
+            result: Reread
+            try:
+                # The config again for the files it names now (an options file newly
+                # set); its other settings take effect at the next start only.
+                config = load_config(self._path)
+                result = (config, *read_files(config))
+            except Exception as exc:  # handed to the loop: raised there unless expected
+                result = exc
+            self._results.put(result)
+            with self._lock:
+                if not self._again:
+                    self._running = False
+                    return
+                self._again = False
+
+
 def read_files(config: Config) -> tuple[OwnLicense, Options | None, list[str]]:
     """``config``'s license (its verified lines and the vendor key) and options file, as a
     node serves them, and the warnings a person should read: lines refused, options lines
@@ -408,5 +473,6 @@ def read_files(config: Config) -> tuple[OwnLicense, Options | None, list[str]]:
             "that the file and the key are the vendor's, the same as on the other nodes"
         )
     signed = tuple(license_file.signed)
-    own = OwnLicense(str(config.license_path), entitlements, signed, vendor_key)
+    refused = tuple(map(str, license_file.refused))
+    own = OwnLicense(str(config.license_path), entitlements, signed, vendor_key, refused)
     return own, options, [*map(str, license_file.refused), *warnings, *based]

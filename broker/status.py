@@ -275,6 +275,12 @@ def _due(days: int) -> str:
     return f"in {days} days"
 
 
+def _shown(note: Any) -> str:
+    """A node's note as printed: words kept, a control character (from a file's or a
+    client's text quoted in it) as ``?``, so nothing in it can drive the terminal."""
+    return "".join(c if c.isprintable() else "?" for c in str(note))
+
+
 def render(status: dict[str, Any]) -> str:
     mode = status.get("mode")
     lines = [f"Nodes (security: {_MODES.get(mode, mode) if mode else 'unknown'}):"]
@@ -294,11 +300,15 @@ def render(status: dict[str, Any]) -> str:
             lines.append(f"           {n['license']}")
         if n.get("clock"):  # its clock disagrees with a peer's (broker/core.py, judge_clocks)
             offsets = ", ".join(f"{p} {o:+.1f} s" for p, o in sorted(n.get("clocks", {}).items()))
-            lines.append(f"           clock: {clean(n['clock'])} (offsets: {offsets})")
+            lines.append(f"           clock: {_shown(n['clock'])} (offsets: {offsets})")
         if n.get("not_standing") and n["not_standing"] not in (n.get("clock"), n.get("license")):
-            lines.append(f"           not standing for election: {clean(n['not_standing'])}")
+            lines.append(f"           not standing for election: {_shown(n['not_standing'])}")
         for note in n.get("settings", ()):  # its config and a peer's differ (Config.contract)
-            lines.append(f"           settings: {clean(note)}")
+            lines.append(f"           settings: {_shown(note)}")
+        if n.get("restart"):  # SERVER lines a reread cannot change (broker/config.py)
+            lines.append(f"           restart: {_shown(n['restart'])}")
+        for line in n.get("refused", ()):  # lines of its license file it does not serve
+            lines.append(f"           refused: {_shown(line)}")
     if status["primary"] is None:
         lines.append("  no primary: checkouts are unavailable")
     lines.append("")

@@ -84,6 +84,10 @@ higher-ranked backup stops taking proposals (``transferring``), waits until the
 target holds its whole log, then sends it ``timeout_now``; the target stands at once
 with ``transfer`` set, which voters grant despite stickiness. Not done within
 ``peer_timeout``: the primary serves again and tries later.
+The shell may order the nodes otherwise while running (``set_order``: the nodes' configs
+disagree on the order, broker/core.py); ``agreed`` False holds failback (and ends a
+hand-over under way): a hand-over toward the node this one ranks first, which ranks
+another first, would be handed on without end.
 
 Invariants (explicit raises on breach): one vote per term; a log entry at or before
 the commit index is never truncated; commit never goes backwards; ``propose`` only
@@ -178,6 +182,7 @@ class Replica(Replication):
         self._peer_stands: dict[str, bool] = {}
         self.shunned: frozenset[str] = frozenset()  # peers never handed over to (the shell's)
         self.setup: dict[str, str | float] | None = None  # carried in heartbeats (the shell's)
+        self.order_agreed = True  # the shell's: False holds failback (``set_order``)
         self._tick_wall: float | None = None  # the wall clock at the last on_tick, if given
         self._primary_seen = NEVER
         self._leaderless_since = now
@@ -206,6 +211,19 @@ class Replica(Replication):
         self._no_vote_through = 0
         if not self.peers:
             self._start_single()
+
+    def set_order(self, ranks: Sequence[str], *, agreed: bool) -> None:
+        """Rank the same nodes in another order from now on (the shell's word); while
+        ``agreed`` is False no hand-over by failback starts, and one under way ends (its
+        target may still stand on a ``timeout_now`` already sent: one election at most)."""
+        if sorted(ranks) != sorted(self.ranks):
+            raise ReplicaError(f"order {list(ranks)!r} must name the nodes {self.ranks!r}")
+        self.ranks = list(ranks)
+        self.rank = self.ranks.index(self.me)
+        self.order_agreed = agreed
+        if not agreed and self._transfer_to is not None:
+            self._transfer_to = None
+            self._failback_after = self._now + 4 * self.timing.peer_timeout
 
     # --- reading ----------------------------------------------------------------------
 

@@ -72,6 +72,7 @@ class Replication:
     _peer_role: dict[str, Role]
     _peer_stands: dict[str, bool]  # what each peer's heartbeat says (Replica.stands)
     shunned: frozenset[str]  # peers the shell finds unfit to lead (Replica.shunned)
+    order_agreed: bool  # False: the nodes' orders differ, no failback (Replica.set_order)
     _leaderless_since: float
     _transfer_to: str | None
     _transfer_deadline: float
@@ -326,7 +327,12 @@ class Replication:
             else:
                 self._send_timeout_now(out)
             return
-        if not self.timing.failback or now < self._failback_after or not self.is_serving(now):
+        if (
+            not self.timing.failback
+            or not self.order_agreed
+            or now < self._failback_after
+            or not self.is_serving(now)
+        ):
             return
         alive = self.peers_alive(now)
         for peer in self.ranks[: self.rank]:

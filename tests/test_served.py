@@ -236,3 +236,28 @@ def test_status_shows_the_note_under_its_node_and_each_dated_lines_days() -> Non
     assert f"           {DIFFERS}: node gamma cannot verify the triad's lines" in text
     assert "    v2.0 line site.lic:7: 10 seats expire 2027-12-31 (in 29 days)" in text
     assert "site.lic:8" not in text  # a permanent line has nothing to show
+
+
+def test_status_shows_what_a_node_says_is_wrong_with_it_under_its_line() -> None:
+    # The own entry's notes (docs/protocol.md): without these lines `zbroker status`
+    # showed them only with --json.
+    from zbroker.broker.status import render
+
+    node = {"name": "alpha", "role": "backup", "term": 3, "last": 9, "commit": 9, "lag": 0,
+            "peers": ["beta", "gamma"], "endpoint": "tcp://h:1", "mode": "curve",
+            "clock": "clock is 7200.0 s ahead of beta and gamma",
+            "clocks": {"beta": -7200.0, "gamma": -7200.2},
+            "not_standing": "a snapshot is being installed",
+            "settings": ["beta's lease is 5.0 s; this node's is 30.0 s"],
+            "restart": "the SERVER lines change the order",
+            "refused": ["site.lic:5: FEATURE cad refused: signature does not verify"]}  # fmt: skip
+    text = render({"mode": "curve", "primary": None, "nodes": [node], "features": []})
+    for shown in (
+        "clock: clock is 7200.0 s ahead of beta and gamma "
+        "(offsets: beta -7200.0 s, gamma -7200.2 s)",
+        "not standing for election: a snapshot is being installed",
+        "settings: beta's lease is 5.0 s; this node's is 30.0 s",
+        "restart: the SERVER lines change the order",
+        "refused: site.lic:5: FEATURE cad refused: signature does not verify",
+    ):
+        assert f"           {shown}" in text
