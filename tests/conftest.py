@@ -22,6 +22,7 @@ cannot slip out of the layers, and ``-m unit`` stays fast.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator
 from types import CodeType
 from typing import Any
 
@@ -155,3 +156,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item, _ in chosen:
         for node in item.listchain()[:-1]:
             node.own_markers[:] = [m for m in node.own_markers if m.name not in LAYERS]
+
+
+@pytest.fixture
+def make_node() -> Iterator[Callable[..., Any]]:
+    """Scripted nodes (tests/test_client.py's FakeNode), stopped after the test: shared by
+    the client library's test files."""
+    from test_client import FakeNode
+
+    nodes: list[FakeNode] = []
+
+    def make(ledger: Any, mode: str = "primary") -> FakeNode:
+        node = FakeNode(ledger, mode)
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.stop()

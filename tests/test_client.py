@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -164,20 +164,6 @@ class FakeNode:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-
-
-@pytest.fixture
-def make_node() -> Iterator[Callable[..., FakeNode]]:
-    nodes: list[FakeNode] = []
-
-    def make(ledger: FakeLedger, mode: str = "primary") -> FakeNode:
-        node = FakeNode(ledger, mode)
-        nodes.append(node)
-        return node
-
-    yield make
-    for node in nodes:
-        node.stop()
 
 
 def free_endpoint() -> str:

@@ -16,7 +16,7 @@ import pickle
 import pkgutil
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -31,19 +31,6 @@ from zbroker.clients.errors import ClientClosed, LicenseError, LicensePathError
 from zbroker.clients.licpath import ENV_VAR, resolve
 
 pytestmark = pytest.mark.unit
-
-
-@pytest.fixture
-def node() -> Iterator[Callable[..., FakeNode]]:
-    nodes: list[FakeNode] = []
-
-    def make(ledger: FakeLedger, mode: str = "primary") -> FakeNode:
-        nodes.append(FakeNode(ledger, mode))
-        return nodes[-1]
-
-    yield make
-    for made in nodes:
-        made.stop()
 
 
 class Interrupted(Exception):
@@ -70,10 +57,10 @@ def _interrupt_after(seconds: float) -> Callable[[], None]:
 
 
 def test_a_checkout_whose_wait_is_interrupted_gives_back_the_grant_it_gets_later(
-    node: Callable[..., FakeNode],
+    make_node: Callable[..., FakeNode],
 ) -> None:
     ledger = FakeLedger({"cad": 2})
-    primary = node(ledger)
+    primary = make_node(ledger)
     mute = threading.Event()
     mute.set()
     primary.swallow = lambda msg: mute.is_set() and msg.get("op") == "checkout"
@@ -112,10 +99,10 @@ def test_link_abandon_gives_back_a_grant_got_before_or_after_it() -> None:
 
 
 def test_a_with_block_raising_keeps_its_exception_while_no_node_answers_the_checkin(
-    node: Callable[..., FakeNode],
+    make_node: Callable[..., FakeNode],
 ) -> None:
     ledger = FakeLedger({"cad": 1})
-    primary = node(ledger)
+    primary = make_node(ledger)
     with LicenseClient([primary.endpoint], timeout=0.5) as client:
         grant = client.checkout("cad")
         primary.mode = "unavailable"  # the checkin is refused: definite, still held
@@ -131,10 +118,10 @@ def test_a_with_block_raising_keeps_its_exception_while_no_node_answers_the_chec
 
 
 def test_safe_turns_false_when_the_lease_copy_runs_out_even_with_the_io_thread_stuck(
-    node: Callable[..., FakeNode],
+    make_node: Callable[..., FakeNode],
 ) -> None:
     ledger = FakeLedger({"cad": 1}, lease=0.4, heartbeat=5.0)  # no heartbeat renews it
-    primary = node(ledger)
+    primary = make_node(ledger)
     with LicenseClient([primary.endpoint], timeout=2) as client:
         grant = client.checkout("cad")
         assert grant.safe
@@ -152,9 +139,9 @@ def test_safe_turns_false_when_the_lease_copy_runs_out_even_with_the_io_thread_s
 # --- a client dropped without close()
 
 
-def test_a_client_collected_unclosed_closes_its_session(node: Callable[..., FakeNode]) -> None:
+def test_a_client_collected_unclosed_closes_its_session(make_node: Callable[..., FakeNode]) -> None:
     ledger = FakeLedger({"cad": 1})
-    primary = node(ledger)
+    primary = make_node(ledger)
 
     def job() -> None:
         client = LicenseClient([primary.endpoint], timeout=2)
@@ -173,10 +160,10 @@ def test_a_client_cannot_be_pickled_and_says_what_to_do_instead() -> None:
 
 
 def test_a_call_ended_by_close_does_not_speak_of_a_deadline(
-    node: Callable[..., FakeNode],
+    make_node: Callable[..., FakeNode],
 ) -> None:
     ledger = FakeLedger({"cad": 1})
-    primary = node(ledger)
+    primary = make_node(ledger)
     primary.swallow = lambda msg: msg.get("op") == "checkout"
     client = LicenseClient([primary.endpoint], timeout=30)
     failed: list[LicenseError] = []

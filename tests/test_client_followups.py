@@ -29,27 +29,14 @@ from zbroker.clients.protocol import Status
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture
-def node() -> Iterator[Callable[..., FakeNode]]:
-    nodes: list[FakeNode] = []
-
-    def make(ledger: FakeLedger, mode: str = "primary") -> FakeNode:
-        nodes.append(FakeNode(ledger, mode))
-        return nodes[-1]
-
-    yield make
-    for made in nodes:
-        made.stop()
-
-
 # --- 1. a client dropped unclosed, its grants never checked in
 
 
 def test_a_client_dropped_with_its_grants_is_closed_and_a_kept_grant_keeps_it(
-    node: Callable[..., FakeNode],
+    make_node: Callable[..., FakeNode],
 ) -> None:
     ledger = FakeLedger({"cad": 3})
-    primary = node(ledger)
+    primary = make_node(ledger)
 
     def checkout() -> object:
         return LicenseClient([primary.endpoint], timeout=2).checkout("cad")  # never closed
@@ -238,10 +225,10 @@ def test_the_primarys_connection_dropping_brings_the_heartbeat_forward() -> None
 
 
 def test_checkout_async_grants_and_a_cancelled_one_gives_back_what_it_gets(
-    node: Callable[..., FakeNode],
+    make_node: Callable[..., FakeNode],
 ) -> None:
     ledger = FakeLedger({"cad": 2})
-    primary = node(ledger)
+    primary = make_node(ledger)
     client = LicenseClient([primary.endpoint], timeout=5)
 
     async def main() -> None:

@@ -210,7 +210,7 @@ def _queue(waiters: int, kind: type[Ledger] = Ledger) -> Ledger:
     return ledger
 
 
-class _CountingLedger(Ledger):
+class CountingLedger(Ledger):
     """A ledger that notes each request it decides on (a subclass: the compiled build's
     Ledger refuses a method replaced on one instance)."""
 
@@ -224,8 +224,8 @@ class _CountingLedger(Ledger):
 
 
 def test_a_tick_asks_no_waiter_when_nothing_freed() -> None:
-    ledger = _queue(1_000, _CountingLedger)
-    assert isinstance(ledger, _CountingLedger)
+    ledger = _queue(1_000, CountingLedger)
+    assert isinstance(ledger, CountingLedger)
     asked = ledger.asked
     asked.clear()  # the queue's own decisions: only the ticks' count
     for second in (1.0, 2.0):

@@ -5,15 +5,14 @@ checkout that no release could ever serve is refused at once (broker/ledger.py, 
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from tests.test_dup_group import lapse, line, out
 from tests.test_dup_group import world as dup_world
+from tests.test_flood import CountingLedger
 from tests.test_ledger import HEARTBEAT, LEASE, World, denied, ent, grant_of
 from zbroker.broker.ledger import Ledger
-from zbroker.broker.model import Reason, Request
+from zbroker.broker.model import Reason
 from zbroker.broker.options import parse_options
 
 pytestmark = pytest.mark.unit
@@ -132,22 +131,9 @@ def test_a_group_member_judged_after_an_expiry_holds_back_no_one_behind_it() -> 
     assert w.ledger.queued("cad") == 1 and w.ledger.in_use("cad") == 2
 
 
-class _Counting(Ledger):
-    """Notes each request ``_choose`` decides (a subclass: the compiled build's Ledger
-    refuses a method replaced on one instance)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.asked: list[int] = []
-
-    def _choose(self, request: Request, *args: Any, **kwargs: Any) -> Any:
-        self.asked.append(request.req)
-        return super()._choose(request, *args, **kwargs)
-
-
 def test_a_tick_asks_no_waiter_again_that_nothing_could_have_served() -> None:
     opts = parse_options("RESERVE 1 cad USER ann", path="site.opt")
-    ledger = _Counting([ent("2.0", 3)], lease=LEASE, heartbeat=HEARTBEAT, options=opts)
+    ledger = CountingLedger([ent("2.0", 3)], lease=LEASE, heartbeat=HEARTBEAT, options=opts)
     w = World([], ledger)
     for name in ("ann", "bob", "carol"):
         w.open(name, user=name, host=f"{name}-ws")
