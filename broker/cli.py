@@ -634,8 +634,13 @@ def reread(config_path: str, key_path: str | None, timeout: float) -> None:
 
     def differing() -> dict[str, str]:  # each node's own word, asked after its reread
         report = query_nodes(rereading, timeout=0.3, curve=curve, holders=False)
-        return {n["name"]: n.get("license") or "no answer" for n in report["nodes"]
-                if n.get("license") or n["role"] == "down"}  # fmt: skip
+        return {
+            n["name"]: n.get("license")
+            or ("still reading its files" if n.get("rereading") else "no answer")
+            for n in report["nodes"]
+            # a node still reading says what it says of its files of before: not done
+            if n.get("license") or n.get("rereading") or n["role"] == "down"
+        }
 
     deadline = time.monotonic() + timeout
     while (left := differing() if rereading else {}) and time.monotonic() < deadline:

@@ -405,6 +405,9 @@ class NodeCore:
         self._judged: tuple[object, ...] = ()  # what the verdict was judged on
         self._reload_checked: tuple[object, ...] = ()  # what ``_reload`` last compared
         self._reread_asked = False  # a reread to act on: as primary, or hearing none (reread)
+        # The shell's reread of its files is under way (set by the shell: it reads them off
+        # the loop): until it ends, what the status says of this node's files is of before.
+        self.rereading = False
         self._expiry = ExpiryWarnings()  # the 30/14/7-day warnings logged (broker/expiry.py)
         self.endpoints = {n.name: n.client for n in config.nodes}
         self.peers = frozenset(n.name for n in config.nodes if n.name != name)
@@ -1365,6 +1368,8 @@ class NodeCore:
             # how this node's files differ from the triad's, or None (broker/served.py)
             "license": self._judge().note,
         }
+        if self.rereading:
+            own["rereading"] = True
         if self._restart is not None:
             own["restart"] = self._restart
         refused = self._own.refused  # its license file's lines it refused, as last read

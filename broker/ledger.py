@@ -308,7 +308,8 @@ class Ledger:
                 None if options is None else Policy(options, min_timeout=self.min_timeout)
             )
             self._idle.rebuild(least_timeout(options, self.min_timeout))
-            self._rehome()
+            if delta.get("rehome") is True:  # a reload of this version's primaries (_rehome)
+                self._rehome()
         elif kind == "term":
             pass  # a new primary's no-op naming it, for the report log (docs/reportlog.md)
         elif kind == "return":  # a borrow checked in before its end (broker/borrow.py)
@@ -509,7 +510,10 @@ class Ledger:
         where it was, it counted in no pool, and a new license's pool of another version
         (a vendor's upgrade from 2.0 to 3.0) lent its seats again: 18 of 10 (SPEC §5,
         invariant 1). A feature the license no longer has keeps its grants uncounted, as
-        a count lowered to 0. In grant order, so that every node does the same."""
+        a count lowered to 0. In grant order, so that every node does the same; and only
+        for a reload that says so (``rehome``): the log, not the code a node runs, decides,
+        so that a triad in a rolling upgrade (an older primary, whose reload has no such
+        field and whose ledger does not move its grants) stays one ledger."""
         pools_of = self._catalog.pools
         orphans = [
             gid
@@ -638,6 +642,7 @@ class Ledger:
             "k": "reload",
             "entitlements": [entitlement_to_map(e) for e in entitlements],
             "options": None if options is None else options.to_map(),
+            "rehome": True,
         }
         if license_lines is not None:
             delta["license"] = list(license_lines)

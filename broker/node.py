@@ -276,6 +276,7 @@ class Node:
                 self.rereader.ask()
             for read in self.rereader.done():
                 self._reread(read, now)
+            self.core.rereading = self.rereader.busy()
             if self.taker.asked is not None:
                 self._reap(now)
             sockets.read(ready, self.core.step, now)
@@ -422,6 +423,12 @@ class Rereader:
                 return
             self._running = True
         threading.Thread(target=self._run, name="zbroker-reread", daemon=True).start()
+
+    def busy(self) -> bool:
+        """A reread is asked and its result not yet handed to the loop (it may stay true
+        a cycle after the last result: never false too early)."""
+        with self._lock:
+            return self._running or not self._results.empty()
 
     def done(self) -> list[Reread]:
         """The rereads finished since the last call, oldest first (never waits)."""

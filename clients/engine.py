@@ -453,7 +453,11 @@ class Engine:
                 conn.redial_at = None  # until refused again
                 with contextlib.suppress(zmq.ZMQError):  # dropped meanwhile: connect anew
                     conn.sock.disconnect(conn.key[0])
-                conn.sock.connect(conn.key[0])
+                try:
+                    conn.sock.connect(conn.key[0])
+                except zmq.ZMQError as exc:  # no descriptor left: the I/O thread goes on
+                    log.warning("cannot dial %s again: %s; trying later", conn.key[0], exc)
+                    conn.redial_at = now + REFUSED_RETRY_MAX
 
     # --- connections
     def _join(self, link: Link, node: int) -> _Conn | None:

@@ -84,29 +84,30 @@ def _name(m: Mapping[str, Any], key: str, *, optional: bool = False) -> str | No
 
 
 def _wall(m: Mapping[str, Any]) -> float | None:
+    """The sender's wall clock; None when absent or unreadable. Advisory, as ``setup``:
+    a value this node cannot read (a later version's) leaves it unknown, never the whole
+    heartbeat refused (its term, role and standing still count)."""
     v = m.get("wall")
-    if v is None:
-        return None
-    if type(v) not in (int, float) or not 0 <= v < MAX_WALL:  # nan fails the comparison
-        raise Invalid("wall must be seconds since the epoch")
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < MAX_WALL:
+        return None  # nan fails the comparison
     return float(v)
 
 
 def _setup(m: Mapping[str, Any]) -> dict[str, str | float] | None:
+    """The sender's settings the triad must share, those of them this node can read."""
     v = m.get("setup")
-    if v is None:
-        return None
     if not isinstance(v, dict) or len(v) > MAX_SETUP:
-        raise Invalid(f"setup must be a map of at most {MAX_SETUP} settings")
-    for key, value in v.items():
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_NAME:
-            raise Invalid("a setting's name must be a string")
-        if isinstance(value, str):
-            if len(value) > MAX_SETTING:
-                raise Invalid(f"setting {key[:40]} is too long")
-        elif type(value) not in (int, float) or value != value or abs(value) > MAX_INDEX:
-            raise Invalid(f"setting {key[:40]} must be a string or a number")
-    return v
+        return None
+    return {
+        key: value
+        for key, value in v.items()
+        if isinstance(key, str)
+        and 0 < len(key) <= MAX_NAME
+        and (
+            (isinstance(value, str) and len(value) <= MAX_SETTING)
+            or (type(value) in (int, float) and value == value and abs(value) <= MAX_INDEX)
+        )
+    }
 
 
 def _crc(m: Mapping[str, Any]) -> int:

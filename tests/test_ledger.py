@@ -555,6 +555,17 @@ def test_a_grant_left_without_its_pool_goes_to_one_that_serves_the_feature(
     assert w.ledger.in_use("cad", home) == 4
 
 
+def test_an_older_primarys_reload_moves_no_grant() -> None:
+    # An older primary's reload (no "rehome"): its own ledger leaves the grants where they
+    # were, so its backups must too, or they refuse its next grant as an over-allocation.
+    w = World([ent("2.0", 10)])
+    w.open("s1")
+    held = grant_of(w.checkout("s1", 8))
+    older = {k: v for k, v in w.ledger.reload_delta([ent("3.0", 10)]).items() if k != "rehome"}
+    w.ledger.apply(older)
+    assert w.ledger.grant(held["id"]).version == "2.0"  # type: ignore[union-attr]
+
+
 def test_a_feature_a_reload_removes_keeps_its_grants_counting_nowhere() -> None:
     w = World([ent("2.0", 10), ent("1.0", 2, feature="solver")])
     w.open("s1")

@@ -140,7 +140,9 @@ def test_a_reread_reads_on_a_thread_of_its_own_and_coalesces(tmp_path: Path) -> 
     for _ in range(5):  # asked again while it reads: once more after it, not four times
         rereader.ask()
     assert time.monotonic() - asked < 0.05 and rereader.done() == []
+    assert rereader.busy()  # what the node's status says meanwhile ("rereading")
     read = finished(rereader, 2)
+    assert not rereader.busy()
     assert finished(rereader, 1, within=1.0) == []  # nothing more comes
     assert len(read) == 2 and all(isinstance(r, tuple) for r in read)
     last = read[-1]
@@ -198,6 +200,10 @@ def test_a_nodes_refused_lines_are_in_its_status_and_counted_by_reread(tmp_path:
                     signed=own.signed, vendor_key=own.key, refused=own.refused)  # fmt: skip
     (entry,) = [e for e in core.report(now)["nodes"] if e["name"] == "alpha"]
     assert entry["refused"] == [why]
+    core.rereading = True  # the shell's reread under way: the entry is of before
+    (entry,) = [e for e in core.report(now)["nodes"] if e["name"] == "alpha"]
+    assert entry["rereading"] is True
+    core.rereading = False
     core.reread(own.entitlements, options, own.signed, own.key, now)  # restored: none
     (entry,) = [e for e in core.report(now)["nodes"] if e["name"] == "alpha"]
     assert "refused" not in entry
