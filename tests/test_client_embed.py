@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_client import FakeLedger, FakeNode, wait_until
+from test_client import FakeLedger, FakeNode, free_endpoint, wait_until
 from test_link import Rig
 
 import zbroker.clients
@@ -154,8 +154,10 @@ def test_a_client_collected_unclosed_closes_its_session(make_node: Callable[...,
 
 
 def test_a_client_cannot_be_pickled_and_says_what_to_do_instead() -> None:
-    client = LicenseClient(["tcp://127.0.0.1:27001"])
-    with pytest.raises(TypeError, match="create a LicenseClient in each process"):
+    with (
+        LicenseClient([free_endpoint()]) as client,
+        pytest.raises(TypeError, match="create a LicenseClient in each process"),
+    ):
         pickle.dumps(client)
 
 
