@@ -515,11 +515,11 @@ class Ledger:
         so that a triad in a rolling upgrade (an older primary, whose reload has no such
         field and whose ledger does not move its grants) stays one ledger."""
         pools_of = self._catalog.pools
+        served = {p.pool_key for f in self._catalog.features() for p in pools_of(f)}
         orphans = [
             gid
             for gid, g in self._grants.items()
-            if pools_of(g.feature)
-            and not any(p.pool_key == g.pool_key for p in pools_of(g.feature))
+            if g.pool_key not in served and pools_of(g.feature)
         ]
         for gid in sorted(orphans):
             g = self._grants[gid]

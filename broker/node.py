@@ -427,11 +427,14 @@ class Rereader:
     def busy(self) -> bool:
         """A reread is asked and its result not yet handed to the loop (it may stay true
         a cycle after the last result: never false too early)."""
-        with self._lock:
-            return self._running or not self._results.empty()
+        # No lock: the thread puts its result before it clears _running, so a read
+        # between the two sees one of them (asked each cycle, it must cost nothing).
+        return self._running or not self._results.empty()
 
     def done(self) -> list[Reread]:
         """The rereads finished since the last call, oldest first (never waits)."""
+        if self._results.empty():  # nearly every cycle: no exception raised and caught
+            return []
         out = []
         while True:
             try:

@@ -102,6 +102,9 @@ class Redial:
         """The connection ``key`` was accepted; True when it had been refused."""
         return self._refused.pop(key, None) is not None
 
+    def __bool__(self) -> bool:  # any refused: the loop asks nothing else each cycle
+        return bool(self._refused)
+
     def due(self, now: float) -> list[tuple[zmq.Socket[bytes], str]]:
         """The connections to dial again now (each once until it is refused again)."""
         out = [k for k, e in self._refused.items() if e.due is not None and e.due <= now]
@@ -169,7 +172,7 @@ class NodeSockets:
             self.poller.register(sock, zmq.POLLIN)
 
     def poll(self, timeout_ms: int) -> dict[zmq.Socket[bytes], int]:
-        for sock, endpoint in self.redial.due(time.monotonic()):
+        for sock, endpoint in self.redial.due(time.monotonic()) if self.redial else ():
             sock.disconnect(endpoint)
             self._security.client(sock, self._dialled[sock, endpoint])  # the SUB's differ
             sock.connect(endpoint)
